@@ -1,0 +1,98 @@
+"""The compact KV cache: buffers only for layers that own K/V, sliding layers as ring buffers.
+
+Layout (ours; SPEC leaves it open):
+    cache = {
+        'layer_{i}': {'k': [B, S_i, K, H], 'v': [B, S_i, K, H]},   # only for layers that own K/V
+        'end_index': [B] int32,   # tokens written so far = the next position, per sequence
+    }
+A buffer's slot for the token at position p is p (a full buffer, S_i = cache_length) or
+p mod W (a ring of W = sliding_window_size slots). Since each sequence's positions are
+0, 1, 2, ... without gaps, `end_index` alone tells which position every slot holds, so no
+per-slot bookkeeping is stored. An owner layer gets a full buffer when it is global or when
+any global layer reads its K/V; local layers need only the last W positions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gemma3n.config import AttentionType, TransformerConfig
+
+Cache = dict[str, Any]
+END_INDEX = 'end_index'
+
+
+def layer_key(i: int) -> str:
+    return f'layer_{i}'
+
+
+def cache_slots(config: TransformerConfig, cache_length: int) -> dict[int, int]:
+    """Slots of each K/V-owning layer's buffer, for a cache of `cache_length` positions."""
+    sources = config.kv_source_layers()
+    full = {src for i, src in enumerate(sources) if config.attention_types[i] == AttentionType.GLOBAL}
+    window = config.sliding_window_size or cache_length
+    return {
+        owner: cache_length if owner in full else min(window, cache_length)
+        for owner in sorted(set(sources))
+    }
+
+
+def init_cache(
+    config: TransformerConfig, batch_size: int, dtype: jnp.dtype, cache_length: int
+) -> Cache:
+    """An empty cache for `batch_size` sequences of up to `cache_length` positions."""
+    if batch_size < 1 or cache_length < 1:
+        raise ValueError(
+            f'batch_size and cache_length must be positive, got {batch_size} and {cache_length}.')
+    cache: Cache = {}
+    for owner, slots in cache_slots(config, cache_length).items():
+        shape = (batch_size, slots, config.num_kv_heads, config.head_dim)
+        cache[layer_key(owner)] = {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+    cache[END_INDEX] = jnp.zeros((batch_size,), jnp.int32)
+    return cache
+
+
+def cache_length(cache: Cache) -> int:
+    """The number of positions the cache can hold (its largest buffer)."""
+    return max(entry['k'].shape[1] for key, entry in cache.items() if key != END_INDEX)
+
+
+def cache_nbytes(cache: Cache) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
+
+
+def slot_positions(end_index: jax.Array, slots: int, ring: bool) -> tuple[jax.Array, jax.Array]:
+    """Which position each slot holds, and whether it holds one yet.
+
+    Args:
+        end_index: [B] positions written so far.
+        slots: buffer length S.
+        ring: True for a ring buffer (slot = position mod S), else slot = position.
+    Returns:
+        positions [B, S] int32 and valid [B, S] bool.
+    """
+    slot = jnp.arange(slots, dtype=jnp.int32)[None, :]
+    end = end_index[:, None]
+    if ring:
+        # The newest position p < end with p ≡ slot (mod S).
+        pos = end - 1 - jnp.mod(end - 1 - slot, slots)
+        return pos, pos >= 0
+    return jnp.broadcast_to(slot, (end_index.shape[0], slots)), slot < end
+
+
+def write(buffer: jax.Array, new: jax.Array, positions: jax.Array, write_mask: jax.Array,
+          ring: bool) -> jax.Array:
+    """Writes new K or V [B, L, K, H] into buffer [B, S, K, H] at each token's slot.
+
+    Tokens where write_mask [B, L] is False (padding, or tokens older than a ring keeps) are
+    dropped: they get an out-of-range slot and `mode='drop'` discards them, so no two writes
+    land on the same slot.
+    """
+    slots = buffer.shape[1]
+    slot = jnp.mod(positions, slots) if ring else positions
+    slot = jnp.where(write_mask, slot, slots)
+    batch = jnp.arange(buffer.shape[0])[:, None]
+    return buffer.at[batch, slot].set(new.astype(buffer.dtype), mode='drop')

@@ -1,0 +1,99 @@
+"""Token embeddings (tied with the output head), per-layer embeddings, and the vision projection."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gemma3n.layers import Einsum, RMSNorm, weight_init
+
+INV_SQRT2 = 2 ** -0.5   # token-derived and table per-layer inputs are averaged in RMS
+
+
+class Embedder(nn.Module):
+    """Maps token ids to vectors and final vectors to logits; builds the per-layer inputs.
+
+    Params: `input_embedding` [V, D]; `per_layer_input_embedding` [V, num_layers, P];
+    `per_layer_input_projection/w` [D, num_layers, P]; `per_layer_projection_norm/scale` [P];
+    with a vision encoder also `mm_soft_embedding_norm/scale` [vision_dim] and
+    `mm_input_projection/w` [vision_dim, D] (float32).
+
+    The per-layer table (the largest array of E4B) may be left out of the params given to
+    `apply` when the caller gathers its rows itself (`per_layer_inputs(..., gathered=...)`).
+
+    Example:
+        >>> emb = Embedder(vocab_size=300, embed_dim=16, num_layers=4, per_layer_dim=8)
+        >>> x = emb.apply(params, tokens, method=Embedder.encode)       # [B, L, 16]
+    """
+    vocab_size: int
+    embed_dim: int
+    num_layers: int
+    per_layer_dim: int
+    vision_dim: int | None = None
+    guard_precision: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        v, d, n, p = self.vocab_size, self.embed_dim, self.num_layers, self.per_layer_dim
+        # Rows of unit RMS after the √D (√P) input scaling.
+        self.input_embedding = self.param(
+            'input_embedding', nn.initializers.normal(d ** -0.5), (v, d), self.dtype)
+        if self.is_initializing() or self.has_variable('params', 'per_layer_input_embedding'):
+            self.per_layer_input_embedding = self.param(
+                'per_layer_input_embedding', nn.initializers.normal(p ** -0.5), (v, n, p),
+                self.dtype)
+        else:
+            self.per_layer_input_embedding = None
+        self.per_layer_input_projection = Einsum(
+            (d, n, p), weight_init(0, (1, 2)), dtype=self.dtype)
+        self.per_layer_projection_norm = RMSNorm(
+            guard_precision=self.guard_precision, dtype=self.dtype)
+        if self.vision_dim is not None:
+            self.mm_soft_embedding_norm = RMSNorm(scale_plus_one=True, dtype=jnp.float32)
+            self.mm_input_projection = Einsum(
+                (self.vision_dim, d), weight_init(0, 1), dtype=jnp.float32)
+
+    def encode(self, tokens: jax.Array) -> jax.Array:
+        """tokens: [B, L] -> [B, L, D]: table rows times √D (ids outside the table clamp)."""
+        x = jnp.take(self.input_embedding, tokens, axis=0, mode='clip')
+        return x * jnp.sqrt(jnp.float32(self.embed_dim)).astype(x.dtype)
+
+    def per_layer_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Ids used for the per-layer table: ids outside [0, V) (image tokens) read row 0."""
+        return jnp.where((tokens >= 0) & (tokens < self.vocab_size), tokens, 0)
+
+    def per_layer_inputs(
+        self, tokens: jax.Array, x: jax.Array, gathered: jax.Array | None = None
+    ) -> jax.Array:
+        """The per-layer inputs of every layer.
+
+        Args:
+            tokens: [B, L] ids.
+            x: [B, L, D] token embeddings (image soft tokens merged in).
+            gathered: optional [B, L, num_layers, P] rows of `per_layer_input_embedding` for
+                `per_layer_tokens(tokens)`, gathered by the caller (then the table is not read).
+        Returns:
+            [B, L, num_layers, P].
+        """
+        if gathered is None:
+            if self.per_layer_input_embedding is None:
+                raise ValueError(
+                    'params lack embedder/per_layer_input_embedding: pass the gathered '
+                    'per-layer embeddings instead.')
+            gathered = jnp.take(self.per_layer_input_embedding, self.per_layer_tokens(tokens),
+                                axis=0)
+        table = gathered.astype(x.dtype) * jnp.sqrt(jnp.float32(self.per_layer_dim)).astype(x.dtype)
+        projected = self.per_layer_input_projection('BTD,DNP->BTNP', x)
+        projected = projected * jnp.asarray(self.embed_dim ** -0.5, projected.dtype)
+        projected = self.per_layer_projection_norm(projected)
+        return (projected + table) * jnp.asarray(INV_SQRT2, x.dtype)
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """x: [..., D] -> logits [..., V] with the tied table."""
+        return jnp.einsum('...D,VD->...V', x, self.input_embedding)
+
+    def encode_vision(self, soft_tokens: jax.Array) -> jax.Array:
+        """Vision soft tokens [..., vision_dim] -> text-width embeddings [..., D] (float32)."""
+        normed = self.mm_soft_embedding_norm(soft_tokens.astype(jnp.float32))
+        return self.mm_input_projection('...E,ED->...D', normed)

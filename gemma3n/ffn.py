@@ -1,0 +1,63 @@
+"""The gated feed-forward network, with Gemma 3n's gaussian top-k activation sparsity."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jax.scipy.stats
+
+from gemma3n.layers import weight_init
+
+
+def gaussian_topk(gate: jax.Array, sparsity: float) -> jax.Array:
+    """Keeps roughly the top (1 - sparsity) fraction of `gate` along the last axis.
+
+    Assuming the activations are gaussian, the cutoff is mean + std · Φ⁻¹(sparsity) (population
+    std); everything below it becomes 0 and the rest is shifted down by the cutoff.
+
+    Args:
+        gate: [..., F] gate pre-activations.
+        sparsity: fraction to zero, in (0, 1).
+    """
+    g32 = gate.astype(jnp.float32)
+    z = jax.scipy.stats.norm.ppf(jnp.float32(sparsity)).astype(gate.dtype).astype(jnp.float32)
+    mean = jnp.mean(g32, axis=-1, keepdims=True)
+    std = jnp.std(g32, axis=-1, keepdims=True)
+    return jax.nn.relu(g32 - (mean + std * z)).astype(gate.dtype)
+
+
+class FeedForward(nn.Module):
+    """gelu(gate) · up, projected back to the model width.
+
+    Params: `gating_einsum` [2, F, D] (or [2, D, F] without `transpose_gating_einsum`) and
+    `linear` [F, D].
+
+    Example:
+        >>> ffn = FeedForward(features=8, hidden_dim=32, transpose_gating_einsum=True)
+        >>> params = ffn.init(jax.random.key(0), jnp.ones((1, 3, 8)))
+    """
+    features: int
+    hidden_dim: int
+    transpose_gating_einsum: bool
+    sparsity: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [B, L, D] -> [B, L, D]."""
+        if self.transpose_gating_einsum:
+            w_gating = self.param(
+                'gating_einsum', weight_init(2, 1, (0,)), (2, self.hidden_dim, self.features),
+                self.dtype)
+            gate_up = jnp.einsum('BTD,CFD->CBTF', x, w_gating)
+        else:
+            w_gating = self.param(
+                'gating_einsum', weight_init(1, 2, (0,)), (2, self.features, self.hidden_dim),
+                self.dtype)
+            gate_up = jnp.einsum('BTD,CDF->CBTF', x, w_gating)
+        gate, up = gate_up[0], gate_up[1]                     # [B, L, F] each
+        if self.sparsity > 0.0:
+            gate = gaussian_topk(gate, self.sparsity)
+        hidden = nn.gelu(gate, approximate=True) * up
+        w_linear = self.param(
+            'linear', weight_init(0, 1), (self.hidden_dim, self.features), self.dtype)
+        return jnp.einsum('BTF,FD->BTD', hidden, w_linear)

@@ -1,0 +1,46 @@
+"""Presets: the published Gemma 3n sizes as ready-to-use modules."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from gemma3n.config import (E2B_NUM_LAYERS, E2B_SHARED_LAYERS, E4B_NUM_LAYERS, E4B_SHARED_LAYERS,
+                            TransformerConfig)
+from gemma3n.transformer import Gemma3nTransformer, ModelInfo
+
+E4B_HIDDEN_DIM = 16384
+E2B_HIDDEN_DIM = 8192
+
+
+def e4b_config(vision_encoder=None) -> TransformerConfig:
+    return TransformerConfig.gemma3n(
+        num_layers=E4B_NUM_LAYERS, hidden_dim=E4B_HIDDEN_DIM, num_shared_layers=E4B_SHARED_LAYERS,
+        vision_encoder=vision_encoder)
+
+
+def e2b_config(vision_encoder=None) -> TransformerConfig:
+    return TransformerConfig.gemma3n(
+        num_layers=E2B_NUM_LAYERS, hidden_dim=E2B_HIDDEN_DIM, num_shared_layers=E2B_SHARED_LAYERS,
+        vision_encoder=vision_encoder)
+
+
+class Gemma3n_E4B(Gemma3nTransformer):  # pylint: disable=invalid-name
+    """Gemma 3n E4B: 35 layers, width 2048, FFN 16384, 15 KV-shared layers.
+
+    Example:
+        >>> model = Gemma3n_E4B(text_only=True)
+        >>> shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+    """
+    config: TransformerConfig = dataclasses.field(default_factory=e4b_config)
+    INFO: ClassVar[ModelInfo] = ModelInfo(tokenizer_version='3n', default_ckpt=None)
+
+
+class Gemma3n_E2B(Gemma3nTransformer):  # pylint: disable=invalid-name
+    """Gemma 3n E2B: 30 layers, width 2048, FFN 8192, 10 KV-shared layers.
+
+    Example:
+        >>> model = Gemma3n_E2B(text_only=True)
+    """
+    config: TransformerConfig = dataclasses.field(default_factory=e2b_config)
+    INFO: ClassVar[ModelInfo] = ModelInfo(tokenizer_version='3n', default_ckpt=None)

@@ -1,0 +1,272 @@
+"""The Gemma 3n decoder: embeddings, AltUp streams, the block stack, the tied output head."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma3n import cache as kv_cache
+from gemma3n.altup import match_rms
+from gemma3n.attention import KVContext, QueryInfo
+from gemma3n.block import Block
+from gemma3n.config import TransformerConfig
+from gemma3n.embedder import Embedder
+from gemma3n.layers import Einsum, RMSNorm, guard, weight_init
+
+PAD_ID = 0
+KEY_REQUIRED = '__KEY_REQUIRED__'
+
+
+@flax.struct.dataclass
+class Output:
+    """What the model returns.
+
+    logits: [*B, L, V] float32, or [*B, V] with `return_last_only`.
+    cache: the updated cache, or None when no cache was given.
+    hidden_states: the final normed hidden states [*B, L, D] (or [*B, D]), on request.
+    """
+    logits: jax.Array
+    cache: dict[str, Any] | None = None
+    hidden_states: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class ModelInfo:
+    """Which tokenizer and default checkpoint go with a model class."""
+    tokenizer_version: str | None = None
+    default_ckpt: str | None = None
+
+
+def _check_tokens(tokens: Any, num_embed: int, extra_ids: tuple[int, ...]) -> jax.Array:
+    """Validates token ids before anything is traced; returns them as an int32 array."""
+    if not hasattr(tokens, 'dtype'):
+        tokens = np.asarray(tokens)
+    if not (jnp.issubdtype(tokens.dtype, jnp.integer)):
+        raise ValueError(f'tokens must be integer ids, got dtype {tokens.dtype}.')
+    if tokens.ndim < 1:
+        raise ValueError(f'tokens must have shape [*B, L], got a scalar of shape {tokens.shape}.')
+    if tokens.shape[-1] == 0:
+        raise ValueError('tokens must hold at least one token (shape [*B, L] with L >= 1).')
+    if not isinstance(tokens, jax.core.Tracer):
+        ids = np.asarray(tokens)
+        bad = (ids < 0) | (ids >= num_embed)
+        for extra in extra_ids:
+            bad &= ids != extra
+        if bad.any():
+            raise ValueError(
+                f'token ids must lie in [0, {num_embed}); got {int(ids[bad].flat[0])} '
+                f'(at index {tuple(int(j) for j in np.argwhere(bad)[0])}).')
+    return jnp.asarray(tokens, jnp.int32)
+
+
+def last_valid_index(valid: jax.Array) -> jax.Array:
+    """valid: [B, L] -> [B] index of the last True entry (0 if none)."""
+    length = valid.shape[-1]
+    return length - 1 - jnp.argmax(valid[:, ::-1], axis=-1)
+
+
+class Gemma3nTransformer(nn.Module):
+    """The Gemma 3n model (SPEC sections 1-7): `apply(params, tokens, ...) -> Output`.
+
+    Example:
+        >>> model = Gemma3nTransformer(config=TransformerConfig.gemma3n(...), text_only=True)
+        >>> params = model.init(jax.random.key(0), tokens)['params']
+        >>> out = model.apply({'params': params}, tokens)          # out.logits: [B, L, V]
+        >>> cache = model.init_cache(batch_size=1, dtype=jnp.float32, cache_length=64)
+        >>> out = model.apply({'params': params}, tokens, cache=cache)  # out.cache: updated
+    """
+    config: TransformerConfig
+    text_only: bool = False
+    return_last_only: bool | None = None
+    dtype: jnp.dtype = jnp.bfloat16
+    # Names of batch entries, for config-driven training loops.
+    tokens: str = KEY_REQUIRED
+    images: str | None = None
+    positions: str | None = None
+    attention_mask: str | None = None
+
+    INFO: ClassVar[ModelInfo] = ModelInfo()
+
+    def setup(self):
+        cfg = self.config
+        if not cfg.use_altup or not cfg.per_layer_input_dim:
+            raise ValueError('Gemma3nTransformer needs use_altup=True and per_layer_input_dim > 0.')
+        self.vision_encoder = None if self.text_only else cfg.vision_encoder
+        self.embedder = Embedder(
+            vocab_size=cfg.num_embed, embed_dim=cfg.embed_dim, num_layers=cfg.num_layers,
+            per_layer_dim=cfg.per_layer_input_dim,
+            vision_dim=None if self.vision_encoder is None else self.vision_encoder.siglip_encoder.width,
+            guard_precision=cfg.guard_against_excess_precision, dtype=self.dtype)
+        num_extra = cfg.num_altup_inputs - 1
+        d = cfg.embed_dim
+        self.altup_projection = [
+            Einsum((d, d), weight_init(0, 1), weight_name=f'altup_projection_{k}', dtype=self.dtype)
+            for k in range(num_extra)]
+        self.altup_unembed_projection = [
+            Einsum((d, d), weight_init(0, 1), weight_name=f'altup_unembed_projection_{k}',
+                   dtype=self.dtype)
+            for k in range(num_extra)]
+        self.blocks = [Block(config=cfg, layer_index=i, dtype=self.dtype, name=f'layer_{i}')
+                       for i in range(cfg.num_layers)]
+        self.final_norm = RMSNorm(guard_precision=cfg.guard_against_excess_precision,
+                                  dtype=self.dtype)
+
+    def init_cache(self, *, batch_size: int, dtype: jnp.dtype = jnp.bfloat16,
+                   cache_length: int) -> dict[str, Any]:
+        """An empty compact KV cache (see `gemma3n.cache`)."""
+        return kv_cache.init_cache(self.config, batch_size, dtype, cache_length)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        images: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        positions_offset: jax.Array | None = None,
+        cache: dict[str, Any] | None = None,
+        attention_mask: jax.Array | None = None,
+        return_last_only: bool | None = None,
+        return_hidden_states: bool | None = None,
+        per_layer_embeddings: jax.Array | None = None,
+    ) -> Output:
+        """Runs the model.
+
+        Args:
+            tokens: int [*B, L]; 0 is padding (masked, not counted in positions).
+            images: not yet supported by this module version (raises for text_only models).
+            positions: optional [*B, L] positions (default: running count of non-padding
+                tokens minus one); not with a cache, whose positions continue its own.
+            positions_offset: optional [*B] added to the default positions (no cache).
+            cache: from `init_cache`; the new K/V are written and `Output.cache` returned.
+            attention_mask: optional bool [*B, L, L] replacing the default causal mask (no cache).
+            return_last_only: logits of the last non-padding token only, [*B, V].
+            return_hidden_states: also return the final hidden states.
+            per_layer_embeddings: optional [*B, L, num_layers, P] rows of the per-layer
+                table for these tokens, gathered by the caller.
+        """
+        cfg = self.config
+        if return_last_only is None:
+            return_last_only = bool(self.return_last_only)
+        if images is not None and self.text_only:
+            raise ValueError('This model does not have vision encoder (text_only=True): '
+                             'images cannot be passed.')
+        if images is not None:
+            raise ValueError('This model does not have vision encoder: images cannot be passed.')
+        tokens = _check_tokens(tokens, cfg.num_embed, ())
+        batch_shape, length = tokens.shape[:-1], tokens.shape[-1]
+        tokens = tokens.reshape(-1, length)
+        batch = tokens.shape[0]
+
+        def flat(x, trailing):
+            return None if x is None else jnp.reshape(x, (batch,) + x.shape[len(batch_shape) + trailing:])
+
+        valid = tokens != PAD_ID
+        count = jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
+        end_index = None
+        if cache is not None:
+            if positions is not None or positions_offset is not None or attention_mask is not None:
+                raise ValueError('positions, positions_offset and attention_mask cannot be given '
+                                 'with a cache: cached calls continue the positions it holds.')
+            if cache[kv_cache.END_INDEX].shape != (batch,):
+                raise ValueError(f'cache is for batch {cache[kv_cache.END_INDEX].shape}, tokens '
+                                 f'have batch {batch}.')
+            end_index = cache[kv_cache.END_INDEX]
+            positions = end_index[:, None] + count
+        elif positions is None:
+            positions = count
+            if positions_offset is not None:
+                positions = positions + jnp.reshape(jnp.asarray(positions_offset, jnp.int32), (batch, 1))
+        else:
+            if tuple(positions.shape) != tuple(batch_shape) + (length,):
+                raise ValueError(f'positions must have the shape of tokens {tokens.shape}, '
+                                 f'got {positions.shape}.')
+            positions = jnp.reshape(positions, (batch, length)).astype(jnp.int32)
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(batch_shape) + (length, length):
+                raise ValueError(f'attention_mask must have shape [*B, L, L] = '
+                                 f'{tuple(batch_shape) + (length, length)}, got {attention_mask.shape}.')
+            attention_mask = jnp.reshape(attention_mask, (batch, length, length)).astype(bool)
+        query = QueryInfo(positions=positions, visible_until=positions, valid=valid)
+
+        x = self.embedder.encode(tokens)                                      # [B, L, D]
+        per_layer = self.embedder.per_layer_inputs(
+            tokens, x, flat(per_layer_embeddings, 3))                         # [B, L, NL, P]
+        streams = self._fan_out(x)                                            # [A, B, L, D]
+
+        ring_slots = None if cache is None else kv_cache.cache_length(cache)
+        new_cache = None if cache is None else {kv_cache.END_INDEX: end_index + jnp.sum(
+            valid, axis=-1, dtype=jnp.int32)}
+        contexts: dict[int, KVContext] = {}
+        sources = cfg.kv_source_layers()
+        first_all_shared = next(i for i in range(cfg.num_layers + 1)
+                                if all(sources[j] != j for j in range(i, cfg.num_layers)))
+        last = last_valid_index(valid)
+        for i, block in enumerate(self.blocks):
+            if return_last_only and i == first_all_shared:
+                # Layers past here own no K/V: only the last token's output is ever read.
+                streams, per_layer, query, attention_mask = _select_last(
+                    last, streams, per_layer, query, attention_mask)
+            owns = sources[i] == i
+            entry = None if cache is None or not owns else cache[kv_cache.layer_key(i)]
+            streams, context, new_entry = block(
+                streams, per_layer[:, :, i], query,
+                shared_kv=None if owns else contexts[sources[i]],
+                cache_entry=entry, end_index=end_index,
+                ring=entry is not None and entry['k'].shape[1] < ring_slots,
+                user_mask=attention_mask)
+            if owns:
+                contexts[i] = context
+                if new_entry is not None:
+                    new_cache[kv_cache.layer_key(i)] = new_entry
+
+        if return_last_only and first_all_shared == cfg.num_layers:
+            streams, *_ = _select_last(last, streams, per_layer, query, attention_mask)
+        hidden = self.final_norm(self._fan_in(streams))
+        logits = self.embedder.decode(hidden).astype(jnp.float32)
+        if cfg.final_logit_softcap is not None:
+            cap = cfg.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        if return_last_only:
+            logits, hidden = logits[:, 0], hidden[:, 0]
+        out_shape = tuple(batch_shape) + logits.shape[1:]
+        return Output(
+            logits=logits.reshape(out_shape),
+            cache=new_cache,
+            hidden_states=(hidden.reshape(tuple(batch_shape) + hidden.shape[1:])
+                           if return_hidden_states else None),
+        )
+
+    def _fan_out(self, x: jax.Array) -> jax.Array:
+        """x [B, L, D] -> streams [A, B, L, D]: x and its projections rescaled to x's RMS."""
+        extra = [match_rms(proj('BTD,DE->BTE', x), x) for proj in self.altup_projection]
+        first = guard(x, self.config.guard_against_excess_precision)
+        return jnp.stack([first] + extra)
+
+    def _fan_in(self, streams: jax.Array) -> jax.Array:
+        """streams [A, B, L, D] -> [B, L, D]: mean of stream 0 and the unprojected others."""
+        first = streams[0]
+        extra = [match_rms(proj('BTD,DE->BTE', s), first)
+                 for proj, s in zip(self.altup_unembed_projection, streams[1:])]
+        return jnp.mean(jnp.stack([first] + extra).astype(jnp.float32), axis=0).astype(first.dtype)
+
+
+def _select_last(last, streams, per_layer, query, attention_mask):
+    """Keeps only each sequence's token at index `last` [B]; the length axis becomes 1.
+
+    streams: [A, B, L, D]; per_layer: [B, L, NL, P]; query fields: [B, L];
+    attention_mask: [B, L, S] or None.
+    """
+    def take(x, batch_axis):
+        shape = [1] * x.ndim
+        shape[batch_axis] = last.shape[0]
+        return jnp.take_along_axis(x, jnp.reshape(last, shape), axis=batch_axis + 1)
+
+    query = QueryInfo(positions=take(query.positions, 0),
+                      visible_until=take(query.visible_until, 0), valid=take(query.valid, 0))
+    mask = None if attention_mask is None else take(attention_mask, 0)
+    return take(streams, 1), take(per_layer, 0), query, mask
