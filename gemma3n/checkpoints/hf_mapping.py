@@ -1,0 +1,596 @@
+"""The one mapping between our parameter tree and Hugging Face `transformers` Gemma 3n text weights.
+
+Our tree is the nested Flax `params` dict of `Gemma3nTransformer(text_only=True)`; its '/'-joined
+paths are those of `reference/gemma3n_e4b_text_only_params.json`. Hugging Face keys are given
+relative to `Gemma3nTextModel` (`embed_tokens.weight`, `layers.3.self_attn.q_proj.weight`, ...);
+callers add a prefix: `model.` for `Gemma3nForCausalLM`, `model.language_model.` for the released
+hub checkpoints (`Gemma3nForConditionalGeneration`).
+
+Everything is driven by `mapping_entries(config)`, one `ParamMapping` per parameter of our tree,
+computed from shapes alone (no arrays), so it also describes full-size models cheaply. Conversions
+are plain numpy array operations (transposes and reshapes), bit-exact in both directions.
+
+Example:
+    >>> cfg = TransformerConfig.gemma3n(num_layers=10, num_shared_layers=5, embed_dim=32,
+    ...     hidden_dim=64, num_heads=4, num_kv_heads=2, head_dim=16, num_embed=300,
+    ...     per_layer_input_dim=8, laurel_rank=4, sliding_window_size=8)
+    >>> hf = params_to_hf(params, cfg, prefix='model.')          # {key: np.ndarray}
+    >>> params, dropped = hf_to_params(hf.__getitem__, hf.keys(), cfg, prefix='model.')
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from gemma3n.config import AttentionType, QueryPreAttentionNormalisation, TransformerConfig
+
+# HF's text vocabulary carries 128 vision + 128 audio token rows after ours (copies of the pad row
+# in the released checkpoints; mapping doc section 2.10).
+HF_EXTRA_VOCAB = 256
+PAD_TOKEN_ID = 0
+# gemma's AltUp router always predicts 4 modality weights; HF uses `altup_num_inputs` instead, so
+# only configs with 4 AltUp inputs are representable in HF.
+ALTUP_NUM_MODALITIES = 4
+RMS_NORM_EPS = 1e-6
+HF_HIDDEN_ACTIVATION = 'gelu_pytorch_tanh'
+HF_LAYER_TYPES = {
+        AttentionType.GLOBAL: 'full_attention',
+        AttentionType.LOCAL_SLIDING: 'sliding_attention',
+}
+# HF requires a float final softcap (None is rejected by its config validation); its default.
+HF_DEFAULT_FINAL_LOGIT_SOFTCAP = 30.0
+# Gemma3nTextConfig defaults for the fields `check_hf_config` reads, used when config.json omits one.
+HF_DEFAULT_ROPE_THETA = {'full_attention': 1_000_000.0, 'sliding_attention': 10_000.0}
+HF_DEFAULT_PATTERN_LENGTH = 5
+HF_DEFAULT_NUM_SPARSE_LAYERS = 10
+HF_DEFAULT_SPARSITY = 0.95
+HF_TEXT_DEFAULTS: dict[str, Any] = dict(
+        vocab_size=262_400, hidden_size=2048, intermediate_size=16_384, num_hidden_layers=35,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=256, hidden_activation=HF_HIDDEN_ACTIVATION,
+        rms_norm_eps=RMS_NORM_EPS, attention_bias=False, sliding_window=512,
+        vocab_size_per_layer_input=262_144, hidden_size_per_layer_input=256, altup_active_idx=0,
+        altup_coef_clip=120.0, altup_correct_scale=True, altup_num_inputs=4, num_kv_shared_layers=15,
+        laurel_rank=64,
+)
+SPARSITY_TOLERANCE = 1e-6   # config.json stores sparsity targets as decimal floats
+FLOAT_DTYPES = frozenset(np.dtype(t) for t in ('float16', 'float32', 'float64', ml_dtypes.bfloat16))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamMapping:
+    """One parameter of our tree and the Hugging Face tensor(s) holding the same numbers.
+
+    `conversion` names the layout change (see `_CONVERSIONS`); `in_axes` are the axes of our array
+    that are contracted with the layer input (its fan-in), empty for norm scales.
+
+    Example:
+        >>> e = next(e for e in mapping_entries(cfg) if e.path == 'layer_0/attn/q_einsum/w')
+        >>> e.hf_keys, e.conversion        # (('layers.0.self_attn.q_proj.weight',), 'heads_in')
+    """
+    path: str
+    shape: tuple[int, ...]
+    hf_keys: tuple[str, ...]
+    hf_shapes: tuple[tuple[int, ...], ...]
+    conversion: str
+    in_axes: tuple[int, ...] = ()
+
+    @property
+    def is_scale(self) -> bool:
+        """Multiplicative scales (norm weights, AltUp output scale): initialise around 1, not 0."""
+        return not self.in_axes
+
+
+@dataclasses.dataclass
+class DroppedWeights:
+    """What `hf_to_params` read past because our model has no such parameter.
+
+    Example:
+        >>> params, dropped = hf_to_params(get, keys, cfg, prefix='model.language_model.')
+        >>> print(dropped.summary())
+    """
+    kv_shared_keys: list[str] = dataclasses.field(default_factory=list)
+    outside_keys: list[str] = dataclasses.field(default_factory=list)
+    extra_vocab_rows: int = 0
+
+    def summary(self) -> str:
+        parts = []
+        if self.kv_shared_keys:
+            layers = sorted({int(_KV_SHARED_KEY.search(k).group(1)) for k in self.kv_shared_keys})
+            parts.append(f'{len(self.kv_shared_keys)} k_proj/v_proj/k_norm tensors of KV-shared layers '
+                         f'{layers[0]}-{layers[-1]}')
+        if self.extra_vocab_rows:
+            parts.append(f'{self.extra_vocab_rows} extra vocabulary rows of embed_tokens')
+        if self.outside_keys:
+            groups = collections.Counter('.'.join(k.split('.')[:2]) for k in self.outside_keys)
+            listed = ', '.join(f'{g}.* ({n})' for g, n in sorted(groups.items()))
+            parts.append(f'{len(self.outside_keys)} tensors outside the text decoder: {listed}')
+        return 'dropped ' + ('; '.join(parts) if parts else 'nothing')
+
+
+_KV_SHARED_KEY = re.compile(r'layers\.(\d+)\.self_attn\.(?:k_proj|v_proj|k_norm)\.weight')
+
+
+# --- conversions: our array <-> HF arrays -----------------------------------------------------------
+# `to_hf(x, entry)` returns one array per HF key; `from_hf(xs, entry)` returns our layout, as views
+# of the inputs where the layout allows (the caller materialises once, in the target dtype).
+
+def _heads_in_to_hf(x: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
+    # [N, D, H] contracts D in the middle: go through [N, H, D] so rows are heads-major (n*H + h).
+    return x.transpose(0, 2, 1).reshape(hf_shape)
+
+
+def _heads_in_from_hf(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    n, d, h = shape
+    return x.reshape(n, h, d).transpose(0, 2, 1)
+
+
+def _pad_vocab_to_hf(x: np.ndarray, e: ParamMapping) -> tuple[np.ndarray, ...]:
+    extra = e.hf_shapes[0][0] - e.shape[0]
+    # The released checkpoints fill the extra rows with copies of the pad row.
+    return (np.concatenate([x, np.broadcast_to(x[PAD_TOKEN_ID], (extra,) + x.shape[1:])]),)
+
+
+_Conversion = collections.namedtuple('_Conversion', ['to_hf', 'from_hf'])
+_CONVERSIONS: dict[str, _Conversion] = {
+        'identity': _Conversion(lambda x, e: (x,), lambda xs, e: xs[0]),
+        'transpose': _Conversion(lambda x, e: (x.T,), lambda xs, e: xs[0].T),
+        'reshape': _Conversion(lambda x, e: (x.reshape(e.hf_shapes[0]),), lambda xs, e: xs[0].reshape(e.shape)),
+        # [a, b, c] -> [b*c, a]: per-layer input projection [D, L, P], AltUp prediction coefs [M, A, A].
+        'flatten_transpose': _Conversion(
+                lambda x, e: (x.reshape(e.shape[0], -1).T,), lambda xs, e: xs[0].T.reshape(e.shape)),
+        # [a, b, c] -> [c, a*b]: attention output [N, H, D] -> o_proj [D, N*H].
+        'transpose_flatten': _Conversion(
+                lambda x, e: (x.reshape(-1, e.shape[-1]).T,), lambda xs, e: xs[0].T.reshape(e.shape)),
+        'heads_in': _Conversion(
+                lambda x, e: (_heads_in_to_hf(x, e.hf_shapes[0]),),
+                lambda xs, e: _heads_in_from_hf(xs[0], e.shape)),
+        # Stacked pairs: kv_einsum [2, K, D, H] -> k_proj, v_proj; gating_einsum [2, F, D] -> gate, up.
+        'stacked_heads_in': _Conversion(
+                lambda x, e: tuple(_heads_in_to_hf(x[i], s) for i, s in enumerate(e.hf_shapes)),
+                lambda xs, e: [_heads_in_from_hf(x, e.shape[1:]) for x in xs]),
+        'stacked': _Conversion(lambda x, e: tuple(x), lambda xs, e: list(xs)),
+        'stacked_transpose': _Conversion(lambda x, e: tuple(y.T for y in x), lambda xs, e: [x.T for x in xs]),
+        'pad_vocab': _Conversion(_pad_vocab_to_hf, lambda xs, e: xs[0][:e.shape[0]]),
+}
+
+
+# --- the entries ------------------------------------------------------------------------------------
+
+def check_representable(config: TransformerConfig) -> None:
+    """Raises ValueError naming every setting that HF's Gemma 3n (and so this mapping) cannot express."""
+    problems = []
+    required = dict(use_altup=True, use_laurel=True, use_qk_norm=True, qk_norm_with_scale=True,
+                    use_value_norm=True, use_post_attn_norm=True, use_post_ffw_norm=True, scale_plus_one=False,
+                    attn_logits_soft_cap=None, query_pre_attn_norm=QueryPreAttentionNormalisation.NONE)
+    for name, value in required.items():
+        if getattr(config, name) != value:
+            problems.append(f'{name}={getattr(config, name)!r} (HF Gemma 3n has {value!r})')
+    if config.num_altup_inputs != ALTUP_NUM_MODALITIES:
+        problems.append(f'num_altup_inputs={config.num_altup_inputs} (must equal the {ALTUP_NUM_MODALITIES} '
+                        'AltUp router modalities)')
+    if config.num_kv_heads == config.num_heads:
+        problems.append('num_kv_heads == num_heads (our tree then uses a fused qkv_einsum, not mapped)')
+    if config.per_layer_input_dim <= 0:
+        problems.append('per_layer_input_dim must be > 0')
+    sharing = config.kv_cache_sharing_config
+    if config.num_shared_layers and not (sharing.share_global and sharing.share_local):
+        problems.append('KV sharing must cover both global and local layers (HF shares both)')
+    if problems:
+        raise ValueError('Config cannot be mapped to Hugging Face Gemma 3n: ' + '; '.join(problems))
+
+
+def mapping_entries(config: TransformerConfig, *, hf_vocab_size: int | None = None) -> list[ParamMapping]:
+    """Every parameter of our text tree for `config`, with its HF key(s), shapes and conversion.
+
+    `hf_vocab_size` is the row count of HF's `embed_tokens` (default `num_embed + HF_EXTRA_VOCAB`,
+    as in the released checkpoints).
+    """
+    check_representable(config)
+    v, d, f = config.num_embed, config.embed_dim, config.hidden_dim
+    n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
+    num_layers, p, r = config.num_layers, config.per_layer_input_dim, config.laurel_rank
+    a, m = config.num_altup_inputs, ALTUP_NUM_MODALITIES
+    hf_vocab_size = v + HF_EXTRA_VOCAB if hf_vocab_size is None else hf_vocab_size
+    if hf_vocab_size < v:
+        raise ValueError(f'hf_vocab_size={hf_vocab_size} is smaller than num_embed={v}.')
+
+    entries = []
+
+    def add(path, shape, hf_keys, hf_shapes, conversion, in_axes=()):
+        entries.append(ParamMapping(path, tuple(shape), tuple(hf_keys), tuple(map(tuple, hf_shapes)),
+                                    conversion, tuple(in_axes)))
+
+    def add_scale(path, hf_key, size):
+        add(path, (size,), [hf_key], [(size,)], 'identity')
+
+    def add_linear(path, hf_key, shape):
+        """Our [in, out] einsum weight <-> torch Linear [out, in]."""
+        add(path, shape, [hf_key], [shape[::-1]], 'transpose', in_axes=(0,))
+
+    add('embedder/input_embedding', (v, d), ['embed_tokens.weight'], [(hf_vocab_size, d)],
+        'identity' if hf_vocab_size == v else 'pad_vocab', in_axes=(1,))
+    add('embedder/per_layer_input_embedding', (v, num_layers, p), ['embed_tokens_per_layer.weight'],
+        [(v, num_layers * p)], 'reshape', in_axes=(2,))
+    add('embedder/per_layer_input_projection/w', (d, num_layers, p), ['per_layer_model_projection.weight'],
+        [(num_layers * p, d)], 'flatten_transpose', in_axes=(0,))
+    add_scale('embedder/per_layer_projection_norm/scale', 'per_layer_projection_norm.weight', p)
+    for i in range(a - 1):
+        add_linear(f'altup_projection_{i}/altup_projection_{i}', f'altup_projections.{i}.weight', (d, d))
+        add_linear(f'altup_unembed_projection_{i}/altup_unembed_projection_{i}',
+                   f'altup_unembed_projections.{i}.weight', (d, d))
+    add_scale('final_norm/scale', 'norm.weight', d)
+
+    for i in range(num_layers):
+        ours, hf = f'layer_{i}/', f'layers.{i}.'
+        add(ours + 'attn/q_einsum/w', (n, d, h), [hf + 'self_attn.q_proj.weight'], [(n * h, d)], 'heads_in',
+            in_axes=(1,))
+        if i < config.num_unshared_layers:
+            add(ours + 'attn/kv_einsum/w', (2, k, d, h),
+                [hf + 'self_attn.k_proj.weight', hf + 'self_attn.v_proj.weight'], [(k * h, d)] * 2,
+                'stacked_heads_in', in_axes=(2,))
+            add_scale(ours + 'attn/key_norm/scale', hf + 'self_attn.k_norm.weight', h)
+        add(ours + 'attn/attn_vec_einsum/w', (n, h, d), [hf + 'self_attn.o_proj.weight'], [(d, n * h)],
+            'transpose_flatten', in_axes=(0, 1))
+        add_scale(ours + 'attn/query_norm/scale', hf + 'self_attn.q_norm.weight', h)
+        add_scale(ours + 'pre_attention_norm/scale', hf + 'input_layernorm.weight', d)
+        add_scale(ours + 'post_attention_norm/scale', hf + 'post_attention_layernorm.weight', d)
+        add_scale(ours + 'pre_ffw_norm/scale', hf + 'pre_feedforward_layernorm.weight', d)
+        add_scale(ours + 'post_ffw_norm/scale', hf + 'post_feedforward_layernorm.weight', d)
+        gate_keys = [hf + 'mlp.gate_proj.weight', hf + 'mlp.up_proj.weight']
+        if config.transpose_gating_einsum:    # stored [2, F, D]: already torch's [out, in]
+            add(ours + 'mlp/gating_einsum', (2, f, d), gate_keys, [(f, d)] * 2, 'stacked', in_axes=(2,))
+        else:
+            add(ours + 'mlp/gating_einsum', (2, d, f), gate_keys, [(f, d)] * 2, 'stacked_transpose',
+                in_axes=(1,))
+        add_linear(ours + 'mlp/linear', hf + 'mlp.down_proj.weight', (f, d))
+        add_linear(ours + 'laurel/linear_left/w', hf + 'laurel.linear_left.weight', (d, r))
+        add_linear(ours + 'laurel/linear_right/w', hf + 'laurel.linear_right.weight', (r, d))
+        add_scale(ours + 'post_laurel_norm/scale', hf + 'laurel.post_laurel_norm.weight', d)
+        add_scale(ours + 'altup/correct_output_scale', hf + 'altup.correct_output_scale', d)
+        add_linear(ours + 'altup/correction_coefs', hf + 'altup.correction_coefs.weight', (m, a))
+        add(ours + 'altup/prediction_coefs', (m, a, a), [hf + 'altup.prediction_coefs.weight'], [(a * a, m)],
+            'flatten_transpose', in_axes=(0,))
+        add_linear(ours + 'altup/modality_router/w', hf + 'altup.modality_router.weight', (d, m))
+        add_scale(ours + 'altup/router_norm_layer/scale', hf + 'altup.router_norm.weight', d)
+        add_linear(ours + 'per_layer_mapping/per_layer_input_gate/w', hf + 'per_layer_input_gate.weight', (d, p))
+        add_linear(ours + 'per_layer_mapping/per_layer_projection/w', hf + 'per_layer_projection.weight', (p, d))
+        add_scale(ours + 'per_layer_mapping/post_per_layer_input_norm/scale',
+                  hf + 'post_per_layer_input_norm.weight', d)
+    return entries
+
+
+# --- tree helpers -----------------------------------------------------------------------------------
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dict -> {'a/b/c': leaf}."""
+    flat = {}
+    for name, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update({f'{name}/{sub}': leaf for sub, leaf in flatten_params(value).items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{'a/b/c': leaf} -> nested dict."""
+    tree: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        *parents, name = path.split('/')
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = leaf
+    return tree
+
+
+# --- both directions --------------------------------------------------------------------------------
+
+def params_to_hf(
+        params: Mapping[str, Any],
+        config: TransformerConfig,
+        *,
+        prefix: str = '',
+        hf_vocab_size: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Our (nested) params -> {prefix + HF key: C-contiguous np.ndarray}, same dtypes, bit-exact.
+
+    Raises ValueError when the tree has missing, extra or wrongly shaped parameters.
+    """
+    flat = {path: np.asarray(leaf) for path, leaf in flatten_params(params).items()}
+    entries = mapping_entries(config, hf_vocab_size=hf_vocab_size)
+    expected = {e.path for e in entries}
+    missing, extra = sorted(expected - flat.keys()), sorted(flat.keys() - expected)
+    if missing or extra:
+        raise ValueError(f'Parameter tree does not match the config: missing {missing}, unexpected {extra}.')
+    out = {}
+    for e in entries:
+        x = flat[e.path]
+        if x.shape != e.shape:
+            raise ValueError(f'Parameter {e.path} has shape {x.shape}, expected {e.shape} for this config.')
+        for key, y in zip(e.hf_keys, _CONVERSIONS[e.conversion].to_hf(x, e)):
+            out[prefix + key] = np.ascontiguousarray(y)
+    return out
+
+
+def hf_to_params(
+        get_tensor: Callable[[str], np.ndarray],
+        keys: Iterable[str],
+        config: TransformerConfig,
+        *,
+        prefix: str = '',
+        dtype: Any = None,
+        progress: Callable[[int], None] | None = None,
+        describe: Callable[[str], str] = str,
+) -> tuple[dict[str, Any], DroppedWeights]:
+    """HF tensors -> (our nested params, what was dropped).
+
+    `keys` are all tensor names of the checkpoint; `get_tensor(key)` reads one tensor (called once per
+    kept key, largest parameters first, so a lazy reader holds one source tensor at a time). Results
+    are C-contiguous arrays in `dtype` (default: the checkpoint's dtype); an array needing no layout or
+    dtype change may be returned as is. `progress(n)` is called after each parameter with its number
+    of elements; `describe(key)` names a tensor in error messages (e.g. with its file). Raises
+    ValueError naming the HF key for a missing tensor, an unexpected tensor under `prefix`, a wrong
+    shape or a non-float dtype; nothing is returned in that case.
+    """
+    keys = set(keys)
+    # The default HF vocabulary (> num_embed) selects the row-dropping conversion; the shape check
+    # accepts any row count >= num_embed.
+    entries = mapping_entries(config)
+    known = {prefix + key for e in entries for key in e.hf_keys}
+    missing = sorted(known - keys)
+    if missing:
+        raise ValueError(f'Checkpoint lacks {len(missing)} tensor(s) of the text decoder: '
+                         f'{_abbreviate(missing)} (prefix {prefix!r}).')
+    dropped = DroppedWeights()
+    unexpected = []
+    for key in sorted(keys - known):
+        if not key.startswith(prefix):
+            dropped.outside_keys.append(key)
+            continue
+        match = _KV_SHARED_KEY.fullmatch(key[len(prefix):])
+        if match and config.num_unshared_layers <= int(match.group(1)) < config.num_layers:
+            dropped.kv_shared_keys.append(key)
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise ValueError(f'Checkpoint has {len(unexpected)} tensor(s) under {prefix!r} that this model '
+                         f'config does not have: {_abbreviate(unexpected)} (a different model size?).')
+
+    flat = {}
+    for e in sorted(entries, key=lambda e: -math.prod(e.shape)):
+        sources = []
+        for key, expected in zip(e.hf_keys, e.hf_shapes):
+            x = np.asarray(get_tensor(prefix + key))
+            if not _shape_matches(e, x.shape, expected):
+                want = f'(>= {e.shape[0]}, {", ".join(map(str, expected[1:]))})' if e.conversion == 'pad_vocab' \
+                    else str(expected)
+                raise ValueError(f'Tensor {describe(prefix + key)} has shape {x.shape}, expected {want} '
+                                 f'(for {e.path}).')
+            if x.dtype not in FLOAT_DTYPES:
+                raise ValueError(f'Tensor {describe(prefix + key)} has dtype {x.dtype}, expected a float dtype.')
+            if e.conversion == 'pad_vocab':
+                dropped.extra_vocab_rows = x.shape[0] - e.shape[0]
+            sources.append(x)
+        flat[e.path] = _materialise(_CONVERSIONS[e.conversion].from_hf(sources, e), e.shape, dtype)
+        del sources
+        if progress is not None:
+            progress(math.prod(e.shape))
+    return unflatten_params(flat), dropped
+
+
+def _shape_matches(e: ParamMapping, actual: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    if e.conversion == 'pad_vocab':
+        return len(actual) == len(expected) and actual[0] >= e.shape[0] and actual[1:] == expected[1:]
+    return tuple(actual) == tuple(expected)
+
+
+def _materialise(converted: np.ndarray | Sequence[np.ndarray], shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """One C-contiguous array in `dtype`; copies only when layout or dtype require it."""
+    if isinstance(converted, np.ndarray):
+        return np.asarray(converted, dtype=dtype or converted.dtype, order='C')
+    out = np.empty(shape, dtype=dtype or np.result_type(*converted))
+    for i, part in enumerate(converted):
+        out[i] = part
+    return out
+
+
+def _abbreviate(names: Sequence[str], limit: int = 8) -> str:
+    shown = ', '.join(names[:limit])
+    return shown + (f', ... ({len(names) - limit} more)' if len(names) > limit else '')
+
+
+def detect_hf_prefix(keys: Iterable[str]) -> str:
+    """The prefix under which a checkpoint stores `Gemma3nTextModel` (found via `embed_tokens_per_layer`)."""
+    marker = 'embed_tokens_per_layer.weight'
+    prefixes = sorted(key[:-len(marker)] for key in keys if key.endswith(marker))
+    if len(prefixes) != 1:
+        raise ValueError(f'Not a Gemma 3n text checkpoint: expected exactly one tensor named *{marker}, '
+                         f'found {len(prefixes)}{": " + ", ".join(prefixes) if prefixes else ""}.')
+    return prefixes[0]
+
+
+# --- configs ----------------------------------------------------------------------------------------
+
+def hf_text_config(config: TransformerConfig, *, hf_vocab_size: int | None = None) -> dict[str, Any]:
+    """`Gemma3nTextConfig(**kwargs)` arguments describing `config`.
+
+    `final_logit_softcapping` is our cap, or HF's default 30.0 when ours is None (HF rejects None;
+    disable it on the built config object when comparing numbers, mapping doc section 5).
+    """
+    check_representable(config)
+    return dict(
+            vocab_size=config.num_embed + HF_EXTRA_VOCAB if hf_vocab_size is None else hf_vocab_size,
+            vocab_size_per_layer_input=config.num_embed,
+            hidden_size=config.embed_dim,
+            intermediate_size=config.hidden_dim,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            hidden_activation=HF_HIDDEN_ACTIVATION,
+            rms_norm_eps=RMS_NORM_EPS,
+            layer_types=[HF_LAYER_TYPES[kind] for kind in config.attention_types],
+            sliding_window=config.sliding_window_size or HF_TEXT_DEFAULTS['sliding_window'],
+            rope_parameters={HF_LAYER_TYPES[kind]: _hf_rope(config, kind) for kind in HF_LAYER_TYPES},
+            num_kv_shared_layers=config.num_shared_layers,
+            laurel_rank=config.laurel_rank,
+            altup_num_inputs=config.num_altup_inputs,
+            altup_coef_clip=config.altup_coef_clip,
+            altup_active_idx=0,
+            altup_correct_scale=True,
+            hidden_size_per_layer_input=config.per_layer_input_dim,
+            activation_sparsity_pattern=[config.sparsity(i) for i in range(config.num_layers)],
+            final_logit_softcapping=(HF_DEFAULT_FINAL_LOGIT_SOFTCAP if config.final_logit_softcap is None
+                                     else float(config.final_logit_softcap)),
+            attention_bias=False,
+            tie_word_embeddings=True,
+    )
+
+
+def _hf_rope(config: TransformerConfig, kind: AttentionType) -> dict[str, Any]:
+    factor = config.scale_factor(kind)
+    rope = {'rope_type': 'default', 'rope_theta': float(config.base_frequency(kind))}
+    if factor != 1.0:
+        rope.update(rope_type='linear', factor=float(factor))
+    return rope
+
+
+def hf_final_logit_softcap(hf_config: Mapping[str, Any]) -> float | None:
+    """The final logit softcap a HF config.json applies (its default when the field is absent)."""
+    text = hf_config.get('text_config') or hf_config
+    return text.get('final_logit_softcapping', HF_DEFAULT_FINAL_LOGIT_SOFTCAP)
+
+
+def check_hf_config(hf_config: Mapping[str, Any], config: TransformerConfig) -> list[str]:
+    """Mismatches between a HF config.json dict (text or multimodal) and `config`, one line per field.
+
+    Missing fields take Gemma3nTextConfig's defaults; the old rope format (`rope_theta`,
+    `rope_local_base_freq`, `rope_scaling`) is understood too. `final_logit_softcapping` is not
+    compared (see `hf_final_logit_softcap`). Empty list: the checkpoint fits the config.
+    """
+    text = dict(hf_config.get('text_config') or hf_config)
+    model_type = text.get('model_type')
+    if model_type not in (None, 'gemma3n_text', 'gemma3n'):
+        return [f'model_type={model_type!r}, expected a Gemma 3n text config (gemma3n_text)']
+    ours = hf_text_config(config)
+    num_layers = text.get('num_hidden_layers', HF_TEXT_DEFAULTS['num_hidden_layers'])
+    found = {name: text.get(name, default) for name, default in HF_TEXT_DEFAULTS.items()}
+    found['layer_types'] = text.get('layer_types') or [
+            'full_attention' if (i + 1) % HF_DEFAULT_PATTERN_LENGTH == 0 else 'sliding_attention'
+            for i in range(num_layers)]
+    found['activation_sparsity_pattern'] = text.get('activation_sparsity_pattern') or (
+            _default_sparsity(num_layers))
+    found['rope_parameters'] = _hf_rope_from_json(text)
+    if not isinstance(found['intermediate_size'], int):
+        sizes = set(found['intermediate_size'])
+        found['intermediate_size'] = sizes.pop() if len(sizes) == 1 else sorted(sizes)
+
+    problems = []
+    for name, value in found.items():
+        want = ours[name]
+        if name == 'vocab_size':
+            if value < config.num_embed:
+                problems.append(f'vocab_size={value} < num_embed={config.num_embed}')
+        elif name == 'activation_sparsity_pattern':
+            if len(value) != len(want) or any(abs(x - y) > SPARSITY_TOLERANCE for x, y in zip(value, want)):
+                problems.append(f'activation_sparsity_pattern={list(value)}, expected {want}')
+        elif name == 'rope_parameters':
+            for layer_type, rope in want.items():
+                got = value.get(layer_type, {})
+                for field, expected in rope.items():
+                    if got.get(field) != expected and not (field == 'rope_type' and _is_identity_rope(got, rope)):
+                        problems.append(f'rope_parameters[{layer_type}][{field}]={got.get(field)!r}, '
+                                        f'expected {expected!r}')
+        elif name == 'sliding_window' and config.sliding_window_size is None:
+            continue
+        elif _normalise(value) != _normalise(want):
+            problems.append(f'{name}={value!r}, expected {want!r}')
+    return problems
+
+
+def config_from_hf(hf_config: Mapping[str, Any]) -> TransformerConfig:
+    """Our `TransformerConfig` for a HF config.json dict (text or multimodal); inverse of `hf_text_config`.
+
+    Our final logit softcap stays None (the reference's choice); see `hf_final_logit_softcap`.
+    Raises ValueError for settings our model cannot express (e.g. per-layer MLP widths).
+    """
+    text = dict(hf_config.get('text_config') or hf_config)
+    if text.get('model_type') not in (None, 'gemma3n_text', 'gemma3n'):
+        raise ValueError(f'model_type={text.get("model_type")!r} is not a Gemma 3n text config.')
+    get = lambda name: text.get(name, HF_TEXT_DEFAULTS[name])
+    num_layers = get('num_hidden_layers')
+    widths = get('intermediate_size')
+    widths = set(widths) if isinstance(widths, (list, tuple)) else {widths}
+    if len(widths) != 1:
+        raise ValueError(f'Per-layer MLP widths {sorted(widths)} are not supported (one hidden_dim for all layers).')
+    kinds = {name: kind for kind, name in HF_LAYER_TYPES.items()}
+    layer_types = text.get('layer_types') or [
+            'full_attention' if (i + 1) % HF_DEFAULT_PATTERN_LENGTH == 0 else 'sliding_attention'
+            for i in range(num_layers)]
+    unknown = sorted(set(layer_types) - kinds.keys())
+    if unknown:
+        raise ValueError(f'Unknown layer_types {unknown}; expected {sorted(kinds)}.')
+    rope = _hf_rope_from_json(text)
+    theta = lambda name: _normalise(float(rope[name]['rope_theta']))
+    factor = lambda name: float(rope[name].get('factor', 1.0)) if rope[name].get('rope_type') == 'linear' else 1.0
+    config = TransformerConfig.gemma3n(
+            num_layers=num_layers,
+            hidden_dim=widths.pop(),
+            num_shared_layers=get('num_kv_shared_layers'),
+            num_embed=get('vocab_size_per_layer_input'),
+            embed_dim=get('hidden_size'),
+            num_heads=get('num_attention_heads'),
+            num_kv_heads=get('num_key_value_heads'),
+            head_dim=get('head_dim'),
+            attention_types=tuple(kinds[name] for name in layer_types),
+            sliding_window_size=get('sliding_window'),
+            global_base_frequency=theta('full_attention'),
+            local_base_frequency=theta('sliding_attention'),
+            global_scale_factor=factor('full_attention'),
+            local_scale_factor=factor('sliding_attention'),
+            activation_sparsity_pattern=tuple(text.get('activation_sparsity_pattern') or _default_sparsity(num_layers)),
+            per_layer_input_dim=get('hidden_size_per_layer_input'),
+            laurel_rank=get('laurel_rank'),
+            num_altup_inputs=get('altup_num_inputs'),
+            altup_coef_clip=get('altup_coef_clip'),
+    )
+    problems = check_hf_config(text, config)
+    if problems:
+        raise ValueError('HF config cannot be expressed by our TransformerConfig: ' + '; '.join(problems))
+    return config
+
+
+def _default_sparsity(num_layers: int) -> list[float]:
+    num_sparse = HF_DEFAULT_NUM_SPARSE_LAYERS if num_layers > HF_DEFAULT_NUM_SPARSE_LAYERS else 0
+    return [HF_DEFAULT_SPARSITY] * num_sparse + [0.0] * (num_layers - num_sparse)
+
+
+def _hf_rope_from_json(text: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    if text.get('rope_parameters'):
+        return {k: dict(v) for k, v in text['rope_parameters'].items()}
+    glob = {'rope_type': 'default', 'rope_theta': text.get('rope_theta', HF_DEFAULT_ROPE_THETA['full_attention'])}
+    glob.update(text.get('rope_scaling') or {})
+    local = {'rope_type': 'default',
+             'rope_theta': text.get('rope_local_base_freq', HF_DEFAULT_ROPE_THETA['sliding_attention'])}
+    return {'full_attention': glob, 'sliding_attention': local}
+
+
+def _is_identity_rope(got: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
+    # 'linear' with factor 1 is the same rotation as 'default'.
+    return got.get('factor', 1.0) == want.get('factor', 1.0)
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
