@@ -4,8 +4,12 @@ from gemma3n.config import (AttentionType, KVCacheSharingConfig, QueryPreAttenti
                             TransformerConfig)
 from gemma3n.models import Gemma3n_E2B, Gemma3n_E4B
 from gemma3n.transformer import Gemma3nTransformer, ModelInfo, Output
+from gemma3n.text import (ChatSampler, Greedy, RandomSampling, Sampler, SamplerOutput,
+                          SamplerState, Tokenizer, TopkSampling, TopPSampling)
 
 __all__ = [
-    'AttentionType', 'Gemma3nTransformer', 'Gemma3n_E2B', 'Gemma3n_E4B', 'KVCacheSharingConfig',
-    'ModelInfo', 'Output', 'QueryPreAttentionNormalisation', 'TransformerConfig',
+    'AttentionType', 'ChatSampler', 'Gemma3nTransformer', 'Gemma3n_E2B', 'Gemma3n_E4B', 'KVCacheSharingConfig',
+    'Greedy', 'ModelInfo', 'Output', 'QueryPreAttentionNormalisation', 'RandomSampling', 'Sampler',
+    'SamplerOutput', 'SamplerState', 'Tokenizer', 'TopPSampling', 'TopkSampling',
+    'TransformerConfig',
 ]

@@ -44,3 +44,18 @@ class Gemma3n_E2B(Gemma3nTransformer):  # pylint: disable=invalid-name
     """
     config: TransformerConfig = dataclasses.field(default_factory=e2b_config)
     INFO: ClassVar[ModelInfo] = ModelInfo(tokenizer_version='3n', default_ckpt=None)
+
+
+DEMO_SEED = 0
+
+
+def demo_config(vocab_size: int) -> TransformerConfig:
+    """A small model of the full Gemma 3n architecture (every mechanism, random weights).
+
+    It runs in seconds on a laptop CPU and pairs with the tokenizer shipped in the package:
+    what the command line uses when no checkpoint is given.
+    """
+    return TransformerConfig.gemma3n(
+        num_layers=10, num_shared_layers=5, num_sparse_layers=2, embed_dim=128, hidden_dim=512,
+        num_heads=4, num_kv_heads=2, head_dim=32, num_embed=vocab_size, per_layer_input_dim=16,
+        laurel_rank=16, sliding_window_size=64)

@@ -1,0 +1,335 @@
+"""Autoregressive generation with the compact KV cache: one compiled prefill, one compiled step."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma3n import cache as kv_cache
+from gemma3n.text import special_tokens
+from gemma3n.text.sampling import Greedy, SamplingMethod
+from gemma3n.text.tokenizer import StreamDecoder, Tokenizer
+from gemma3n.transformer import Gemma3nTransformer
+
+MIN_PREFILL_BUCKET = 16   # prompts are padded to a power of two at least this long
+DEFAULT_CACHE_LENGTH = 4096
+DEFAULT_MAX_OUT_LENGTH = 256
+
+
+@dataclasses.dataclass
+class SamplerState:
+    """Where a batch of conversations stands, to continue it later.
+
+    cache: the KV cache after the last call.
+    pending: [B] the last token sampled for each sequence; it is not in the cache yet and is
+        fed first when the conversation continues.
+    """
+    cache: dict[str, Any]
+    pending: np.ndarray
+
+    @property
+    def positions_used(self) -> np.ndarray:
+        """[B] positions each sequence occupies, the pending token included."""
+        return np.asarray(self.cache[kv_cache.END_INDEX]) + 1
+
+
+@dataclasses.dataclass
+class SamplerOutput:
+    """New tokens of one `sample_tokens` call.
+
+    tokens: [B, N] new token ids (a stop token included), 0 after a sequence stopped.
+    lengths: [B] number of new tokens of each sequence.
+    logits: [B, N, V] the logits each new token was chosen from, when asked for.
+    state: to continue the conversation (`sample_tokens(..., state=out.state)`).
+    """
+    tokens: np.ndarray
+    lengths: np.ndarray
+    logits: np.ndarray | None
+    state: SamplerState
+
+
+def _bucket(length: int) -> int:
+    """Prompt lengths are padded to powers of two so prefill compiles for few shapes."""
+    return max(MIN_PREFILL_BUCKET, 1 << (length - 1).bit_length())
+
+
+class Sampler:
+    """Generates tokens (and, with a tokenizer, text) from a Gemma 3n model.
+
+    Example:
+        >>> sampler = Sampler(model=model, params=params, cache_length=256)
+        >>> out = sampler.sample_tokens([[2, 17, 42], [2, 9]], max_new_tokens=8)
+        >>> out.tokens.shape                                   # (2, 8)
+        >>> more = sampler.sample_tokens([[5], [6]], 8, state=out.state)   # continues
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Gemma3nTransformer,
+        params: Any,
+        tokenizer: Tokenizer | None = None,
+        sampling: SamplingMethod = Greedy(),
+        cache_length: int = DEFAULT_CACHE_LENGTH,
+        max_out_length: int = DEFAULT_MAX_OUT_LENGTH,
+        stop_tokens: Sequence[int] = (),
+        forbidden_tokens: Sequence[int] = (),
+        cache_dtype: Any = None,
+    ):
+        if cache_length < 2:
+            raise ValueError(f'cache_length must be >= 2, got {cache_length}.')
+        self.model = model
+        self.params = params
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.cache_length = cache_length
+        self.max_out_length = max_out_length
+        self.stop_tokens = tuple(int(t) for t in stop_tokens)
+        self.forbidden_tokens = tuple(int(t) for t in forbidden_tokens)
+        self.cache_dtype = cache_dtype or model.dtype
+        self.num_traces = {'prefill': 0, 'step': 0}   # how often each function compiled
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=('sampling',),
+                                donate_argnames=('cache',))
+        self._step = jax.jit(self._step_fn, static_argnames=('sampling',),
+                             donate_argnames=('cache',))
+
+    # ---- compiled pieces -------------------------------------------------------------------
+
+    def _choose(self, logits: jax.Array, rng: jax.Array, sampling: SamplingMethod) -> jax.Array:
+        if self.forbidden_tokens:
+            logits = logits.at[:, jnp.asarray(self.forbidden_tokens)].set(-jnp.inf)
+        return sampling(logits, rng)
+
+    def _prefill_fn(self, params, tokens, cache, rng, images, sampling):
+        self.num_traces['prefill'] += 1
+        kwargs = {} if images is None else {'images': images}
+        out = self.model.apply({'params': params}, tokens, cache=cache, return_last_only=True,
+                               **kwargs)
+        return self._choose(out.logits, rng, sampling), out.logits, out.cache
+
+    def _step_fn(self, params, tokens, cache, rng, sampling):
+        self.num_traces['step'] += 1
+        out = self.model.apply({'params': params}, tokens[:, None], cache=cache,
+                               return_last_only=True)
+        return self._choose(out.logits, rng, sampling), out.logits, out.cache
+
+    # ---- token level -----------------------------------------------------------------------
+
+    def _prompt_rows(self, prompt_tokens: Any) -> list[np.ndarray]:
+        if isinstance(prompt_tokens, (np.ndarray, jax.Array)):
+            arr = np.asarray(prompt_tokens)
+            if arr.ndim != 2:
+                raise ValueError(f'prompt_tokens must be [B, L], got shape {arr.shape}.')
+            rows = list(arr)
+        else:
+            rows = [np.asarray(list(row)) for row in prompt_tokens]
+        if not rows:
+            raise ValueError('prompt_tokens holds no sequence.')
+        for b, row in enumerate(rows):
+            if row.size == 0:
+                raise ValueError(f'prompt {b} is empty: give at least one token (usually BOS).')
+            if not np.issubdtype(row.dtype, np.integer):
+                raise ValueError(f'prompt {b} must hold integer token ids, got {row.dtype}.')
+        return [row.astype(np.int32) for row in rows]
+
+    def _check_ids(self, rows: list[np.ndarray]) -> None:
+        vocab = self.model.config.num_embed
+        allowed = (special_tokens.START_OF_IMAGE, special_tokens.END_OF_IMAGE)
+        for b, row in enumerate(rows):
+            bad = ((row < 0) | (row >= vocab)) & ~np.isin(row, allowed)
+            if bad.any():
+                raise ValueError(f'prompt {b} has token id {int(row[bad][0])} outside the '
+                                 f'vocabulary [0, {vocab}).')
+
+    def sample_tokens(
+        self,
+        prompt_tokens: Any,
+        max_new_tokens: int,
+        *,
+        rng: jax.Array | int | None = None,
+        return_logits: bool = False,
+        state: SamplerState | None = None,
+        sampling: SamplingMethod | None = None,
+        images: Any = None,
+    ) -> SamplerOutput:
+        """Generates up to `max_new_tokens` tokens after each prompt.
+
+        Args:
+            prompt_tokens: a list of token-id lists (ragged) or an int array [B, L].
+            max_new_tokens: tokens to generate per sequence (fewer if a stop token comes).
+            rng: a key or an int seed for random sampling methods.
+            return_logits: also return the logits each token was chosen from.
+            state: a previous call's `state`: the prompts are appended to its conversations.
+            sampling: overrides the sampler's sampling method for this call.
+            images: images for the prompts' `<start_of_image>` markers (see the model).
+        """
+        run = _Generation(self, prompt_tokens, max_new_tokens, rng=rng, state=state,
+                          sampling=sampling, images=images, stop_tokens=self.stop_tokens,
+                          keep_logits=return_logits)
+        for _ in run:
+            pass
+        return run.output()
+
+    # ---- text level ------------------------------------------------------------------------
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError('This sampler has no tokenizer: pass tokenizer= to use text.')
+        return self.tokenizer
+
+    def text_stop_tokens(self) -> tuple[int, ...]:
+        """Stop tokens for text generation: the sampler's, else EOS and `<end_of_turn>`."""
+        return self.stop_tokens or (special_tokens.EOS, special_tokens.END_OF_TURN)
+
+    def sample(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        images: Any = None,
+        max_new_tokens: int | None = None,
+        sampling: SamplingMethod | None = None,
+        rng: jax.Array | int | None = None,
+        stream: bool = False,
+    ) -> str | list[str] | Iterator[str]:
+        """Text in, text out. BOS is added; generation stops at EOS or `<end_of_turn>`.
+
+        With `stream=True` (a single prompt only) returns an iterator of text pieces as the
+        tokens arrive; their concatenation equals the non-streaming result.
+        """
+        tokenizer = self._require_tokenizer()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        rows = [tokenizer.encode(p, add_bos=True) for p in prompts]
+        run = _Generation(self, rows, max_new_tokens or self.max_out_length, rng=rng,
+                          state=None, sampling=sampling, images=images,
+                          stop_tokens=self.text_stop_tokens(), keep_logits=False)
+        if stream:
+            if len(rows) != 1:
+                raise ValueError('stream=True takes a single prompt.')
+            return self.stream_text(run)
+        for _ in run:
+            pass
+        out = run.output()
+        texts = [tokenizer.decode(self.strip_stop(out.tokens[b, :out.lengths[b]]))
+                 for b in range(len(rows))]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def strip_stop(self, ids: Sequence[int]) -> list[int]:
+        """The ids without a final text stop token."""
+        ids = [int(t) for t in ids]
+        if ids and ids[-1] in self.text_stop_tokens():
+            ids = ids[:-1]
+        return ids
+
+    def stream_text(self, run: '_Generation') -> Iterator[str]:
+        """Yields the text of sequence 0 of `run` piece by piece as its tokens are sampled."""
+        decoder = StreamDecoder(self._require_tokenizer())
+        stops = self.text_stop_tokens()
+        for tokens in run:
+            token = int(tokens[0])
+            if token in stops:
+                break
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def generation(self, rows: Any, max_new_tokens: int, **kwargs: Any) -> '_Generation':
+        """A step-by-step generation (iterate it for each step's tokens; then `.output()`).
+
+        Takes the keyword arguments of `_Generation`: rng, state, sampling, images,
+        stop_tokens, keep_logits.
+        """
+        return _Generation(self, rows, max_new_tokens, **kwargs)
+
+
+class _Generation:
+    """One generation run: validates up front, then each iteration samples one token per sequence.
+
+    Iterating yields the step's new tokens [B] (0 for sequences already stopped); `output()`
+    then gives the `SamplerOutput`. Stopping the iteration early is allowed: the state then
+    reflects the tokens sampled so far.
+    """
+
+    def __init__(self, sampler: Sampler, prompt_tokens: Any, max_new_tokens: int, *,
+                 rng: jax.Array | int | None = None, state: SamplerState | None = None,
+                 sampling: SamplingMethod | None = None, images: Any = None,
+                 stop_tokens: Sequence[int] = (), keep_logits: bool = False):
+        if max_new_tokens < 1:
+            raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
+        self.sampler = sampler
+        rows = sampler._prompt_rows(prompt_tokens)
+        sampler._check_ids(rows)
+        batch = len(rows)
+        if state is not None:
+            if state.pending.shape != (batch,):
+                raise ValueError(f'state holds {state.pending.shape[0]} sequences, '
+                                 f'the prompt {batch}.')
+            rows = [np.concatenate([[p], row]).astype(np.int32)
+                    for p, row in zip(state.pending, rows)]
+            start = np.asarray(state.cache[kv_cache.END_INDEX])
+        else:
+            start = np.zeros(batch, np.int32)
+        needed = start + np.array([len(r) for r in rows]) + max_new_tokens - 1
+        if needed.max() > sampler.cache_length:
+            b = int(needed.argmax())
+            raise ValueError(
+                f'sequence {b} needs {int(needed[b])} positions (cache already holding '
+                f'{int(start[b])}, prompt {len(rows[b])}, max_new_tokens {max_new_tokens}) but '
+                f'cache_length is {sampler.cache_length}.')
+        self.cache = state.cache if state is not None else sampler.model.init_cache(
+            batch_size=batch, dtype=sampler.cache_dtype, cache_length=sampler.cache_length)
+        self.rows = rows
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling or sampler.sampling
+        if rng is None:
+            rng = jax.random.key(0)
+        elif isinstance(rng, int):
+            rng = jax.random.key(rng)
+        self.rng = rng
+        self.images = None if images is None else jnp.asarray(images)
+        self.stop = np.asarray(tuple(stop_tokens), np.int32)
+        self.keep_logits = keep_logits
+        self.tokens = np.zeros((batch, 0), np.int32)
+        self.lengths = np.zeros(batch, np.int32)
+        self.done = np.zeros(batch, bool)
+        self.logits: list[jax.Array] = []
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        sampler, batch = self.sampler, len(self.rows)
+        width = _bucket(max(len(r) for r in self.rows))
+        padded = np.zeros((batch, width), np.int32)
+        for b, row in enumerate(self.rows):
+            padded[b, :len(row)] = row
+        token, logits, self.cache = sampler._prefill(
+            sampler.params, jnp.asarray(padded), self.cache, jax.random.fold_in(self.rng, 0),
+            self.images, sampling=self.sampling)
+        for step in range(self.max_new_tokens):
+            if step:
+                fed = np.where(self.done, special_tokens.PAD, self.tokens[:, -1]).astype(np.int32)
+                token, logits, self.cache = sampler._step(
+                    sampler.params, jnp.asarray(fed), self.cache,
+                    jax.random.fold_in(self.rng, step), sampling=self.sampling)
+            new = np.where(self.done, special_tokens.PAD, np.asarray(token)).astype(np.int32)
+            self.tokens = np.concatenate([self.tokens, new[:, None]], axis=1)
+            if self.keep_logits:
+                self.logits.append(logits)
+            self.lengths += ~self.done
+            self.done |= np.isin(new, self.stop) & (self.lengths > 0)
+            yield new
+            if self.done.all():
+                return
+
+    def output(self) -> SamplerOutput:
+        batch = len(self.rows)
+        pending = self.tokens[np.arange(batch), np.maximum(self.lengths - 1, 0)]
+        logits = (np.stack([np.asarray(x) for x in self.logits], axis=1)
+                  if self.keep_logits else None)
+        return SamplerOutput(tokens=self.tokens, lengths=self.lengths.copy(), logits=logits,
+                             state=SamplerState(cache=self.cache, pending=pending))
