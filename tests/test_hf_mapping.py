@@ -276,9 +276,11 @@ def test_config_from_hf_inverts_hf_text_config(config):
 
 
 def test_config_from_hf_rejects_what_our_config_cannot_express():
-    saved = transformers.Gemma3nTextConfig(**hf_mapping.hf_text_config(CONFIGS[0])).to_dict()
-    with pytest.raises(ValueError, match=r'Per-layer MLP widths \[512, 1024\]'):
-        hf_mapping.config_from_hf(dict(saved, intermediate_size=[512] + [1024] * 9))
+    config = CONFIGS[0]
+    saved = transformers.Gemma3nTextConfig(**hf_mapping.hf_text_config(config)).to_dict()
+    widths = [config.hidden_dim // 2] + [config.hidden_dim] * (config.num_layers - 1)
+    with pytest.raises(ValueError, match=rf'Per-layer MLP widths \[{config.hidden_dim // 2}, {config.hidden_dim}\]'):
+        hf_mapping.config_from_hf(dict(saved, intermediate_size=widths))
     with pytest.raises(ValueError, match=r"Unknown layer_types \['chunked_attention'\]"):
         hf_mapping.config_from_hf(dict(saved, layer_types=['chunked_attention'] * 10))
     with pytest.raises(ValueError, match='num_altup_inputs=2'):

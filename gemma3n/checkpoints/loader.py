@@ -1,0 +1,141 @@
+"""`load_params`: recognise a checkpoint's format and return our parameter tree.
+
+Formats: a Hugging Face Gemma 3n directory or `.safetensors` file (`safetensors_hf`), a reference
+Orbax PyTree checkpoint directory (`orbax_io`), our own safetensors format (`native`). Every
+failure raises before anything is returned (no partial trees).
+
+Example:
+    >>> model = Gemma3n_E4B(text_only=True)
+    >>> params = load_params('/ckpts/gemma-3n-E4B-it', model=model, dtype=jnp.bfloat16)
+    >>> out = model.apply({'params': params}, tokens)
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tqdm
+
+from gemma3n.checkpoints import hf_mapping
+from gemma3n.checkpoints.native import is_native, native_catalog, native_read
+from gemma3n.checkpoints.orbax_io import ORBAX_MARKERS, is_orbax_checkpoint, orbax_catalog, orbax_restore
+from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
+from gemma3n.checkpoints.safetensors_hf import INDEX_FILE, SINGLE_FILE, is_hf_directory, load_hf_params
+from gemma3n.config import TransformerConfig
+
+# Parameters of the vision path (SPEC section 6); a text-only model has none of them.
+VISION_PREFIXES = ('vision_encoder/', 'embedder/mm_')
+
+logger = logging.getLogger(__name__)
+
+
+def load_params(
+        path: str | os.PathLike,
+        *,
+        model: Any = None,
+        dtype: Any = None,
+        progress: bool = True,
+) -> dict[str, Any]:
+    """Our nested parameter tree (np.ndarray leaves) from the checkpoint at `path`.
+
+    Args:
+        path: HF directory / `.safetensors` file, Orbax checkpoint directory, or a file written by
+            `save_params`.
+        model: a `Gemma3nTransformer` (its `config` and `text_only` are used) or a `TransformerConfig`
+            (text-only). Needed for HF files without a config.json beside them; when given, every
+            kept tensor's path, shape and dtype are checked against it. None: HF checkpoints derive
+            the config from config.json, other formats are returned as stored.
+        dtype: target dtype of every leaf (e.g. `jnp.bfloat16`); None keeps the stored dtypes.
+        progress: show a tqdm progress bar.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f'Checkpoint not found: {path}')
+    config, text_only = _model_config(model)
+    dtype = None if dtype is None else np.dtype(dtype)
+
+    if path.is_dir():
+        if is_hf_directory(path):
+            return _load_hf(path, config, text_only, dtype, progress)
+        if is_orbax_checkpoint(path):
+            catalog = orbax_catalog(path)
+            names = _select(catalog, config, text_only, path)
+            return hf_mapping.unflatten_params(orbax_restore(path, names, dtype))
+        found = sorted(p.name for p in path.iterdir())
+        raise ValueError(f'{path} is not a recognised checkpoint directory: expected {INDEX_FILE} or '
+                         f'{SINGLE_FILE} (Hugging Face) or Orbax files ({", ".join(ORBAX_MARKERS)}); '
+                         f'it holds {found[:10]}{" ..." if len(found) > 10 else ""}.')
+
+    files = SafetensorsFiles([path])
+    if not is_native(files, path):
+        return _load_hf(path, config, text_only, dtype, progress)
+    catalog = native_catalog(files)
+    names = _select(catalog, config, text_only, path)
+    total = sum(math.prod(catalog[name][0]) for name in names)
+    with tqdm.tqdm(total=total, desc=f'Loading {path.name}', unit='param', unit_scale=True,
+                   disable=not progress) as bar:
+        return hf_mapping.unflatten_params(native_read(files, names, dtype, bar.update))
+
+
+def _load_hf(path: Path, config: TransformerConfig | None, text_only: bool, dtype: Any,
+             progress: bool) -> dict[str, Any]:
+    if not text_only:
+        raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder; '
+                         'load them into a text_only=True model.')
+    return load_hf_params(path, config=config, dtype=dtype, progress=progress)
+
+
+def _model_config(model: Any) -> tuple[TransformerConfig | None, bool]:
+    """(config, text_only) of the `model` argument."""
+    if model is None:
+        return None, True
+    if isinstance(model, TransformerConfig):
+        return model, True
+    config = getattr(model, 'config', None)
+    if not isinstance(config, TransformerConfig):
+        raise TypeError(f'model must be a Gemma3nTransformer or a TransformerConfig, got {type(model).__name__}.')
+    return config, bool(getattr(model, 'text_only', False))
+
+
+def _select(
+        catalog: dict[str, tuple[tuple[int, ...], np.dtype]],
+        config: TransformerConfig | None,
+        text_only: bool,
+        path: Path,
+) -> list[str]:
+    """The stored arrays to read, after checking them against `config`; raises ValueError naming them."""
+    if config is None:
+        return list(catalog)
+    expected = {e.path: e.shape for e in hf_mapping.mapping_entries(config)}
+    missing = sorted(expected.keys() - catalog.keys())
+    if missing:
+        raise ValueError(f'{path} lacks {len(missing)} parameter(s) of the model: {", ".join(missing[:8])}'
+                         f'{" ..." if len(missing) > 8 else ""}.')
+    problems = [f'{name} has shape {catalog[name][0]}, expected {shape}'
+                for name, shape in expected.items() if catalog[name][0] != shape]
+    problems += [f'{name} has dtype {catalog[name][1]}, expected a float dtype'
+                 for name in expected if catalog[name][1] not in hf_mapping.FLOAT_DTYPES]
+    if problems:
+        raise ValueError(f'{path} does not fit the model config: ' + '; '.join(problems[:8]))
+
+    extra = sorted(catalog.keys() - expected.keys())
+    vision = [name for name in extra if name.startswith(VISION_PREFIXES)]
+    unexpected = sorted(set(extra) - set(vision))
+    if unexpected:
+        raise ValueError(f'{path} has {len(unexpected)} parameter(s) this model does not have: '
+                         f'{", ".join(unexpected[:8])}{" ..." if len(unexpected) > 8 else ""}.')
+    if text_only:
+        if vision:
+            groups = collections.Counter(next(p for p in VISION_PREFIXES if name.startswith(p)) for name in vision)
+            logger.info('Loading %s into a text-only model: dropped %d vision parameters (%s).', path, len(vision),
+                        ', '.join(f'{g}* ({n})' for g, n in sorted(groups.items())))
+        return list(expected)
+    if not vision:
+        raise ValueError(f'{path} holds no vision encoder parameters; load it into a text_only=True model.')
+    return list(expected) + vision

@@ -1,0 +1,146 @@
+"""Hugging Face Gemma 3n checkpoints (safetensors) -> our text parameter tree.
+
+Accepts a model directory (`model.safetensors.index.json` with shards, or one `model.safetensors`,
+plus `config.json`) or a single `.safetensors` file (its directory's `config.json` is used when
+present). Tensors are read lazily, one at a time, largest first, and converted straight to the
+target dtype, so peak memory stays close to the size of the result. What our model has no use for
+(k/v projections of KV-shared layers, extra vocabulary rows, vision and audio towers) is skipped
+and reported in one log line.
+
+Example:
+    >>> params = load_hf_params(Path('gemma-3n-E4B-it'), config=None, dtype=jnp.bfloat16)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import tqdm
+
+from gemma3n.checkpoints import hf_mapping
+from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
+from gemma3n.config import TransformerConfig
+
+INDEX_FILE = 'model.safetensors.index.json'
+SINGLE_FILE = 'model.safetensors'
+CONFIG_FILE = 'config.json'
+
+logger = logging.getLogger(__name__)
+
+
+def is_hf_directory(path: Path) -> bool:
+    return path.is_dir() and ((path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file())
+
+
+def read_hf_config(path: Path) -> dict[str, Any] | None:
+    """The config.json of a HF checkpoint (directory or file inside it); None when there is none."""
+    config_path = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    if not config_path.is_file():
+        return None
+    try:
+        return json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f'{config_path} is not valid JSON: {err}') from err
+
+
+def _weight_map(path: Path) -> dict[str, str] | None:
+    """tensor -> shard file name from the index of a sharded checkpoint directory; None if unsharded."""
+    index_path = path / INDEX_FILE
+    if not path.is_dir() or not index_path.is_file():
+        return None
+    try:
+        weight_map = json.loads(index_path.read_text())['weight_map']
+        return {str(key): str(name) for key, name in weight_map.items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f'{index_path} is not a valid safetensors index (needs a "weight_map"): {err}') from err
+
+
+def _open_files(path: Path) -> SafetensorsFiles:
+    """The safetensors file(s) of a HF checkpoint directory or single file, cross-checked with the index."""
+    if path.is_file():
+        return SafetensorsFiles([path])
+    weight_map = _weight_map(path)
+    if weight_map is None:
+        return SafetensorsFiles([path / SINGLE_FILE])
+    files = SafetensorsFiles(path / name for name in sorted(set(weight_map.values())))
+    wrong = [f'{key} (index: {name}, found in {files.file_of(key).name if key in files else "no shard"})'
+             for key, name in weight_map.items()
+             if key not in files or files.file_of(key).name != name]
+    if wrong:
+        raise ValueError(f'{path / INDEX_FILE} lists tensors its shards do not hold: {", ".join(wrong[:8])}'
+                         f'{f" ... ({len(wrong) - 8} more)" if len(wrong) > 8 else ""}.')
+    return files
+
+
+def load_hf_params(
+        path: Path,
+        *,
+        config: TransformerConfig | None,
+        dtype: Any = None,
+        progress: bool = True,
+) -> dict[str, Any]:
+    """Our nested params (np.ndarray leaves) from a HF Gemma 3n checkpoint at `path`.
+
+    `config` None: derived from the checkpoint's config.json. Otherwise config.json (when present) is
+    checked against it and mismatches raise ValueError listing every field by name.
+    """
+    hf_config = read_hf_config(path)
+    config_path = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    if hf_config is not None:
+        if config is None:
+            try:
+                config = hf_mapping.config_from_hf(hf_config)
+            except ValueError as err:
+                raise ValueError(f'{config_path}: {err}') from err
+        problems = hf_mapping.check_hf_config(hf_config, config)
+        if problems:
+            raise ValueError(f'{config_path} does not match the model config: ' + '; '.join(problems))
+        _note_softcap(hf_config, config, config_path)
+    elif config is None:
+        raise ValueError(f'No {CONFIG_FILE} next to {path}: pass model= to say which Gemma 3n size it holds.')
+
+    files = _open_files(path)
+    keys = files.keys()
+    try:
+        prefix = hf_mapping.detect_hf_prefix(keys)
+    except ValueError as err:
+        raise ValueError(f'{path}: {err}') from err
+    total = sum(math.prod(e.shape) for e in hf_mapping.mapping_entries(config))
+    with tqdm.tqdm(total=total, desc=f'Loading {path.name}', unit='param', unit_scale=True,
+                   disable=not progress) as bar:
+        try:
+            params, dropped = hf_mapping.hf_to_params(files.read, keys, config, prefix=prefix, dtype=dtype,
+                                                      progress=bar.update, describe=files.describe)
+        except ValueError as err:
+            raise ValueError(f'{path}: {err}') from err
+    logger.info('Loaded %s: %s.', path, dropped.summary())
+    return params
+
+
+def _note_softcap(hf_config: dict[str, Any], config: TransformerConfig, config_path: Path) -> None:
+    hf_cap = hf_mapping.hf_final_logit_softcap(hf_config)
+    if hf_cap != config.final_logit_softcap:
+        logger.warning('%s sets final_logit_softcapping=%s but the model uses final_logit_softcap=%s; '
+                       'to match transformers, build the model with '
+                       'gemma3n.checkpoints.apply_hf_softcap(model, path).', config_path, hf_cap,
+                       config.final_logit_softcap)
+
+
+def apply_hf_softcap(model: Any, path: str | Path) -> Any:
+    """`model` (a Flax module with `config`, or a TransformerConfig) with the checkpoint's final softcap.
+
+    Example:
+        >>> model = apply_hf_softcap(Gemma3n_E4B(text_only=True), 'gemma-3n-E4B-it')
+    """
+    hf_config = read_hf_config(Path(path))
+    if hf_config is None:
+        raise FileNotFoundError(f'No {CONFIG_FILE} found for {path}.')
+    cap = hf_mapping.hf_final_logit_softcap(hf_config)
+    if isinstance(model, TransformerConfig):
+        return dataclasses.replace(model, final_logit_softcap=cap)
+    return model.clone(config=dataclasses.replace(model.config, final_logit_softcap=cap))
