@@ -8,21 +8,22 @@ from typing import ClassVar
 from gemma3n.config import (E2B_NUM_LAYERS, E2B_SHARED_LAYERS, E4B_NUM_LAYERS, E4B_SHARED_LAYERS,
                             TransformerConfig)
 from gemma3n.transformer import Gemma3nTransformer, ModelInfo
+from gemma3n.vision import SigLiPFromPatches
 
 E4B_HIDDEN_DIM = 16384
 E2B_HIDDEN_DIM = 8192
 
 
-def e4b_config(vision_encoder=None) -> TransformerConfig:
+def e4b_config(with_vision: bool = True) -> TransformerConfig:
     return TransformerConfig.gemma3n(
         num_layers=E4B_NUM_LAYERS, hidden_dim=E4B_HIDDEN_DIM, num_shared_layers=E4B_SHARED_LAYERS,
-        vision_encoder=vision_encoder)
+        vision_encoder=SigLiPFromPatches() if with_vision else None)
 
 
-def e2b_config(vision_encoder=None) -> TransformerConfig:
+def e2b_config(with_vision: bool = True) -> TransformerConfig:
     return TransformerConfig.gemma3n(
         num_layers=E2B_NUM_LAYERS, hidden_dim=E2B_HIDDEN_DIM, num_shared_layers=E2B_SHARED_LAYERS,
-        vision_encoder=vision_encoder)
+        vision_encoder=SigLiPFromPatches() if with_vision else None)
 
 
 class Gemma3n_E4B(Gemma3nTransformer):  # pylint: disable=invalid-name

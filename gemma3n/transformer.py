@@ -11,14 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n import cache as kv_cache
+from gemma3n import multimodal
 from gemma3n.altup import match_rms
 from gemma3n.attention import KVContext, QueryInfo
 from gemma3n.block import Block
 from gemma3n.config import TransformerConfig
 from gemma3n.embedder import Embedder
 from gemma3n.layers import Einsum, RMSNorm, guard, weight_init
+from gemma3n.text import special_tokens
 
-PAD_ID = 0
+PAD_ID = special_tokens.PAD
+# Ids a tokenizer may produce beyond a small model's vocabulary: the image markers.
+IMAGE_MARKER_IDS = (special_tokens.START_OF_IMAGE, special_tokens.END_OF_IMAGE)
 KEY_REQUIRED = '__KEY_REQUIRED__'
 
 
@@ -138,7 +142,8 @@ class Gemma3nTransformer(nn.Module):
 
         Args:
             tokens: int [*B, L]; 0 is padding (masked, not counted in positions).
-            images: not yet supported by this module version (raises for text_only models).
+            images: uint8 [B, H, W, C] (one per sequence) or [B, N, H, W, C], one image per
+                `<start_of_image>` marker of each sequence (B = the flattened token batch).
             positions: optional [*B, L] positions (default: running count of non-padding
                 tokens minus one); not with a cache, whose positions continue its own.
             positions_offset: optional [*B] added to the default positions (no cache).
@@ -152,15 +157,25 @@ class Gemma3nTransformer(nn.Module):
         cfg = self.config
         if return_last_only is None:
             return_last_only = bool(self.return_last_only)
-        if images is not None and self.text_only:
-            raise ValueError('This model does not have vision encoder (text_only=True): '
-                             'images cannot be passed.')
-        if images is not None:
-            raise ValueError('This model does not have vision encoder: images cannot be passed.')
-        tokens = _check_tokens(tokens, cfg.num_embed, ())
+        if images is not None and self.vision_encoder is None:
+            raise ValueError('This model does not have vision encoder (text_only=True or no '
+                             'vision_encoder in its config): images cannot be passed.')
+        tokens = _check_tokens(tokens, cfg.num_embed, IMAGE_MARKER_IDS)
         batch_shape, length = tokens.shape[:-1], tokens.shape[-1]
         tokens = tokens.reshape(-1, length)
         batch = tokens.shape[0]
+        text_index = None
+        if images is not None:
+            if positions is not None or attention_mask is not None:
+                raise ValueError('positions and attention_mask cannot be combined with images: '
+                                 'the image blocks change the sequence.')
+            counts = (None if isinstance(tokens, jax.core.Tracer)
+                      else multimodal.count_image_markers(tokens))
+            images = multimodal.check_images(images, counts, batch,
+                                             self.vision_encoder.image_channels)
+            tokens, text_index, block_start = multimodal.expand_tokens(
+                tokens, images.shape[1], self.vision_encoder.num_mm_tokens_per_image)
+            length = tokens.shape[-1]
 
         def flat(x, trailing):
             return None if x is None else jnp.reshape(x, (batch,) + x.shape[len(batch_shape) + trailing:])
@@ -191,9 +206,17 @@ class Gemma3nTransformer(nn.Module):
                 raise ValueError(f'attention_mask must have shape [*B, L, L] = '
                                  f'{tuple(batch_shape) + (length, length)}, got {attention_mask.shape}.')
             attention_mask = jnp.reshape(attention_mask, (batch, length, length)).astype(bool)
-        query = QueryInfo(positions=positions, visible_until=positions, valid=valid)
+        visible_until = positions
+        if images is not None:
+            visible_until = multimodal.bidirectional_visible_until(tokens, positions)
+        query = QueryInfo(positions=positions, visible_until=visible_until, valid=valid)
 
         x = self.embedder.encode(tokens)                                      # [B, L, D]
+        if images is not None:
+            soft = self.embedder.encode_vision(self.vision_encoder(images))   # [B, N, T, D]
+            x = multimodal.merge_soft_tokens(x, soft, block_start)
+        elif self.is_initializing() and self.vision_encoder is not None:
+            self._init_vision()
         per_layer = self.embedder.per_layer_inputs(
             tokens, x, flat(per_layer_embeddings, 3))                         # [B, L, NL, P]
         streams = self._fan_out(x)                                            # [A, B, L, D]
@@ -233,6 +256,10 @@ class Gemma3nTransformer(nn.Module):
             logits = jnp.tanh(logits / cap) * cap
         if return_last_only:
             logits, hidden = logits[:, 0], hidden[:, 0]
+        elif text_index is not None:
+            # One output per input token: image blocks' inserted tokens are dropped.
+            logits = jnp.take_along_axis(logits, text_index[:, :, None], axis=1)
+            hidden = jnp.take_along_axis(hidden, text_index[:, :, None], axis=1)
         out_shape = tuple(batch_shape) + logits.shape[1:]
         return Output(
             logits=logits.reshape(out_shape),
@@ -240,6 +267,12 @@ class Gemma3nTransformer(nn.Module):
             hidden_states=(hidden.reshape(tuple(batch_shape) + hidden.shape[1:])
                            if return_hidden_states else None),
         )
+
+    def _init_vision(self) -> None:
+        """Creates the vision parameters during `init` from a blank image."""
+        enc = self.vision_encoder
+        blank = jnp.zeros((1, 1, enc.image_height, enc.image_width, enc.image_channels), jnp.uint8)
+        self.embedder.encode_vision(enc(blank))
 
     def _fan_out(self, x: jax.Array) -> jax.Array:
         """x [B, L, D] -> streams [A, B, L, D]: x and its projections rescaled to x's RMS."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 
@@ -13,7 +13,9 @@ from gemma3n.text.sampler import (DEFAULT_CACHE_LENGTH, DEFAULT_MAX_OUT_LENGTH, 
                                   SamplerState)
 from gemma3n.text.sampling import Greedy, SamplingMethod
 from gemma3n.text.tokenizer import Tokenizer
-from gemma3n.transformer import Gemma3nTransformer
+
+if TYPE_CHECKING:
+    from gemma3n.transformer import Gemma3nTransformer
 
 # The answer of a turn ends with one of these; END_OF_TURN is kept in the history.
 CHAT_STOP_TOKENS = (special_tokens.END_OF_TURN, special_tokens.EOS)

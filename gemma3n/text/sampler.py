@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gemma3n import cache as kv_cache
+from gemma3n import multimodal
 from gemma3n.text import special_tokens
 from gemma3n.text.sampling import Greedy, SamplingMethod
 from gemma3n.text.tokenizer import StreamDecoder, Tokenizer
-from gemma3n.transformer import Gemma3nTransformer
+
+if TYPE_CHECKING:
+    from gemma3n.transformer import Gemma3nTransformer
 
 MIN_PREFILL_BUCKET = 16   # prompts are padded to a power of two at least this long
 DEFAULT_CACHE_LENGTH = 4096
@@ -276,13 +279,18 @@ class _Generation:
             start = np.asarray(state.cache[kv_cache.END_INDEX])
         else:
             start = np.zeros(batch, np.int32)
-        needed = start + np.array([len(r) for r in rows]) + max_new_tokens - 1
+        prompt_lengths = np.array([len(r) for r in rows])
+        if images is not None:
+            images = self._check_images(sampler, images, rows)
+            prompt_lengths = prompt_lengths + images.shape[1] * (multimodal.block_length(
+                sampler.model.config.vision_encoder.num_mm_tokens_per_image) - 1)
+        needed = start + prompt_lengths + max_new_tokens - 1
         if needed.max() > sampler.cache_length:
             b = int(needed.argmax())
             raise ValueError(
                 f'sequence {b} needs {int(needed[b])} positions (cache already holding '
-                f'{int(start[b])}, prompt {len(rows[b])}, max_new_tokens {max_new_tokens}) but '
-                f'cache_length is {sampler.cache_length}.')
+                f'{int(start[b])}, prompt {int(prompt_lengths[b])} with image blocks, '
+                f'max_new_tokens {max_new_tokens}) but cache_length is {sampler.cache_length}.')
         self.cache = state.cache if state is not None else sampler.model.init_cache(
             batch_size=batch, dtype=sampler.cache_dtype, cache_length=sampler.cache_length)
         self.rows = rows
@@ -293,13 +301,23 @@ class _Generation:
         elif isinstance(rng, int):
             rng = jax.random.key(rng)
         self.rng = rng
-        self.images = None if images is None else jnp.asarray(images)
+        self.images = images
         self.stop = np.asarray(tuple(stop_tokens), np.int32)
         self.keep_logits = keep_logits
         self.tokens = np.zeros((batch, 0), np.int32)
         self.lengths = np.zeros(batch, np.int32)
         self.done = np.zeros(batch, bool)
         self.logits: list[jax.Array] = []
+
+    @staticmethod
+    def _check_images(sampler: Sampler, images: Any, rows: list[np.ndarray]) -> jax.Array:
+        """Host-side checks the compiled prefill cannot make; returns images [B, N, H, W, C]."""
+        model = sampler.model
+        if model.text_only or model.config.vision_encoder is None:
+            raise ValueError('This model does not have vision encoder: images cannot be passed.')
+        counts = np.array([multimodal.count_image_markers(row) for row in rows])
+        return multimodal.check_images(images, counts, len(rows),
+                                       model.config.vision_encoder.image_channels)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         sampler, batch = self.sampler, len(self.rows)

@@ -1,0 +1,125 @@
+"""Images in the token stream: expand each `<start_of_image>` into its block, merge soft tokens.
+
+Each `<start_of_image>` of the text becomes the block
+    "\\n\\n" <start_of_image> [num_soft_tokens placeholders] <end_of_image> "\\n\\n"
+whose placeholder embeddings are replaced by the image's projected soft tokens. Positions count
+the inserted tokens; attention inside each run of placeholders is bidirectional.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma3n.text import special_tokens
+
+# Tokens around the placeholders: "\n\n", <start_of_image> before; <end_of_image>, "\n\n" after.
+TOKENS_BEFORE_SOFT = 2
+TOKENS_AFTER_SOFT = 2
+IMAGES_RANKS = (4, 5)   # [B, H, W, C] (one image per sequence) or [B, N, H, W, C]
+
+
+def block_tokens(num_soft_tokens: int) -> np.ndarray:
+    """The ids one `<start_of_image>` expands into: [num_soft_tokens + 4]."""
+    return np.array(
+        [special_tokens.DOUBLE_NEWLINE, special_tokens.START_OF_IMAGE]
+        + [special_tokens.IMAGE_PLACEHOLDER] * num_soft_tokens
+        + [special_tokens.END_OF_IMAGE, special_tokens.DOUBLE_NEWLINE], np.int32)
+
+
+def block_length(num_soft_tokens: int) -> int:
+    return num_soft_tokens + TOKENS_BEFORE_SOFT + TOKENS_AFTER_SOFT
+
+
+def count_image_markers(tokens: np.ndarray) -> np.ndarray:
+    """[B, L] -> [B] number of `<start_of_image>` markers of each sequence."""
+    return np.sum(np.asarray(tokens) == special_tokens.START_OF_IMAGE, axis=-1)
+
+
+def check_images(images: Any, marker_counts: np.ndarray | None, num_sequences: int,
+                 channels: int) -> jax.Array:
+    """Validates images for a batch of token sequences; returns them as [B, N, H, W, C].
+
+    Args:
+        images: uint8 (or float in [0, 255]) [B, H, W, C] or [B, N, H, W, C].
+        marker_counts: [B] `<start_of_image>` markers per sequence, or None when the tokens
+            are not known yet (inside a compiled function).
+        num_sequences: B of the tokens.
+        channels: the vision encoder's channel count.
+    """
+    if not hasattr(images, 'dtype'):
+        images = np.asarray(images)
+    if images.ndim not in IMAGES_RANKS:
+        raise ValueError(f'images must be [B, H, W, C] or [B, N, H, W, C], got shape '
+                         f'{tuple(images.shape)}.')
+    if images.ndim == IMAGES_RANKS[0]:
+        images = images[:, None]
+    if not (images.dtype == jnp.uint8 or jnp.issubdtype(images.dtype, jnp.floating)):
+        raise ValueError(f'images must be uint8 (or float in [0, 255]), got {images.dtype}.')
+    if images.shape[0] != num_sequences:
+        raise ValueError(f'images are for a batch of {images.shape[0]} sequences, the tokens '
+                         f'have {num_sequences}.')
+    if images.shape[-1] != channels:
+        raise ValueError(f'images must have {channels} channels, got shape '
+                         f'{tuple(images.shape)}.')
+    if marker_counts is not None and (np.asarray(marker_counts) != images.shape[1]).any():
+        raise ValueError(
+            f'each sequence needs one <start_of_image> token per image: got {images.shape[1]} '
+            f'image(s) per sequence but marker counts {np.asarray(marker_counts).tolist()}.')
+    return jnp.asarray(images)
+
+
+def expand_tokens(tokens: jax.Array, num_images: int, num_soft_tokens: int
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Expands the first `num_images` markers of each sequence into image blocks.
+
+    Args:
+        tokens: [B, L] ids with exactly `num_images` markers per sequence.
+    Returns:
+        expanded [B, L + num_images * (block - 1)] ids;
+        text_index [B, L]: where each original token's output lies in the expanded sequence
+            (for a marker, the last token of its block, which predicts what follows the image);
+        block_start [B, num_images]: index of each image block's first token.
+    """
+    extra = block_length(num_soft_tokens) - 1
+    is_marker = tokens == special_tokens.START_OF_IMAGE
+    markers_before = jnp.cumsum(is_marker, axis=-1) - is_marker            # [B, L]
+    new_index = jnp.arange(tokens.shape[-1]) + extra * markers_before       # [B, L]
+    length = tokens.shape[-1] + num_images * extra
+    batch = jnp.arange(tokens.shape[0])[:, None]
+    # Ordinary tokens move to new_index; markers are rewritten below as whole blocks.
+    expanded = jnp.zeros((tokens.shape[0], length), tokens.dtype)
+    expanded = expanded.at[batch, jnp.where(is_marker, length, new_index)].set(tokens, mode='drop')
+    block_start = jax.vmap(lambda m, idx: idx[jnp.nonzero(m, size=num_images)[0]])(
+        is_marker, new_index)                                               # [B, N]
+    block = jnp.asarray(block_tokens(num_soft_tokens), tokens.dtype)
+    slots = block_start[:, :, None] + jnp.arange(block.shape[0])            # [B, N, block]
+    expanded = expanded.at[batch[:, :, None], slots].set(block)
+    text_index = jnp.where(is_marker, new_index + extra, new_index)
+    return expanded, text_index, block_start
+
+
+def merge_soft_tokens(x: jax.Array, soft: jax.Array, block_start: jax.Array) -> jax.Array:
+    """Writes each image's soft tokens over its placeholders.
+
+    x: [B, L', D] embeddings of the expanded tokens; soft: [B, N, T, D]; block_start: [B, N].
+    """
+    batch = jnp.arange(x.shape[0])[:, None, None]
+    slots = block_start[:, :, None] + TOKENS_BEFORE_SOFT + jnp.arange(soft.shape[2])
+    return x.at[batch, slots].set(soft.astype(x.dtype))
+
+
+def bidirectional_visible_until(tokens: jax.Array, positions: jax.Array) -> jax.Array:
+    """[B, L] the last position each token may attend to.
+
+    Causal (its own position) except inside a run of placeholders, which all see the run's end.
+    """
+    is_soft = tokens == special_tokens.IMAGE_PLACEHOLDER
+    # Position of the run's last placeholder: a reverse cumulative max over run ends.
+    run_end = is_soft & ~jnp.concatenate([is_soft[:, 1:], jnp.zeros_like(is_soft[:, :1])], axis=1)
+    end_pos = jnp.where(run_end, positions, jnp.iinfo(jnp.int32).max)
+    next_end = jax.lax.cummin(end_pos, axis=1, reverse=True)
+    return jnp.where(is_soft, next_end, positions)

@@ -1,0 +1,134 @@
+"""Images in prompts: token expansion, positions, masks, output length, and generation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma3n import Gemma3nTransformer, Sampler
+from gemma3n import multimodal
+from gemma3n.attention import KVContext, QueryInfo, attention_mask
+from gemma3n.config import AttentionType
+from gemma3n.text import special_tokens as st
+from gemma3n.vision import SigLiPFromPatches, ViTModel
+from hf_oracle import small_configs
+
+SOFT = 4                                   # soft tokens per image of the small encoder
+BLOCK = SOFT + 4
+SOI = st.START_OF_IMAGE
+IMAGE_SIZE = 112
+
+
+def small_vision():
+    return SigLiPFromPatches(
+        siglip_encoder=ViTModel(width=32, depth=2, mlp_dim=64, num_heads=4),
+        num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=SOFT,
+        image_height=IMAGE_SIZE, image_width=IMAGE_SIZE)
+
+
+@pytest.fixture(scope='module')
+def mm():
+    cfg = dataclasses.replace(small_configs()[0], vision_encoder=small_vision(),
+                              sliding_window_size=16)
+    model = Gemma3nTransformer(config=cfg, dtype=jnp.float32)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 4), jnp.int32))['params']
+    return cfg, model, params
+
+
+def images(seed, shape):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_expand_tokens_positions_and_text_index():
+    tokens = jnp.array([[2, 10, SOI, 11, 12, 0], [2, SOI, 13, SOI, 14, 15]])
+    # Second row has two markers: expand with N=2 requires the same count per row.
+    exp, text_index, start = multimodal.expand_tokens(tokens[1:], 2, SOFT)
+    block = multimodal.block_tokens(SOFT).tolist()
+    assert exp[0].tolist() == [2] + block + [13] + block + [14, 15]
+    assert start[0].tolist() == [1, 2 + BLOCK]
+    assert text_index[0].tolist() == [0, BLOCK, 1 + BLOCK, 1 + 2 * BLOCK, 2 + 2 * BLOCK,
+                                      3 + 2 * BLOCK]
+    exp1, _, start1 = multimodal.expand_tokens(tokens[:1], 1, SOFT)
+    assert exp1[0].tolist() == [2, 10] + block + [11, 12, 0]
+    assert start1[0].tolist() == [2]
+
+
+def test_bidirectional_only_inside_the_placeholder_run():
+    tokens, _, _ = multimodal.expand_tokens(jnp.array([[2, 10, SOI, 11]]), 1, SOFT)
+    positions = jnp.arange(tokens.shape[1])[None]
+    visible = multimodal.bidirectional_visible_until(tokens, positions)
+    query = QueryInfo(positions=positions, visible_until=visible, valid=tokens != 0)
+    mask = np.asarray(attention_mask(query, KVContext(None, None, positions, tokens != 0),
+                                     AttentionType.GLOBAL, None))[0]
+    soft = list(range(4, 4 + SOFT))                 # 2, 10, \n\n, SOI, then the placeholders
+    for q in range(tokens.shape[1]):
+        expected = [k <= (soft[-1] if q in soft else q) for k in range(tokens.shape[1])]
+        assert mask[q].tolist() == expected
+
+
+def test_multimodal_forward_shapes_and_locality(mm):
+    cfg, model, params = mm
+    forward = jax.jit(lambda p, t, im: model.apply({'params': p}, t, images=im).logits)
+    # One image per sequence, right padding in the second sequence.
+    tokens = np.array([[2, 10, SOI, 11, 12, 13], [2, 20, 21, SOI, 22, 0]])
+    imgs = images(0, (2, 1, 40, 60, 3))
+    logits = np.asarray(forward(params, tokens, imgs))
+    assert logits.shape == (2, 6, cfg.num_embed)           # the text length
+    changed = imgs.copy()
+    changed[0] = images(1, (1, 40, 60, 3))
+    other = np.asarray(forward(params, tokens, changed))
+    diff = np.abs(other - logits).max(-1)
+    assert (diff[0, :2] == 0).all() and (diff[0, 2:] > 1e-3).all()   # from its block on
+    assert (diff[1] == 0).all()                                       # other sequence untouched
+
+
+def test_two_images_per_prompt_change_only_after_their_block(mm):
+    cfg, model, params = mm
+    forward = jax.jit(lambda p, t, im: model.apply({'params': p}, t, images=im).logits)
+    tokens = np.array([[2, SOI, 11, 12, SOI, 13, 14], [2, 30, SOI, SOI, 31, 0, 0]])
+    imgs = images(2, (2, 2, 56, 56, 3))
+    logits = np.asarray(forward(params, tokens, imgs))
+    assert logits.shape == (2, 7, cfg.num_embed)
+    second = imgs.copy()
+    second[0, 1] = images(3, (56, 56, 3))
+    diff = np.abs(np.asarray(forward(params, tokens, second)) - logits).max(-1)
+    assert (diff[0, :4] == 0).all() and (diff[0, 4:] > 1e-3).all()
+
+
+def test_generation_with_images_equals_teacher_forcing(mm):
+    cfg, model, params = mm
+    sampler = Sampler(model=model, params=params, cache_length=96)
+    prompts = [[2, 10, SOI, 11], [2, SOI, 12, 13, 14]]
+    imgs = images(4, (2, 1, 64, 64, 3))
+    out = sampler.sample_tokens(prompts, 10, images=imgs, return_logits=True)
+    for b, prompt in enumerate(prompts):
+        full = np.array([prompt + out.tokens[b].tolist()])
+        teacher = np.asarray(model.apply({'params': params}, full, images=imgs[b:b + 1]).logits)
+        np.testing.assert_allclose(out.logits[b], teacher[0, len(prompt) - 1:-1], atol=1e-4)
+
+
+@pytest.mark.parametrize('tokens, imgs, message', [
+    ([[2, SOI, 5]], images(0, (1, 2, 32, 32, 3)), 'marker counts'),      # more images than markers
+    ([[2, SOI, SOI]], images(0, (1, 1, 32, 32, 3)), 'marker counts'),
+    ([[2, SOI, 5]], images(0, (32, 32, 3)), 'shape'),
+    ([[2, SOI, 5]], np.zeros((1, 32, 32, 3), np.int32), 'uint8'),
+    ([[2, SOI, 5]], images(0, (1, 32, 32, 4)), 'channels'),
+    ([[2, SOI, 5]], images(0, (2, 32, 32, 3)), 'batch'),
+])
+def test_bad_images_raise(mm, tokens, imgs, message):
+    _, model, params = mm
+    with pytest.raises(ValueError, match=message):
+        model.apply({'params': params}, np.array(tokens), images=imgs)
+
+
+def test_images_for_text_only_model_raise(mm):
+    cfg, _, params = mm
+    text_model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32)
+    with pytest.raises(ValueError, match='does not have vision encoder'):
+        text_model.apply({'params': params}, np.array([[2, SOI]]),
+                         images=images(0, (1, 32, 32, 3)))
+    sampler = Sampler(model=text_model, params=params, cache_length=32)
+    with pytest.raises(ValueError, match='does not have vision encoder'):
+        sampler.sample_tokens([[2, SOI]], 3, images=images(0, (1, 32, 32, 3)))
