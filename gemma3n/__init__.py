@@ -1,5 +1,6 @@
 """gemma3n: Google's Gemma 3n (E4B, E2B) in JAX/Flax."""
 
+from gemma3n.checkpoints import load_params, save_params
 from gemma3n.config import (AttentionType, KVCacheSharingConfig, QueryPreAttentionNormalisation,
                             TransformerConfig)
 from gemma3n.models import Gemma3n_E2B, Gemma3n_E4B
@@ -11,5 +12,5 @@ __all__ = [
     'AttentionType', 'ChatSampler', 'Gemma3nTransformer', 'Gemma3n_E2B', 'Gemma3n_E4B', 'KVCacheSharingConfig',
     'Greedy', 'ModelInfo', 'Output', 'QueryPreAttentionNormalisation', 'RandomSampling', 'Sampler',
     'SamplerOutput', 'SamplerState', 'Tokenizer', 'TopPSampling', 'TopkSampling',
-    'TransformerConfig',
+    'TransformerConfig', 'load_params', 'save_params',
 ]
