@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma3n.layers import Einsum, RMSNorm, guard, weight_init
+from gemma3n.layers import Einsum, RMSNorm, guard
 
 # The reference fixes the router's number of modalities at 4, independent of the stream count.
 NUM_MODALITIES = 4
@@ -38,11 +38,12 @@ class AltUp(nn.Module):
     coef_clip: float | None = None
     guard_precision: bool = False
     dtype: jnp.dtype = jnp.float32
+    serving: bool = False
 
     def setup(self):
         self.router_norm_layer = RMSNorm(guard_precision=self.guard_precision, dtype=self.dtype)
         self.modality_router = Einsum(
-            (self.features, NUM_MODALITIES), weight_init(0, 1), dtype=self.dtype)
+            (self.features, NUM_MODALITIES), 0, 1, dtype=self.dtype, serving=self.serving)
         a, m = self.num_inputs, NUM_MODALITIES
         self.prediction_coefs = self.param(
             'prediction_coefs', nn.initializers.zeros, (m, a, a), self.dtype)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from gemma3n import cache as kv_cache
 from gemma3n.config import AttentionType, TransformerConfig
-from gemma3n.layers import Einsum, RMSNorm, apply_rope, guard, weight_init
+from gemma3n.layers import Einsum, RMSNorm, apply_rope, guard
 
 # Large negative logit for masked keys (finite, so a fully masked row stays NaN-free).
 MASKED_LOGIT = -2.3819763e38
@@ -82,6 +82,7 @@ class Attention(nn.Module):
     attn_type: AttentionType
     owns_kv: bool
     dtype: jnp.dtype = jnp.float32
+    serving: bool = False
 
     @nn.compact
     def __call__(
@@ -107,7 +108,7 @@ class Attention(nn.Module):
         rope = dict(base_frequency=cfg.base_frequency(self.attn_type),
                     scale_factor=cfg.scale_factor(self.attn_type))
 
-        q = Einsum((n, d, h), weight_init(1, 2, (0,)), dtype=self.dtype,
+        q = Einsum((n, d, h), 1, 2, (0,), dtype=self.dtype, serving=self.serving,
                    name='q_einsum')('BTD,NDH->BTNH', x)
         if cfg.use_qk_norm:
             q = RMSNorm(with_scale=cfg.qk_norm_with_scale, guard_precision=guard_on,
@@ -117,7 +118,7 @@ class Attention(nn.Module):
 
         new_entry = None
         if self.owns_kv:
-            kv = Einsum((2, k, d, h), weight_init(2, 3, (0, 1)), dtype=self.dtype,
+            kv = Einsum((2, k, d, h), 2, 3, (0, 1), dtype=self.dtype, serving=self.serving,
                         name='kv_einsum')('BSD,CKDH->CBSKH', x)
             keys, values = kv[0], kv[1]
             if cfg.use_qk_norm:
@@ -147,7 +148,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(context.values.dtype)
         encoded = jnp.einsum('BKGTS,BSKH->BTKGH', probs, context.values)
         encoded = encoded.reshape(b, t, n, h).astype(x.dtype)
-        out = Einsum((n, h, d), weight_init((0, 1), 2), dtype=self.dtype,
+        out = Einsum((n, h, d), (0, 1), 2, dtype=self.dtype, serving=self.serving,
                      name='attn_vec_einsum')('BTNH,NHD->BTD', encoded)
         return out, context, new_entry
 

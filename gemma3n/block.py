@@ -30,6 +30,7 @@ class Block(nn.Module):
     config: TransformerConfig
     layer_index: int
     dtype: jnp.dtype = jnp.float32
+    serving: bool = False
 
     @nn.compact
     def __call__(
@@ -53,13 +54,14 @@ class Block(nn.Module):
 
         altup = AltUp(features=cfg.embed_dim, num_inputs=cfg.num_altup_inputs,
                       coef_clip=cfg.altup_coef_clip, guard_precision=guard_on, dtype=self.dtype,
-                      name='altup')
+                      serving=self.serving, name='altup')
         predictions = altup.predict(streams)                                  # [A, B, L, D]
         active = predictions[0]
         h = norm('pre_attention_norm')(active)
         attn_out, context, new_entry = Attention(
             config=cfg, attn_type=cfg.attention_types[i],
-            owns_kv=cfg.kv_source_layers()[i] == i, dtype=self.dtype, name='attn',
+            owns_kv=cfg.kv_source_layers()[i] == i, dtype=self.dtype, serving=self.serving,
+            name='attn',
         )(h, query, shared_kv=shared_kv, cache_entry=cache_entry, end_index=end_index, ring=ring,
           user_mask=user_mask)
         if cfg.use_post_attn_norm:
@@ -67,13 +69,13 @@ class Block(nn.Module):
         attn_out = attn_out + active
         if cfg.use_laurel:
             laurel = Laurel(features=cfg.embed_dim, rank=cfg.laurel_rank, dtype=self.dtype,
-                            name='laurel')(h)
+                            serving=self.serving, name='laurel')(h)
             laurel = h + norm('post_laurel_norm')(laurel)
             attn_out = (attn_out + laurel) * jnp.asarray(INV_SQRT2, attn_out.dtype)
 
         ffw = FeedForward(features=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
                           transpose_gating_einsum=cfg.transpose_gating_einsum,
-                          sparsity=cfg.sparsity(i), dtype=self.dtype,
+                          sparsity=cfg.sparsity(i), dtype=self.dtype, serving=self.serving,
                           name='mlp')(norm('pre_ffw_norm')(attn_out))
         if cfg.use_post_ffw_norm:
             ffw = norm('post_ffw_norm')(ffw)
@@ -82,7 +84,8 @@ class Block(nn.Module):
         corrected = altup.correct(predictions, activated)                    # [A, B, L, D]
         mapped = PerLayerMapping(
             features=cfg.embed_dim, per_layer_dim=cfg.per_layer_input_dim,
-            guard_precision=guard_on, dtype=self.dtype, name='per_layer_mapping',
+            guard_precision=guard_on, dtype=self.dtype, serving=self.serving,
+            name='per_layer_mapping',
         )(altup.scale_corrected_output(corrected[0]), per_layer_input)
         corrected = corrected.at[1:].add(mapped.astype(corrected.dtype))
         return corrected, context, new_entry

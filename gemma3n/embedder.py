@@ -5,10 +5,19 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from gemma3n.layers import Einsum, RMSNorm, weight_init
+from gemma3n.layers import Einsum, RMSNorm
 
 INV_SQRT2 = 2 ** -0.5   # token-derived and table per-layer inputs are averaged in RMS
+PER_LAYER_TABLE = 'per_layer_input_embedding'
+
+
+def per_layer_token_ids(tokens, vocab_size: int):
+    """Rows of the per-layer table for tokens [B, L] (numpy or JAX): ids outside [0, V) read
+    row 0 (image tokens and placeholders)."""
+    where = np.where if isinstance(tokens, np.ndarray) else jnp.where
+    return where((tokens >= 0) & (tokens < vocab_size), tokens, 0)
 
 
 class Embedder(nn.Module):
@@ -33,35 +42,31 @@ class Embedder(nn.Module):
     vision_dim: int | None = None
     guard_precision: bool = False
     dtype: jnp.dtype = jnp.float32
+    serving: bool = False
 
     def setup(self):
         v, d, n, p = self.vocab_size, self.embed_dim, self.num_layers, self.per_layer_dim
         # Rows of unit RMS after the √D (√P) input scaling.
         self.input_embedding = self.param(
             'input_embedding', nn.initializers.normal(d ** -0.5), (v, d), self.dtype)
-        if self.is_initializing() or self.has_variable('params', 'per_layer_input_embedding'):
+        if self.is_initializing() or self.has_variable('params', PER_LAYER_TABLE):
             self.per_layer_input_embedding = self.param(
-                'per_layer_input_embedding', nn.initializers.normal(p ** -0.5), (v, n, p),
+                PER_LAYER_TABLE, nn.initializers.normal(p ** -0.5), (v, n, p),
                 self.dtype)
         else:
             self.per_layer_input_embedding = None
         self.per_layer_input_projection = Einsum(
-            (d, n, p), weight_init(0, (1, 2)), dtype=self.dtype)
+            (d, n, p), 0, (1, 2), dtype=self.dtype, serving=self.serving)
         self.per_layer_projection_norm = RMSNorm(
             guard_precision=self.guard_precision, dtype=self.dtype)
         if self.vision_dim is not None:
             self.mm_soft_embedding_norm = RMSNorm(scale_plus_one=True, dtype=jnp.float32)
-            self.mm_input_projection = Einsum(
-                (self.vision_dim, d), weight_init(0, 1), dtype=jnp.float32)
+            self.mm_input_projection = Einsum((self.vision_dim, d), 0, 1, dtype=jnp.float32)
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """tokens: [B, L] -> [B, L, D]: table rows times √D (ids outside the table clamp)."""
         x = jnp.take(self.input_embedding, tokens, axis=0, mode='clip')
         return x * jnp.sqrt(jnp.float32(self.embed_dim)).astype(x.dtype)
-
-    def per_layer_tokens(self, tokens: jax.Array) -> jax.Array:
-        """Ids used for the per-layer table: ids outside [0, V) (image tokens) read row 0."""
-        return jnp.where((tokens >= 0) & (tokens < self.vocab_size), tokens, 0)
 
     def per_layer_inputs(
         self, tokens: jax.Array, x: jax.Array, gathered: jax.Array | None = None
@@ -72,7 +77,7 @@ class Embedder(nn.Module):
             tokens: [B, L] ids.
             x: [B, L, D] token embeddings (image soft tokens merged in).
             gathered: optional [B, L, num_layers, P] rows of `per_layer_input_embedding` for
-                `per_layer_tokens(tokens)`, gathered by the caller (then the table is not read).
+                `per_layer_token_ids(tokens)`, gathered by the caller (the table is not read).
         Returns:
             [B, L, num_layers, P].
         """
@@ -81,8 +86,8 @@ class Embedder(nn.Module):
                 raise ValueError(
                     'params lack embedder/per_layer_input_embedding: pass the gathered '
                     'per-layer embeddings instead.')
-            gathered = jnp.take(self.per_layer_input_embedding, self.per_layer_tokens(tokens),
-                                axis=0)
+            gathered = jnp.take(self.per_layer_input_embedding,
+                                per_layer_token_ids(tokens, self.vocab_size), axis=0)
         table = gathered.astype(x.dtype) * jnp.sqrt(jnp.float32(self.per_layer_dim)).astype(x.dtype)
         projected = self.per_layer_input_projection('BTD,DNP->BTNP', x)
         projected = projected * jnp.asarray(self.embed_dim ** -0.5, projected.dtype)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.stats
 
-from gemma3n.layers import weight_init
+from gemma3n.layers import project
 
 
 def gaussian_topk(gate: jax.Array, sparsity: float) -> jax.Array:
@@ -29,7 +29,7 @@ class FeedForward(nn.Module):
     """gelu(gate) · up, projected back to the model width.
 
     Params: `gating_einsum` [2, F, D] (or [2, D, F] without `transpose_gating_einsum`) and
-    `linear` [F, D].
+    `linear` [F, D] (checkpoint order; see `gemma3n.layers.einsum` for the serving order).
 
     Example:
         >>> ffn = FeedForward(features=8, hidden_dim=32, transpose_gating_einsum=True)
@@ -40,24 +40,21 @@ class FeedForward(nn.Module):
     transpose_gating_einsum: bool
     sparsity: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    serving: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]."""
+        f, d = self.hidden_dim, self.features
         if self.transpose_gating_einsum:
-            w_gating = self.param(
-                'gating_einsum', weight_init(2, 1, (0,)), (2, self.hidden_dim, self.features),
-                self.dtype)
-            gate_up = jnp.einsum('BTD,CFD->CBTF', x, w_gating)
+            gate_up = project(self, 'gating_einsum', (2, f, d), 2, 1, (0,), self.dtype,
+                              self.serving, 'BTD,CFD->CBTF', x)
         else:
-            w_gating = self.param(
-                'gating_einsum', weight_init(1, 2, (0,)), (2, self.features, self.hidden_dim),
-                self.dtype)
-            gate_up = jnp.einsum('BTD,CDF->CBTF', x, w_gating)
+            gate_up = project(self, 'gating_einsum', (2, d, f), 1, 2, (0,), self.dtype,
+                              self.serving, 'BTD,CDF->CBTF', x)
         gate, up = gate_up[0], gate_up[1]                     # [B, L, F] each
         if self.sparsity > 0.0:
             gate = gaussian_topk(gate, self.sparsity)
         hidden = nn.gelu(gate, approximate=True) * up
-        w_linear = self.param(
-            'linear', weight_init(0, 1), (self.hidden_dim, self.features), self.dtype)
-        return jnp.einsum('BTF,FD->BTD', hidden, w_linear)
+        return project(self, 'linear', (f, d), 0, 1, (), self.dtype, self.serving,
+                       'BTF,FD->BTD', hidden)

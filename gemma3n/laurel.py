@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma3n.layers import Einsum, weight_init
+from gemma3n.layers import Einsum
 
 
 class Laurel(nn.Module):
@@ -19,12 +19,13 @@ class Laurel(nn.Module):
     features: int
     rank: int
     dtype: jnp.dtype = jnp.float32
+    serving: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]."""
-        left = Einsum((self.features, self.rank), weight_init(0, 1), dtype=self.dtype,
+        left = Einsum((self.features, self.rank), 0, 1, dtype=self.dtype, serving=self.serving,
                       name='linear_left')
-        right = Einsum((self.rank, self.features), weight_init(0, 1), dtype=self.dtype,
+        right = Einsum((self.rank, self.features), 0, 1, dtype=self.dtype, serving=self.serving,
                        name='linear_right')
         return right('BTR,RD->BTD', left('BTD,DR->BTR', x))

@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma3n.layers import Einsum, RMSNorm, weight_init
+from gemma3n.layers import Einsum, RMSNorm
 
 
 class PerLayerMapping(nn.Module):
@@ -18,14 +18,15 @@ class PerLayerMapping(nn.Module):
     per_layer_dim: int
     guard_precision: bool = False
     dtype: jnp.dtype = jnp.float32
+    serving: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, per_layer_input: jax.Array) -> jax.Array:
         """x: [B, L, D], per_layer_input: [B, L, P] -> [B, L, D]."""
-        gate = Einsum((self.features, self.per_layer_dim), weight_init(0, 1), dtype=self.dtype,
-                      name='per_layer_input_gate')('BTD,DP->BTP', x)
+        gate = Einsum((self.features, self.per_layer_dim), 0, 1, dtype=self.dtype,
+                      serving=self.serving, name='per_layer_input_gate')('BTD,DP->BTP', x)
         gated = nn.gelu(gate, approximate=True) * per_layer_input
-        out = Einsum((self.per_layer_dim, self.features), weight_init(0, 1), dtype=self.dtype,
-                     name='per_layer_projection')('BTP,PD->BTD', gated)
+        out = Einsum((self.per_layer_dim, self.features), 0, 1, dtype=self.dtype,
+                     serving=self.serving, name='per_layer_projection')('BTP,PD->BTD', gated)
         return RMSNorm(guard_precision=self.guard_precision, dtype=self.dtype,
                        name='post_per_layer_input_norm')(out)

@@ -17,7 +17,7 @@ from gemma3n.attention import KVContext, QueryInfo
 from gemma3n.block import Block
 from gemma3n.config import TransformerConfig
 from gemma3n.embedder import Embedder
-from gemma3n.layers import Einsum, RMSNorm, guard, weight_init
+from gemma3n.layers import Einsum, RMSNorm, guard
 from gemma3n.text import special_tokens
 
 PAD_ID = special_tokens.PAD
@@ -88,6 +88,8 @@ class Gemma3nTransformer(nn.Module):
     text_only: bool = False
     return_last_only: bool | None = None
     dtype: jnp.dtype = jnp.bfloat16
+    # Weights stored [out..., in...] (and maybe int8) for inference: see `gemma3n.layout`.
+    serving_layout: bool = False
     # Names of batch entries, for config-driven training loops.
     tokens: str = KEY_REQUIRED
     images: str | None = None
@@ -105,17 +107,20 @@ class Gemma3nTransformer(nn.Module):
             vocab_size=cfg.num_embed, embed_dim=cfg.embed_dim, num_layers=cfg.num_layers,
             per_layer_dim=cfg.per_layer_input_dim,
             vision_dim=None if self.vision_encoder is None else self.vision_encoder.siglip_encoder.width,
-            guard_precision=cfg.guard_against_excess_precision, dtype=self.dtype)
+            guard_precision=cfg.guard_against_excess_precision, dtype=self.dtype,
+            serving=self.serving_layout)
         num_extra = cfg.num_altup_inputs - 1
         d = cfg.embed_dim
         self.altup_projection = [
-            Einsum((d, d), weight_init(0, 1), weight_name=f'altup_projection_{k}', dtype=self.dtype)
+            Einsum((d, d), 0, 1, weight_name=f'altup_projection_{k}', dtype=self.dtype,
+                   serving=self.serving_layout)
             for k in range(num_extra)]
         self.altup_unembed_projection = [
-            Einsum((d, d), weight_init(0, 1), weight_name=f'altup_unembed_projection_{k}',
-                   dtype=self.dtype)
+            Einsum((d, d), 0, 1, weight_name=f'altup_unembed_projection_{k}', dtype=self.dtype,
+                   serving=self.serving_layout)
             for k in range(num_extra)]
-        self.blocks = [Block(config=cfg, layer_index=i, dtype=self.dtype, name=f'layer_{i}')
+        self.blocks = [Block(config=cfg, layer_index=i, dtype=self.dtype,
+                             serving=self.serving_layout, name=f'layer_{i}')
                        for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm(guard_precision=cfg.guard_against_excess_precision,
                                   dtype=self.dtype)
@@ -152,7 +157,8 @@ class Gemma3nTransformer(nn.Module):
             return_last_only: logits of the last non-padding token only, [*B, V].
             return_hidden_states: also return the final hidden states.
             per_layer_embeddings: optional [*B, L, num_layers, P] rows of the per-layer
-                table for these tokens, gathered by the caller.
+                table for these tokens (after image expansion), gathered by the caller; then
+                params may omit `embedder/per_layer_input_embedding`.
         """
         cfg = self.config
         if return_last_only is None:
@@ -176,9 +182,6 @@ class Gemma3nTransformer(nn.Module):
             tokens, text_index, block_start = multimodal.expand_tokens(
                 tokens, images.shape[1], self.vision_encoder.num_mm_tokens_per_image)
             length = tokens.shape[-1]
-
-        def flat(x, trailing):
-            return None if x is None else jnp.reshape(x, (batch,) + x.shape[len(batch_shape) + trailing:])
 
         valid = tokens != PAD_ID
         count = jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
@@ -217,8 +220,16 @@ class Gemma3nTransformer(nn.Module):
             x = multimodal.merge_soft_tokens(x, soft, block_start)
         elif self.is_initializing() and self.vision_encoder is not None:
             self._init_vision()
+        if per_layer_embeddings is not None:
+            expected = (batch, length, cfg.num_layers, cfg.per_layer_input_dim)
+            per_layer_embeddings = jnp.reshape(
+                per_layer_embeddings, (-1,) + tuple(per_layer_embeddings.shape[len(batch_shape):]))
+            if per_layer_embeddings.shape != expected:
+                raise ValueError(f'per_layer_embeddings must have shape [*B, L, num_layers, P] = '
+                                 f'{expected} (L after image expansion), got '
+                                 f'{per_layer_embeddings.shape}.')
         per_layer = self.embedder.per_layer_inputs(
-            tokens, x, flat(per_layer_embeddings, 3))                         # [B, L, NL, P]
+            tokens, x, per_layer_embeddings)                                  # [B, L, NL, P]
         streams = self._fan_out(x)                                            # [A, B, L, D]
 
         ring_slots = None if cache is None else kv_cache.cache_length(cache)

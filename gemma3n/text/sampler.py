@@ -12,6 +12,7 @@ import numpy as np
 
 from gemma3n import cache as kv_cache
 from gemma3n import multimodal
+from gemma3n.embedder import PER_LAYER_TABLE, per_layer_token_ids
 from gemma3n.text import special_tokens
 from gemma3n.text.sampling import Greedy, SamplingMethod
 from gemma3n.text.tokenizer import StreamDecoder, Tokenizer
@@ -83,11 +84,19 @@ class Sampler:
         stop_tokens: Sequence[int] = (),
         forbidden_tokens: Sequence[int] = (),
         cache_dtype: Any = None,
+        per_layer_table_on_host: bool = False,
     ):
         if cache_length < 2:
             raise ValueError(f'cache_length must be >= 2, got {cache_length}.')
         self.model = model
         self.params = params
+        # The per-layer table (E4B: 2.35B of its 6.8B text parameters) is only ever gathered
+        # from: kept as a host array, out of the compiled functions' arguments.
+        self.host_table = None
+        if per_layer_table_on_host:
+            embedder = dict(params['embedder'])
+            self.host_table = np.asarray(embedder.pop(PER_LAYER_TABLE))
+            self.params = {**params, 'embedder': embedder}
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.cache_length = cache_length
@@ -108,18 +117,31 @@ class Sampler:
             logits = logits.at[:, jnp.asarray(self.forbidden_tokens)].set(-jnp.inf)
         return sampling(logits, rng)
 
-    def _prefill_fn(self, params, tokens, cache, rng, images, sampling):
+    def _prefill_fn(self, params, tokens, cache, rng, images, per_layer_rows, sampling):
         self.num_traces['prefill'] += 1
-        kwargs = {} if images is None else {'images': images}
         out = self.model.apply({'params': params}, tokens, cache=cache, return_last_only=True,
-                               **kwargs)
+                               images=images, per_layer_embeddings=per_layer_rows)
         return self._choose(out.logits, rng, sampling), out.logits, out.cache
 
-    def _step_fn(self, params, tokens, cache, rng, sampling):
+    def _step_fn(self, params, tokens, cache, rng, per_layer_rows, sampling):
         self.num_traces['step'] += 1
         out = self.model.apply({'params': params}, tokens[:, None], cache=cache,
-                               return_last_only=True)
+                               return_last_only=True, per_layer_embeddings=per_layer_rows)
         return self._choose(out.logits, rng, sampling), out.logits, out.cache
+
+    def per_layer_rows(self, tokens: np.ndarray, images: jax.Array | None = None
+                       ) -> np.ndarray | None:
+        """Host-gathered per-layer table rows for tokens [B, L] (None without a host table).
+
+        With images the rows are for the tokens after image expansion, as the model sees them.
+        """
+        if self.host_table is None:
+            return None
+        if images is not None:
+            tokens = np.asarray(multimodal.expand_tokens(
+                jnp.asarray(tokens), images.shape[1],
+                self.model.config.vision_encoder.num_mm_tokens_per_image)[0])
+        return self.host_table[per_layer_token_ids(tokens, self.model.config.num_embed)]
 
     # ---- token level -----------------------------------------------------------------------
 
@@ -327,13 +349,14 @@ class _Generation:
             padded[b, :len(row)] = row
         token, logits, self.cache = sampler._prefill(
             sampler.params, jnp.asarray(padded), self.cache, jax.random.fold_in(self.rng, 0),
-            self.images, sampling=self.sampling)
+            self.images, sampler.per_layer_rows(padded, self.images), sampling=self.sampling)
         for step in range(self.max_new_tokens):
             if step:
                 fed = np.where(self.done, special_tokens.PAD, self.tokens[:, -1]).astype(np.int32)
                 token, logits, self.cache = sampler._step(
                     sampler.params, jnp.asarray(fed), self.cache,
-                    jax.random.fold_in(self.rng, step), sampling=self.sampling)
+                    jax.random.fold_in(self.rng, step), sampler.per_layer_rows(fed[:, None]),
+                    sampling=self.sampling)
             new = np.where(self.done, special_tokens.PAD, np.asarray(token)).astype(np.int32)
             self.tokens = np.concatenate([self.tokens, new[:, None]], axis=1)
             if self.keep_logits:

@@ -1,0 +1,84 @@
+"""Inference layouts: [out, in] weights, int8 weights and the host-side per-layer table."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma3n import Gemma3n_E4B, Gemma3nTransformer, Sampler
+from gemma3n.layers import QuantizedWeight
+from gemma3n.layout import quantize, serving_orders, to_serving
+from hf_oracle import random_params, small_configs
+
+# Same float32 bound and reason as tests/test_model.py: only the summation order changes.
+F32_LOGIT_TOL = 1e-4
+
+
+@pytest.fixture(scope='module')
+def ref():
+    cfg = small_configs()[0]
+    params = random_params(cfg, seed=0)
+    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32)
+    tokens = np.random.default_rng(5).integers(1, cfg.num_embed, (2, 24))
+    logits = np.asarray(jax.jit(model.apply)({'params': params}, tokens).logits)
+    return model, params, tokens, logits
+
+
+def test_serving_layout_shapes_for_e4b():
+    model = Gemma3n_E4B(text_only=True).clone(serving_layout=True)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))['params']
+    layer = shapes['layer_0']
+    assert layer['attn']['q_einsum']['w'].shape == (8, 256, 2048)        # [N, H, D]
+    assert layer['attn']['kv_einsum']['w'].shape == (2, 2, 256, 2048)
+    assert layer['attn']['attn_vec_einsum']['w'].shape == (2048, 8, 256)  # [D, N, H]
+    assert layer['mlp']['linear'].shape == (2048, 16384)
+    assert layer['mlp']['gating_einsum'].shape == (2, 16384, 2048)        # already [out, in]
+    assert shapes['embedder']['per_layer_input_projection']['w'].shape == (35, 256, 2048)
+    orders = serving_orders(Gemma3n_E4B(text_only=True))
+    assert orders[('layer_0', 'attn', 'q_einsum', 'w')] == ((0, 2, 1), 1)
+
+
+def test_serving_layout_gives_the_same_logits(ref):
+    model, params, tokens, logits = ref
+    serving_model, serving_params = to_serving(model, params)
+    assert serving_params['layer_0']['mlp']['linear'].shape == params['layer_0']['mlp']['linear'].shape[::-1]
+    out = np.asarray(jax.jit(serving_model.apply)({'params': serving_params}, tokens).logits)
+    np.testing.assert_allclose(out, logits, atol=F32_LOGIT_TOL, rtol=0)
+    with pytest.raises(ValueError, match='already'):
+        to_serving(serving_model, serving_params)
+
+
+def test_quantize_round_trip_by_hand():
+    w = jnp.array([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]])          # [out=2, in=3]
+    q = quantize(w, 1)
+    np.testing.assert_allclose(q.scale, [2.0 / 127, 1.0])
+    assert q.q.dtype == jnp.int8 and q.q[0].tolist() == [64, -127, 32]
+
+
+def test_int8_stays_close(ref):
+    model, params, tokens, logits = ref
+    qmodel, qparams = to_serving(model, params, quantize_int8=True)
+    assert isinstance(qparams['layer_0']['mlp']['gating_einsum'], QuantizedWeight)
+    assert not isinstance(qparams['layer_0']['laurel']['linear_left']['w'], QuantizedWeight)
+    out = np.asarray(jax.jit(qmodel.apply)({'params': qparams}, tokens).logits)
+    diff = np.abs(out - logits)
+    # Measured: mean 0.027, max 0.41 on logits up to ~4 (int8 steps are 1/254 of each
+    # channel's range); a broken scale or axis gives errors of order 1.
+    assert diff.mean() < 0.06 and diff.max() < 1.0
+    assert (out.argmax(-1) == logits.argmax(-1)).mean() > 0.8
+
+
+def test_host_per_layer_table_changes_nothing(ref):
+    model, params, _, _ = ref
+    prompts = [[2, 3, 4], [5, 6]]
+    plain = Sampler(model=model, params=params, cache_length=64)
+    host = Sampler(model=model, params=params, cache_length=64, per_layer_table_on_host=True)
+    assert 'per_layer_input_embedding' not in host.params['embedder']
+    a = plain.sample_tokens(prompts, 12, return_logits=True)
+    b = host.sample_tokens(prompts, 12, return_logits=True)
+    assert (a.tokens == b.tokens).all()
+    np.testing.assert_allclose(a.logits, b.logits, atol=F32_LOGIT_TOL, rtol=0)
+    serving_model, serving_params = to_serving(model, params)
+    c = Sampler(model=serving_model, params=serving_params, cache_length=64,
+                per_layer_table_on_host=True).sample_tokens(prompts, 12)
+    assert (a.tokens == c.tokens).all()
