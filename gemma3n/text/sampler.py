@@ -311,7 +311,8 @@ class _Generation:
             b = int(needed.argmax())
             raise ValueError(
                 f'sequence {b} needs {int(needed[b])} positions (cache already holding '
-                f'{int(start[b])}, prompt {int(prompt_lengths[b])} with image blocks, '
+                f'{int(start[b])}, prompt {int(prompt_lengths[b])}'
+                f'{" with image blocks" if images is not None else ""}, '
                 f'max_new_tokens {max_new_tokens}) but cache_length is {sampler.cache_length}.')
         self.cache = state.cache if state is not None else sampler.model.init_cache(
             batch_size=batch, dtype=sampler.cache_dtype, cache_length=sampler.cache_length)

@@ -1,0 +1,245 @@
+"""Tests of the `gemma3n` command: the real command in a subprocess, checked against the library.
+
+The demo model's answers are compared with the same model run in-process through `Sampler` and
+`ChatSampler` (greedy, so both must pick the same tokens). Subprocesses share one JAX
+compilation cache folder, so only the first one compiles the demo model.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from gemma3n import cli
+from gemma3n.models import DEMO_SEED, demo_config
+from gemma3n.text import special_tokens
+from gemma3n.text.chat import ChatSampler
+from gemma3n.text.chat_format import format_user_turn
+from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH
+from gemma3n.text.sampling import Greedy, RandomSampling, TopkSampling, TopPSampling
+from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
+from gemma3n.config import TransformerConfig
+from gemma3n.transformer import Gemma3nTransformer
+from gemma3n.vision import SigLiPFromPatches, ViTModel
+
+TIMEOUT_S = 300
+CHAT_MAX_NEW_TOKENS = 8
+
+# Gemma 3n E4B (SPEC section 1): 35 layers, the first 20 own K/V; every fifth layer is global.
+E4B_LAYERS = 35
+E4B_TEXT_PARAMS = 6_834_711_280      # gemma3n_e4b_params.json without vision_encoder/ and mm_
+E4B_VISION_PARAMS = 419_226_480      # its vision_encoder/ and embedder/mm_ entries
+E4B_OWNER_LAYERS = 20
+E4B_WINDOW = 512
+E4B_KV_HEADS, E4B_HEAD_DIM = 2, 256
+BFLOAT16_BYTES = 2
+SMALL_IMAGE_SIZE = 112               # a small vision encoder's resolution (8 x 8 patches of 14)
+END_INDEX_BYTES = 4                  # the cache's int32 end_index of one sequence
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+    """The subprocesses' environment: CPU, and one compilation cache for all of them."""
+    return dict(os.environ, JAX_PLATFORMS='cpu',
+                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')))
+
+
+def run_cli(env, *args, stdin=''):
+    return subprocess.run([sys.executable, '-m', 'gemma3n', *args], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+
+
+def assert_one_line_error(result, *fragments, after_demo_notice=False):
+    """The command failed with one `gemma3n: error:` line (after the demo's notice, if asked)."""
+    assert result.returncode == cli.USAGE_ERROR, result
+    assert result.stdout == ''
+    assert 'Traceback' not in result.stderr
+    lines = result.stderr.splitlines()
+    if after_demo_notice:
+        assert cli.DEMO_NOTICE.splitlines() == lines[:-1]
+    else:
+        assert len(lines) == 1, result.stderr
+    assert lines[-1].startswith('gemma3n: error: '), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+@pytest.fixture(scope='module')
+def demo_chat():
+    """A ChatSampler of the demo model exactly as the command builds it (default cache)."""
+    tokenizer = Tokenizer(default_tokenizer_path())
+    model = Gemma3nTransformer(config=demo_config(tokenizer.vocab_size), text_only=True,
+                               dtype=jnp.float32)
+    tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(DEMO_SEED), tokens)['params']
+    return ChatSampler(model=model, params=params, tokenizer=tokenizer,
+                       cache_length=DEFAULT_CACHE_LENGTH, max_new_tokens=CHAT_MAX_NEW_TOKENS)
+
+
+def test_generate_default_runs_the_demo(env, demo_chat):
+    result = run_cli(env, 'generate', 'Hello')
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == cli.DEMO_NOTICE + '\n'
+    # Greedy decoding of the prompt in the turn format, with the sampler's text stop tokens.
+    expected = demo_chat.sampler.sample(format_user_turn('Hello'),
+                                        max_new_tokens=cli.DEMO_MAX_NEW_TOKENS)
+    assert expected.strip()
+    assert result.stdout == expected + '\n'
+
+
+def test_generate_raw_verbose(env, demo_chat):
+    result = run_cli(env, 'generate', '--raw', '-v', 'Hello')
+    assert result.returncode == 0, result.stderr
+    sampler = demo_chat.sampler
+    expected = sampler.sample('Hello', max_new_tokens=cli.DEMO_MAX_NEW_TOKENS)
+    assert result.stdout == expected + '\n'
+    run = sampler.generation([demo_chat.tokenizer.encode('Hello', add_bos=True)],
+                             cli.DEMO_MAX_NEW_TOKENS, stop_tokens=sampler.text_stop_tokens())
+    for _ in run:
+        pass
+    num_tokens = int(run.output().lengths[0])
+    assert 'random demo weights made in' in result.stderr
+    assert f'gemma3n: {num_tokens} tokens in' in result.stderr
+
+
+def test_chat_keeps_the_conversation_and_resets(env, demo_chat):
+    messages = ['Hello', 'How are you?', '/reset', 'Hello']
+    result = run_cli(env, 'chat', '--max-new-tokens', str(CHAT_MAX_NEW_TOKENS),
+                     stdin='\n'.join(messages) + '\n')
+    assert result.returncode == 0, result.stderr
+    demo_chat.reset()
+    first = demo_chat.chat('Hello')
+    second = demo_chat.chat('How are you?')    # answered with the first turn in the cache
+    assert first != second
+    assert result.stdout == f'{first}\n{second}\n{first}\n'
+    assert 'conversation reset' in result.stderr
+
+
+def test_chat_quit_command_ends_it(env):
+    result = run_cli(env, 'chat', '--max-new-tokens', '2', stdin='/quit\nHello\n')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ''
+
+
+def test_info_e4b(env):
+    context = 8192
+    result = run_cli(env, 'info', '--model', 'e4b', '--context', str(context))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert f'{E4B_LAYERS} layers' in out
+    assert len([line for line in out.splitlines() if 'local sliding' in line]) == 28
+    assert f'{E4B_TEXT_PARAMS:,}' in out
+    assert f'{E4B_VISION_PARAMS:,}' in out
+    assert f'{E4B_TEXT_PARAMS + E4B_VISION_PARAMS:,}' in out
+    weights = (E4B_TEXT_PARAMS + E4B_VISION_PARAMS) * BFLOAT16_BYTES
+    assert f'weights                    {weights:,} bytes' in out
+    # Global owners (layers 4, 9, 14, 19) keep every position, local owners a window.
+    num_global = E4B_OWNER_LAYERS // 5
+    slots = num_global * context + (E4B_OWNER_LAYERS - num_global) * E4B_WINDOW
+    kv_bytes = slots * 2 * E4B_KV_HEADS * E4B_HEAD_DIM * BFLOAT16_BYTES + END_INDEX_BYTES
+    assert f'KV cache, 1 sequence of {context:,} positions: {kv_bytes:,} bytes' in out
+    # A shared global layer reads the last global owner's K/V.
+    assert '    24  global         layer 19' in out
+
+
+def test_info_text_only_float32(env):
+    result = run_cli(env, 'info', '--model', 'e4b', '--text-only', '--dtype', 'float32')
+    assert result.returncode == 0, result.stderr
+    assert 'none (text-only)' in result.stdout
+    assert f'total                        {E4B_TEXT_PARAMS:,}' in result.stdout
+    assert f'{E4B_TEXT_PARAMS * 4:,} bytes' in result.stdout
+
+
+def test_missing_checkpoint(env, tmp_path):
+    missing = tmp_path / 'no-such-checkpoint'
+    assert_one_line_error(run_cli(env, 'generate', '--checkpoint', str(missing), 'Hi'),
+                          'checkpoint not found', str(missing))
+
+
+def test_checkpoint_without_tokenizer(env, tmp_path):
+    assert_one_line_error(run_cli(env, 'chat', '--checkpoint', str(tmp_path)),
+                          'no tokenizer.model in', '--tokenizer')
+
+
+def test_unreadable_image(env, tmp_path):
+    garbage = tmp_path / 'broken.png'
+    garbage.write_bytes(b'this is not a PNG file')
+    assert_one_line_error(run_cli(env, 'generate', '--image', str(garbage), 'Describe it.'),
+                          'cannot read image file', str(garbage))
+
+
+def test_missing_image(env, tmp_path):
+    assert_one_line_error(run_cli(env, 'generate', '--image', str(tmp_path / 'x.png'), 'Hi'),
+                          'image file not found')
+
+
+@pytest.mark.parametrize('options, fragment', [
+    (['--max-new-tokens', '0'], 'must be at least 1'),
+    (['--top-p', '1.5'], 'p must be in (0, 1]'),
+    (['--top-k', '5', '--top-p', '0.5'], '--top-k or --top-p'),
+    (['--model', 'e4b'], 'needs --checkpoint'),
+])
+def test_bad_options(env, options, fragment):
+    assert_one_line_error(run_cli(env, 'generate', *options, 'Hi'), fragment)
+
+
+def test_prompt_too_long_for_the_cache(env):
+    assert_one_line_error(run_cli(env, 'generate', '--cache-length', '8', 'a prompt longer '
+                                  'than eight tokens once it is in the turn format'),
+                          'cache_length is 8', after_demo_notice=True)
+
+
+def test_default_cache_length():
+    assert cli.default_cache_length(10) == DEFAULT_CACHE_LENGTH
+    assert cli.default_cache_length(DEFAULT_CACHE_LENGTH) == DEFAULT_CACHE_LENGTH
+    assert cli.default_cache_length(DEFAULT_CACHE_LENGTH + 1) == 2 * DEFAULT_CACHE_LENGTH
+
+
+def test_sampling_method_of_options():
+    assert cli.sampling_method(None, None, None) == Greedy()
+    assert cli.sampling_method(0.0, None, None) == Greedy()
+    assert cli.sampling_method(0.7, None, None) == RandomSampling(temperature=0.7)
+    assert cli.sampling_method(None, 40, None) == TopkSampling(k=40, temperature=1.0)
+    assert cli.sampling_method(0.5, None, 0.9) == TopPSampling(p=0.9, temperature=0.5)
+    with pytest.raises(ValueError, match='temperature must be > 0'):
+        cli.sampling_method(-1.0, None, None)
+
+
+def test_image_markers():
+    tokenizer = Tokenizer(default_tokenizer_path())   # it has the image pieces
+    marker = special_tokens.START_OF_IMAGE_PIECE
+    assert cli.with_image_markers('Hi', 0, tokenizer) == 'Hi'
+    assert cli.with_image_markers('Compare.', 2, tokenizer) == f'{marker}{marker}Compare.'
+    assert cli.with_image_markers(f'A {marker} B', 1, tokenizer) == f'A {marker} B'
+    with pytest.raises(ValueError, match='2 --image files'):
+        cli.with_image_markers(f'A {marker} B', 2, tokenizer)
+
+
+def test_images_of_any_size_stack_as_the_encoder_sees_them(tmp_path):
+    encoder = SigLiPFromPatches(
+        siglip_encoder=ViTModel(width=32, depth=2, mlp_dim=64, num_heads=4),
+        num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=4,
+        image_height=SMALL_IMAGE_SIZE, image_width=SMALL_IMAGE_SIZE)
+    model = Gemma3nTransformer(config=TransformerConfig.gemma3n(vision_encoder=encoder))
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((90, 150, 3), (200, 64, 3))]
+    paths = []
+    for index, image in enumerate(pixels):
+        paths.append(str(tmp_path / f'{index}.png'))
+        Image.fromarray(image).save(paths[-1])
+    pictures = cli.read_images(paths)
+    for picture, image in zip(pictures, pixels):
+        np.testing.assert_array_equal(picture, image)      # PNG is lossless
+    stacked = cli.stack_images(pictures, model)
+    assert stacked.shape == (1, 2, SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE, 3)
+    params = encoder.init(jax.random.key(0), stacked)
+    together = encoder.apply(params, stacked)                           # [1, 2, 4, 32]
+    for index, image in enumerate(pixels):
+        alone = encoder.apply(params, image[None, None])                # resized by the encoder
+        # Same arithmetic on the same pixels; only the batch of two may change float32 sums.
+        np.testing.assert_allclose(together[0, index], alone[0, 0], rtol=1e-5, atol=1e-5)
