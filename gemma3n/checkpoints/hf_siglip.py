@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
+
 ENCODER = "siglip_encoder"
 HF_VISION_PREFIX = "vision_model."
 HF_LAYER = "encoder.layers."
@@ -161,27 +163,6 @@ def vision_entries(depth: int) -> list[VisionEntry]:
     ]
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
-
-
 def _check_shape(name: str, array: np.ndarray, expected: Shape) -> None:
     if tuple(array.shape) != tuple(expected):
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(array.shape)}")
@@ -257,7 +238,7 @@ def vision_to_hf(
     if ENCODER not in vision_params:
         raise ValueError(
             f"vision parameters must hold {ENCODER!r}; got keys {sorted(vision_params)}")
-    encoder = _flatten(vision_params[ENCODER])
+    encoder = flatten_params(vision_params[ENCODER])
     dims = _our_dims(encoder)
     entries = vision_entries(dims.depth)
     unexpected = sorted(set(encoder) - {entry.ours for entry in entries})
@@ -269,7 +250,7 @@ def vision_to_hf(
         _check_shape(f"{ENCODER}/{entry.ours}", array, entry.shape(dims))
         state[vision_prefix + entry.hf] = np.array(entry.conversion.to_hf(array), order="C")
     if embedder_params is not None:
-        embedder = _flatten(embedder_params)
+        embedder = flatten_params(embedder_params)
         norm = _require(embedder, MM_NORM, "the embedder parameters")
         projection = _require(embedder, MM_PROJECTION, "the embedder parameters")
         _check_mm_shapes(norm, projection, dims.width,
@@ -310,7 +291,7 @@ def vision_from_hf(
         our_shape = entry.shape(dims)
         _check_shape(vision_prefix + entry.hf, array, entry.conversion.hf_shape(our_shape))
         encoder[entry.ours] = np.array(entry.conversion.from_hf(array, our_shape), order="C")
-    vision_params = {ENCODER: _unflatten(encoder)}
+    vision_params = {ENCODER: unflatten_params(encoder)}
 
     norm_key, projection_key = projector_prefix + HF_MM_NORM, projector_prefix + HF_MM_PROJECTION
     present = [key for key in (norm_key, projection_key) if key in state]
@@ -321,5 +302,5 @@ def vision_from_hf(
                          f"({norm_key!r} and {projection_key!r} go together)")
     norm, projection = np.asarray(state[norm_key]), np.asarray(state[projection_key])
     _check_mm_shapes(norm, projection, dims.width, norm_key, projection_key)
-    mm_params = _unflatten({MM_NORM: np.array(norm), MM_PROJECTION: np.array(projection)})
+    mm_params = unflatten_params({MM_NORM: np.array(norm), MM_PROJECTION: np.array(projection)})
     return vision_params, mm_params
