@@ -45,7 +45,7 @@ from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, DEFAULT_MAX_OUT_LENGTH, S
 from gemma3n.text.sampling import Greedy, RandomSampling, SamplingMethod, TopkSampling, TopPSampling
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
-from gemma3n.vision.preprocess import load_image, resize_images
+from gemma3n.vision.preprocess import load_image
 
 PROG = 'gemma3n'
 USAGE_ERROR = 2
@@ -341,36 +341,6 @@ def read_images(paths: Sequence[str]) -> list[np.ndarray]:
     return [load_image(Path(path).expanduser()) for path in paths]
 
 
-def stack_images(images: Sequence[np.ndarray], model: Gemma3nTransformer) -> jax.Array | None:
-    """One prompt's images as float32 [1, N, H, W, 3] (values 0..255) for `model`.
-
-    Images of any size are resized to the vision encoder's resolution, so that they stack. The
-    encoder leaves an image of its own resolution untouched, so the model sees what it would
-    make of each image given alone.
-    """
-    if not images:
-        return None
-    encoder = model.config.vision_encoder
-    return jnp.stack([resize_images(image, encoder.image_height, encoder.image_width)
-                      for image in images])[None]
-
-
-def with_image_markers(text: str, num_images: int, tokenizer: Tokenizer) -> str:
-    """`text` with one `<start_of_image>` per image: the user's own markers, else put in front."""
-    if not num_images:
-        return text
-    marker = special_tokens.START_OF_IMAGE_PIECE
-    if not tokenizer.has_image_tokens:
-        raise ValueError(f'tokenizer {tokenizer.path} has no {marker} piece: it cannot take images')
-    markers = text.count(marker)
-    if markers == 0:
-        return marker * num_images + text
-    if markers != num_images:
-        raise ValueError(f'the prompt has {markers} {marker} markers but {num_images} --image '
-                         'files were given')
-    return text
-
-
 def default_cache_length(positions: int) -> int:
     """A cache for `positions`: DEFAULT_CACHE_LENGTH, or the power of two that fits them.
 
@@ -421,14 +391,17 @@ def _generate(args: argparse.Namespace) -> int:
     sampling = sampling_method(args.temperature, args.top_k, args.top_p)
     pictures = read_images(args.image)
     loaded = load_model(args, with_vision=bool(pictures))
-    images = stack_images(pictures, loaded.model)
-    prompt = with_image_markers(args.prompt, len(pictures), loaded.tokenizer)
+    max_new_tokens = _max_new_tokens(args, loaded)
+    sampler = Sampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,
+                      sampling=sampling)
+    [prompt], images = sampler.prompt_images([args.prompt], pictures or None, single=True)
     text = prompt if args.raw else format_user_turn(prompt)
     ids = loaded.tokenizer.encode(text, add_bos=True)
-    max_new_tokens = _max_new_tokens(args, loaded)
-    cache_length = args.cache_length or default_cache_length(len(ids) + max_new_tokens)
-    sampler = Sampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,
-                      sampling=sampling, cache_length=cache_length)
+    positions = len(ids) + max_new_tokens
+    if images is not None:
+        positions += images.shape[1] * (multimodal.block_length(
+            loaded.model.config.vision_encoder.num_mm_tokens_per_image) - 1)
+    sampler.cache_length = args.cache_length or default_cache_length(positions)
     run = sampler.generation([ids], max_new_tokens, rng=args.seed, images=images,
                              stop_tokens=sampler.text_stop_tokens())
     timer = _Timer()
@@ -443,7 +416,7 @@ def _chat(args: argparse.Namespace) -> int:
     sampling = sampling_method(args.temperature, args.top_k, args.top_p)
     pictures = read_images(args.image)
     loaded = load_model(args, with_vision=bool(pictures))
-    images = stack_images(pictures, loaded.model)
+    images = pictures or None
     chat = ChatSampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,
                        sampling=sampling, cache_length=args.cache_length or DEFAULT_CACHE_LENGTH,
                        max_new_tokens=_max_new_tokens(args, loaded))
@@ -473,22 +446,14 @@ def _chat(args: argparse.Namespace) -> int:
             chat.reset()
             sys.stderr.write(f'{PROG}: conversation reset\n')
             continue
-        num_images = 0 if images is None else images.shape[1]
-        _chat_turn(chat, with_image_markers(message, num_images, loaded.tokenizer), images,
-                   jax.random.fold_in(key, turn))
+        _chat_turn(chat, message, images, jax.random.fold_in(key, turn))
         images = None      # the images belong to the first message only
         turn += 1
 
 
-def _chat_turn(chat: ChatSampler, message: str, images: jax.Array | None, rng: jax.Array) -> None:
+def _chat_turn(chat: ChatSampler, message: str, images: list[np.ndarray] | None,
+               rng: jax.Array) -> None:
     """Streams one answer to stdout; a turn the cache cannot hold is reported, not fatal."""
-    used_before = chat.positions_used
-    fed = len(chat.turn_tokens(message))
-    if images is not None:
-        # Each image's marker stands for a whole image block in the cache.
-        encoder = chat.sampler.model.config.vision_encoder
-        block = multimodal.block_length(encoder.num_mm_tokens_per_image)
-        fed += images.shape[1] * (block - 1)
     try:
         pieces = chat.chat(message, images=images, rng=rng, stream=True)
     except ValueError as error:
@@ -505,8 +470,7 @@ def _chat_turn(chat: ChatSampler, message: str, images: jax.Array | None, rng: j
         sys.stderr.write(f'\n{PROG}: answer interrupted; conversation reset\n')
         return
     _write('\n')
-    # A turn occupies the cache positions of what it fed and of the answer's tokens.
-    timer.report(chat.positions_used - used_before - fed)
+    timer.report(chat.last_answer_length)
 
 
 def _info(args: argparse.Namespace) -> int:

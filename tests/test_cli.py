@@ -19,13 +19,14 @@ from gemma3n import cli
 from gemma3n.models import DEMO_SEED, demo_config
 from gemma3n.text import special_tokens
 from gemma3n.text.chat import ChatSampler
-from gemma3n.text.chat_format import format_user_turn
+from gemma3n.text.chat_format import add_image_markers, format_user_turn
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH
 from gemma3n.text.sampling import Greedy, RandomSampling, TopkSampling, TopPSampling
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.config import TransformerConfig
 from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.vision import SigLiPFromPatches, ViTModel
+from gemma3n.vision.preprocess import load_images
 
 TIMEOUT_S = 300
 CHAT_MAX_NEW_TOKENS = 8
@@ -211,13 +212,12 @@ def test_sampling_method_of_options():
 
 
 def test_image_markers():
-    tokenizer = Tokenizer(default_tokenizer_path())   # it has the image pieces
     marker = special_tokens.START_OF_IMAGE_PIECE
-    assert cli.with_image_markers('Hi', 0, tokenizer) == 'Hi'
-    assert cli.with_image_markers('Compare.', 2, tokenizer) == f'{marker}{marker}Compare.'
-    assert cli.with_image_markers(f'A {marker} B', 1, tokenizer) == f'A {marker} B'
-    with pytest.raises(ValueError, match='2 --image files'):
-        cli.with_image_markers(f'A {marker} B', 2, tokenizer)
+    assert add_image_markers('Hi', 0) == 'Hi'
+    assert add_image_markers('Compare.', 2) == f'{marker}{marker}Compare.'
+    assert add_image_markers(f'A {marker} B', 1) == f'A {marker} B'
+    with pytest.raises(ValueError, match='2 images'):
+        add_image_markers(f'A {marker} B', 2)
 
 
 def test_images_of_any_size_stack_as_the_encoder_sees_them(tmp_path):
@@ -235,7 +235,7 @@ def test_images_of_any_size_stack_as_the_encoder_sees_them(tmp_path):
     pictures = cli.read_images(paths)
     for picture, image in zip(pictures, pixels):
         np.testing.assert_array_equal(picture, image)      # PNG is lossless
-    stacked = cli.stack_images(pictures, model)
+    stacked = load_images(paths, SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE)[None]
     assert stacked.shape == (1, 2, SMALL_IMAGE_SIZE, SMALL_IMAGE_SIZE, 3)
     params = encoder.init(jax.random.key(0), stacked)
     together = encoder.apply(params, stacked)                           # [1, 2, 4, 32]

@@ -6,13 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from gemma3n import Gemma3nTransformer, Sampler
 from gemma3n import multimodal
 from gemma3n.attention import KVContext, QueryInfo, attention_mask
 from gemma3n.config import AttentionType
 from gemma3n.text import special_tokens as st
+from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.vision import SigLiPFromPatches, ViTModel
+from gemma3n.vision.preprocess import load_images
 from hf_oracle import small_configs
 
 SOFT = 4                                   # soft tokens per image of the small encoder
@@ -132,3 +135,23 @@ def test_images_for_text_only_model_raise(mm):
     sampler = Sampler(model=text_model, params=params, cache_length=32)
     with pytest.raises(ValueError, match='does not have vision encoder'):
         sampler.sample_tokens([[2, SOI]], 3, images=images(0, (1, 32, 32, 3)))
+
+
+def test_text_sampling_with_image_files(tmp_path):
+    tokenizer = Tokenizer(default_tokenizer_path())
+    cfg = dataclasses.replace(small_configs()[0], vision_encoder=small_vision(),
+                              num_embed=tokenizer.vocab_size)
+    model = Gemma3nTransformer(config=cfg, dtype=jnp.float32)
+    params = jax.jit(model.init)(jax.random.key(1), jnp.ones((1, 4), jnp.int32))['params']
+    picture = images(7, (50, 70, 3))
+    Image.fromarray(picture).save(tmp_path / 'a.png')
+    sampler = Sampler(model=model, params=params, tokenizer=tokenizer, cache_length=64)
+    text = sampler.sample('Describe.', images=[tmp_path / 'a.png'], max_new_tokens=6)
+    # The same request by hand: a marker in front, the image array resized to the encoder's size.
+    ids = tokenizer.encode(st.START_OF_IMAGE_PIECE + 'Describe.', add_bos=True)
+    assert ids.count(SOI) == 1
+    resized = load_images([picture], IMAGE_SIZE, IMAGE_SIZE)[None]
+    by_hand = sampler.sample_tokens([ids], 6, images=resized)
+    assert text == tokenizer.decode(sampler.strip_stop(by_hand.tokens[0, :by_hand.lengths[0]]))
+    with pytest.raises(ValueError, match='image lists'):
+        sampler.sample(['a', 'b'], images=[[picture]])

@@ -57,6 +57,7 @@ class ChatSampler:
         self.max_new_tokens = max_new_tokens
         self.state: SamplerState | None = None
         self.turns: list[tuple[str, str]] = []
+        self.last_answer_length = 0      # tokens of the last answer, its stop token included
 
     def reset(self) -> None:
         """Forgets the conversation (the next turn starts a new one)."""
@@ -86,9 +87,15 @@ class ChatSampler:
         rng: jax.Array | int | None = None,
         stream: bool = False,
     ) -> str | Iterator[str]:
-        """Sends one user message; returns the model's answer (or an iterator of its pieces)."""
+        """Sends one user message; returns the model's answer (or an iterator of its pieces).
+
+        images: image files or [H, W, C] arrays shown with this message (markers are added in
+        front of the message unless it has its own `<start_of_image>` markers).
+        """
         if not self.multi_turn:
             self.reset()
+        if images is not None:
+            [message], images = self.sampler.prompt_images([message], images, single=True)
         ids = self.turn_tokens(message)
         try:
             run = self.sampler.generation(
@@ -110,5 +117,7 @@ class ChatSampler:
         for piece in self.sampler.stream_text(run):
             answer.append(piece)
             yield piece
-        self.state = run.output().state
+        out = run.output()
+        self.state = out.state
+        self.last_answer_length = int(out.lengths[0])
         self.turns += [('user', message), ('model', ''.join(answer))]

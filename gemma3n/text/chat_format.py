@@ -32,7 +32,8 @@ Example:
 
 from collections.abc import Sequence
 
-from gemma3n.text.special_tokens import END_OF_TURN_PIECE, START_OF_TURN_PIECE
+from gemma3n.text.special_tokens import (END_OF_TURN_PIECE, START_OF_IMAGE_PIECE,
+                                         START_OF_TURN_PIECE)
 
 USER_ROLE = "user"
 MODEL_ROLE = "model"
@@ -62,6 +63,17 @@ def format_continuation(text: str) -> str:
     closes that turn with "\\n", then adds the user turn and the generation prompt.
     """
     return TURN_SEPARATOR + format_user_turn(text)
+
+
+def add_image_markers(text: str, num_images: int) -> str:
+    """`text` with one `<start_of_image>` per image: the user's own markers, else put in front."""
+    markers = text.count(START_OF_IMAGE_PIECE)
+    if markers == 0:
+        return START_OF_IMAGE_PIECE * num_images + text
+    if markers != num_images:
+        raise ValueError(f'the prompt has {markers} {START_OF_IMAGE_PIECE} markers but '
+                         f'{num_images} images were given')
+    return text
 
 
 def format_conversation(turns: Sequence[tuple[str, str]],

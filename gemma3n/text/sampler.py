@@ -14,8 +14,10 @@ from gemma3n import cache as kv_cache
 from gemma3n import multimodal
 from gemma3n.embedder import PER_LAYER_TABLE, per_layer_token_ids
 from gemma3n.text import special_tokens
+from gemma3n.text.chat_format import add_image_markers
 from gemma3n.text.sampling import Greedy, SamplingMethod
 from gemma3n.text.tokenizer import StreamDecoder, Tokenizer
+from gemma3n.vision.preprocess import load_images
 
 if TYPE_CHECKING:
     from gemma3n.transformer import Gemma3nTransformer
@@ -223,11 +225,16 @@ class Sampler:
     ) -> str | list[str] | Iterator[str]:
         """Text in, text out. BOS is added; generation stops at EOS or `<end_of_turn>`.
 
-        With `stream=True` (a single prompt only) returns an iterator of text pieces as the
-        tokens arrive; their concatenation equals the non-streaming result.
+        images: for one prompt, a list of image files or [H, W, C] arrays (any sizes), or an
+            array [N, H, W, C]; for a list of prompts, one such list per prompt, or an array
+            [B, N, H, W, C]. A prompt without `<start_of_image>` markers gets one per image in
+            front. With `stream=True` (a single prompt only) returns an iterator of text pieces
+            as the tokens arrive; their concatenation equals the non-streaming result.
         """
         tokenizer = self._require_tokenizer()
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        prompts, images = self.prompt_images(prompts, images, single)
         rows = [tokenizer.encode(p, add_bos=True) for p in prompts]
         run = _Generation(self, rows, max_new_tokens or self.max_out_length, rng=rng,
                           state=None, sampling=sampling, images=images,
@@ -241,7 +248,30 @@ class Sampler:
         out = run.output()
         texts = [tokenizer.decode(self.strip_stop(out.tokens[b, :out.lengths[b]]))
                  for b in range(len(rows))]
-        return texts[0] if isinstance(prompt, str) else texts
+        return texts[0] if single else texts
+
+    def prompt_images(self, prompts: list[str], images: Any, single: bool
+                      ) -> tuple[list[str], jax.Array | None]:
+        """Images for text prompts as [B, N, H, W, C], and the prompts with their markers."""
+        if images is None:
+            return prompts, None
+        encoder = self.model.config.vision_encoder
+        if self.model.text_only or encoder is None:
+            raise ValueError('This model does not have vision encoder: images cannot be passed.')
+        if not self._require_tokenizer().has_image_tokens:
+            raise ValueError(f'tokenizer {self.tokenizer.path} has no <start_of_image> piece: '
+                             'it cannot take images.')
+        if single:
+            images = [images]
+        if isinstance(images, (list, tuple)):
+            if len(images) != len(prompts):
+                raise ValueError(f'{len(images)} image lists for {len(prompts)} prompts.')
+            images = jnp.stack([load_images(items, encoder.image_height, encoder.image_width)
+                                for items in images])
+        images = jnp.asarray(images)
+        if images.ndim == 4:
+            images = images[:, None]
+        return [add_image_markers(p, images.shape[1]) for p in prompts], images
 
     def strip_stop(self, ids: Sequence[int]) -> list[int]:
         """The ids without a final text stop token."""

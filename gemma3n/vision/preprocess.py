@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,19 @@ def preprocess_images(
     """Validates, resizes and normalises `[..., H, W, C]` to float32 `[..., height, width, C]`."""
     check_images(images, channels)
     return normalize_images(resize_images(images, height, width))
+
+
+def load_images(images: Sequence[str | os.PathLike | np.ndarray | jax.Array],
+                height: int = IMAGE_HEIGHT, width: int = IMAGE_WIDTH) -> jax.Array:
+    """One prompt's images (file paths or [H, W, C] arrays of any sizes) as float32 [N, H, W, C].
+
+    Each is resized to `height x width` (values stay 0..255) so they stack; the encoder leaves
+    an image of its own resolution untouched, so the model sees what it would make of each
+    image alone.
+    """
+    arrays = [load_image(item) if isinstance(item, (str, os.PathLike)) else item
+              for item in images]
+    return jnp.stack([resize_images(array, height, width) for array in arrays])
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
