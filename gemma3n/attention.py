@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from gemma3n import cache as kv_cache
 from gemma3n.config import AttentionType, TransformerConfig
-from gemma3n.layers import Einsum, RMSNorm, apply_rope, guard
+from gemma3n.layers import Einsum, RMSNorm, apply_rope, dot, guard
 
 # Large negative logit for masked keys (finite, so a fully masked row stays NaN-free).
 MASKED_LOGIT = -2.3819763e38
@@ -139,14 +139,14 @@ class Attention(nn.Module):
         mask = attention_mask(query, context, self.attn_type, cfg.sliding_window_size, user_mask)
         b, t = q.shape[:2]
         q = q.reshape(b, t, k, n // k, h)                                   # [B, T, K, G, H]
-        logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, context.keys.astype(q.dtype))
+        logits = dot('BTKGH,BSKH->BKGTS', q, context.keys.astype(q.dtype))
         if cfg.attn_logits_soft_cap is not None:
             cap = cfg.attn_logits_soft_cap
             logits = jnp.tanh(logits / cap) * cap
         logits = guard(logits, guard_on).astype(jnp.float32)
         logits = jnp.where(mask[:, None, None, :, :], logits, MASKED_LOGIT)
         probs = jax.nn.softmax(logits, axis=-1).astype(context.values.dtype)
-        encoded = jnp.einsum('BKGTS,BSKH->BTKGH', probs, context.values)
+        encoded = dot('BKGTS,BSKH->BTKGH', probs, context.values)
         encoded = encoded.reshape(b, t, n, h).astype(x.dtype)
         out = Einsum((n, h, d), (0, 1), 2, dtype=self.dtype, serving=self.serving,
                      name='attn_vec_einsum')('BTNH,NHD->BTD', encoded)

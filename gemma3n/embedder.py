@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.layers import Einsum, RMSNorm
+from gemma3n.layers import Einsum, RMSNorm, dot
 
 INV_SQRT2 = 2 ** -0.5   # token-derived and table per-layer inputs are averaged in RMS
 PER_LAYER_TABLE = 'per_layer_input_embedding'
@@ -95,10 +95,10 @@ class Embedder(nn.Module):
         return (projected + table) * jnp.asarray(INV_SQRT2, x.dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
-        """x: [..., D] -> logits [..., V] with the tied table."""
-        return jnp.einsum('...D,VD->...V', x, self.input_embedding)
+        """x: [B, L, D] -> logits [B, L, V] with the tied table."""
+        return dot('BTD,VD->BTV', x, self.input_embedding)
 
     def encode_vision(self, soft_tokens: jax.Array) -> jax.Array:
-        """Vision soft tokens [..., vision_dim] -> text-width embeddings [..., D] (float32)."""
+        """Vision soft tokens [B, N, T, vision_dim] -> text-width embeddings [B, N, T, D] (float32)."""
         normed = self.mm_soft_embedding_norm(soft_tokens.astype(jnp.float32))
-        return self.mm_input_projection('...E,ED->...D', normed)
+        return self.mm_input_projection('BNTE,ED->BNTD', normed)

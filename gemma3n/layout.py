@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
 from gemma3n.layers import QuantizedWeight, record_layouts
 from gemma3n.transformer import Gemma3nTransformer
 
@@ -46,30 +47,32 @@ def quantize(w: jax.Array, num_leading: int) -> QuantizedWeight:
     return QuantizedWeight(q=q, scale=scale)
 
 
-def to_serving(model: Gemma3nTransformer, params: Any, *, quantize_int8: bool = False
-               ) -> tuple[Gemma3nTransformer, Any]:
+def to_serving(model: Gemma3nTransformer, params: Any, *, quantize_int8: bool = False,
+               consume: bool = False) -> tuple[Gemma3nTransformer, Any]:
     """A serving copy of `model` and `params` (reference layout in, serving layout out).
 
     Each projection weight is transposed to [batch..., out..., in...]; with `quantize_int8`
-    the large ones become `QuantizedWeight`s. Weights are converted one at a time.
+    the large ones become `QuantizedWeight`s. With `consume=True` the input tree is emptied as
+    its weights are converted, so a full-size model needs memory for one extra weight, not a
+    second copy of the model.
     """
     if model.serving_layout:
         raise ValueError('model already uses the serving layout.')
     orders = serving_orders(model)
-    out = jax.tree_util.tree_map(lambda x: x, params)     # a new tree; leaves replaced below
+    flat = flatten_params(params)
+    if consume:
+        params.clear()
+    missing = ['/'.join(path) for path in orders if '/'.join(path) not in flat]
+    if missing:
+        raise ValueError(f'params lack {missing[:3]} ({len(missing)} weights missing).')
     for path, (order, num_in) in orders.items():
-        node = out
-        for key in path[:-1]:
-            if key not in node:
-                raise ValueError(f'params lack {"/".join(path)}.')
-            node = node[key]
-        w = node[path[-1]]
-        expected = len(order)
-        if np.ndim(w) != expected:
-            raise ValueError(f'{"/".join(path)} has rank {np.ndim(w)}, expected {expected}.')
+        key = '/'.join(path)
+        w = flat.pop(key)
+        if np.ndim(w) != len(order):
+            raise ValueError(f'{key} has rank {np.ndim(w)}, expected {len(order)}.')
         moved = jnp.transpose(jnp.asarray(w), order)
+        del w
         if quantize_int8 and moved.size >= MIN_QUANTIZED_SIZE:
             moved = quantize(moved, moved.ndim - num_in)
-        node[path[-1]] = moved
-    return model.clone(serving_layout=True), out
-
+        flat[key] = jax.block_until_ready(moved)
+    return model.clone(serving_layout=True), unflatten_params(flat)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma3n import Gemma3n_E4B, Gemma3nTransformer, Sampler
+from gemma3n import Gemma3n_E4B, Gemma3nTransformer, Sampler, load_params, save_params
+from gemma3n.checkpoints import open_per_layer_table
 from gemma3n.layers import QuantizedWeight
 from gemma3n.layout import quantize, serving_orders, to_serving
 from hf_oracle import random_params, small_configs
@@ -82,3 +83,18 @@ def test_host_per_layer_table_changes_nothing(ref):
     c = Sampler(model=serving_model, params=serving_params, cache_length=64,
                 per_layer_table_on_host=True).sample_tokens(prompts, 12)
     assert (a.tokens == c.tokens).all()
+
+
+def test_sampler_reads_the_per_layer_table_lazily_from_the_checkpoint(ref, tmp_path):
+    model, params, _, _ = ref
+    save_params(params, tmp_path / 'model.safetensors')
+    lean = load_params(tmp_path / 'model.safetensors', model=model, skip_per_layer_table=True)
+    assert 'per_layer_input_embedding' not in lean['embedder']
+    with open_per_layer_table(tmp_path / 'model.safetensors', model=model,
+                              dtype=np.float32) as table:
+        lazy = Sampler(model=model, params=lean, cache_length=64, per_layer_table=table)
+        out = lazy.sample_tokens([[2, 3, 4], [5, 6]], 10)
+    plain = Sampler(model=model, params=params, cache_length=64).sample_tokens([[2, 3, 4], [5, 6]], 10)
+    assert (out.tokens == plain.tokens).all()
+    with pytest.raises(ValueError, match='skip_per_layer_table'):
+        Sampler(model=model, params=params, per_layer_table=table)

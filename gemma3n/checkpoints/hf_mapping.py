@@ -24,7 +24,7 @@ import collections
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -98,6 +98,7 @@ class DroppedWeights:
     kv_shared_keys: list[str] = dataclasses.field(default_factory=list)
     outside_keys: list[str] = dataclasses.field(default_factory=list)
     extra_vocab_rows: int = 0
+    skipped_keys: list[str] = dataclasses.field(default_factory=list)   # ours, left unread on request
 
     def summary(self) -> str:
         parts = []
@@ -111,6 +112,8 @@ class DroppedWeights:
             groups = collections.Counter('.'.join(k.split('.')[:2]) for k in self.outside_keys)
             listed = ', '.join(f'{g}.* ({n})' for g, n in sorted(groups.items()))
             parts.append(f'{len(self.outside_keys)} tensors outside the text decoder: {listed}')
+        if self.skipped_keys:
+            parts.append(f'{", ".join(self.skipped_keys)} (not read: skipped on request)')
         return 'dropped ' + ('; '.join(parts) if parts else 'nothing')
 
 
@@ -329,6 +332,7 @@ def hf_to_params(
         dtype: Any = None,
         progress: Callable[[int], None] | None = None,
         describe: Callable[[str], str] = str,
+        skip: Collection[str] = (),
 ) -> tuple[dict[str, Any], DroppedWeights]:
     """HF tensors -> (our nested params, what was dropped).
 
@@ -338,12 +342,16 @@ def hf_to_params(
     dtype change may be returned as is. `progress(n)` is called after each parameter with its number
     of elements; `describe(key)` names a tensor in error messages (e.g. with its file). Raises
     ValueError naming the HF key for a missing tensor, an unexpected tensor under `prefix`, a wrong
-    shape or a non-float dtype; nothing is returned in that case.
+    shape or a non-float dtype; nothing is returned in that case. `skip` names paths of our tree to
+    leave out: their HF tensors must still be present but are neither read nor checked.
     """
     keys = set(keys)
     # The default HF vocabulary (> num_embed) selects the row-dropping conversion; the shape check
     # accepts any row count >= num_embed.
     entries = mapping_entries(config)
+    unknown_skips = sorted(set(skip) - {e.path for e in entries})
+    if unknown_skips:
+        raise ValueError(f'Cannot skip {_abbreviate(unknown_skips)}: not parameters of this model config.')
     known = {prefix + key for e in entries for key in e.hf_keys}
     missing = sorted(known - keys)
     if missing:
@@ -364,8 +372,9 @@ def hf_to_params(
         raise ValueError(f'Checkpoint has {len(unexpected)} tensor(s) under {prefix!r} that this model '
                          f'config does not have: {_abbreviate(unexpected)} (a different model size?).')
 
+    dropped.skipped_keys = [prefix + key for e in entries if e.path in skip for key in e.hf_keys]
     flat = {}
-    for e in sorted(entries, key=lambda e: -math.prod(e.shape)):
+    for e in sorted((e for e in entries if e.path not in skip), key=lambda e: -math.prod(e.shape)):
         sources = []
         for key, expected in zip(e.hf_keys, e.hf_shapes):
             x = np.asarray(get_tensor(prefix + key))

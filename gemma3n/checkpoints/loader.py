@@ -28,9 +28,13 @@ from gemma3n.checkpoints.orbax_io import ORBAX_MARKERS, is_orbax_checkpoint, orb
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.checkpoints.safetensors_hf import INDEX_FILE, SINGLE_FILE, is_hf_directory, load_hf_params
 from gemma3n.config import TransformerConfig
+from gemma3n.embedder import PER_LAYER_TABLE
 
 # Parameters of the vision path (SPEC section 6); a text-only model has none of them.
 VISION_PREFIXES = ('vision_encoder/', 'embedder/mm_')
+PER_LAYER_TABLE_PATH = f'embedder/{PER_LAYER_TABLE}'
+# What `checkpoint_format` recognises.
+HF_FORMAT, ORBAX_FORMAT, NATIVE_FORMAT = 'Hugging Face', 'Orbax', 'gemma3n native'
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ def load_params(
         model: Any = None,
         dtype: Any = None,
         progress: bool = True,
+        skip_per_layer_table: bool = False,
 ) -> dict[str, Any]:
     """Our nested parameter tree (np.ndarray leaves) from the checkpoint at `path`.
 
@@ -53,46 +58,51 @@ def load_params(
             the config from config.json, other formats are returned as stored.
         dtype: target dtype of every leaf (e.g. `jnp.bfloat16`); None keeps the stored dtypes.
         progress: show a tqdm progress bar.
+        skip_per_layer_table: leave `embedder/per_layer_input_embedding` (E4B: 4.7 GB in bfloat16) out
+            of the result without reading it; generation can gather its rows from the file instead
+            (`open_per_layer_table`). Checked against a model, the checkpoint must still hold it.
     """
     path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f'Checkpoint not found: {path}')
-    config, text_only = _model_config(model)
+    checkpoint = checkpoint_format(path)
+    config, text_only = model_config(model)
     dtype = None if dtype is None else np.dtype(dtype)
+    skip = {PER_LAYER_TABLE_PATH} if skip_per_layer_table else set()
 
-    if path.is_dir():
-        if is_hf_directory(path):
-            return _load_hf(path, config, text_only, dtype, progress)
-        if is_orbax_checkpoint(path):
-            catalog = orbax_catalog(path)
-            names = _select(catalog, config, text_only, path)
-            return hf_mapping.unflatten_params(orbax_restore(path, names, dtype))
-        found = sorted(p.name for p in path.iterdir())
-        raise ValueError(f'{path} is not a recognised checkpoint directory: expected {INDEX_FILE} or '
-                         f'{SINGLE_FILE} (Hugging Face) or Orbax files ({", ".join(ORBAX_MARKERS)}); '
-                         f'it holds {found[:10]}{" ..." if len(found) > 10 else ""}.')
-
+    if checkpoint == HF_FORMAT:
+        if not text_only:
+            raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder; '
+                             'load them into a text_only=True model.')
+        return load_hf_params(path, config=config, dtype=dtype, progress=progress, skip=skip)
+    if checkpoint == ORBAX_FORMAT:
+        names = _select(orbax_catalog(path), config, text_only, path, skip)
+        return hf_mapping.unflatten_params(orbax_restore(path, names, dtype))
     files = SafetensorsFiles([path])
-    if not is_native(files, path):
-        return _load_hf(path, config, text_only, dtype, progress)
     catalog = native_catalog(files)
-    names = _select(catalog, config, text_only, path)
+    names = _select(catalog, config, text_only, path, skip)
     total = sum(math.prod(catalog[name][0]) for name in names)
     with tqdm.tqdm(total=total, desc=f'Loading {path.name}', unit='param', unit_scale=True,
                    disable=not progress) as bar:
         return hf_mapping.unflatten_params(native_read(files, names, dtype, bar.update))
 
 
-def _load_hf(path: Path, config: TransformerConfig | None, text_only: bool, dtype: Any,
-             progress: bool) -> dict[str, Any]:
-    if not text_only:
-        raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder; '
-                         'load them into a text_only=True model.')
-    return load_hf_params(path, config=config, dtype=dtype, progress=progress)
+def checkpoint_format(path: Path) -> str:
+    """HF_FORMAT, ORBAX_FORMAT or NATIVE_FORMAT; FileNotFoundError / ValueError naming `path` otherwise."""
+    if not path.exists():
+        raise FileNotFoundError(f'Checkpoint not found: {path}')
+    if path.is_dir():
+        if is_hf_directory(path):
+            return HF_FORMAT
+        if is_orbax_checkpoint(path):
+            return ORBAX_FORMAT
+        found = sorted(p.name for p in path.iterdir())
+        raise ValueError(f'{path} is not a recognised checkpoint directory: expected {INDEX_FILE} or '
+                         f'{SINGLE_FILE} (Hugging Face) or Orbax files ({", ".join(ORBAX_MARKERS)}); '
+                         f'it holds {found[:10]}{" ..." if len(found) > 10 else ""}.')
+    return NATIVE_FORMAT if is_native(SafetensorsFiles([path]), path) else HF_FORMAT
 
 
-def _model_config(model: Any) -> tuple[TransformerConfig | None, bool]:
-    """(config, text_only) of the `model` argument."""
+def model_config(model: Any) -> tuple[TransformerConfig | None, bool]:
+    """(config, text_only) of a `model` argument: a Gemma3nTransformer, a TransformerConfig or None."""
     if model is None:
         return None, True
     if isinstance(model, TransformerConfig):
@@ -108,10 +118,14 @@ def _select(
         config: TransformerConfig | None,
         text_only: bool,
         path: Path,
+        skip: set[str],
 ) -> list[str]:
-    """The stored arrays to read, after checking them against `config`; raises ValueError naming them."""
+    """The stored arrays to read, after checking them against `config`; raises ValueError naming them.
+
+    `skip` is left out of the list but, with a `config`, still checked (shape and dtype from the header).
+    """
     if config is None:
-        return list(catalog)
+        return [name for name in catalog if name not in skip]
     expected = {e.path: e.shape for e in hf_mapping.mapping_entries(config)}
     missing = sorted(expected.keys() - catalog.keys())
     if missing:
@@ -135,7 +149,7 @@ def _select(
             groups = collections.Counter(next(p for p in VISION_PREFIXES if name.startswith(p)) for name in vision)
             logger.info('Loading %s into a text-only model: dropped %d vision parameters (%s).', path, len(vision),
                         ', '.join(f'{g}* ({n})' for g, n in sorted(groups.items())))
-        return list(expected)
+        return [name for name in expected if name not in skip]
     if not vision:
         raise ValueError(f'{path} holds no vision encoder parameters; load it into a text_only=True model.')
-    return list(expected) + vision
+    return [name for name in expected if name not in skip] + vision

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import tqdm
 
@@ -60,7 +60,7 @@ def _weight_map(path: Path) -> dict[str, str] | None:
         raise ValueError(f'{index_path} is not a valid safetensors index (needs a "weight_map"): {err}') from err
 
 
-def _open_files(path: Path) -> SafetensorsFiles:
+def open_hf_files(path: Path) -> SafetensorsFiles:
     """The safetensors file(s) of a HF checkpoint directory or single file, cross-checked with the index."""
     if path.is_file():
         return SafetensorsFiles([path])
@@ -77,45 +77,63 @@ def _open_files(path: Path) -> SafetensorsFiles:
     return files
 
 
-def load_hf_params(
-        path: Path,
-        *,
-        config: TransformerConfig | None,
-        dtype: Any = None,
-        progress: bool = True,
-) -> dict[str, Any]:
-    """Our nested params (np.ndarray leaves) from a HF Gemma 3n checkpoint at `path`.
+def hf_checkpoint_config(path: Path, config: TransformerConfig | None) -> TransformerConfig:
+    """The model config of the HF checkpoint at `path`.
 
     `config` None: derived from the checkpoint's config.json. Otherwise config.json (when present) is
     checked against it and mismatches raise ValueError listing every field by name.
     """
     hf_config = read_hf_config(path)
     config_path = (path if path.is_dir() else path.parent) / CONFIG_FILE
-    if hf_config is not None:
+    if hf_config is None:
         if config is None:
-            try:
-                config = hf_mapping.config_from_hf(hf_config)
-            except ValueError as err:
-                raise ValueError(f'{config_path}: {err}') from err
-        problems = hf_mapping.check_hf_config(hf_config, config)
-        if problems:
-            raise ValueError(f'{config_path} does not match the model config: ' + '; '.join(problems))
-        _note_softcap(hf_config, config, config_path)
-    elif config is None:
-        raise ValueError(f'No {CONFIG_FILE} next to {path}: pass model= to say which Gemma 3n size it holds.')
+            raise ValueError(f'No {CONFIG_FILE} next to {path}: pass model= to say which Gemma 3n size it holds.')
+        return config
+    if config is None:
+        try:
+            config = hf_mapping.config_from_hf(hf_config)
+        except ValueError as err:
+            raise ValueError(f'{config_path}: {err}') from err
+    problems = hf_mapping.check_hf_config(hf_config, config)
+    if problems:
+        raise ValueError(f'{config_path} does not match the model config: ' + '; '.join(problems))
+    return config
 
-    files = _open_files(path)
-    keys = files.keys()
+
+def hf_prefix(path: Path, files: SafetensorsFiles) -> str:
+    """The key prefix of the text decoder in the HF checkpoint at `path` (opened as `files`)."""
     try:
-        prefix = hf_mapping.detect_hf_prefix(keys)
+        return hf_mapping.detect_hf_prefix(files.keys())
     except ValueError as err:
         raise ValueError(f'{path}: {err}') from err
-    total = sum(math.prod(e.shape) for e in hf_mapping.mapping_entries(config))
+
+
+def load_hf_params(
+        path: Path,
+        *,
+        config: TransformerConfig | None,
+        dtype: Any = None,
+        progress: bool = True,
+        skip: Collection[str] = (),
+) -> dict[str, Any]:
+    """Our nested params (np.ndarray leaves) from a HF Gemma 3n checkpoint at `path`.
+
+    `config`: as for `hf_checkpoint_config`. `skip`: paths of our tree left out of the result; their
+    tensors are not read.
+    """
+    config = hf_checkpoint_config(path, config)
+    hf_config = read_hf_config(path)
+    if hf_config is not None:
+        _note_softcap(hf_config, config, (path if path.is_dir() else path.parent) / CONFIG_FILE)
+
+    files = open_hf_files(path)
+    prefix = hf_prefix(path, files)
+    total = sum(math.prod(e.shape) for e in hf_mapping.mapping_entries(config) if e.path not in skip)
     with tqdm.tqdm(total=total, desc=f'Loading {path.name}', unit='param', unit_scale=True,
                    disable=not progress) as bar:
         try:
-            params, dropped = hf_mapping.hf_to_params(files.read, keys, config, prefix=prefix, dtype=dtype,
-                                                      progress=bar.update, describe=files.describe)
+            params, dropped = hf_mapping.hf_to_params(files.read, files.keys(), config, prefix=prefix, dtype=dtype,
+                                                      progress=bar.update, describe=files.describe, skip=skip)
         except ValueError as err:
             raise ValueError(f'{path}: {err}') from err
     logger.info('Loaded %s: %s.', path, dropped.summary())

@@ -87,14 +87,20 @@ class Sampler:
         forbidden_tokens: Sequence[int] = (),
         cache_dtype: Any = None,
         per_layer_table_on_host: bool = False,
+        per_layer_table: Any = None,
     ):
         if cache_length < 2:
             raise ValueError(f'cache_length must be >= 2, got {cache_length}.')
         self.model = model
         self.params = params
         # The per-layer table (E4B: 2.35B of its 6.8B text parameters) is only ever gathered
-        # from: kept as a host array, out of the compiled functions' arguments.
-        self.host_table = None
+        # from: kept on the host, out of the compiled functions' arguments. `per_layer_table`
+        # may be any `table[ids] -> rows` object, such as a `LazyPerLayerTable` that reads
+        # only the rows it is asked for from the checkpoint file.
+        self.host_table = per_layer_table
+        if per_layer_table is not None and PER_LAYER_TABLE in params.get('embedder', {}):
+            raise ValueError('per_layer_table was given but params also hold the table: load '
+                             'them with skip_per_layer_table=True.')
         if per_layer_table_on_host:
             embedder = dict(params['embedder'])
             self.host_table = np.asarray(embedder.pop(PER_LAYER_TABLE))
