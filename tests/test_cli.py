@@ -23,7 +23,6 @@ from gemma3n.text.chat_format import add_image_markers, format_user_turn
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH
 from gemma3n.text.sampling import Greedy, RandomSampling, TopkSampling, TopPSampling
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
-from gemma3n.config import TransformerConfig
 from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.vision import SigLiPFromPatches, ViTModel
 from gemma3n.vision.preprocess import load_images
@@ -225,7 +224,6 @@ def test_images_of_any_size_stack_as_the_encoder_sees_them(tmp_path):
         siglip_encoder=ViTModel(width=32, depth=2, mlp_dim=64, num_heads=4),
         num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=4,
         image_height=SMALL_IMAGE_SIZE, image_width=SMALL_IMAGE_SIZE)
-    model = Gemma3nTransformer(config=TransformerConfig.gemma3n(vision_encoder=encoder))
     rng = np.random.default_rng(0)
     pixels = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((90, 150, 3), (200, 64, 3))]
     paths = []

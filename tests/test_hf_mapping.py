@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import pathlib
 
 import ml_dtypes
 import numpy as np
@@ -15,8 +14,9 @@ import transformers
 from gemma3n.checkpoints import hf_mapping
 from gemma3n.config import TransformerConfig
 from hf_oracle import random_params, small_configs
+from reference import E4B_TEXT_PARAMS_JSON
 
-REFERENCE = pathlib.Path('/work/shared/reference/gemma3n_e4b_text_only_params.json')
+REFERENCE = E4B_TEXT_PARAMS_JSON
 E4B_NUM_PARAMS = 751
 CONFIGS = small_configs()
 

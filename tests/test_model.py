@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +16,8 @@ from gemma3n.attention import KVContext, QueryInfo, attention_mask
 from gemma3n.ffn import gaussian_topk
 from gemma3n.layers import RMSNorm, apply_rope
 from hf_oracle import make_hf_causal_lm, random_params, small_configs
+from reference import E4B_TEXT_PARAMS_JSON
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'reference'
 E4B_TEXT_PARAMS = 6_834_711_280
 # float32 parity bound. Both implementations compute the same float32 graph in a different
 # order; rounding (~1e-7 relative) is amplified along 10-15 layers of norms (every RMSNorm
@@ -39,7 +38,7 @@ def init_shapes(model):
 
 def test_e4b_text_only_param_tree_equals_reference():
     ours = flat_shapes(init_shapes(Gemma3n_E4B(text_only=True)))
-    ref = json.loads((REFERENCE / 'gemma3n_e4b_text_only_params.json').read_text())
+    ref = json.loads(E4B_TEXT_PARAMS_JSON.read_text())
     ref = {k: (v['shape'], v['dtype']) for k, v in ref.items()}
     assert ours == ref
     assert len(ours) == 751

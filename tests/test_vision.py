@@ -9,7 +9,6 @@ Numerics run on a tiny config (width 32, depth 2, 4 heads, MLP 64, 14x14 patches
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +23,9 @@ from gemma3n.checkpoints import hf_siglip
 from gemma3n.embedder import Embedder
 from gemma3n.vision import (SigLiPFromPatches, ViTModel, VisionExit, load_image,
                             normalize_images, preprocess_images, resize_images)
+from reference import E4B_PARAMS_JSON
 
-PARAMS_JSON = pathlib.Path("/work/shared/reference/gemma3n_e4b_params.json")
+PARAMS_JSON = E4B_PARAMS_JSON
 
 PATCH = 14
 SMALL_SIDE = 112                       # 8 x 8 patches of 14 x 14

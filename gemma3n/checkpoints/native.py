@@ -59,7 +59,7 @@ def save_params(params: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Writes `params` (nested dict of numpy or jax arrays) to `path` atomically, dtypes as they are.
 
     Example:
-        >>> save_params({'final_norm': {'scale': np.ones(4, np.float32)}}, '/tmp/ckpt.safetensors')
+        >>> save_params({'final_norm': {'scale': np.ones(4, np.float32)}}, 'ckpt.safetensors')
     """
     path = Path(path).expanduser()
     if path.is_dir():

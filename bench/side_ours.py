@@ -1,0 +1,84 @@
+"""Our side of the benchmark: `gemma3n` (JAX, bfloat16 weights and cache) through `Sampler`.
+
+Variants (`--variant`), so each optimisation is measured on its own:
+  plain:   the checkpoint layout, the per-layer table inside the compiled steps;
+  serving: weights re-laid out [out, in] at load (`gemma3n.layout.to_serving`), the per-layer
+           table read lazily from the checkpoint file, only the rows the tokens need;
+  int8:    serving, with the large weights quantized to int8 per output channel.
+
+Run by `bench.run`; by hand:
+    python -m bench.side_ours --size reduced --weights bench/results/weights/reduced --out ours.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common
+from gemma3n.checkpoints import hf_mapping, load_params, open_per_layer_table
+from gemma3n.layout import to_serving
+from gemma3n.text.sampler import Sampler
+from gemma3n.transformer import Gemma3nTransformer
+
+# Positions the KV cache holds: the 512-token prompt plus the decoded tokens fit.
+CACHE_LENGTH = 1024
+VARIANTS = ('plain', 'serving', 'int8')
+
+
+def load_to_device(weights: Path, model: Gemma3nTransformer) -> dict[str, Any]:
+    """Loads the checkpoint as bfloat16 and moves it to the JAX device leaf by leaf, freeing each
+    host copy as soon as its device copy exists (peak: the model plus its largest leaf)."""
+    return to_device(load_params(weights, model=model, dtype=jnp.bfloat16, progress=False))
+
+
+def to_device(params: dict[str, Any]) -> dict[str, Any]:
+    """Moves a tree's host leaves to the device, largest first, dropping each host copy."""
+    flat = hf_mapping.flatten_params(params)
+    del params
+    on_device = {}
+    for path in sorted(flat, key=lambda p: -sum(np.size(x) for x in jax.tree_util.tree_leaves(flat[p]))):
+        on_device[path] = jax.block_until_ready(jax.device_put(flat.pop(path)))
+    return hf_mapping.unflatten_params(on_device)
+
+
+class OursRunner(common.GreedyRunner):
+    """Greedy generation through `Sampler.generation` (one compiled prefill, one compiled step)."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self._steps = None
+
+    def start(self, tokens: np.ndarray, max_new_tokens: int) -> tuple[np.ndarray, int]:
+        run = self.sampler.generation(tokens, max_new_tokens, keep_logits=True)
+        self._steps = iter(run)
+        token = next(self._steps)
+        return np.asarray(run.logits[-1][0], np.float32), int(token[0])
+
+    def step(self) -> int:
+        return int(next(self._steps)[0])
+
+
+def build(weights: Path, size: str, variant: str) -> tuple[common.GreedyRunner, dict[str, Any]]:
+    model = Gemma3nTransformer(config=common.bench_config(size), text_only=True, dtype=jnp.bfloat16)
+    if variant == 'plain':
+        params = load_to_device(weights, model)
+    else:
+        # The per-layer table stays in the checkpoint file: rows are read as tokens need them.
+        host = load_params(weights, model=model, dtype=jnp.bfloat16, progress=False,
+                           skip_per_layer_table=True)
+        table = open_per_layer_table(weights, model=model)
+        model, params = to_serving(model, host, quantize_int8=variant == 'int8', consume=True)
+        params = to_device(params)
+    sampler = Sampler(model=model, params=params, cache_length=CACHE_LENGTH, cache_dtype=jnp.bfloat16,
+                      per_layer_table=None if variant == 'plain' else table)
+    return OursRunner(sampler), {'name': f'ours {variant}', 'variant': variant, 'jax': jax.__version__,
+                                 'backend': jax.default_backend(), 'cache_length': CACHE_LENGTH}
+
+
+if __name__ == '__main__':
+    common.side_main(__doc__, build, variants=VARIANTS)
