@@ -1,6 +1,7 @@
 """gemma3n: Google's Gemma 3n (E4B, E2B) in JAX/Flax."""
 
-from gemma3n.checkpoints import load_params, save_params
+from gemma3n import checkpoints, layout
+from gemma3n.checkpoints import load_params, open_per_layer_table, save_params
 from gemma3n.config import (AttentionType, KVCacheSharingConfig, QueryPreAttentionNormalisation,
                             TransformerConfig)
 from gemma3n.models import Gemma3n_E2B, Gemma3n_E4B
@@ -12,5 +13,6 @@ __all__ = [
     'AttentionType', 'ChatSampler', 'Gemma3nTransformer', 'Gemma3n_E2B', 'Gemma3n_E4B', 'KVCacheSharingConfig',
     'Greedy', 'ModelInfo', 'Output', 'QueryPreAttentionNormalisation', 'RandomSampling', 'Sampler',
     'SamplerOutput', 'SamplerState', 'Tokenizer', 'TopPSampling', 'TopkSampling',
-    'TransformerConfig', 'load_params', 'save_params',
+    'TransformerConfig', 'checkpoints', 'layout', 'load_params', 'open_per_layer_table',
+    'save_params',
 ]

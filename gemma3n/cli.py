@@ -34,8 +34,9 @@ import numpy as np
 
 from gemma3n import cache as kv_cache
 from gemma3n import multimodal
-from gemma3n.checkpoints import load_params
-from gemma3n.checkpoints.loader import VISION_PREFIXES
+from gemma3n.checkpoints import load_params, open_per_layer_table
+from gemma3n.checkpoints.loader import ORBAX_FORMAT, VISION_PREFIXES, checkpoint_format
+from gemma3n.layout import to_serving
 from gemma3n.config import AttentionType
 from gemma3n.models import DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config
 from gemma3n.text import special_tokens
@@ -235,6 +236,7 @@ class LoadedModel:
     model: Gemma3nTransformer
     params: Any
     tokenizer: Tokenizer
+    per_layer_table: Any = None      # read lazily from the checkpoint; None: inside params
 
     @property
     def is_demo(self) -> bool:
@@ -307,10 +309,19 @@ def load_model(args: argparse.Namespace, *, with_vision: bool = False) -> Loaded
         logger.info('random demo weights made in %.2f s (compilation included)',
                     time.perf_counter() - start)
     else:
-        host_params = load_params(checkpoint, model=model, dtype=dtype)
+        # The per-layer table stays in the file (rows are read per token) where the format
+        # allows; the weights are re-laid out for fast decoding (gemma3n.layout).
+        table = None
+        if checkpoint_format(checkpoint) != ORBAX_FORMAT:
+            table = open_per_layer_table(checkpoint, model=model, dtype=dtype)
+        host_params = load_params(checkpoint, model=model, dtype=dtype,
+                                  skip_per_layer_table=table is not None)
+        model, host_params = to_serving(model, host_params, consume=True)
         # On the device once: host arrays would be copied over on every compiled call.
         params = jax.device_put(host_params)
         logger.info('checkpoint %s loaded in %.2f s', checkpoint, time.perf_counter() - start)
+        return LoadedModel(name=name, model=model, params=params, tokenizer=tokenizer,
+                           per_layer_table=table)
     return LoadedModel(name=name, model=model, params=params, tokenizer=tokenizer)
 
 
@@ -393,6 +404,7 @@ def _generate(args: argparse.Namespace) -> int:
     loaded = load_model(args, with_vision=bool(pictures))
     max_new_tokens = _max_new_tokens(args, loaded)
     sampler = Sampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,
+                      per_layer_table=loaded.per_layer_table,
                       sampling=sampling)
     [prompt], images = sampler.prompt_images([args.prompt], pictures or None, single=True)
     text = prompt if args.raw else format_user_turn(prompt)
@@ -418,6 +430,7 @@ def _chat(args: argparse.Namespace) -> int:
     loaded = load_model(args, with_vision=bool(pictures))
     images = pictures or None
     chat = ChatSampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,
+                       per_layer_table=loaded.per_layer_table,
                        sampling=sampling, cache_length=args.cache_length or DEFAULT_CACHE_LENGTH,
                        max_new_tokens=_max_new_tokens(args, loaded))
     interactive = sys.stdin.isatty()

@@ -6,6 +6,7 @@ compilation cache folder, so only the first one compiles the demo model.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gemma3n import cli
+from gemma3n import cli, save_params
 from gemma3n.models import DEMO_SEED, demo_config
 from gemma3n.text import special_tokens
 from gemma3n.text.chat import ChatSampler
 from gemma3n.text.chat_format import add_image_markers, format_user_turn
-from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH
+from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, Sampler
 from gemma3n.text.sampling import Greedy, RandomSampling, TopkSampling, TopPSampling
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
@@ -241,3 +242,19 @@ def test_images_of_any_size_stack_as_the_encoder_sees_them(tmp_path):
         alone = encoder.apply(params, image[None, None])                # resized by the encoder
         # Same arithmetic on the same pixels; only the batch of two may change float32 sums.
         np.testing.assert_allclose(together[0, index], alone[0, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_generate_from_a_checkpoint(env, demo_chat, tmp_path, dtype):
+    # The demo's weights saved as a checkpoint: the command then loads them (lazy per-layer
+    # table, serving layout) and must answer as the library does with the plain weights.
+    save_params(demo_chat.sampler.params, tmp_path / 'model.safetensors')
+    shutil.copy(default_tokenizer_path(), tmp_path / 'tokenizer.model')
+    result = run_cli(env, 'generate', '--model', 'demo', '--dtype', dtype, '--checkpoint',
+                     str(tmp_path / 'model.safetensors'), '--max-new-tokens', '12', 'Hello')
+    assert result.returncode == 0, result.stderr
+    model = demo_chat.sampler.model.clone(dtype=getattr(jnp, dtype))
+    params = jax.tree.map(lambda x: jnp.asarray(x, getattr(jnp, dtype)), demo_chat.sampler.params)
+    expected = Sampler(model=model, params=params, tokenizer=demo_chat.tokenizer).sample(
+        format_user_turn('Hello'), max_new_tokens=12)
+    assert result.stdout == expected + '\n'

@@ -47,11 +47,12 @@ class ChatSampler:
         cache_length: int = DEFAULT_CACHE_LENGTH,
         max_new_tokens: int = DEFAULT_MAX_OUT_LENGTH,
         forbidden_tokens: tuple[int, ...] = (),
+        per_layer_table: Any = None,
     ):
         self.sampler = Sampler(model=model, params=params, tokenizer=tokenizer,
                                sampling=sampling, cache_length=cache_length,
                                max_out_length=max_new_tokens, stop_tokens=CHAT_STOP_TOKENS,
-                               forbidden_tokens=forbidden_tokens)
+                               forbidden_tokens=forbidden_tokens, per_layer_table=per_layer_table)
         self.tokenizer = tokenizer
         self.multi_turn = multi_turn
         self.max_new_tokens = max_new_tokens
