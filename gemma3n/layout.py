@@ -3,7 +3,8 @@
 Checkpoints keep the reference layout. For decoding on CPU, XLA multiplies bfloat16 weights
 far faster when the contracted (input) axes come last, so `to_serving` re-lays out every
 projection once, at load, and can also quantize the large ones to int8 with one scale per
-output channel (half the bytes a decode step reads). The returned model reads that tree.
+output channel (half the bytes a decode step reads; activations are then quantized per row at
+run time, see `gemma3n.layers.einsum`). The returned model reads that tree.
 
 Example:
     >>> serving_model, serving_params = to_serving(model, params, quantize=True)
@@ -20,9 +21,9 @@ import numpy as np
 
 from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
 from gemma3n.layers import QuantizedWeight, record_layouts
+from gemma3n.layers.einsum import INT8_MAX
 from gemma3n.transformer import Gemma3nTransformer
 
-INT8_MAX = 127
 # Weights smaller than this stay in their dtype: quantizing them saves nothing measurable.
 MIN_QUANTIZED_SIZE = 1 << 16
 
