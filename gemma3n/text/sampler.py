@@ -210,6 +210,13 @@ class Sampler:
 
     # ---- text level ------------------------------------------------------------------------
 
+    def vision_encoder(self) -> Any:
+        """The model's vision encoder; a ValueError when the model has none."""
+        encoder = self.model.config.vision_encoder
+        if self.model.text_only or encoder is None:
+            raise ValueError('This model does not have vision encoder: images cannot be passed.')
+        return encoder
+
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ValueError('This sampler has no tokenizer: pass tokenizer= to use text.')
@@ -261,9 +268,7 @@ class Sampler:
         """Images for text prompts as [B, N, H, W, C], and the prompts with their markers."""
         if images is None:
             return prompts, None
-        encoder = self.model.config.vision_encoder
-        if self.model.text_only or encoder is None:
-            raise ValueError('This model does not have vision encoder: images cannot be passed.')
+        encoder = self.vision_encoder()
         if not self._require_tokenizer().has_image_tokens:
             raise ValueError(f'tokenizer {self.tokenizer.path} has no <start_of_image> piece: '
                              'it cannot take images.')
@@ -371,12 +376,9 @@ class _Generation:
     @staticmethod
     def _check_images(sampler: Sampler, images: Any, rows: list[np.ndarray]) -> jax.Array:
         """Host-side checks the compiled prefill cannot make; returns images [B, N, H, W, C]."""
-        model = sampler.model
-        if model.text_only or model.config.vision_encoder is None:
-            raise ValueError('This model does not have vision encoder: images cannot be passed.')
+        encoder = sampler.vision_encoder()
         counts = np.array([multimodal.count_image_markers(row) for row in rows])
-        return multimodal.check_images(images, counts, len(rows),
-                                       model.config.vision_encoder.image_channels)
+        return multimodal.check_images(images, counts, len(rows), encoder.image_channels)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         sampler, batch = self.sampler, len(self.rows)
