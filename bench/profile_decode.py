@@ -36,6 +36,7 @@ import numpy as np
 from bench import common
 from bench.side_ours import load_to_device
 from gemma3n.embedder import PER_LAYER_TABLE
+from gemma3n.layers import contract
 from gemma3n.layout import to_serving
 from gemma3n.transformer import Gemma3nTransformer
 
@@ -153,15 +154,14 @@ def _split_instruction(line: str) -> tuple[str, str, str, str] | None:
     return name, shape.split('{')[0], opcode, rest
 
 
-def trace_breakdown(step: Callable, params: Any, cache: Any,
-                    hlo: dict[str, dict[str, Any]]) -> tuple[list, list, Any]:
-    """Per-step milliseconds of each XLA op in a profiler trace, grouped by module; the largest
-    ops; the cache after the traced steps (the step donates it)."""
+def trace_breakdown(run_once: Callable[[], None], hlo: dict[str, dict[str, Any]],
+                    repeats: int = TRACED_STEPS) -> tuple[list, list]:
+    """Per-call milliseconds of each XLA op of `hlo` in a profiler trace of `repeats` calls of
+    `run_once`, grouped by module; the largest ops."""
     with tempfile.TemporaryDirectory() as logdir:
         with jax.profiler.trace(logdir, create_perfetto_trace=True):
-            for _ in range(TRACED_STEPS):
-                logits, cache = step(params, jnp.ones((1, 1), jnp.int32), cache, None)
-                logits.block_until_ready()
+            for _ in range(repeats):
+                run_once()
         trace_file = next(Path(logdir).rglob('perfetto_trace.json.gz'))
         events = json.load(gzip.open(trace_file))
     events = events['traceEvents'] if isinstance(events, dict) else events
@@ -169,17 +169,25 @@ def trace_breakdown(step: Callable, params: Any, cache: Any,
     counts: collections.Counter = collections.Counter()
     for event in events:
         if event.get('ph') == 'X' and event['name'] in hlo:
-            totals[event['name']] += event.get('dur', 0.0) / 1e3 / TRACED_STEPS
+            totals[event['name']] += event.get('dur', 0.0) / 1e3 / repeats
             counts[event['name']] += 1
     groups: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for name, ms in totals.items():
         info = hlo[name]
         key = f'{info["module"]} [{_kind(name)}]'
         groups[key][0] += ms
-        groups[key][1] += counts[name] // TRACED_STEPS
+        groups[key][1] += counts[name] // repeats
     top_ops = sorted(((ms, name, hlo[name]['shape'], hlo[name]['module']) for name, ms in totals.items()),
                      reverse=True)[:15]
-    return sorted(([k, v[0], v[1]] for k, v in groups.items()), key=lambda r: -r[1]), top_ops, cache
+    return sorted(([k, v[0], v[1]] for k, v in groups.items()), key=lambda r: -r[1]), top_ops
+
+
+def trace_lines(title: str, groups: list, top_ops: list) -> list[str]:
+    total = sum(g[1] for g in groups)
+    return ['', f'{title} (ops summed over layers; total {total:.1f} ms of op time):',
+            common.format_table(['module [op]', 'ms/call', 'ops'], [g for g in groups if g[1] >= 0.5]),
+            '', 'largest single ops:',
+            common.format_table(['ms/call', 'op', 'shape', 'module'], [list(t) for t in top_ops])]
 
 
 def _kind(name: str) -> str:
@@ -224,7 +232,7 @@ def prefill_variants(model: Gemma3nTransformer, params: Any, vocab: int) -> list
     def every_token(p, t, c):
         out = model.apply({'params': p}, t, cache=c, return_last_only=False, return_hidden_states=True)
         head = p['embedder']['input_embedding']
-        return jnp.einsum('BD,VD->BV', out.hidden_states[:, -1], head), out.cache
+        return contract('BD,VD->BV', out.hidden_states[:, -1], head, None), out.cache
 
     rows = []
     for length in common.PROMPT_LENGTHS:
@@ -368,24 +376,26 @@ def main() -> None:
     parser.add_argument('--size', choices=common.SIZES, default='reduced')
     parser.add_argument('--serving', action='store_true',
                         help='profile the serving layout (gemma3n.layout.to_serving)')
-    parser.add_argument('--skip', default='', help='comma-separated parts to skip: trace,host_table,prefill,layout')
+    parser.add_argument('--int8', action='store_true',
+                        help='the serving layout with int8 weights (implies --serving)')
+    parser.add_argument('--skip', default='', help='comma-separated parts to skip: trace,prefill_trace,host_table,prefill,layout')
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(',')))
     config = common.bench_config(args.size)
     weights = common.ensure_weights(args.size)
     model = Gemma3nTransformer(config=config, text_only=True, dtype=jnp.bfloat16)
     params = load_to_device(weights, model)
-    if args.serving:
-        model, params = to_serving(model, params)
+    if args.serving or args.int8:
+        model, params = to_serving(model, params, quantize_int8=args.int8)
     vocab = config.num_embed
     report: dict[str, Any] = {'size': args.size, 'machine': common.machine_info()}
     lines = [f'== profile of our decode step, {args.size} ({common.param_count(config) / 1e9:.2f}B params, '
-             f'bfloat16), load average {report["machine"]["load_average"][0]:.2f}']
+             f'{"int8" if args.int8 else "bfloat16"}), load average {report["machine"]["load_average"][0]:.2f}']
 
     step = make_step(model)
     cache = prefilled_cache(model, params, vocab)
     baseline_s, cache = time_steps(step, params, cache, lambda t: (jnp.full((1, 1), t, jnp.int32), None))
-    weights_read = common.decode_weights_read(config)['total'] * common.BF16_BYTES
+    weights_read = common.decode_weights_read(config)["total"] * (1 if args.int8 else common.BF16_BYTES)
     report['step_s'] = baseline_s
     lines.append(f'decode step (Sampler\'s path, table inside the step): {1e3 * baseline_s:.1f} ms '
                  f'= {1 / baseline_s:.2f} tok/s; weights read {weights_read / common.GB:.2f} GB '
@@ -400,14 +410,29 @@ def main() -> None:
                  + ', '.join(sorted({_LAYER_INDEX.sub("layer_*", p) for p, _ in converted})))
 
     if 'trace' not in skip:
-        groups, top_ops, cache = trace_breakdown(step, params, cache, hlo)
+        state = {'cache': cache}
+
+        def decode_once():
+            logits, state['cache'] = step(params, jnp.ones((1, 1), jnp.int32), state['cache'], None)
+            logits.block_until_ready()
+        groups, top_ops = trace_breakdown(decode_once, hlo)
+        cache = state['cache']
         report['trace_groups'], report['trace_top_ops'] = groups, top_ops
-        total = sum(g[1] for g in groups)
-        lines += ['', f'profiler trace, ms per step by module (ops summed over layers; total {total:.1f} ms '
-                      'of op time):',
-                  common.format_table(['module [op]', 'ms/step', 'ops'], [g for g in groups if g[1] >= 0.5]),
-                  '', 'largest single ops:',
-                  common.format_table(['ms/step', 'op', 'shape', 'module'], [list(t) for t in top_ops])]
+        lines += trace_lines('profiler trace of the decode step, ms per step by module', groups, top_ops)
+
+    if 'prefill_trace' not in skip:
+        prefill = jax.jit(lambda p, t, c: model.apply({'params': p}, t, cache=c, return_last_only=True).logits)
+        tokens = jnp.asarray(common.prompt_tokens(CONTEXT, vocab))
+        empty = model.init_cache(batch_size=1, dtype=jnp.bfloat16, cache_length=CACHE_LENGTH)
+        prefill_hlo = parse_hlo(prefill.lower(params, tokens, empty).compile().as_text())
+
+        def prefill_once():
+            prefill(params, tokens, empty).block_until_ready()
+        prefill_once()
+        groups, top_ops = trace_breakdown(prefill_once, prefill_hlo, PREFILL_REPEATS)
+        report['prefill_trace_groups'], report['prefill_trace_top_ops'] = groups, top_ops
+        lines += trace_lines(f'profiler trace of a {CONTEXT}-token prefill, ms per call by module',
+                             groups, top_ops)
 
     if 'host_table' not in skip:
         table = mapped_table(weights)

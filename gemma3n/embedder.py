@@ -7,10 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.layers import Einsum, RMSNorm, dot
+from gemma3n.layers import Einsum, QuantizedWeight, RMSNorm, contract, layout_param, serving_order
 
 INV_SQRT2 = 2 ** -0.5   # token-derived and table per-layer inputs are averaged in RMS
 PER_LAYER_TABLE = 'per_layer_input_embedding'
+# The tied table [V, D] read as the output head: V is its output axis, D its input axis. Stored
+# [out, in] already, so the serving layout keeps it as is; int8 serving quantizes it per row,
+# which also serves the input side (a row's scale multiplies the gathered row).
+EMBEDDING_IN_AXIS, EMBEDDING_OUT_AXIS = 1, 0
 
 
 def per_layer_token_ids(tokens, vocab_size: int):
@@ -46,9 +50,10 @@ class Embedder(nn.Module):
 
     def setup(self):
         v, d, n, p = self.vocab_size, self.embed_dim, self.num_layers, self.per_layer_dim
-        # Rows of unit RMS after the √D (√P) input scaling.
-        self.input_embedding = self.param(
-            'input_embedding', nn.initializers.normal(d ** -0.5), (v, d), self.dtype)
+        # Fan-in init: rows of unit RMS after the √D input scaling.
+        self.input_embedding = layout_param(
+            self, 'input_embedding', (v, d), EMBEDDING_IN_AXIS, EMBEDDING_OUT_AXIS, (), self.dtype,
+            self.serving)
         if self.is_initializing() or self.has_variable('params', PER_LAYER_TABLE):
             self.per_layer_input_embedding = self.param(
                 PER_LAYER_TABLE, nn.initializers.normal(p ** -0.5), (v, n, p),
@@ -65,7 +70,13 @@ class Embedder(nn.Module):
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """tokens: [B, L] -> [B, L, D]: table rows times √D (ids outside the table clamp)."""
-        x = jnp.take(self.input_embedding, tokens, axis=0, mode='clip')
+        table = self.input_embedding
+        if isinstance(table, QuantizedWeight):
+            rows = jnp.take(table.q, tokens, axis=0, mode='clip').astype(jnp.float32)
+            scales = jnp.take(table.scale, tokens, axis=0, mode='clip')
+            x = (rows * scales[..., None]).astype(self.dtype)
+        else:
+            x = jnp.take(table, tokens, axis=0, mode='clip')
         return x * jnp.sqrt(jnp.float32(self.embed_dim)).astype(x.dtype)
 
     def per_layer_inputs(
@@ -96,7 +107,8 @@ class Embedder(nn.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> logits [B, L, V] with the tied table."""
-        return dot('BTD,VD->BTV', x, self.input_embedding)
+        order = serving_order(EMBEDDING_IN_AXIS, EMBEDDING_OUT_AXIS) if self.serving else None
+        return contract('BTD,VD->BTV', x, self.input_embedding, order)
 
     def encode_vision(self, soft_tokens: jax.Array) -> jax.Array:
         """Vision soft tokens [B, N, T, vision_dim] -> text-width embeddings [B, N, T, D] (float32)."""

@@ -137,8 +137,7 @@ def _merge_contracted(x, w, x_spec: str, w_spec: str, out_spec: str):
     the same order (a free reshape): XLA's CPU matrix kernels take a single contracted axis and
     otherwise copy the weight on every call."""
     contracted = ''.join(a for a in w_spec if a not in out_spec and a in x_spec)
-    if (len(contracted) < 2 or isinstance(w, QuantizedWeight) or contracted not in w_spec
-            or contracted not in x_spec):
+    if len(contracted) < 2 or contracted not in w_spec or contracted not in x_spec:
         return x, w, x_spec, w_spec
     merged = next(c for c in 'ZYXWVUQPO' if c not in x_spec + w_spec + out_spec)
 
@@ -147,7 +146,12 @@ def _merge_contracted(x, w, x_spec: str, w_spec: str, out_spec: str):
         shape = arr.shape[:start] + (-1,) + arr.shape[start + len(contracted):]
         return jnp.reshape(arr, shape), spec.replace(contracted, merged)
 
-    (x, x_spec), (w, w_spec) = flatten(x, x_spec), flatten(w, w_spec)
+    x, x_spec = flatten(x, x_spec)
+    if isinstance(w, QuantizedWeight):
+        # The scale indexes output channels only: the contracted axes it lacks merge freely.
+        q, w_spec = flatten(w.q, w_spec)
+        return x, QuantizedWeight(q=q, scale=w.scale), x_spec, w_spec
+    w, w_spec = flatten(w, w_spec)
     return x, w, x_spec, w_spec
 
 
