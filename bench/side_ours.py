@@ -2,7 +2,7 @@
 
 Variants (`--variant`), so each optimisation is measured on its own:
   plain:   the checkpoint layout, the per-layer table inside the compiled steps;
-  serving: weights re-laid out [out, in] at load (`gemma3n.layout.to_serving`), the per-layer
+  serving: weights re-laid out [out, in] while loading (`gemma3n.layout.load_serving`), the per-layer
            table read lazily from the checkpoint file, only the rows the tokens need;
   int8:    serving, with the large weights quantized to int8 per output channel.
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from bench import common
 from gemma3n.checkpoints import hf_mapping, load_params, open_per_layer_table
-from gemma3n.layout import to_serving
+from gemma3n.layout import load_serving
 from gemma3n.text.sampler import Sampler
 from gemma3n.transformer import Gemma3nTransformer
 
@@ -69,11 +69,10 @@ def build(weights: Path, size: str, variant: str) -> tuple[common.GreedyRunner, 
         params = load_to_device(weights, model)
     else:
         # The per-layer table stays in the checkpoint file: rows are read as tokens need them.
-        host = load_params(weights, model=model, dtype=jnp.bfloat16, progress=False,
-                           skip_per_layer_table=True)
+        # Each weight is converted to the serving layout (and int8) as it is read.
         table = open_per_layer_table(weights, model=model)
-        model, params = to_serving(model, host, quantize_int8=variant == 'int8', consume=True)
-        params = to_device(params)
+        model, params = load_serving(weights, model, dtype=jnp.bfloat16, progress=False,
+                                     quantize_int8=variant == 'int8', skip_per_layer_table=True)
     sampler = Sampler(model=model, params=params, cache_length=CACHE_LENGTH, cache_dtype=jnp.bfloat16,
                       per_layer_table=None if variant == 'plain' else table)
     return OursRunner(sampler), {'name': f'ours {variant}', 'variant': variant, 'jax': jax.__version__,

@@ -285,3 +285,34 @@ def test_config_from_hf_rejects_what_our_config_cannot_express():
         hf_mapping.config_from_hf(dict(saved, layer_types=['chunked_attention'] * 10))
     with pytest.raises(ValueError, match='num_altup_inputs=2'):
         hf_mapping.config_from_hf(dict(saved, altup_num_inputs=2))
+
+
+def test_transform_converts_each_parameter_before_the_next_is_read():
+    """The loading hook that lets `gemma3n.layout.load_serving` hold one source tensor at a time."""
+    config = CONFIGS[0]
+    hf = hf_mapping.params_to_hf(random_params(config, seed=3), config, prefix='model.')
+    events = []
+
+    def read(key):
+        events.append(('read', key))
+        return hf[key]
+
+    def transform(path, value):
+        events.append(('transform', path))
+        return -value
+
+    params, _ = hf_mapping.hf_to_params(read, hf.keys(), config, prefix='model.', transform=transform)
+    # Every parameter's tensors are read, then it is transformed, before the next one is read.
+    pending, transformed = [], []
+    for kind, name in events:
+        if kind == 'read':
+            pending.append(name)
+            continue
+        entry = next(e for e in hf_mapping.mapping_entries(config) if e.path == name)
+        assert pending == ['model.' + key for key in entry.hf_keys], name
+        pending = []
+        transformed.append(name)
+    assert not pending and sorted(transformed) == sorted(_flat(params))
+    plain, _ = hf_mapping.hf_to_params(hf.__getitem__, hf.keys(), config, prefix='model.')
+    for path, value in _flat(plain).items():
+        np.testing.assert_array_equal(_flat(params)[path], -value)

@@ -31,6 +31,8 @@ import numpy as np
 
 from gemma3n.config import AttentionType, QueryPreAttentionNormalisation, TransformerConfig
 
+# A per-parameter conversion applied while loading: (our '/'-joined path, array) -> stored leaf.
+Transform = Callable[[str, np.ndarray], Any]
 # HF's text vocabulary carries 128 vision + 128 audio token rows after ours (copies of the pad row
 # in the released checkpoints; mapping doc section 2.10).
 HF_EXTRA_VOCAB = 256
@@ -333,6 +335,7 @@ def hf_to_params(
         progress: Callable[[int], None] | None = None,
         describe: Callable[[str], str] = str,
         skip: Collection[str] = (),
+        transform: Transform | None = None,
 ) -> tuple[dict[str, Any], DroppedWeights]:
     """HF tensors -> (our nested params, what was dropped).
 
@@ -344,6 +347,8 @@ def hf_to_params(
     ValueError naming the HF key for a missing tensor, an unexpected tensor under `prefix`, a wrong
     shape or a non-float dtype; nothing is returned in that case. `skip` names paths of our tree to
     leave out: their HF tensors must still be present but are neither read nor checked.
+    `transform(path, array)`, when given, converts each parameter as soon as it is read (e.g. to
+    a serving layout on the device); its result is what the tree holds.
     """
     keys = set(keys)
     # The default HF vocabulary (> num_embed) selects the row-dropping conversion; the shape check
@@ -388,8 +393,10 @@ def hf_to_params(
             if e.conversion == 'pad_vocab':
                 dropped.extra_vocab_rows = x.shape[0] - e.shape[0]
             sources.append(x)
-        flat[e.path] = _materialise(_CONVERSIONS[e.conversion].from_hf(sources, e), e.shape, dtype)
+        value = _materialise(_CONVERSIONS[e.conversion].from_hf(sources, e), e.shape, dtype)
         del sources
+        flat[e.path] = value if transform is None else transform(e.path, value)
+        del value
         if progress is not None:
             progress(math.prod(e.shape))
     return unflatten_params(flat), dropped

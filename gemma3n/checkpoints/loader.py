@@ -46,6 +46,7 @@ def load_params(
         dtype: Any = None,
         progress: bool = True,
         skip_per_layer_table: bool = False,
+        transform: hf_mapping.Transform | None = None,
 ) -> dict[str, Any]:
     """Our nested parameter tree (np.ndarray leaves) from the checkpoint at `path`.
 
@@ -61,6 +62,11 @@ def load_params(
         skip_per_layer_table: leave `embedder/per_layer_input_embedding` (E4B: 4.7 GB in bfloat16) out
             of the result without reading it; generation can gather its rows from the file instead
             (`open_per_layer_table`). Checked against a model, the checkpoint must still hold it.
+        transform: `transform(path, array)` converts each parameter right after it is read, before
+            the next one is (largest first), and its result is stored in the tree: e.g.
+            `gemma3n.layout.ServingConverter` re-lays out and quantizes while loading, so memory
+            never holds the checkpoint's layout of the whole model. Orbax checkpoints are restored
+            whole first, then converted leaf by leaf.
     """
     path = Path(path).expanduser()
     checkpoint = checkpoint_format(path)
@@ -72,17 +78,23 @@ def load_params(
         if not text_only:
             raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder; '
                              'load them into a text_only=True model.')
-        return load_hf_params(path, config=config, dtype=dtype, progress=progress, skip=skip)
+        return load_hf_params(path, config=config, dtype=dtype, progress=progress, skip=skip,
+                              transform=transform)
     if checkpoint == ORBAX_FORMAT:
         names = _select(orbax_catalog(path), config, text_only, path, skip)
-        return hf_mapping.unflatten_params(orbax_restore(path, names, dtype))
+        flat = orbax_restore(path, names, dtype)
+        if transform is not None:
+            for name in sorted(flat, key=lambda n: -flat[n].size):
+                flat[name] = transform(name, flat.pop(name))
+        return hf_mapping.unflatten_params(flat)
     files = SafetensorsFiles([path])
     catalog = native_catalog(files)
     names = _select(catalog, config, text_only, path, skip)
-    total = sum(math.prod(catalog[name][0]) for name in names)
-    with tqdm.tqdm(total=total, desc=f'Loading {path.name}', unit='param', unit_scale=True,
+    sizes = {name: math.prod(catalog[name][0]) for name in names}
+    with tqdm.tqdm(total=sum(sizes.values()), desc=f'Loading {path.name}', unit='param', unit_scale=True,
                    disable=not progress) as bar:
-        return hf_mapping.unflatten_params(native_read(files, names, dtype, bar.update))
+        largest_first = sorted(names, key=lambda n: -sizes[n])
+        return hf_mapping.unflatten_params(native_read(files, largest_first, dtype, bar.update, transform))
 
 
 def checkpoint_format(path: Path) -> str:

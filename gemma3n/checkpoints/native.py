@@ -45,13 +45,19 @@ def native_catalog(files: SafetensorsFiles) -> dict[str, tuple[tuple[int, ...], 
 
 
 def native_read(files: SafetensorsFiles, paths: Sequence[str], dtype: Any,
-                progress: Callable[[int], None]) -> dict[str, np.ndarray]:
-    """The tensors at `paths`, one at a time, cast to `dtype` (None: as stored)."""
+                progress: Callable[[int], None],
+                transform: hf_mapping.Transform | None = None) -> dict[str, Any]:
+    """The tensors at `paths`, one at a time, cast to `dtype` (None: as stored), each passed
+    through `transform(path, array)` when given, before the next is read."""
     flat = {}
     for name in paths:
         value = files.read(name)
-        flat[name] = value if dtype is None else value.astype(dtype, copy=False)
-        progress(value.size)
+        size = value.size
+        if dtype is not None:
+            value = value.astype(dtype, copy=False)
+        flat[name] = value if transform is None else transform(name, value)
+        del value
+        progress(size)
     return flat
 
 

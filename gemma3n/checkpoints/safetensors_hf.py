@@ -115,11 +115,12 @@ def load_hf_params(
         dtype: Any = None,
         progress: bool = True,
         skip: Collection[str] = (),
+        transform: hf_mapping.Transform | None = None,
 ) -> dict[str, Any]:
     """Our nested params (np.ndarray leaves) from a HF Gemma 3n checkpoint at `path`.
 
     `config`: as for `hf_checkpoint_config`. `skip`: paths of our tree left out of the result; their
-    tensors are not read.
+    tensors are not read. `transform`: as for `hf_mapping.hf_to_params`.
     """
     config = hf_checkpoint_config(path, config)
     hf_config = read_hf_config(path)
@@ -133,7 +134,8 @@ def load_hf_params(
                    disable=not progress) as bar:
         try:
             params, dropped = hf_mapping.hf_to_params(files.read, files.keys(), config, prefix=prefix, dtype=dtype,
-                                                      progress=bar.update, describe=files.describe, skip=skip)
+                                                      progress=bar.update, describe=files.describe, skip=skip,
+                                                      transform=transform)
         except ValueError as err:
             raise ValueError(f'{path}: {err}') from err
     logger.info('Loaded %s: %s.', path, dropped.summary())
