@@ -67,9 +67,15 @@ _transpose = jax.jit(jnp.transpose, static_argnums=1)
 
 
 def _relayout(w: Any, order: tuple[int, ...]) -> jax.Array:
-    """w transposed to `order`, on the device (no copy beyond the transfer when in order)."""
+    """w transposed to `order`, on the device.
+
+    A host array may be a view (the loader's own layout change): numpy composes the two
+    permutations, so at most one copy is made, none beyond the transfer when they cancel.
+    """
+    if isinstance(w, np.ndarray):
+        return jax.device_put(np.ascontiguousarray(np.transpose(w, order)))
     if order == tuple(range(len(order))):
-        return jax.device_put(w)
+        return w
     return _transpose(w, order)
 
 

@@ -393,7 +393,10 @@ def hf_to_params(
             if e.conversion == 'pad_vocab':
                 dropped.extra_vocab_rows = x.shape[0] - e.shape[0]
             sources.append(x)
-        value = _materialise(_CONVERSIONS[e.conversion].from_hf(sources, e), e.shape, dtype)
+        # A transform gets the layout change as a view where possible: it makes the one copy it
+        # needs (for our serving layout often none: HF's [out, in] weights already are).
+        value = _materialise(_CONVERSIONS[e.conversion].from_hf(sources, e), e.shape, dtype,
+                             contiguous=transform is None)
         del sources
         flat[e.path] = value if transform is None else transform(e.path, value)
         del value
@@ -408,10 +411,11 @@ def _shape_matches(e: ParamMapping, actual: tuple[int, ...], expected: tuple[int
     return tuple(actual) == tuple(expected)
 
 
-def _materialise(converted: np.ndarray | Sequence[np.ndarray], shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """One C-contiguous array in `dtype`; copies only when layout or dtype require it."""
+def _materialise(converted: np.ndarray | Sequence[np.ndarray], shape: tuple[int, ...], dtype: Any,
+                 contiguous: bool = True) -> np.ndarray:
+    """One array in `dtype`, C-contiguous when asked; copies only when layout or dtype require it."""
     if isinstance(converted, np.ndarray):
-        return np.asarray(converted, dtype=dtype or converted.dtype, order='C')
+        return np.asarray(converted, dtype=dtype or converted.dtype, order='C' if contiguous else 'K')
     out = np.empty(shape, dtype=dtype or np.result_type(*converted))
     for i, part in enumerate(converted):
         out[i] = part
