@@ -21,10 +21,11 @@ import numpy as np
 from bench import common
 
 THEIRS = 'hf'
+SERVING, INT8 = 'ours-serving', 'ours-int8'
 SIDES = {  # name -> python arguments
     'ours': ['-m', 'bench.side_ours', '--variant', 'plain'],
-    'ours-serving': ['-m', 'bench.side_ours', '--variant', 'serving'],
-    'ours-int8': ['-m', 'bench.side_ours', '--variant', 'int8'],
+    SERVING: ['-m', 'bench.side_ours', '--variant', 'serving'],
+    INT8: ['-m', 'bench.side_ours', '--variant', 'int8'],
     THEIRS: ['-m', 'bench.side_hf'],
 }
 DEFAULT_SIDES = 'ours,ours-serving,hf'
@@ -44,11 +45,12 @@ ROWS = (  # (label, key, higher is better)
 )
 
 
-def compare_outputs(paths: dict[str, Any], results: dict[str, dict[str, Any]], side: str) -> dict[str, Any]:
-    """How closely `side` agrees with transformers: same weights, so the same logits up to
+def compare_outputs(paths: dict[str, Any], results: dict[str, dict[str, Any]], side: str,
+                    reference: str) -> dict[str, Any]:
+    """How closely `side` agrees with `reference`: same weights, so the same logits up to
     bfloat16 rounding (int8 adds its quantization error)."""
-    ours, theirs = (np.load(paths[s].with_suffix('.logits.npy')) for s in (side, THEIRS))
-    tokens = [results[s]['decode_tokens'] for s in (side, THEIRS)]
+    ours, theirs = (np.load(paths[s].with_suffix('.logits.npy')) for s in (side, reference))
+    tokens = [results[s]['decode_tokens'] for s in (side, reference)]
     same = next((i for i, (a, b) in enumerate(zip(*tokens)) if a != b), len(tokens[0]))
     return {
         'first_logits_max_abs_diff': float(np.max(np.abs(ours - theirs))),
@@ -86,9 +88,9 @@ def report(size: str, machine: dict[str, Any], bandwidth: dict[str, Any],
     for side in results:
         share = results[side]['decode_tok_s'] / bandwidth['ceiling_tok_s_bf16']
         lines.append(f'  {results[side]["name"]} decodes at {100 * share:.0f}% of the bfloat16 ceiling')
-    for side, check in agreement.items():
+    for pair, check in agreement.items():
         lines.append(
-            f'{side} vs transformers, first-token logits: max |diff| {check["first_logits_max_abs_diff"]:.3g} '
+            f'{pair}, first-token logits: max |diff| {check["first_logits_max_abs_diff"]:.3g} '
             f'(max |logit| {check["first_logits_max_abs"]:.3g}, rel L2 {check["first_logits_rel_l2"]:.3g}); '
             f'greedy tokens equal for the first {check["decode_tokens_equal_prefix"]} of '
             f'{check["decode_tokens_compared"]}')
@@ -126,8 +128,11 @@ def main() -> None:
                            '--repeats', str(args.repeats)])
         results[side] = json.loads(paths[side].read_text())
     machine['load_average_end'] = common.machine_info()['load_average']
-    agreement = {side: compare_outputs(paths, results, side)
-                 for side in results if side != THEIRS and THEIRS in results}
+    pairs = [(side, THEIRS) for side in results if side != THEIRS and THEIRS in results]
+    if INT8 in results and SERVING in results:
+        pairs.append((INT8, SERVING))     # the int8 error against the same code in bfloat16
+    agreement = {f'{side} vs {reference}': compare_outputs(paths, results, side, reference)
+                 for side, reference in pairs}
     text = report(args.size, machine, bandwidth, results, agreement)
     print(text)
     out = common.write_json({'size': args.size, 'machine': machine, 'bandwidth': bandwidth,

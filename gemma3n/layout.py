@@ -27,6 +27,7 @@ import numpy as np
 
 from gemma3n.checkpoints import load_params
 from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
+from gemma3n.host_arrays import to_device
 from gemma3n.layers import QuantizedWeight, record_layouts
 from gemma3n.layers.einsum import INT8_MAX
 from gemma3n.transformer import Gemma3nTransformer
@@ -70,10 +71,11 @@ def _relayout(w: Any, order: tuple[int, ...]) -> jax.Array:
     """w transposed to `order`, on the device.
 
     A host array may be a view (the loader's own layout change): numpy composes the two
-    permutations, so at most one copy is made, none beyond the transfer when they cancel.
+    permutations, so at most one copy is made, none at all when they cancel and the loader's
+    buffer is aligned for the device to adopt.
     """
     if isinstance(w, np.ndarray):
-        return jax.device_put(np.ascontiguousarray(np.transpose(w, order)))
+        return to_device(np.transpose(w, order))
     if order == tuple(range(len(order))):
         return w
     return _transpose(w, order)
@@ -114,7 +116,7 @@ class ServingConverter:
     def __call__(self, path: str, w: Any) -> jax.Array | QuantizedWeight:
         layout = self.orders.get(path)
         if layout is None:
-            return jax.block_until_ready(jax.device_put(w))
+            return jax.block_until_ready(to_device(w))
         order, num_in = layout
         if np.ndim(w) != len(order):
             raise ValueError(f'{path} has rank {np.ndim(w)}, expected {len(order)}.')

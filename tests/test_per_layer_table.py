@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from gemma3n.checkpoints import LazyPerLayerTable, hf_mapping, load_params, open_per_layer_table, save_params
-from gemma3n.checkpoints import loader
+from gemma3n.checkpoints import loader, per_layer_table
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.config import TransformerConfig
 from hf_oracle import HF_PREFIX, make_hf_causal_lm, random_params, small_configs
@@ -68,9 +68,9 @@ def _spy_reads(monkeypatch) -> list[str]:
 def _spy_row_bytes(monkeypatch) -> list[int]:
     """Byte counts of the reads a LazyPerLayerTable makes from now on."""
     counts = []
-    original = LazyPerLayerTable._read_into
-    monkeypatch.setattr(LazyPerLayerTable, '_read_into',
-                        lambda self, buffer, position: counts.append(buffer.nbytes) or original(self, buffer, position))
+    original = per_layer_table.read_into
+    monkeypatch.setattr(per_layer_table, 'read_into',
+                        lambda reader, buffer, *args: counts.append(buffer.nbytes) or original(reader, buffer, *args))
     return counts
 
 

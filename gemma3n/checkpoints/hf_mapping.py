@@ -30,6 +30,7 @@ import ml_dtypes
 import numpy as np
 
 from gemma3n.config import AttentionType, QueryPreAttentionNormalisation, TransformerConfig
+from gemma3n.host_arrays import aligned_empty
 
 # A per-parameter conversion applied while loading: (our '/'-joined path, array) -> stored leaf.
 Transform = Callable[[str, np.ndarray], Any]
@@ -416,7 +417,7 @@ def _materialise(converted: np.ndarray | Sequence[np.ndarray], shape: tuple[int,
     """One array in `dtype`, C-contiguous when asked; copies only when layout or dtype require it."""
     if isinstance(converted, np.ndarray):
         return np.asarray(converted, dtype=dtype or converted.dtype, order='C' if contiguous else 'K')
-    out = np.empty(shape, dtype=dtype or np.result_type(*converted))
+    out = aligned_empty(shape, dtype or np.result_type(*converted))
     for i, part in enumerate(converted):
         out[i] = part
     return out

@@ -7,9 +7,6 @@
 Why not memory-map it (as `safe_open` does): on kernels with large page-cache folios (Linux 6.x
 ext4/xfs) touching one 18 KB row of a mapping maps up to 2 MB of the file into the process, so 512
 scattered rows made a 1.2 GB table count ~0.7 GB of resident memory; plain reads copy only the rows.
-safetensors has no public API for a tensor's byte offset, so it is taken from the file's header
-(8-byte little-endian length + JSON, as the format specifies) after `safe_open` has validated the
-file and reported the tensor's shape and dtype.
 
 Example:
     >>> table = open_per_layer_table('gemma-3n-E4B-it', model=Gemma3n_E4B(text_only=True))
@@ -18,10 +15,8 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +26,11 @@ import numpy as np
 from gemma3n.checkpoints import hf_mapping
 from gemma3n.checkpoints.loader import (HF_FORMAT, ORBAX_FORMAT, PER_LAYER_TABLE_PATH, checkpoint_format,
                                         model_config)
-from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
+from gemma3n.checkpoints.safetensors_files import SafetensorsFiles, read_into
 from gemma3n.checkpoints.safetensors_hf import hf_checkpoint_config, hf_prefix, open_hf_files
 from gemma3n.config import TransformerConfig
 
 DEFAULT_DTYPE = np.dtype(ml_dtypes.bfloat16)
-HEADER_LENGTH_BYTES = 8          # safetensors: the JSON header's length as a little-endian u64
-HEADER_LENGTH_FORMAT = '<Q'
 SHOWN_BAD_IDS = 8                # how many out-of-range ids an error message lists
 
 
@@ -87,20 +80,11 @@ class LazyPerLayerTable:
         if self.stored_dtype not in hf_mapping.FLOAT_DTYPES:
             raise ValueError(f'Tensor {key} in {self.file} has dtype {self.stored_dtype}, expected a float dtype.')
         self._row_bytes = math.prod(self._shape[1:]) * self.stored_dtype.itemsize
-        self._data_start = self._data_offset(self.nbytes_on_disk)
+        self._data_start = files.span(key).position
         self._reader = open(self.file, 'rb', buffering=0)
         if hasattr(os, 'posix_fadvise'):
             # Rows are scattered: readahead (8 MB on some systems) would pull megabytes per row from disk.
             os.posix_fadvise(self._reader.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-
-    def _data_offset(self, nbytes: int) -> int:
-        """Byte position of the tensor's data in the file (the header was validated by safe_open)."""
-        with open(self.file, 'rb') as f:
-            (header_length,) = struct.unpack(HEADER_LENGTH_FORMAT, f.read(HEADER_LENGTH_BYTES))
-            begin, end = json.loads(f.read(header_length))[self.key]['data_offsets']
-        if end - begin != nbytes:
-            raise ValueError(f'Tensor {self.key} in {self.file} spans {end - begin} bytes, expected {nbytes}.')
-        return HEADER_LENGTH_BYTES + header_length + begin
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -136,17 +120,9 @@ class LazyPerLayerTable:
         out = np.empty((ids.size, self._row_bytes), np.uint8)
         run_starts = np.flatnonzero(np.diff(ids, prepend=-2) != 1)   # -2: id 0 still starts a run
         for first, stop in zip(run_starts, [*run_starts[1:], ids.size]):
-            self._read_into(out[first:stop], self._data_start + int(ids[first]) * self._row_bytes)
+            read_into(self._reader, out[first:stop], self._data_start + int(ids[first]) * self._row_bytes,
+                      f'{self.file}, inside tensor {self.key},')
         return out
-
-    def _read_into(self, buffer: np.ndarray, position: int) -> None:
-        view = memoryview(buffer).cast('B')
-        while view:
-            self._reader.seek(position)
-            count = self._reader.readinto(view)
-            if not count:
-                raise ValueError(f'{self.file} ends inside tensor {self.key} (truncated?).')
-            view, position = view[count:], position + count
 
     def close(self) -> None:
         self._reader.close()

@@ -1,8 +1,13 @@
 """Lazy, one-tensor-at-a-time reading of one or more safetensors files.
 
-Each read maps the file, copies one tensor out and unmaps it again, so resident memory holds the
-tensors already loaded plus one, never the mapped file (mapped pages count as resident once
-touched). Corrupted or truncated files are reported by name when they are opened.
+Each read copies one tensor from the file into a fresh array with positioned reads (no memory
+map: mapped pages count as resident once touched), so resident memory holds the tensors already
+loaded plus one. The arrays are aligned for the JAX CPU device to adopt without another copy
+(`gemma3n.host_arrays`). Corrupted or truncated files are reported by name when they are opened.
+
+safetensors validates a file (`safe_open`) but has no public API for a tensor's byte position,
+so that is taken from the file's header (8-byte little-endian length + JSON, as the format
+specifies) after `safe_open` has accepted it.
 
 Example:
     >>> files = SafetensorsFiles([Path('model-00001-of-00002.safetensors'), ...])
@@ -11,17 +16,47 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import struct
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-NUMPY_FRAMEWORK = 'numpy'   # safetensors reads bfloat16 into ml_dtypes.bfloat16 arrays with it
+from gemma3n.host_arrays import aligned_empty
+
+NUMPY_FRAMEWORK = 'numpy'
+HEADER_LENGTH_BYTES = 8          # the JSON header's length as a little-endian u64
+HEADER_LENGTH_FORMAT = '<Q'
+METADATA_KEY = '__metadata__'
 _DTYPES = {'BF16': np.dtype(ml_dtypes.bfloat16), 'F16': np.dtype(np.float16), 'F32': np.dtype(np.float32),
            'F64': np.dtype(np.float64), 'I8': np.dtype(np.int8), 'I16': np.dtype(np.int16),
            'I32': np.dtype(np.int32), 'I64': np.dtype(np.int64), 'U8': np.dtype(np.uint8), 'BOOL': np.dtype(bool)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpan:
+    """Where one tensor lies: its file, the byte position of its data, shape and dtype name."""
+    file: Path
+    position: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def read_into(reader: BinaryIO, buffer: np.ndarray, position: int, what: str) -> None:
+    """Fills `buffer` with the bytes of `reader` from `position` on; ValueError naming `what`
+    when the file ends first."""
+    view = memoryview(buffer.reshape(-1).view(np.uint8))
+    while view:
+        reader.seek(position)
+        count = reader.readinto(view)
+        if not count:
+            raise ValueError(f'{what} ends early (truncated file?).')
+        view, position = view[count:], position + count
 
 
 class SafetensorsFiles:
@@ -33,15 +68,15 @@ class SafetensorsFiles:
     """
 
     def __init__(self, paths: Iterable[Path]):
-        self._file_of: dict[str, Path] = {}
+        self._spans: dict[str, TensorSpan] = {}
         self.metadata: dict[Path, dict[str, str]] = {}
         for path in paths:
             with self._open(path) as f:
                 self.metadata[path] = f.metadata() or {}
-                for key in f.keys():
-                    if key in self._file_of:
-                        raise ValueError(f'Tensor {key} is stored twice: in {self._file_of[key]} and {path}.')
-                    self._file_of[key] = path
+            for key, span in _header_spans(path).items():
+                if key in self._spans:
+                    raise ValueError(f'Tensor {key} is stored twice: in {self._spans[key].file} and {path}.')
+                self._spans[key] = span
 
     @staticmethod
     def _open(path: Path):
@@ -53,32 +88,53 @@ class SafetensorsFiles:
             raise ValueError(f'{path} is not a readable safetensors file (truncated or corrupted?): {err}') from err
 
     def keys(self) -> list[str]:
-        return list(self._file_of)
+        return list(self._spans)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._file_of
+        return key in self._spans
 
     def file_of(self, key: str) -> Path:
-        return self._file_of[key]
+        return self._spans[key].file
+
+    def span(self, key: str) -> TensorSpan:
+        return self._spans[key]
 
     def shape_and_dtype(self, key: str) -> tuple[tuple[int, ...], np.dtype]:
         """Header information of one tensor, without reading its data."""
-        path = self._file_of[key]
-        with self._open(path) as f:
-            view = f.get_slice(key)
-            shape, dtype = tuple(view.get_shape()), view.get_dtype()
-        if dtype not in _DTYPES:
-            raise ValueError(f'Tensor {key} in {path} has dtype {dtype}, which this loader does not read.')
-        return shape, _DTYPES[dtype]
+        span = self._spans[key]
+        if span.dtype not in _DTYPES:
+            raise ValueError(f'Tensor {key} in {span.file} has dtype {span.dtype}, which this loader does not read.')
+        return span.shape, _DTYPES[span.dtype]
 
     def read(self, key: str) -> np.ndarray:
-        """One tensor as an in-memory array (the file is unmapped afterwards)."""
-        path = self._file_of[key]
-        with self._open(path) as f:
-            try:
-                return f.get_tensor(key)
-            except (SafetensorError, TypeError) as err:
-                raise ValueError(f'Cannot read tensor {key} from {path}: {err}') from err
+        """One tensor as an in-memory array, aligned for the device to adopt."""
+        shape, dtype = self.shape_and_dtype(key)
+        span = self._spans[key]
+        out = aligned_empty(shape, dtype)
+        with open(span.file, 'rb', buffering=0) as reader:
+            read_into(reader, out, span.position, f'{span.file}, inside tensor {key},')
+        return out
 
     def describe(self, key: str) -> str:
-        return f'{key} (in {self._file_of.get(key, "no file")})'
+        span = self._spans.get(key)
+        return f'{key} (in {span.file if span else "no file"})'
+
+
+def _header_spans(path: Path) -> dict[str, TensorSpan]:
+    """Every tensor's span in the (safe_open-validated) file at `path`."""
+    with open(path, 'rb') as f:
+        (header_length,) = struct.unpack(HEADER_LENGTH_FORMAT, f.read(HEADER_LENGTH_BYTES))
+        header = json.loads(f.read(header_length))
+    data_start = HEADER_LENGTH_BYTES + header_length
+    spans = {}
+    for key, info in header.items():
+        if key == METADATA_KEY:
+            continue
+        begin, end = info['data_offsets']
+        shape = tuple(int(n) for n in info['shape'])
+        itemsize = _DTYPES[info['dtype']].itemsize if info['dtype'] in _DTYPES else None
+        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+            raise ValueError(f'Tensor {key} in {path} spans {end - begin} bytes, expected '
+                             f'{math.prod(shape) * itemsize} for {shape} {info["dtype"]}.')
+        spans[key] = TensorSpan(path, data_start + begin, shape, info['dtype'])
+    return spans
