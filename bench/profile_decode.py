@@ -1,11 +1,13 @@
 """Where our decode step and prefill spend their time, and what the planned optimisations would buy.
 
-    python -m bench.profile_decode --size reduced
+    python -m bench.profile_decode --size reduced [--serving | --int8] [--skip PARTS]
 
-Measures, on the benchmark's random bfloat16 weights:
+Measures, on the benchmark's random bfloat16 weights (in the checkpoint layout, the serving
+layout or int8):
   1. the decode step as the Sampler compiles it, and a per-operation breakdown from a JAX profiler
      trace, grouped by module (the XLA op names are mapped back through the compiled HLO); also
-     which weights the compiled step converts to float32 on every call;
+     which weights the compiled step converts to float32 on every call; the same breakdown of a
+     128-token prefill;
   2. the same step with the per-layer table kept out of it: its row gathered on the host from the
      memory-mapped checkpoint and passed as `per_layer_embeddings`;
   3. prefill with the model's last-token shortcut for the K/V-shared layers (`return_last_only`)
