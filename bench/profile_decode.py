@@ -423,7 +423,9 @@ def main() -> None:
         lines += trace_lines('profiler trace of the decode step, ms per step by module', groups, top_ops)
 
     if 'prefill_trace' not in skip:
-        prefill = jax.jit(lambda p, t, c: model.apply({'params': p}, t, cache=c, return_last_only=True).logits)
+        def prefill_logits(params, tokens, cache):     # `params`: its HLO names start PARAM_PREFIX
+            return model.apply({'params': params}, tokens, cache=cache, return_last_only=True).logits
+        prefill = jax.jit(prefill_logits)
         tokens = jnp.asarray(common.prompt_tokens(CONTEXT, vocab))
         empty = model.init_cache(batch_size=1, dtype=jnp.bfloat16, cache_length=CACHE_LENGTH)
         prefill_hlo = parse_hlo(prefill.lower(params, tokens, empty).compile().as_text())
