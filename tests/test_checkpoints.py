@@ -186,6 +186,12 @@ def test_orbax_checkpoint_in_reference_layout_loads(tmp_path, caplog):
     _assert_trees_equal(load_params(tmp_path / 'orbax', progress=False), full)     # as stored
     as_f32 = load_params(tmp_path / 'orbax', model=CONFIG, dtype=np.float32, progress=False)
     np.testing.assert_array_equal(_flat(as_f32)['layer_3/mlp/linear'], params['layer_3/mlp/linear'].astype(np.float32))
+    # A transform sees every restored leaf once, by path (Orbax restores the tree whole first).
+    seen = []
+    negated = load_params(tmp_path / 'orbax', model=CONFIG, progress=False,
+                          transform=lambda path, value: seen.append(path) or -value)
+    assert sorted(seen) == sorted(params)
+    np.testing.assert_array_equal(_flat(negated)['layer_3/mlp/linear'], -params['layer_3/mlp/linear'])
 
     wider = dataclasses.replace(CONFIG, embed_dim=64)
     with pytest.raises(ValueError, match=r'orbax does not fit the model config: embedder/input_embedding has shape '
