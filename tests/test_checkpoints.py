@@ -13,6 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -23,6 +24,7 @@ from safetensors.numpy import load_file, save_file
 
 from gemma3n.checkpoints import apply_hf_softcap, hf_mapping, load_params, native, save_params
 from gemma3n.config import TransformerConfig
+from gemma3n.layout import load_serving, to_serving
 from gemma3n.transformer import Gemma3nTransformer
 from hf_oracle import make_hf_causal_lm, random_params, small_configs
 
@@ -89,6 +91,26 @@ def test_hf_save_pretrained_loads_and_matches_transformers_logits(hf_checkpoint,
     tokens = _tokens(CONFIG)
     expected = _hf_logits(hf_model, tokens)[..., :CONFIG.num_embed]
     np.testing.assert_allclose(_our_logits(capped, loaded, tokens), expected, atol=LOGIT_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize('quantize_int8', [False, True], ids=['bf16', 'int8'])
+def test_hf_checkpoint_straight_into_the_serving_layout(hf_checkpoint, quantize_int8):
+    # The loader hands the converter its own layout change as a view (transposes, head reshapes,
+    # stacked pairs) and the converter composes it with the serving order: the result must be
+    # exactly what converting the loaded tree in memory gives.
+    path, _, _ = hf_checkpoint
+    model = Gemma3nTransformer(config=CONFIG, text_only=True, dtype=jnp.bfloat16)
+    serving_model, streamed = load_serving(path, model, dtype=ml_dtypes.bfloat16, progress=False,
+                                           quantize_int8=quantize_int8)
+    _, expected = to_serving(model, load_params(path, model=model, dtype=ml_dtypes.bfloat16, progress=False),
+                             quantize_int8=quantize_int8)
+    assert serving_model.serving_layout
+    streamed_leaves = jax.tree_util.tree_leaves_with_path(streamed)
+    expected_leaves = jax.tree_util.tree_leaves_with_path(expected)
+    assert [p for p, _ in streamed_leaves] == [p for p, _ in expected_leaves]
+    for (name, got), (_, want) in zip(streamed_leaves, expected_leaves):
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=str(name))
 
 
 def test_hf_config_is_derived_from_config_json(hf_checkpoint):
