@@ -36,7 +36,7 @@ from gemma3n import cache as kv_cache
 from gemma3n import multimodal
 from gemma3n.checkpoints import open_per_layer_table
 from gemma3n.checkpoints.loader import ORBAX_FORMAT, VISION_PREFIXES, checkpoint_format
-from gemma3n.layout import load_serving, to_serving
+from gemma3n.layout import load_serving, serving_nbytes, to_serving
 from gemma3n.config import AttentionType
 from gemma3n.models import DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config
 from gemma3n.text import special_tokens
@@ -582,6 +582,9 @@ def describe_model(model: Gemma3nTransformer, title: str, dtype_name: str,
         f'  weights                    {_bytes(total * itemsize)}',
         f'    text decoder             {_bytes(counts["text"] * itemsize)}',
         f'    per-layer embedding table {_bytes(counts["per_layer_table"] * itemsize)}',
+        '  held by generate/chat from a checkpoint (per-layer table left in the file):',
+        f'    {dtype_name:<24} {_bytes(serving_nbytes(model, DTYPES[dtype_name]))}',
+        f'    with --int8              {_bytes(serving_nbytes(model, DTYPES[dtype_name], quantize_int8=True))}',
         f'  KV cache, 1 sequence of {cache_length:,} positions: '
         f'{_bytes(kv_cache.cache_nbytes(cache))}',
         f'    {len(slots)} layers hold K/V: '

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n.checkpoints import load_params
+from gemma3n.checkpoints.loader import PER_LAYER_TABLE_PATH
 from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
 from gemma3n.host_arrays import to_device
 from gemma3n.layers import QuantizedWeight, record_layouts
@@ -123,6 +124,29 @@ class ServingConverter:
         if self.quantize_int8 and np.size(w) >= MIN_QUANTIZED_SIZE:
             return jax.block_until_ready(_relayout_quantized(w, order, len(order) - num_in))
         return jax.block_until_ready(_relayout(w, order))
+
+
+def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool = False,
+                   per_layer_table: bool = False) -> int:
+    """Bytes of the parameters a serving load of `model` in `dtype` holds (jax.eval_shape: no
+    memory used); the per-layer table only with `per_layer_table` (it is usually read lazily
+    from the checkpoint file)."""
+    orders = {'/'.join(path): layout for path, layout in serving_orders(model).items()}
+    shapes = jax.eval_shape(model.clone(serving_layout=False).init, jax.random.key(0),
+                            jnp.ones((1, 1), jnp.int32))['params']
+    itemsize = np.dtype(dtype).itemsize
+    total = 0
+    for path, leaf in flatten_params(shapes).items():
+        if path == PER_LAYER_TABLE_PATH and not per_layer_table:
+            continue
+        size = math.prod(leaf.shape)
+        if quantize_int8 and path in orders and size >= MIN_QUANTIZED_SIZE:
+            order, num_in = orders[path]
+            channels = math.prod(leaf.shape[i] for i in order[:len(order) - num_in])
+            total += size * np.dtype(np.int8).itemsize + channels * np.dtype(np.float32).itemsize
+        else:
+            total += size * itemsize
+    return total
 
 
 def to_serving(model: Gemma3nTransformer, params: Any, *, quantize_int8: bool = False,

@@ -40,6 +40,7 @@ E4B_VISION_PARAMS = 419_226_480      # its vision_encoder/ and embedder/mm_ entr
 E4B_OWNER_LAYERS = 20
 E4B_WINDOW = 512
 E4B_KV_HEADS, E4B_HEAD_DIM = 2, 256
+E4B_VOCAB, E4B_PER_LAYER_DIM = 262_144, 256
 BFLOAT16_BYTES = 2
 SMALL_IMAGE_SIZE = 112               # a small vision encoder's resolution (8 x 8 patches of 14)
 END_INDEX_BYTES = 4                  # the cache's int32 end_index of one sequence
@@ -141,6 +142,9 @@ def test_info_e4b(env):
     assert f'{E4B_TEXT_PARAMS + E4B_VISION_PARAMS:,}' in out
     weights = (E4B_TEXT_PARAMS + E4B_VISION_PARAMS) * BFLOAT16_BYTES
     assert f'weights                    {weights:,} bytes' in out
+    # Served from a checkpoint, the per-layer table [V, layers, P] stays in the file.
+    served = weights - E4B_VOCAB * E4B_LAYERS * E4B_PER_LAYER_DIM * BFLOAT16_BYTES
+    assert f'bfloat16                 {served:,} bytes' in out
     # Global owners (layers 4, 9, 14, 19) keep every position, local owners a window.
     num_global = E4B_OWNER_LAYERS // 5
     slots = num_global * context + (E4B_OWNER_LAYERS - num_global) * E4B_WINDOW

@@ -151,3 +151,17 @@ def test_int8_conversion_in_chunks_equals_one_piece(ref, monkeypatch):
     chunked = layout.ServingConverter(model, quantize_int8=True)('/'.join(path), weight)
     np.testing.assert_array_equal(chunked.q, whole.q)
     np.testing.assert_array_equal(chunked.scale, whole.scale)
+
+
+@pytest.mark.parametrize('quantize_int8', [False, True], ids=['bf16', 'int8'])
+def test_serving_nbytes_counts_what_a_serving_load_holds(ref, quantize_int8):
+    model, params, _, _ = ref
+    lean = {**params, 'embedder': {k: v for k, v in params['embedder'].items()
+                                   if k != 'per_layer_input_embedding'}}
+    as_bf16 = jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16), lean)
+    _, converted = to_serving(model, as_bf16, quantize_int8=quantize_int8)
+    held = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(converted))
+    assert layout.serving_nbytes(model, jnp.bfloat16, quantize_int8=quantize_int8) == held
+    table = params['embedder']['per_layer_input_embedding']
+    assert layout.serving_nbytes(model, jnp.bfloat16, quantize_int8=quantize_int8,
+                                 per_layer_table=True) == held + table.size * 2
