@@ -30,6 +30,20 @@ class QueryInfo:
     visible_until: jax.Array
     valid: jax.Array
 
+    def take(self, rows: jax.Array) -> QueryInfo:
+        """Only the token at index rows[b] of each sequence b ([B]); L becomes 1."""
+        return QueryInfo(positions=take_rows(self.positions, rows),
+                         visible_until=take_rows(self.visible_until, rows),
+                         valid=take_rows(self.valid, rows))
+
+
+def take_rows(x: jax.Array, rows: jax.Array, batch_axis: int = 0) -> jax.Array:
+    """x with its batch axis B at `batch_axis` and its token axis L right after it -> the token
+    at index rows[b] ([B]) of each sequence; L becomes 1."""
+    shape = [1] * x.ndim
+    shape[batch_axis] = rows.shape[0]
+    return jnp.take_along_axis(x, jnp.reshape(rows, shape), axis=batch_axis + 1)
+
 
 @flax.struct.dataclass
 class KVContext:
@@ -95,12 +109,15 @@ class Attention(nn.Module):
         end_index: jax.Array | None = None,
         ring: bool = False,
         user_mask: jax.Array | None = None,
+        query_rows: jax.Array | None = None,
     ) -> tuple[jax.Array, KVContext, dict[str, Any] | None]:
         """x: [B, L, D] -> (output [B, L, D], the K/V context used, the updated cache entry).
 
         cache_entry / end_index: this layer's buffers and the per-sequence count of positions
         written before this call ([B]); None without a cache. ring: the buffer is a ring of
-        sliding-window slots rather than one slot per position.
+        sliding-window slots rather than one slot per position. query_rows: [B] index of the
+        one token per sequence whose output is wanted: K/V still come from every token, the
+        queries only from that one (the output is [B, 1, D]).
         """
         cfg = self.config
         n, k, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
@@ -108,12 +125,16 @@ class Attention(nn.Module):
         rope = dict(base_frequency=cfg.base_frequency(self.attn_type),
                     scale_factor=cfg.scale_factor(self.attn_type))
 
+        x_q, q_info = x, query
+        if query_rows is not None:
+            x_q, q_info = take_rows(x, query_rows), query.take(query_rows)
+            user_mask = None if user_mask is None else take_rows(user_mask, query_rows)
         q = Einsum((n, d, h), 1, 2, (0,), dtype=self.dtype, serving=self.serving,
-                   name='q_einsum')('BTD,NDH->BTNH', x)
+                   name='q_einsum')('BTD,NDH->BTNH', x_q)
         if cfg.use_qk_norm:
             q = RMSNorm(with_scale=cfg.qk_norm_with_scale, guard_precision=guard_on,
                         dtype=self.dtype, name='query_norm')(q)
-        q = apply_rope(q, query.positions, **rope)
+        q = apply_rope(q, q_info.positions, **rope)
         q = q * jnp.asarray(cfg.query_pre_attn_scalar(), q.dtype)
 
         new_entry = None
@@ -136,7 +157,7 @@ class Attention(nn.Module):
                 raise ValueError('A KV-shared layer needs the K/V context of its source layer.')
             context = shared_kv
 
-        mask = attention_mask(query, context, self.attn_type, cfg.sliding_window_size, user_mask)
+        mask = attention_mask(q_info, context, self.attn_type, cfg.sliding_window_size, user_mask)
         b, t = q.shape[:2]
         q = q.reshape(b, t, k, n // k, h)                                   # [B, T, K, G, H]
         logits = dot('BTKGH,BSKH->BKGTS', q, context.keys.astype(q.dtype))

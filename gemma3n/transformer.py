@@ -13,7 +13,7 @@ import numpy as np
 from gemma3n import cache as kv_cache
 from gemma3n import multimodal
 from gemma3n.altup import match_rms
-from gemma3n.attention import KVContext, QueryInfo
+from gemma3n.attention import KVContext, QueryInfo, take_rows
 from gemma3n.block import Block
 from gemma3n.config import TransformerConfig
 from gemma3n.embedder import Embedder
@@ -237,29 +237,28 @@ class Gemma3nTransformer(nn.Module):
             valid, axis=-1, dtype=jnp.int32)}
         contexts: dict[int, KVContext] = {}
         sources = cfg.kv_source_layers()
-        first_all_shared = next(i for i in range(cfg.num_layers + 1)
-                                if all(sources[j] != j for j in range(i, cfg.num_layers)))
+        # Past the last layer that computes K/V, only the last token's output is ever read:
+        # that layer computes K/V for every token and the rest for the last one only.
+        last_owner = max(i for i in range(cfg.num_layers) if sources[i] == i)
         last = last_valid_index(valid)
         for i, block in enumerate(self.blocks):
-            if return_last_only and i == first_all_shared:
-                # Layers past here own no K/V: only the last token's output is ever read.
-                streams, per_layer, query, attention_mask = _select_last(
-                    last, streams, per_layer, query, attention_mask)
             owns = sources[i] == i
+            select = return_last_only and i == last_owner
             entry = None if cache is None or not owns else cache[kv_cache.layer_key(i)]
             streams, context, new_entry = block(
                 streams, per_layer[:, :, i], query,
                 shared_kv=None if owns else contexts[sources[i]],
                 cache_entry=entry, end_index=end_index,
                 ring=entry is not None and entry['k'].shape[1] < ring_slots,
-                user_mask=attention_mask)
+                user_mask=attention_mask, query_rows=last if select else None)
             if owns:
                 contexts[i] = context
                 if new_entry is not None:
                     new_cache[kv_cache.layer_key(i)] = new_entry
+            if select:
+                per_layer, query = take_rows(per_layer, last), query.take(last)
+                attention_mask = None if attention_mask is None else take_rows(attention_mask, last)
 
-        if return_last_only and first_all_shared == cfg.num_layers:
-            streams, *_ = _select_last(last, streams, per_layer, query, attention_mask)
         hidden = self.final_norm(self._fan_in(streams))
         logits = self.embedder.decode(hidden).astype(jnp.float32)
         if cfg.final_logit_softcap is not None:
@@ -297,20 +296,3 @@ class Gemma3nTransformer(nn.Module):
         extra = [match_rms(proj('BTD,DE->BTE', s), first)
                  for proj, s in zip(self.altup_unembed_projection, streams[1:])]
         return jnp.mean(jnp.stack([first] + extra).astype(jnp.float32), axis=0).astype(first.dtype)
-
-
-def _select_last(last, streams, per_layer, query, attention_mask):
-    """Keeps only each sequence's token at index `last` [B]; the length axis becomes 1.
-
-    streams: [A, B, L, D]; per_layer: [B, L, NL, P]; query fields: [B, L];
-    attention_mask: [B, L, S] or None.
-    """
-    def take(x, batch_axis):
-        shape = [1] * x.ndim
-        shape[batch_axis] = last.shape[0]
-        return jnp.take_along_axis(x, jnp.reshape(last, shape), axis=batch_axis + 1)
-
-    query = QueryInfo(positions=take(query.positions, 0),
-                      visible_until=take(query.visible_until, 0), valid=take(query.valid, 0))
-    mask = None if attention_mask is None else take(attention_mask, 0)
-    return take(streams, 1), take(per_layer, 0), query, mask
