@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from gemma3n.checkpoints import hf_mapping, load_params, open_per_layer_table
+from gemma3n.checkpoints import load_params, open_per_layer_table
+from gemma3n.host_arrays import to_device
 from gemma3n.layout import load_serving
 from gemma3n.text.sampler import Sampler
 from gemma3n.transformer import Gemma3nTransformer
@@ -31,19 +32,10 @@ VARIANTS = ('plain', 'serving', 'int8')
 
 
 def load_to_device(weights: Path, model: Gemma3nTransformer) -> dict[str, Any]:
-    """Loads the checkpoint as bfloat16 and moves it to the JAX device leaf by leaf, freeing each
-    host copy as soon as its device copy exists (peak: the model plus its largest leaf)."""
-    return to_device(load_params(weights, model=model, dtype=jnp.bfloat16, progress=False))
-
-
-def to_device(params: dict[str, Any]) -> dict[str, Any]:
-    """Moves a tree's host leaves to the device, largest first, dropping each host copy."""
-    flat = hf_mapping.flatten_params(params)
-    del params
-    on_device = {}
-    for path in sorted(flat, key=lambda p: -sum(np.size(x) for x in jax.tree_util.tree_leaves(flat[p]))):
-        on_device[path] = jax.block_until_ready(jax.device_put(flat.pop(path)))
-    return hf_mapping.unflatten_params(on_device)
+    """Loads the checkpoint as bfloat16, each leaf onto the JAX device as it is read (the aligned
+    host buffer is adopted, not copied)."""
+    return load_params(weights, model=model, dtype=jnp.bfloat16, progress=False,
+                       transform=lambda path, value: jax.block_until_ready(to_device(value)))
 
 
 class OursRunner(common.GreedyRunner):

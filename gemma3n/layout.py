@@ -49,13 +49,11 @@ def serving_orders(model: Gemma3nTransformer
 def quantize(w: jax.Array, num_leading: int) -> QuantizedWeight:
     """Symmetric int8 per output channel; w in serving order, its first `num_leading` axes
     (batch and output) index the channels."""
-    w = jnp.asarray(w)
-    reduce_axes = tuple(range(num_leading, w.ndim))
-    # The absmax is exact in w's own dtype; taking it there keeps a float32 copy of w out of
-    # memory (compiled, the conversion below then happens inside one fused loop).
-    scale = jnp.max(jnp.abs(w), axis=reduce_axes).astype(jnp.float32) / INT8_MAX
+    w32 = jnp.asarray(w, jnp.float32)
+    reduce_axes = tuple(range(num_leading, w32.ndim))
+    scale = jnp.max(jnp.abs(w32), axis=reduce_axes) / INT8_MAX
     scale = jnp.where(scale == 0, 1.0, scale)
-    q = jnp.round(w.astype(jnp.float32) / jnp.expand_dims(scale, reduce_axes)).astype(jnp.int8)
+    q = jnp.round(w32 / jnp.expand_dims(scale, reduce_axes)).astype(jnp.int8)
     return QuantizedWeight(q=q, scale=scale)
 
 
@@ -114,6 +112,10 @@ class ServingConverter:
         self.quantize_int8 = quantize_int8
         self.orders = {'/'.join(path): layout for path, layout in serving_orders(model).items()}
 
+    def quantizes(self, path: str, size: int) -> bool:
+        """Whether the parameter at `path` with `size` values becomes a QuantizedWeight."""
+        return self.quantize_int8 and path in self.orders and size >= MIN_QUANTIZED_SIZE
+
     def __call__(self, path: str, w: Any) -> jax.Array | QuantizedWeight:
         layout = self.orders.get(path)
         if layout is None:
@@ -121,7 +123,7 @@ class ServingConverter:
         order, num_in = layout
         if np.ndim(w) != len(order):
             raise ValueError(f'{path} has rank {np.ndim(w)}, expected {len(order)}.')
-        if self.quantize_int8 and np.size(w) >= MIN_QUANTIZED_SIZE:
+        if self.quantizes(path, np.size(w)):
             return jax.block_until_ready(_relayout_quantized(w, order, len(order) - num_in))
         return jax.block_until_ready(_relayout(w, order))
 
@@ -131,17 +133,17 @@ def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool
     """Bytes of the parameters a serving load of `model` in `dtype` holds (jax.eval_shape: no
     memory used); the per-layer table only with `per_layer_table` (it is usually read lazily
     from the checkpoint file)."""
-    orders = {'/'.join(path): layout for path, layout in serving_orders(model).items()}
-    shapes = jax.eval_shape(model.clone(serving_layout=False).init, jax.random.key(0),
-                            jnp.ones((1, 1), jnp.int32))['params']
+    reference = model.clone(serving_layout=False)
+    convert = ServingConverter(reference, quantize_int8=quantize_int8)
+    shapes = jax.eval_shape(reference.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))['params']
     itemsize = np.dtype(dtype).itemsize
     total = 0
     for path, leaf in flatten_params(shapes).items():
         if path == PER_LAYER_TABLE_PATH and not per_layer_table:
             continue
         size = math.prod(leaf.shape)
-        if quantize_int8 and path in orders and size >= MIN_QUANTIZED_SIZE:
-            order, num_in = orders[path]
+        if convert.quantizes(path, size):
+            order, num_in = convert.orders[path]
             channels = math.prod(leaf.shape[i] for i in order[:len(order) - num_in])
             total += size * np.dtype(np.int8).itemsize + channels * np.dtype(np.float32).itemsize
         else:
