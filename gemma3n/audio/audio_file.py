@@ -87,7 +87,10 @@ def _prepare(samples: np.ndarray, sample_rate: int, source: str, total_frames: i
     if mono.ndim == 2:
         mono = mono.mean(axis=1, dtype=np.float32)
     if sample_rate != SAMPLE_RATE:
+        # librosa's length convention (ceil), which transformers' `load_audio` keeps too.
+        length = math.ceil(mono.shape[0] * SAMPLE_RATE / sample_rate)
         mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)
+        mono = np.pad(mono, (0, max(0, length - mono.shape[0])))[:length]
     mono = np.ascontiguousarray(mono[:MAX_SAMPLES], np.float32)
     if mono.shape[0] < MIN_SAMPLES:
         raise AudioInputError(
