@@ -99,7 +99,8 @@ def log_mel_features(clips: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarra
     for i, clip in enumerate(clips):
         samples[i, :clip.shape[0]] = clip
     starts = np.arange(frames_count) * HOP_LENGTH
-    frames = samples[:, starts[:, None] + np.arange(FRAME_LENGTH + 1)]     # [B, T, 513]
+    frames = np.lib.stride_tricks.sliding_window_view(
+        samples, FRAME_LENGTH + 1, axis=-1)[:, ::HOP_LENGTH][:, :frames_count]   # [B, T, 513]
     emphasized = np.concatenate(
         [frames[..., :1] * (1.0 - PREEMPHASIS),
          frames[..., 1:-1] - PREEMPHASIS * frames[..., :-2]], axis=-1)      # [B, T, 512]

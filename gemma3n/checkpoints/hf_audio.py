@@ -109,7 +109,7 @@ def params_from_hf(state: Mapping[str, Any], schema: Mapping[str, WeightInfo], *
         if array.shape != schema[path].shape:
             problems.append(f'{key} has shape {array.shape}, expected {schema[path].shape}')
             continue
-        flat[path] = array.astype(dtype or schema[path].dtype)
+        flat[path] = array.astype(dtype or schema[path].dtype, copy=False)
     if problems:
         raise ValueError(f'audio weights under {prefix!r} do not match the model: '
                          + '; '.join(problems) + '.')
