@@ -45,17 +45,28 @@ class AudioTruncatedWarning(UserWarning):
 
 
 def _to_float(samples: np.ndarray, source: str) -> np.ndarray:
-    """PCM or float samples -> float32 in [-1, 1] (floats as given)."""
+    """PCM or float samples (of a checked format) -> float32 in [-1, 1] (floats as given)."""
     if samples.dtype in PCM_FULL_SCALE:
         full_scale, offset = PCM_FULL_SCALE[samples.dtype]
         return ((samples.astype(np.float64) - offset) / full_scale).astype(np.float32)
-    if samples.dtype in FLOAT_FORMATS:
-        if not np.isfinite(samples).all():
-            raise AudioInputError(f'{source}: samples contain NaN or infinity.')
-        return samples.astype(np.float32)
-    supported = ', '.join(str(d) for d in (*PCM_FULL_SCALE, *FLOAT_FORMATS))
-    raise AudioInputError(f'{source}: unsupported sample format {samples.dtype} (use one of '
-                          f'{supported}).')
+    if not np.isfinite(samples).all():
+        raise AudioInputError(f'{source}: samples contain NaN or infinity.')
+    return samples.astype(np.float32)
+
+
+def _check_format(samples: np.ndarray, sample_rate: int, source: str) -> None:
+    if samples.ndim not in SAMPLES_RANKS:
+        raise AudioInputError(f'{source}: samples must be [N] or [N, channels], got shape '
+                              f'{samples.shape}.')
+    if samples.dtype not in PCM_FULL_SCALE and samples.dtype not in FLOAT_FORMATS:
+        supported = ', '.join(str(d) for d in (*PCM_FULL_SCALE, *FLOAT_FORMATS))
+        raise AudioInputError(f'{source}: unsupported sample format {samples.dtype} (use one of '
+                              f'{supported}).')
+    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
+        raise AudioInputError(f'{source}: sample rate must be a positive integer, got '
+                              f'{sample_rate!r}.')
+    if samples.size == 0:
+        raise AudioInputError(f'{source}: no audio samples (empty).')
 
 
 def prepare_audio(samples, sample_rate: int, source: str = ARRAY_SOURCE) -> np.ndarray:
@@ -69,14 +80,7 @@ def prepare_audio(samples, sample_rate: int, source: str = ARRAY_SOURCE) -> np.n
 
 def _prepare(samples: np.ndarray, sample_rate: int, source: str, total_frames: int) -> np.ndarray:
     """prepare_audio of the first frames of a clip of `total_frames` frames."""
-    if samples.ndim not in SAMPLES_RANKS:
-        raise AudioInputError(f'{source}: samples must be [N] or [N, channels], got shape '
-                              f'{samples.shape}.')
-    if not isinstance(sample_rate, (int, np.integer)) or sample_rate <= 0:
-        raise AudioInputError(f'{source}: sample rate must be a positive integer, got '
-                              f'{sample_rate!r}.')
-    if samples.size == 0:
-        raise AudioInputError(f'{source}: no audio samples (empty).')
+    _check_format(samples, sample_rate, source)
     seconds = total_frames / sample_rate
     if seconds > MAX_SECONDS:
         warnings.warn(AudioTruncatedWarning(
