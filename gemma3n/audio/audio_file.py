@@ -113,6 +113,8 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
     source = os.fspath(path)
     if not os.path.isfile(source):
         raise AudioInputError(f'{source}: no such audio file.')
+    if os.path.getsize(source) == 0:
+        raise AudioInputError(f'{source}: empty file (0 bytes).')
     try:
         with soundfile.SoundFile(source) as audio:
             # Only what the model takes is read; the length check sees the full frame count.
@@ -120,7 +122,8 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
                                  dtype='float32', always_2d=True)
             sample_rate, total_frames = audio.samplerate, audio.frames
     except (soundfile.SoundFileError, RuntimeError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        # libsndfile's own words, without soundfile's "Error opening '<path>': " preamble.
+        reason = getattr(err, 'error_string', '') or str(err).splitlines()[0] or type(err).__name__
         raise AudioInputError(f'{source}: not an audio file soundfile can decode ({reason}).'
                               ) from None
     return _prepare(samples, sample_rate, source, total_frames)
