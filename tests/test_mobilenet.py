@@ -53,8 +53,9 @@ SMALL_ODD = dataclasses.replace(SMALL, image_size=80)
 HIDDEN = 2048                  # timm's MobileNetV5Encoder output width, fixed
 TEXT_WIDTH = 64
 BATCH = 2
-# Random weights: norm scales 1 + N(0, NOISE^2), layer scales U(0.5, 1.5) (timm's 1e-5 would
-# hide every residual branch), biases N(0, NOISE^2); convolutions keep timm's init.
+# Random weights: convolutions N(0, 1 / fan_in) so every branch carries signal of order 1
+# (transformers' init, N(0, 0.02^2), shrinks each branch to ~1e-2), norm scales 1 + N(0, NOISE^2),
+# layer scales U(0.5, 1.5) (timm's 1e-5 would hide every residual branch), biases N(0, NOISE^2).
 NOISE = 0.1
 # float32 bound against torch. Both compute the same function in float32 and differ only in
 # summation order (XLA vs oneDNN convolutions, fused vs eager attention): measured max
@@ -69,7 +70,9 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, param in module.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("gamma"):
+            if param.ndim == 4:
+                param.copy_(noise / param[0].numel() ** 0.5)
+            elif name.endswith("gamma"):
                 param.copy_(0.5 + torch.rand(param.shape, generator=generator))
             elif param.ndim == 1:
                 param.add_(NOISE * noise)
@@ -96,6 +99,18 @@ def params(hf_state):
     return hf_mobilenet.vision_tower_from_hf(hf_state, SMALL)
 
 
+@pytest.fixture(scope="module")
+def run_tower(params):
+    """Our soft tokens for pixels of one of the small configs, one compilation per config."""
+    compiled = {}
+
+    def run(config: mnv5.MobileNetConfig, pixels: np.ndarray) -> np.ndarray:
+        if config not in compiled:
+            compiled[config] = jax.jit(MobileNetV5(config).apply)
+        return np.asarray(compiled[config]({"params": params}, pixels))
+    return run
+
+
 def _pixels(side: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 1, (BATCH, side, side, 3)).astype(np.float32)
 
@@ -109,9 +124,9 @@ def _nhwc(x: torch.Tensor) -> np.ndarray:
 
 
 @pytest.mark.parametrize("config", [SMALL, SMALL_ODD], ids=["avg_pool", "odd_bilinear"])
-def test_tower_matches_timm(config, hf_tower, params):
+def test_tower_matches_timm(config, hf_tower, run_tower):
     pixels = _pixels(config.image_size)
-    ours = np.asarray(jax.jit(MobileNetV5(config).apply)({"params": params}, pixels))
+    ours = run_tower(config, pixels)
     with torch.no_grad():
         out = hf_tower(pixel_values=_nchw(pixels), do_pooling=False).last_hidden_state
     theirs = out.reshape(BATCH, HIDDEN, -1).permute(0, 2, 1).numpy()   # as get_image_features
@@ -158,12 +173,12 @@ def hf_embedder():
     return embedder
 
 
-def test_image_features_match_get_image_features(hf_tower, hf_embedder, params):
+def test_image_features_match_get_image_features(hf_tower, hf_embedder, run_tower):
     """Tower + embedder against transformers' own `get_image_features` on the same modules."""
     state = {f"model.embed_vision.{k}": v.numpy() for k, v in hf_embedder.state_dict().items()}
     embedder_params = hf_mobilenet.embed_vision_from_hf(state, SMALL, TEXT_WIDTH)
     pixels = _pixels(SMALL.image_size, seed=4)
-    tokens = MobileNetV5(SMALL).apply({"params": params}, pixels)
+    tokens = run_tower(SMALL, pixels)
     ours = np.asarray(hf_mobilenet.vision_embedder(SMALL, TEXT_WIDTH).apply(
         {"params": embedder_params}, tokens))
     model = types.SimpleNamespace(
@@ -196,8 +211,8 @@ def test_real_architecture_maps_one_to_one_onto_timm():
     ours = {hf_mobilenet.hf_name(path): shape for path, shape in shapes.items()}
     assert set(ours) == set(theirs) and len(ours) == len(shapes)
     for name, shape in ours.items():
-        kernel = len(shape) == 4
-        assert (shape[3], shape[2], shape[0], shape[1]) if kernel else shape == theirs[name], name
+        hf_shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape
+        assert hf_shape == theirs[name], name
     assert mnv5.MOBILENET_V5_300M.num_soft_tokens == 256
 
 
@@ -221,11 +236,13 @@ def test_load_vision_reads_safetensors(tmp_path, hf_state, params, hf_embedder):
     state.update({f"model.embed_vision.{k}": v.numpy() for k, v in hf_embedder.state_dict().items()})
     state["model.language_model.norm.weight"] = np.ones(4, np.float32)     # ignored
     save_file(state, tmp_path / "model.safetensors")
-    tower, _ = hf_mobilenet.load_vision(tmp_path, SMALL, TEXT_WIDTH)
+    tower, embedder = hf_mobilenet.load_vision(tmp_path, SMALL, TEXT_WIDTH)
     jax.tree.map(np.testing.assert_array_equal, tower, params)
+    jax.tree.map(np.testing.assert_array_equal, embedder,
+                 hf_mobilenet.embed_vision_from_hf(state, SMALL, TEXT_WIDTH))
+    save_file({"model.language_model.norm.weight": np.ones(4, np.float32)},
+              tmp_path / "text.safetensors")
     with pytest.raises(ValueError, match="no vision tensors"):
-        save_file({"model.language_model.norm.weight": np.ones(4, np.float32)},
-                  tmp_path / "text.safetensors")
         hf_mobilenet.load_vision(tmp_path / "text.safetensors", SMALL, TEXT_WIDTH)
 
 

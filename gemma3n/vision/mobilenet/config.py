@@ -107,10 +107,12 @@ class MobileNetConfig:
                 if _stride(block) != 1:
                     raise ValueError(f"only the first block of a stage may be strided; stage "
                                      f"{stage} block {index} has stride {_stride(block)}")
-        for stage in self.msfa_stages:
-            if not 0 <= stage < len(self.stages):
-                raise ValueError(f"msfa_stages {self.msfa_stages} name a stage outside 0.."
-                                 f"{len(self.stages) - 1}")
+        stages = self.msfa_stages
+        if not stages or list(stages) != sorted(set(stages)) or not (
+                0 <= stages[0] and stages[-1] < len(self.stages)):
+            raise ValueError(f"msfa_stages must be increasing stage indices in 0.."
+                             f"{len(self.stages) - 1} (the first at the highest resolution); "
+                             f"got {stages}")
 
     @property
     def num_soft_tokens(self) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from gemma3n.vision.mobilenet import config as mnv5
 from gemma3n.vision.mobilenet.attention import MultiQueryAttentionBlock
@@ -58,7 +59,7 @@ class MobileNetV5(nn.Module):
         if pixels.ndim != PIXELS_RANK or tuple(pixels.shape[1:]) != want:
             raise ValueError(f"the vision encoder takes pixels [batch, {want[0]}, {want[1]}, "
                              f"{want[2]}]; got shape {tuple(pixels.shape)}")
-        if not jax.numpy.issubdtype(pixels.dtype, jax.numpy.floating):
+        if not jnp.issubdtype(pixels.dtype, jnp.floating):
             raise ValueError(f"pixels must be floating point (preprocess_images output); got "
                              f"{pixels.dtype}")
 

@@ -1,7 +1,8 @@
 """Convolution, normalisation and layer-scale building blocks of MobileNet-V5, channels last.
 
 Activations are `[B, H, W, C]`. Convolution kernels are `[kh, kw, C_in / groups, C_out]`
-(logical axes `CONV_KERNEL_AXES`); depthwise convolutions have one input channel per group.
+(logical axes: kernel height, kernel width, conv input, conv output); depthwise convolutions
+have one input channel per group. Norm scales, biases and layer scales are `[C]` (channels).
 Padding is TensorFlow's 'SAME' (timm `pad_type='same'`): output size ceil(input / stride), the
 odd pixel of padding after the image, never before.
 
@@ -17,9 +18,6 @@ import jax.numpy as jnp
 from gemma3n.layers.norm import RMSNorm
 from gemma3n.vision.mobilenet.config import LAYER_SCALE_INIT
 
-# Logical axes of each weight kind, for the weight schema and the checkpoint mapping.
-CONV_KERNEL_AXES = ("kernel_height", "kernel_width", "conv_in", "conv_out")
-CHANNEL_AXES = ("channels",)
 CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
