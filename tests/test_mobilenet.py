@@ -216,6 +216,17 @@ def test_real_architecture_maps_one_to_one_onto_timm():
     assert mnv5.MOBILENET_V5_300M.num_soft_tokens == 256
 
 
+def test_vision_config_from_hf():
+    assert hf_mobilenet.vision_config_from_hf(
+        Gemma3nVisionConfig().to_dict()) == mnv5.MOBILENET_V5_300M
+    custom = Gemma3nVisionConfig(model_args={"stem_size": 16}).to_dict()
+    with pytest.raises(ValueError, match="model_args=.*supported: None"):
+        hf_mobilenet.vision_config_from_hf(custom)
+    other = Gemma3nVisionConfig(architecture="resnet50").to_dict()
+    with pytest.raises(ValueError, match="architecture='resnet50'"):
+        hf_mobilenet.vision_config_from_hf(other)
+
+
 def test_mapping_reports_bad_tensors(hf_state):
     state = dict(hf_state)
     del state["model.vision_tower.timm_model.msfa.norm.weight"]

@@ -17,8 +17,9 @@ Prefixes in a `Gemma3nForConditionalGeneration` checkpoint: `model.vision_tower.
 every offending tensor before anything is converted.
 
 Example:
-    >>> tower = vision_tower_from_hf(state, MOBILENET_V5_300M)          # state: {HF name: array}
-    >>> embedder = embed_vision_from_hf(state, text_width=2048)
+    >>> config = vision_config_from_hf(hf_config['vision_config'])       # MOBILENET_V5_300M
+    >>> tower = vision_tower_from_hf(state, config)                      # state: {HF name: array}
+    >>> embedder = embed_vision_from_hf(state, config, text_width=2048)
     >>> tower, embedder = load_vision('/ckpts/gemma-3n-E4B-it', MOBILENET_V5_300M, text_width=2048)
 """
 
@@ -28,7 +29,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +38,7 @@ import numpy as np
 from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
 from gemma3n.checkpoints.safetensors_hf import open_hf_files
 from gemma3n.multimodal_embedder import MultimodalEmbedder
-from gemma3n.vision.mobilenet.config import MobileNetConfig
+from gemma3n.vision.mobilenet.config import MOBILENET_V5_300M, MobileNetConfig
 from gemma3n.vision.mobilenet.encoder import MobileNetV5
 
 HF_VISION_TOWER_PREFIX = "model.vision_tower.timm_model."
@@ -45,20 +46,21 @@ HF_EMBED_VISION_PREFIX = "model.embed_vision."
 # Gemma 3n's vision embedder: 128 hard tokens right after the 262144-entry text vocabulary.
 VISION_VOCAB_SIZE = 128
 VISION_VOCAB_OFFSET = 262_144
+# The one timm architecture whose block list we carry (HF `vision_config.architecture`).
+HF_ARCHITECTURE = "mobilenetv5_300m_enc"
 _BLOCK = re.compile(r"^blocks_(\d+)_(\d+)$")
 _LISTED = 8          # offending names shown per error before "... (N more)"
 Shape = tuple[int, ...]
 
 
-class _Rule:
-    """One leaf kind: our leaf name -> (HF leaf name, HF shape, HF array -> ours)."""
+class _Rule(NamedTuple):
+    """One leaf kind: HF leaf name (None: ours), HF shape from ours, HF array -> ours."""
+    hf_leaf: str | None
+    hf_shape: Callable[[Shape], Shape]
+    to_ours: Callable[[np.ndarray], np.ndarray]
 
-    def __init__(self, hf_leaf: str, hf_shape: Callable[[Shape], Shape],
-                 to_ours: Callable[[np.ndarray], np.ndarray]):
-        self.hf_leaf, self.hf_shape, self.to_ours = hf_leaf, hf_shape, to_ours
 
-
-_SAME = _Rule("", lambda s: s, lambda x: x)
+_SAME = _Rule(None, lambda s: s, lambda x: x)
 _RULES = {
     "kernel": _Rule("weight", lambda s: (s[3], s[2], s[0], s[1]), lambda x: x.transpose(2, 3, 1, 0)),
     "scale": _Rule("weight", lambda s: s, lambda x: x),
@@ -71,8 +73,8 @@ def hf_name(path: str) -> str:
     """HF tensor name (without prefix) of our leaf `path` ('a/b/leaf')."""
     *modules, leaf = path.split("/")
     parts = [_BLOCK.sub(r"blocks.\1.\2", module) for module in modules]
-    rule = _RULES.get(leaf, _SAME)
-    return ".".join(parts + [rule.hf_leaf or leaf])
+    hf_leaf = _RULES.get(leaf, _SAME).hf_leaf
+    return ".".join(parts + [hf_leaf if hf_leaf is not None else leaf])
 
 
 def _abbreviate(names: list[str]) -> str:
@@ -121,10 +123,29 @@ def vision_tower_shapes(config: MobileNetConfig) -> dict[str, Shape]:
     return _shapes(MobileNetV5(config), pixels)
 
 
-def vision_embedder(config: MobileNetConfig, text_width: int) -> MultimodalEmbedder:
-    """Gemma 3n's vision embedder for a tower of `config` and a text model of `text_width`."""
-    return MultimodalEmbedder(VISION_VOCAB_SIZE, VISION_VOCAB_OFFSET, config.hidden_size,
-                              text_width, scale_soft_tokens=True)
+def vision_config_from_hf(hf_vision: Mapping[str, Any]) -> MobileNetConfig:
+    """Our tower config from a HF `vision_config` (config.json); ValueError naming the field
+    for a tower other than the released one."""
+    config = MOBILENET_V5_300M
+    got = {"architecture": hf_vision.get("architecture"),
+           "model_args": hf_vision.get("model_args"),
+           "hidden_size": hf_vision.get("hidden_size", config.hidden_size)}
+    want = {"architecture": HF_ARCHITECTURE, "model_args": None,
+            "hidden_size": config.hidden_size}
+    wrong = [f"{key}={got[key]!r} (supported: {want[key]!r})" for key in want
+             if got[key] != want[key]]
+    if wrong:
+        raise ValueError(f"unsupported vision tower in vision_config: {', '.join(wrong)}")
+    return config
+
+
+def vision_embedder(config: MobileNetConfig, text_width: int, *,
+                    vocab_size: int = VISION_VOCAB_SIZE,
+                    vocab_offset: int = VISION_VOCAB_OFFSET) -> MultimodalEmbedder:
+    """Gemma 3n's vision embedder for a tower of `config` and a text model of `text_width`
+    (`vocab_size` / `vocab_offset`: HF `vision_config.vocab_size` / `.vocab_offset`)."""
+    return MultimodalEmbedder(vocab_size, vocab_offset, config.hidden_size, text_width,
+                              scale_soft_tokens=True)
 
 
 def vision_tower_from_hf(state: Mapping[str, Any], config: MobileNetConfig, *,
