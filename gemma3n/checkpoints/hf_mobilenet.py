@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
+from gemma3n.checkpoints.hf_mapping import _abbreviate, flatten_params, unflatten_params
 from gemma3n.checkpoints.safetensors_hf import open_hf_files
 from gemma3n.multimodal_embedder import MultimodalEmbedder
 from gemma3n.vision.mobilenet.config import MOBILENET_V5_300M, MobileNetConfig
@@ -49,7 +49,6 @@ VISION_VOCAB_OFFSET = 262_144
 # The one timm architecture whose block list we carry (HF `vision_config.architecture`).
 HF_ARCHITECTURE = "mobilenetv5_300m_enc"
 _BLOCK = re.compile(r"^blocks_(\d+)_(\d+)$")
-_LISTED = 8          # offending names shown per error before "... (N more)"
 Shape = tuple[int, ...]
 
 
@@ -75,11 +74,6 @@ def hf_name(path: str) -> str:
     parts = [_BLOCK.sub(r"blocks.\1.\2", module) for module in modules]
     hf_leaf = _RULES.get(leaf, _SAME).hf_leaf
     return ".".join(parts + [hf_leaf if hf_leaf is not None else leaf])
-
-
-def _abbreviate(names: list[str]) -> str:
-    more = f" ... ({len(names) - _LISTED} more)" if len(names) > _LISTED else ""
-    return ", ".join(names[:_LISTED]) + more
 
 
 def _from_hf(state: Mapping[str, Any], shapes: Mapping[str, Shape], prefix: str, what: str,
