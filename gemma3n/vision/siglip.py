@@ -7,7 +7,8 @@ LayerNorm) -> `VisionExit` (average pooling of the patch grid). The projection i
 embedding space is the embedder's job (`mm_soft_embedding_norm`, `mm_input_projection`).
 
 Submodule and parameter names follow the reference checkpoint layout exactly (see
-`gemma3n_e4b_params.json`, keys under `vision_encoder/`), which is why they are spelled out.
+`tests/data/gemma3n_e4b_params.json`, keys under `vision_encoder/`), which is why they are
+spelled out.
 """
 
 from __future__ import annotations
