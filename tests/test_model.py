@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gemma3n import (AttentionType, Gemma3n_E2B, Gemma3n_E4B, Gemma3nTransformer,
-                     KVCacheSharingConfig, TransformerConfig)
+                     KVCacheSharingConfig, QueryPreAttentionNormalisation, TransformerConfig)
 from gemma3n.altup import AltUp
 from gemma3n.attention import KVContext, QueryInfo, attention_mask
 from gemma3n.ffn import gaussian_topk
@@ -81,6 +81,24 @@ def test_e4b_config_values():
     assert (cfg.num_embed, cfg.embed_dim, cfg.hidden_dim, cfg.head_dim) == (262144, 2048, 16384, 256)
     assert Gemma3n_E4B.INFO.tokenizer_version == '3n'
     assert Gemma3n_E2B().config.num_layers == 30 and Gemma3n_E2B().config.hidden_dim == 8192
+
+
+def test_query_pre_attn_scalar_of_every_member_is_the_reference_formula():
+    # The reference's `TransformerConfig.query_pre_attn_scalar()`, written out per member. Widths
+    # are chosen so that every formula gives a different number and embed_dim / num_heads is not
+    # whole (the reference divides with //).
+    cfg = dataclasses.replace(small_configs()[0], embed_dim=70, num_heads=4, num_kv_heads=2,
+                              head_dim=9)
+    reference = {
+        QueryPreAttentionNormalisation.NONE: 1.0,
+        QueryPreAttentionNormalisation.BY_EMBED_DIM_DIV_NUM_HEADS: 70 // 4,
+        QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS: (70 // 4) ** -0.5,
+        QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM: 9 ** -0.5,
+    }
+    assert reference.keys() == set(QueryPreAttentionNormalisation)
+    assert len(set(reference.values())) == len(reference)
+    for member, expected in reference.items():
+        assert dataclasses.replace(cfg, query_pre_attn_norm=member).query_pre_attn_scalar() == expected
 
 
 def test_e4b_kv_sharing_sources():
