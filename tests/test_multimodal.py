@@ -14,7 +14,7 @@ from gemma3n.attention import KVContext, QueryInfo, attention_mask
 from gemma3n.config import AttentionType
 from gemma3n.text import special_tokens as st
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
-from gemma3n.vision import SigLiPFromPatches, ViTModel
+from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 from gemma3n.vision.preprocess import load_images
 from hf_oracle import small_configs
 
@@ -27,7 +27,7 @@ IMAGE_SIZE = 112
 def small_vision():
     return SigLiPFromPatches(
         siglip_encoder=ViTModel(width=32, depth=2, mlp_dim=64, num_heads=4),
-        num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=SOFT,
+        siglip_exit=VisionExit(output_length=SOFT), num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=SOFT,
         image_height=IMAGE_SIZE, image_width=IMAGE_SIZE)
 
 
