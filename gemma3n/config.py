@@ -179,7 +179,7 @@ class TransformerConfig:
         return self.global_scale_factor if kind == AttentionType.GLOBAL else self.local_scale_factor
 
     def query_pre_attn_scalar(self) -> float:
-        """The factor queries are multiplied by before q·k (the reference's values, SPEC 1)."""
+        """The factor queries are multiplied by before q·k (the reference's value for each member)."""
         match self.query_pre_attn_norm:
             case QueryPreAttentionNormalisation.NONE:
                 return 1.0

@@ -28,8 +28,8 @@ VIT_WIDTH = 48                             # not the text width (32): the projec
 def small_vision():
     return SigLiPFromPatches(
         siglip_encoder=ViTModel(width=VIT_WIDTH, depth=2, mlp_dim=64, num_heads=4),
-        siglip_exit=VisionExit(output_length=SOFT), num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=SOFT,
-        image_height=IMAGE_SIZE, image_width=IMAGE_SIZE)
+        siglip_exit=VisionExit(output_length=SOFT), num_mm_tokens_per_image_prepool=64,
+        num_mm_tokens_per_image=SOFT, image_height=IMAGE_SIZE, image_width=IMAGE_SIZE)
 
 
 @pytest.fixture(scope='module')
@@ -121,7 +121,8 @@ def test_logits_are_the_reference_rows_of_the_expanded_sequence(mm_apply, image_
     # `reference_rows(tokens)[i]` is the last output of the text that ends there: tokens[:i + 1]
     # for a text token, tokens[:i] + ["\n\n"] for a marker, with the images of the markers in it.
     # Each such prefix runs on its own (right-padded, return_last_only) and must equal row i of
-    # one full forward. Same float32 weights and code, other shapes: ~1e-5 apart (measured).
+    # one full forward. Same float32 weights and code, other shapes: <= 1.3e-5 apart (measured);
+    # the block's last row instead differs by ~2.5 at the markers.
     tokens = np.array([[2, 10, 11, SOI, SOI, 12, 13, 14],        # two images in a row
                        [2, SOI, 20, SOI, 21, 22, 0, 0]])          # right padding
     imgs = images(5, (2, 2, *image_shape, 3))
@@ -148,7 +149,6 @@ def test_logits_are_the_reference_rows_of_the_expanded_sequence(mm_apply, image_
     np.testing.assert_allclose(full[valid], expected[valid], atol=1e-4, rtol=0)
     # return_last_only is the row of each sequence's last token (both end with text here).
     np.testing.assert_allclose(last_only, full[np.arange(2), valid.sum(-1) - 1], atol=1e-4, rtol=0)
-    print(f'max |full - prefix| = {np.abs(full[valid] - expected[valid]).max():.2e}')
 
 
 def test_two_images_per_prompt_change_only_after_their_block(mm):

@@ -84,8 +84,8 @@ def load_params(
 
     if checkpoint == HF_FORMAT:
         if not text_only:
-            raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder '
-                             f'(their vision tower is MobileNet-V5, a different network). {WITHOUT_SIGLIP_ADVICE}')
+            raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder (their '
+                             f'vision tower is MobileNet-V5, a different network). {WITHOUT_SIGLIP_ADVICE}')
         return load_hf_params(path, config=config, dtype=dtype, progress=progress, skip=skip,
                               transform=transform)
     if checkpoint == ORBAX_FORMAT:
