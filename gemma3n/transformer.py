@@ -30,7 +30,8 @@ KEY_REQUIRED = '__KEY_REQUIRED__'
 class Output:
     """What the model returns.
 
-    logits: [*B, L, V] float32, or [*B, V] with `return_last_only`.
+    logits: [*B, L, V] float32, or [*B, V] with `return_last_only`. With images, a
+        `<start_of_image>` position holds the output of the "\\n\\n" its block starts with.
     cache: the updated cache, or None when no cache was given.
     hidden_states: the final normed hidden states [*B, L, D] (or [*B, D]), on request.
     """
@@ -154,7 +155,8 @@ class Gemma3nTransformer(nn.Module):
             positions_offset: optional [*B] added to the default positions (no cache).
             cache: from `init_cache`; the new K/V are written and `Output.cache` returned.
             attention_mask: optional bool [*B, L, L] replacing the default causal mask (no cache).
-            return_last_only: logits of the last non-padding token only, [*B, V].
+            return_last_only: logits of the last non-padding token only, [*B, V]; with images,
+                of the expanded sequence (after a trailing marker: the prediction after the image).
             return_hidden_states: also return the final hidden states.
             per_layer_embeddings: optional [*B, L, num_layers, P] rows of the per-layer
                 table for these tokens (after image expansion), gathered by the caller; then
@@ -267,7 +269,7 @@ class Gemma3nTransformer(nn.Module):
         if return_last_only:
             logits, hidden = logits[:, 0], hidden[:, 0]
         elif text_index is not None:
-            # One output per input token: image blocks' inserted tokens are dropped.
+            # One output per input token, the reference's rows (see `multimodal.expand_tokens`).
             logits = jnp.take_along_axis(logits, text_index[:, :, None], axis=1)
             hidden = jnp.take_along_axis(hidden, text_index[:, :, None], axis=1)
         out_shape = tuple(batch_shape) + logits.shape[1:]

@@ -27,7 +27,7 @@ from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, Sampler
 from gemma3n.text.sampling import Greedy, RandomSampling, TopkSampling, TopPSampling
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
-from gemma3n.vision import SigLiPFromPatches, ViTModel
+from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 from gemma3n.vision.preprocess import load_images
 
 TIMEOUT_S = 300
@@ -229,7 +229,8 @@ def test_image_markers():
 def test_images_of_any_size_stack_as_the_encoder_sees_them(tmp_path):
     encoder = SigLiPFromPatches(
         siglip_encoder=ViTModel(width=32, depth=2, mlp_dim=64, num_heads=4),
-        num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=4,
+        siglip_exit=VisionExit(output_length=4), num_mm_tokens_per_image_prepool=64,
+        num_mm_tokens_per_image=4,
         image_height=SMALL_IMAGE_SIZE, image_width=SMALL_IMAGE_SIZE)
     rng = np.random.default_rng(0)
     pixels = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((90, 150, 3), (200, 64, 3))]

@@ -1,7 +1,7 @@
 """The one mapping between our parameter tree and Hugging Face `transformers` Gemma 3n text weights.
 
 Our tree is the nested Flax `params` dict of `Gemma3nTransformer(text_only=True)`; its '/'-joined
-paths are those of `reference/gemma3n_e4b_text_only_params.json`. Hugging Face keys are given
+paths are those of `tests/data/gemma3n_e4b_text_only_params.json`. Hugging Face keys are given
 relative to `Gemma3nTextModel` (`embed_tokens.weight`, `layers.3.self_attn.q_proj.weight`, ...);
 callers add a prefix: `model.` for `Gemma3nForCausalLM`, `model.language_model.` for the released
 hub checkpoints (`Gemma3nForConditionalGeneration`).

@@ -35,6 +35,13 @@ VISION_PREFIXES = ('vision_encoder/', 'embedder/mm_')
 PER_LAYER_TABLE_PATH = f'embedder/{PER_LAYER_TABLE}'
 # What `checkpoint_format` recognises.
 HF_FORMAT, ORBAX_FORMAT, NATIVE_FORMAT = 'Hugging Face', 'Orbax', 'gemma3n native'
+# What to do with a checkpoint that lacks the SigLIP encoder a model asks for, for users of the
+# command line and of Python alike.
+WITHOUT_SIGLIP_ADVICE = ('On the command line, --image needs a checkpoint that has the SigLIP '
+                         'vision encoder (a reference Orbax checkpoint, or our own format saved '
+                         'from one); without --image this checkpoint serves text. From Python, '
+                         'load it into a model without a vision encoder, e.g. '
+                         'Gemma3n_E4B(text_only=True).')
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +60,8 @@ def load_params(
     Args:
         path: HF directory / `.safetensors` file, Orbax checkpoint directory, or a file written by
             `save_params`.
-        model: a `Gemma3nTransformer` (its `config` and `text_only` are used) or a `TransformerConfig`
+        model: a `Gemma3nTransformer` (its `config` and `text_only` are used: it has vision parameters
+            unless `text_only=True` or `config.vision_encoder is None`) or a `TransformerConfig`
             (text-only). Needed for HF files without a config.json beside them; when given, every
             kept tensor's path, shape and dtype are checked against it. None: HF checkpoints derive
             the config from config.json, other formats are returned as stored.
@@ -76,8 +84,8 @@ def load_params(
 
     if checkpoint == HF_FORMAT:
         if not text_only:
-            raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder; '
-                             'load them into a text_only=True model.')
+            raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder (their '
+                             f'vision tower is MobileNet-V5, a different network). {WITHOUT_SIGLIP_ADVICE}')
         return load_hf_params(path, config=config, dtype=dtype, progress=progress, skip=skip,
                               transform=transform)
     if checkpoint == ORBAX_FORMAT:
@@ -114,7 +122,10 @@ def checkpoint_format(path: Path) -> str:
 
 
 def model_config(model: Any) -> tuple[TransformerConfig | None, bool]:
-    """(config, text_only) of a `model` argument: a Gemma3nTransformer, a TransformerConfig or None."""
+    """(config, text_only) of a `model` argument: a Gemma3nTransformer, a TransformerConfig or None.
+
+    text_only: the model has no vision parameters (`text_only=True`, or no vision encoder in its config).
+    """
     if model is None:
         return None, True
     if isinstance(model, TransformerConfig):
@@ -122,7 +133,7 @@ def model_config(model: Any) -> tuple[TransformerConfig | None, bool]:
     config = getattr(model, 'config', None)
     if not isinstance(config, TransformerConfig):
         raise TypeError(f'model must be a Gemma3nTransformer or a TransformerConfig, got {type(model).__name__}.')
-    return config, bool(getattr(model, 'text_only', False))
+    return config, bool(getattr(model, 'text_only', False)) or config.vision_encoder is None
 
 
 def _select(
@@ -163,5 +174,5 @@ def _select(
                         ', '.join(f'{g}* ({n})' for g, n in sorted(groups.items())))
         return [name for name in expected if name not in skip]
     if not vision:
-        raise ValueError(f'{path} holds no vision encoder parameters; load it into a text_only=True model.')
+        raise ValueError(f'{path} holds no vision encoder parameters. {WITHOUT_SIGLIP_ADVICE}')
     return [name for name in expected if name not in skip] + vision
