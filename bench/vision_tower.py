@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import sys
 import time
@@ -32,6 +33,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from bench.common import RESULTS_DIR
 from gemma3n.checkpoints import hf_mobilenet
+from gemma3n.multimodal_embedder import MultimodalEmbedder
 from gemma3n.vision.mobilenet.config import MOBILENET_V5_300M
 from gemma3n.vision.mobilenet.encoder import MobileNetV5
 from gemma3n.vision.mobilenet.preprocess import preprocess_images
@@ -113,7 +115,9 @@ def main() -> None:
     report["tower_params"] = sum(p.numel() for p in tower.parameters())
 
     encoder = jax.jit(MobileNetV5(MOBILENET_V5_300M).apply)
-    vision_embedder = jax.jit(hf_mobilenet.vision_embedder(MOBILENET_V5_300M, TEXT_WIDTH).apply)
+    vision_embedder = jax.jit(functools.partial(
+        hf_mobilenet.vision_embedder(MOBILENET_V5_300M, TEXT_WIDTH).apply,
+        method=MultimodalEmbedder.embed_soft))
     pixels = jax.device_put(ours_pixels)
     ours_tokens, ours_first, ours_warm = timed(
         lambda: encoder({"params": params}, pixels).block_until_ready(), args.repeats)

@@ -33,6 +33,7 @@ from transformers import AutoModel, Gemma3nVisionConfig
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nModel
 
 from gemma3n.checkpoints import hf_mobilenet
+from gemma3n.multimodal_embedder import MultimodalEmbedder
 from gemma3n.vision.mobilenet import config as mnv5
 from gemma3n.vision.mobilenet.attention import MultiQueryAttentionBlock
 from gemma3n.vision.mobilenet.blocks import EdgeResidualBlock, InvertedBottleneckBlock
@@ -145,7 +146,7 @@ def test_image_features_match_get_image_features(hf_tower, hf_embedder, embed_st
     pixels = _pixels(SMALL.image_size, seed=4)
     tokens = run_tower(SMALL, pixels)
     ours = np.asarray(hf_mobilenet.vision_embedder(SMALL, TEXT_WIDTH).apply(
-        {"params": embedder_params}, tokens))
+        {"params": embedder_params}, tokens, method=MultimodalEmbedder.embed_soft))
     model = types.SimpleNamespace(
         vision_tower=hf_tower, embed_vision=hf_embedder,
         config=types.SimpleNamespace(vision_config=hf_tower.config, return_dict=True,

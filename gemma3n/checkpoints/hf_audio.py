@@ -16,6 +16,8 @@ Example:
     >>> config = audio_config_from_hf(json.load(open('config.json'))['audio_config'])
     >>> schema = weight_schema(AudioEncoder(config), mel, valid)
     >>> params = params_from_hf(state, schema, prefix=AUDIO_TOWER_PREFIX)
+    >>> embedder = audio_embedder(config, text_width=2048)
+    >>> embed = params_from_hf(state, weight_schema(embedder, ids, soft), prefix=EMBED_AUDIO_PREFIX)
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from gemma3n.audio.config import AudioConfig
-from gemma3n.audio.weights import WeightInfo
+from gemma3n.layers.weights import WeightInfo
+from gemma3n.multimodal_embedder import MultimodalEmbedder
 
 AUDIO_TOWER_PREFIX = 'model.audio_tower.'
 EMBED_AUDIO_PREFIX = 'model.embed_audio.'
@@ -71,6 +75,14 @@ def audio_config_from_hf(hf_config: Mapping[str, Any]) -> AudioConfig:
     it leaves out keep the released values."""
     return AudioConfig(**{ours: _tuples(hf_config[theirs])
                           for ours, theirs in CONFIG_FIELDS.items() if theirs in hf_config})
+
+
+def audio_embedder(config: AudioConfig, text_width: int,
+                   dtype: Any = jnp.float32) -> MultimodalEmbedder:
+    """The `embed_audio` embedder of an audio tower of `config` for a text model of `text_width`
+    (HF builds it from `audio_config`: its vocabulary, width and eps)."""
+    return MultimodalEmbedder(config.vocab_size, config.vocab_offset, config.hidden_size,
+                              text_width, eps=config.rms_norm_eps, dtype=dtype)
 
 
 def hf_name(path: str) -> str:
