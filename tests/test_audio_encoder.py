@@ -216,9 +216,9 @@ def test_mapping_reports_missing_unexpected_and_misshapen():
     with pytest.raises(ValueError) as err:
         params_from_hf(state, schema, prefix=AUDIO_TOWER_PREFIX)
     message = str(err.value)
-    assert 'missing model.audio_tower.conformer.0.norm.weight' in message
-    assert 'unexpected model.audio_tower.conformer.1.norm.weight' in message
-    assert 'conformer.0.lconv1d.linear_end.weight has shape (16, 8), expected (16, 16)' in message
+    assert 'missing 1: model.audio_tower.conformer.0.norm.weight' in message
+    assert 'unexpected 1: model.audio_tower.conformer.1.norm.weight' in message
+    assert 'conformer.0.lconv1d.linear_end.weight (16, 8) (expected (16, 16))' in message
 
 
 @pytest.fixture(scope='module')

@@ -27,10 +27,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
-
 from gemma3n.audio.config import AudioConfig
+from gemma3n.checkpoints.hf_tensors import Stored, read_params
 from gemma3n.layers.weights import WeightInfo
 from gemma3n.multimodal_embedder import MultimodalEmbedder
 
@@ -109,20 +107,6 @@ def params_from_hf(state: Mapping[str, Any], schema: Mapping[str, WeightInfo], *
     Raises:
         ValueError naming every missing, unexpected or misshapen weight.
     """
-    ours = {prefix + hf_name(path): path for path in schema}
-    theirs = {key for key in state if key.startswith(prefix)}
-    problems = [f'missing {key}' for key in sorted(set(ours) - theirs)]
-    problems += [f'unexpected {key}' for key in sorted(theirs - set(ours))]
-    flat = {}
-    for key, path in ours.items():
-        if key not in state:
-            continue
-        array = np.asarray(state[key])
-        if array.shape != schema[path].shape:
-            problems.append(f'{key} has shape {array.shape}, expected {schema[path].shape}')
-            continue
-        flat[path] = array.astype(dtype or schema[path].dtype, copy=False)
-    if problems:
-        raise ValueError(f'audio weights under {prefix!r} do not match the model: '
-                         + '; '.join(problems) + '.')
-    return traverse_util.unflatten_dict(flat, sep='/')
+    stored = {path: Stored(hf_name(path), info.shape, dtype or info.dtype)
+              for path, info in schema.items()}
+    return read_params(state, stored, prefix=prefix, what='audio')

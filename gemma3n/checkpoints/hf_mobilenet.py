@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.checkpoints.hf_mapping import _abbreviate, flatten_params, unflatten_params
+from gemma3n.checkpoints.hf_mapping import flatten_params
+from gemma3n.checkpoints.hf_tensors import Stored, read_params
 from gemma3n.checkpoints.safetensors_hf import open_hf_files
 from gemma3n.layers.weights import weight_schema
 from gemma3n.multimodal_embedder import MultimodalEmbedder
@@ -77,33 +78,13 @@ def hf_name(path: str) -> str:
     return ".".join(parts + [hf_leaf if hf_leaf is not None else leaf])
 
 
-def _from_hf(state: Mapping[str, Any], shapes: Mapping[str, Shape], prefix: str, what: str,
-             dtype: Any) -> dict[str, Any]:
-    """Our nested tree of `shapes` filled from `state`'s tensors under `prefix`."""
-    expected = {prefix + hf_name(path): path for path in shapes}
-    present = {name for name in state if name.startswith(prefix)}
-    missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected))
-    wrong = []
-    for name in sorted(set(expected) & present):
-        path = expected[name]
+def _stored(shapes: Mapping[str, Shape], dtype: Any) -> dict[str, Stored]:
+    """How the checkpoint stores each of our leaves `shapes` ({path: shape})."""
+    stored = {}
+    for path, shape in shapes.items():
         rule = _RULES.get(path.rsplit("/", 1)[-1], _SAME)
-        want = rule.hf_shape(tuple(shapes[path]))
-        got = tuple(np.shape(state[name]))
-        if got != want:
-            wrong.append(f"{name} {got} (expected {want})")
-    problems = [f"missing {len(missing)}: {_abbreviate(missing)}" if missing else "",
-                f"unexpected {len(unexpected)}: {_abbreviate(unexpected)}" if unexpected else "",
-                f"wrong shape {len(wrong)}: {_abbreviate(wrong)}" if wrong else ""]
-    problems = [p for p in problems if p]
-    if problems:
-        raise ValueError(f"{what} tensors under {prefix!r} do not match the config; "
-                         + "; ".join(problems))
-    flat = {}
-    for name, path in expected.items():
-        rule = _RULES.get(path.rsplit("/", 1)[-1], _SAME)
-        flat[path] = np.ascontiguousarray(rule.to_ours(np.asarray(state[name])), dtype=dtype)
-    return unflatten_params(flat)
+        stored[path] = Stored(hf_name(path), rule.hf_shape(tuple(shape)), dtype, rule.to_ours)
+    return stored
 
 
 def vision_tower_shapes(config: MobileNetConfig) -> dict[str, Shape]:
@@ -147,7 +128,8 @@ def vision_tower_from_hf(state: Mapping[str, Any], config: MobileNetConfig, *,
 
     Raises ValueError listing missing, unexpected (under `prefix`) and wrongly shaped tensors.
     """
-    return _from_hf(state, vision_tower_shapes(config), prefix, "vision tower", dtype)
+    return read_params(state, _stored(vision_tower_shapes(config), dtype), prefix=prefix,
+                       what="vision tower")
 
 
 def embed_vision_from_hf(state: Mapping[str, Any], config: MobileNetConfig, text_width: int, *,
@@ -158,7 +140,7 @@ def embed_vision_from_hf(state: Mapping[str, Any], config: MobileNetConfig, text
     soft = jax.ShapeDtypeStruct((1, 1, config.hidden_size), jnp.float32)
     schema = weight_schema(vision_embedder(config, text_width), ids, soft)
     shapes = {path: info.shape for path, info in schema.items()}
-    return _from_hf(state, shapes, prefix, "vision embedder", dtype)
+    return read_params(state, _stored(shapes, dtype), prefix=prefix, what="vision embedder")
 
 
 def load_vision(path: str | os.PathLike, config: MobileNetConfig, text_width: int, *,
