@@ -46,12 +46,13 @@ SMALL = mnv5.MobileNetConfig(
 HIDDEN = 2048                  # timm's MobileNetV5Encoder output width, fixed
 TEXT_WIDTH = 64
 BATCH = 2
-# Random weights: convolutions N(0, 1 / fan_in) so every branch carries signal of order 1
-# (transformers' init, N(0, 0.02^2), shrinks each branch to ~1e-2), norm scales 1 + N(0, NOISE^2),
-# layer scales U(0.5, 1.5) (timm's 1e-5 would hide every residual branch), biases N(0, NOISE^2).
+# Random weights: matrices and convolutions N(0, 1 / fan_in) so every branch carries signal of
+# order 1 (transformers' init, N(0, 0.02^2), shrinks each branch to ~1e-2), norm scales
+# 1 + N(0, NOISE^2), layer scales U(0.5, 1.5) (timm's 1e-5 would hide every residual branch),
+# biases N(0, NOISE^2).
 NOISE = 0.1
 # The embedder against transformers' in float32: an RMS norm, one projection, an RMS norm (values
-# up to ~4); only summation order differs (measured 2e-6). A wrong eps, a missing sqrt(W) soft
+# up to ~4); only summation order differs (measured 3e-6). A wrong eps, a missing sqrt(W) soft
 # token scale or a transposed projection moves values by 1e-2 or more.
 EMBED_TOL = 1e-4
 
@@ -67,7 +68,7 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, param in module.named_parameters():
             noise = torch.randn(param.shape, generator=generator)
-            if param.ndim == 4:
+            if param.ndim in (2, 4):            # the embedder's table and projection, convs
                 param.copy_(noise / param[0].numel() ** 0.5)
             elif name.endswith("gamma"):
                 param.copy_(0.5 + torch.rand(param.shape, generator=generator))

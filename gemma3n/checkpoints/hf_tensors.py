@@ -1,4 +1,4 @@
-"""Our parameter tree from a tower's checkpoint tensors, every tensor checked by name and shape first.
+"""Our parameter tree from a tower's checkpoint tensors, each checked by name and shape first.
 
 A tower's mapping (`hf_audio`, `hf_mobilenet`) says how the checkpoint stores each of our leaves
 (`Stored`: HF name, HF shape, conversion, our dtype); `read_params` checks a state dict against
