@@ -62,9 +62,10 @@ def main() -> None:
     import torch
     import transformers
 
-    from gemma3n.audio import AudioConfig, AudioEncoder, log_mel_features, weight_schema
+    from gemma3n.audio import AudioConfig, AudioEncoder, log_mel_features
     from gemma3n.audio.features import SAMPLE_RATE
     from gemma3n.checkpoints.hf_audio import params_from_hf
+    from gemma3n.layers.weights import weight_schema
 
     info = common.machine_info()
     clip = synthetic_clip(SAMPLE_RATE)

@@ -3,11 +3,13 @@
 Builds timm's `mobilenetv5_300m_enc` through transformers (`Gemma3nVisionConfig` ->
 `TimmWrapperModel`, 294M parameters) with random float32 weights (convolutions N(0, 1/fan_in),
 norm scales 1 + N(0, 0.01), layer scales U(0.5, 1.5), so that every block's branch carries signal),
-maps them into our tree, and runs one photo-like image through both: preprocessing, the tower
-and the vision embedder (2048 -> 2048, E4B's text width). Prints times (first call: our
-compilation included; warm: best of `--repeats`) and the largest differences, and writes them as
-JSON to `bench/results/vision-<UTC time>.json`.
+maps them into our tree, and runs one photo-like image through both: preprocessing (against
+transformers' PIL image processor, which rounds some pixels one grey level apart from torch's
+resize that ours reproduces), the tower (both on our pixels) and the vision embedder (2048 -> 2048,
+E4B's text width). Prints times (first call: our compilation included; warm: best of `--repeats`)
+and the largest differences, and writes them as JSON to `bench/results/vision-<UTC time>.json`.
 
+Needs timm and a torchvision built for the installed torch (neither is a test dependency).
 Slow on a small machine (minutes); run by hand from the repository root:
     python -m bench.vision_tower [--repeats 2]
 """
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
+import sys
 import time
 
 import jax
@@ -25,10 +29,11 @@ import torch
 from PIL import Image
 from transformers import AutoModel, Gemma3nTextConfig, Gemma3nVisionConfig
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nMultimodalEmbedder
-from transformers.models.siglip.image_processing_siglip import SiglipImageProcessor
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from bench.common import RESULTS_DIR
 from gemma3n.checkpoints import hf_mobilenet
+from gemma3n.multimodal_embedder import MultimodalEmbedder
 from gemma3n.vision.mobilenet.config import MOBILENET_V5_300M
 from gemma3n.vision.mobilenet.encoder import MobileNetV5
 from gemma3n.vision.mobilenet.preprocess import preprocess_images
@@ -76,19 +81,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    try:
+        import timm  # noqa: F401  (transformers builds the tower through timm)
+    except (ImportError, RuntimeError) as error:
+        sys.exit(f"bench.vision_tower needs timm and a torchvision matching torch "
+                 f"{torch.__version__}: {type(error).__name__}: {error}")
     torch.set_grad_enabled(False)
     report: dict[str, object] = {"torch_threads": torch.get_num_threads(),
                                  "jax_devices": [str(d) for d in jax.devices()]}
 
     image = Image.fromarray(photo(*IMAGE_SHAPE))
-    processor = SiglipImageProcessor(do_convert_rgb=True, do_normalize=False, do_rescale=True,
-                                     do_resize=True, resample=2, rescale_factor=1 / 255,
-                                     size={"height": 768, "width": 768})
+    processor = SiglipImageProcessorPil(do_convert_rgb=True, do_normalize=False, do_rescale=True,
+                                        do_resize=True, resample=2, rescale_factor=1 / 255,
+                                        size={"height": 768, "width": 768})
     ours_pixels, _, ours_pre = timed(lambda: preprocess_images([image]), args.repeats)
     hf_pixels, _, hf_pre = timed(
-        lambda: processor(images=image, return_tensors="pt")["pixel_values"], args.repeats)
-    report["preprocess"] = {"ours_s": ours_pre, "hf_s": hf_pre, "max_abs_diff": float(
-        np.abs(ours_pixels - hf_pixels.numpy().transpose(0, 2, 3, 1)).max())}
+        lambda: processor(images=image, return_tensors="np")["pixel_values"], args.repeats)
+    report["preprocess"] = {"ours_s": ours_pre, "hf_pil_s": hf_pre, "max_abs_diff": float(
+        np.abs(ours_pixels - hf_pixels.transpose(0, 2, 3, 1)).max())}
 
     tower = AutoModel.from_config(Gemma3nVisionConfig()).eval()
     randomise(tower)
@@ -105,11 +115,13 @@ def main() -> None:
     report["tower_params"] = sum(p.numel() for p in tower.parameters())
 
     encoder = jax.jit(MobileNetV5(MOBILENET_V5_300M).apply)
-    vision_embedder = jax.jit(hf_mobilenet.vision_embedder(MOBILENET_V5_300M, TEXT_WIDTH).apply)
+    vision_embedder = jax.jit(functools.partial(
+        hf_mobilenet.vision_embedder(MOBILENET_V5_300M, TEXT_WIDTH).apply,
+        method=MultimodalEmbedder.embed_soft))
     pixels = jax.device_put(ours_pixels)
     ours_tokens, ours_first, ours_warm = timed(
         lambda: encoder({"params": params}, pixels).block_until_ready(), args.repeats)
-    hf_input = hf_pixels.contiguous()
+    hf_input = torch.from_numpy(np.ascontiguousarray(ours_pixels.transpose(0, 3, 1, 2)))
 
     def hf_tokens():
         out = tower(pixel_values=hf_input, do_pooling=False).last_hidden_state

@@ -20,11 +20,12 @@ import transformers
 from transformers.audio_utils import load_audio as hf_load_audio
 from transformers.models.gemma3n import modeling_gemma3n
 
-from gemma3n.audio import (SAMPLE_RATE, AudioConfig, AudioEncoder, MultimodalEmbedder,
-                           init_params, load_audio, log_mel_features, weight_schema)
+from gemma3n.audio import SAMPLE_RATE, AudioConfig, AudioEncoder, load_audio, log_mel_features
 from gemma3n.audio.features import MEL_BINS
-from gemma3n.checkpoints.hf_audio import (AUDIO_TOWER_PREFIX, audio_config_from_hf, hf_name,
-                                          params_from_hf)
+from gemma3n.checkpoints.hf_audio import (AUDIO_TOWER_PREFIX, audio_config_from_hf,
+                                          audio_embedder, hf_name, params_from_hf)
+from gemma3n.layers.weights import init_params, weight_schema
+from gemma3n.multimodal_embedder import MultimodalEmbedder
 from test_audio_features import CD_RATE, tone_and_noise
 
 SMALL_HF_CONFIGS = {
@@ -215,9 +216,9 @@ def test_mapping_reports_missing_unexpected_and_misshapen():
     with pytest.raises(ValueError) as err:
         params_from_hf(state, schema, prefix=AUDIO_TOWER_PREFIX)
     message = str(err.value)
-    assert 'missing model.audio_tower.conformer.0.norm.weight' in message
-    assert 'unexpected model.audio_tower.conformer.1.norm.weight' in message
-    assert 'conformer.0.lconv1d.linear_end.weight has shape (16, 8), expected (16, 16)' in message
+    assert 'missing 1: model.audio_tower.conformer.0.norm.weight' in message
+    assert 'unexpected 1: model.audio_tower.conformer.1.norm.weight' in message
+    assert 'conformer.0.lconv1d.linear_end.weight (16, 8) (expected (16, 16))' in message
 
 
 @pytest.fixture(scope='module')
@@ -226,7 +227,7 @@ def embedder_pair():
     text = transformers.Gemma3nTextConfig(hidden_size=TEXT_HIDDEN)
     hf = modeling_gemma3n.Gemma3nMultimodalEmbedder(audio, text).to(torch.float32).eval()
     randomize(hf, seed=7)
-    ours = MultimodalEmbedder.for_audio(audio_config_from_hf(audio.to_dict()), TEXT_HIDDEN)
+    ours = audio_embedder(audio_config_from_hf(audio.to_dict()), TEXT_HIDDEN)
     ids = np.array([[audio.vocab_offset, audio.vocab_offset + 5, audio.vocab_offset + 127]])
     soft = np.random.default_rng(3).standard_normal((2, 5, audio.hidden_size)).astype(np.float32)
     params = params_from_hf(state_of(hf), weight_schema(ours, ids, soft))

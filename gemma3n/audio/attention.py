@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n.audio.config import AudioConfig
-from gemma3n.audio.weights import Projection, declare
+from gemma3n.layers.projection import Projection
+from gemma3n.layers.weights import declare
 
 MIN_TIMESCALE = 1.0
 MAX_TIMESCALE = 1.0e4

@@ -23,12 +23,20 @@ import jax.numpy as jnp
 
 from gemma3n.audio.attention import LocalAttention
 from gemma3n.audio.config import AudioConfig
-from gemma3n.audio.weights import AudioRMSNorm, Projection, declare, fan_in_init
+from gemma3n.layers.einsum import weight_init
+from gemma3n.layers.norm import RMSNorm
+from gemma3n.layers.projection import Projection
+from gemma3n.layers.weights import declare
 
 FFW_EXPANSION = 4
 # Norms that the checkpoint's reference builds with its default epsilon, not the config's.
 DEFAULT_NORM_EPS = 1e-6
 EMBED_AXES = ('audio_embed', 'audio_embed_in')
+
+
+def _norm(eps: float, dtype: Any, name: str) -> RMSNorm:
+    """An RMS norm over the model width times its learned `scale` [D] (not 1 + scale)."""
+    return RMSNorm(eps=eps, axis_name='audio_embed', dtype=dtype, name=name)
 
 
 def _clip(x: jax.Array, config: AudioConfig) -> jax.Array:
@@ -45,12 +53,12 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, T, D] -> [B, T, D]."""
         cfg = self.config
-        h = AudioRMSNorm(DEFAULT_NORM_EPS, dtype=self.dtype, name='pre_layer_norm')(_clip(x, cfg))
+        h = _norm(DEFAULT_NORM_EPS, self.dtype, 'pre_layer_norm')(_clip(x, cfg))
         h = Projection(FFW_EXPANSION * cfg.hidden_size, ('audio_ffw', 'audio_embed'), self.dtype,
                        name='ffw_layer_1')(h)
         h = Projection(cfg.hidden_size, ('audio_embed', 'audio_ffw'), self.dtype,
                        name='ffw_layer_2')(jax.nn.silu(h))
-        h = AudioRMSNorm(DEFAULT_NORM_EPS, dtype=self.dtype, name='post_layer_norm')(_clip(h, cfg))
+        h = _norm(DEFAULT_NORM_EPS, self.dtype, 'post_layer_norm')(_clip(h, cfg))
         return x + h * cfg.residual_weight
 
 
@@ -63,11 +71,11 @@ class ConformerAttention(nn.Module):
     def __call__(self, x: jax.Array, valid: jax.Array) -> jax.Array:
         """x: [B, T, D], valid: bool [B, T] -> [B, T, D]."""
         cfg = self.config
-        h = AudioRMSNorm(DEFAULT_NORM_EPS, dtype=self.dtype, name='pre_attn_norm')(_clip(x, cfg))
+        h = _norm(DEFAULT_NORM_EPS, self.dtype, 'pre_attn_norm')(_clip(x, cfg))
         h = LocalAttention(cfg, self.dtype, name='attn')(h, valid)
         h = Projection(cfg.hidden_size, EMBED_AXES, self.dtype,
                        name='post')(h.reshape(x.shape))
-        return x + AudioRMSNorm(DEFAULT_NORM_EPS, dtype=self.dtype, name='post_norm')(_clip(h, cfg))
+        return x + _norm(DEFAULT_NORM_EPS, self.dtype, 'post_norm')(_clip(h, cfg))
 
 
 class DepthwiseCausalConv(nn.Module):
@@ -81,7 +89,7 @@ class DepthwiseCausalConv(nn.Module):
         channels = x.shape[-1]
         kernel = declare(self, 'kernel', (channels, 1, self.kernel_size),
                          ('audio_embed', 'audio_conv_group', 'audio_conv_time'),
-                         fan_in_init((1, 2), 0), self.dtype)
+                         weight_init(in_axis=(1, 2), out_axis=0), self.dtype)
         padded = jnp.pad(x, ((0, 0), (self.kernel_size - 1, 0), (0, 0)))
         taps = kernel[:, 0, :].astype(x.dtype)                                 # [D, K]
         return sum(padded[:, k:k + x.shape[1]] * taps[:, k] for k in range(self.kernel_size))
@@ -97,13 +105,13 @@ class LightConv1d(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, T, D] (padded frames already zero) -> [B, T, D]."""
         cfg = self.config
-        h = AudioRMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name='pre_layer_norm')(x)
+        h = _norm(cfg.rms_norm_eps, self.dtype, 'pre_layer_norm')(x)
         h = Projection(2 * cfg.hidden_size, ('audio_glu', 'audio_embed'), self.dtype,
                        name='linear_start')(h)
         values, gates = jnp.split(h, 2, axis=-1)
         h = values * jax.nn.sigmoid(gates)
         h = DepthwiseCausalConv(cfg.conv_kernel_size, self.dtype, name='depthwise_conv1d')(h)
-        h = AudioRMSNorm(cfg.rms_norm_eps, dtype=self.dtype, name='conv_norm')(_clip(h, cfg))
+        h = _norm(cfg.rms_norm_eps, self.dtype, 'conv_norm')(_clip(h, cfg))
         h = Projection(cfg.hidden_size, EMBED_AXES, self.dtype, name='linear_end')(jax.nn.silu(h))
         return x + h
 
@@ -123,4 +131,4 @@ class ConformerBlock(nn.Module):
         # follow a clip's real frames, so the causal convolution never carries them into one).
         x = LightConv1d(cfg, self.dtype, name='lconv1d')(x * valid[..., None].astype(x.dtype))
         x = FeedForward(cfg, self.dtype, name='ffw_layer_end')(x)
-        return AudioRMSNorm(DEFAULT_NORM_EPS, dtype=self.dtype, name='norm')(_clip(x, cfg))
+        return _norm(DEFAULT_NORM_EPS, self.dtype, 'norm')(_clip(x, cfg))

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from gemma3n.audio.config import FREQ_PAD, AudioConfig
-from gemma3n.audio.weights import Projection, declare, fan_in_init
+from gemma3n.layers.einsum import weight_init
+from gemma3n.layers.projection import Projection
+from gemma3n.layers.weights import declare
 
 # Convolution layouts: activations [B, time, freq, channels], kernels as stored (torch's OIHW).
 CONV_DIMENSIONS = ('NHWC', 'OIHW', 'NHWC')
@@ -64,7 +66,7 @@ class StridedConv(nn.Module):
         kernel = declare(self, 'kernel', (self.out_channels, self.in_channels) + self.kernel_size,
                          ('audio_sscp_channels', 'audio_sscp_in', 'audio_conv_time',
                           'audio_conv_freq'),
-                         fan_in_init((1, 2, 3), 0), self.dtype)
+                         weight_init(in_axis=(1, 2, 3), out_axis=0), self.dtype)
         return jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), self.stride, 'VALID',
                                             dimension_numbers=CONV_DIMENSIONS)
 

@@ -16,6 +16,8 @@ Example:
     >>> config = audio_config_from_hf(json.load(open('config.json'))['audio_config'])
     >>> schema = weight_schema(AudioEncoder(config), mel, valid)
     >>> params = params_from_hf(state, schema, prefix=AUDIO_TOWER_PREFIX)
+    >>> embedder = audio_embedder(config, text_width=2048)
+    >>> embed = params_from_hf(state, weight_schema(embedder, ids, soft), prefix=EMBED_AUDIO_PREFIX)
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-from flax import traverse_util
-
+import jax.numpy as jnp
 from gemma3n.audio.config import AudioConfig
-from gemma3n.audio.weights import WeightInfo
+from gemma3n.checkpoints.hf_tensors import Stored, read_params
+from gemma3n.layers.weights import WeightInfo
+from gemma3n.multimodal_embedder import MultimodalEmbedder
 
 AUDIO_TOWER_PREFIX = 'model.audio_tower.'
 EMBED_AUDIO_PREFIX = 'model.embed_audio.'
@@ -73,6 +75,14 @@ def audio_config_from_hf(hf_config: Mapping[str, Any]) -> AudioConfig:
                           for ours, theirs in CONFIG_FIELDS.items() if theirs in hf_config})
 
 
+def audio_embedder(config: AudioConfig, text_width: int,
+                   dtype: Any = jnp.float32) -> MultimodalEmbedder:
+    """The `embed_audio` embedder of an audio tower of `config` for a text model of `text_width`
+    (HF builds it from `audio_config`: its vocabulary, width and eps)."""
+    return MultimodalEmbedder(config.vocab_size, config.vocab_offset, config.hidden_size,
+                              text_width, eps=config.rms_norm_eps, dtype=dtype)
+
+
 def hf_name(path: str) -> str:
     """HF key (without prefix) of our '/'-joined weight path."""
     path = LAYER.sub(r'conformer.\1/', path)
@@ -97,20 +107,6 @@ def params_from_hf(state: Mapping[str, Any], schema: Mapping[str, WeightInfo], *
     Raises:
         ValueError naming every missing, unexpected or misshapen weight.
     """
-    ours = {prefix + hf_name(path): path for path in schema}
-    theirs = {key for key in state if key.startswith(prefix)}
-    problems = [f'missing {key}' for key in sorted(set(ours) - theirs)]
-    problems += [f'unexpected {key}' for key in sorted(theirs - set(ours))]
-    flat = {}
-    for key, path in ours.items():
-        if key not in state:
-            continue
-        array = np.asarray(state[key])
-        if array.shape != schema[path].shape:
-            problems.append(f'{key} has shape {array.shape}, expected {schema[path].shape}')
-            continue
-        flat[path] = array.astype(dtype or schema[path].dtype, copy=False)
-    if problems:
-        raise ValueError(f'audio weights under {prefix!r} do not match the model: '
-                         + '; '.join(problems) + '.')
-    return traverse_util.unflatten_dict(flat, sep='/')
+    stored = {path: Stored(hf_name(path), info.shape, dtype or info.dtype)
+              for path, info in schema.items()}
+    return read_params(state, stored, prefix=prefix, what='audio')

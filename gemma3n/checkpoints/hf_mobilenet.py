@@ -10,7 +10,7 @@ no weights computed) gets exactly one HF tensor, named by a rule and converted b
 | `.../scale` [C] (RMS norms)         | `....weight` [C]                    | none                    |
 | `.../bias`, `.../gamma` [C]         | same name                           | none                    |
 | `embedding` [V, W]                  | `embedding.weight` [V, W]           | none                    |
-| `embedding_projection/w` [W, D]     | `embedding_projection.weight` [D, W]| transpose               |
+| `embedding_projection/w` [D, W]     | `embedding_projection.weight` [D, W]| none                    |
 
 Prefixes in a `Gemma3nForConditionalGeneration` checkpoint: `model.vision_tower.timm_model.`
 (the timm encoder) and `model.embed_vision.`. A name or shape that does not match is reported with
@@ -35,8 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.checkpoints.hf_mapping import _abbreviate, flatten_params, unflatten_params
+from gemma3n.checkpoints.hf_mapping import flatten_params
+from gemma3n.checkpoints.hf_tensors import Stored, read_params
 from gemma3n.checkpoints.safetensors_hf import open_hf_files
+from gemma3n.layers.weights import weight_schema
 from gemma3n.multimodal_embedder import MultimodalEmbedder
 from gemma3n.vision.mobilenet.config import MOBILENET_V5_300M, MobileNetConfig
 from gemma3n.vision.mobilenet.encoder import MobileNetV5
@@ -63,7 +65,7 @@ _SAME = _Rule(None, lambda s: s, lambda x: x)
 _RULES = {
     "kernel": _Rule("weight", lambda s: (s[3], s[2], s[0], s[1]), lambda x: x.transpose(2, 3, 1, 0)),
     "scale": _Rule("weight", lambda s: s, lambda x: x),
-    "w": _Rule("weight", lambda s: s[::-1], lambda x: x.T),
+    "w": _Rule("weight", lambda s: s, lambda x: x),      # the embedder's, declared [out, in]
     "embedding": _Rule("embedding.weight", lambda s: s, lambda x: x),
 }
 
@@ -76,45 +78,22 @@ def hf_name(path: str) -> str:
     return ".".join(parts + [hf_leaf if hf_leaf is not None else leaf])
 
 
-def _from_hf(state: Mapping[str, Any], shapes: Mapping[str, Shape], prefix: str, what: str,
-             dtype: Any) -> dict[str, Any]:
-    """Our nested tree of `shapes` filled from `state`'s tensors under `prefix`."""
-    expected = {prefix + hf_name(path): path for path in shapes}
-    present = {name for name in state if name.startswith(prefix)}
-    missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected))
-    wrong = []
-    for name in sorted(set(expected) & present):
-        path = expected[name]
+def _stored(shapes: Mapping[str, Shape], dtype: Any) -> dict[str, Stored]:
+    """How the checkpoint stores each of our leaves `shapes` ({path: shape})."""
+    stored = {}
+    for path, shape in shapes.items():
         rule = _RULES.get(path.rsplit("/", 1)[-1], _SAME)
-        want = rule.hf_shape(tuple(shapes[path]))
-        got = tuple(np.shape(state[name]))
-        if got != want:
-            wrong.append(f"{name} {got} (expected {want})")
-    problems = [f"missing {len(missing)}: {_abbreviate(missing)}" if missing else "",
-                f"unexpected {len(unexpected)}: {_abbreviate(unexpected)}" if unexpected else "",
-                f"wrong shape {len(wrong)}: {_abbreviate(wrong)}" if wrong else ""]
-    problems = [p for p in problems if p]
-    if problems:
-        raise ValueError(f"{what} tensors under {prefix!r} do not match the config; "
-                         + "; ".join(problems))
-    flat = {}
-    for name, path in expected.items():
-        rule = _RULES.get(path.rsplit("/", 1)[-1], _SAME)
-        flat[path] = np.ascontiguousarray(rule.to_ours(np.asarray(state[name])), dtype=dtype)
-    return unflatten_params(flat)
-
-
-def _shapes(module: Any, example: jax.ShapeDtypeStruct) -> dict[str, Shape]:
-    tree = jax.eval_shape(lambda x: module.init(jax.random.key(0), x)["params"], example)
-    return {path: leaf.shape for path, leaf in flatten_params(tree).items()}
+        stored[path] = Stored(hf_name(path), rule.hf_shape(tuple(shape)), dtype, rule.to_ours)
+    return stored
 
 
 def vision_tower_shapes(config: MobileNetConfig) -> dict[str, Shape]:
     """{our leaf path: shape} of `MobileNetV5(config)`."""
     side = config.image_size
     pixels = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
-    return _shapes(MobileNetV5(config), pixels)
+    tree = jax.eval_shape(lambda x: MobileNetV5(config).init(jax.random.key(0), x)["params"],
+                          pixels)
+    return {path: leaf.shape for path, leaf in flatten_params(tree).items()}
 
 
 def vision_config_from_hf(hf_vision: Mapping[str, Any]) -> MobileNetConfig:
@@ -149,16 +128,19 @@ def vision_tower_from_hf(state: Mapping[str, Any], config: MobileNetConfig, *,
 
     Raises ValueError listing missing, unexpected (under `prefix`) and wrongly shaped tensors.
     """
-    return _from_hf(state, vision_tower_shapes(config), prefix, "vision tower", dtype)
+    return read_params(state, _stored(vision_tower_shapes(config), dtype), prefix=prefix,
+                       what="vision tower")
 
 
 def embed_vision_from_hf(state: Mapping[str, Any], config: MobileNetConfig, text_width: int, *,
                          prefix: str = HF_EMBED_VISION_PREFIX,
                          dtype: Any = np.float32) -> dict[str, Any]:
     """`vision_embedder(config, text_width)` params from HF tensors `state`."""
+    ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     soft = jax.ShapeDtypeStruct((1, 1, config.hidden_size), jnp.float32)
-    shapes = _shapes(vision_embedder(config, text_width), soft)
-    return _from_hf(state, shapes, prefix, "vision embedder", dtype)
+    schema = weight_schema(vision_embedder(config, text_width), ids, soft)
+    shapes = {path: info.shape for path, info in schema.items()}
+    return read_params(state, _stored(shapes, dtype), prefix=prefix, what="vision embedder")
 
 
 def load_vision(path: str | os.PathLike, config: MobileNetConfig, text_width: int, *,

@@ -11,7 +11,8 @@ Example:
     >>> tower, embed = load_vision('/ckpts/gemma-3n-E4B-it', MOBILENET_V5_300M, text_width=2048)
     >>> tokens = MobileNetV5(MOBILENET_V5_300M).apply({'params': tower},
     ...                                               preprocess_images(['cat.jpg']))  # [1, 256, 2048]
-    >>> x = vision_embedder(MOBILENET_V5_300M, 2048).apply({'params': embed}, tokens)  # [1, 256, 2048]
+    >>> x = vision_embedder(MOBILENET_V5_300M, 2048).apply(
+    ...     {'params': embed}, tokens, method=MultimodalEmbedder.embed_soft)         # [1, 256, 2048]
 """
 
 from gemma3n.vision.mobilenet.config import (
