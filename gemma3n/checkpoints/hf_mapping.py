@@ -576,6 +576,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> TransformerConfig:
         raise ValueError(f'Per-layer MLP widths {sorted(widths)} are not supported (one hidden_dim for all layers).')
     kinds = {name: kind for kind, name in HF_LAYER_TYPES.items()}
     layer_types = _hf_layer_types(text, num_layers)
+    if len(layer_types) != num_layers:
+        raise ValueError(f'layer_types has {len(layer_types)} entries, num_hidden_layers is {num_layers}.')
     unknown = sorted(set(layer_types) - kinds.keys())
     if unknown:
         raise ValueError(f'Unknown layer_types {unknown}; expected {sorted(kinds)}.')

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import struct
 import warnings
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,7 @@ MIN_IMAGE_RANK = 3
 MAX_IMAGE_PIXELS = 50_000_000
 # What Pillow's decoders raise for a file they accept by its header but cannot decode.
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error)
+_PILLOW_PIXEL_COUNT = r"\((\d+) pixels\)"     # in Pillow's DecompressionBombError message
 
 
 def check_images(images: jax.Array | np.ndarray, channels: int | None = IMAGE_CHANNELS) -> None:
@@ -131,20 +133,25 @@ def _open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
             # Pillow warns above its own limit, which is higher than ours (checked below).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(path)
-    except Image.DecompressionBombError:
-        raise ValueError(
-            f"image file {name!r} ({os.path.getsize(path):,} bytes) declares more than "
-            f"{2 * Image.MAX_IMAGE_PIXELS:,} pixels; the limit is {MAX_IMAGE_PIXELS:,}") from None
+    except Image.DecompressionBombError as error:
+        # Over Pillow's own limit (above ours), Pillow refuses to open it; its message holds
+        # the pixel count.
+        count = re.search(_PILLOW_PIXEL_COUNT, str(error))
+        size = f"{int(count.group(1)):,} pixels" if count else "too many pixels"
+        raise _too_large(path, size) from None
     except DECODE_ERRORS as error:
         raise ValueError(f"cannot read image file {name!r}: {error}") from error
     with image:
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
-            raise ValueError(
-                f"image file {name!r} ({os.path.getsize(path):,} bytes) is {width}x{height} "
-                f"pixels ({width * height:,}), more than the limit of {MAX_IMAGE_PIXELS:,}: "
-                "shrink it first")
+            raise _too_large(path, f"{width}x{height} = {width * height:,} pixels")
         yield image
+
+
+def _too_large(path: str | os.PathLike, size: str) -> ValueError:
+    return ValueError(
+        f"image file {os.fspath(path)!r} ({os.path.getsize(path):,} bytes) declares {size}, "
+        f"more than the limit of {MAX_IMAGE_PIXELS:,}: shrink it first")
 
 
 def image_file_size(path: str | os.PathLike) -> tuple[int, int]:
