@@ -398,8 +398,9 @@ def hf_to_params(
             sources.append(x)
         # A transform gets the layout change as a view where possible: it makes the one copy it
         # needs (for our serving layout often none: HF's [out, in] weights already are).
-        value = _materialise(_CONVERSIONS[e.conversion].from_hf(sources, e), e.shape, dtype,
-                             contiguous=transform is None)
+        with np.errstate(over='ignore'):      # check_finite reports it, naming the tensor
+            value = _materialise(_CONVERSIONS[e.conversion].from_hf(sources, e), e.shape, dtype,
+                                 contiguous=transform is None)
         del sources
         check_finite(f'Tensor {describe(prefix + e.hf_keys[0])}', value)
         flat[e.path] = value if transform is None else transform(e.path, value)

@@ -55,7 +55,8 @@ def native_read(files: SafetensorsFiles, paths: Sequence[str], dtype: Any,
         value = files.read(name)
         size = value.size
         if dtype is not None:
-            value = value.astype(dtype, copy=False)
+            with np.errstate(over='ignore'):      # check_finite reports it, naming the tensor
+                value = value.astype(dtype, copy=False)
         check_finite(f'Tensor {files.describe(name)}', value)
         flat[name] = value if transform is None else transform(name, value)
         del value
