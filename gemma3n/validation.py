@@ -84,12 +84,17 @@ def token_ids(name: str, ids: Any, vocab_size: int, extra_ids: Sequence[int] = (
         if not np.issubdtype(array.dtype, np.integer):
             raise TypeError(f'{name} must hold integer token ids, got dtype {array.dtype}.')
     else:
-        # dtype=object keeps Python ints beyond 64 bits exact for the comparisons below.
+        # dtype=object keeps Python ints of any size exact until they are known to fit int64.
         array = np.array(ids, dtype=object)
-        wrong = next((v for v in array.flat if not is_integer(v)), None)
-        if wrong is not None:
-            raise TypeError(f'{name} must hold integer token ids, got {type(wrong).__name__} '
-                            f'{wrong!r}.')
+        if not all(type(v) is int for v in array.flat):      # the common case, checked fast
+            wrong = next((v for v in array.flat if not is_integer(v)), None)
+            if wrong is not None:
+                raise TypeError(f'{name} must hold integer token ids, got '
+                                f'{type(wrong).__name__} {wrong!r}.')
+        try:
+            array = array.astype(np.int64)
+        except OverflowError:
+            pass                          # compared as Python ints below
     bad = ((array < 0) | (array >= vocab_size)) & ~np.isin(array, list(extra_ids))
     if bad.any():
         where = np.argwhere(bad)
