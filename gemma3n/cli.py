@@ -102,7 +102,7 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
         try:
             return check_int('value', value, low=low, high=high)
         except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
+            raise argparse.ArgumentTypeError(str(error).rstrip('.')) from None
     return parse
 
 
