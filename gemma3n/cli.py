@@ -6,9 +6,10 @@ Usage:
     gemma3n chat --checkpoint ~/gemma-3n-E4B-it      # /reset starts over, /quit or EOF ends
     gemma3n info --model e4b --context 32768         # layers, parameter counts, memory
 
-User mistakes (a missing file, a bad option value, a prompt longer than the cache, ...) end the
-command with one line `gemma3n: error: ...` on stderr and exit status 2; anything else is a bug
-and raises with its traceback.
+User mistakes (a missing file, a bad option value, a prompt longer than the cache, a damaged
+checkpoint, ...) end the command with one line `gemma3n: error: ...` on stderr and exit status 2;
+logits that become NaN/Inf while generating end it the same way with status 1; anything else is
+a bug and raises with its traceback.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import numpy as np
 from gemma3n import cache as kv_cache
 from gemma3n import multimodal
 from gemma3n.checkpoints import open_per_layer_table
-from gemma3n.checkpoints.loader import ORBAX_FORMAT, VISION_PREFIXES, checkpoint_format
+from gemma3n.checkpoints.loader import (ORBAX_FORMAT, VISION_PREFIXES, checkpoint_format,
+                                        has_vision_encoder)
 from gemma3n.layout import load_serving, serving_nbytes, to_serving
 from gemma3n.config import AttentionType
 from gemma3n.models import DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config
@@ -46,10 +48,12 @@ from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, DEFAULT_MAX_OUT_LENGTH, S
 from gemma3n.text.sampling import Greedy, RandomSampling, SamplingMethod, TopkSampling, TopPSampling
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
-from gemma3n.vision.preprocess import load_image
+from gemma3n.validation import INT32_MAX, check_int, max_seed
+from gemma3n.vision.preprocess import image_file_size, load_image
 
 PROG = 'gemma3n'
 USAGE_ERROR = 2
+NUMERICAL_FAILURE = 1        # the model's numbers broke down (NaN/Inf logits)
 INTERRUPTED = 130            # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
 
 DEMO = 'demo'
@@ -65,6 +69,8 @@ CHAT_PROMPT = '> '
 RESET_COMMAND = '/reset'
 QUIT_COMMAND = '/quit'
 PER_LAYER_TABLE = 'embedder/per_layer_input_embedding'
+DEMO_IS_TEXT_ONLY = ('the demo model is text-only: images need a real checkpoint with a vision '
+                     'encoder (--checkpoint PATH)')
 
 DEMO_NOTICE = (
     f'{PROG}: no --checkpoint given: running the built-in demo model (the Gemma 3n architecture '
@@ -84,14 +90,23 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
-    return value
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high], checked before anything narrows it."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f'must be at least {low}, got {value}')
+        try:
+            return check_int('value', value, low=low, high=high)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).rstrip('.')) from None
+    return parse
+
+
+_positive_int = _whole_number(1, INT32_MAX)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='sample among the K most likely tokens')
     group.add_argument('--top-p', type=float, metavar='P',
                        help='sample among the most likely tokens holding probability P')
-    group.add_argument('--seed', type=int, default=0, help='random seed of sampling (default 0)')
+    group.add_argument('--seed', type=_whole_number(0, max_seed()), default=0,
+                       help=f'random seed of sampling, 0 to {max_seed()} (default 0)')
     group.add_argument('--image', action='append', default=[], metavar='FILE',
                        help='an image for the prompt (repeatable); each `<start_of_image>` in the '
                             'prompt takes one, else they go before the text. In chat they '
@@ -184,12 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
     except BrokenPipeError:
         return 0     # the reader (e.g. `| head`) has all it wanted
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:
         if args.verbose:
             traceback.print_exc()
         message = ' '.join(str(error).split('\n'))
         sys.stderr.write(f'{PROG}: error: {message}\n')
-        return USAGE_ERROR
+        return NUMERICAL_FAILURE if isinstance(error, FloatingPointError) else USAGE_ERROR
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -284,8 +300,7 @@ def build_model(name: str, *, dtype: Any, with_vision: bool,
     """The module of model `name` ('e4b', 'e2b' or 'demo'; the demo needs the `vocab_size`)."""
     if name == DEMO:
         if with_vision:
-            raise ValueError('the demo model is text-only: images need a real checkpoint with a '
-                             'vision encoder (--checkpoint PATH)')
+            raise ValueError(DEMO_IS_TEXT_ONLY)
         return Gemma3nTransformer(config=demo_config(vocab_size), text_only=True, dtype=dtype)
     # The presets' configs hold the vision encoder; text_only leaves it out of the module.
     return MODEL_CLASSES[name](text_only=not with_vision, dtype=dtype)
@@ -294,8 +309,8 @@ def build_model(name: str, *, dtype: Any, with_vision: bool,
 def load_model(args: argparse.Namespace, *, with_vision: bool = False) -> LoadedModel:
     """The model, weights and tokenizer the options ask for (random weights for the demo)."""
     name = _model_choice(args)
-    if with_vision and args.text_only:
-        raise ValueError('--image needs the vision encoder, which --text-only leaves out')
+    if with_vision:
+        check_vision(args)
     checkpoint = _checkpoint_path(args)
     if checkpoint is None and name != DEMO:
         raise ValueError(f'--model {name} needs --checkpoint PATH: only the demo model runs '
@@ -351,9 +366,35 @@ def sampling_method(temperature: float | None, top_k: int | None,
     return RandomSampling(temperature=temperature)
 
 
+def check_vision(args: argparse.Namespace) -> None:
+    """ValueError unless the options choose a model with a vision encoder (checkpoint headers
+    only: nothing is loaded or decoded)."""
+    if args.text_only:
+        raise ValueError('--image needs the vision encoder, which --text-only leaves out')
+    if _model_choice(args) == DEMO:
+        raise ValueError(DEMO_IS_TEXT_ONLY)
+    checkpoint = _checkpoint_path(args)
+    if checkpoint is not None and not has_vision_encoder(checkpoint):
+        raise ValueError(f'--image needs a checkpoint with the SigLIP vision encoder; {checkpoint} '
+                         f'({checkpoint_format(checkpoint)} format) holds none')
+
+
 def read_images(paths: Sequence[str]) -> list[np.ndarray]:
-    """The `--image` files as uint8 [H, W, 3] arrays (read before any weights, to fail early)."""
-    return [load_image(Path(path).expanduser()) for path in paths]
+    """The `--image` files as uint8 [H, W, 3] arrays (read before any weights, to fail early).
+
+    Every file's header is checked (size, format) before any file is decoded.
+    """
+    files = [Path(path).expanduser() for path in paths]
+    for path in files:
+        image_file_size(path)
+    return [load_image(path) for path in files]
+
+
+def _image_options(args: argparse.Namespace) -> list[np.ndarray]:
+    """The `--image` files, once the model is known to take images."""
+    if args.image:
+        check_vision(args)
+    return read_images(args.image)
 
 
 def default_cache_length(positions: int) -> int:
@@ -404,7 +445,7 @@ def _write(piece: str) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     sampling = sampling_method(args.temperature, args.top_k, args.top_p)
-    pictures = read_images(args.image)
+    pictures = _image_options(args)
     loaded = load_model(args, with_vision=bool(pictures))
     max_new_tokens = _max_new_tokens(args, loaded)
     sampler = Sampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,
@@ -430,7 +471,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     sampling = sampling_method(args.temperature, args.top_k, args.top_p)
-    pictures = read_images(args.image)
+    pictures = _image_options(args)
     loaded = load_model(args, with_vision=bool(pictures))
     images = pictures or None
     chat = ChatSampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,

@@ -8,7 +8,6 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gemma3n import cache as kv_cache
 from gemma3n import multimodal
@@ -19,6 +18,7 @@ from gemma3n.config import TransformerConfig
 from gemma3n.embedder import Embedder
 from gemma3n.layers import Einsum, RMSNorm, guard
 from gemma3n.text import special_tokens
+from gemma3n.validation import token_ids
 
 PAD_ID = special_tokens.PAD
 # Ids a tokenizer may produce beyond a small model's vocabulary: the image markers.
@@ -49,23 +49,15 @@ class ModelInfo:
 
 def _check_tokens(tokens: Any, num_embed: int, extra_ids: tuple[int, ...]) -> jax.Array:
     """Validates token ids before anything is traced; returns them as an int32 array."""
-    if not hasattr(tokens, 'dtype'):
-        tokens = np.asarray(tokens)
-    if not (jnp.issubdtype(tokens.dtype, jnp.integer)):
-        raise ValueError(f'tokens must be integer ids, got dtype {tokens.dtype}.')
+    if isinstance(tokens, jax.core.Tracer):
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f'tokens must hold integer token ids, got dtype {tokens.dtype}.')
+    else:
+        tokens = token_ids('tokens', tokens, num_embed, extra_ids)
     if tokens.ndim < 1:
         raise ValueError(f'tokens must have shape [*B, L], got a scalar of shape {tokens.shape}.')
     if tokens.shape[-1] == 0:
         raise ValueError('tokens must hold at least one token (shape [*B, L] with L >= 1).')
-    if not isinstance(tokens, jax.core.Tracer):
-        ids = np.asarray(tokens)
-        bad = (ids < 0) | (ids >= num_embed)
-        for extra in extra_ids:
-            bad &= ids != extra
-        if bad.any():
-            raise ValueError(
-                f'token ids must lie in [0, {num_embed}); got {int(ids[bad].flat[0])} '
-                f'(at index {tuple(int(j) for j in np.argwhere(bad)[0])}).')
     return jnp.asarray(tokens, jnp.int32)
 
 

@@ -173,18 +173,6 @@ def test_checkpoint_without_tokenizer(env, tmp_path):
                           'no tokenizer.model in', '--tokenizer')
 
 
-def test_unreadable_image(env, tmp_path):
-    garbage = tmp_path / 'broken.png'
-    garbage.write_bytes(b'this is not a PNG file')
-    assert_one_line_error(run_cli(env, 'generate', '--image', str(garbage), 'Describe it.'),
-                          'cannot read image file', str(garbage))
-
-
-def test_missing_image(env, tmp_path):
-    assert_one_line_error(run_cli(env, 'generate', '--image', str(tmp_path / 'x.png'), 'Hi'),
-                          'image file not found')
-
-
 @pytest.mark.parametrize('options, fragment', [
     (['--max-new-tokens', '0'], 'must be at least 1'),
     (['--top-p', '1.5'], 'p must be in (0, 1]'),

@@ -2,7 +2,9 @@
 
 Formats: a Hugging Face Gemma 3n directory or `.safetensors` file (`safetensors_hf`), a reference
 Orbax PyTree checkpoint directory (`orbax_io`), our own safetensors format (`native`). Every
-failure raises before anything is returned (no partial trees).
+failure raises before anything is returned (no partial trees). No format has a checksum of the
+values, so every array is checked for NaN/Inf as it is read (`gemma3n.validation.check_finite`,
+one pass over memory the read just wrote).
 
 Example:
     >>> model = Gemma3n_E4B(text_only=True)
@@ -29,6 +31,7 @@ from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.checkpoints.safetensors_hf import INDEX_FILE, SINGLE_FILE, is_hf_directory, load_hf_params
 from gemma3n.config import TransformerConfig
 from gemma3n.embedder import PER_LAYER_TABLE
+from gemma3n.validation import check_finite
 
 # Parameters of the vision path (SPEC section 6); a text-only model has none of them.
 VISION_PREFIXES = ('vision_encoder/', 'embedder/mm_')
@@ -91,8 +94,9 @@ def load_params(
     if checkpoint == ORBAX_FORMAT:
         names = _select(orbax_catalog(path), config, text_only, path, skip)
         flat = orbax_restore(path, names, dtype)
-        if transform is not None:
-            for name in sorted(flat, key=lambda n: -flat[n].size):
+        for name in sorted(flat, key=lambda n: -flat[n].size):
+            check_finite(f'Array {name} of {path}', flat[name])
+            if transform is not None:
                 flat[name] = transform(name, flat.pop(name))
         return hf_mapping.unflatten_params(flat)
     files = SafetensorsFiles([path])
@@ -119,6 +123,17 @@ def checkpoint_format(path: Path) -> str:
                          f'{SINGLE_FILE} (Hugging Face) or Orbax files ({", ".join(ORBAX_MARKERS)}); '
                          f'it holds {found[:10]}{" ..." if len(found) > 10 else ""}.')
     return NATIVE_FORMAT if is_native(SafetensorsFiles([path]), path) else HF_FORMAT
+
+
+def has_vision_encoder(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint at `path` holds vision encoder parameters, from its headers alone
+    (nothing is read). Hugging Face checkpoints never do (their vision tower is not SigLIP)."""
+    path = Path(path).expanduser()
+    checkpoint = checkpoint_format(path)
+    if checkpoint == HF_FORMAT:
+        return False
+    names = orbax_catalog(path) if checkpoint == ORBAX_FORMAT else SafetensorsFiles([path]).keys()
+    return any(name.startswith(VISION_PREFIXES) for name in names)
 
 
 def model_config(model: Any) -> tuple[TransformerConfig | None, bool]:
