@@ -22,7 +22,7 @@ from gemma3n import cli, save_params
 from gemma3n.text.sampler import Sampler
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
-from gemma3n.vision import SigLiPFromPatches, ViTModel
+from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 from gemma3n.vision.preprocess import MAX_IMAGE_PIXELS, image_file_size, load_image, load_images
 from hf_oracle import small_configs
 
@@ -100,6 +100,7 @@ def test_good_files_still_load(files):
 def vision_sampler():
     """A sampler of a small model with a vision encoder; no weights are needed to refuse files."""
     encoder = SigLiPFromPatches(siglip_encoder=ViTModel(width=32, depth=2, mlp_dim=64, num_heads=4),
+                                siglip_exit=VisionExit(output_length=4),
                                 num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=4,
                                 image_height=112, image_width=112)
     config = dataclasses.replace(small_configs()[0], vision_encoder=encoder)

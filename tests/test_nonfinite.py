@@ -26,7 +26,7 @@ from gemma3n.text.sampler import Sampler
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.validation import check_finite
-from gemma3n.vision import SigLiPFromPatches, ViTModel
+from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 from hf_oracle import random_params, small_configs
 
 TIMEOUT_S = 300
@@ -124,6 +124,7 @@ def test_lazy_per_layer_table_checks_the_rows_it_reads(tmp_path):
 
 def test_hf_siglip_conversion_refuses_nan():
     encoder = SigLiPFromPatches(siglip_encoder=ViTModel(width=32, depth=1, mlp_dim=64, num_heads=4),
+                                siglip_exit=VisionExit(output_length=4),
                                 num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=4,
                                 image_height=112, image_width=112)
     params = encoder.init(jax.random.key(0), jnp.zeros((1, 1, 112, 112, 3), jnp.uint8))['params']
