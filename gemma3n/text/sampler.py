@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n import cache as kv_cache
-from gemma3n import multimodal
+from gemma3n import memory, multimodal
 from gemma3n.embedder import PER_LAYER_TABLE, per_layer_token_ids
 from gemma3n.text import special_tokens
 from gemma3n.text.chat_format import add_image_markers
+from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK, chunk_width, expand_rows, plan_chunks
 from gemma3n.text.sampling import Greedy, SamplingMethod
 from gemma3n.text.tokenizer import StreamDecoder, Tokenizer
 from gemma3n.vision.preprocess import load_images
@@ -22,7 +23,6 @@ from gemma3n.vision.preprocess import load_images
 if TYPE_CHECKING:
     from gemma3n.transformer import Gemma3nTransformer
 
-MIN_PREFILL_BUCKET = 16   # prompts are padded to a power of two at least this long
 DEFAULT_CACHE_LENGTH = 4096
 DEFAULT_MAX_OUT_LENGTH = 256
 
@@ -59,11 +59,6 @@ class SamplerOutput:
     state: SamplerState
 
 
-def _bucket(length: int) -> int:
-    """Prompt lengths are padded to powers of two so prefill compiles for few shapes."""
-    return max(MIN_PREFILL_BUCKET, 1 << (length - 1).bit_length())
-
-
 class Sampler:
     """Generates tokens (and, with a tokenizer, text) from a Gemma 3n model.
 
@@ -88,9 +83,12 @@ class Sampler:
         cache_dtype: Any = None,
         per_layer_table_on_host: bool = False,
         per_layer_table: Any = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         if cache_length < 2:
             raise ValueError(f'cache_length must be >= 2, got {cache_length}.')
+        if prefill_chunk < 1:
+            raise ValueError(f'prefill_chunk must be at least 1, got {prefill_chunk}.')
         self.model = model
         self.params = params
         # The per-layer table (E4B: 2.35B of its 6.8B text parameters) is only ever gathered
@@ -112,9 +110,13 @@ class Sampler:
         self.stop_tokens = tuple(int(t) for t in stop_tokens)
         self.forbidden_tokens = tuple(int(t) for t in forbidden_tokens)
         self.cache_dtype = cache_dtype or model.dtype
+        # Prompts go through the cache this many tokens at a time (see gemma3n.text.prefill).
+        self.prefill_chunk = prefill_chunk
         self.num_traces = {'prefill': 0, 'step': 0}   # how often each function compiled
         self._prefill = jax.jit(self._prefill_fn, static_argnames=('sampling',),
-                                donate_argnames=('cache',))
+                                donate_argnames=('cache', 'logits'))
+        self._encode_images = jax.jit(lambda params, images: model.apply(
+            {'params': params}, images, method=model.encode_images))
         self._step = jax.jit(self._step_fn, static_argnames=('sampling',),
                              donate_argnames=('cache',))
 
@@ -125,11 +127,15 @@ class Sampler:
             logits = logits.at[:, jnp.asarray(self.forbidden_tokens)].set(-jnp.inf)
         return sampling(logits, rng)
 
-    def _prefill_fn(self, params, tokens, cache, rng, images, per_layer_rows, sampling):
+    def _prefill_fn(self, params, tokens, cache, rng, soft_tokens, per_layer_rows, logits,
+                    holds_last, sampling):
+        """One prefill chunk; `logits` [B, V] keeps each sequence's from the chunk holding its
+        last token (holds_last [B])."""
         self.num_traces['prefill'] += 1
         out = self.model.apply({'params': params}, tokens, cache=cache, return_last_only=True,
-                               images=images, per_layer_embeddings=per_layer_rows)
-        return self._choose(out.logits, rng, sampling), out.logits, out.cache
+                               soft_tokens=soft_tokens, per_layer_embeddings=per_layer_rows)
+        logits = jnp.where(holds_last[:, None], out.logits, logits)
+        return self._choose(logits, rng, sampling), logits, out.cache
 
     def _step_fn(self, params, tokens, cache, rng, per_layer_rows, sampling):
         self.num_traces['step'] += 1
@@ -137,19 +143,55 @@ class Sampler:
                                return_last_only=True, per_layer_embeddings=per_layer_rows)
         return self._choose(out.logits, rng, sampling), out.logits, out.cache
 
-    def per_layer_rows(self, tokens: np.ndarray, images: jax.Array | None = None
-                       ) -> np.ndarray | None:
-        """Host-gathered per-layer table rows for tokens [B, L] (None without a host table).
-
-        With images the rows are for the tokens after image expansion, as the model sees them.
-        """
+    def per_layer_rows(self, tokens: np.ndarray) -> np.ndarray | None:
+        """Host-gathered per-layer table rows for tokens [B, L] (images expanded), or None
+        without a host table."""
         if self.host_table is None:
             return None
-        if images is not None:
-            tokens = np.asarray(multimodal.expand_tokens(
-                jnp.asarray(tokens), images.shape[1],
-                self.model.config.vision_encoder.num_mm_tokens_per_image)[0])
         return self.host_table[per_layer_token_ids(tokens, self.model.config.num_embed)]
+
+    def check_memory(self, batch_size: int, longest_prompt: int, new_cache: bool) -> None:
+        """Refuses (`memory.InsufficientMemoryError`) a generation whose new cache and prefill
+        chunk cannot fit the memory available, before anything is allocated."""
+        cfg = self.model.config
+        width = chunk_width(longest_prompt, self.prefill_chunk)
+        need = memory.prefill_chunk_bytes(cfg, batch_size, width, self.cache_length,
+                                          self.cache_dtype)
+        sequences = f'{batch_size} sequence' + ('s' if batch_size > 1 else '')
+        what = f'prefilling {sequences} {width} tokens at a time'
+        options = ['prefill_chunk']
+        if new_cache:
+            need += memory.cache_bytes(cfg, batch_size, self.cache_dtype, self.cache_length)
+            what = (f'a KV cache of {self.cache_length:,} positions for {sequences}, '
+                    f'prefilled {width} tokens at a time,')
+            options.insert(0, 'cache_length')
+        if batch_size > 1:
+            options.append('the number of prompts')
+        memory.check_fits(what, need, options)
+
+    def prefill(self, rows: list[np.ndarray], cache: dict[str, Any], rng: jax.Array,
+                images: jax.Array | None, sampling: SamplingMethod
+                ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+        """Feeds the prompts `rows` through the cache `prefill_chunk` tokens at a time.
+
+        Returns the first sampled token [B], the logits it was chosen from [B, V] and the cache.
+        """
+        soft = block_start = None
+        if images is not None:
+            rows, block_start = expand_rows(
+                rows, images.shape[1], self.model.config.vision_encoder.num_mm_tokens_per_image)
+        chunks = plan_chunks(rows, self.prefill_chunk)
+        if images is not None:
+            soft = self._encode_images(self.params, images)
+        logits = jnp.zeros((len(rows), self.model.config.num_embed), jnp.float32)
+        for chunk in chunks:
+            soft_tokens = None if soft is None else multimodal.SoftTokens(
+                soft, jnp.asarray(block_start - chunk.starts[:, None]))
+            token, logits, cache = self._prefill(
+                self.params, jnp.asarray(chunk.tokens), cache, rng, soft_tokens,
+                self.per_layer_rows(chunk.tokens), logits, jnp.asarray(chunk.holds_last),
+                sampling=sampling)
+        return token, logits, cache
 
     # ---- token level -----------------------------------------------------------------------
 
@@ -345,8 +387,13 @@ class _Generation:
         prompt_lengths = np.array([len(r) for r in rows])
         if images is not None:
             images = self._check_images(sampler, images, rows)
-            prompt_lengths = prompt_lengths + images.shape[1] * (multimodal.block_length(
-                sampler.model.config.vision_encoder.num_mm_tokens_per_image) - 1)
+            num_soft = sampler.model.config.vision_encoder.num_mm_tokens_per_image
+            prompt_lengths = prompt_lengths + images.shape[1] * (
+                multimodal.block_length(num_soft) - 1)
+            if sampler.prefill_chunk <= num_soft:
+                raise ValueError(f'prefill_chunk {sampler.prefill_chunk} cannot hold an image\'s '
+                                 f'{num_soft} soft tokens (attended to together): use a larger '
+                                 'one.')
         needed = start + prompt_lengths + max_new_tokens - 1
         if needed.max() > sampler.cache_length:
             b = int(needed.argmax())
@@ -355,6 +402,7 @@ class _Generation:
                 f'{int(start[b])}, prompt {int(prompt_lengths[b])}'
                 f'{" with image blocks" if images is not None else ""}, '
                 f'max_new_tokens {max_new_tokens}) but cache_length is {sampler.cache_length}.')
+        sampler.check_memory(batch, int(prompt_lengths.max()), new_cache=state is None)
         self.cache = state.cache if state is not None else sampler.model.init_cache(
             batch_size=batch, dtype=sampler.cache_dtype, cache_length=sampler.cache_length)
         self.rows = rows
@@ -381,14 +429,9 @@ class _Generation:
         return multimodal.check_images(images, counts, len(rows), encoder.image_channels)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        sampler, batch = self.sampler, len(self.rows)
-        width = _bucket(max(len(r) for r in self.rows))
-        padded = np.zeros((batch, width), np.int32)
-        for b, row in enumerate(self.rows):
-            padded[b, :len(row)] = row
-        token, logits, self.cache = sampler._prefill(
-            sampler.params, jnp.asarray(padded), self.cache, jax.random.fold_in(self.rng, 0),
-            self.images, sampler.per_layer_rows(padded, self.images), sampling=self.sampling)
+        sampler = self.sampler
+        token, logits, self.cache = sampler.prefill(
+            self.rows, self.cache, jax.random.fold_in(self.rng, 0), self.images, self.sampling)
         for step in range(self.max_new_tokens):
             if step:
                 fed = np.where(self.done, special_tokens.PAD, self.tokens[:, -1]).astype(np.int32)
