@@ -21,11 +21,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n import multimodal
+from gemma3n import memory, multimodal
+from gemma3n.config import TransformerConfig
 from gemma3n.text import special_tokens
 
 DEFAULT_PREFILL_CHUNK = 512
@@ -111,3 +113,22 @@ def expand_rows(rows: list[np.ndarray], num_images: int, num_soft_tokens: int
     expanded = np.asarray(expanded)
     return ([expanded[b, :len(row) + extra] for b, row in enumerate(rows)],
             np.asarray(block_start))
+
+
+def check_memory(config: TransformerConfig, *, batch_size: int, longest_prompt: int,
+                 prefill_chunk: int, cache_length: int, dtype: Any, new_cache: bool) -> None:
+    """Refuses (`memory.InsufficientMemoryError`) a generation whose new cache (when
+    `new_cache`) and prefill chunk cannot fit the memory available, before any allocation."""
+    width = chunk_width(longest_prompt, prefill_chunk)
+    need = memory.prefill_chunk_bytes(config, batch_size, width, cache_length, dtype)
+    sequences = f'{batch_size} sequence' + ('s' if batch_size > 1 else '')
+    what = f'prefilling {sequences} {width} tokens at a time'
+    options = ['prefill_chunk']
+    if new_cache:
+        need += memory.cache_bytes(config, batch_size, dtype, cache_length)
+        what = (f'a KV cache of {cache_length:,} positions for {sequences}, prefilled {width} '
+                'tokens at a time,')
+        options.insert(0, 'cache_length')
+    if batch_size > 1:
+        options.append('the number of prompts')
+    memory.check_fits(what, need, options)

@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n import cache as kv_cache
-from gemma3n import memory, multimodal
+from gemma3n import multimodal
 from gemma3n.embedder import PER_LAYER_TABLE, per_layer_token_ids
 from gemma3n.text import special_tokens
 from gemma3n.text.chat_format import add_image_markers
-from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK, chunk_width, expand_rows, plan_chunks
+from gemma3n.text.prefill import (DEFAULT_PREFILL_CHUNK, check_memory, expand_rows,
+                                  plan_chunks)
 from gemma3n.text.sampling import Greedy, SamplingMethod
 from gemma3n.text.tokenizer import StreamDecoder, Tokenizer
 from gemma3n.vision.preprocess import load_images
@@ -149,25 +150,6 @@ class Sampler:
         if self.host_table is None:
             return None
         return self.host_table[per_layer_token_ids(tokens, self.model.config.num_embed)]
-
-    def check_memory(self, batch_size: int, longest_prompt: int, new_cache: bool) -> None:
-        """Refuses (`memory.InsufficientMemoryError`) a generation whose new cache and prefill
-        chunk cannot fit the memory available, before anything is allocated."""
-        cfg = self.model.config
-        width = chunk_width(longest_prompt, self.prefill_chunk)
-        need = memory.prefill_chunk_bytes(cfg, batch_size, width, self.cache_length,
-                                          self.cache_dtype)
-        sequences = f'{batch_size} sequence' + ('s' if batch_size > 1 else '')
-        what = f'prefilling {sequences} {width} tokens at a time'
-        options = ['prefill_chunk']
-        if new_cache:
-            need += memory.cache_bytes(cfg, batch_size, self.cache_dtype, self.cache_length)
-            what = (f'a KV cache of {self.cache_length:,} positions for {sequences}, '
-                    f'prefilled {width} tokens at a time,')
-            options.insert(0, 'cache_length')
-        if batch_size > 1:
-            options.append('the number of prompts')
-        memory.check_fits(what, need, options)
 
     def prefill(self, rows: list[np.ndarray], cache: dict[str, Any], rng: jax.Array,
                 images: jax.Array | None, sampling: SamplingMethod
@@ -390,7 +372,7 @@ class _Generation:
             num_soft = sampler.model.config.vision_encoder.num_mm_tokens_per_image
             prompt_lengths = prompt_lengths + images.shape[1] * (
                 multimodal.block_length(num_soft) - 1)
-            if sampler.prefill_chunk <= num_soft:
+            if sampler.prefill_chunk < num_soft:
                 raise ValueError(f'prefill_chunk {sampler.prefill_chunk} cannot hold an image\'s '
                                  f'{num_soft} soft tokens (attended to together): use a larger '
                                  'one.')
@@ -402,7 +384,10 @@ class _Generation:
                 f'{int(start[b])}, prompt {int(prompt_lengths[b])}'
                 f'{" with image blocks" if images is not None else ""}, '
                 f'max_new_tokens {max_new_tokens}) but cache_length is {sampler.cache_length}.')
-        sampler.check_memory(batch, int(prompt_lengths.max()), new_cache=state is None)
+        check_memory(sampler.model.config, batch_size=batch,
+                     longest_prompt=int(prompt_lengths.max()),
+                     prefill_chunk=sampler.prefill_chunk, cache_length=sampler.cache_length,
+                     dtype=sampler.cache_dtype, new_cache=state is None)
         self.cache = state.cache if state is not None else sampler.model.init_cache(
             batch_size=batch, dtype=sampler.cache_dtype, cache_length=sampler.cache_length)
         self.rows = rows
