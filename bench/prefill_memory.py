@@ -34,6 +34,7 @@ RESET_PEAK = '5'            # clear_refs: reset the peak resident set size (VmHW
 SHORT_PROMPT = 1024
 NEW_TOKENS = 4
 DTYPES = {'demo': jnp.float32, 'reduced': jnp.bfloat16}   # as the command runs each
+WEIGHT_SCALE = 0.02         # any finite weights do: only memory is measured
 
 
 def peak_rss() -> int:
@@ -44,12 +45,21 @@ def peak_rss() -> int:
 
 
 def build(size: str) -> tuple[Gemma3nTransformer, dict]:
+    """The model and random weights, made leaf by leaf (one `model.init` program would hold
+    every float32 weight and its temporaries at once: over 20 GB at the reduced size)."""
     config = (demo_config(Tokenizer(default_tokenizer_path()).vocab_size) if size == 'demo'
               else common.bench_config(size))
     model = Gemma3nTransformer(config=config, text_only=True, dtype=DTYPES[size])
     tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(0), tokens)['params']
-    return model, jax.block_until_ready(params)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
+    leaves, tree = jax.tree_util.tree_flatten(shapes)
+    normal = jax.jit(lambda key, shape, dtype: (WEIGHT_SCALE * jax.random.normal(
+        key, shape, jnp.float32)).astype(dtype), static_argnums=(1, 2))
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    # init makes float32 leaves; the command's loader casts every weight to the model's dtype.
+    params = tree.unflatten([jax.block_until_ready(normal(key, leaf.shape, model.dtype))
+                             for key, leaf in zip(keys, leaves)])
+    return model, params
 
 
 def main() -> None:
@@ -59,6 +69,8 @@ def main() -> None:
     parser.add_argument('--chunk', type=int, default=DEFAULT_PREFILL_CHUNK)
     args = parser.parse_args()
     model, params = build(args.size)
+    print(f'weights made: resident {common.current_rss_bytes() / common.GB:.2f} GB, peak so far '
+          f'{peak_rss() / common.GB:.2f} GB', flush=True)
     dtype = DTYPES[args.size]
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     cache = memory.cache_bytes(model.config, 1, dtype, args.length)

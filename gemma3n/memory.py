@@ -24,9 +24,10 @@ from gemma3n.config import TransformerConfig
 
 F32_BYTES = 4
 END_INDEX_BYTES = 4              # the cache's int32 position counter, per sequence
-# Attention scores of one layer live about three times over at the peak (the scores, the
-# masked/exponentiated copy, the probabilities); measured on CPU with the demo model.
-SCORE_COPIES = 3
+# One layer's float32 attention scores and their probabilities, each [B, N, chunk, keys]: an
+# upper bound (XLA on CPU fuses more: the demo model's 32K-token prefill peaked 0.1 GB above its
+# weights and cache where this counts 0.54 GB).
+SCORE_COPIES = 2
 # The FFN's gate, up and their product of one chunk live together.
 FFN_COPIES = 3
 MEMINFO = Path('/proc/meminfo')

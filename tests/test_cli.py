@@ -202,7 +202,7 @@ def test_prompt_too_long_for_the_cache(env):
 
 
 def test_cache_too_large_for_the_memory(env):
-    # The demo's cache of 10^8 positions and a prefill chunk against it need about 120 GiB.
+    # The demo's cache of 10^8 positions and a prefill chunk against it need about 95 GiB.
     assert_one_line_error(run_cli(env, 'generate', '--cache-length', '100000000', 'Hi'),
                           'a KV cache of 100,000,000 positions', 'available',
                           'lower --cache-length or --prefill-chunk', after_demo_notice=True)
@@ -211,7 +211,8 @@ def test_cache_too_large_for_the_memory(env):
 def test_generate_a_prompt_longer_than_the_default_cache(env, demo_chat):
     tokenizer, new = demo_chat.tokenizer, 4
     sentence = 'The quick brown fox jumps over the lazy dog. '
-    prompt = sentence * (DEFAULT_CACHE_LENGTH // len(tokenizer.encode(sentence)) + 1)
+    per_sentence = len(tokenizer.encode(sentence * 100)) / 100
+    prompt = sentence * int((DEFAULT_CACHE_LENGTH + 100) / per_sentence)
     ids = tokenizer.encode(format_user_turn(prompt), add_bos=True)
     assert len(ids) > DEFAULT_CACHE_LENGTH                   # the cache grows to fit it
     result = run_cli(env, 'generate', '--max-new-tokens', str(new), prompt)

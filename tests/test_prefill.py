@@ -97,6 +97,14 @@ def test_compiled_programs_depend_on_the_chunk_not_the_prompt():
     assert sampler.num_traces['prefill'] == 2
 
 
+@pytest.mark.parametrize('chunk', [0, -5, 2.5, True])
+def test_bad_chunk_lengths_are_refused(chunk):
+    cfg = small_configs()[0]
+    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32)
+    with pytest.raises(ValueError, match='prefill_chunk must be a whole number'):
+        Sampler(model=model, params={}, prefill_chunk=chunk)
+
+
 def test_chunk_widths():
     assert chunk_width(1, 512) == MIN_PREFILL_BUCKET
     assert chunk_width(300, 512) == 512 and chunk_width(200, 512) == 256

@@ -88,8 +88,9 @@ class Sampler:
     ):
         if cache_length < 2:
             raise ValueError(f'cache_length must be >= 2, got {cache_length}.')
-        if prefill_chunk < 1:
-            raise ValueError(f'prefill_chunk must be at least 1, got {prefill_chunk}.')
+        if not isinstance(prefill_chunk, (int, np.integer)) or isinstance(prefill_chunk, bool) \
+                or prefill_chunk < 1:
+            raise ValueError(f'prefill_chunk must be a whole number >= 1, got {prefill_chunk!r}.')
         self.model = model
         self.params = params
         # The per-layer table (E4B: 2.35B of its 6.8B text parameters) is only ever gathered
