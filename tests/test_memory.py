@@ -29,7 +29,8 @@ def test_cache_bytes_of_huge_lengths_do_not_overflow():
     small = memory.cache_bytes(cfg, 1, jnp.bfloat16, E4B_LONG)
     per_position = (memory.cache_bytes(cfg, 1, jnp.bfloat16, 2 * E4B_LONG) - small) // E4B_LONG
     huge = 10 ** 20
-    assert memory.cache_bytes(cfg, 1, jnp.bfloat16, huge) == small + (huge - E4B_LONG) * per_position
+    expected = small + (huge - E4B_LONG) * per_position
+    assert memory.cache_bytes(cfg, 1, jnp.bfloat16, huge) == expected
 
 
 def test_chunk_estimate_grows_with_the_chunk_not_beyond():

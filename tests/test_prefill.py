@@ -1,4 +1,4 @@
-"""Chunked prefill against the one-shot prefill: text, ragged batches, images; how prompts are cut."""
+"""Chunked prefill against one-shot prefill (text, ragged batches, images); how prompts are cut."""
 
 import dataclasses
 
@@ -119,7 +119,8 @@ def test_plan_cuts_each_sequence_on_its_own():
     assert [c.holds_last.tolist() for c in chunks] == [[False, True, True], [False, False, False],
                                                        [True, False, False]]
     assert chunks[0].tokens[1].tolist() == rows[1].tolist() + [0] * 6
-    assert chunks[2].tokens.shape == (3, 16) and chunks[2].tokens[0, :8].tolist() == list(range(34, 42))
+    assert chunks[2].tokens.shape == (3, 16)
+    assert chunks[2].tokens[0, :8].tolist() == list(range(34, 42))
     again = np.concatenate([c.tokens[0, :e - s] for c, s, e in zip(
         chunks, [0, 16, 32], [16, 32, 40])])
     assert again.tolist() == rows[0].tolist()
