@@ -8,8 +8,9 @@ Usage:
 
 User mistakes (a missing file, a bad option value, a prompt longer than the cache, a damaged
 checkpoint, ...) end the command with one line `gemma3n: error: ...` on stderr and exit status 2;
-logits that become NaN/Inf while generating end it the same way with status 1; anything else is
-a bug and raises with its traceback.
+so does a request too large for the memory (refused before allocation, with the estimate, or
+reported by XLA as RESOURCE_EXHAUSTED); logits that become NaN/Inf while generating end it with
+one line and status 1; anything else is a bug and raises with its traceback.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ from gemma3n.checkpoints.loader import (ORBAX_FORMAT, VISION_PREFIXES, checkpoin
                                         has_vision_encoder)
 from gemma3n.layout import load_serving, serving_nbytes, to_serving
 from gemma3n.config import AttentionType
+from gemma3n.memory import InsufficientMemoryError
 from gemma3n.models import DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config
 from gemma3n.text import special_tokens
 from gemma3n.text.chat import ChatSampler
 from gemma3n.text.chat_format import format_user_turn
+from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, DEFAULT_MAX_OUT_LENGTH, Sampler
 from gemma3n.text.sampling import Greedy, RandomSampling, SamplingMethod, TopkSampling, TopPSampling
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
@@ -71,6 +74,9 @@ QUIT_COMMAND = '/quit'
 PER_LAYER_TABLE = 'embedder/per_layer_input_embedding'
 DEMO_IS_TEXT_ONLY = ('the demo model is text-only: images need a real checkpoint with a vision '
                      'encoder (--checkpoint PATH)')
+# The library's names of the sizes a memory error suggests lowering, as this command spells them.
+MEMORY_OPTION_FLAGS = {'cache_length': '--cache-length', 'prefill_chunk': '--prefill-chunk'}
+XLA_OUT_OF_MEMORY = 'RESOURCE_EXHAUSTED'
 
 DEMO_NOTICE = (
     f'{PROG}: no --checkpoint given: running the built-in demo model (the Gemma 3n architecture '
@@ -150,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help='sample among the most likely tokens holding probability P')
     group.add_argument('--seed', type=_whole_number(0, max_seed()), default=0,
                        help=f'random seed of sampling, 0 to {max_seed()} (default 0)')
+    group.add_argument('--prefill-chunk', type=_positive_int, default=DEFAULT_PREFILL_CHUNK,
+                       metavar='N',
+                       help='feed the prompt N tokens at a time: memory grows with N, not with '
+                            f'the prompt (default: {DEFAULT_PREFILL_CHUNK})')
     group.add_argument('--image', action='append', default=[], metavar='FILE',
                        help='an image for the prompt (repeatable); each `<start_of_image>` in the '
                             'prompt takes one, else they go before the text. In chat they '
@@ -200,12 +210,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
     except BrokenPipeError:
         return 0     # the reader (e.g. `| head`) has all it wanted
+    except InsufficientMemoryError as error:
+        sys.stderr.write(f'{PROG}: error: {error.describe(MEMORY_OPTION_FLAGS)}\n')
+        return USAGE_ERROR
+    except (MemoryError, jax.errors.JaxRuntimeError) as error:
+        # The last line of defence: what the estimates in gemma3n.memory did not foresee.
+        if isinstance(error, jax.errors.JaxRuntimeError) and XLA_OUT_OF_MEMORY not in str(error):
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        sys.stderr.write(f'{PROG}: error: out of memory ({_first_line(error)}): lower '
+                         '--cache-length or --prefill-chunk, or use --int8\n')
+        return USAGE_ERROR
     except (ValueError, OSError, FloatingPointError) as error:
         if args.verbose:
             traceback.print_exc()
         message = ' '.join(str(error).split('\n'))
         sys.stderr.write(f'{PROG}: error: {message}\n')
         return NUMERICAL_FAILURE if isinstance(error, FloatingPointError) else USAGE_ERROR
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -450,7 +476,7 @@ def _generate(args: argparse.Namespace) -> int:
     max_new_tokens = _max_new_tokens(args, loaded)
     sampler = Sampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,
                       per_layer_table=loaded.per_layer_table,
-                      sampling=sampling)
+                      sampling=sampling, prefill_chunk=args.prefill_chunk)
     [prompt], images = sampler.prompt_images([args.prompt], pictures or None, single=True)
     text = prompt if args.raw else format_user_turn(prompt)
     ids = loaded.tokenizer.encode(text, add_bos=True)
@@ -477,7 +503,8 @@ def _chat(args: argparse.Namespace) -> int:
     chat = ChatSampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,
                        per_layer_table=loaded.per_layer_table,
                        sampling=sampling, cache_length=args.cache_length or DEFAULT_CACHE_LENGTH,
-                       max_new_tokens=_max_new_tokens(args, loaded))
+                       max_new_tokens=_max_new_tokens(args, loaded),
+                       prefill_chunk=args.prefill_chunk)
     interactive = sys.stdin.isatty()
     if interactive:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,18 @@ from gemma3n.text import special_tokens
 TOKENS_BEFORE_SOFT = 2
 TOKENS_AFTER_SOFT = 2
 IMAGES_RANKS = (4, 5)   # [B, H, W, C] (one image per sequence) or [B, N, H, W, C]
+
+
+@flax.struct.dataclass
+class SoftTokens:
+    """Images already encoded, for tokens already expanded (a prompt fed in chunks).
+
+    embeddings: [B, N, T, D] each image's soft tokens in the text width (`encode_images`).
+    block_start: [B, N] index of each image block's first token relative to this call's
+        tokens: negative or past the end for blocks outside them.
+    """
+    embeddings: jax.Array
+    block_start: jax.Array
 
 
 def block_tokens(num_soft_tokens: int) -> np.ndarray:
@@ -107,10 +120,14 @@ def merge_soft_tokens(x: jax.Array, soft: jax.Array, block_start: jax.Array) -> 
     """Writes each image's soft tokens over its placeholders.
 
     x: [B, L', D] embeddings of the expanded tokens; soft: [B, N, T, D]; block_start: [B, N].
+    Soft tokens whose slot lies outside [0, L') are dropped (blocks of other chunks).
     """
     batch = jnp.arange(x.shape[0])[:, None, None]
     slots = block_start[:, :, None] + TOKENS_BEFORE_SOFT + jnp.arange(soft.shape[2])
-    return x.at[batch, slots].set(soft.astype(x.dtype))
+    length = x.shape[1]
+    # Negative indices would wrap around: send them past the end, where 'drop' discards them.
+    slots = jnp.where((slots >= 0) & (slots < length), slots, length)
+    return x.at[batch, slots].set(soft.astype(x.dtype), mode='drop')
 
 
 def bidirectional_visible_until(tokens: jax.Array, positions: jax.Array) -> jax.Array:

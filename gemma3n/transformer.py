@@ -135,6 +135,7 @@ class Gemma3nTransformer(nn.Module):
         return_last_only: bool | None = None,
         return_hidden_states: bool | None = None,
         per_layer_embeddings: jax.Array | None = None,
+        soft_tokens: multimodal.SoftTokens | None = None,
     ) -> Output:
         """Runs the model.
 
@@ -153,6 +154,10 @@ class Gemma3nTransformer(nn.Module):
             per_layer_embeddings: optional [*B, L, num_layers, P] rows of the per-layer
                 table for these tokens (after image expansion), gathered by the caller; then
                 params may omit `embedder/per_layer_input_embedding`.
+            soft_tokens: instead of images, images encoded by `encode_images` for tokens
+                [B, L] that are already expanded (see `multimodal.SoftTokens`): how a prompt
+                is fed in chunks. The caller keeps each run of placeholders within one call,
+                since attention inside it is bidirectional.
         """
         cfg = self.config
         if return_last_only is None:
@@ -160,7 +165,14 @@ class Gemma3nTransformer(nn.Module):
         if images is not None and self.vision_encoder is None:
             raise ValueError('This model does not have vision encoder (text_only=True or no '
                              'vision_encoder in its config): images cannot be passed.')
-        tokens = _check_tokens(tokens, cfg.num_embed, IMAGE_MARKER_IDS)
+        if soft_tokens is not None:
+            if images is not None or self.vision_encoder is None:
+                raise ValueError('soft_tokens need a model with a vision encoder and no images.')
+            if positions is not None or attention_mask is not None:
+                raise ValueError('positions and attention_mask cannot be combined with '
+                                 'soft_tokens.')
+        tokens = _check_tokens(tokens, cfg.num_embed, IMAGE_MARKER_IDS + (
+            () if soft_tokens is None else (special_tokens.IMAGE_PLACEHOLDER,)))
         batch_shape, length = tokens.shape[:-1], tokens.shape[-1]
         tokens = tokens.reshape(-1, length)
         batch = tokens.shape[0]
@@ -204,14 +216,16 @@ class Gemma3nTransformer(nn.Module):
                                  f'{tuple(batch_shape) + (length, length)}, got {attention_mask.shape}.')
             attention_mask = jnp.reshape(attention_mask, (batch, length, length)).astype(bool)
         visible_until = positions
-        if images is not None:
+        if images is not None or soft_tokens is not None:
             visible_until = multimodal.bidirectional_visible_until(tokens, positions)
         query = QueryInfo(positions=positions, visible_until=visible_until, valid=valid)
 
         x = self.embedder.encode(tokens)                                      # [B, L, D]
         if images is not None:
-            soft = self.embedder.encode_vision(self.vision_encoder(images))   # [B, N, T, D]
+            soft = self.encode_images(images)                                 # [B, N, T, D]
             x = multimodal.merge_soft_tokens(x, soft, block_start)
+        elif soft_tokens is not None:
+            x = multimodal.merge_soft_tokens(x, soft_tokens.embeddings, soft_tokens.block_start)
         elif self.is_initializing() and self.vision_encoder is not None:
             self._init_vision()
         if per_layer_embeddings is not None:
@@ -271,6 +285,12 @@ class Gemma3nTransformer(nn.Module):
             hidden_states=(hidden.reshape(tuple(batch_shape) + hidden.shape[1:])
                            if return_hidden_states else None),
         )
+
+    def encode_images(self, images: jax.Array) -> jax.Array:
+        """images uint8 [B, N, H, W, C] -> soft tokens in the text width [B, N, T, D] (float32)."""
+        if self.vision_encoder is None:
+            raise ValueError('This model does not have vision encoder: images cannot be passed.')
+        return self.embedder.encode_vision(self.vision_encoder(images))
 
     def _init_vision(self) -> None:
         """Creates the vision parameters during `init` from a blank image."""

@@ -189,6 +189,28 @@ def test_prompt_too_long_for_the_cache(env):
                           'cache_length is 8', after_demo_notice=True)
 
 
+def test_cache_too_large_for_the_memory(env):
+    # The demo's cache of 10^8 positions and a prefill chunk against it need about 95 GiB.
+    assert_one_line_error(run_cli(env, 'generate', '--cache-length', '100000000', 'Hi'),
+                          'a KV cache of 100,000,000 positions', 'available',
+                          'lower --cache-length or --prefill-chunk', after_demo_notice=True)
+
+
+def test_generate_a_prompt_longer_than_the_default_cache(env, demo_chat):
+    tokenizer, new = demo_chat.tokenizer, 4
+    sentence = 'The quick brown fox jumps over the lazy dog. '
+    per_sentence = len(tokenizer.encode(sentence * 100)) / 100
+    prompt = sentence * int((DEFAULT_CACHE_LENGTH + 100) / per_sentence)
+    ids = tokenizer.encode(format_user_turn(prompt), add_bos=True)
+    assert len(ids) > DEFAULT_CACHE_LENGTH                   # the cache grows to fit it
+    result = run_cli(env, 'generate', '--max-new-tokens', str(new), prompt)
+    assert result.returncode == 0, result.stderr
+    sampler = demo_chat.sampler
+    long_cache = Sampler(model=sampler.model, params=sampler.params, tokenizer=tokenizer,
+                         cache_length=cli.default_cache_length(len(ids) + new))
+    assert result.stdout == long_cache.sample(format_user_turn(prompt), max_new_tokens=new) + '\n'
+
+
 def test_default_cache_length():
     assert cli.default_cache_length(10) == DEFAULT_CACHE_LENGTH
     assert cli.default_cache_length(DEFAULT_CACHE_LENGTH) == DEFAULT_CACHE_LENGTH

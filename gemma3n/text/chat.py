@@ -9,6 +9,7 @@ import jax
 
 from gemma3n.text import special_tokens
 from gemma3n.text.chat_format import format_continuation, format_user_turn
+from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK
 from gemma3n.text.sampler import (DEFAULT_CACHE_LENGTH, DEFAULT_MAX_OUT_LENGTH, Sampler,
                                   SamplerState)
 from gemma3n.text.sampling import Greedy, SamplingMethod
@@ -48,11 +49,13 @@ class ChatSampler:
         max_new_tokens: int = DEFAULT_MAX_OUT_LENGTH,
         forbidden_tokens: tuple[int, ...] = (),
         per_layer_table: Any = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         self.sampler = Sampler(model=model, params=params, tokenizer=tokenizer,
                                sampling=sampling, cache_length=cache_length,
                                max_out_length=max_new_tokens, stop_tokens=CHAT_STOP_TOKENS,
-                               forbidden_tokens=forbidden_tokens, per_layer_table=per_layer_table)
+                               forbidden_tokens=forbidden_tokens, per_layer_table=per_layer_table,
+                               prefill_chunk=prefill_chunk)
         self.tokenizer = tokenizer
         self.multi_turn = multi_turn
         self.max_new_tokens = max_new_tokens

@@ -16,6 +16,8 @@ from gemma3n import multimodal, validation
 from gemma3n.embedder import PER_LAYER_TABLE, per_layer_token_ids
 from gemma3n.text import special_tokens
 from gemma3n.text.chat_format import add_image_markers
+from gemma3n.text.prefill import (DEFAULT_PREFILL_CHUNK, check_memory, expand_rows,
+                                  plan_chunks)
 from gemma3n.text.sampling import Greedy, SamplingMethod
 from gemma3n.text.tokenizer import StreamDecoder, Tokenizer
 from gemma3n.vision.preprocess import load_images
@@ -23,7 +25,6 @@ from gemma3n.vision.preprocess import load_images
 if TYPE_CHECKING:
     from gemma3n.transformer import Gemma3nTransformer
 
-MIN_PREFILL_BUCKET = 16   # prompts are padded to a power of two at least this long
 DEFAULT_CACHE_LENGTH = 4096
 DEFAULT_MAX_OUT_LENGTH = 256
 MIN_CACHE_LENGTH = 2
@@ -67,11 +68,6 @@ class SamplerOutput:
     state: SamplerState
 
 
-def _bucket(length: int) -> int:
-    """Prompt lengths are padded to powers of two so prefill compiles for few shapes."""
-    return max(MIN_PREFILL_BUCKET, 1 << (length - 1).bit_length())
-
-
 class Sampler:
     """Generates tokens (and, with a tokenizer, text) from a Gemma 3n model.
 
@@ -105,9 +101,11 @@ class Sampler:
         per_layer_table_on_host: bool = False,
         per_layer_table: Any = None,
         keep_default_stop_tokens: bool = True,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
         cache_length = validation.check_int('cache_length', cache_length, low=MIN_CACHE_LENGTH)
         max_out_length = validation.check_int('max_out_length', max_out_length, low=1)
+        prefill_chunk = validation.check_int('prefill_chunk', prefill_chunk, low=1)
         vocab_size = model.config.num_embed
         stop_tokens = validation.token_ids('stop_tokens', stop_tokens, vocab_size)
         forbidden_tokens = validation.token_ids('forbidden_tokens', forbidden_tokens, vocab_size)
@@ -133,9 +131,13 @@ class Sampler:
         self.forbidden_tokens = tuple(forbidden_tokens.tolist())
         self.keep_default_stop_tokens = keep_default_stop_tokens
         self.cache_dtype = cache_dtype or model.dtype
+        # Prompts go through the cache this many tokens at a time (see gemma3n.text.prefill).
+        self.prefill_chunk = prefill_chunk
         self.num_traces = {'prefill': 0, 'step': 0}   # how often each function compiled
         self._prefill = jax.jit(self._prefill_fn, static_argnames=('sampling',),
-                                donate_argnames=('cache',))
+                                donate_argnames=('cache', 'logits'))
+        self._encode_images = jax.jit(lambda params, images: model.apply(
+            {'params': params}, images, method=model.encode_images))
         self._step = jax.jit(self._step_fn, static_argnames=('sampling',),
                              donate_argnames=('cache',))
 
@@ -149,11 +151,15 @@ class Sampler:
             logits = logits.at[:, jnp.asarray(self.forbidden_tokens)].set(-jnp.inf)
         return jnp.where(finite, sampling(logits, rng), NON_FINITE_LOGITS)
 
-    def _prefill_fn(self, params, tokens, cache, rng, images, per_layer_rows, sampling):
+    def _prefill_fn(self, params, tokens, cache, rng, soft_tokens, per_layer_rows, logits,
+                    holds_last, sampling):
+        """One prefill chunk; `logits` [B, V] keeps each sequence's from the chunk holding its
+        last token (holds_last [B])."""
         self.num_traces['prefill'] += 1
         out = self.model.apply({'params': params}, tokens, cache=cache, return_last_only=True,
-                               images=images, per_layer_embeddings=per_layer_rows)
-        return self._choose(out.logits, rng, sampling), out.logits, out.cache
+                               soft_tokens=soft_tokens, per_layer_embeddings=per_layer_rows)
+        logits = jnp.where(holds_last[:, None], out.logits, logits)
+        return self._choose(logits, rng, sampling), logits, out.cache
 
     def _step_fn(self, params, tokens, cache, rng, per_layer_rows, sampling):
         self.num_traces['step'] += 1
@@ -161,19 +167,36 @@ class Sampler:
                                return_last_only=True, per_layer_embeddings=per_layer_rows)
         return self._choose(out.logits, rng, sampling), out.logits, out.cache
 
-    def per_layer_rows(self, tokens: np.ndarray, images: jax.Array | None = None
-                       ) -> np.ndarray | None:
-        """Host-gathered per-layer table rows for tokens [B, L] (None without a host table).
-
-        With images the rows are for the tokens after image expansion, as the model sees them.
-        """
+    def per_layer_rows(self, tokens: np.ndarray) -> np.ndarray | None:
+        """Host-gathered per-layer table rows for tokens [B, L] (images expanded), or None
+        without a host table."""
         if self.host_table is None:
             return None
-        if images is not None:
-            tokens = np.asarray(multimodal.expand_tokens(
-                jnp.asarray(tokens), images.shape[1],
-                self.model.config.vision_encoder.num_mm_tokens_per_image)[0])
         return self.host_table[per_layer_token_ids(tokens, self.model.config.num_embed)]
+
+    def prefill(self, rows: list[np.ndarray], cache: dict[str, Any], rng: jax.Array,
+                images: jax.Array | None, sampling: SamplingMethod
+                ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+        """Feeds the prompts `rows` through the cache `prefill_chunk` tokens at a time.
+
+        Returns the first sampled token [B], the logits it was chosen from [B, V] and the cache.
+        """
+        soft = block_start = None
+        if images is not None:
+            rows, block_start = expand_rows(
+                rows, images.shape[1], self.model.config.vision_encoder.num_mm_tokens_per_image)
+        chunks = plan_chunks(rows, self.prefill_chunk)
+        if images is not None:
+            soft = self._encode_images(self.params, images)
+        logits = jnp.zeros((len(rows), self.model.config.num_embed), jnp.float32)
+        for chunk in chunks:
+            soft_tokens = None if soft is None else multimodal.SoftTokens(
+                soft, jnp.asarray(block_start - chunk.starts[:, None]))
+            token, logits, cache = self._prefill(
+                self.params, jnp.asarray(chunk.tokens), cache, rng, soft_tokens,
+                self.per_layer_rows(chunk.tokens), logits, jnp.asarray(chunk.holds_last),
+                sampling=sampling)
+        return token, logits, cache
 
     # ---- token level -----------------------------------------------------------------------
 
@@ -361,8 +384,13 @@ class _Generation:
         prompt_lengths = np.array([len(r) for r in rows])
         if images is not None:
             images = self._check_images(sampler, images, rows)
-            prompt_lengths = prompt_lengths + images.shape[1] * (multimodal.block_length(
-                sampler.model.config.vision_encoder.num_mm_tokens_per_image) - 1)
+            num_soft = sampler.model.config.vision_encoder.num_mm_tokens_per_image
+            prompt_lengths = prompt_lengths + images.shape[1] * (
+                multimodal.block_length(num_soft) - 1)
+            if sampler.prefill_chunk < num_soft:
+                raise ValueError(f'prefill_chunk {sampler.prefill_chunk} cannot hold an image\'s '
+                                 f'{num_soft} soft tokens (attended to together): use a larger '
+                                 'one.')
         needed = start + prompt_lengths + max_new_tokens - 1
         if needed.max() > sampler.cache_length:
             b = int(needed.argmax())
@@ -371,6 +399,10 @@ class _Generation:
                 f'{int(start[b])}, prompt {int(prompt_lengths[b])}'
                 f'{" with image blocks" if images is not None else ""}, '
                 f'max_new_tokens {max_new_tokens}) but cache_length is {sampler.cache_length}.')
+        check_memory(sampler.model.config, batch_size=batch,
+                     longest_prompt=int(prompt_lengths.max()),
+                     prefill_chunk=sampler.prefill_chunk, cache_length=sampler.cache_length,
+                     dtype=sampler.cache_dtype, new_cache=state is None)
         self.cache = state.cache if state is not None else sampler.model.init_cache(
             batch_size=batch, dtype=sampler.cache_dtype, cache_length=sampler.cache_length)
         self.rows = rows
@@ -391,14 +423,9 @@ class _Generation:
         return multimodal.check_images(images, counts, len(rows), encoder.image_channels)
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        sampler, batch = self.sampler, len(self.rows)
-        width = _bucket(max(len(r) for r in self.rows))
-        padded = np.zeros((batch, width), np.int32)
-        for b, row in enumerate(self.rows):
-            padded[b, :len(row)] = row
-        token, logits, self.cache = sampler._prefill(
-            sampler.params, jnp.asarray(padded), self.cache, jax.random.fold_in(self.rng, 0),
-            self.images, sampler.per_layer_rows(padded, self.images), sampling=self.sampling)
+        sampler = self.sampler
+        token, logits, self.cache = sampler.prefill(
+            self.rows, self.cache, jax.random.fold_in(self.rng, 0), self.images, self.sampling)
         for step in range(self.max_new_tokens):
             if step:
                 fed = np.where(self.done, special_tokens.PAD, self.tokens[:, -1]).astype(np.int32)
