@@ -80,7 +80,8 @@ def test_refused_exactly_when_the_need_exceeds_what_is_available(small, monkeypa
 
 def test_a_cache_larger_than_this_machine_is_refused(small):
     model, params = small
-    sampler = Sampler(model=model, params=params, cache_length=10 ** 12)
+    # The longest cache_length the sampler accepts (int32 positions): ~1 TB for this model.
+    sampler = Sampler(model=model, params=params, cache_length=2 ** 31 - 1)
     with pytest.raises(memory.InsufficientMemoryError, match='cache_length or prefill_chunk'):
         sampler.sample_tokens(PROMPTS[:1], 2)
     assert sampler.num_traces == {'prefill': 0, 'step': 0}

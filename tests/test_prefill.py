@@ -11,7 +11,7 @@ import pytest
 from gemma3n import Gemma3nTransformer, Sampler
 from gemma3n.text import special_tokens as st
 from gemma3n.text.prefill import MIN_PREFILL_BUCKET, chunk_width, cut_points, plan_chunks
-from gemma3n.vision import SigLiPFromPatches, ViTModel
+from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 from hf_oracle import random_params, small_configs
 
 # Chunked and one-shot prefill add the same terms in a different order and grouping (a sliding
@@ -151,6 +151,7 @@ def test_cuts_keep_image_runs_whole():
 def mm():
     vision = SigLiPFromPatches(
         siglip_encoder=ViTModel(width=32, depth=2, mlp_dim=64, num_heads=4),
+        siglip_exit=VisionExit(output_length=SOFT),
         num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=SOFT,
         image_height=112, image_width=112)
     cfg = dataclasses.replace(small_configs()[0], vision_encoder=vision)
