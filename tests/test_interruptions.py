@@ -1,4 +1,5 @@
-"""State survives interruptions: streams stopped early, Ctrl-C during a step, failed steps.
+"""State survives interruptions: streams stopped early, Ctrl-C during a step, failed steps,
+saves killed midway, damaged compilation cache entries.
 
 The demo model decodes greedily, so a conversation whose first answer was stopped after k
 tokens must continue exactly as one whose first answer was cut at k tokens by max_new_tokens
@@ -7,11 +8,15 @@ tokens must continue exactly as one whose first answer was cut at k tokens by ma
 
 import gc
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from gemma3n.checkpoints import load_params, save_params
 from gemma3n.models import DEMO_SEED, demo_config
 from gemma3n.text import special_tokens
 from gemma3n.text.chat import ChatSampler
@@ -21,6 +26,7 @@ from gemma3n.transformer import Gemma3nTransformer
 CACHE_LENGTH = 256
 MAX_NEW_TOKENS = 8
 FIRST, SECOND = 'Hello', 'How are you?'
+TIMEOUT_S = 120
 
 
 @pytest.fixture(scope='module')
@@ -171,3 +177,70 @@ def test_a_state_continued_twice_is_a_clear_error(fresh):
     sampler.sample_tokens([[special_tokens.END_OF_TURN]], 4, state=out.state)
     with pytest.raises(ValueError, match='a state continues once'):
         sampler.sample_tokens([[special_tokens.END_OF_TURN]], 4, state=out.state)
+
+
+# --- saves killed midway ----------------------------------------------------------------------
+
+PAUSED_SAVE = '''
+import sys
+import numpy as np
+from pathlib import Path
+from gemma3n.checkpoints import native
+real = native.save_file
+
+def write_part_then_wait(tensors, filename, metadata):
+    Path(filename).write_bytes(b'partial' * 1000)
+    print('writing', flush=True)
+    sys.stdin.readline()           # the test kills us here, or lets us finish
+    real(tensors, filename, metadata=metadata)
+
+native.save_file = write_part_then_wait
+native.save_params({'w': np.full(4, float(sys.argv[2]), np.float32)}, sys.argv[1])
+'''
+
+
+def paused_save(path, value):
+    """A process saving {'w': [value] * 4} to `path`, stopped in the middle of writing it."""
+    process = subprocess.Popen([sys.executable, '-c', PAUSED_SAVE, str(path), str(value)],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == 'writing\n'
+    return process
+
+
+def hidden(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith('.'))
+
+
+def test_next_save_removes_what_a_killed_save_left(tmp_path):
+    path = tmp_path / 'ckpt.safetensors'
+    save_params({'w': np.zeros(4, np.float32)}, path)
+    killed = paused_save(path, 1.0)
+    killed.kill()                                # kill -9 in the middle of the write
+    killed.wait(timeout=TIMEOUT_S)
+    assert load_params(path, progress=False)['w'].tolist() == [0.0] * 4     # the previous file
+    [left] = hidden(tmp_path)                    # today: a hidden .tmp of the model's size, forever
+    assert left.startswith('.ckpt.safetensors.')
+    save_params({'w': np.full(4, 2.0, np.float32)}, path)
+    assert hidden(tmp_path) == []
+    assert load_params(path, progress=False)['w'].tolist() == [2.0] * 4
+
+
+def test_a_save_leaves_other_live_saves_alone(tmp_path):
+    # Saves in progress to the same file and to one whose name extends it, and a dead one.
+    path = tmp_path / 'ckpt.safetensors'
+    other = tmp_path / 'ckpt.safetensors.bak'
+    dead = paused_save(path, 1.0)
+    dead.kill()
+    dead.wait(timeout=TIMEOUT_S)
+    [stale] = hidden(tmp_path)
+    live = [paused_save(path, 3.0), paused_save(other, 4.0)]
+    in_progress = sorted(set(hidden(tmp_path)) - {stale})
+    assert len(in_progress) == 2
+    save_params({'w': np.full(4, 2.0, np.float32)}, path)
+    assert hidden(tmp_path) == in_progress       # only the dead save's folder went
+    for process in live:
+        process.communicate('\n', timeout=TIMEOUT_S)
+        assert process.returncode == 0
+    assert hidden(tmp_path) == []
+    assert load_params(path, progress=False)['w'].tolist() == [3.0] * 4     # the last rename won
+    assert load_params(other, progress=False)['w'].tolist() == [4.0] * 4
