@@ -76,8 +76,8 @@ def load_params(
 
     if checkpoint == HF_FORMAT:
         if not text_only:
-            raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder; '
-                             'load them into a text_only=True model.')
+            raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder, '
+                             'so they load only into a text-only model (no images).')
         return load_hf_params(path, config=config, dtype=dtype, progress=progress, skip=skip,
                               transform=transform)
     if checkpoint == ORBAX_FORMAT:
@@ -163,5 +163,6 @@ def _select(
                         ', '.join(f'{g}* ({n})' for g, n in sorted(groups.items())))
         return [name for name in expected if name not in skip]
     if not vision:
-        raise ValueError(f'{path} holds no vision encoder parameters; load it into a text_only=True model.')
+        raise ValueError(f'{path} holds no vision encoder parameters, so it loads only into a text-only '
+                         'model (no images).')
     return [name for name in expected if name not in skip] + vision

@@ -156,6 +156,7 @@ class ChatSampler:
         replaced by `<end_of_turn>`: it is the pending token, not yet in the cache.
         """
         self._streaming = None
+        self.last_answer_length = 0
         if run.tokens.shape[1] == 0:
             return      # stopped before the prompt went in: the conversation is as it was
         out = run.output()
