@@ -7,6 +7,8 @@ tokens must continue exactly as one whose first answer was cut at k tokens by ma
 """
 
 import gc
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gemma3n import cli
 from gemma3n.checkpoints import load_params, save_params
 from gemma3n.models import DEMO_SEED, demo_config
 from gemma3n.text import special_tokens
@@ -244,3 +247,51 @@ def test_a_save_leaves_other_live_saves_alone(tmp_path):
     assert hidden(tmp_path) == []
     assert load_params(path, progress=False)['w'].tolist() == [3.0] * 4     # the last rename won
     assert load_params(other, progress=False)['w'].tolist() == [4.0] * 4
+
+
+# --- Ctrl-C in `gemma3n chat` ------------------------------------------------------------------
+
+LONG_ANSWER = 120       # tokens: long enough to be mid-answer when Ctrl-C comes
+INTERRUPTED = re.compile(r'answer interrupted after (\d+) tokens; the conversation keeps it')
+
+
+def test_ctrl_c_in_the_command_keeps_the_conversation(fresh, monkeypatch, capsys):
+    written = []
+
+    def write_two_then_ctrl_c(piece):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(piece)
+
+    monkeypatch.setattr(cli, '_write', write_two_then_ctrl_c)
+    cli._chat_turn(fresh, FIRST, None, jax.random.key(0))
+    monkeypatch.undo()
+    # Today: "answer interrupted; conversation reset".
+    kept = int(INTERRUPTED.search(capsys.readouterr().err).group(1))
+    assert kept == fresh.last_answer_length == 3    # the third piece reached the command
+    assert fresh.chat(SECOND) == reference(fresh, kept)[1]
+
+
+def test_sigint_to_the_command_keeps_the_conversation(fresh):
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    command = [sys.executable, '-m', 'gemma3n', 'chat', '--cache-length', str(CACHE_LENGTH),
+               '--max-new-tokens', str(LONG_ANSWER)]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    process.stdin.write(FIRST + '\n')
+    process.stdin.flush()
+    first_text = process.stdout.read(1)          # the answer has begun
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(SECOND + '\n', timeout=TIMEOUT_S)
+    assert process.returncode == 0, err
+    assert 'Traceback' not in err
+    kept = int(INTERRUPTED.search(err).group(1))
+    assert 0 < kept < LONG_ANSWER
+    fresh.reset()
+    first = fresh.chat(FIRST, max_new_tokens=kept)
+    second = fresh.chat(SECOND, max_new_tokens=LONG_ANSWER)
+    shown = first_text + out
+    assert shown.endswith(second + '\n')
+    # What was printed of the first answer is what the conversation kept (a piece handed out
+    # may have been cut from the screen by the interrupt).
+    assert first.startswith(shown[:-len(second + '\n')])
