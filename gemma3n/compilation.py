@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -97,6 +98,17 @@ def use_compilation_cache(folder: Path) -> None:
     global _watch
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update('jax_compilation_cache_dir', str(folder))
+    try:
+        Path(jax.config.jax_compilation_cache_dir).mkdir(parents=True, exist_ok=True)
+        if not os.access(jax.config.jax_compilation_cache_dir, os.W_OK | os.X_OK):
+            raise PermissionError('no permission to write there')
+    except OSError as error:
+        # JAX would go on silently without a cache, compiling everything on every run.
+        logger.warning('cannot keep compiled programs in %s (%s): every run compiles them '
+                       'again; set JAX_COMPILATION_CACHE_DIR to a folder that can be written',
+                       jax.config.jax_compilation_cache_dir, error)
+        jax.config.update('jax_compilation_cache_dir', None)
+        return
     if _watch is not None:
         return      # installed by an earlier call in this process
     compiler_logger = logging.getLogger(JAX_COMPILER_LOGGER)

@@ -78,3 +78,17 @@ def test_damaged_cache_entries_are_replaced_once(env, cache, first_run):
     clean = run_cli(env, *COMMAND)           # the rewritten entries load
     assert said(clean) == []
     assert clean.stdout == first_run.stdout
+
+
+def test_a_cache_folder_that_cannot_be_made_is_reported_in_one_line(tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(blocker / 'jax'))
+    result = run_cli(env, *COMMAND)
+    assert result.returncode == 0, result.stderr
+    # Today: nothing said, and every run compiles everything again.
+    demo_notice = cli.DEMO_NOTICE.splitlines()
+    assert [line for line in result.stderr.splitlines() if line not in demo_notice] == [f'gemma3n: cannot keep compiled programs in {blocker / "jax"} '
+                            f'([Errno 20] Not a directory: {str(blocker / "jax")!r}): every run '
+                            'compiles them again; set JAX_COMPILATION_CACHE_DIR to a folder '
+                            'that can be written']
