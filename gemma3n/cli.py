@@ -3,7 +3,7 @@
 Usage:
     gemma3n generate "Why is the sky blue?"          # the demo model: random weights, gibberish
     gemma3n generate --checkpoint ~/gemma-3n-E4B-it "Why is the sky blue?"
-    gemma3n chat --checkpoint ~/gemma-3n-E4B-it      # /reset starts over, /quit or EOF ends
+    gemma3n chat --checkpoint ~/gemma-3n-E4B-it      # /help lists the chat commands
     gemma3n info --model e4b --context 32768         # layers, parameter counts, memory
 
 User mistakes (a missing file, a bad option value, a prompt longer than the cache, ...) end the
@@ -376,7 +376,8 @@ def load_model(args: argparse.Namespace, *, with_vision: bool = False) -> Loaded
         model = build_model(name, dtype=dtype, with_vision=with_vision,
                             vocab_size=tokenizer.vocab_size)
     else:
-        name, model = _checkpoint_model(args, checkpoint, dtype=dtype, with_vision=with_vision)
+        name, model = _checkpoint_model(args, checkpoint, dtype=dtype, with_vision=with_vision,
+                                        vocab_size=tokenizer.vocab_size)
     start = time.perf_counter()
     if checkpoint is None:
         sys.stderr.write(DEMO_NOTICE + '\n')
@@ -403,8 +404,8 @@ def load_model(args: argparse.Namespace, *, with_vision: bool = False) -> Loaded
 
 
 def _checkpoint_model(args: argparse.Namespace, checkpoint: Path, *, dtype: Any,
-                      with_vision: bool) -> tuple[str, Gemma3nTransformer]:
-    """The model to load `checkpoint` into, and its name.
+                      with_vision: bool, vocab_size: int) -> tuple[str, Gemma3nTransformer]:
+    """The model to load `checkpoint` into, and its name (`vocab_size`: the demo's).
 
     --model when given; else, for a Hugging Face checkpoint with a config.json, the model that
     config describes; else E4B. --hf-softcap takes the final logit softcap of config.json.
@@ -416,7 +417,7 @@ def _checkpoint_model(args: argparse.Namespace, checkpoint: Path, *, dtype: Any,
             raise ValueError(f'--hf-softcap takes the softcap from the {CONFIG_FILE} of a Hugging '
                              f'Face checkpoint, and {checkpoint} has none')
         name = _model_choice(args)
-        return name, build_model(name, dtype=dtype, with_vision=with_vision)
+        return name, build_model(name, dtype=dtype, with_vision=with_vision, vocab_size=vocab_size)
     if args.model is None:
         if with_vision:
             raise ValueError(f'--image needs a vision encoder, and {checkpoint} holds none this '
@@ -428,7 +429,7 @@ def _checkpoint_model(args: argparse.Namespace, checkpoint: Path, *, dtype: Any,
         model = Gemma3nTransformer(config=config, text_only=True, dtype=dtype)
     else:
         name = args.model
-        model = build_model(name, dtype=dtype, with_vision=with_vision)
+        model = build_model(name, dtype=dtype, with_vision=with_vision, vocab_size=vocab_size)
         problems = check_hf_config(hf_config, model.config)
         if problems:
             raise ValueError(f'--model {name} does not fit {config_path}: {"; ".join(problems)}. '

@@ -97,7 +97,7 @@ def test_the_size_comes_from_config_json(tmp_path, make_config, name):
     # Shapes only: the weights are not read to choose the model.
     path = hf_directory(tmp_path / name, make_config(with_vision=False))
     chosen, model = cli._checkpoint_model(options('--checkpoint', str(path)), path,
-                                          dtype=jnp.bfloat16, with_vision=False)
+                                          dtype=jnp.bfloat16, with_vision=False, vocab_size=None)
     assert chosen == name
     assert model.config == make_config(with_vision=False) and model.text_only
 
