@@ -78,6 +78,7 @@ RESET_COMMAND = '/reset'
 QUIT_COMMAND = '/quit'
 HELP_COMMAND = '/help'
 COMMAND_PREFIX = '/'
+CHAT_COMMANDS = (HELP_COMMAND, RESET_COMMAND, QUIT_COMMAND)
 CHAT_HELP = ''.join(f'{PROG}: {line}\n' for line in (
     f'{HELP_COMMAND:<8} lists these commands',
     f'{RESET_COMMAND:<8} starts the conversation over',
@@ -588,8 +589,10 @@ def _chat(args: argparse.Namespace) -> int:
             continue
         if message.startswith(COMMAND_PREFIX):
             if not message.startswith(2 * COMMAND_PREFIX):
-                sys.stderr.write(f'{PROG}: unknown command {message.split()[0]}: '
-                                 f'{HELP_COMMAND} lists the commands\n')
+                word = message.split()[0]
+                problem = ('takes nothing after it' if word in CHAT_COMMANDS
+                           else f'is no command: {HELP_COMMAND} lists them')
+                sys.stderr.write(f'{PROG}: {word} {problem}\n')
                 continue
             message = message[len(COMMAND_PREFIX):]
         _chat_turn(chat, message, images, jax.random.fold_in(key, turn))

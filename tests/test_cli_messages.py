@@ -51,14 +51,15 @@ def test_unknown_options_and_stray_words_are_named(env, argv, fragments):
 # --- chat commands -----------------------------------------------------------------------------
 
 def test_chat_help_and_unknown_commands(env, demo_chat):
-    stdin = '/help\n/bogus now\n//etc/hosts\nHello\n'
+    stdin = '/help\n/bogus now\n/reset please\n//etc/hosts\nHello\n'
     result = run_cli(env, 'chat', '--max-new-tokens', str(MAX_NEW_TOKENS), stdin=stdin)
     assert result.returncode == 0, result.stderr
     assert cli.CHAT_HELP in result.stderr
-    for command in (cli.HELP_COMMAND, cli.RESET_COMMAND, cli.QUIT_COMMAND):
+    for command in cli.CHAT_COMMANDS:
         assert f'gemma3n: {command} ' in cli.CHAT_HELP
-    assert 'gemma3n: unknown command /bogus: /help lists the commands\n' in result.stderr
-    # /bogus went nowhere; //etc/hosts went to the model as /etc/hosts, then Hello.
+    assert 'gemma3n: /bogus is no command: /help lists them\n' in result.stderr
+    assert 'gemma3n: /reset takes nothing after it\n' in result.stderr
+    # /bogus and /reset please went nowhere; //etc/hosts went to the model as /etc/hosts.
     demo_chat.reset()
     expected = [demo_chat.chat('/etc/hosts', max_new_tokens=MAX_NEW_TOKENS),
                 demo_chat.chat('Hello', max_new_tokens=MAX_NEW_TOKENS)]
