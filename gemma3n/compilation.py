@@ -59,7 +59,8 @@ class _CompilerWatch(logging.Filter):
         self.lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str) and record.msg.startswith(CACHE_MISS_MESSAGE):
+        if (isinstance(record.msg, str) and record.msg.startswith(CACHE_MISS_MESSAGE)
+                and isinstance(record.args, tuple) and len(record.args) == 2):
             module_name, key = record.args
             _delete_unreadable_entry(module_name, key)
             self._compiling()
