@@ -8,11 +8,12 @@ from gemma3n.models import Gemma3n_E2B, Gemma3n_E4B
 from gemma3n.transformer import Gemma3nTransformer, ModelInfo, Output
 from gemma3n.text import (ChatSampler, Greedy, RandomSampling, Sampler, SamplerOutput,
                           SamplerState, Tokenizer, TopkSampling, TopPSampling)
+from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 
 __all__ = [
     'AttentionType', 'ChatSampler', 'Gemma3nTransformer', 'Gemma3n_E2B', 'Gemma3n_E4B', 'KVCacheSharingConfig',
     'Greedy', 'ModelInfo', 'Output', 'QueryPreAttentionNormalisation', 'RandomSampling', 'Sampler',
-    'SamplerOutput', 'SamplerState', 'Tokenizer', 'TopPSampling', 'TopkSampling',
-    'TransformerConfig', 'checkpoints', 'layout', 'load_params', 'open_per_layer_table',
-    'save_params',
+    'SamplerOutput', 'SamplerState', 'SigLiPFromPatches', 'Tokenizer', 'TopPSampling',
+    'TopkSampling', 'TransformerConfig', 'ViTModel', 'VisionExit', 'checkpoints', 'layout',
+    'load_params', 'open_per_layer_table', 'save_params',
 ]

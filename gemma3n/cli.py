@@ -6,9 +6,10 @@ Usage:
     gemma3n chat --checkpoint ~/gemma-3n-E4B-it      # /help lists the chat commands
     gemma3n info --model e4b --context 32768         # layers, parameter counts, memory
 
-User mistakes (a missing file, a bad option value, a prompt longer than the cache, ...) end the
-command with one line `gemma3n: error: ...` on stderr and exit status 2; anything else is a bug
-and raises with its traceback.
+User mistakes (a missing file, a bad option value, a prompt longer than the cache, a damaged
+checkpoint, ...) end the command with one line `gemma3n: error: ...` on stderr and exit status 2;
+logits that become NaN/Inf while generating end it the same way with status 1; anything else is
+a bug and raises with its traceback.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from gemma3n import multimodal
 from gemma3n.compilation import compile_notice, use_compilation_cache
 from gemma3n.checkpoints import open_per_layer_table
 from gemma3n.checkpoints.hf_mapping import check_hf_config, hf_final_logit_softcap
-from gemma3n.checkpoints.loader import HF_FORMAT, ORBAX_FORMAT, VISION_PREFIXES, checkpoint_format
+from gemma3n.checkpoints.loader import (HF_FORMAT, ORBAX_FORMAT, VISION_PREFIXES,
+                                        checkpoint_format, has_vision_encoder)
 from gemma3n.checkpoints.safetensors_hf import (CONFIG_FILE, HFSoftcapWarning,
                                                 hf_checkpoint_config, read_hf_config)
 from gemma3n.layout import load_serving, serving_nbytes, to_serving
@@ -53,12 +55,14 @@ from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, DEFAULT_MAX_OUT_LENGTH, S
 from gemma3n.text.sampling import Greedy, RandomSampling, SamplingMethod, TopkSampling, TopPSampling
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
-from gemma3n.vision.preprocess import load_image
+from gemma3n.validation import INT32_MAX, check_int, max_seed
+from gemma3n.vision.preprocess import image_file_size, load_image
 
 PROG = 'gemma3n'
 HELP_OPTIONS = ('-h', '--help')
 SUGGESTION_CUTOFF = 0.8          # how alike a mistyped option and a known one must be (difflib ratio)
 USAGE_ERROR = 2
+NUMERICAL_FAILURE = 1        # the model's numbers broke down (NaN/Inf logits)
 INTERRUPTED = 130            # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
 
 DEMO = 'demo'
@@ -89,6 +93,8 @@ CHAT_HELP = ''.join(f'{PROG}: {line}\n' for line in (
 PER_LAYER_TABLE = 'embedder/per_layer_input_embedding'
 COMPILING_DEMO = 'compiling the demo model (first run only)...'
 COMPILING_PROMPT = 'compiling the model for this prompt length (first run only)...'
+DEMO_IS_TEXT_ONLY = ('the demo model is text-only: images need a real checkpoint with a vision '
+                     'encoder (--checkpoint PATH)')
 
 DEMO_NOTICE = (
     f'{PROG}: no --checkpoint given: running the built-in demo model (the Gemma 3n architecture '
@@ -108,14 +114,23 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(USAGE_ERROR)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
-    return value
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high], checked before anything narrows it."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f'must be at least {low}, got {value}')
+        try:
+            return check_int('value', value, low=low, high=high)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).rstrip('.')) from None
+    return parse
+
+
+_positive_int = _whole_number(1, INT32_MAX)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help='sample among the K most likely tokens')
     group.add_argument('--top-p', type=float, metavar='P',
                        help='sample among the most likely tokens holding probability P')
-    group.add_argument('--seed', type=int, default=0, help='random seed of sampling (default 0)')
+    group.add_argument('--seed', type=_whole_number(0, max_seed()), default=0,
+                       help=f'random seed of sampling, 0 to {max_seed()} (default 0)')
     group.add_argument('--image', action='append', default=[], metavar='FILE',
                        help='an image for the prompt (repeatable); each `<start_of_image>` in the '
                             'prompt takes one, else they go before the text. In chat they '
@@ -248,12 +264,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERRUPTED
     except BrokenPipeError:
         return 0     # the reader (e.g. `| head`) has all it wanted
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:
         if args.verbose:
             traceback.print_exc()
         message = ' '.join(str(error).split('\n'))
         sys.stderr.write(f'{PROG}: error: {message}\n')
-        return USAGE_ERROR
+        return NUMERICAL_FAILURE if isinstance(error, FloatingPointError) else USAGE_ERROR
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -351,8 +367,7 @@ def build_model(name: str, *, dtype: Any, with_vision: bool,
     """The module of model `name` ('e4b', 'e2b' or 'demo'; the demo needs the `vocab_size`)."""
     if name == DEMO:
         if with_vision:
-            raise ValueError('the demo model is text-only: images need a real checkpoint with a '
-                             'vision encoder (--checkpoint PATH)')
+            raise ValueError(DEMO_IS_TEXT_ONLY)
         return Gemma3nTransformer(config=demo_config(vocab_size), text_only=True, dtype=dtype)
     # The presets' configs hold the vision encoder; text_only leaves it out of the module.
     return MODEL_CLASSES[name](text_only=not with_vision, dtype=dtype)
@@ -361,8 +376,8 @@ def build_model(name: str, *, dtype: Any, with_vision: bool,
 def load_model(args: argparse.Namespace, *, with_vision: bool = False) -> LoadedModel:
     """The model, weights and tokenizer the options ask for (random weights for the demo)."""
     name = _model_choice(args)
-    if with_vision and args.text_only:
-        raise ValueError('--image needs the vision encoder, which --text-only leaves out')
+    if with_vision:
+        check_vision(args)
     checkpoint = _checkpoint_path(args)
     if checkpoint is None and name != DEMO:
         raise ValueError(f'--model {name} needs --checkpoint PATH: only the demo model runs '
@@ -419,11 +434,7 @@ def _checkpoint_model(args: argparse.Namespace, checkpoint: Path, *, dtype: Any,
                              f'Face checkpoint, and {checkpoint} has none')
         name = _model_choice(args)
         return name, build_model(name, dtype=dtype, with_vision=with_vision, vocab_size=vocab_size)
-    if args.model is None:
-        if with_vision:
-            raise ValueError(f'--image needs a vision encoder, and {checkpoint} holds none this '
-                             'program runs (Hugging Face Gemma 3n checkpoints hold no SigLIP '
-                             'encoder)')
+    if args.model is None:       # (check_vision has refused --image: HF checkpoints hold no SigLIP)
         config = hf_checkpoint_config(checkpoint, None)
         name = next((preset for preset, make_config in PRESET_CONFIGS.items()
                      if make_config(with_vision=False) == config), CONFIG_JSON_MODEL)
@@ -470,9 +481,35 @@ def sampling_method(temperature: float | None, top_k: int | None,
     return RandomSampling(temperature=temperature)
 
 
+def check_vision(args: argparse.Namespace) -> None:
+    """ValueError unless the options choose a model with a vision encoder (checkpoint headers
+    only: nothing is loaded or decoded)."""
+    if args.text_only:
+        raise ValueError('--image needs the vision encoder, which --text-only leaves out')
+    if _model_choice(args) == DEMO:
+        raise ValueError(DEMO_IS_TEXT_ONLY)
+    checkpoint = _checkpoint_path(args)
+    if checkpoint is not None and not has_vision_encoder(checkpoint):
+        raise ValueError(f'--image needs a checkpoint with the SigLIP vision encoder; {checkpoint} '
+                         f'({checkpoint_format(checkpoint)} format) holds none')
+
+
 def read_images(paths: Sequence[str]) -> list[np.ndarray]:
-    """The `--image` files as uint8 [H, W, 3] arrays (read before any weights, to fail early)."""
-    return [load_image(Path(path).expanduser()) for path in paths]
+    """The `--image` files as uint8 [H, W, 3] arrays (read before any weights, to fail early).
+
+    Every file's header is checked (size, format) before any file is decoded.
+    """
+    files = [Path(path).expanduser() for path in paths]
+    for path in files:
+        image_file_size(path)
+    return [load_image(path) for path in files]
+
+
+def _image_options(args: argparse.Namespace) -> list[np.ndarray]:
+    """The `--image` files, once the model is known to take images."""
+    if args.image:
+        check_vision(args)
+    return read_images(args.image)
 
 
 def default_cache_length(positions: int) -> int:
@@ -523,7 +560,7 @@ def _write(piece: str) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     sampling = sampling_method(args.temperature, args.top_k, args.top_p)
-    pictures = read_images(args.image)
+    pictures = _image_options(args)
     loaded = load_model(args, with_vision=bool(pictures))
     max_new_tokens = _max_new_tokens(args, loaded)
     sampler = Sampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,
@@ -550,7 +587,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     sampling = sampling_method(args.temperature, args.top_k, args.top_p)
-    pictures = read_images(args.image)
+    pictures = _image_options(args)
     loaded = load_model(args, with_vision=bool(pictures))
     images = pictures or None
     chat = ChatSampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,

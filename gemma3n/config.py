@@ -179,12 +179,13 @@ class TransformerConfig:
         return self.global_scale_factor if kind == AttentionType.GLOBAL else self.local_scale_factor
 
     def query_pre_attn_scalar(self) -> float:
-        """The factor queries are multiplied by before q·k."""
+        """The factor queries are multiplied by before q·k (the reference's value for each member)."""
         match self.query_pre_attn_norm:
             case QueryPreAttentionNormalisation.NONE:
                 return 1.0
             case QueryPreAttentionNormalisation.BY_EMBED_DIM_DIV_NUM_HEADS:
-                return (self.embed_dim // self.num_heads) ** -0.5
+                # The reference multiplies by the integer quotient itself, not its inverse root.
+                return self.embed_dim // self.num_heads
             case QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS:
                 return (self.embed_dim // self.num_heads) ** -0.5
             case _:

@@ -80,8 +80,10 @@ def expand_tokens(tokens: jax.Array, num_images: int, num_soft_tokens: int
         tokens: [B, L] ids with exactly `num_images` markers per sequence.
     Returns:
         expanded [B, L + num_images * (block - 1)] ids;
-        text_index [B, L]: where each original token's output lies in the expanded sequence
-            (for a marker, the last token of its block, which predicts what follows the image);
+        text_index [B, L]: the expanded row whose output each original token gets. As in the
+            reference (`remove_mm_logits`), a marker gets its block's first row (the leading
+            "\\n\\n"), not the block's last one: what follows an image is read from the expanded
+            sequence itself (`return_last_only`);
         block_start [B, num_images]: index of each image block's first token.
     """
     extra = block_length(num_soft_tokens) - 1
@@ -98,8 +100,7 @@ def expand_tokens(tokens: jax.Array, num_images: int, num_soft_tokens: int
     block = jnp.asarray(block_tokens(num_soft_tokens), tokens.dtype)
     slots = block_start[:, :, None] + jnp.arange(block.shape[0])            # [B, N, block]
     expanded = expanded.at[batch[:, :, None], slots].set(block)
-    text_index = jnp.where(is_marker, new_index + extra, new_index)
-    return expanded, text_index, block_start
+    return expanded, new_index, block_start
 
 
 def merge_soft_tokens(x: jax.Array, soft: jax.Array, block_start: jax.Array) -> jax.Array:

@@ -8,7 +8,6 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gemma3n import cache as kv_cache
 from gemma3n import multimodal
@@ -19,6 +18,7 @@ from gemma3n.config import TransformerConfig
 from gemma3n.embedder import Embedder
 from gemma3n.layers import Einsum, RMSNorm, guard
 from gemma3n.text import special_tokens
+from gemma3n.validation import token_ids
 
 PAD_ID = special_tokens.PAD
 # Ids a tokenizer may produce beyond a small model's vocabulary: the image markers.
@@ -30,7 +30,8 @@ KEY_REQUIRED = '__KEY_REQUIRED__'
 class Output:
     """What the model returns.
 
-    logits: [*B, L, V] float32, or [*B, V] with `return_last_only`.
+    logits: [*B, L, V] float32, or [*B, V] with `return_last_only`. With images, a
+        `<start_of_image>` position holds the output of the "\\n\\n" its block starts with.
     cache: the updated cache, or None when no cache was given.
     hidden_states: the final normed hidden states [*B, L, D] (or [*B, D]), on request.
     """
@@ -48,23 +49,15 @@ class ModelInfo:
 
 def _check_tokens(tokens: Any, num_embed: int, extra_ids: tuple[int, ...]) -> jax.Array:
     """Validates token ids before anything is traced; returns them as an int32 array."""
-    if not hasattr(tokens, 'dtype'):
-        tokens = np.asarray(tokens)
-    if not (jnp.issubdtype(tokens.dtype, jnp.integer)):
-        raise ValueError(f'tokens must be integer ids, got dtype {tokens.dtype}.')
+    if isinstance(tokens, jax.core.Tracer):
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f'tokens must hold integer token ids, got dtype {tokens.dtype}.')
+    else:
+        tokens = token_ids('tokens', tokens, num_embed, extra_ids)
     if tokens.ndim < 1:
         raise ValueError(f'tokens must have shape [*B, L], got a scalar of shape {tokens.shape}.')
     if tokens.shape[-1] == 0:
         raise ValueError('tokens must hold at least one token (shape [*B, L] with L >= 1).')
-    if not isinstance(tokens, jax.core.Tracer):
-        ids = np.asarray(tokens)
-        bad = (ids < 0) | (ids >= num_embed)
-        for extra in extra_ids:
-            bad &= ids != extra
-        if bad.any():
-            raise ValueError(
-                f'token ids must lie in [0, {num_embed}); got {int(ids[bad].flat[0])} '
-                f'(at index {tuple(int(j) for j in np.argwhere(bad)[0])}).')
     return jnp.asarray(tokens, jnp.int32)
 
 
@@ -154,7 +147,8 @@ class Gemma3nTransformer(nn.Module):
             positions_offset: optional [*B] added to the default positions (no cache).
             cache: from `init_cache`; the new K/V are written and `Output.cache` returned.
             attention_mask: optional bool [*B, L, L] replacing the default causal mask (no cache).
-            return_last_only: logits of the last non-padding token only, [*B, V].
+            return_last_only: logits of the last non-padding token only, [*B, V]; with images,
+                of the expanded sequence (after a trailing marker: the prediction after the image).
             return_hidden_states: also return the final hidden states.
             per_layer_embeddings: optional [*B, L, num_layers, P] rows of the per-layer
                 table for these tokens (after image expansion), gathered by the caller; then
@@ -267,7 +261,7 @@ class Gemma3nTransformer(nn.Module):
         if return_last_only:
             logits, hidden = logits[:, 0], hidden[:, 0]
         elif text_index is not None:
-            # One output per input token: image blocks' inserted tokens are dropped.
+            # One output per input token, the reference's rows (see `multimodal.expand_tokens`).
             logits = jnp.take_along_axis(logits, text_index[:, :, None], axis=1)
             hidden = jnp.take_along_axis(hidden, text_index[:, :, None], axis=1)
         out_shape = tuple(batch_shape) + logits.shape[1:]

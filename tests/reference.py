@@ -1,7 +1,11 @@
-"""Where the shared reference material lies: `shared/` beside the repository (as in CI)."""
+"""The reference parameter trees the tests compare against, kept in the repository (`tests/data/`).
+
+Each file maps every '/'-joined parameter path of the reference `Gemma3n_E4B()` (and of
+`Gemma3n_E4B(text_only=True)`) to its shape and dtype, as measured on the reference library.
+"""
 
 import pathlib
 
-REFERENCE_DIR = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'reference'
-E4B_PARAMS_JSON = REFERENCE_DIR / 'gemma3n_e4b_params.json'
-E4B_TEXT_PARAMS_JSON = REFERENCE_DIR / 'gemma3n_e4b_text_only_params.json'
+DATA_DIR = pathlib.Path(__file__).resolve().parent / 'data'
+E4B_PARAMS_JSON = DATA_DIR / 'gemma3n_e4b_params.json'
+E4B_TEXT_PARAMS_JSON = DATA_DIR / 'gemma3n_e4b_text_only_params.json'

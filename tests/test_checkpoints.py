@@ -22,6 +22,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from gemma3n import SigLiPFromPatches, ViTModel, VisionExit
 from gemma3n.checkpoints import apply_hf_softcap, hf_mapping, load_params, native, save_params
 from gemma3n.checkpoints.safetensors_hf import HFSoftcapWarning
 from gemma3n.config import TransformerConfig
@@ -76,10 +77,13 @@ def hf_checkpoint(tmp_path_factory):
     return path, params, hf_model
 
 
-def test_hf_save_pretrained_loads_and_matches_transformers_logits(hf_checkpoint, caplog):
+# A model has no vision parameters either way: the loader decides from the model, not the flag.
+@pytest.mark.parametrize('text_only', [True, False], ids=['text_only', 'no_vision_encoder'])
+def test_hf_save_pretrained_loads_and_matches_transformers_logits(hf_checkpoint, caplog, text_only):
     path, params, hf_model = hf_checkpoint
     assert (path / 'model.safetensors.index.json').is_file()
-    model = Gemma3nTransformer(config=CONFIG, text_only=True, dtype=jnp.float32)
+    assert CONFIG.vision_encoder is None
+    model = Gemma3nTransformer(config=CONFIG, text_only=text_only, dtype=jnp.float32)
     with caplog.at_level(logging.INFO, logger='gemma3n.checkpoints'), \
             pytest.warns(HFSoftcapWarning, match='final_logit_softcapping=30.0'):
         loaded = load_params(path, model=model, progress=False)
@@ -357,8 +361,21 @@ def test_bad_inputs_raise_clear_errors(hf_checkpoint, tmp_path):
     with pytest.raises(ValueError, match=rf'small\.safetensors lacks {len(absent)} parameter\(s\) of the model: '
                                          r'layer_10/'):
         load_params(tmp_path / 'small.safetensors', model=deeper, progress=False)
-    with pytest.raises(ValueError, match='Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder'):
-        load_params(path, model=Gemma3nTransformer(config=CONFIG, text_only=False), progress=False)
+    # A model with the SigLIP encoder: HF checkpoints lack it, and so does this file. The message
+    # serves the command line (--image) and Python (a model without a vision encoder) alike.
+    with_siglip = Gemma3nTransformer(config=dataclasses.replace(CONFIG, vision_encoder=SigLiPFromPatches(
+        siglip_encoder=ViTModel(width=16, depth=1, mlp_dim=32, num_heads=2), siglip_exit=VisionExit(output_length=4),
+        num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=4, image_height=112, image_width=112)))
+    advice = (r'On the command line, --image needs a checkpoint that has the SigLIP vision encoder .*'
+              r'without --image this checkpoint serves text\. From Python, load it into a model without a '
+              r'vision encoder, e\.g\. Gemma3n_E4B\(text_only=True\)\.')
+    with pytest.raises(ValueError, match='Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder '
+                                         r'\(their vision tower is MobileNet-V5, a different network\)\. ' + advice):
+        load_params(path, model=with_siglip, progress=False)
+    with pytest.raises(ValueError, match=r'small\.safetensors holds no vision encoder parameters\. ' + advice):
+        load_params(tmp_path / 'small.safetensors', model=with_siglip, progress=False)
+    _assert_trees_equal(load_params(tmp_path / 'small.safetensors', model=Gemma3nTransformer(config=CONFIG),
+                                    progress=False), random_params(CONFIG, seed=17))
 
 
 # --- peak memory of a real-size layout -------------------------------------------------------------

@@ -10,15 +10,17 @@ import pytest
 import torch
 
 from gemma3n import (AttentionType, Gemma3n_E2B, Gemma3n_E4B, Gemma3nTransformer,
-                     KVCacheSharingConfig, TransformerConfig)
+                     KVCacheSharingConfig, QueryPreAttentionNormalisation, SigLiPFromPatches,
+                     TransformerConfig, ViTModel, VisionExit)
 from gemma3n.altup import AltUp
 from gemma3n.attention import KVContext, QueryInfo, attention_mask
 from gemma3n.ffn import gaussian_topk
 from gemma3n.layers import RMSNorm, apply_rope
 from hf_oracle import make_hf_causal_lm, random_params, small_configs
-from reference import E4B_TEXT_PARAMS_JSON
+from reference import E4B_PARAMS_JSON, E4B_TEXT_PARAMS_JSON
 
 E4B_TEXT_PARAMS = 6_834_711_280
+E4B_ARRAYS, E4B_PARAMS = 1_190, 7_253_937_760         # Gemma3n_E4B() with its vision encoder
 # float32 parity bound. Both implementations compute the same float32 graph in a different
 # order; rounding (~1e-7 relative) is amplified along 10-15 layers of norms (every RMSNorm
 # divides by a data-dependent RMS) to ~2e-5..6e-5 on logits of magnitude 1-10 (measured),
@@ -43,6 +45,23 @@ def test_e4b_text_only_param_tree_equals_reference():
     assert ours == ref
     assert len(ours) == 751
     assert sum(int(np.prod(s)) for s, _ in ours.values()) == E4B_TEXT_PARAMS
+
+
+def test_e4b_param_tree_equals_reference_with_the_seed_vision_config():
+    # The vision encoder spelled as the seed spells it, from the package's own names.
+    seed_vision = SigLiPFromPatches(
+        siglip_encoder=ViTModel(patch_size=(14, 14), width=1152, depth=27, mlp_dim=4304,
+                                num_heads=16, posemb='learn', dropout=0.0),
+        siglip_exit=VisionExit(output_length=256), num_mm_tokens_per_image_prepool=4096,
+        num_mm_tokens_per_image=256, image_height=896, image_width=896, image_channels=3,
+        apply_stop_gradient=True)
+    ref = {k: (v['shape'], v['dtype']) for k, v in json.loads(E4B_PARAMS_JSON.read_text()).items()}
+    assert len(ref) == E4B_ARRAYS
+    assert sum(int(np.prod(s)) for s, _ in ref.values()) == E4B_PARAMS
+    seed_model = Gemma3nTransformer(config=dataclasses.replace(Gemma3n_E4B().config,
+                                                               vision_encoder=seed_vision))
+    for model in (Gemma3n_E4B(), seed_model):
+        assert flat_shapes(init_shapes(model)) == ref
 
 
 def expected_text_params(cfg: TransformerConfig) -> int:
@@ -81,6 +100,24 @@ def test_e4b_config_values():
     assert (cfg.num_embed, cfg.embed_dim, cfg.hidden_dim, cfg.head_dim) == (262144, 2048, 16384, 256)
     assert Gemma3n_E4B.INFO.tokenizer_version == '3n'
     assert Gemma3n_E2B().config.num_layers == 30 and Gemma3n_E2B().config.hidden_dim == 8192
+
+
+def test_query_pre_attn_scalar_of_every_member_is_the_reference_formula():
+    # The reference's `TransformerConfig.query_pre_attn_scalar()`, written out per member. Widths
+    # are chosen so that every formula gives a different number and embed_dim / num_heads is not
+    # whole (the reference divides with //).
+    cfg = dataclasses.replace(small_configs()[0], embed_dim=70, num_heads=4, num_kv_heads=2,
+                              head_dim=9)
+    reference = {
+        QueryPreAttentionNormalisation.NONE: 1.0,
+        QueryPreAttentionNormalisation.BY_EMBED_DIM_DIV_NUM_HEADS: 70 // 4,
+        QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS: (70 // 4) ** -0.5,
+        QueryPreAttentionNormalisation.BY_ONE_OVER_SQRT_HEAD_DIM: 9 ** -0.5,
+    }
+    assert reference.keys() == set(QueryPreAttentionNormalisation)
+    assert len(set(reference.values())) == len(reference)
+    for member, expected in reference.items():
+        assert dataclasses.replace(cfg, query_pre_attn_norm=member).query_pre_attn_scalar() == expected
 
 
 def test_e4b_kv_sharing_sources():
@@ -280,13 +317,15 @@ def tiny():
 @pytest.mark.parametrize('tokens, message', [
     (np.ones((1, 4), np.float32), 'integer'),
     (np.array(5), 'shape'),
-    (np.array([[1, 2, 300]]), 'outside|must lie in'),
-    (np.array([[1, -1]]), 'must lie in'),
+    (np.array([[1, 2, 300]]), 'outside the vocabulary'),
+    (np.array([[1, -1]]), 'outside the vocabulary'),
+    ([[1, 2 ** 32 + 1]], r'token id 4294967297 \(at index \(0, 1\)\)'),   # no int32 wrap to 1
     (np.zeros((1, 0), np.int32), 'at least one'),
 ])
 def test_bad_tokens_raise(tiny, tokens, message):
     model, params = tiny
-    with pytest.raises(ValueError, match=message):
+    # A float array is a TypeError, bad values and shapes ValueErrors; `match` tells them apart.
+    with pytest.raises((TypeError, ValueError), match=message):
         model.apply({'params': params}, tokens)
 
 

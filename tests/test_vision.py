@@ -50,9 +50,9 @@ def small_model(name: str | None = None, **vit_overrides) -> SigLiPFromPatches:
     vit = dict(patch_size=(PATCH, PATCH), width=WIDTH, depth=DEPTH, mlp_dim=MLP, num_heads=HEADS)
     vit.update(vit_overrides)
     return SigLiPFromPatches(
-        siglip_encoder=ViTModel(**vit), num_mm_tokens_per_image_prepool=SMALL_PATCHES,
-        num_mm_tokens_per_image=SMALL_TOKENS, image_height=SMALL_SIDE, image_width=SMALL_SIDE,
-        name=name)
+        siglip_encoder=ViTModel(**vit), siglip_exit=VisionExit(output_length=SMALL_TOKENS),
+        num_mm_tokens_per_image_prepool=SMALL_PATCHES, num_mm_tokens_per_image=SMALL_TOKENS,
+        image_height=SMALL_SIDE, image_width=SMALL_SIDE, name=name)
 
 
 def random_images(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -363,6 +363,9 @@ def test_model_rejects_bad_images_and_config(small):
         SigLiPFromPatches(num_mm_tokens_per_image_prepool=1024)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         SigLiPFromPatches(image_height=900)
+    with pytest.raises(ValueError, match=r"siglip_exit.output_length \(16\) must equal "
+                                         r"num_mm_tokens_per_image \(256\)"):
+        SigLiPFromPatches(siglip_exit=VisionExit(output_length=16))
     with pytest.raises(ValueError, match="perfect square"):
         VisionExit(output_length=5).apply({}, jnp.zeros((1, 16, 2)))
     with pytest.raises(ValueError, match="not a multiple"):

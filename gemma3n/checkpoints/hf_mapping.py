@@ -1,7 +1,7 @@
 """The one mapping between our parameter tree and Hugging Face `transformers` Gemma 3n text weights.
 
 Our tree is the nested Flax `params` dict of `Gemma3nTransformer(text_only=True)`; its '/'-joined
-paths are those of `reference/gemma3n_e4b_text_only_params.json`. Hugging Face keys are given
+paths are those of `tests/data/gemma3n_e4b_text_only_params.json`. Hugging Face keys are given
 relative to `Gemma3nTextModel` (`embed_tokens.weight`, `layers.3.self_attn.q_proj.weight`, ...);
 callers add a prefix: `model.` for `Gemma3nForCausalLM`, `model.language_model.` for the released
 hub checkpoints (`Gemma3nForConditionalGeneration`).
@@ -31,6 +31,7 @@ import numpy as np
 
 from gemma3n.config import AttentionType, QueryPreAttentionNormalisation, TransformerConfig
 from gemma3n.host_arrays import aligned_empty
+from gemma3n.validation import check_finite
 
 # A per-parameter conversion applied while loading: (our '/'-joined path, array) -> stored leaf.
 Transform = Callable[[str, np.ndarray], Any]
@@ -351,7 +352,8 @@ def hf_to_params(
     shape or a non-float dtype; nothing is returned in that case. `skip` names paths of our tree to
     leave out: their HF tensors must still be present but are neither read nor checked.
     `transform(path, array)`, when given, converts each parameter as soon as it is read (e.g. to
-    a serving layout on the device); its result is what the tree holds.
+    a serving layout on the device); its result is what the tree holds. A parameter holding NaN
+    or Inf (after the cast to `dtype`) raises ValueError naming its HF tensor.
     """
     keys = set(keys)
     # The default HF vocabulary (> num_embed) selects the row-dropping conversion; the shape check
@@ -398,9 +400,11 @@ def hf_to_params(
             sources.append(x)
         # A transform gets the layout change as a view where possible: it makes the one copy it
         # needs (for our serving layout often none: HF's [out, in] weights already are).
-        value = _materialise(_CONVERSIONS[e.conversion].from_hf(sources, e), e.shape, dtype,
-                             contiguous=transform is None)
+        with np.errstate(over='ignore'):      # check_finite reports it, naming the tensor
+            value = _materialise(_CONVERSIONS[e.conversion].from_hf(sources, e), e.shape, dtype,
+                                 contiguous=transform is None)
         del sources
+        check_finite(f'Tensor {describe(prefix + e.hf_keys[0])}', value)
         flat[e.path] = value if transform is None else transform(e.path, value)
         del value
         if progress is not None:
@@ -486,9 +490,31 @@ def _hf_rope(config: TransformerConfig, kind: AttentionType) -> dict[str, Any]:
     return rope
 
 
+def _hf_text(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The text part of a HF config.json dict: its `text_config` (an empty one is all defaults),
+    or the dict itself for a text-only config."""
+    text = hf_config.get('text_config')
+    return dict(hf_config if text is None else text)
+
+
+def _hf_layer_types(text: Mapping[str, Any], num_layers: int) -> list[str]:
+    """`layer_types`, or HF's default pattern when absent (an explicit list is kept, even empty)."""
+    if text.get('layer_types') is not None:
+        return list(text['layer_types'])
+    return ['full_attention' if (i + 1) % HF_DEFAULT_PATTERN_LENGTH == 0 else 'sliding_attention'
+            for i in range(num_layers)]
+
+
+def _hf_sparsity(text: Mapping[str, Any], num_layers: int) -> list[float]:
+    """`activation_sparsity_pattern`, or HF's default when absent."""
+    if text.get('activation_sparsity_pattern') is not None:
+        return list(text['activation_sparsity_pattern'])
+    return _default_sparsity(num_layers)
+
+
 def hf_final_logit_softcap(hf_config: Mapping[str, Any]) -> float | None:
     """The final logit softcap a HF config.json applies (its default when the field is absent)."""
-    text = hf_config.get('text_config') or hf_config
+    text = _hf_text(hf_config)
     return text.get('final_logit_softcapping', HF_DEFAULT_FINAL_LOGIT_SOFTCAP)
 
 
@@ -499,18 +525,15 @@ def check_hf_config(hf_config: Mapping[str, Any], config: TransformerConfig) -> 
     `rope_local_base_freq`, `rope_scaling`) is understood too. `final_logit_softcapping` is not
     compared (see `hf_final_logit_softcap`). Empty list: the checkpoint fits the config.
     """
-    text = dict(hf_config.get('text_config') or hf_config)
+    text = _hf_text(hf_config)
     model_type = text.get('model_type')
     if model_type not in (None, 'gemma3n_text', 'gemma3n'):
         return [f'model_type={model_type!r}, expected a Gemma 3n text config (gemma3n_text)']
     ours = hf_text_config(config)
     num_layers = text.get('num_hidden_layers', HF_TEXT_DEFAULTS['num_hidden_layers'])
     found = {name: text.get(name, default) for name, default in HF_TEXT_DEFAULTS.items()}
-    found['layer_types'] = text.get('layer_types') or [
-            'full_attention' if (i + 1) % HF_DEFAULT_PATTERN_LENGTH == 0 else 'sliding_attention'
-            for i in range(num_layers)]
-    found['activation_sparsity_pattern'] = text.get('activation_sparsity_pattern') or (
-            _default_sparsity(num_layers))
+    found['layer_types'] = _hf_layer_types(text, num_layers)
+    found['activation_sparsity_pattern'] = _hf_sparsity(text, num_layers)
     found['rope_parameters'] = _hf_rope_from_json(text)
     if not isinstance(found['intermediate_size'], int):
         sizes = set(found['intermediate_size'])
@@ -558,7 +581,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> TransformerConfig:
     Our final logit softcap stays None (the reference's choice); see `hf_final_logit_softcap`.
     Raises ValueError for settings our model cannot express (e.g. per-layer MLP widths).
     """
-    text = dict(hf_config.get('text_config') or hf_config)
+    text = _hf_text(hf_config)
     if text.get('model_type') not in (None, 'gemma3n_text', 'gemma3n'):
         raise ValueError(f'model_type={text.get("model_type")!r} is not a Gemma 3n text config.')
     get = lambda name: text.get(name, HF_TEXT_DEFAULTS[name])
@@ -568,9 +591,9 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> TransformerConfig:
     if len(widths) != 1:
         raise ValueError(f'Per-layer MLP widths {sorted(widths)} are not supported (one hidden_dim for all layers).')
     kinds = {name: kind for kind, name in HF_LAYER_TYPES.items()}
-    layer_types = text.get('layer_types') or [
-            'full_attention' if (i + 1) % HF_DEFAULT_PATTERN_LENGTH == 0 else 'sliding_attention'
-            for i in range(num_layers)]
+    layer_types = _hf_layer_types(text, num_layers)
+    if len(layer_types) != num_layers:
+        raise ValueError(f'layer_types has {len(layer_types)} entries, num_hidden_layers is {num_layers}.')
     unknown = sorted(set(layer_types) - kinds.keys())
     if unknown:
         raise ValueError(f'Unknown layer_types {unknown}; expected {sorted(kinds)}.')
@@ -592,7 +615,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> TransformerConfig:
             local_base_frequency=theta('sliding_attention'),
             global_scale_factor=factor('full_attention'),
             local_scale_factor=factor('sliding_attention'),
-            activation_sparsity_pattern=tuple(text.get('activation_sparsity_pattern') or _default_sparsity(num_layers)),
+            activation_sparsity_pattern=tuple(_hf_sparsity(text, num_layers)),
             per_layer_input_dim=get('hidden_size_per_layer_input'),
             laurel_rank=get('laurel_rank'),
             num_altup_inputs=get('altup_num_inputs'),

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
+from gemma3n.validation import check_finite
 
 ENCODER = "siglip_encoder"
 HF_VISION_PREFIX = "vision_model."
@@ -272,7 +273,8 @@ def vision_from_hf(
     `num_heads` is needed because HF stores attention projections with heads merged. Keys outside
     the vision tower (see `HF_VISION_ROOTS`) and the projector are ignored, so a full checkpoint
     may be given; inside the tower every key must be known. The second value is None when the
-    checkpoint has no projector. Raises ValueError on missing, unexpected or misshaped entries.
+    checkpoint has no projector. Raises ValueError on missing, unexpected or misshaped entries,
+    and on values that are NaN or Inf.
     """
     vision = {key[len(vision_prefix):]: value for key, value in state.items()
               if key.startswith(vision_prefix)
@@ -291,6 +293,7 @@ def vision_from_hf(
         our_shape = entry.shape(dims)
         _check_shape(vision_prefix + entry.hf, array, entry.conversion.hf_shape(our_shape))
         encoder[entry.ours] = np.array(entry.conversion.from_hf(array, our_shape), order="C")
+        check_finite(f"HF vision tensor {vision_prefix + entry.hf}", encoder[entry.ours])
     vision_params = {ENCODER: unflatten_params(encoder)}
 
     norm_key, projection_key = projector_prefix + HF_MM_NORM, projector_prefix + HF_MM_PROJECTION
@@ -302,5 +305,7 @@ def vision_from_hf(
                          f"({norm_key!r} and {projection_key!r} go together)")
     norm, projection = np.asarray(state[norm_key]), np.asarray(state[projection_key])
     _check_mm_shapes(norm, projection, dims.width, norm_key, projection_key)
+    check_finite(f"HF tensor {norm_key}", norm)
+    check_finite(f"HF tensor {projection_key}", projection)
     mm_params = unflatten_params({MM_NORM: np.array(norm), MM_PROJECTION: np.array(projection)})
     return vision_params, mm_params

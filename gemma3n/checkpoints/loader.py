@@ -2,7 +2,9 @@
 
 Formats: a Hugging Face Gemma 3n directory or `.safetensors` file (`safetensors_hf`), a reference
 Orbax PyTree checkpoint directory (`orbax_io`), our own safetensors format (`native`). Every
-failure raises before anything is returned (no partial trees).
+failure raises before anything is returned (no partial trees). No format has a checksum of the
+values, so every array is checked for NaN/Inf as it is read (`gemma3n.validation.check_finite`,
+one pass over memory the read just wrote).
 
 Example:
     >>> model = Gemma3n_E4B(text_only=True)
@@ -29,12 +31,20 @@ from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.checkpoints.safetensors_hf import INDEX_FILE, SINGLE_FILE, is_hf_directory, load_hf_params
 from gemma3n.config import TransformerConfig
 from gemma3n.embedder import PER_LAYER_TABLE
+from gemma3n.validation import check_finite
 
 # Parameters of the vision path (SPEC section 6); a text-only model has none of them.
 VISION_PREFIXES = ('vision_encoder/', 'embedder/mm_')
 PER_LAYER_TABLE_PATH = f'embedder/{PER_LAYER_TABLE}'
 # What `checkpoint_format` recognises.
 HF_FORMAT, ORBAX_FORMAT, NATIVE_FORMAT = 'Hugging Face', 'Orbax', 'gemma3n native'
+# What to do with a checkpoint that lacks the SigLIP encoder a model asks for, for users of the
+# command line and of Python alike.
+WITHOUT_SIGLIP_ADVICE = ('On the command line, --image needs a checkpoint that has the SigLIP '
+                         'vision encoder (a reference Orbax checkpoint, or our own format saved '
+                         'from one); without --image this checkpoint serves text. From Python, '
+                         'load it into a model without a vision encoder, e.g. '
+                         'Gemma3n_E4B(text_only=True).')
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +63,8 @@ def load_params(
     Args:
         path: HF directory / `.safetensors` file, Orbax checkpoint directory, or a file written by
             `save_params`.
-        model: a `Gemma3nTransformer` (its `config` and `text_only` are used) or a `TransformerConfig`
+        model: a `Gemma3nTransformer` (its `config` and `text_only` are used: it has vision parameters
+            unless `text_only=True` or `config.vision_encoder is None`) or a `TransformerConfig`
             (text-only). Needed for HF files without a config.json beside them; when given, every
             kept tensor's path, shape and dtype are checked against it. None: HF checkpoints derive
             the config from config.json, other formats are returned as stored.
@@ -76,15 +87,16 @@ def load_params(
 
     if checkpoint == HF_FORMAT:
         if not text_only:
-            raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder, '
-                             'so they load only into a text-only model (no images).')
+            raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder (their '
+                             f'vision tower is MobileNet-V5, a different network). {WITHOUT_SIGLIP_ADVICE}')
         return load_hf_params(path, config=config, dtype=dtype, progress=progress, skip=skip,
                               transform=transform)
     if checkpoint == ORBAX_FORMAT:
         names = _select(orbax_catalog(path), config, text_only, path, skip)
         flat = orbax_restore(path, names, dtype)
-        if transform is not None:
-            for name in sorted(flat, key=lambda n: -flat[n].size):
+        for name in sorted(flat, key=lambda n: -flat[n].size):
+            check_finite(f'Array {name} of {path}', flat[name])
+            if transform is not None:
                 flat[name] = transform(name, flat.pop(name))
         return hf_mapping.unflatten_params(flat)
     files = SafetensorsFiles([path])
@@ -113,8 +125,22 @@ def checkpoint_format(path: Path) -> str:
     return NATIVE_FORMAT if is_native(SafetensorsFiles([path]), path) else HF_FORMAT
 
 
+def has_vision_encoder(path: str | os.PathLike) -> bool:
+    """Whether the checkpoint at `path` holds vision encoder parameters, from its headers alone
+    (nothing is read). Hugging Face checkpoints never do (their vision tower is not SigLIP)."""
+    path = Path(path).expanduser()
+    checkpoint = checkpoint_format(path)
+    if checkpoint == HF_FORMAT:
+        return False
+    names = orbax_catalog(path) if checkpoint == ORBAX_FORMAT else SafetensorsFiles([path]).keys()
+    return any(name.startswith(VISION_PREFIXES) for name in names)
+
+
 def model_config(model: Any) -> tuple[TransformerConfig | None, bool]:
-    """(config, text_only) of a `model` argument: a Gemma3nTransformer, a TransformerConfig or None."""
+    """(config, text_only) of a `model` argument: a Gemma3nTransformer, a TransformerConfig or None.
+
+    text_only: the model has no vision parameters (`text_only=True`, or no vision encoder in its config).
+    """
     if model is None:
         return None, True
     if isinstance(model, TransformerConfig):
@@ -122,7 +148,7 @@ def model_config(model: Any) -> tuple[TransformerConfig | None, bool]:
     config = getattr(model, 'config', None)
     if not isinstance(config, TransformerConfig):
         raise TypeError(f'model must be a Gemma3nTransformer or a TransformerConfig, got {type(model).__name__}.')
-    return config, bool(getattr(model, 'text_only', False))
+    return config, bool(getattr(model, 'text_only', False)) or config.vision_encoder is None
 
 
 def _select(
@@ -163,6 +189,5 @@ def _select(
                         ', '.join(f'{g}* ({n})' for g, n in sorted(groups.items())))
         return [name for name in expected if name not in skip]
     if not vision:
-        raise ValueError(f'{path} holds no vision encoder parameters, so it loads only into a text-only '
-                         'model (no images).')
+        raise ValueError(f'{path} holds no vision encoder parameters. {WITHOUT_SIGLIP_ADVICE}')
     return [name for name in expected if name not in skip] + vision

@@ -26,6 +26,7 @@ from safetensors.numpy import save_file
 
 from gemma3n.checkpoints import hf_mapping
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
+from gemma3n.validation import check_finite
 
 FORMAT_KEY = 'format'
 FORMAT_NAME = 'gemma3n-params'
@@ -58,14 +59,16 @@ def native_catalog(files: SafetensorsFiles) -> dict[str, tuple[tuple[int, ...], 
 def native_read(files: SafetensorsFiles, paths: Sequence[str], dtype: Any,
                 progress: Callable[[int], None],
                 transform: hf_mapping.Transform | None = None) -> dict[str, Any]:
-    """The tensors at `paths`, one at a time, cast to `dtype` (None: as stored), each passed
-    through `transform(path, array)` when given, before the next is read."""
+    """The tensors at `paths`, one at a time, cast to `dtype` (None: as stored) and checked for
+    NaN/Inf, each passed through `transform(path, array)` when given, before the next is read."""
     flat = {}
     for name in paths:
         value = files.read(name)
         size = value.size
         if dtype is not None:
-            value = value.astype(dtype, copy=False)
+            with np.errstate(over='ignore'):      # check_finite reports it, naming the tensor
+                value = value.astype(dtype, copy=False)
+        check_finite(f'Tensor {files.describe(name)}', value)
         flat[name] = value if transform is None else transform(name, value)
         del value
         progress(size)

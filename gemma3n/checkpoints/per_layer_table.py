@@ -29,6 +29,7 @@ from gemma3n.checkpoints.loader import (HF_FORMAT, ORBAX_FORMAT, PER_LAYER_TABLE
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles, read_into
 from gemma3n.checkpoints.safetensors_hf import hf_checkpoint_config, hf_prefix, open_hf_files
 from gemma3n.config import TransformerConfig
+from gemma3n.validation import check_finite
 
 DEFAULT_DTYPE = np.dtype(ml_dtypes.bfloat16)
 SHOWN_BAD_IDS = 8                # how many out-of-range ids an error message lists
@@ -113,7 +114,11 @@ class LazyPerLayerTable:
                              'per_layer_token_ids first).')
         unique, inverse = np.unique(ids.reshape(-1), return_inverse=True)
         rows = self._read_rows(unique).view(self.stored_dtype).reshape(-1, *self._shape[1:])
-        return rows.astype(self._dtype, copy=False)[inverse.reshape(-1)].reshape(*ids.shape, *self._shape[1:])
+        rows = rows.astype(self._dtype, copy=False)
+        # The table is never loaded whole, so its rows are checked for NaN/Inf as they are read.
+        check_finite(f'Tensor {self.key} in {self.file} (rows {unique[:SHOWN_BAD_IDS].tolist()}'
+                     f'{" ..." if unique.size > SHOWN_BAD_IDS else ""})', rows)
+        return rows[inverse.reshape(-1)].reshape(*ids.shape, *self._shape[1:])
 
     def _read_rows(self, ids: np.ndarray) -> np.ndarray:
         """Raw bytes [len(ids), row_bytes] of sorted distinct `ids`, one read per run of consecutive ids."""

@@ -1,10 +1,11 @@
-"""RMSNorm, the only normalisation of the Gemma 3n decoder."""
+"""RMSNorm, the normalisation of the Gemma 3n decoder, of its towers and of their embedders."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gemma3n.layers.precision import guard
+from gemma3n.layers.weights import declare
 
 RMS_NORM_EPS = 1e-6
 
@@ -22,7 +23,8 @@ class RMSNorm(nn.Module):
     The output is multiplied by `scale` (Gemma 3n decoder) or by `1 + scale`
     (`scale_plus_one=True`, the multimodal projection), or by nothing (`with_scale=False`).
     Fresh scales are ones (or zeros when `scale_plus_one`) so an initialised model is not
-    degenerate.
+    degenerate. With an `axis_name` the scale is declared with that logical axis
+    (`gemma3n.layers.weights`); without, as a plain parameter (the decoder's, for now).
 
     Example:
         >>> norm = RMSNorm(scale_plus_one=False)
@@ -32,15 +34,20 @@ class RMSNorm(nn.Module):
     scale_plus_one: bool = False
     guard_precision: bool = False
     dtype: jnp.dtype = jnp.float32
+    eps: float = RMS_NORM_EPS
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., F] -> [..., F] in x's dtype."""
-        normed = rms_norm(guard(x, self.guard_precision))
+        normed = rms_norm(guard(x, self.guard_precision), self.eps)
         if not self.with_scale:
             return normed
         init = nn.initializers.zeros if self.scale_plus_one else nn.initializers.ones
-        scale = self.param('scale', init, (x.shape[-1],), self.dtype)
+        if self.axis_name is None:
+            scale = self.param('scale', init, (x.shape[-1],), self.dtype)
+        else:
+            scale = declare(self, 'scale', (x.shape[-1],), (self.axis_name,), init, self.dtype)
         if self.scale_plus_one:
             scale = 1 + scale.astype(jnp.float32)
         return (normed.astype(jnp.float32) * scale.astype(jnp.float32)).astype(x.dtype)

@@ -127,9 +127,11 @@ class ChatSampler:
         if images is not None:
             [message], images = self.sampler.prompt_images([message], images, single=True)
         ids = self.turn_tokens(message)
+        if max_new_tokens is None:
+            max_new_tokens = self.max_new_tokens
         try:
             run = self.sampler.generation(
-                [ids], max_new_tokens or self.max_new_tokens, rng=rng, state=self.state,
+                [ids], max_new_tokens, rng=rng, state=self.state,
                 images=images, stop_tokens=CHAT_STOP_TOKENS)
         except ValueError as err:
             if self.state is not None and 'cache_length' in str(err):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import threading
 from collections.abc import Iterator, Sequence
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n import cache as kv_cache
-from gemma3n import multimodal
+from gemma3n import multimodal, validation
 from gemma3n.embedder import PER_LAYER_TABLE, per_layer_token_ids
 from gemma3n.text import special_tokens
 from gemma3n.text.chat_format import add_image_markers
@@ -28,6 +29,13 @@ if TYPE_CHECKING:
 MIN_PREFILL_BUCKET = 16   # prompts are padded to a power of two at least this long
 DEFAULT_CACHE_LENGTH = 4096
 DEFAULT_MAX_OUT_LENGTH = 256
+MIN_CACHE_LENGTH = 2
+# Text generation stops at these unless the sampler says otherwise (`keep_default_stop_tokens`).
+DEFAULT_TEXT_STOP_TOKENS = (special_tokens.EOS, special_tokens.END_OF_TURN)
+# What the compiled functions return instead of a token when a sequence's logits hold NaN/Inf.
+NON_FINITE_LOGITS = -1
+# Ids a prompt may hold beyond the vocabulary: the image markers (expanded before embedding).
+PROMPT_EXTRA_IDS = (special_tokens.START_OF_IMAGE, special_tokens.END_OF_IMAGE)
 
 
 @dataclasses.dataclass
@@ -92,6 +100,14 @@ def _bucket(length: int) -> int:
 class Sampler:
     """Generates tokens (and, with a tokenizer, text) from a Gemma 3n model.
 
+    Stop tokens: `sample_tokens` stops only at `stop_tokens` (none by default). Text generation
+    (`sample`) stops at EOS and `<end_of_turn>` (DEFAULT_TEXT_STOP_TOKENS) and at `stop_tokens`;
+    with `keep_default_stop_tokens=False`, at `stop_tokens` only (none: only the length limit
+    ends it). Every id given must lie in the model's vocabulary.
+
+    Logits that become NaN or Inf stop the generation with a FloatingPointError: no token is
+    made up from them.
+
     Example:
         >>> sampler = Sampler(model=model, params=params, cache_length=256)
         >>> out = sampler.sample_tokens([[2, 17, 42], [2, 9]], max_new_tokens=8)
@@ -113,9 +129,13 @@ class Sampler:
         cache_dtype: Any = None,
         per_layer_table_on_host: bool = False,
         per_layer_table: Any = None,
+        keep_default_stop_tokens: bool = True,
     ):
-        if cache_length < 2:
-            raise ValueError(f'cache_length must be >= 2, got {cache_length}.')
+        cache_length = validation.check_int('cache_length', cache_length, low=MIN_CACHE_LENGTH)
+        max_out_length = validation.check_int('max_out_length', max_out_length, low=1)
+        vocab_size = model.config.num_embed
+        stop_tokens = validation.token_ids('stop_tokens', stop_tokens, vocab_size)
+        forbidden_tokens = validation.token_ids('forbidden_tokens', forbidden_tokens, vocab_size)
         self.model = model
         self.params = params
         # The per-layer table (E4B: 2.35B of its 6.8B text parameters) is only ever gathered
@@ -134,8 +154,9 @@ class Sampler:
         self.sampling = sampling
         self.cache_length = cache_length
         self.max_out_length = max_out_length
-        self.stop_tokens = tuple(int(t) for t in stop_tokens)
-        self.forbidden_tokens = tuple(int(t) for t in forbidden_tokens)
+        self.stop_tokens = tuple(stop_tokens.tolist())
+        self.forbidden_tokens = tuple(forbidden_tokens.tolist())
+        self.keep_default_stop_tokens = keep_default_stop_tokens
         self.cache_dtype = cache_dtype or model.dtype
         self.num_traces = {'prefill': 0, 'step': 0}   # how often each function compiled
         self._prefill = jax.jit(self._prefill_fn, static_argnames=('sampling',),
@@ -146,9 +167,12 @@ class Sampler:
     # ---- compiled pieces -------------------------------------------------------------------
 
     def _choose(self, logits: jax.Array, rng: jax.Array, sampling: SamplingMethod) -> jax.Array:
+        """[B, V] -> [B] tokens; NON_FINITE_LOGITS where a row holds NaN/Inf (checked before
+        forbidden tokens get their -inf)."""
+        finite = jnp.isfinite(logits).all(axis=-1)
         if self.forbidden_tokens:
             logits = logits.at[:, jnp.asarray(self.forbidden_tokens)].set(-jnp.inf)
-        return sampling(logits, rng)
+        return jnp.where(finite, sampling(logits, rng), NON_FINITE_LOGITS)
 
     def _prefill_fn(self, params, tokens, cache, rng, images, per_layer_rows, sampling):
         self.num_traces['prefill'] += 1
@@ -178,32 +202,6 @@ class Sampler:
 
     # ---- token level -----------------------------------------------------------------------
 
-    def _prompt_rows(self, prompt_tokens: Any) -> list[np.ndarray]:
-        if isinstance(prompt_tokens, (np.ndarray, jax.Array)):
-            arr = np.asarray(prompt_tokens)
-            if arr.ndim != 2:
-                raise ValueError(f'prompt_tokens must be [B, L], got shape {arr.shape}.')
-            rows = list(arr)
-        else:
-            rows = [np.asarray(list(row)) for row in prompt_tokens]
-        if not rows:
-            raise ValueError('prompt_tokens holds no sequence.')
-        for b, row in enumerate(rows):
-            if row.size == 0:
-                raise ValueError(f'prompt {b} is empty: give at least one token (usually BOS).')
-            if not np.issubdtype(row.dtype, np.integer):
-                raise ValueError(f'prompt {b} must hold integer token ids, got {row.dtype}.')
-        return [row.astype(np.int32) for row in rows]
-
-    def _check_ids(self, rows: list[np.ndarray]) -> None:
-        vocab = self.model.config.num_embed
-        allowed = (special_tokens.START_OF_IMAGE, special_tokens.END_OF_IMAGE)
-        for b, row in enumerate(rows):
-            bad = ((row < 0) | (row >= vocab)) & ~np.isin(row, allowed)
-            if bad.any():
-                raise ValueError(f'prompt {b} has token id {int(row[bad][0])} outside the '
-                                 f'vocabulary [0, {vocab}).')
-
     def sample_tokens(
         self,
         prompt_tokens: Any,
@@ -218,9 +216,11 @@ class Sampler:
         """Generates up to `max_new_tokens` tokens after each prompt.
 
         Args:
-            prompt_tokens: a list of token-id lists (ragged) or an int array [B, L].
+            prompt_tokens: a list of token-id lists (ragged) or an int array [B, L]; one list
+                of ids (or an array [L]) is one sequence (B = 1).
             max_new_tokens: tokens to generate per sequence (fewer if a stop token comes).
-            rng: a key or an int seed for random sampling methods.
+            rng: an int seed in [0, 2**32) or a JAX key (`jax.random.key`), for random
+                sampling methods; None: seed 0.
             return_logits: also return the logits each token was chosen from.
             state: a previous call's `state`: the prompts are appended to its conversations.
             sampling: overrides the sampler's sampling method for this call.
@@ -248,8 +248,10 @@ class Sampler:
         return self.tokenizer
 
     def text_stop_tokens(self) -> tuple[int, ...]:
-        """Stop tokens for text generation: the sampler's, else EOS and `<end_of_turn>`."""
-        return self.stop_tokens or (special_tokens.EOS, special_tokens.END_OF_TURN)
+        """Stop tokens for text generation: DEFAULT_TEXT_STOP_TOKENS (unless the sampler was
+        made with `keep_default_stop_tokens=False`) and the sampler's `stop_tokens`."""
+        defaults = DEFAULT_TEXT_STOP_TOKENS if self.keep_default_stop_tokens else ()
+        return tuple(dict.fromkeys(defaults + self.stop_tokens))
 
     def sample(
         self,
@@ -274,7 +276,9 @@ class Sampler:
         prompts = [prompt] if single else list(prompt)
         prompts, images = self.prompt_images(prompts, images, single)
         rows = [tokenizer.encode(p, add_bos=True) for p in prompts]
-        run = _Generation(self, rows, max_new_tokens or self.max_out_length, rng=rng,
+        if max_new_tokens is None:
+            max_new_tokens = self.max_out_length
+        run = _Generation(self, rows, max_new_tokens, rng=rng,
                           state=None, sampling=sampling, images=images,
                           stop_tokens=self.text_stop_tokens(), keep_logits=False)
         if stream:
@@ -293,15 +297,23 @@ class Sampler:
         """Images for text prompts as [B, N, H, W, C], and the prompts with their markers."""
         if images is None:
             return prompts, None
+        if single:
+            images = [images]
+        lists = isinstance(images, (list, tuple))
+        counts = [1 if isinstance(items, (str, os.PathLike)) else len(items)
+                  for items in images] if lists else None
+        if lists and len(images) == len(prompts) and not any(counts):
+            return prompts, None            # empty image lists: no images, on any model
         encoder = self.vision_encoder()
         if not self._require_tokenizer().has_image_tokens:
             raise ValueError(f'tokenizer {self.tokenizer.path} has no <start_of_image> piece: '
                              'it cannot take images.')
-        if single:
-            images = [images]
-        if isinstance(images, (list, tuple)):
+        if lists:
             if len(images) != len(prompts):
                 raise ValueError(f'{len(images)} image lists for {len(prompts)} prompts.')
+            if len(set(counts)) > 1:
+                raise ValueError(f'the prompts have {counts} images: every prompt of a batch '
+                                 'takes the same number of images.')
             images = jnp.stack([load_images(items, encoder.image_height, encoder.image_width)
                                 for items in images])
         images = jnp.asarray(images)
@@ -353,11 +365,15 @@ class _Generation:
                  rng: jax.Array | int | None = None, state: SamplerState | None = None,
                  sampling: SamplingMethod | None = None, images: Any = None,
                  stop_tokens: Sequence[int] = (), keep_logits: bool = False):
-        if max_new_tokens < 1:
-            raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}.')
+        max_new_tokens = validation.check_int('max_new_tokens', max_new_tokens, low=1)
+        self.rng = validation.as_rng(rng)
+        if sampling is not None and not callable(sampling):
+            raise TypeError(f'sampling must be a sampling method such as Greedy() or '
+                            f'TopkSampling(k=40), got {type(sampling).__name__}.')
+        vocab_size = sampler.model.config.num_embed
+        self.stop = validation.token_ids('stop_tokens', stop_tokens, vocab_size)
         self.sampler = sampler
-        rows = sampler._prompt_rows(prompt_tokens)
-        sampler._check_ids(rows)
+        rows = validation.prompt_rows(prompt_tokens, vocab_size, PROMPT_EXTRA_IDS)
         batch = len(rows)
         if state is not None:
             if kv_cache.is_deleted(state.cache):
@@ -388,14 +404,8 @@ class _Generation:
             batch_size=batch, dtype=sampler.cache_dtype, cache_length=sampler.cache_length)
         self.rows = rows
         self.max_new_tokens = max_new_tokens
-        self.sampling = sampling or sampler.sampling
-        if rng is None:
-            rng = jax.random.key(0)
-        elif isinstance(rng, int):
-            rng = jax.random.key(rng)
-        self.rng = rng
+        self.sampling = sampler.sampling if sampling is None else sampling
         self.images = images
-        self.stop = np.asarray(tuple(stop_tokens), np.int32)
         self.keep_logits = keep_logits
         self.tokens = np.zeros((batch, 0), np.int32)
         self.lengths = np.zeros(batch, np.int32)
@@ -432,21 +442,30 @@ class _Generation:
                         sampler.params, jnp.asarray(padded), self.cache,
                         jax.random.fold_in(self.rng, 0), self.images,
                         sampler.per_layer_rows(padded, self.images), sampling=self.sampling)
-                new = self._record(token, logits)
+                new = self._record(token, logits, step)
             self.delivered += 1
             yield new
             if self.done.all():
                 return
 
-    def _record(self, token: jax.Array, logits: jax.Array) -> np.ndarray:
+    def _record(self, token: jax.Array, logits: jax.Array, step: int) -> np.ndarray:
         """Appends one step's tokens [B] (PAD for sequences already stopped); returns them."""
         new = np.where(self.done, special_tokens.PAD, np.asarray(token)).astype(np.int32)
+        self._check_finite(new, step)
         self.tokens = np.concatenate([self.tokens, new[:, None]], axis=1)
         if self.keep_logits:
             self.logits.append(logits)
         self.lengths += ~self.done
         self.done |= np.isin(new, self.stop) & (self.lengths > 0)
         return new
+
+    def _check_finite(self, new: np.ndarray, step: int) -> None:
+        broken = np.flatnonzero(new == NON_FINITE_LOGITS)
+        if broken.size:
+            raise FloatingPointError(
+                f'the logits of sequence {int(broken[0])} became NaN/Inf at new token '
+                f'{step + 1}: the weights hold NaN/Inf or the computation overflowed in '
+                f'{jnp.dtype(self.sampler.model.dtype).name}; generation stopped.')
 
     def output(self) -> SamplerOutput:
         batch = len(self.rows)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
+from gemma3n import validation
+
 
 def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f'temperature must be > 0, got {temperature}.')
+    validation.check_real('temperature', temperature)
+    # inf would flatten every distribution to uniform without a word.
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f'temperature must be > 0 and finite, got {temperature}.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +61,7 @@ class TopkSampling:
 
     def __post_init__(self):
         _check_temperature(self.temperature)
-        if self.k < 1:
-            raise ValueError(f'k must be >= 1, got {self.k}.')
+        validation.check_int('k', self.k, low=1)
 
     def __call__(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
         top_logits, top_ids = jax.lax.top_k(logits, min(self.k, logits.shape[-1]))
@@ -77,6 +81,7 @@ class TopPSampling:
 
     def __post_init__(self):
         _check_temperature(self.temperature)
+        validation.check_real('p', self.p)
         if not 0 < self.p <= 1:
             raise ValueError(f'p must be in (0, 1], got {self.p}.')
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from gemma3n.text import special_tokens
+from gemma3n.validation import is_integer
 
 _PACKAGE = "gemma3n"
 _ASSET_DIRECTORY = "assets"
@@ -173,6 +174,9 @@ class Tokenizer:
             raise ValueError(f"decode expects a 1-D sequence of token ids, got shape {ids.shape}")
         sp_ids = []
         for token_id in ids:
+            if not is_integer(token_id):
+                raise TypeError(f"decode expects integer token ids, got "
+                                f"{type(token_id).__name__} {token_id!r}")
             token_id = int(token_id)
             if 0 <= token_id < self._vocab_size:
                 sp_ids.append(token_id)

@@ -4,6 +4,11 @@ Images arrive as uint8 (or float holding the same 0..255 values) `[..., H, W, C]
 They are resized with antialiased bilinear interpolation to the encoder's resolution and mapped
 linearly from [0, 255] to [-1, 1]. `load_image` reads a file into that uint8 layout.
 
+A file is checked from its header (Pillow reads only that when opening) before any pixel is
+decoded: a directory, a file Pillow cannot identify, or an image of more than MAX_IMAGE_PIXELS
+pixels (a small compressed file may declare billions: a decompression bomb) is refused with an
+error naming the file.
+
 Example:
     >>> image = load_image("cat.png")                    # uint8 [H, W, 3]
     >>> pixels = preprocess_images(image[None])          # float32 [1, 896, 896, 3] in [-1, 1]
@@ -11,8 +16,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import re
+import struct
+import warnings
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +39,13 @@ PIXEL_MIDPOINT = PIXEL_MAX / 2
 
 # Smallest image layout: a single [H, W, C] image.
 MIN_IMAGE_RANK = 3
+
+# The encoder sees IMAGE_HEIGHT x IMAGE_WIDTH; more pixels only cost memory while an image is
+# decoded and resized (about 15 bytes each). 50 million takes a 48-megapixel photo (8000 x 6000).
+MAX_IMAGE_PIXELS = 50_000_000
+# What Pillow's decoders raise for a file they accept by its header but cannot decode.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, struct.error)
+_PILLOW_PIXEL_COUNT = r"\((\d+) pixels\)"     # in Pillow's DecompressionBombError message
 
 
 def check_images(images: jax.Array | np.ndarray, channels: int | None = IMAGE_CHANNELS) -> None:
@@ -85,30 +101,78 @@ def preprocess_images(
     return normalize_images(resize_images(images, height, width))
 
 
-def load_images(images: Sequence[str | os.PathLike | np.ndarray | jax.Array],
+def load_images(images: str | os.PathLike | Sequence[str | os.PathLike | np.ndarray | jax.Array],
                 height: int = IMAGE_HEIGHT, width: int = IMAGE_WIDTH) -> jax.Array:
     """One prompt's images (file paths or [H, W, C] arrays of any sizes) as float32 [N, H, W, C].
 
     Each is resized to `height x width` (values stay 0..255) so they stack; the encoder leaves
     an image of its own resolution untouched, so the model sees what it would make of each
-    image alone.
+    image alone. Every file's header is checked (`image_file_size`) before any is decoded.
     """
+    if isinstance(images, (str, os.PathLike)):
+        images = [images]
+    files = [item for item in images if isinstance(item, (str, os.PathLike))]
+    for path in files:
+        image_file_size(path)
     arrays = [load_image(item) if isinstance(item, (str, os.PathLike)) else item
               for item in images]
     return jnp.stack([resize_images(array, height, width) for array in arrays])
 
 
+@contextlib.contextmanager
+def _open_image(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """The image file at `path` opened (header read, no pixel decoded) after the checks of
+    `image_file_size`."""
+    name = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"image {name!r} is a directory, not an image file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image file not found: {name!r}")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns above its own limit, which is higher than ours (checked below).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        # Over Pillow's own limit (above ours), Pillow refuses to open it; its message holds
+        # the pixel count.
+        count = re.search(_PILLOW_PIXEL_COUNT, str(error))
+        size = f"{int(count.group(1)):,} pixels" if count else "too many pixels"
+        raise _too_large(path, size) from None
+    except DECODE_ERRORS as error:
+        raise ValueError(f"cannot read image file {name!r}: {error}") from error
+    with image:
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise _too_large(path, f"{width}x{height} = {width * height:,} pixels")
+        yield image
+
+
+def _too_large(path: str | os.PathLike, size: str) -> ValueError:
+    return ValueError(
+        f"image file {os.fspath(path)!r} ({os.path.getsize(path):,} bytes) declares {size}, "
+        f"more than the limit of {MAX_IMAGE_PIXELS:,}: shrink it first")
+
+
+def image_file_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file, from its header alone.
+
+    Raises IsADirectoryError / FileNotFoundError, or ValueError naming the file when Pillow
+    cannot identify it or it has more than MAX_IMAGE_PIXELS pixels.
+    """
+    with _open_image(path) as image:
+        return image.size
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Reads an image file (any format Pillow reads) as RGB uint8 `[H, W, 3]`.
 
-    Raises FileNotFoundError when the file does not exist and ValueError (naming the file)
-    when Pillow cannot decode it.
+    The header is checked first (`image_file_size`); a file that then fails to decode raises
+    ValueError naming it.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image file not found: {os.fspath(path)!r}")
-    try:
-        with Image.open(path) as image:
+    with _open_image(path) as image:
+        try:
             rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot read image file {os.fspath(path)!r}: {error}") from error
+        except DECODE_ERRORS as error:
+            raise ValueError(f"cannot read image file {os.fspath(path)!r}: {error}") from error
     return np.asarray(rgb, dtype=np.uint8)

@@ -7,7 +7,8 @@ LayerNorm) -> `VisionExit` (average pooling of the patch grid). The projection i
 embedding space is the embedder's job (`mm_soft_embedding_norm`, `mm_input_projection`).
 
 Submodule and parameter names follow the reference checkpoint layout exactly (see
-`gemma3n_e4b_params.json`, keys under `vision_encoder/`), which is why they are spelled out.
+`tests/data/gemma3n_e4b_params.json`, keys under `vision_encoder/`), which is why they are
+spelled out.
 """
 
 from __future__ import annotations
@@ -249,8 +250,9 @@ class SigLiPFromPatches(nn.Module):
 
     Steps (each callable on its own through `apply(..., method=...)`): `preprocess` (any H, W:
     antialiased bilinear resize to `image_height x image_width`, scale to [-1, 1]), `patchify`,
-    `encode_patches` (the ViT `siglip_encoder`), then the average-pooling exit. With
-    `apply_stop_gradient` no gradient flows back into the encoder.
+    `encode_patches` (the ViT `siglip_encoder`), then the average-pooling exit `siglip_exit`,
+    whose `output_length` must equal `num_mm_tokens_per_image`. With `apply_stop_gradient` no
+    gradient flows back into the encoder.
 
     Example:
         >>> model = SigLiPFromPatches()
@@ -259,23 +261,30 @@ class SigLiPFromPatches(nn.Module):
         >>> soft_tokens = model.apply({'params': params}, images)       # [1, 2, 256, 1152]
 
     A small model: `SigLiPFromPatches(siglip_encoder=ViTModel(width=32, depth=2, mlp_dim=64,
-    num_heads=4), num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=4,
-    image_height=112, image_width=112)`.
+    num_heads=4), siglip_exit=VisionExit(output_length=4), num_mm_tokens_per_image_prepool=64,
+    num_mm_tokens_per_image=4, image_height=112, image_width=112)`.
     """
+    # The reference's field order (positional arguments mean the same in both).
+    siglip_encoder: ViTModel = dataclasses.field(default_factory=ViTModel)
+    siglip_exit: VisionExit = dataclasses.field(default_factory=VisionExit)
     num_mm_tokens_per_image_prepool: int = 4096
     num_mm_tokens_per_image: int = 256
     image_height: int = preprocessing.IMAGE_HEIGHT
     image_width: int = preprocessing.IMAGE_WIDTH
     image_channels: int = preprocessing.IMAGE_CHANNELS
     apply_stop_gradient: bool = True
-    siglip_encoder: ViTModel = dataclasses.field(default_factory=ViTModel)
 
     def __post_init__(self) -> None:
-        # A ViTModel built inside another module's method binds itself to that module; detach it
-        # so that it always becomes our child `siglip_encoder` (the checkpoint path).
-        detached = self.siglip_encoder.clone(parent=None, name=None)
-        object.__setattr__(self, "siglip_encoder", detached)
+        # A submodule built inside another module's method binds itself to that module; detach
+        # it so that it always becomes our child under its field name (the checkpoint path).
+        for name in ("siglip_encoder", "siglip_exit"):
+            object.__setattr__(self, name, getattr(self, name).clone(parent=None, name=None))
         super().__post_init__()
+        if self.siglip_exit.output_length != self.num_mm_tokens_per_image:
+            raise ValueError(
+                f"siglip_exit.output_length ({self.siglip_exit.output_length}) must equal "
+                f"num_mm_tokens_per_image ({self.num_mm_tokens_per_image}): the exit pools each "
+                f"image to the number of soft tokens its block in the text holds")
         patch_h, patch_w = self.siglip_encoder.patch_size
         if self.image_height % patch_h or self.image_width % patch_w:
             raise ValueError(
@@ -287,9 +296,6 @@ class SigLiPFromPatches(nn.Module):
                 f"num_mm_tokens_per_image_prepool ({self.num_mm_tokens_per_image_prepool}) must "
                 f"equal the patch count of a {self.image_height}x{self.image_width} image with "
                 f"{patch_h}x{patch_w} patches ({num_patches})")
-
-    def setup(self) -> None:
-        self.vision_exit = VisionExit(output_length=self.num_mm_tokens_per_image)
 
     def preprocess(self, images: jax.Array) -> jax.Array:
         """uint8/float `[B, N, H, W, C]` in [0, 255] -> float32 `[B, N, height, width, C]`.
@@ -332,7 +338,7 @@ class SigLiPFromPatches(nn.Module):
         """Images `[B, N, H, W, C]` -> soft tokens `[B, N, num_mm_tokens_per_image, width]`."""
         features = self.encode_patches(self.patchify(self.preprocess(images)),
                                        is_training=is_training)
-        soft_tokens = self.vision_exit(features)
+        soft_tokens = self.siglip_exit(features)
         if self.apply_stop_gradient:
             soft_tokens = jax.lax.stop_gradient(soft_tokens)
         return soft_tokens
