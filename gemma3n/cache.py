@@ -96,3 +96,9 @@ def write(buffer: jax.Array, new: jax.Array, positions: jax.Array, write_mask: j
     slot = jnp.where(write_mask, slot, slots)
     batch = jnp.arange(buffer.shape[0])[:, None]
     return buffer.at[batch, slot].set(new.astype(buffer.dtype), mode='drop')
+
+
+def is_deleted(cache: Cache) -> bool:
+    """Whether the cache's buffers were handed to a computation that took them over (donated)."""
+    return any(isinstance(leaf, jax.Array) and leaf.is_deleted()
+               for leaf in jax.tree_util.tree_leaves(cache))

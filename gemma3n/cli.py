@@ -3,7 +3,7 @@
 Usage:
     gemma3n generate "Why is the sky blue?"          # the demo model: random weights, gibberish
     gemma3n generate --checkpoint ~/gemma-3n-E4B-it "Why is the sky blue?"
-    gemma3n chat --checkpoint ~/gemma-3n-E4B-it      # /reset starts over, /quit or EOF ends
+    gemma3n chat --checkpoint ~/gemma-3n-E4B-it      # /help lists the chat commands
     gemma3n info --model e4b --context 32768         # layers, parameter counts, memory
 
 User mistakes (a missing file, a bad option value, a prompt longer than the cache, a damaged
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import difflib
 import functools
 import logging
 import math
@@ -25,6 +26,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,15 +38,20 @@ import numpy as np
 
 from gemma3n import cache as kv_cache
 from gemma3n import multimodal
+from gemma3n.compilation import compile_notice, use_compilation_cache
 from gemma3n.checkpoints import open_per_layer_table
-from gemma3n.checkpoints.loader import (ORBAX_FORMAT, VISION_PREFIXES, checkpoint_format,
-                                        has_vision_encoder)
+from gemma3n.checkpoints.hf_mapping import check_hf_config, hf_final_logit_softcap
+from gemma3n.checkpoints.loader import (HF_FORMAT, ORBAX_FORMAT, VISION_PREFIXES,
+                                        checkpoint_format, has_vision_encoder)
+from gemma3n.checkpoints.safetensors_hf import (CONFIG_FILE, HFSoftcapWarning,
+                                                hf_checkpoint_config, read_hf_config)
 from gemma3n.layout import load_serving, serving_nbytes, to_serving
 from gemma3n.config import AttentionType
 from gemma3n.memory import InsufficientMemoryError
-from gemma3n.models import DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config
+from gemma3n.models import (DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config, e2b_config,
+                            e4b_config)
 from gemma3n.text import special_tokens
-from gemma3n.text.chat import ChatSampler
+from gemma3n.text.chat import ChatSampler, ConversationFull
 from gemma3n.text.chat_format import format_user_turn
 from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, DEFAULT_MAX_OUT_LENGTH, Sampler
@@ -55,14 +62,19 @@ from gemma3n.validation import INT32_MAX, check_int, max_seed
 from gemma3n.vision.preprocess import image_file_size, load_image
 
 PROG = 'gemma3n'
+HELP_OPTIONS = ('-h', '--help')
+SUGGESTION_CUTOFF = 0.8          # how alike a mistyped option and a known one must be (difflib ratio)
 USAGE_ERROR = 2
 NUMERICAL_FAILURE = 1        # the model's numbers broke down (NaN/Inf logits)
 INTERRUPTED = 130            # the shell's status for a command stopped by Ctrl-C (128 + SIGINT)
 
 DEMO = 'demo'
 MODEL_CLASSES = {'e4b': Gemma3n_E4B, 'e2b': Gemma3n_E2B}
+CONFIG_JSON_MODEL = 'config.json'    # a checkpoint's own size, neither E4B nor E2B
 MODEL_NAMES = {'e4b': 'Gemma 3n E4B', 'e2b': 'Gemma 3n E2B',
-               DEMO: 'the built-in demo model (Gemma 3n architecture, small, random weights)'}
+               DEMO: 'the built-in demo model (Gemma 3n architecture, small, random weights)',
+               CONFIG_JSON_MODEL: 'the Gemma 3n model its config.json describes'}
+PRESET_CONFIGS = {'e4b': e4b_config, 'e2b': e2b_config}
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 DEMO_DTYPE = 'float32'
 CHECKPOINT_DTYPE = 'bfloat16'     # halves the weights' memory; the checkpoints are stored in it
@@ -71,7 +83,19 @@ TOKENIZER_FILE = 'tokenizer.model'
 CHAT_PROMPT = '> '
 RESET_COMMAND = '/reset'
 QUIT_COMMAND = '/quit'
+HELP_COMMAND = '/help'
+COMMAND_PREFIX = '/'
+CHAT_COMMANDS = (HELP_COMMAND, RESET_COMMAND, QUIT_COMMAND)
+CHAT_HELP = ''.join(f'{PROG}: {line}\n' for line in (
+    f'{HELP_COMMAND:<8} lists these commands',
+    f'{RESET_COMMAND:<8} starts the conversation over',
+    f'{QUIT_COMMAND:<8} ends it (so does the end of input, Ctrl-D)',
+    'Ctrl-C stops an answer; what it said so far ends its turn',
+    f'a message starting with {COMMAND_PREFIX} takes another one in front: '
+    f'{COMMAND_PREFIX}/etc/hosts sends /etc/hosts'))
 PER_LAYER_TABLE = 'embedder/per_layer_input_embedding'
+COMPILING_DEMO = 'compiling the demo model (first run only)...'
+COMPILING_PROMPT = 'compiling the model for this prompt length (first run only)...'
 DEMO_IS_TEXT_ONLY = ('the demo model is text-only: images need a real checkpoint with a vision '
                      'encoder (--checkpoint PATH)')
 # The library's names of the sizes a memory error suggests lowering, as this command spells them.
@@ -140,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--checkpoint', metavar='PATH',
                        help='Gemma 3n weights: a Hugging Face directory or .safetensors file, an '
                             'Orbax checkpoint directory, or a file saved by gemma3n')
+    group.add_argument('--hf-softcap', action='store_true',
+                       help='cap the final logits as the Hugging Face checkpoint\'s config.json '
+                            'says (30 for Gemma 3n), as transformers does; by default they are '
+                            'not capped, as in Google\'s reference. Changes sampled answers, '
+                            'not greedy ones')
     group.add_argument('--int8', action='store_true',
                        help='quantize the large weights to int8 (one scale per output channel) '
                             'at load: about half the memory and faster decoding, slightly less '
@@ -182,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         'chat', parents=[run_options, model_options],
         help='talk with the model (reads messages from stdin)',
         description=f'A conversation: one message per line on stdin; {RESET_COMMAND} starts '
-                    f'over, {QUIT_COMMAND} or end of input (Ctrl-D) ends it.')
+                    f'over, {QUIT_COMMAND} or end of input (Ctrl-D) ends it, {HELP_COMMAND} lists '
+                    'the commands.')
     chat.set_defaults(run=_chat)
 
     info = commands.add_parser(
@@ -191,16 +221,50 @@ def build_parser() -> argparse.ArgumentParser:
         description='Describe a model: its layers, parameter counts, the memory of its weights '
                     'in --dtype and of its KV cache for --context positions.')
     info.set_defaults(run=_info)
+    parser.commands = commands.choices
     return parser
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options of the command line `argv`; a mistake ends the program with one line naming it.
+
+    (argparse alone answers `gemma3n --bogus` with "the following arguments are required".)
+    """
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith('-') and argv[0] not in HELP_OPTIONS:
+        option = argv[0].split('=')[0]
+        owners = [name for name, command in parser.commands.items()
+                  if option in command._option_string_actions]
+        parser.error(f'unknown option {argv[0]}' + (
+            f': options go after the command, as in `{PROG} {owners[0]} {argv[0]} ...`'
+            if owners else ''))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser.commands[args.command]
+        options = [item for item in unknown if item.startswith('-')]
+        if options:
+            known = list(command._option_string_actions)
+            close = difflib.get_close_matches(options[0].split('=')[0], known, n=1,
+                                              cutoff=SUGGESTION_CUTOFF)
+            command.error(f'unknown option {options[0]}'
+                          + (f' (did you mean {close[0]}?)' if close else ''))
+        command.error(f'unexpected argument{"s" if len(unknown) > 1 else ""} '
+                      f'{" ".join(unknown)!r}' + (
+                          ': quote a prompt of several words' if args.command == 'generate'
+                          else ''))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the command line `argv` (default: sys.argv); returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     # Generated text may hold characters the terminal's encoding lacks: show them, don't crash.
     if hasattr(sys.stdout, 'reconfigure'):
         sys.stdout.reconfigure(errors='replace')
     _setup_logging(args.verbose)
+    # _checkpoint_model reports a softcap mismatch itself, naming the option that settles it.
+    warnings.filterwarnings('ignore', category=HFSoftcapWarning)
     _use_compilation_cache()
     _cpu_without_checkpoint(args)
     try:
@@ -251,10 +315,13 @@ def _use_compilation_cache() -> None:
     first `generate`, 7 s for the next ones). JAX_COMPILATION_CACHE_DIR, when set, chooses the
     folder instead.
     """
-    if jax.config.jax_compilation_cache_dir:
-        return
     base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
-    jax.config.update('jax_compilation_cache_dir', str(Path(base) / PROG / 'jax'))
+    use_compilation_cache(Path(base) / PROG / 'jax')
+
+
+def _compiling(message: str) -> Any:
+    """Within the block, a first-run compile is announced on stderr (once) as it starts."""
+    return compile_notice(lambda text: sys.stderr.write(f'{PROG}: {text}\n'), message)
 
 
 def _cpu_without_checkpoint(args: argparse.Namespace) -> None:
@@ -344,13 +411,21 @@ def load_model(args: argparse.Namespace, *, with_vision: bool = False) -> Loaded
     dtype = DTYPES[_dtype_choice(args, name)]
     tokenizer = Tokenizer(_tokenizer_path(args, checkpoint))
     logger.info('tokenizer: %s (%d pieces)', tokenizer.path, tokenizer.vocab_size)
-    model = build_model(name, dtype=dtype, with_vision=with_vision,
-                        vocab_size=tokenizer.vocab_size)
+    if checkpoint is None:
+        if args.hf_softcap:
+            raise ValueError('--hf-softcap applies the softcap of a Hugging Face checkpoint: give '
+                             'one with --checkpoint PATH')
+        model = build_model(name, dtype=dtype, with_vision=with_vision,
+                            vocab_size=tokenizer.vocab_size)
+    else:
+        name, model = _checkpoint_model(args, checkpoint, dtype=dtype, with_vision=with_vision,
+                                        vocab_size=tokenizer.vocab_size)
     start = time.perf_counter()
     if checkpoint is None:
         sys.stderr.write(DEMO_NOTICE + '\n')
         tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
-        params = jax.jit(model.init)(jax.random.key(DEMO_SEED), tokens)['params']
+        with _compiling(COMPILING_DEMO):
+            params = jax.jit(model.init)(jax.random.key(DEMO_SEED), tokens)['params']
         if args.int8:
             model, params = to_serving(model, params, quantize_int8=True, consume=True)
         logger.info('random demo weights made in %.2f s (compilation included)',
@@ -368,6 +443,46 @@ def load_model(args: argparse.Namespace, *, with_vision: bool = False) -> Loaded
         return LoadedModel(name=name, model=model, params=params, tokenizer=tokenizer,
                            per_layer_table=table)
     return LoadedModel(name=name, model=model, params=params, tokenizer=tokenizer)
+
+
+def _checkpoint_model(args: argparse.Namespace, checkpoint: Path, *, dtype: Any,
+                      with_vision: bool, vocab_size: int) -> tuple[str, Gemma3nTransformer]:
+    """The model to load `checkpoint` into, and its name (`vocab_size`: the demo's).
+
+    --model when given; else, for a Hugging Face checkpoint with a config.json, the model that
+    config describes; else E4B. --hf-softcap takes the final logit softcap of config.json.
+    """
+    hf_config = read_hf_config(checkpoint) if checkpoint_format(checkpoint) == HF_FORMAT else None
+    config_path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / CONFIG_FILE
+    if hf_config is None:
+        if args.hf_softcap:
+            raise ValueError(f'--hf-softcap takes the softcap from the {CONFIG_FILE} of a Hugging '
+                             f'Face checkpoint, and {checkpoint} has none')
+        name = _model_choice(args)
+        return name, build_model(name, dtype=dtype, with_vision=with_vision, vocab_size=vocab_size)
+    if args.model is None:       # (check_vision has refused --image: HF checkpoints hold no SigLIP)
+        config = hf_checkpoint_config(checkpoint, None)
+        name = next((preset for preset, make_config in PRESET_CONFIGS.items()
+                     if make_config(with_vision=False) == config), CONFIG_JSON_MODEL)
+        model = Gemma3nTransformer(config=config, text_only=True, dtype=dtype)
+    else:
+        name = args.model
+        model = build_model(name, dtype=dtype, with_vision=with_vision, vocab_size=vocab_size)
+        problems = check_hf_config(hf_config, model.config)
+        if problems:
+            raise ValueError(f'--model {name} does not fit {config_path}: {"; ".join(problems)}. '
+                             f'Leave --model out to load the model {CONFIG_FILE} describes')
+    cap = hf_final_logit_softcap(hf_config)
+    if args.hf_softcap:
+        model = model.clone(config=dataclasses.replace(model.config, final_logit_softcap=cap))
+    elif cap != model.config.final_logit_softcap:
+        # Capping is monotone: only sampling sees it.
+        greedy = isinstance(sampling_method(args.temperature, args.top_k, args.top_p), Greedy)
+        logger.log(logging.INFO if greedy else logging.WARNING,
+                   '%s caps the final logits at %s; like Google\'s reference implementation '
+                   'this program does not, so sampled answers differ from transformers\' unless '
+                   'you pass --hf-softcap', config_path, cap)
+    return name, model
 
 
 # ---- prompts, images, sampling ---------------------------------------------------------------
@@ -488,8 +603,9 @@ def _generate(args: argparse.Namespace) -> int:
     run = sampler.generation([ids], max_new_tokens, rng=args.seed, images=images,
                              stop_tokens=sampler.text_stop_tokens())
     timer = _Timer()
-    for piece in timer.watch(sampler.stream_text(run)):
-        _write(piece)
+    with _compiling(COMPILING_PROMPT):
+        for piece in timer.watch(sampler.stream_text(run)):
+            _write(piece)
     _write('\n')
     timer.report(int(run.lengths[0]))
     return 0
@@ -512,7 +628,8 @@ def _chat(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     sys.stderr.write(f'{PROG}: chatting with {MODEL_NAMES[loaded.name]}. {RESET_COMMAND} starts '
-                     f'over; {QUIT_COMMAND} or end of input (Ctrl-D) ends.\n')
+                     f'over; {QUIT_COMMAND} or end of input (Ctrl-D) ends; {HELP_COMMAND} lists '
+                     'the commands.\n')
     key = jax.random.key(args.seed)
     turn = 0
     while True:
@@ -531,6 +648,17 @@ def _chat(args: argparse.Namespace) -> int:
             chat.reset()
             sys.stderr.write(f'{PROG}: conversation reset\n')
             continue
+        if message == HELP_COMMAND:
+            sys.stderr.write(CHAT_HELP)
+            continue
+        if message.startswith(COMMAND_PREFIX):
+            if not message.startswith(2 * COMMAND_PREFIX):
+                word = message.split()[0]
+                problem = ('takes nothing after it' if word in CHAT_COMMANDS
+                           else f'is no command: {HELP_COMMAND} lists them')
+                sys.stderr.write(f'{PROG}: {word} {problem}\n')
+                continue
+            message = message[len(COMMAND_PREFIX):]
         _chat_turn(chat, message, images, jax.random.fold_in(key, turn))
         images = None      # the images belong to the first message only
         turn += 1
@@ -541,18 +669,25 @@ def _chat_turn(chat: ChatSampler, message: str, images: list[np.ndarray] | None,
     """Streams one answer to stdout; a turn the cache cannot hold is reported, not fatal."""
     try:
         pieces = chat.chat(message, images=images, rng=rng, stream=True)
+    except ConversationFull as error:
+        sys.stderr.write(f'{PROG}: error: the conversation no longer fits the cache '
+                         f'({error.positions_used} of {error.cache_length} positions used): '
+                         f'type {RESET_COMMAND} to start over, or run again with a larger '
+                         '--cache-length\n')
+        return
     except ValueError as error:
         sys.stderr.write(f'{PROG}: error: {error}\n{PROG}: type {RESET_COMMAND} to start over, or '
                          'run again with a larger --cache-length\n')
         return
     timer = _Timer()
     try:
-        for piece in timer.watch(pieces):
-            _write(piece)
+        with _compiling(COMPILING_PROMPT):
+            for piece in timer.watch(pieces):
+                _write(piece)
     except KeyboardInterrupt:
-        # The cache was handed to the interrupted step (donated): the conversation is lost.
-        chat.reset()
-        sys.stderr.write(f'\n{PROG}: answer interrupted; conversation reset\n')
+        pieces.close()      # what was streamed so far ends the turn
+        sys.stderr.write(f'\n{PROG}: answer interrupted after {chat.last_answer_length} tokens; '
+                         f'the conversation keeps it ({RESET_COMMAND} starts over)\n')
         return
     _write('\n')
     timer.report(chat.last_answer_length)

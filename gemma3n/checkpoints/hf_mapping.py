@@ -64,6 +64,8 @@ HF_TEXT_DEFAULTS: dict[str, Any] = dict(
         laurel_rank=64,
 )
 SPARSITY_TOLERANCE = 1e-6   # config.json stores sparsity targets as decimal floats
+# config.json fields with one entry per layer: compared entry by entry when the depths agree.
+PER_LAYER_FIELDS = ('layer_types', 'activation_sparsity_pattern')
 FLOAT_DTYPES = frozenset(np.dtype(t) for t in ('float16', 'float32', 'float64', ml_dtypes.bfloat16))
 
 
@@ -538,14 +540,15 @@ def check_hf_config(hf_config: Mapping[str, Any], config: TransformerConfig) -> 
         found['intermediate_size'] = sizes.pop() if len(sizes) == 1 else sorted(sizes)
 
     problems = []
+    same_depth = found['num_hidden_layers'] == ours['num_hidden_layers']
     for name, value in found.items():
         want = ours[name]
         if name == 'vocab_size':
             if value < config.num_embed:
                 problems.append(f'vocab_size={value} < num_embed={config.num_embed}')
-        elif name == 'activation_sparsity_pattern':
-            if len(value) != len(want) or any(abs(x - y) > SPARSITY_TOLERANCE for x, y in zip(value, want)):
-                problems.append(f'activation_sparsity_pattern={list(value)}, expected {want}')
+        elif name in PER_LAYER_FIELDS:
+            if same_depth:      # else num_hidden_layers is the difference to report
+                problems += _per_layer_difference(name, value, want)
         elif name == 'rope_parameters':
             for layer_type, rope in want.items():
                 got = value.get(layer_type, {})
@@ -558,6 +561,18 @@ def check_hf_config(hf_config: Mapping[str, Any], config: TransformerConfig) -> 
         elif _normalise(value) != _normalise(want):
             problems.append(f'{name}={value!r}, expected {want!r}')
     return problems
+
+
+def _per_layer_difference(name: str, found: Sequence[Any], want: Sequence[Any]) -> list[str]:
+    """The first layer where per-layer lists of the same depth differ, and how many do ([] if none)."""
+    close = (lambda x, y: abs(x - y) <= SPARSITY_TOLERANCE) if name == 'activation_sparsity_pattern' \
+        else (lambda x, y: x == y)
+    layers = [i for i, (x, y) in enumerate(zip(found, want)) if not close(x, y)]
+    if not layers:
+        return []
+    first = layers[0]
+    more = f' (and {len(layers) - 1} more layers)' if len(layers) > 1 else ''
+    return [f'{name}={found[first]!r} at layer {first}{more}, expected {want[first]!r}']
 
 
 def config_from_hf(hf_config: Mapping[str, Any]) -> TransformerConfig:

@@ -1,8 +1,11 @@
 """Our own checkpoint format: one safetensors file, keys are '/'-joined parameter paths.
 
 The file's metadata names the format and its version, which is how `load_params` recognises it.
-Saving is atomic: the file is written under a temporary name in the target directory, flushed to
+Saving is atomic: the file is written in a hidden temporary folder beside the target, flushed to
 disk, then renamed over the target, so an interrupted save leaves the previous checkpoint intact.
+A save killed outright (kill -9, power loss) leaves its temporary folder behind; the next save to
+the same target deletes it. A save holds a lock on its folder while it writes and only unlocked
+folders are deleted, so concurrent saves (to any files) never delete each other's.
 
 Example:
     >>> save_params(params, 'e4b.safetensors')
@@ -12,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -28,6 +33,12 @@ FORMAT_NAME = 'gemma3n-params'
 VERSION_KEY = 'format_version'
 FORMAT_VERSION = '1'
 CHECKPOINT_MODE = 0o644   # mkstemp creates owner-only files; a checkpoint is an ordinary readable file
+TEMPORARY_SUFFIX = '.gemma3n-save.tmp'    # '.<target name>.<random>' + this: a save's folder
+
+try:
+    import fcntl
+except ImportError:     # Windows: no advisory locks, so stale temporary folders are left there
+    fcntl = None
 
 
 def is_native(files: SafetensorsFiles, path: Path) -> bool:
@@ -78,18 +89,56 @@ def save_params(params: Mapping[str, Any], path: str | os.PathLike) -> None:
     flat = {name: np.ascontiguousarray(np.asarray(leaf)) for name, leaf in hf_mapping.flatten_params(params).items()}
     if not flat:
         raise ValueError('save_params got an empty parameter tree.')
-    fd, tmp_name = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
+    _remove_stale_temporaries(path)
+    folder, fd = _locked_temporary_folder(path)
     try:
+        tmp_name = folder / path.name
         save_file(flat, tmp_name, metadata={FORMAT_KEY: FORMAT_NAME, VERSION_KEY: FORMAT_VERSION})
         os.chmod(tmp_name, CHECKPOINT_MODE)   # save_file writes a new file: set the mode afterwards
         with open(tmp_name, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)       # releases the lock
     _fsync_directory(path.parent)
+
+
+def _locked_temporary_folder(path: Path) -> tuple[Path, int]:
+    """A new hidden folder beside `path` and an open descriptor holding its lock.
+
+    The lock is on the folder, not on the file: safetensors replaces the file it writes.
+    """
+    while True:
+        folder = Path(tempfile.mkdtemp(prefix=f'.{path.name}.', suffix=TEMPORARY_SUFFIX,
+                                       dir=path.parent))
+        fd = os.open(folder, os.O_RDONLY)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.fstat(fd).st_nlink:
+            return folder, fd
+        os.close(fd)     # another save took it for stale before we locked it: take a new one
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Deletes the temporary folders of earlier saves to `path` that died before finishing."""
+    if fcntl is None:
+        return     # without locks a dead save's folder cannot be told from a live one's
+    pattern = re.compile(rf'\.{re.escape(path.name)}\.[^.]+{re.escape(TEMPORARY_SUFFIX)}')
+    for candidate in path.parent.iterdir():
+        if not pattern.fullmatch(candidate.name):
+            continue
+        try:
+            fd = os.open(candidate, os.O_RDONLY)
+        except OSError:
+            continue     # finished and deleted by its save meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(candidate)      # no save holds it: its writer is gone
+        except OSError:
+            pass         # a save in progress holds it (or it is not ours to delete)
+        finally:
+            os.close(fd)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Collection
 
@@ -31,6 +32,14 @@ SINGLE_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
 
 logger = logging.getLogger(__name__)
+
+
+class HFSoftcapWarning(UserWarning):
+    """A HF checkpoint's config.json sets a final logit softcap the model it loads into does not use.
+
+    A warning (not a log line) so that a program that settles the choice itself, such as the
+    `gemma3n` command with its --hf-softcap option, can silence it.
+    """
 
 
 def is_hf_directory(path: Path) -> bool:
@@ -145,10 +154,10 @@ def load_hf_params(
 def _note_softcap(hf_config: dict[str, Any], config: TransformerConfig, config_path: Path) -> None:
     hf_cap = hf_mapping.hf_final_logit_softcap(hf_config)
     if hf_cap != config.final_logit_softcap:
-        logger.warning('%s sets final_logit_softcapping=%s but the model uses final_logit_softcap=%s; '
-                       'to match transformers, build the model with '
-                       'gemma3n.checkpoints.apply_hf_softcap(model, path).', config_path, hf_cap,
-                       config.final_logit_softcap)
+        warnings.warn(f'{config_path} sets final_logit_softcapping={hf_cap} but the model uses '
+                      f'final_logit_softcap={config.final_logit_softcap}; to match transformers, '
+                      'build the model with gemma3n.checkpoints.apply_hf_softcap(model, path).',
+                      HFSoftcapWarning, stacklevel=2)
 
 
 def apply_hf_softcap(model: Any, path: str | Path) -> Any:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 
+from gemma3n import cache as kv_cache
 from gemma3n.text import special_tokens
 from gemma3n.text.chat_format import format_continuation, format_user_turn
 from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK
@@ -22,12 +25,25 @@ if TYPE_CHECKING:
 CHAT_STOP_TOKENS = (special_tokens.END_OF_TURN, special_tokens.EOS)
 
 
+class ConversationFull(ValueError):
+    """The next turn does not fit the KV cache beside the conversation so far."""
+
+    def __init__(self, positions_used: int, cache_length: int, detail: str):
+        super().__init__(f'the conversation no longer fits the cache ({positions_used} of '
+                         f'{cache_length} positions used): call reset() or use a larger '
+                         f'cache_length. ({detail})')
+        self.positions_used = positions_used
+        self.cache_length = cache_length
+
+
 class ChatSampler:
     """A conversation with the model in Gemma's turn format.
 
     Each `chat` call feeds only the new user turn: earlier turns are already in the KV cache
     (no re-prefill). The answer stops at `<end_of_turn>`; an answer cut by `max_new_tokens` is
-    closed with `<end_of_turn>` before the next turn.
+    closed with `<end_of_turn>` before the next turn. So is a streamed answer the caller stops
+    early (a break, dropping the iterator, Ctrl-C, the next `chat` call): the conversation keeps
+    the tokens streamed so far.
 
     Example:
         >>> chat = ChatSampler(model=model, params=params, tokenizer=tokenizer)
@@ -62,11 +78,20 @@ class ChatSampler:
         self.state: SamplerState | None = None
         self.turns: list[tuple[str, str]] = []
         self.last_answer_length = 0      # tokens of the last answer, its stop token included
+        # The answer not streamed to its end yet, weakly: a caller dropping it closes it.
+        self._streaming: weakref.ref | None = None
 
     def reset(self) -> None:
         """Forgets the conversation (the next turn starts a new one)."""
+        self._end_streaming()
         self.state = None
         self.turns = []
+
+    def _end_streaming(self) -> None:
+        # Its tokens so far end its turn (see `_end_turn`); the next turn starts from there.
+        pieces = self._streaming and self._streaming()
+        if pieces is not None:
+            pieces.close()
 
     @property
     def positions_used(self) -> int:
@@ -96,8 +121,12 @@ class ChatSampler:
         images: image files or [H, W, C] arrays shown with this message (markers are added in
         front of the message unless it has its own `<start_of_image>` markers).
         """
+        self._end_streaming()
         if not self.multi_turn:
             self.reset()
+        if self.state is not None and kv_cache.is_deleted(self.state.cache):
+            raise RuntimeError('the conversation was lost: an answer failed after the model had '
+                               'taken over its KV cache. Call reset() to start over.')
         if images is not None:
             [message], images = self.sampler.prompt_images([message], images, single=True)
         ids = self.turn_tokens(message)
@@ -109,21 +138,40 @@ class ChatSampler:
                 images=images, stop_tokens=CHAT_STOP_TOKENS)
         except ValueError as err:
             if self.state is not None and 'cache_length' in str(err):
-                raise ValueError(
-                    f'the conversation no longer fits the cache ({self.positions_used} of '
-                    f'{self.sampler.cache_length} positions used): call reset() or use a larger '
-                    f'cache_length. ({err})') from err
+                raise ConversationFull(self.positions_used, self.sampler.cache_length,
+                                       str(err)) from err
             raise
         pieces = self._answer(run, message)
-        return pieces if stream else ''.join(pieces)
+        if not stream:
+            return ''.join(pieces)
+        self._streaming = weakref.ref(pieces)
+        return pieces
 
     def _answer(self, run, message: str) -> Iterator[str]:
-        """Streams the answer's text, then records the turn and the new state."""
-        answer = []
-        for piece in self.sampler.stream_text(run):
-            answer.append(piece)
-            yield piece
+        """Streams the answer's text; however it ends, records the turn and the new state."""
+        try:
+            yield from self.sampler.stream_text(run)
+        finally:
+            self._end_turn(run, message)
+
+    def _end_turn(self, run, message: str) -> None:
+        """The conversation after `run`: its delivered tokens end the turn.
+
+        A token sampled but never handed out (the run was interrupted during its step) is
+        replaced by `<end_of_turn>`: it is the pending token, not yet in the cache.
+        """
+        self._streaming = None
+        self.last_answer_length = 0
+        if run.tokens.shape[1] == 0:
+            return      # stopped before the prompt went in: the conversation is as it was
         out = run.output()
-        self.state = out.state
-        self.last_answer_length = int(out.lengths[0])
-        self.turns += [('user', message), ('model', ''.join(answer))]
+        if kv_cache.is_deleted(out.state.cache):
+            return      # the model failed holding the cache: `chat` reports the loss
+        pending = out.state.pending
+        if run.delivered < run.tokens.shape[1]:
+            pending = np.full_like(pending, special_tokens.END_OF_TURN)
+        self.state = SamplerState(cache=out.state.cache, pending=pending)
+        answer = run.tokens[0, :min(run.delivered, int(out.lengths[0]))]
+        self.last_answer_length = len(answer)
+        self.turns += [('user', message),
+                       ('model', self.tokenizer.decode(self.sampler.strip_stop(answer)))]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +69,28 @@ class SamplerOutput:
     lengths: np.ndarray
     logits: np.ndarray | None
     state: SamplerState
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Holds Ctrl-C (SIGINT) back until the block ends, then raises it as usual.
+
+    A compiled step takes the KV cache (donated: its buffers are freed) and returns the next
+    one; an interrupt raised between the two would leave no usable cache. Python runs signal
+    handlers in the main thread only, so elsewhere there is nothing to hold back.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append((signum, frame)))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        previous(*caught[0])
 
 
 class Sampler:
@@ -354,8 +379,9 @@ class _Generation:
     """One generation run: validates up front, then each iteration samples one token per sequence.
 
     Iterating yields the step's new tokens [B] (0 for sequences already stopped); `output()`
-    then gives the `SamplerOutput`. Stopping the iteration early is allowed: the state then
-    reflects the tokens sampled so far.
+    then gives the `SamplerOutput`. Stopping the iteration early (a break, an exception,
+    Ctrl-C) is allowed: the state then reflects the tokens sampled so far, which may be one
+    step more than `delivered` when the interruption came during a step.
     """
 
     def __init__(self, sampler: Sampler, prompt_tokens: Any, max_new_tokens: int, *,
@@ -373,6 +399,9 @@ class _Generation:
         rows = validation.prompt_rows(prompt_tokens, vocab_size, PROMPT_EXTRA_IDS)
         batch = len(rows)
         if state is not None:
+            if kv_cache.is_deleted(state.cache):
+                raise ValueError('state holds a KV cache that a later call already took over: a '
+                                 'state continues once; continue from the state that call returned.')
             if state.pending.shape != (batch,):
                 raise ValueError(f'state holds {state.pending.shape[0]} sequences, '
                                  f'the prompt {batch}.')
@@ -414,6 +443,7 @@ class _Generation:
         self.lengths = np.zeros(batch, np.int32)
         self.done = np.zeros(batch, bool)
         self.logits: list[jax.Array] = []
+        self.delivered = 0      # steps whose tokens the iteration has handed out
 
     @staticmethod
     def _check_images(sampler: Sampler, images: Any, rows: list[np.ndarray]) -> jax.Array:
@@ -424,25 +454,39 @@ class _Generation:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         sampler = self.sampler
-        token, logits, self.cache = sampler.prefill(
-            self.rows, self.cache, jax.random.fold_in(self.rng, 0), self.images, self.sampling)
         for step in range(self.max_new_tokens):
-            if step:
-                fed = np.where(self.done, special_tokens.PAD, self.tokens[:, -1]).astype(np.int32)
-                token, logits, self.cache = sampler._step(
-                    sampler.params, jnp.asarray(fed), self.cache,
-                    jax.random.fold_in(self.rng, step), sampler.per_layer_rows(fed[:, None]),
-                    sampling=self.sampling)
-            new = np.where(self.done, special_tokens.PAD, np.asarray(token)).astype(np.int32)
-            self._check_finite(new, step)
-            self.tokens = np.concatenate([self.tokens, new[:, None]], axis=1)
-            if self.keep_logits:
-                self.logits.append(logits)
-            self.lengths += ~self.done
-            self.done |= np.isin(new, self.stop) & (self.lengths > 0)
+            # The cache is handed to each compiled call and back: an interrupt waits until the
+            # new cache and its token are recorded, so a stopped run still has a usable state.
+            with _interrupts_deferred():
+                if step:
+                    fed = np.where(self.done, special_tokens.PAD,
+                                   self.tokens[:, -1]).astype(np.int32)
+                    token, logits, self.cache = sampler._step(
+                        sampler.params, jnp.asarray(fed), self.cache,
+                        jax.random.fold_in(self.rng, step), sampler.per_layer_rows(fed[:, None]),
+                        sampling=self.sampling)
+                else:
+                    # Every chunk of the prompt writes into the cache (sliding layers' rings
+                    # cannot be rolled back), so an interrupt waits for the whole prefill.
+                    token, logits, self.cache = sampler.prefill(
+                        self.rows, self.cache, jax.random.fold_in(self.rng, 0), self.images,
+                        self.sampling)
+                new = self._record(token, logits, step)
+            self.delivered += 1
             yield new
             if self.done.all():
                 return
+
+    def _record(self, token: jax.Array, logits: jax.Array, step: int) -> np.ndarray:
+        """Appends one step's tokens [B] (PAD for sequences already stopped); returns them."""
+        new = np.where(self.done, special_tokens.PAD, np.asarray(token)).astype(np.int32)
+        self._check_finite(new, step)
+        self.tokens = np.concatenate([self.tokens, new[:, None]], axis=1)
+        if self.keep_logits:
+            self.logits.append(logits)
+        self.lengths += ~self.done
+        self.done |= np.isin(new, self.stop) & (self.lengths > 0)
+        return new
 
     def _check_finite(self, new: np.ndarray, step: int) -> None:
         broken = np.flatnonzero(new == NON_FINITE_LOGITS)
