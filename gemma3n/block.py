@@ -20,7 +20,7 @@ INV_SQRT2 = 2 ** -0.5   # LAuReL and attention outputs are averaged in RMS: (o +
 
 
 class Block(nn.Module):
-    """Decoder layer `layer_index` of `config` (SPEC section 4, steps 1-7).
+    """Decoder layer `layer_index` of `config` (docs/architecture.md §2, step 4).
 
     Example:
         >>> block = Block(config=cfg, layer_index=0)

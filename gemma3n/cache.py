@@ -1,6 +1,6 @@
 """The compact KV cache: buffers only for layers that own K/V, sliding layers as ring buffers.
 
-Layout (ours; SPEC leaves it open):
+Layout (ours: the reference leaves it open; docs/architecture.md §4):
     cache = {
         'layer_{i}': {'k': [B, S_i, K, H], 'v': [B, S_i, K, H]},   # only for layers that own K/V
         'end_index': [B] int32,   # tokens written so far = the next position, per sequence

@@ -1,6 +1,6 @@
 """Configuration of the Gemma 3n decoder: one frozen dataclass drives every module.
 
-`TransformerConfig` holds every size and switch of the text decoder (SPEC section 1). The
+`TransformerConfig` holds every size and switch of the text decoder (docs/architecture.md §1). The
 presets `Gemma3n_E4B` / `Gemma3n_E2B` (in `gemma3n.models`) build it with the published values.
 """
 
@@ -10,7 +10,7 @@ import dataclasses
 import enum
 from typing import Any
 
-# Default sizes of the E4B text decoder (SPEC section 1).
+# Default sizes of the E4B text decoder (docs/architecture.md §1).
 E4B_NUM_LAYERS = 35
 E2B_NUM_LAYERS = 30
 SPARSE_LAYERS = 10          # the first ten layers use gaussian top-k activation sparsity
@@ -56,7 +56,7 @@ class KVCacheSharingConfig:
 
     The last `num_layers - int(num_layers - frac_shared_layers * num_layers)` layers compute no
     K/V of their own: a shared global layer reads layer `n_unshared - 1`, a shared local layer
-    reads layer `n_unshared - 2` (SPEC section 5).
+    reads layer `n_unshared - 2` (docs/architecture.md §3).
 
     Example:
         >>> KVCacheSharingConfig(frac_shared_layers=15 / 35).num_unshared_layers(35)
@@ -72,7 +72,7 @@ class KVCacheSharingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-    """Every size and switch of the Gemma 3n text decoder (SPEC section 1).
+    """Every size and switch of the Gemma 3n text decoder (docs/architecture.md §1).
 
     Example:
         >>> from gemma3n import Gemma3n_E4B

@@ -68,7 +68,7 @@ def last_valid_index(valid: jax.Array) -> jax.Array:
 
 
 class Gemma3nTransformer(nn.Module):
-    """The Gemma 3n model (SPEC sections 1-7): `apply(params, tokens, ...) -> Output`.
+    """The Gemma 3n model (docs/architecture.md §1-§5): `apply(params, tokens, ...) -> Output`.
 
     Example:
         >>> model = Gemma3nTransformer(config=TransformerConfig.gemma3n(...), text_only=True)

@@ -34,7 +34,7 @@ def small_configs() -> list[TransformerConfig]:
 
     - every config: GQA (num_kv_heads < num_heads), KV sharing of both global and local consumers
       with the unshared count a multiple of the 5-layer pattern (so HF's "last unshared layer of the
-      same kind" and our "n-1 global / n-2 local" pick the same source, mapping doc section 2.12),
+      same kind" and our "n-1 global / n-2 local" pick the same source, docs/architecture.md §3),
       sliding window 8 (shorter than 24+ token test sequences), activation sparsity on the first layers.
     - they differ in width, depth, GQA ratio, sparse-layer count, RoPE scale and number of consumers.
     - hidden_dim is 1024, not tiny: gaussian top-k at 0.95 keeps ~5% of the FFN units, and with 64 units
@@ -94,7 +94,7 @@ def make_hf_causal_lm(
     vocab = config.num_embed if hf_vocab_size is None else hf_vocab_size
     hf_config = transformers.Gemma3nTextConfig(**hf_mapping.hf_text_config(config, hf_vocab_size=vocab),
                                                attn_implementation='eager')
-    # HF's strict config refuses None; the attribute is read at run time (mapping doc section 5).
+    # HF's strict config refuses None; the attribute is read at run time (docs/architecture.md §8).
     object.__setattr__(hf_config, 'final_logit_softcapping', config.final_logit_softcap)
     if hf_kv_source_layers(hf_config) != config.kv_source_layers():
         raise ValueError(f'HF reads K/V from layers {hf_kv_source_layers(hf_config)}, our config from '

@@ -33,7 +33,7 @@ from gemma3n.vision.preprocess import load_images
 TIMEOUT_S = 300
 CHAT_MAX_NEW_TOKENS = 8
 
-# Gemma 3n E4B (SPEC section 1): 35 layers, the first 20 own K/V; every fifth layer is global.
+# Gemma 3n E4B (docs/architecture.md §1): 35 layers, the first 20 own K/V; every fifth layer is global.
 E4B_LAYERS = 35
 E4B_TEXT_PARAMS = 6_834_711_280      # gemma3n_e4b_params.json without vision_encoder/ and mm_
 E4B_VISION_PARAMS = 419_226_480      # its vision_encoder/ and embedder/mm_ entries

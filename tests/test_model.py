@@ -65,7 +65,7 @@ def test_e4b_param_tree_equals_reference_with_the_seed_vision_config():
 
 
 def expected_text_params(cfg: TransformerConfig) -> int:
-    """Parameter count written out from SPEC's shape list, independent of the module code."""
+    """Parameter count written out from the reference's shape list (docs/architecture.md), independent of the module code."""
     d, f, n, k, h, p, r = (cfg.embed_dim, cfg.hidden_dim, cfg.num_heads, cfg.num_kv_heads,
                            cfg.head_dim, cfg.per_layer_input_dim, cfg.laurel_rank)
     a, layers, v = cfg.num_altup_inputs, cfg.num_layers, cfg.num_embed
@@ -184,7 +184,7 @@ def test_bfloat16_stays_close_to_float32():
     low = jit_logits(bf16, jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params), tokens)
     # Measured on the three small configs: max 0.96-1.45, mean 0.064-0.092 on logits up to ~5
     # (bf16 keeps 8 mantissa bits, ~0.4% per rounding, over hundreds of roundings in sequence);
-    # the mapping doc reports ~0.9 max / 0.075 mean for the reference and for transformers.
+    # docs/architecture.md §8: ~0.9 max / 0.075 mean for the reference and for transformers.
     diff = np.abs(low - ref)
     assert diff.mean() < 0.12
     assert diff.max() < 2.0

@@ -36,7 +36,7 @@ from gemma3n.validation import check_finite
 # A per-parameter conversion applied while loading: (our '/'-joined path, array) -> stored leaf.
 Transform = Callable[[str, np.ndarray], Any]
 # HF's text vocabulary carries 128 vision + 128 audio token rows after ours (copies of the pad row
-# in the released checkpoints; mapping doc section 2.10).
+# in the released checkpoints; docs/architecture.md §8).
 HF_EXTRA_VOCAB = 256
 PAD_TOKEN_ID = 0
 # gemma's AltUp router always predicts 4 modality weights; HF uses `altup_num_inputs` instead, so
@@ -450,7 +450,7 @@ def hf_text_config(config: TransformerConfig, *, hf_vocab_size: int | None = Non
     """`Gemma3nTextConfig(**kwargs)` arguments describing `config`.
 
     `final_logit_softcapping` is our cap, or HF's default 30.0 when ours is None (HF rejects None;
-    disable it on the built config object when comparing numbers, mapping doc section 5).
+    disable it on the built config object when comparing numbers, docs/architecture.md §8).
     """
     check_representable(config)
     return dict(

@@ -1,5 +1,6 @@
 """Mapping between our SigLIP vision parameters and Hugging Face `SiglipVisionModel` +
-`Gemma3MultiModalProjector` (mapping doc section 4), in both directions, in plain numpy.
+`Gemma3MultiModalProjector` (average pool 4x4, RMS norm with 1 + scale, projection), in both
+directions, in plain numpy.
 
 Our side: the `SigLiPFromPatches` parameter tree (the model's `params['vision_encoder']`, holding
 `siglip_encoder/...`, unrolled `scan=False` layout) and the two multimodal parameters of the

@@ -33,7 +33,7 @@ from gemma3n.config import TransformerConfig
 from gemma3n.embedder import PER_LAYER_TABLE
 from gemma3n.validation import check_finite
 
-# Parameters of the vision path (SPEC section 6); a text-only model has none of them.
+# Parameters of the vision path (docs/architecture.md §5); a text-only model has none of them.
 VISION_PREFIXES = ('vision_encoder/', 'embedder/mm_')
 PER_LAYER_TABLE_PATH = f'embedder/{PER_LAYER_TABLE}'
 # What `checkpoint_format` recognises.

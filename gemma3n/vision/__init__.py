@@ -1,4 +1,4 @@
-"""SigLIP vision encoder of Gemma 3n and its image preprocessing (SPEC section 6).
+"""SigLIP vision encoder of Gemma 3n and its image preprocessing (docs/architecture.md §5).
 
 Example:
     >>> from gemma3n.vision import SigLiPFromPatches, load_image

@@ -1,4 +1,4 @@
-"""Image preprocessing for the SigLIP vision encoder (SPEC section 6).
+"""Image preprocessing for the SigLIP vision encoder (docs/architecture.md §5).
 
 Images arrive as uint8 (or float holding the same 0..255 values) `[..., H, W, C]` of any size.
 They are resized with antialiased bilinear interpolation to the encoder's resolution and mapped
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-# Encoder input resolution of Gemma 3n's SigLIP tower (SPEC section 6).
+# Encoder input resolution of Gemma 3n's SigLIP tower (docs/architecture.md §5).
 IMAGE_HEIGHT = 896
 IMAGE_WIDTH = 896
 IMAGE_CHANNELS = 3

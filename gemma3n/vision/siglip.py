@@ -1,6 +1,6 @@
 """SigLIP vision encoder of Gemma 3n: ViT, average-pooling exit, image-to-soft-token wrapper.
 
-SPEC section 6. `SigLiPFromPatches` turns images `[B, N, H, W, C]` into soft tokens
+docs/architecture.md §5. `SigLiPFromPatches` turns images `[B, N, H, W, C]` into soft tokens
 `[B, N, num_mm_tokens_per_image, width]`: preprocess (resize + scale to [-1, 1]) -> patchify ->
 `ViTModel` (patch embedding, learned position embedding, pre-LayerNorm encoder blocks, final
 LayerNorm) -> `VisionExit` (average pooling of the patch grid). The projection into the text
