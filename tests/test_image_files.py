@@ -6,10 +6,7 @@ the header was judged before any decoding.
 """
 
 import dataclasses
-import os
 import struct
-import subprocess
-import sys
 import warnings
 import zlib
 
@@ -18,15 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gemma3n import cli, save_params
+from gemma3n import save_params
 from gemma3n.text.sampler import Sampler
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 from gemma3n.vision.preprocess import MAX_IMAGE_PIXELS, image_file_size, load_image, load_images
+from cli_runner import cli_env, run_cli, assert_usage_error
 from hf_oracle import small_configs
 
-TIMEOUT_S = 300
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 RGB_8BIT = (8, 2, 0, 0, 0)         # IHDR: bit depth, colour type (RGB), compression, filter, interlace
 
@@ -131,21 +128,9 @@ def test_a_text_only_model_refuses_images_before_decoding(files):
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-    return dict(os.environ, JAX_PLATFORMS='cpu',
-                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')))
+    return cli_env(tmp_path_factory)
 
 
-def run_cli(env, *args):
-    return subprocess.run([sys.executable, '-m', 'gemma3n', *args], capture_output=True,
-                          text=True, env=env, timeout=TIMEOUT_S)
-
-
-def assert_usage_error(result, *fragments):
-    assert result.returncode == cli.USAGE_ERROR, result
-    assert result.stdout == '' and 'Traceback' not in result.stderr
-    assert len(result.stderr.splitlines()) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
 
 
 @pytest.fixture

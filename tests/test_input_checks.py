@@ -4,16 +4,13 @@ Python API and command line. Checks that must come before any work also assert t
 was compiled (`Sampler.num_traces`).
 """
 
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma3n import cli, validation
+from gemma3n import validation
 from gemma3n.checkpoints import hf_mapping
 from gemma3n.models import DEMO_SEED, demo_config
 from gemma3n.text import special_tokens
@@ -23,8 +20,8 @@ from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, DEFAULT_TEXT_STOP_TOKENS,
 from gemma3n.text.sampling import RandomSampling, TopkSampling, TopPSampling
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
+from cli_runner import cli_env, run_cli, assert_usage_error
 
-TIMEOUT_S = 300
 HUGE_SEED = 1180591620717411303424          # 2**70: the seed of the issue
 NEW_TOKENS = 3
 
@@ -221,21 +218,9 @@ def test_malformed_prompts(demo, prompt, error, message):
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-    return dict(os.environ, JAX_PLATFORMS='cpu',
-                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')))
+    return cli_env(tmp_path_factory)
 
 
-def run_cli(env, *args):
-    return subprocess.run([sys.executable, '-m', 'gemma3n', *args], capture_output=True,
-                          text=True, env=env, timeout=TIMEOUT_S)
-
-
-def assert_usage_error(result, *fragments):
-    assert result.returncode == cli.USAGE_ERROR, result
-    assert result.stdout == '' and 'Traceback' not in result.stderr
-    assert len(result.stderr.splitlines()) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize('options, fragments', [

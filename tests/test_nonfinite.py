@@ -5,10 +5,7 @@ reads it and names the tensor. Logits that become NaN/Inf stop generation with a
 of yielding padding. Python API and command line.
 """
 
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +24,9 @@ from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.validation import check_finite
 from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
+from cli_runner import cli_env, run_cli
 from hf_oracle import random_params, small_configs
 
-TIMEOUT_S = 300
 CONFIG = small_configs()[0]
 DAMAGED = 'layer_3/mlp/linear'                # any weight: the one the tests break
 EMBEDDING = 'embedder/input_embedding'
@@ -176,13 +173,8 @@ def test_a_continuation_that_breaks_the_numerics_raises(poisoned_sampler):
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-    return dict(os.environ, JAX_PLATFORMS='cpu',
-                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')))
+    return cli_env(tmp_path_factory)
 
-
-def run_cli(env, *args, stdin=''):
-    return subprocess.run([sys.executable, '-m', 'gemma3n', *args], input=stdin, capture_output=True,
-                          text=True, env=env, timeout=TIMEOUT_S)
 
 
 @pytest.fixture(scope='module')
