@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 
 from gemma3n import cli
 from gemma3n.checkpoints import hf_mapping
+from gemma3n.cli import model as cli_model
 from gemma3n.models import e2b_config, e4b_config
 from gemma3n.text.chat_format import format_user_turn
 from gemma3n.text.sampler import Sampler
@@ -97,8 +98,8 @@ def options(*argv):
 def test_the_size_comes_from_config_json(tmp_path, make_config, name):
     # Shapes only: the weights are not read to choose the model.
     path = hf_directory(tmp_path / name, make_config(with_vision=False))
-    chosen, model = cli._checkpoint_model(options('--checkpoint', str(path)), path,
-                                          dtype=jnp.bfloat16, with_vision=False, vocab_size=None)
+    chosen, model = cli_model._checkpoint_model(options('--checkpoint', str(path)), path,
+                                                dtype=jnp.bfloat16, with_vision=False, vocab_size=None)
     assert chosen == name
     assert model.config == make_config(with_vision=False) and model.text_only
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma3n import cli
+from gemma3n.cli import chat as cli_chat
 from gemma3n.checkpoints import load_params, save_params
 from gemma3n.models import DEMO_SEED, demo_config
 from gemma3n.text import special_tokens
@@ -263,8 +263,8 @@ def test_ctrl_c_in_the_command_keeps_the_conversation(fresh, monkeypatch, capsys
             raise KeyboardInterrupt
         written.append(piece)
 
-    monkeypatch.setattr(cli, '_write', write_two_then_ctrl_c)
-    cli._chat_turn(fresh, FIRST, None, jax.random.key(0))
+    monkeypatch.setattr(cli_chat, 'write', write_two_then_ctrl_c)
+    cli_chat._chat_turn(fresh, FIRST, None, jax.random.key(0))
     monkeypatch.undo()
     # Today: "answer interrupted; conversation reset".
     kept = int(INTERRUPTED.search(capsys.readouterr().err).group(1))

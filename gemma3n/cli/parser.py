@@ -1,0 +1,165 @@
+"""The command line of `gemma3n`: its commands and options, and one-line usage errors."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import sys
+from collections.abc import Callable, Sequence
+
+from gemma3n.cli.chat import HELP_COMMAND, QUIT_COMMAND, RESET_COMMAND, run_chat
+from gemma3n.cli.console import PROG, USAGE_ERROR
+from gemma3n.cli.generate import run_generate
+from gemma3n.cli.info import run_info
+from gemma3n.cli.model import CHECKPOINT_DTYPE, DEMO_DTYPE, DEMO_MAX_NEW_TOKENS
+from gemma3n.loading import DEMO, DTYPES, MODEL_CLASSES, TOKENIZER_FILE
+from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK
+from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, DEFAULT_MAX_OUT_LENGTH
+from gemma3n.validation import INT32_MAX, check_int, max_seed
+
+HELP_OPTIONS = ('-h', '--help')
+SUGGESTION_CUTOFF = 0.8          # how alike a mistyped option and a known one must be (difflib ratio)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f'{PROG}: error: {message} (see `{self.prog} --help`)\n')
+        sys.exit(USAGE_ERROR)
+
+
+def _whole_number(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high], checked before anything narrows it."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f'must be at least {low}, got {value}')
+        try:
+            return check_int('value', value, low=low, high=high)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).rstrip('.')) from None
+    return parse
+
+
+_positive_int = _whole_number(1, INT32_MAX)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the `gemma3n` command (its subcommands set `args.run`)."""
+    model_options = _Parser(add_help=False)
+    group = model_options.add_argument_group('model')
+    group.add_argument('--model', choices=(*MODEL_CLASSES, DEMO),
+                       help='architecture (default: demo without --checkpoint, e4b with one)')
+    group.add_argument('--tokenizer', metavar='PATH',
+                       help=f'SentencePiece {TOKENIZER_FILE} (default: the one beside the '
+                            'checkpoint; without a checkpoint the small packaged one)')
+    group.add_argument('--dtype', choices=tuple(DTYPES),
+                       help=f'weights and KV cache dtype (default: {CHECKPOINT_DTYPE} for '
+                            f'e4b/e2b, {DEMO_DTYPE} for the demo)')
+    group.add_argument('--text-only', action='store_true',
+                       help='leave out the vision encoder')
+    group.add_argument('--cache-length', '--context', type=_positive_int, metavar='N',
+                       help=f'KV cache positions (default: {DEFAULT_CACHE_LENGTH}; generate '
+                            'takes more for a longer prompt)')
+    group.add_argument('-v', '--verbose', action='store_true',
+                       help='timings (load, first token, tokens/s) and tracebacks of errors')
+
+    run_options = _Parser(add_help=False)
+    group = run_options.add_argument_group('weights and sampling')
+    group.add_argument('--checkpoint', metavar='PATH',
+                       help='Gemma 3n weights: a Hugging Face directory or .safetensors file, an '
+                            'Orbax checkpoint directory, or a file saved by gemma3n')
+    group.add_argument('--hf-softcap', action='store_true',
+                       help='cap the final logits as the Hugging Face checkpoint\'s config.json '
+                            'says (30 for Gemma 3n), as transformers does; by default they are '
+                            'not capped, as in Google\'s reference. Changes sampled answers, '
+                            'not greedy ones')
+    group.add_argument('--int8', action='store_true',
+                       help='quantize the large weights to int8 (one scale per output channel) '
+                            'at load: about half the memory and faster decoding, slightly less '
+                            'accurate')
+    group.add_argument('--max-new-tokens', type=_positive_int, metavar='N',
+                       help=f'most tokens to generate per answer (default: {DEMO_MAX_NEW_TOKENS} '
+                            f'for the demo, {DEFAULT_MAX_OUT_LENGTH} otherwise)')
+    group.add_argument('--temperature', type=float,
+                       help='sampling temperature; 0 (or no sampling option) picks the most '
+                            'likely token')
+    group.add_argument('--top-k', type=_positive_int, metavar='K',
+                       help='sample among the K most likely tokens')
+    group.add_argument('--top-p', type=float, metavar='P',
+                       help='sample among the most likely tokens holding probability P')
+    group.add_argument('--seed', type=_whole_number(0, max_seed()), default=0,
+                       help=f'random seed of sampling, 0 to {max_seed()} (default 0)')
+    group.add_argument('--prefill-chunk', type=_positive_int, default=DEFAULT_PREFILL_CHUNK,
+                       metavar='N',
+                       help='feed the prompt N tokens at a time: memory grows with N, not with '
+                            f'the prompt (default: {DEFAULT_PREFILL_CHUNK})')
+    group.add_argument('--image', action='append', default=[], metavar='FILE',
+                       help='an image for the prompt (repeatable); each `<start_of_image>` in the '
+                            'prompt takes one, else they go before the text. In chat they '
+                            'belong to the first message')
+
+    parser = _Parser(prog=PROG, description='Run Google\'s Gemma 3n in JAX.')
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
+
+    generate = commands.add_parser(
+        'generate', parents=[run_options, model_options],
+        help='answer one prompt, streaming the text to stdout',
+        description='Answer PROMPT, streaming the text to stdout as the tokens arrive.')
+    generate.add_argument('prompt', metavar='PROMPT')
+    generate.add_argument('--raw', action='store_true',
+                          help='feed PROMPT as it is, without the Gemma turn format '
+                               '(<start_of_turn>user ... <start_of_turn>model)')
+    generate.set_defaults(run=run_generate)
+
+    chat = commands.add_parser(
+        'chat', parents=[run_options, model_options],
+        help='talk with the model (reads messages from stdin)',
+        description=f'A conversation: one message per line on stdin; {RESET_COMMAND} starts '
+                    f'over, {QUIT_COMMAND} or end of input (Ctrl-D) ends it, {HELP_COMMAND} lists '
+                    'the commands.')
+    chat.set_defaults(run=run_chat)
+
+    info = commands.add_parser(
+        'info', parents=[model_options],
+        help='layers, parameter counts and memory of a model',
+        description='Describe a model: its layers, parameter counts, the memory of its weights '
+                    'in --dtype and of its KV cache for --context positions.')
+    info.set_defaults(run=run_info)
+    parser.commands = commands.choices
+    return parser
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options of the command line `argv`; a mistake ends the program with one line naming it.
+
+    (argparse alone answers `gemma3n --bogus` with "the following arguments are required".)
+    """
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith('-') and argv[0] not in HELP_OPTIONS:
+        option = argv[0].split('=')[0]
+        owners = [name for name, command in parser.commands.items()
+                  if option in command._option_string_actions]
+        parser.error(f'unknown option {argv[0]}' + (
+            f': options go after the command, as in `{PROG} {owners[0]} {argv[0]} ...`'
+            if owners else ''))
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser.commands[args.command]
+        options = [item for item in unknown if item.startswith('-')]
+        if options:
+            known = list(command._option_string_actions)
+            close = difflib.get_close_matches(options[0].split('=')[0], known, n=1,
+                                              cutoff=SUGGESTION_CUTOFF)
+            command.error(f'unknown option {options[0]}'
+                          + (f' (did you mean {close[0]}?)' if close else ''))
+        command.error(f'unexpected argument{"s" if len(unknown) > 1 else ""} '
+                      f'{" ".join(unknown)!r}' + (
+                          ': quote a prompt of several words' if args.command == 'generate'
+                          else ''))
+    return args

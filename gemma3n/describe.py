@@ -1,0 +1,110 @@
+"""A model's architecture in words: its layers, parameter counts and memory."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+
+from gemma3n import cache as kv_cache
+from gemma3n.checkpoints.loader import PER_LAYER_TABLE_PATH, VISION_PREFIXES
+from gemma3n.config import AttentionType
+from gemma3n.layout import serving_nbytes
+from gemma3n.loading import DTYPES
+from gemma3n.transformer import Gemma3nTransformer
+
+
+def _count(shapes: Any, keep: Callable[[str], bool] = lambda path: True) -> int:
+    flat = flax.traverse_util.flatten_dict(shapes, sep='/')
+    return sum(math.prod(leaf.shape) for path, leaf in flat.items() if keep(path))
+
+
+def parameter_counts(model: Gemma3nTransformer) -> dict[str, int]:
+    """Parameter counts of `model` from its shapes alone (jax.eval_shape: no memory used).
+
+    Keys: 'text' (the decoder), 'per_layer_table' (its per-layer embedding table) and, for a
+    model with a vision encoder, 'vision' (encoder and projection into the text width).
+    """
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
+    vision = _count(shapes, lambda path: path.startswith(VISION_PREFIXES))
+    counts = {'text': _count(shapes) - vision,
+              'per_layer_table': _count(shapes, lambda path: path == PER_LAYER_TABLE_PATH)}
+    if vision:
+        counts['vision'] = vision
+    return counts
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (('GiB', 2 ** 30), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
+        if n >= size:
+            return f'{n:,} bytes ({n / size:.2f} {unit})'
+    return f'{n:,} bytes'
+
+
+def describe_model(model: Gemma3nTransformer, title: str, dtype_name: str,
+                   cache_length: int, int8_label: str = 'int8') -> str:
+    """A text summary: layers (kind, K/V source, cache buffer), parameter counts, memory.
+
+    `int8_label` names the int8 weights in the memory lines (the command names its option).
+
+    Example:
+        >>> print(describe_model(Gemma3n_E4B(text_only=True), 'Gemma 3n E4B', 'bfloat16', 4096))
+    """
+    cfg = model.config
+    sources = cfg.kv_source_layers()
+    slots = kv_cache.cache_slots(cfg, cache_length)
+    lines = [
+        f'{title}',
+        f'  {cfg.num_layers} layers, width {cfg.embed_dim}, FFN width {cfg.hidden_dim}, '
+        f'{cfg.num_heads} query heads and {cfg.num_kv_heads} K/V heads of size {cfg.head_dim}, '
+        f'vocabulary {cfg.num_embed:,}',
+        f'  per-layer inputs of size {cfg.per_layer_input_dim}, {cfg.num_altup_inputs} AltUp '
+        f'streams, LAuReL rank {cfg.laurel_rank}, sliding window {cfg.sliding_window_size}',
+        f'  {cfg.num_unshared_layers} layers compute K/V; the last {cfg.num_shared_layers} reuse '
+        'those of earlier layers',
+        '',
+        f'  layer  attention      K/V from   FFN sparsity  cache slots at {cache_length:,}',
+    ]
+    for i, kind in enumerate(cfg.attention_types):
+        attention = 'global' if kind == AttentionType.GLOBAL else 'local sliding'
+        source = 'own' if sources[i] == i else f'layer {sources[i]}'
+        sparsity = f'{cfg.sparsity(i):.2f}' if cfg.sparsity(i) else '-'
+        buffer = f'{slots[i]:,}' if i in slots else '-'
+        lines.append(f'  {i:5d}  {attention:<13}  {source:<9}  {sparsity:<12}  {buffer}')
+
+    counts = parameter_counts(model)
+    total = counts['text'] + counts.get('vision', 0)
+    itemsize = jnp.dtype(DTYPES[dtype_name]).itemsize
+    cache = jax.eval_shape(functools.partial(
+        model.init_cache, batch_size=1, dtype=DTYPES[dtype_name], cache_length=cache_length))
+    buffers = collections.Counter(slots.values())
+    lines += [
+        '',
+        'parameters',
+        f'  text decoder               {counts["text"]:>15,}',
+        f'    per-layer embedding table {counts["per_layer_table"]:>14,}',
+        (f'  vision encoder + projection {counts["vision"]:>14,}' if 'vision' in counts
+         else '  vision encoder             none (text-only)'),
+        f'  total                      {total:>15,}',
+        '',
+        f'memory in {dtype_name} (the loader casts every weight to it)',
+        f'  weights                    {_bytes(total * itemsize)}',
+        f'    text decoder             {_bytes(counts["text"] * itemsize)}',
+        f'    per-layer embedding table {_bytes(counts["per_layer_table"] * itemsize)}',
+        '  held by generate/chat from a checkpoint (per-layer table left in the file):',
+        f'    {dtype_name:<24} {_bytes(serving_nbytes(model, DTYPES[dtype_name]))}',
+        f'    {int8_label:<24} {_bytes(serving_nbytes(model, DTYPES[dtype_name], quantize_int8=True))}',
+        f'  KV cache, 1 sequence of {cache_length:,} positions: '
+        f'{_bytes(kv_cache.cache_nbytes(cache))}',
+        f'    {len(slots)} layers hold K/V: '
+        + ', '.join(f'{count} buffers of {size:,} slots'
+                    for size, count in sorted(buffers.items(), reverse=True)),
+    ]
+    return '\n'.join(lines) + '\n'
