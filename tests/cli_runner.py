@@ -2,6 +2,7 @@
 
 Not a test module. Each test module that runs the command defines its own module-scoped `env`
 fixture with `cli_env(tmp_path_factory)`, so its runs share one compilation cache.
+Command output may hold first-run compile notices: `without_compile_notices` drops them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,15 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+
 from gemma3n import cli
+from gemma3n.models import DEMO_SEED, demo_config
+from gemma3n.text import special_tokens
+from gemma3n.text.chat import ChatSampler
+from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
+from gemma3n.transformer import Gemma3nTransformer
 
 # A cold run of the demo model compiles for up to ~35 s on a busy 2-core machine.
 TIMEOUT_S = 300
@@ -35,3 +44,26 @@ def assert_usage_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     assert len(result.stderr.splitlines()) == 1, result.stderr
     for fragment in fragments:
         assert fragment in result.stderr, result.stderr
+
+
+def without_compile_notices(stderr: str) -> str:
+    """stderr without the lines announcing a first-run compile (shown or not by the cache's state)."""
+    notices = {f'gemma3n: {notice}' for notice in (cli.COMPILING_DEMO, cli.COMPILING_PROMPT)}
+    return ''.join(line for line in stderr.splitlines(keepends=True) if line.rstrip() not in notices)
+
+
+def demo_model() -> tuple[Gemma3nTransformer, dict, Tokenizer]:
+    """The demo model, its weights and the shipped tokenizer, exactly as the command builds them."""
+    tokenizer = Tokenizer(default_tokenizer_path())
+    model = Gemma3nTransformer(config=demo_config(tokenizer.vocab_size), text_only=True,
+                               dtype=jnp.float32)
+    tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
+    params = jax.jit(model.init)(jax.random.key(DEMO_SEED), tokens)['params']
+    return model, params, tokenizer
+
+
+def demo_chat_sampler(cache_length: int, max_new_tokens: int) -> ChatSampler:
+    """A ChatSampler of the demo model as the command builds it."""
+    model, params, tokenizer = demo_model()
+    return ChatSampler(model=model, params=params, tokenizer=tokenizer,
+                       cache_length=cache_length, max_new_tokens=max_new_tokens)

@@ -5,10 +5,7 @@ The demo model's answers are compared with the same model run in-process through
 compilation cache folder, so only the first one compiles the demo model.
 """
 
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,18 +16,15 @@ from PIL import Image
 from gemma3n import cli, save_params
 from gemma3n.layers import QuantizedWeight
 from gemma3n.layout import to_serving
-from gemma3n.models import DEMO_SEED, demo_config
 from gemma3n.text import special_tokens
-from gemma3n.text.chat import ChatSampler
 from gemma3n.text.chat_format import add_image_markers, format_user_turn
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, Sampler
 from gemma3n.text.sampling import Greedy, RandomSampling, TopkSampling, TopPSampling
-from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
-from gemma3n.transformer import Gemma3nTransformer
+from gemma3n.text.tokenizer import default_tokenizer_path
 from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 from gemma3n.vision.preprocess import load_images
+from cli_runner import cli_env, demo_chat_sampler, run_cli, without_compile_notices
 
-TIMEOUT_S = 300
 CHAT_MAX_NEW_TOKENS = 8
 
 # Gemma 3n E4B (docs/architecture.md §1): 35 layers, the first 20 own K/V; every fifth layer is global.
@@ -49,19 +43,7 @@ END_INDEX_BYTES = 4                  # the cache's int32 end_index of one sequen
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
     """The subprocesses' environment: CPU, and one compilation cache for all of them."""
-    return dict(os.environ, JAX_PLATFORMS='cpu',
-                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')))
-
-
-def run_cli(env, *args, stdin=''):
-    return subprocess.run([sys.executable, '-m', 'gemma3n', *args], input=stdin,
-                          capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
-
-
-def without_compile_notices(stderr):
-    """stderr without the lines announcing a first-run compile (shown or not by the cache's state)."""
-    notices = {f'gemma3n: {notice}' for notice in (cli.COMPILING_DEMO, cli.COMPILING_PROMPT)}
-    return ''.join(line for line in stderr.splitlines(keepends=True) if line.rstrip() not in notices)
+    return cli_env(tmp_path_factory)
 
 
 def assert_one_line_error(result, *fragments, after_demo_notice=False):
@@ -82,13 +64,7 @@ def assert_one_line_error(result, *fragments, after_demo_notice=False):
 @pytest.fixture(scope='module')
 def demo_chat():
     """A ChatSampler of the demo model exactly as the command builds it (default cache)."""
-    tokenizer = Tokenizer(default_tokenizer_path())
-    model = Gemma3nTransformer(config=demo_config(tokenizer.vocab_size), text_only=True,
-                               dtype=jnp.float32)
-    tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(DEMO_SEED), tokens)['params']
-    return ChatSampler(model=model, params=params, tokenizer=tokenizer,
-                       cache_length=DEFAULT_CACHE_LENGTH, max_new_tokens=CHAT_MAX_NEW_TOKENS)
+    return demo_chat_sampler(DEFAULT_CACHE_LENGTH, CHAT_MAX_NEW_TOKENS)
 
 
 def test_generate_default_runs_the_demo(env, demo_chat):

@@ -6,21 +6,17 @@ was compiled (`Sampler.num_traces`).
 
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gemma3n import validation
 from gemma3n.checkpoints import hf_mapping
-from gemma3n.models import DEMO_SEED, demo_config
 from gemma3n.text import special_tokens
 from gemma3n.text.chat import ChatSampler
 from gemma3n.text.chat_format import format_user_turn
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, DEFAULT_TEXT_STOP_TOKENS, Sampler
 from gemma3n.text.sampling import RandomSampling, TopkSampling, TopPSampling
-from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
-from gemma3n.transformer import Gemma3nTransformer
-from cli_runner import cli_env, run_cli, assert_usage_error
+from cli_runner import assert_usage_error, cli_env, demo_model, run_cli
 
 HUGE_SEED = 1180591620717411303424          # 2**70: the seed of the issue
 NEW_TOKENS = 3
@@ -29,11 +25,7 @@ NEW_TOKENS = 3
 @pytest.fixture(scope='module')
 def demo():
     """The demo model and its tokenizer as the command builds them (float32, default cache)."""
-    tokenizer = Tokenizer(default_tokenizer_path())
-    model = Gemma3nTransformer(config=demo_config(tokenizer.vocab_size), text_only=True,
-                               dtype=jnp.float32)
-    tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(DEMO_SEED), tokens)['params']
+    model, params, tokenizer = demo_model()
     return Sampler(model=model, params=params, tokenizer=tokenizer,
                    cache_length=DEFAULT_CACHE_LENGTH)
 

@@ -14,17 +14,13 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from gemma3n.cli import chat as cli_chat
 from gemma3n.checkpoints import load_params, save_params
-from gemma3n.models import DEMO_SEED, demo_config
 from gemma3n.text import special_tokens
-from gemma3n.text.chat import ChatSampler
-from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
-from gemma3n.transformer import Gemma3nTransformer
+from cli_runner import demo_chat_sampler
 
 CACHE_LENGTH = 256
 MAX_NEW_TOKENS = 8
@@ -35,13 +31,7 @@ TIMEOUT_S = 120
 @pytest.fixture(scope='module')
 def chat():
     """One ChatSampler for the whole module (its compiled steps are reused); reset per test."""
-    tokenizer = Tokenizer(default_tokenizer_path())
-    model = Gemma3nTransformer(config=demo_config(tokenizer.vocab_size), text_only=True,
-                               dtype=jnp.float32)
-    tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(DEMO_SEED), tokens)['params']
-    return ChatSampler(model=model, params=params, tokenizer=tokenizer,
-                       cache_length=CACHE_LENGTH, max_new_tokens=MAX_NEW_TOKENS)
+    return demo_chat_sampler(CACHE_LENGTH, MAX_NEW_TOKENS)
 
 
 @pytest.fixture

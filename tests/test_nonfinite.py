@@ -24,7 +24,7 @@ from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.validation import check_finite
 from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
-from cli_runner import cli_env, run_cli
+from cli_runner import cli_env, run_cli, without_compile_notices
 from hf_oracle import random_params, small_configs
 
 CONFIG = small_configs()[0]
@@ -196,7 +196,7 @@ def assert_one_line_error(result, status, *fragments):
     """One error line, after at most the loader's progress bar."""
     assert result.returncode == status, result
     assert result.stdout == '' and 'Traceback' not in result.stderr
-    *before, error = result.stderr.splitlines()
+    *before, error = without_compile_notices(result.stderr).splitlines()
     assert all(line.startswith(PROGRESS_BAR) or not line for line in before), result.stderr
     assert error.startswith('gemma3n: error: ')
     for fragment in fragments:
