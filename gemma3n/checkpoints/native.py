@@ -24,7 +24,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from safetensors.numpy import save_file
 
-from gemma3n.checkpoints import hf_mapping
+from gemma3n.checkpoints.flat_params import flatten_params
+from gemma3n.checkpoints.hf_mapping import Transform
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.validation import check_finite
 
@@ -58,7 +59,7 @@ def native_catalog(files: SafetensorsFiles) -> dict[str, tuple[tuple[int, ...], 
 
 def native_read(files: SafetensorsFiles, paths: Sequence[str], dtype: Any,
                 progress: Callable[[int], None],
-                transform: hf_mapping.Transform | None = None) -> dict[str, Any]:
+                transform: Transform | None = None) -> dict[str, Any]:
     """The tensors at `paths`, one at a time, cast to `dtype` (None: as stored) and checked for
     NaN/Inf, each passed through `transform(path, array)` when given, before the next is read."""
     flat = {}
@@ -86,7 +87,7 @@ def save_params(params: Mapping[str, Any], path: str | os.PathLike) -> None:
         raise IsADirectoryError(f'save_params writes one file; {path} is a directory.')
     if not path.parent.is_dir():
         raise FileNotFoundError(f'Directory {path.parent} does not exist.')
-    flat = {name: np.ascontiguousarray(np.asarray(leaf)) for name, leaf in hf_mapping.flatten_params(params).items()}
+    flat = {name: np.ascontiguousarray(np.asarray(leaf)) for name, leaf in flatten_params(params).items()}
     if not flat:
         raise ValueError('save_params got an empty parameter tree.')
     _remove_stale_temporaries(path)
