@@ -117,11 +117,11 @@ def save_hf(directory: str | os.PathLike, params: Mapping[str, Any], config: Tra
             if not path.startswith(VISION_PREFIXES)}
     tensors = params_to_hf(unflatten_params(text), config, prefix=CAUSAL_LM_PREFIX)
     if dtype is None:
-        dtypes = {np.dtype(t.dtype) for t in tensors.values()}
+        dtypes = sorted({str(t.dtype) for t in tensors.values()})
         if len(dtypes) != 1:
-            raise ValueError(f'the weights have several dtypes ({", ".join(map(str, dtypes))}): '
-                             'pass dtype= to export them in one.')
-        dtype = dtypes.pop()
+            raise ValueError(f'the weights have several dtypes ({", ".join(dtypes)}): pass dtype= '
+                             'to export them in one.')
+        dtype = dtypes[0]
     dtype = export_dtype(dtype)
     for key, tensor in tensors.items():
         check_finite(f'Weight {key}', tensor)
