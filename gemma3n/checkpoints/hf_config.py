@@ -30,6 +30,10 @@ HF_LAYER_TYPES = {
 }
 # HF requires a float final softcap (None is rejected by its config validation); its default.
 HF_DEFAULT_FINAL_LOGIT_SOFTCAP = 30.0
+# How a config.json says "no cap" to HF: cap * tanh(x / cap) is x to within float32 rounding
+# (x / 1e20 stays a normal float32 for |x| > 1e-18, where tanh is the identity to the last bit;
+# float32 and bfloat16 hold 1e20, float16 would not). Caps this large read back as None.
+HF_NO_SOFTCAP = 1e20
 # Gemma3nTextConfig defaults for the fields `check_hf_config` reads, used when config.json omits one.
 HF_DEFAULT_ROPE_THETA = {'full_attention': 1_000_000.0, 'sliding_attention': 10_000.0}
 HF_DEFAULT_PATTERN_LENGTH = 5
@@ -138,9 +142,10 @@ def _hf_sparsity(text: Mapping[str, Any], num_layers: int) -> list[float]:
 
 
 def hf_final_logit_softcap(hf_config: Mapping[str, Any]) -> float | None:
-    """The final logit softcap a HF config.json applies (its default when the field is absent)."""
-    text = _hf_text(hf_config)
-    return text.get('final_logit_softcapping', HF_DEFAULT_FINAL_LOGIT_SOFTCAP)
+    """The final logit softcap a HF config.json applies (its default when the field is absent);
+    None for none, or for a cap of `HF_NO_SOFTCAP` or more, which changes nothing."""
+    cap = _hf_text(hf_config).get('final_logit_softcapping', HF_DEFAULT_FINAL_LOGIT_SOFTCAP)
+    return None if cap is None or cap >= HF_NO_SOFTCAP else cap
 
 
 def check_hf_config(hf_config: Mapping[str, Any], config: TransformerConfig) -> list[str]:

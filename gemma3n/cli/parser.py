@@ -61,7 +61,8 @@ def _model_options(*, running: bool) -> argparse.ArgumentParser:
                             'checkpoint; without a checkpoint the small packaged one)')
     group.add_argument('--dtype', choices=tuple(DTYPES),
                        help=f'weights and KV cache dtype (default: {CHECKPOINT_DTYPE} for '
-                            f'e4b/e2b, {DEMO_DTYPE} for the demo)')
+                            f'e4b/e2b, {DEMO_DTYPE} for the demo)' if running else
+                            'dtype of the exported weights (default: as stored)')
     if running:
         group.add_argument('--text-only', action='store_true',
                            help='leave out the vision encoder')
@@ -154,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_options(group)
     group.add_argument('--out', required=True, metavar='DIR',
                        help='a new or empty directory for config.json and the safetensors files')
-    # Nothing is sampled: a checkpoint's softcap note is then informational (shown with -v).
-    export.set_defaults(run=run_export, temperature=None, top_k=None, top_p=None)
+    export.set_defaults(run=run_export)
     parser.commands = commands.choices
     return parser
 
