@@ -19,6 +19,11 @@ from gemma3n.per_layer import PerLayerMapping
 INV_SQRT2 = 2 ** -0.5   # LAuReL and attention outputs are averaged in RMS: (o + l) / √2
 
 
+# `ring` picks Python code paths: a rematerialised block (`nn.remat`) must take it as static.
+# Flax counts the module itself as argument 0.
+RING_ARGNUM = 7
+
+
 class Block(nn.Module):
     """Decoder layer `layer_index` of `config` (docs/architecture.md §2, step 4).
 
@@ -38,7 +43,6 @@ class Block(nn.Module):
         streams: jax.Array,
         per_layer_input: jax.Array,
         query: QueryInfo,
-        *,
         shared_kv: KVContext | None = None,
         cache_entry: dict[str, jax.Array] | None = None,
         end_index: jax.Array | None = None,
@@ -48,6 +52,8 @@ class Block(nn.Module):
     ) -> tuple[jax.Array, KVContext, dict[str, Any] | None]:
         """streams: [A, B, L, D], per_layer_input: [B, L, P] -> (new streams, K/V context, cache entry).
 
+        The arguments after `query` may be given by position, as a rematerialised block
+        (`nn.remat(Block, static_argnums=(RING_ARGNUM,))`) needs.
         query_rows: [B] index of the one token per sequence whose output is wanted; the layer
         then computes K/V (and its cache entry) for every token but everything else for that
         token only, and returns streams [A, B, 1, D].

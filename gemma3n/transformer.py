@@ -13,7 +13,7 @@ from gemma3n import cache as kv_cache
 from gemma3n import multimodal
 from gemma3n.altup import match_rms
 from gemma3n.attention import KVContext, QueryInfo, take_rows
-from gemma3n.block import Block
+from gemma3n.block import RING_ARGNUM, Block
 from gemma3n.config import TransformerConfig
 from gemma3n.embedder import Embedder
 from gemma3n.layers import Einsum, RMSNorm, guard
@@ -83,6 +83,9 @@ class Gemma3nTransformer(nn.Module):
     dtype: jnp.dtype = jnp.bfloat16
     # Weights stored [out..., in...] (and maybe int8) for inference: see `gemma3n.layout`.
     serving_layout: bool = False
+    # Recompute each block's activations in the backward pass instead of keeping them: training
+    # memory grows with one block's activations, not all of them (costs one more forward).
+    remat: bool = False
     # Names of batch entries, for config-driven training loops.
     tokens: str = KEY_REQUIRED
     images: str | None = None
@@ -112,7 +115,8 @@ class Gemma3nTransformer(nn.Module):
             Einsum((d, d), 0, 1, weight_name=f'altup_unembed_projection_{k}', dtype=self.dtype,
                    serving=self.serving_layout)
             for k in range(num_extra)]
-        self.blocks = [Block(config=cfg, layer_index=i, dtype=self.dtype,
+        block_class = nn.remat(Block, static_argnums=(RING_ARGNUM,)) if self.remat else Block
+        self.blocks = [block_class(config=cfg, layer_index=i, dtype=self.dtype,
                              serving=self.serving_layout, name=f'layer_{i}')
                        for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm(guard_precision=cfg.guard_against_excess_precision,
@@ -253,12 +257,13 @@ class Gemma3nTransformer(nn.Module):
             owns = sources[i] == i
             select = return_last_only and i == last_owner
             entry = None if cache is None or not owns else cache[kv_cache.layer_key(i)]
+            # By position: a rematerialised block takes `ring` as static argument RING_ARGNUM.
             streams, context, new_entry = block(
                 streams, per_layer[:, :, i], query,
-                shared_kv=None if owns else contexts[sources[i]],
-                cache_entry=entry, end_index=end_index,
-                ring=entry is not None and entry['k'].shape[1] < ring_slots,
-                user_mask=attention_mask, query_rows=last if select else None)
+                None if owns else contexts[sources[i]],                   # shared_kv
+                entry, end_index,                                         # cache_entry, end_index
+                entry is not None and entry['k'].shape[1] < ring_slots,   # ring
+                attention_mask, last if select else None)                 # user_mask, query_rows
             if owns:
                 contexts[i] = context
                 if new_entry is not None:
