@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from gemma3n.cli.chat import HELP_COMMAND, QUIT_COMMAND, RESET_COMMAND, run_chat
 from gemma3n.cli.console import PROG, USAGE_ERROR
+from gemma3n.cli.finetune import add_finetune_options, run_finetune
 from gemma3n.cli.generate import run_generate
 from gemma3n.cli.info import run_info
 from gemma3n.cli.model import CHECKPOINT_DTYPE, DEMO_DTYPE, DEMO_MAX_NEW_TOKENS
@@ -48,10 +49,8 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
 _positive_int = _whole_number(1, INT32_MAX)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of the `gemma3n` command (its subcommands set `args.run`)."""
-    model_options = _Parser(add_help=False)
-    group = model_options.add_argument_group('model')
+def _add_model_arguments(group: argparse._ArgumentGroup, *, for_sampling: bool) -> None:
+    """The options choosing the model; `for_sampling` adds those of running it."""
     group.add_argument('--model', choices=(*MODEL_CLASSES, DEMO),
                        help='architecture (default: demo without --checkpoint, e4b with one)')
     group.add_argument('--tokenizer', metavar='PATH',
@@ -60,13 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--dtype', choices=tuple(DTYPES),
                        help=f'weights and KV cache dtype (default: {CHECKPOINT_DTYPE} for '
                             f'e4b/e2b, {DEMO_DTYPE} for the demo)')
-    group.add_argument('--text-only', action='store_true',
-                       help='leave out the vision encoder')
-    group.add_argument('--cache-length', '--context', type=_positive_int, metavar='N',
-                       help=f'KV cache positions (default: {DEFAULT_CACHE_LENGTH}; generate '
-                            'takes more for a longer prompt)')
+    if for_sampling:
+        group.add_argument('--text-only', action='store_true',
+                           help='leave out the vision encoder')
+        group.add_argument('--cache-length', '--context', type=_positive_int, metavar='N',
+                           help=f'KV cache positions (default: {DEFAULT_CACHE_LENGTH}; '
+                                'generate takes more for a longer prompt)')
     group.add_argument('-v', '--verbose', action='store_true',
                        help='timings (load, first token, tokens/s) and tracebacks of errors')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the `gemma3n` command (its subcommands set `args.run`)."""
+    model_options = _Parser(add_help=False)
+    _add_model_arguments(model_options.add_argument_group('model'), for_sampling=True)
 
     run_options = _Parser(add_help=False)
     group = run_options.add_argument_group('weights and sampling')
@@ -123,6 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
                     f'over, {QUIT_COMMAND} or end of input (Ctrl-D) ends it, {HELP_COMMAND} lists '
                     'the commands.')
     chat.set_defaults(run=run_chat)
+
+    finetune = commands.add_parser(
+        'finetune', help='fine-tune all weights on JSONL chat data',
+        description='Fine-tune a checkpoint (without --checkpoint: the demo model) on chat data; '
+                    'the result is a checkpoint folder that `generate` and `chat` run.')
+    group = finetune.add_argument_group('model')
+    group.add_argument('--checkpoint', metavar='PATH',
+                       help='the weights to start from (any format generate reads)')
+    _add_model_arguments(group, for_sampling=False)
+    add_finetune_options(finetune, {'positive': _positive_int,
+                                    'whole': _whole_number(0, INT32_MAX)})
+    # The model choice shared with `generate` reads these; training uses none of them.
+    finetune.set_defaults(run=run_finetune, hf_softcap=False, temperature=None, top_k=None,
+                          top_p=None)
 
     info = commands.add_parser(
         'info', parents=[model_options],

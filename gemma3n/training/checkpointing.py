@@ -75,18 +75,18 @@ def _as_tree(state: TrainState) -> dict[str, Any]:
 
 
 def check_run_config(out: Path, run_config: dict[str, Any], resume: bool) -> None:
-    """Claims folder `out` for a run of `run_config`, or checks that a resume matches it.
+    """Checks that folder `out` can take a new run, or that a resume matches its run.
 
     A new run refuses a folder that already holds a run; a resume refuses a folder of another
-    configuration, naming what differs. Nothing is written when it refuses.
+    configuration, naming what differs. Writes nothing (`claim_run_folder` does).
     """
     path = out / RUN_CONFIG_FILE
     if not resume:
         if path.exists() or (out / STATE_FOLDER).exists():
             raise ValueError(f'{out} already holds a fine-tuning run: pass --resume to continue '
                              'it, or choose another --out folder.')
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(run_config, indent=2, sort_keys=True) + '\n')
+        if out.exists() and not out.is_dir():
+            raise ValueError(f'--out {out} is a file, not a folder.')
         return
     if not path.is_file():
         raise ValueError(f'--resume: {out} holds no fine-tuning run ({RUN_CONFIG_FILE} is missing).')
@@ -100,3 +100,10 @@ def check_run_config(out: Path, run_config: dict[str, Any], resume: bool) -> Non
     if differences:
         raise ValueError(f'--resume: {out} is a run of another configuration: '
                          + '; '.join(differences))
+
+
+def claim_run_folder(out: Path, run_config: dict[str, Any]) -> None:
+    """Creates `out` and writes the run's configuration (that of a resumed run is already
+    there, equal: `check_run_config`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RUN_CONFIG_FILE).write_text(json.dumps(run_config, indent=2, sort_keys=True) + '\n')

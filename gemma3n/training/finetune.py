@@ -8,24 +8,28 @@ fine-tuned model as a checkpoint folder that `gemma3n generate/chat --checkpoint
 Example:
     >>> options = FinetuneOptions(data='train.jsonl', steps=100, batch_size=8, seq_len=512,
     ...                           learning_rate=1e-4)
-    >>> result = finetune(model, params, tokenizer, options, Path('out'))
+    >>> result = FinetuneRun(model, tokenizer, options, Path('out')).run(params)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gemma3n.checkpoints.native import save_checkpoint_folder
+from gemma3n.text import special_tokens
 from gemma3n.text.tokenizer import Tokenizer
-from gemma3n.training.checkpointing import STATE_FOLDER, StateStore, check_run_config
+from gemma3n.training.checkpointing import (STATE_FOLDER, StateStore, check_run_config,
+                                            claim_run_folder)
 from gemma3n.training.data import LossOn, read_jsonl
 from gemma3n.training.optimizer import OptimizerConfig
 from gemma3n.training.packing import Rows, TooLong
@@ -33,6 +37,8 @@ from gemma3n.training.param_split import FullFineTuning, cast_floating
 from gemma3n.training.plot import plot_losses, pyplot
 from gemma3n.training.step import TrainSteps
 from gemma3n.training.stream import BatchStream
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = 'metrics.jsonl'
 PLOT_FILE = 'loss.png'
@@ -98,70 +104,97 @@ class FinetuneResult:
     plot: Path | None
 
 
-def finetune(model: Any, params: Any, tokenizer: Tokenizer, options: FinetuneOptions, out: Path,
-             *, resume: bool = False, on_step: Callable[[int, dict[str, float]], None] = None
-             ) -> FinetuneResult:
-    """Fine-tunes `model` (its dtype: the compute dtype) from `params`; see the module doc.
+class FinetuneRun:
+    """A run of `options` on `model` (its dtype: the compute dtype) into folder `out`.
 
-    `on_step(step, metrics)` is called after every step (metrics: loss, tokens, tokens_per_s,
-    grad_norm, learning_rate). Every input is checked before the first step compiles.
+    Creating it checks every input (data files, options, freeze patterns, the folder against
+    `resume`) and tokenises the data, before any weight is read or program compiled; `run`
+    then trains from the given weights.
+
+    Example:
+        >>> run = FinetuneRun(model, tokenizer, options, Path('out'))
+        >>> result = run.run(params)
     """
-    out = Path(out).expanduser()
-    pyplot()
-    model = model.clone(remat=options.remat, **MODEL_KEYS)
-    optimizer = options.optimizer()
-    examples = read_jsonl(options.data, tokenizer, options.loss_on)
-    eval_rows = None
-    if options.eval_data is not None:
-        eval_rows = Rows.from_examples(read_jsonl(options.eval_data, tokenizer, options.loss_on),
-                                       options.seq_len, pack=options.pack,
-                                       too_long=options.too_long)
-    stream = BatchStream(examples, seq_len=options.seq_len, batch_size=options.batch_size,
-                         seed=options.seed, pack=options.pack, too_long=options.too_long)
-    split = FullFineTuning(freeze=options.freeze)
-    trainable, frozen = split.split(params)
-    check_run_config(out, options.run_config(model), resume)
 
-    steps = TrainSteps(model, split, optimizer.make())
-    state = steps.init(trainable, options.seed)
-    frozen = jax.device_put(frozen)
-    store = StateStore(out / STATE_FOLDER, keep=options.keep)
-    metrics_path = out / METRICS_FILE
-    if resume and store.latest_step() is not None:
-        state, stream.position = store.restore(state)
-        _keep_metrics_until(metrics_path, int(state.step))
-    schedule = optimizer.schedule()
-    result = FinetuneResult([], [], stream.truncated, stream.skipped, None)
-    micro = (options.grad_accum, options.batch_size // options.grad_accum)
-    try:
-        with open(metrics_path, 'a', encoding='utf-8') as metrics_file:
-            while int(state.step) < options.steps:
-                start = time.perf_counter()
-                batch = jax.tree.map(lambda x: x.reshape(micro + x.shape[1:]), stream.next_batch())
-                state, metrics = steps.train(state, frozen, batch)
-                step = int(state.step)
-                metrics = {name: float(value) for name, value in metrics.items()}
-                metrics['tokens_per_s'] = (options.batch_size * options.seq_len
-                                           / (time.perf_counter() - start))
-                metrics['learning_rate'] = float(schedule(step - 1))
-                _write(metrics_file, dict(step=step, **metrics))
-                result.losses.append((step, metrics['loss']))
-                if on_step is not None:
-                    on_step(step, metrics)
-                if step % options.save_every == 0 or step == options.steps:
-                    store.save(state, stream.position)
-                if eval_rows is not None and (step == options.steps or (
-                        options.eval_every and step % options.eval_every == 0)):
-                    loss = evaluate(steps, state, frozen, eval_rows, options.batch_size)
-                    _write(metrics_file, dict(step=step, eval_loss=loss))
-                    result.eval_losses.append((step, loss))
-    finally:
-        store.close()
-    final = cast_floating(split.combine(state.trainable, frozen), model.dtype)
-    save_checkpoint_folder(jax.tree.map(np.asarray, final), model.config, out,
-                           tokenizer_file=tokenizer.path)
-    result.plot = plot_losses(metrics_path, out / PLOT_FILE)
-    return result
+    def __init__(self, model: Any, tokenizer: Tokenizer, options: FinetuneOptions, out: Path,
+                 *, resume: bool = False):
+        self.out, self.options = Path(out).expanduser(), options
+        self.tokenizer, self.resume = tokenizer, resume
+        pyplot()
+        self.model = model.clone(remat=options.remat, **MODEL_KEYS)
+        self.optimizer = options.optimizer()
+        examples = read_jsonl(options.data, tokenizer, options.loss_on)
+        self.eval_rows = None
+        if options.eval_data is not None:
+            self.eval_rows = Rows.from_examples(
+                read_jsonl(options.eval_data, tokenizer, options.loss_on), options.seq_len,
+                pack=options.pack, too_long=options.too_long)
+        self.stream = BatchStream(examples, seq_len=options.seq_len,
+                                  batch_size=options.batch_size, seed=options.seed,
+                                  pack=options.pack, too_long=options.too_long)
+        _report_cuts(options.data, self.stream.truncated, self.stream.skipped, options.seq_len)
+        if self.eval_rows is not None:
+            _report_cuts(options.eval_data, self.eval_rows.truncated, self.eval_rows.skipped,
+                         options.seq_len)
+        self.split = FullFineTuning(freeze=options.freeze)
+        self.split.split(jax.eval_shape(self.model.init, jax.random.key(0),
+                                        jnp.ones((1, 1), jnp.int32))['params'])
+        self.run_config = options.run_config(self.model)
+        check_run_config(self.out, self.run_config, resume)
+
+    def run(self, params: Any, on_step: Callable[[int, dict[str, float]], None] | None = None
+            ) -> FinetuneResult:
+        """Trains from `params` (or from the last checkpoint, resuming); saves the model.
+
+        `on_step(step, metrics)` is called after every step (metrics: loss (mean over the
+        target tokens), tokens (targets counted), tokens_per_s (non-padding input tokens per
+        second of the step), grad_norm (before clipping), learning_rate).
+        """
+        options, stream, out = self.options, self.stream, self.out
+        claim_run_folder(out, self.run_config)
+        trainable, frozen = self.split.split(params)
+        del params
+        steps = TrainSteps(self.model, self.split, self.optimizer.make())
+        state = steps.init(trainable, options.seed)
+        frozen = jax.device_put(frozen)
+        store = StateStore(out / STATE_FOLDER, keep=options.keep)
+        metrics_path = out / METRICS_FILE
+        if self.resume and store.latest_step() is not None:
+            state, stream.position = store.restore(state)
+            _keep_metrics_until(metrics_path, int(state.step))
+        schedule = self.optimizer.schedule()
+        result = FinetuneResult([], [], stream.truncated, stream.skipped, None)
+        micro = (options.grad_accum, options.batch_size // options.grad_accum)
+        try:
+            with open(metrics_path, 'a', encoding='utf-8') as metrics_file:
+                while int(state.step) < options.steps:
+                    start = time.perf_counter()
+                    batch = stream.next_batch()
+                    real_tokens = int(np.sum(batch['input'] != special_tokens.PAD))
+                    batch = jax.tree.map(lambda x: x.reshape(micro + x.shape[1:]), batch)
+                    state, metrics = steps.train(state, frozen, batch)
+                    step = int(state.step)
+                    metrics = {name: float(value) for name, value in metrics.items()}
+                    metrics['tokens_per_s'] = real_tokens / (time.perf_counter() - start)
+                    metrics['learning_rate'] = float(schedule(step - 1))
+                    _write(metrics_file, dict(step=step, **metrics))
+                    result.losses.append((step, metrics['loss']))
+                    if on_step is not None:
+                        on_step(step, metrics)
+                    if step % options.save_every == 0 or step == options.steps:
+                        store.save(state, stream.position)
+                    if self.eval_rows is not None and (step == options.steps or (
+                            options.eval_every and step % options.eval_every == 0)):
+                        loss = evaluate(steps, state, frozen, self.eval_rows, options.batch_size)
+                        _write(metrics_file, dict(step=step, eval_loss=loss))
+                        result.eval_losses.append((step, loss))
+        finally:
+            store.close()
+        final = cast_floating(self.split.combine(state.trainable, frozen), self.model.dtype)
+        save_checkpoint_folder(jax.tree.map(np.asarray, final), self.model.config, out,
+                               tokenizer_file=self.tokenizer.path)
+        result.plot = plot_losses(metrics_path, out / PLOT_FILE)
+        return result
 
 
 def evaluate(steps: TrainSteps, state: Any, frozen: Any, rows: Rows, batch_size: int) -> float:
@@ -175,6 +208,15 @@ def evaluate(steps: TrainSteps, state: Any, frozen: Any, rows: Rows, batch_size:
         loss, tokens = steps.eval(state.trainable, frozen, batch)
         total, count = total + float(loss), count + float(tokens)
     return total / max(count, 1.0)
+
+
+def _report_cuts(path: str, truncated: int, skipped: int, seq_len: int) -> None:
+    if truncated:
+        logger.warning('%s: %d example(s) longer than the sequence length %d were truncated',
+                       path, truncated, seq_len)
+    if skipped:
+        logger.warning('%s: %d example(s) were skipped: longer than the sequence length %d, or '
+                       'nothing left to learn from once truncated', path, skipped, seq_len)
 
 
 def _write(file, record: dict[str, Any]) -> None:
