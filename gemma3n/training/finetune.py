@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n.checkpoints.native import save_checkpoint_folder
-from gemma3n.text import special_tokens
+from gemma3n.layers import special_ids
 from gemma3n.text.tokenizer import Tokenizer
 from gemma3n.training.checkpointing import (STATE_FOLDER, StateStore, check_run_config,
                                             claim_run_folder)
@@ -170,7 +170,7 @@ class FinetuneRun:
                 while int(state.step) < options.steps:
                     start = time.perf_counter()
                     batch = stream.next_batch()
-                    real_tokens = int(np.sum(batch['input'] != special_tokens.PAD))
+                    real_tokens = int(np.sum(batch['input'] != special_ids.PAD))
                     batch = jax.tree.map(lambda x: x.reshape(micro + x.shape[1:]), batch)
                     state, metrics = steps.train(state, frozen, batch)
                     step = int(state.step)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gemma3n.text import special_tokens
+from gemma3n.layers import special_ids
 from gemma3n.training.data import DataError, Example
 
 ROW_FIELDS = ('input', 'target', 'loss_mask', 'positions', 'segment')
@@ -66,7 +66,7 @@ class Rows:
                             f'({skipped} skipped)')
         layout = _pack(pieces, seq_len) if pack else [[piece] for piece in pieces]
         fields = {name: np.zeros((len(layout), seq_len), np.int32) for name in ROW_FIELDS}
-        fields['input'][:] = special_tokens.PAD
+        fields['input'][:] = special_ids.PAD
         for row, row_pieces in enumerate(layout):
             start = 0
             for segment, (example, length) in enumerate(row_pieces, start=1):
