@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cli_runner import TIMEOUT_S, assert_usage_error, cli_env, run_cli
+from cli_runner import assert_usage_error, cli_env, run_cli
 from gemma3n.checkpoints import load_params
 from gemma3n.checkpoints.hf_mapping import config_from_hf, flatten_params
 from gemma3n.text.chat_format import format_user_turn
 from gemma3n.text.sampler import Sampler
 from gemma3n.text.tokenizer import Tokenizer
-from gemma3n.training.checkpointing import RUN_CONFIG_FILE, STATE_FOLDER
+from gemma3n.training.checkpointing import STATE_FOLDER
 from gemma3n.training.finetune import METRICS_FILE, PLOT_FILE
 from gemma3n.transformer import Gemma3nTransformer
 
@@ -39,6 +39,13 @@ RUN = ('finetune', '--data', str(TRAIN), '--eval', str(EVAL), '--steps', '30', '
 # expected, 1e-6 allows for nothing but a reordering inside XLA.
 RESUME_TOL = 1e-6
 KILL_AFTER_STEP = SAVE_EVERY + 2      # between two checkpoints: work is lost and redone
+# A run compiles its train step for up to ~2 minutes on a 2-core machine shared with other work.
+RUN_TIMEOUT_S = 900
+
+
+def run_finetune(env, *args):
+    return subprocess.run([sys.executable, '-m', 'gemma3n', *args], capture_output=True,
+                          text=True, env=env, timeout=RUN_TIMEOUT_S)
 
 
 def conversations():
@@ -54,7 +61,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope='module')
 def trained(env, tmp_path_factory):
     out = tmp_path_factory.mktemp('run') / 'out'
-    result = run_cli(env, *RUN, '--out', str(out))
+    result = run_finetune(env, *RUN, '--out', str(out))
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -92,7 +99,7 @@ def test_a_killed_run_resumes_exactly(env, trained, tmp_path):
     command = [sys.executable, '-m', 'gemma3n', *RUN, '--out', str(out)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
         while _steps_done(out / METRICS_FILE) < KILL_AFTER_STEP:
             assert process.poll() is None and time.monotonic() < deadline
@@ -104,7 +111,7 @@ def test_a_killed_run_resumes_exactly(env, trained, tmp_path):
     assert not (out / 'params.safetensors').exists(), 'the run ended before it was killed'
     assert (out / STATE_FOLDER / str(SAVE_EVERY)).is_dir()
 
-    result = run_cli(env, *RUN, '--out', str(out), '--resume')
+    result = run_finetune(env, *RUN, '--out', str(out), '--resume')
     assert result.returncode == 0, result.stderr
     ours = flatten_params(load_params(out, progress=False))
     reference = flatten_params(load_params(finished, progress=False))
