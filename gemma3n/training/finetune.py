@@ -33,7 +33,7 @@ from gemma3n.training.checkpointing import (STATE_FOLDER, StateStore, check_run_
 from gemma3n.training.data import LossOn, read_jsonl
 from gemma3n.training.optimizer import OptimizerConfig
 from gemma3n.training.packing import Rows, TooLong
-from gemma3n.training.param_split import FullFineTuning, cast_floating
+from gemma3n.training.param_split import FullFineTuning, ParamSplit, cast_floating
 from gemma3n.training.plot import plot_losses, pyplot
 from gemma3n.training.step import TrainSteps
 from gemma3n.training.stream import BatchStream
@@ -109,7 +109,8 @@ class FinetuneRun:
 
     Creating it checks every input (data files, options, freeze patterns, the folder against
     `resume`) and tokenises the data, before any weight is read or program compiled; `run`
-    then trains from the given weights.
+    then trains from the given weights. `split` chooses what trains (default: every weight but
+    `options.freeze`; adapters such as LoRA are another `ParamSplit`).
 
     Example:
         >>> run = FinetuneRun(model, tokenizer, options, Path('out'))
@@ -117,7 +118,7 @@ class FinetuneRun:
     """
 
     def __init__(self, model: Any, tokenizer: Tokenizer, options: FinetuneOptions, out: Path,
-                 *, resume: bool = False):
+                 *, resume: bool = False, split: ParamSplit | None = None):
         self.out, self.options = Path(out).expanduser(), options
         self.tokenizer, self.resume = tokenizer, resume
         pyplot()
@@ -136,10 +137,10 @@ class FinetuneRun:
         if self.eval_rows is not None:
             _report_cuts(options.eval_data, self.eval_rows.truncated, self.eval_rows.skipped,
                          options.seq_len)
-        self.split = FullFineTuning(freeze=options.freeze)
+        self.split = FullFineTuning(freeze=options.freeze) if split is None else split
         self.split.split(jax.eval_shape(self.model.init, jax.random.key(0),
                                         jnp.ones((1, 1), jnp.int32))['params'])
-        self.run_config = options.run_config(self.model)
+        self.run_config = {**options.run_config(self.model), 'split': repr(self.split)}
         check_run_config(self.out, self.run_config, resume)
 
     def run(self, params: Any, on_step: Callable[[int, dict[str, float]], None] | None = None
@@ -190,7 +191,7 @@ class FinetuneRun:
                         result.eval_losses.append((step, loss))
         finally:
             store.close()
-        final = cast_floating(self.split.combine(state.trainable, frozen), self.model.dtype)
+        final = cast_floating(self.split.export(state.trainable, frozen), self.model.dtype)
         save_checkpoint_folder(jax.tree.map(np.asarray, final), self.model.config, out,
                                tokenizer_file=self.tokenizer.path)
         result.plot = plot_losses(metrics_path, out / PLOT_FILE)

@@ -29,11 +29,17 @@ EMBEDDING_TABLES = ('embedder/input_embedding', 'embedder/per_layer_input_embedd
 
 
 class ParamSplit(Protocol):
-    """How a parameter tree becomes (trainable, frozen) and back."""
+    """How a parameter tree becomes (trainable, frozen) and back.
+
+    `combine` gives what the model's forward pass takes (for adapters: weights that carry
+    them); `export` gives a plain parameter tree to save (for adapters: merged weights).
+    """
 
     def split(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]: ...
 
     def combine(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]: ...
+
+    def export(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +66,9 @@ class FullFineTuning:
 
     def combine(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
         return unflatten_params({**flatten_params(frozen), **flatten_params(trainable)})
+
+    def export(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
+        return self.combine(trainable, frozen)
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
