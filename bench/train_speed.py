@@ -114,7 +114,7 @@ def side_hf(args: argparse.Namespace) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         times.append(time.perf_counter() - start)
     return {'name': 'transformers (torch, sdpa)', 'torch': torch.__version__,
             'transformers': transformers.__version__, 'torch_threads': torch.get_num_threads(),
