@@ -15,9 +15,8 @@ import tqdm
 
 from gemma3n.checkpoints import load_params
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
-from gemma3n.cli.model import (DEMO_NOTICE, _checkpoint_model, _checkpoint_path, dtype_choice,
-                               model_choice, tokenizer_path)
-from gemma3n.loading import DEMO, DTYPES, build_model, demo_params
+from gemma3n.cli.model import DEMO_NOTICE, checkpoint_path, choose_model, tokenizer_path
+from gemma3n.loading import demo_params
 from gemma3n.text.tokenizer import Tokenizer
 from gemma3n.training.data import LossOn
 from gemma3n.training.finetune import FinetuneOptions, FinetuneRun
@@ -140,16 +139,7 @@ def _training_model(args: argparse.Namespace) -> tuple[Any, Tokenizer, Path | No
     """The model (its dtype: the compute dtype), the tokenizer and the checkpoint to start
     from (None: the demo's random weights), as --checkpoint/--model/--dtype/--tokenizer say.
     Reads no weights."""
-    name = model_choice(args)
-    checkpoint = _checkpoint_path(args)
-    if checkpoint is None and name != DEMO:
-        raise ValueError(f'--model {name} needs --checkpoint PATH: only the demo model starts '
-                         'from random weights')
-    dtype = DTYPES[dtype_choice(args, name)]
+    checkpoint = checkpoint_path(args)
     tokenizer = Tokenizer(tokenizer_path(args, checkpoint))
-    if checkpoint is None:
-        model = build_model(name, dtype=dtype, with_vision=False, vocab_size=tokenizer.vocab_size)
-    else:
-        _, model = _checkpoint_model(args, checkpoint, dtype=dtype, with_vision=False,
-                                     vocab_size=tokenizer.vocab_size)
+    _, model = choose_model(args, checkpoint, vocab_size=tokenizer.vocab_size, with_vision=False)
     return model, tokenizer, checkpoint
