@@ -101,6 +101,9 @@ class Gemma3nTransformer(nn.Module):
     text_only: bool = False
     return_last_only: bool | None = None
     dtype: jnp.dtype = jnp.bfloat16
+    # Recompute each block's activations in the backward pass instead of keeping them: training
+    # memory grows with one block's activations, not all of them (costs one more forward).
+    remat: bool = False
     # Names of batch entries, for config-driven training loops.
     tokens: str = KEY_REQUIRED
     images: str | None = None
@@ -129,7 +132,11 @@ class Gemma3nTransformer(nn.Module):
             Einsum((d, d), (EMBED_PROJECTED, EMBED), 0, 1,
                    weight_name=f'altup_unembed_projection_{k}', dtype=self.dtype)
             for k in range(num_extra)]
-        self.blocks = [Block(config=cfg, layer_index=i, dtype=self.dtype, name=f'layer_{i}')
+        # LayerCall.ring is static pytree metadata, so a rematerialised block needs no
+        # static arguments.
+        block_class = nn.remat(Block) if self.remat else Block
+        self.blocks = [block_class(config=cfg, layer_index=i, dtype=self.dtype,
+                             name=f'layer_{i}')
                        for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm(guard_precision=cfg.guard_against_excess_precision,
                                   dtype=self.dtype, axis_name=EMBED)

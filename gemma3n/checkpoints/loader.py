@@ -26,7 +26,7 @@ import tqdm
 
 from gemma3n.checkpoints import hf_mapping
 from gemma3n.checkpoints.flat_params import unflatten_params
-from gemma3n.checkpoints.native import is_native, native_catalog, native_read
+from gemma3n.checkpoints.native import is_native, native_catalog, native_file, native_read
 from gemma3n.checkpoints.orbax_io import ORBAX_MARKERS, is_orbax_checkpoint, orbax_catalog, orbax_restore
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.checkpoints.safetensors_hf import INDEX_FILE, SINGLE_FILE, is_hf_directory, load_hf_params
@@ -81,7 +81,7 @@ def load_params(
             never holds the checkpoint's layout of the whole model. Orbax checkpoints are restored
             whole first, then converted leaf by leaf.
     """
-    path = Path(path).expanduser()
+    path = native_file(Path(path).expanduser())
     checkpoint = checkpoint_format(path)
     config, text_only = model_config(model)
     dtype = None if dtype is None else np.dtype(dtype)
@@ -113,6 +113,7 @@ def load_params(
 
 def checkpoint_format(path: Path) -> str:
     """HF_FORMAT, ORBAX_FORMAT or NATIVE_FORMAT; FileNotFoundError / ValueError naming `path` otherwise."""
+    path = native_file(path)
     if not path.exists():
         raise FileNotFoundError(f'Checkpoint not found: {path}')
     if path.is_dir():
@@ -130,7 +131,7 @@ def checkpoint_format(path: Path) -> str:
 def has_vision_encoder(path: str | os.PathLike) -> bool:
     """Whether the checkpoint at `path` holds vision encoder parameters, from its headers alone
     (nothing is read). Hugging Face checkpoints never do (their vision tower is not SigLIP)."""
-    path = Path(path).expanduser()
+    path = native_file(Path(path).expanduser())
     checkpoint = checkpoint_format(path)
     if checkpoint == HF_FORMAT:
         return False

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from gemma3n.checkpoints.hf_mapping import check_hf_config, hf_final_logit_softcap
-from gemma3n.checkpoints.loader import HF_FORMAT, checkpoint_format, has_vision_encoder
+from gemma3n.checkpoints.loader import (HF_FORMAT, NATIVE_FORMAT, checkpoint_format,
+                                        has_vision_encoder)
 from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE, hf_checkpoint_config, read_hf_config
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
 from gemma3n.cli.sampling import sampling_method
@@ -129,7 +130,9 @@ def _checkpoint_model(args: argparse.Namespace, checkpoint: Path, *, dtype: Any,
     --model when given; else, for a Hugging Face checkpoint with a config.json, the model that
     config describes; else E4B. --hf-softcap takes the final logit softcap of config.json.
     """
-    hf_config = read_hf_config(checkpoint) if checkpoint_format(checkpoint) == HF_FORMAT else None
+    # A checkpoint folder of our format (what fine-tuning writes) has a config.json too.
+    hf_config = (read_hf_config(checkpoint)
+                 if checkpoint_format(checkpoint) in (HF_FORMAT, NATIVE_FORMAT) else None)
     config_path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / CONFIG_FILE
     if hf_config is None:
         if args.hf_softcap:
