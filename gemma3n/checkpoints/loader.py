@@ -25,6 +25,7 @@ import numpy as np
 import tqdm
 
 from gemma3n.checkpoints import hf_mapping
+from gemma3n.checkpoints.flat_params import unflatten_params
 from gemma3n.checkpoints.native import is_native, native_catalog, native_file, native_read
 from gemma3n.checkpoints.orbax_io import ORBAX_MARKERS, is_orbax_checkpoint, orbax_catalog, orbax_restore
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
@@ -99,7 +100,7 @@ def load_params(
             check_finite(f'Array {name} of {path}', flat[name])
             if transform is not None:
                 flat[name] = transform(name, flat.pop(name))
-        return hf_mapping.unflatten_params(flat)
+        return unflatten_params(flat)
     files = SafetensorsFiles([path])
     catalog = native_catalog(files)
     names = _select(catalog, config, text_only, path, skip)
@@ -107,7 +108,7 @@ def load_params(
     with tqdm.tqdm(total=sum(sizes.values()), desc=f'Loading {path.name}', unit='param', unit_scale=True,
                    disable=not progress) as bar:
         largest_first = sorted(names, key=lambda n: -sizes[n])
-        return hf_mapping.unflatten_params(native_read(files, largest_first, dtype, bar.update, transform))
+        return unflatten_params(native_read(files, largest_first, dtype, bar.update, transform))
 
 
 def checkpoint_format(path: Path) -> str:

@@ -29,7 +29,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from safetensors.numpy import save_file
 
-from gemma3n.checkpoints import hf_mapping
+from gemma3n.checkpoints.flat_params import flatten_params
+from gemma3n.checkpoints.hf_config import hf_text_config
+from gemma3n.checkpoints.hf_mapping import Transform
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE
 from gemma3n.config import TransformerConfig
@@ -72,7 +74,7 @@ def native_catalog(files: SafetensorsFiles) -> dict[str, tuple[tuple[int, ...], 
 
 def native_read(files: SafetensorsFiles, paths: Sequence[str], dtype: Any,
                 progress: Callable[[int], None],
-                transform: hf_mapping.Transform | None = None) -> dict[str, Any]:
+                transform: Transform | None = None) -> dict[str, Any]:
     """The tensors at `paths`, one at a time, cast to `dtype` (None: as stored) and checked for
     NaN/Inf, each passed through `transform(path, array)` when given, before the next is read."""
     flat = {}
@@ -100,7 +102,7 @@ def save_params(params: Mapping[str, Any], path: str | os.PathLike) -> None:
         raise IsADirectoryError(f'save_params writes one file; {path} is a directory.')
     if not path.parent.is_dir():
         raise FileNotFoundError(f'Directory {path.parent} does not exist.')
-    flat = {name: np.ascontiguousarray(np.asarray(leaf)) for name, leaf in hf_mapping.flatten_params(params).items()}
+    flat = {name: np.ascontiguousarray(np.asarray(leaf)) for name, leaf in flatten_params(params).items()}
     if not flat:
         raise ValueError('save_params got an empty parameter tree.')
     _remove_stale_temporaries(path)
@@ -169,11 +171,11 @@ def save_checkpoint_folder(params: Mapping[str, Any], config: TransformerConfig,
     """Writes a checkpoint folder: `params` (`save_params`), `config` as config.json, and a copy
     of `tokenizer_file`; `gemma3n generate --checkpoint FOLDER` then runs it.
 
-    config.json is the Hugging Face text config of `config` (`hf_mapping.config_from_hf` reads it
+    config.json is the Hugging Face text config of `config` (`hf_config.config_from_hf` reads it
     back); its final logit softcap is `config`'s own, null for none. A config HF cannot describe
-    is refused (`hf_mapping.check_representable`) before anything is written.
+    is refused (`hf_config.check_representable`) before anything is written.
     """
-    hf_config = hf_mapping.hf_text_config(config)
+    hf_config = hf_text_config(config)
     hf_config['final_logit_softcapping'] = config.final_logit_softcap
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)

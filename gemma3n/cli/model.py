@@ -155,8 +155,10 @@ def _checkpoint_model(args: argparse.Namespace, checkpoint: Path, *, dtype: Any,
     if args.hf_softcap:
         model = model.clone(config=dataclasses.replace(model.config, final_logit_softcap=cap))
     elif cap != model.config.final_logit_softcap:
-        # Capping is monotone: only sampling sees it.
-        greedy = isinstance(sampling_method(args.temperature, args.top_k, args.top_p), Greedy)
+        # Capping is monotone: only sampling sees it. A command without sampling options
+        # (export) passes the choice on to whoever samples its output, so it warns too.
+        greedy = hasattr(args, 'temperature') and isinstance(
+            sampling_method(args.temperature, args.top_k, args.top_p), Greedy)
         logger.log(logging.INFO if greedy else logging.WARNING,
                    '%s caps the final logits at %s; like Google\'s reference implementation '
                    'this program does not, so sampled answers differ from transformers\' unless '

@@ -62,7 +62,8 @@ def _model_options(*, running: bool) -> argparse.ArgumentParser:
                             'checkpoint; without a checkpoint the small packaged one)')
     group.add_argument('--dtype', choices=tuple(DTYPES),
                        help=f'weights and KV cache dtype (default: {CHECKPOINT_DTYPE} for '
-                            f'e4b/e2b, {DEMO_DTYPE} for the demo)')
+                            f'e4b/e2b, {DEMO_DTYPE} for the demo)' if running else
+                            'dtype of the exported weights (default: as stored)')
     if running:
         group.add_argument('--text-only', action='store_true',
                            help='leave out the vision encoder')

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.checkpoints.hf_mapping import check_representable
+from gemma3n.checkpoints.hf_config import check_representable
 from gemma3n.checkpoints.native import save_checkpoint_folder
 from gemma3n.layers import special_ids
 from gemma3n.text.tokenizer import Tokenizer
