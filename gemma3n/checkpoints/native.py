@@ -172,12 +172,13 @@ def save_checkpoint_folder(params: Mapping[str, Any], config: TransformerConfig,
     of `tokenizer_file`; `gemma3n generate --checkpoint FOLDER` then runs it.
 
     config.json is the Hugging Face text config of `config` (`hf_config.config_from_hf` reads it
-    back); its final logit softcap is `config`'s own, null for none.
+    back); its final logit softcap is `config`'s own, null for none. A config HF cannot describe
+    is refused (`hf_config.check_representable`) before anything is written.
     """
-    folder = Path(folder).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
     hf_config = hf_text_config(config)
     hf_config['final_logit_softcapping'] = config.final_logit_softcap
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
     save_params(params, folder / FOLDER_PARAMS_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + '\n')
     tokenizer_copy = folder / FOLDER_TOKENIZER_FILE
