@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n.checkpoints import load_params
-from gemma3n.checkpoints.loader import PER_LAYER_TABLE_PATH
 from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
+from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from gemma3n.host_arrays import to_device
 from gemma3n.layers import QuantizedWeight, record_layouts
 from gemma3n.layers.einsum import INT8_MAX
