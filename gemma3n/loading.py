@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma3n import memory
-from gemma3n.checkpoints import hf_mapping, open_per_layer_table
+from gemma3n.checkpoints import hf_mapping, load_params, open_per_layer_table
 from gemma3n.checkpoints.loader import ORBAX_FORMAT, Checkpoint, has_vision_encoder, open_checkpoint
 from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE, HFSoftcapWarning, config_file
 from gemma3n.config import TransformerConfig
@@ -91,9 +91,7 @@ class LoadPlan:
         start = time.perf_counter()
         dtype = self.model.dtype
         if self.checkpoint is None:
-            model = self.model
-            tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
-            params = jax.jit(model.init)(jax.random.key(DEMO_SEED), tokens)['params']
+            model, params = self.model, demo_params(self.model)
             if self.quantize:
                 model, params = to_serving(model, params, quantize_int8=True, consume=True)
             logger.info('random demo weights made in %.2f s (compilation included)',
@@ -117,6 +115,23 @@ class LoadPlan:
                     time.perf_counter() - start)
         return LoadedModel(self.name, model, params, self.tokenizer, per_layer_table=table,
                            checkpoint=self.checkpoint, quantize=self.quantize)
+
+    def tree(self, *, progress: bool = True) -> dict[str, Any]:
+        """The weights as a plain parameter tree in the checkpoint layout, the per-layer table
+        included and `quantize` not applied: the demo's random ones, or `load_params` of the
+        checkpoint (what `gemma3n export` writes)."""
+        if self.checkpoint is None:
+            return demo_params(self.model)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', HFSoftcapWarning)     # as in load()
+            return load_params(self.checkpoint, model=self.model, dtype=self.model.dtype,
+                               progress=progress)
+
+
+def demo_params(model: Gemma3nTransformer) -> Any:
+    """Random weights of the demo `model` (the same every time: seed DEMO_SEED)."""
+    tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
+    return jax.jit(model.init)(jax.random.key(DEMO_SEED), tokens)['params']
 
 
 def load(

@@ -19,7 +19,7 @@ from gemma3n.checkpoints.safetensors_hf import config_file
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
 from gemma3n.cli.sampling import sampling_method
 from gemma3n.loaded_model import LoadedModel
-from gemma3n.loading import DEMO, check_vision, default_dtype, prepare
+from gemma3n.loading import DEMO, LoadPlan, check_vision, default_dtype, prepare
 from gemma3n.text.sampler import DEFAULT_MAX_OUT_LENGTH
 from gemma3n.text.sampling import Greedy
 from gemma3n.text.tokenizer import default_tokenizer_path
@@ -53,15 +53,15 @@ def tokenizer_path(args: argparse.Namespace) -> Path:
     return default_tokenizer_path() if args.tokenizer is None else Path(args.tokenizer).expanduser()
 
 
-def load_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None,
-               with_vision: bool = False) -> LoadedModel:
-    """The model, weights and tokenizer the options ask for (random weights for the demo).
+def plan_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None,
+               with_vision: bool = False) -> LoadPlan:
+    """The load the options ask for, checked (nothing is read yet).
 
     `checkpoint`: --checkpoint already opened (by `image_options`).
     """
     plan = prepare(checkpoint or args.checkpoint, model=args.model, dtype=args.dtype,
-                   quantize='int8' if args.int8 else None, tokenizer=args.tokenizer,
-                   with_vision=with_vision, hf_softcap=args.hf_softcap)
+                   quantize='int8' if getattr(args, 'int8', False) else None,
+                   tokenizer=args.tokenizer, with_vision=with_vision, hf_softcap=args.hf_softcap)
     if plan.unused_softcap is not None:
         # Capping is monotone: only sampling sees it.
         greedy = isinstance(sampling_method(args.temperature, args.top_k, args.top_p), Greedy)
@@ -69,6 +69,14 @@ def load_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None
                    '%s caps the final logits at %s; like Google\'s reference implementation '
                    'this program does not, so sampled answers differ from transformers\' unless '
                    'you pass --hf-softcap', config_file(plan.checkpoint.path), plan.unused_softcap)
+    return plan
+
+
+def load_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None,
+               with_vision: bool = False) -> LoadedModel:
+    """The model, weights and tokenizer the options ask for (random weights for the demo);
+    arguments as for `plan_model`."""
+    plan = plan_model(args, checkpoint=checkpoint, with_vision=with_vision)
     if plan.checkpoint is not None:
         return plan.load()
     sys.stderr.write(DEMO_NOTICE + '\n')
