@@ -230,7 +230,7 @@ def prepare(
             does (the reference does not cap: only sampled answers differ).
     """
     # Later options (a device mesh for sharding, the released audio and MobileNet towers) join
-    # these keyword arguments and the plan: see docs/architecture.md §7.
+    # these keyword arguments and the plan: see docs/architecture.md §10.
     if quantize is not None and quantize not in QUANTIZE_FORMATS:
         raise LoadError('{quantize} is not a quantization format: use None or '
                         f'{", ".join(map(repr, QUANTIZE_FORMATS))}', {'quantize': quantize})
