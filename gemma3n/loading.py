@@ -116,16 +116,19 @@ class LoadPlan:
         return LoadedModel(self.name, model, params, self.tokenizer, per_layer_table=table,
                            checkpoint=self.checkpoint, quantize=self.quantize)
 
-    def tree(self, *, progress: bool = True) -> dict[str, Any]:
+    def tree(self, *, dtype: Any = 'model', progress: bool = True) -> dict[str, Any]:
         """The weights as a plain parameter tree in the checkpoint layout, the per-layer table
         included and `quantize` not applied: the demo's random ones, or `load_params` of the
-        checkpoint (what `gemma3n export` writes)."""
+        checkpoint (what `gemma3n export` writes and `gemma3n finetune` starts from).
+
+        `dtype`: of a checkpoint's leaves; 'model': the model's, None: as stored.
+        """
         if self.checkpoint is None:
             return demo_params(self.model)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', HFSoftcapWarning)     # as in load()
-            return load_params(self.checkpoint, model=self.model, dtype=self.model.dtype,
-                               progress=progress)
+            return load_params(self.checkpoint, model=self.model, progress=progress,
+                               dtype=self.model.dtype if dtype == 'model' else dtype)
 
 
 def demo_params(model: Gemma3nTransformer) -> Any:
@@ -230,7 +233,7 @@ def prepare(
             does (the reference does not cap: only sampled answers differ).
     """
     # Later options (a device mesh for sharding, the released audio and MobileNet towers) join
-    # these keyword arguments and the plan: see docs/architecture.md §10.
+    # these keyword arguments and the plan: see docs/architecture.md §11.
     if quantize is not None and quantize not in QUANTIZE_FORMATS:
         raise LoadError('{quantize} is not a quantization format: use None or '
                         f'{", ".join(map(repr, QUANTIZE_FORMATS))}', {'quantize': quantize})

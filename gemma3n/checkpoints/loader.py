@@ -26,7 +26,8 @@ import numpy as np
 import tqdm
 
 from gemma3n.checkpoints import hf_mapping
-from gemma3n.checkpoints.native import is_native, native_catalog, native_read
+from gemma3n.checkpoints.flat_params import unflatten_params
+from gemma3n.checkpoints.native import is_native, native_catalog, native_file, native_read
 from gemma3n.checkpoints.orbax_io import ORBAX_MARKERS, is_orbax_checkpoint, orbax_catalog, orbax_restore
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.checkpoints.safetensors_hf import (INDEX_FILE, SINGLE_FILE, is_hf_directory, load_hf_params,
@@ -66,7 +67,8 @@ class Checkpoint:
     """
     path: Path
     format: str                                  # HF_FORMAT, ORBAX_FORMAT or NATIVE_FORMAT
-    hf_config: dict[str, Any] | None = None      # config.json (HF format only; None: there is none)
+    # config.json beside a Hugging Face checkpoint or in a checkpoint folder of ours (None: none)
+    hf_config: dict[str, Any] | None = None
 
 
 def open_checkpoint(path: str | os.PathLike | Checkpoint) -> Checkpoint:
@@ -74,9 +76,11 @@ def open_checkpoint(path: str | os.PathLike | Checkpoint) -> Checkpoint:
     FileNotFoundError / ValueError naming `path` when there is none or its format is unknown."""
     if isinstance(path, Checkpoint):
         return path
-    path = Path(path).expanduser()
+    path = native_file(Path(path).expanduser())
     checkpoint = checkpoint_format(path)
-    return Checkpoint(path, checkpoint, read_hf_config(path) if checkpoint == HF_FORMAT else None)
+    # A checkpoint folder of our format (what fine-tuning writes) has a config.json too.
+    hf_config = read_hf_config(path) if checkpoint in (HF_FORMAT, NATIVE_FORMAT) else None
+    return Checkpoint(path, checkpoint, hf_config)
 
 
 def load_params(
@@ -128,7 +132,7 @@ def load_params(
             check_finite(f'Array {name} of {path}', flat[name])
             if transform is not None:
                 flat[name] = transform(name, flat.pop(name))
-        return hf_mapping.unflatten_params(flat)
+        return unflatten_params(flat)
     files = SafetensorsFiles([path])
     catalog = native_catalog(files)
     names = _select(catalog, config, text_only, path, skip)
@@ -136,11 +140,12 @@ def load_params(
     with tqdm.tqdm(total=sum(sizes.values()), desc=f'Loading {path.name}', unit='param', unit_scale=True,
                    disable=not progress) as bar:
         largest_first = sorted(names, key=lambda n: -sizes[n])
-        return hf_mapping.unflatten_params(native_read(files, largest_first, dtype, bar.update, transform))
+        return unflatten_params(native_read(files, largest_first, dtype, bar.update, transform))
 
 
 def checkpoint_format(path: Path) -> str:
     """HF_FORMAT, ORBAX_FORMAT or NATIVE_FORMAT; FileNotFoundError / ValueError naming `path` otherwise."""
+    path = native_file(path)
     if not path.exists():
         raise FileNotFoundError(f'Checkpoint not found: {path}')
     if path.is_dir():

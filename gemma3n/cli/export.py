@@ -10,7 +10,7 @@ from gemma3n.checkpoints.hf_export import check_export_directory, save_hf
 from gemma3n.cli.console import COMPILING_DEMO, compiling, logger
 from gemma3n.cli.model import plan_model
 from gemma3n.loaded_model import MODEL_NAMES
-from gemma3n.loading import TOKENIZER_FILE
+from gemma3n.loading import DTYPES, TOKENIZER_FILE
 
 GIGABYTE = 1e9
 
@@ -20,12 +20,14 @@ def run_export(args: argparse.Namespace) -> int:
     tokenizer beside it, and prints what was written."""
     out = check_export_directory(args.out)      # before any weights are read
     plan = plan_model(args)
+    # An export keeps the weights' own dtype unless --dtype asks: it is no place to lose bits.
+    dtype = None if args.dtype is None else DTYPES[args.dtype]
     if plan.checkpoint is None:
         with compiling(COMPILING_DEMO):
             params = plan.tree()
     else:
-        params = plan.tree()
-    files = save_hf(out, params, plan.model.config, dtype=plan.model.dtype)
+        params = plan.tree(dtype=dtype)
+    files = save_hf(out, params, plan.model.config, dtype=dtype)
     shutil.copyfile(plan.tokenizer.path, out / TOKENIZER_FILE)
     size = sum(path.stat().st_size for path in files)
     logger.info('tokenizer %s copied', plan.tokenizer.path)

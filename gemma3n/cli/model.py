@@ -63,8 +63,10 @@ def plan_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None
                    quantize='int8' if getattr(args, 'int8', False) else None,
                    tokenizer=args.tokenizer, with_vision=with_vision, hf_softcap=args.hf_softcap)
     if plan.unused_softcap is not None:
-        # Capping is monotone: only sampling sees it.
-        greedy = isinstance(sampling_method(args.temperature, args.top_k, args.top_p), Greedy)
+        # Capping is monotone: only sampling sees it. A command without sampling options
+        # (export, finetune) passes the choice on to whoever samples its output, so it warns too.
+        greedy = hasattr(args, 'temperature') and isinstance(
+            sampling_method(args.temperature, args.top_k, args.top_p), Greedy)
         logger.log(logging.INFO if greedy else logging.WARNING,
                    '%s caps the final logits at %s; like Google\'s reference implementation '
                    'this program does not, so sampled answers differ from transformers\' unless '
