@@ -55,8 +55,8 @@ def hf_masks(batch: dict[str, np.ndarray], window: int) -> dict[str, torch.Tenso
     return {'full_attention': additive(allowed), 'sliding_attention': additive(allowed & near)}
 
 
-def hf_loss_and_grads(cfg, params, batch):
-    hf = make_hf_causal_lm(cfg, params)
+def hf_loss(hf, cfg, batch) -> torch.Tensor:
+    """The mean masked loss of `hf` (a Gemma3nForCausalLM, or a peft model around one)."""
     logits = hf(input_ids=torch.from_numpy(batch['input']).long(),
                 position_ids=torch.from_numpy(batch['positions']).long(),
                 attention_mask=hf_masks(batch, cfg.sliding_window_size)).logits
@@ -64,7 +64,12 @@ def hf_loss_and_grads(cfg, params, batch):
         logits.reshape(-1, logits.shape[-1]), torch.from_numpy(batch['target']).long().reshape(-1),
         reduction='none')
     mask = torch.from_numpy(batch['loss_mask']).reshape(-1).float()
-    loss = (losses * mask).sum() / mask.sum()
+    return (losses * mask).sum() / mask.sum()
+
+
+def hf_loss_and_grads(cfg, params, batch):
+    hf = make_hf_causal_lm(cfg, params)
+    loss = hf_loss(hf, cfg, batch)
     loss.backward()
     grads = {name: (np.zeros(p.shape, np.float32) if p.grad is None else p.grad.numpy())
              for name, p in hf.named_parameters()}

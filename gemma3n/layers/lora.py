@@ -1,0 +1,94 @@
+"""LoRA: a frozen projection weight plus a trainable low-rank update, as one params leaf.
+
+`LoRAWeight(base, a, b, scale, in_axes, stacked)` applies `base` (any projection leaf: a plain
+array, a `ServingWeight`, an int8 `QuantizedWeight`) through the existing `contract` dispatch
+and adds `scale · (x·a)·b`, its einsums built from the call site's own einsum letters, so no
+module changes. The factors are laid out from the weight's checkpoint axes:
+
+- the first `stacked` axes hold independent matrices (kv_einsum's K and V, gating_einsum's gate
+  and up): each gets its own adapter, and a half without one holds zero factors, which receive
+  zero gradient and so stay exactly zero;
+- a: [stacked..., in..., rank] reads the weight's input axes `in_axes`;
+- b: [stacked..., rank, out...] writes every other axis, in checkpoint order (q_einsum's heads
+  count as outputs, as in the Hugging Face q_proj whose rows are heads x head_dim).
+
+Example:
+    >>> w = LoRAWeight(base=q_w, a=a, b=b, scale=2.0, in_axes=(1,), stacked=0)  # q [N, D, H]
+    >>> contract('BTD,NDH->BTNH', x, w)    # x·q_w + 2·(x·a)·b, a [D, r], b [r, N, H]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from gemma3n.layers.einsum import StoredWeight, contract
+
+
+def _fresh_letter(used: str) -> str:
+    return next(c for c in 'RZYXWVUQPO' if c not in used)
+
+
+@flax.struct.dataclass
+class LoRAWeight(StoredWeight):
+    """base: the frozen weight leaf (checkpoint-order shape S); a: [S[:stacked], S[in_axes]...,
+    r]; b: [S[:stacked], r, S[other axes]...]; the weight applied is base + scale · a·b."""
+    base: Any
+    a: jax.Array
+    b: jax.Array
+    scale: float = flax.struct.field(pytree_node=False)
+    in_axes: tuple[int, ...] = flax.struct.field(pytree_node=False)
+    stacked: int = flax.struct.field(pytree_node=False, default=0)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[-1]
+
+    def factor_specs(self, w_spec: str) -> tuple[str, str, str]:
+        """(a's, b's, the rank's) einsum letters for a weight whose axes are named `w_spec`."""
+        r = _fresh_letter(w_spec)
+        stack = w_spec[:self.stacked]
+        inputs = ''.join(w_spec[i] for i in self.in_axes)
+        outputs = ''.join(c for i, c in enumerate(w_spec)
+                          if i >= self.stacked and i not in self.in_axes)
+        return stack + inputs + r, stack + r + outputs, r
+
+    def contract(self, eqn: str, x: jax.Array) -> jax.Array:
+        inputs, out_spec = eqn.split('->')
+        x_spec, w_spec = inputs.split(',')
+        a_spec, b_spec, r = self.factor_specs(w_spec)
+        read = set(a_spec) - set(w_spec[:self.stacked])
+        # x·a keeps x's free axes, the stacked axes and the rank: [x free..., stacked..., r].
+        h_spec = ''.join(c for c in x_spec if c not in read) + ''.join(
+            c for c in w_spec[:self.stacked] if c not in x_spec) + r
+        h = jnp.einsum(f'{x_spec},{a_spec}->{h_spec}', x, self.a.astype(x.dtype),
+                       preferred_element_type=jnp.float32)
+        update = jnp.einsum(f'{h_spec},{b_spec}->{out_spec}', h, self.b.astype(jnp.float32))
+        return contract(eqn, x, self.base) + (self.scale * update).astype(x.dtype)
+
+    def delta(self) -> jax.Array:
+        """scale · a·b in the checkpoint order and shape, float32."""
+        w_spec = ''.join(chr(ord('a') + i) for i in range(len(self.shape)))
+        a_spec, b_spec, _ = self.factor_specs(w_spec.upper())
+        product = jnp.einsum(f'{a_spec},{b_spec}->{w_spec.upper()}',
+                             jnp.asarray(self.a, jnp.float32), jnp.asarray(self.b, jnp.float32))
+        return self.scale * product
+
+    def merge(self) -> jax.Array:
+        """The base with the adapter folded in: float32 sum, stored back in the base's dtype.
+
+        Merging needs the base as a plain checkpoint-order array: merge before converting a
+        tree to the serving layout or int8 (`gemma3n.layout`), which then converts the result.
+        """
+        if isinstance(self.base, StoredWeight):
+            raise ValueError(f'cannot merge a LoRA adapter into a {type(self.base).__name__}: '
+                             'merge into the checkpoint-order weights, then convert them.')
+        base = jnp.asarray(self.base)
+        return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)

@@ -1,0 +1,121 @@
+"""LoRA fine-tuning as a `ParamSplit`: only low-rank factors train, the base stays frozen.
+
+`split` draws the factors of every targeted weight (PEFT's initialisation: `a` uniform in
+±1/sqrt(fan_in), as torch's nn.Linear default gives lora_A; `b` zeros, so training starts from
+the base model exactly); `combine` wraps each targeted base leaf, whatever its representation
+(bfloat16, float32, int8), in a `LoRAWeight`; `export` merges the adapters into the base.
+Targets are named as PEFT names them for Gemma (`gemma3n.checkpoints.peft_adapter.LORA_TARGETS`)
+and found through the Hugging Face mapping; a half of a stacked weight (k_proj of kv_einsum)
+that is not targeted holds zero factors, which get zero gradients and stay zero. Dropout on the
+adapter input is not supported (PEFT's lora_dropout 0).
+
+Example:
+    >>> split = LoRA(config, rank=8, alpha=16, targets=('q_proj', 'v_proj'))
+    >>> trainable, frozen = split.split(params)     # trainable: {path/lora_a, path/lora_b}
+    >>> model.apply({'params': split.combine(trainable, frozen)}, tokens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
+from gemma3n.checkpoints.peft_adapter import LORA_TARGETS, Slot, check_targets, target_slots
+from gemma3n.config import TransformerConfig
+from gemma3n.layers.lora import LoRAWeight
+
+A_NAME, B_NAME = 'lora_a', 'lora_b'
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """rank, alpha (scale alpha / rank), the PEFT targets, the seed of the factors;
+    `initial`: {path: (a, b)} to start from instead (a loaded adapter)."""
+    config: TransformerConfig = dataclasses.field(repr=False)
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = LORA_TARGETS
+    seed: int = 0
+    initial: Mapping[str, tuple[Any, Any]] | None = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f'LoRA rank must be at least 1, got {self.rank}.')
+        check_targets(tuple(self.targets))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def slots(self) -> dict[str, list[Slot]]:
+        """{path: its targeted slots} of the targeted weights."""
+        by_path: dict[str, list[Slot]] = {}
+        for slot in target_slots(self.config, tuple(self.targets)):
+            by_path.setdefault(slot.path, []).append(slot)
+        return by_path
+
+    def split(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        flat = flatten_params(params)
+        trainable = {}
+        key = jax.random.key(self.seed)
+        for index, (path, slots) in enumerate(self.slots().items()):
+            if path not in flat or tuple(flat[path].shape) != slots[0].shape:
+                raise ValueError(f'LoRA target {path} {slots[0].shape} is not in the parameters '
+                                 'or has another shape: the params do not match the config.')
+            if self.initial is not None:
+                a, b = self._initial(path, slots[0])
+            else:
+                a, b = self._draw(jax.random.fold_in(key, index), slots)
+            trainable[f'{path}/{A_NAME}'], trainable[f'{path}/{B_NAME}'] = a, b
+        return unflatten_params(trainable), params
+
+    def _draw(self, key: jax.Array, slots: list[Slot]) -> tuple[jax.Array, jax.Array]:
+        slot = slots[0]
+        stack = slot.shape[:slot.stacked]
+        bound = 1.0 / math.sqrt(math.prod(slot.in_shape))
+        a = jax.random.uniform(key, stack + slot.in_shape + (self.rank,), jnp.float32,
+                               -bound, bound)
+        if slot.stacked:    # halves without an adapter keep zero factors
+            targeted = np.zeros(stack, bool)
+            targeted[[s.half for s in slots]] = True
+            a = jnp.where(jnp.asarray(targeted).reshape(stack + (1,) * (a.ndim - 1)), a, 0.0)
+        b = jnp.zeros(stack + (self.rank,) + slot.out_shape, jnp.float32)
+        return a, b
+
+    def _initial(self, path: str, slot: Slot) -> tuple[jax.Array, jax.Array]:
+        if path not in self.initial:
+            raise ValueError(f'the initial adapter has no factors for {path}.')
+        a, b = (jnp.asarray(f, jnp.float32) for f in self.initial[path])
+        stack = slot.shape[:slot.stacked]
+        if (a.shape, b.shape) != (stack + slot.in_shape + (self.rank,),
+                                  stack + (self.rank,) + slot.out_shape):
+            raise ValueError(f'the initial adapter of {path} has shapes {a.shape}, {b.shape}, '
+                             f'not those of rank {self.rank} on {slot.shape}.')
+        return a, b
+
+    def combine(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
+        flat = flatten_params(frozen)
+        factors = flatten_params(trainable)
+        for path, slots in self.slots().items():
+            flat[path] = LoRAWeight(base=flat[path], a=factors[f'{path}/{A_NAME}'],
+                                    b=factors[f'{path}/{B_NAME}'], scale=self.scale,
+                                    in_axes=slots[0].in_axes, stacked=slots[0].stacked)
+        return unflatten_params(flat)
+
+    def export(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
+        """The base with every adapter merged (`LoRAWeight.merge`)."""
+        return jax.tree.map(lambda leaf: leaf.merge() if isinstance(leaf, LoRAWeight) else leaf,
+                            self.combine(trainable, frozen),
+                            is_leaf=lambda leaf: isinstance(leaf, LoRAWeight))
+
+    def factors(self, trainable: dict[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{path: (a, b)} as numpy, what `peft_adapter.save_adapter` writes."""
+        flat = flatten_params(trainable)
+        return {path: (np.asarray(flat[f'{path}/{A_NAME}']), np.asarray(flat[f'{path}/{B_NAME}']))
+                for path in self.slots()}
