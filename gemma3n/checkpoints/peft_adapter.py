@@ -123,7 +123,7 @@ def save_adapter(directory: str | os.PathLike, factors: Mapping[str, tuple[Any, 
 
 @dataclasses.dataclass
 class Adapter:
-    """A loaded adapter: rank, alpha, scale (alpha / rank; rsLoRA: alpha / sqrt(rank)), the
+    """A loaded adapter: rank, alpha, scale (alpha / rank), the
     targets, the base it names, and {path: (a, b)} in our layout (zeros on halves without an
     adapter)."""
     rank: int
@@ -177,8 +177,7 @@ def load_adapter(directory: str | os.PathLike, config: TransformerConfig) -> Ada
             a_all[slot.half], b_all[slot.half] = a, b
             a, b = a_all, b_all
         factors[slot.path] = (a, b)
-    scale = alpha / (math.sqrt(rank) if settings.get('use_rslora') else rank)
-    return Adapter(rank, alpha, scale, targets, settings.get('base_model_name_or_path'), factors)
+    return Adapter(rank, alpha, alpha / rank, targets, settings.get('base_model_name_or_path'), factors)
 
 
 def empty_factors(slot: Slot, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +193,7 @@ def _check_settings(settings: dict[str, Any], directory: Path) -> None:
     if not isinstance(settings.get('target_modules'), list):
         raise ValueError(f'{directory}: target_modules must be a list of module names '
                          f'({", ".join(LORA_TARGETS)}), not {settings.get("target_modules")!r}.')
-    unsupported = [name for name in ('use_dora', 'fan_in_fan_out', 'modules_to_save',
+    unsupported = [name for name in ('use_dora', 'use_rslora', 'fan_in_fan_out', 'modules_to_save',
                                      'rank_pattern', 'alpha_pattern', 'layers_to_transform')
                    if settings.get(name)]
     if unsupported or settings.get('bias', 'none') != 'none':

@@ -8,7 +8,8 @@ import sys
 
 from gemma3n.checkpoints.hf_export import check_export_directory, save_hf
 from gemma3n.cli.console import COMPILING_DEMO, compiling, logger
-from gemma3n.cli.model import plan_model
+from gemma3n.cli.model import plan_model, read_adapter
+from gemma3n.training.lora import apply_adapter
 from gemma3n.loaded_model import MODEL_NAMES
 from gemma3n.loading import DTYPES, TOKENIZER_FILE
 
@@ -20,6 +21,7 @@ def run_export(args: argparse.Namespace) -> int:
     tokenizer beside it, and prints what was written."""
     out = check_export_directory(args.out)      # before any weights are read
     plan = plan_model(args)
+    adapter = read_adapter(args, plan.model.config)
     # An export keeps the weights' own dtype unless --dtype asks: it is no place to lose bits.
     dtype = None if args.dtype is None else DTYPES[args.dtype]
     if plan.checkpoint is None:
@@ -27,6 +29,8 @@ def run_export(args: argparse.Namespace) -> int:
             params = plan.tree()
     else:
         params = plan.tree(dtype=dtype)
+    if adapter is not None:
+        params = apply_adapter(adapter, plan.model.config, params, merge=True)
     files = save_hf(out, params, plan.model.config, dtype=dtype)
     shutil.copyfile(plan.tokenizer.path, out / TOKENIZER_FILE)
     size = sum(path.stat().st_size for path in files)

@@ -1,4 +1,5 @@
-"""`gemma3n finetune`: full fine-tuning of a checkpoint (or of the demo model) on JSONL chat data.
+"""`gemma3n finetune`: full or LoRA fine-tuning of a checkpoint (or of the demo model) on JSONL
+chat data.
 
 The options are one table (`FINETUNE_OPTIONS`): a new one (e.g. LoRA's `--lora-rank`) is one
 more row, read by `finetune_options` from `args` by its destination name.
@@ -14,9 +15,11 @@ from typing import Any
 import tqdm
 
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
+from gemma3n.checkpoints.peft_adapter import LORA_TARGETS
 from gemma3n.cli.model import DEMO_NOTICE, plan_model
 from gemma3n.training.data import LossOn
 from gemma3n.training.finetune import FinetuneOptions, FinetuneRun
+from gemma3n.training.lora import LoRA
 from gemma3n.training.packing import TooLong
 
 # (flags, argparse keywords): the options of the run, beyond the model's.
@@ -61,6 +64,16 @@ FINETUNE_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (('--freeze',), dict(action='append', default=[], metavar='PATTERN',
                          help='keep the weights whose path matches PATTERN (fnmatch, e.g. '
                               '"embedder/*") fixed; repeatable')),
+    (('--lora-rank',), dict(type='positive', metavar='R',
+                            help='train a LoRA adapter of rank R instead of the weights: --out '
+                                 'gets a PEFT adapter folder (run it with --checkpoint BASE '
+                                 '--adapter OUT)')),
+    (('--lora-alpha',), dict(type=float, metavar='A',
+                             help='LoRA scale numerator: the update is (A / R)·B·A '
+                                  '(default 2R)')),
+    (('--lora-targets',), dict(metavar='NAMES', default=','.join(LORA_TARGETS),
+                               help='comma-separated modules to adapt, named as PEFT names them '
+                                    f'(default: all of {",".join(LORA_TARGETS)})')),
     (('--remat',), dict(action='store_true',
                         help='recompute each layer\'s activations in the backward pass: less '
                              'memory, ~1/3 more compute')),
@@ -95,13 +108,28 @@ def finetune_options(args: argparse.Namespace) -> FinetuneOptions:
         eval_every=args.eval_every)
 
 
+def lora_split(args: argparse.Namespace, config: Any) -> LoRA | None:
+    """The LoRA the options ask for (None: full fine-tuning); ValueError naming a bad option."""
+    if args.lora_rank is None:
+        if args.lora_alpha is not None:
+            raise ValueError('--lora-alpha needs --lora-rank.')
+        return None
+    if args.freeze:
+        raise ValueError('--freeze applies to full fine-tuning; LoRA trains only its adapters.')
+    alpha = 2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha
+    targets = tuple(name.strip() for name in args.lora_targets.split(',') if name.strip())
+    return LoRA(config, rank=args.lora_rank, alpha=alpha, targets=targets, seed=args.seed)
+
+
 def run_finetune(args: argparse.Namespace) -> int:
     options = finetune_options(args)
     # The model (its dtype: the compute dtype), the tokenizer and the checkpoint to start from
     # (None: the demo's random weights); no weights read yet.
     plan = plan_model(args)
     out = Path(args.out).expanduser()
-    run = FinetuneRun(plan.model, plan.tokenizer, options, out, resume=args.resume)
+    run = FinetuneRun(plan.model, plan.tokenizer, options, out, resume=args.resume,
+                      split=lora_split(args, plan.model.config),
+                      base=None if plan.checkpoint is None else str(Path(plan.checkpoint.path).resolve()))
     if plan.checkpoint is None:
         sys.stderr.write(DEMO_NOTICE + '\n')
         with compiling(COMPILING_DEMO):
@@ -128,8 +156,12 @@ def run_finetune(args: argparse.Namespace) -> int:
                          f'{result.losses[-1][0]})\n')
     if result.eval_losses:
         sys.stderr.write(f'{PROG}: eval loss {result.eval_losses[-1][1]:.4f}\n')
+    if args.lora_rank is None:
+        saved, usage = 'fine-tuned model', f'--checkpoint {out}'
+    else:
+        base = '' if plan.checkpoint is None else f' --checkpoint {plan.checkpoint.path}'
+        saved, usage = 'LoRA adapter', f'{base} --adapter {out}'.strip()
     sys.stderr.write(f'{PROG}: loss curves: {result.plot}\n'
-                     f'{PROG}: fine-tuned model saved in {out}: try it with `{PROG} chat '
-                     f'--checkpoint {out}`\n')
+                     f'{PROG}: {saved} saved in {out}: try it with `{PROG} chat {usage}`\n')
     return 0
 

@@ -11,10 +11,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from gemma3n.checkpoints.loader import Checkpoint
+from gemma3n.checkpoints.peft_adapter import Adapter, load_adapter
 from gemma3n.checkpoints.safetensors_hf import config_file
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
 from gemma3n.cli.sampling import sampling_method
@@ -23,6 +25,7 @@ from gemma3n.loading import DEMO, LoadPlan, check_vision, default_dtype, prepare
 from gemma3n.text.sampler import DEFAULT_MAX_OUT_LENGTH
 from gemma3n.text.sampling import Greedy
 from gemma3n.text.tokenizer import default_tokenizer_path
+from gemma3n.training.lora import apply_adapter
 from gemma3n.vision.preprocess import image_file_size, load_image
 
 DEMO_MAX_NEW_TOKENS = 32          # the demo only shows that the pipeline runs: keep it quick
@@ -79,11 +82,28 @@ def load_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None
     """The model, weights and tokenizer the options ask for (random weights for the demo);
     arguments as for `plan_model`."""
     plan = plan_model(args, checkpoint=checkpoint, with_vision=with_vision)
+    adapter = read_adapter(args, plan.model.config)
     if plan.checkpoint is not None:
-        return plan.load()
-    sys.stderr.write(DEMO_NOTICE + '\n')
-    with compiling(COMPILING_DEMO):
-        return plan.load()
+        loaded = plan.load()
+    else:
+        sys.stderr.write(DEMO_NOTICE + '\n')
+        with compiling(COMPILING_DEMO):
+            loaded = plan.load()
+    if adapter is not None:
+        loaded.params = apply_adapter(adapter, loaded.config, loaded.params)
+    return loaded
+
+
+def read_adapter(args: argparse.Namespace, config: Any) -> Adapter | None:
+    """The --adapter of the options, checked against `config` (before any weights are read);
+    None without one."""
+    if getattr(args, 'adapter', None) is None:
+        return None
+    adapter = load_adapter(Path(args.adapter).expanduser(), config)
+    logger.info('LoRA adapter %s: rank %d, alpha %g, %s (trained on %s)', args.adapter,
+                adapter.rank, adapter.alpha, ','.join(adapter.targets),
+                adapter.base or 'the demo model')
+    return adapter
 
 
 def read_images(paths: Sequence[str]) -> list[np.ndarray]:

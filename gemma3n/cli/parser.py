@@ -88,12 +88,20 @@ def _add_checkpoint_options(group: argparse._ArgumentGroup) -> None:
                             'not greedy ones')
 
 
+def _add_adapter_option(group: argparse._ArgumentGroup, action: str) -> None:
+    group.add_argument('--adapter', metavar='DIR',
+                       help=f'a LoRA adapter in the PEFT format (adapter_config.json and '
+                            f'adapter_model.safetensors, as `finetune --lora-rank` writes) '
+                            f'for --checkpoint: {action}')
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the `gemma3n` command (its subcommands set `args.run`)."""
     model_options = _model_options(running=True)
     run_options = _Parser(add_help=False)
     group = run_options.add_argument_group('weights and sampling')
     _add_checkpoint_options(group)
+    _add_adapter_option(group, 'run with it')
     group.add_argument('--int8', action='store_true',
                        help='quantize the large weights to int8 (one scale per output channel) '
                             'at load: about half the memory and faster decoding, slightly less '
@@ -155,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                     'computes the same logits with, and the tokenizer beside it.')
     group = export.add_argument_group('weights')
     _add_checkpoint_options(group)
+    _add_adapter_option(group, 'exported merged into the weights')
     group.add_argument('--out', required=True, metavar='DIR',
                        help='a new or empty directory for config.json and the safetensors files')
     # Nothing is sampled: a checkpoint's softcap note is then informational (shown with -v).
@@ -162,9 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = commands.add_parser(
         'finetune', parents=[_model_options(running=False)],
-        help='fine-tune all weights on JSONL chat data',
+        help='fine-tune all weights (or a LoRA adapter) on JSONL chat data',
         description='Fine-tune a checkpoint (without --checkpoint: the demo model) on chat data; '
-                    'the result is a checkpoint folder that `generate` and `chat` run.')
+                    'the result is a checkpoint folder that `generate` and `chat` run (with '
+                    '--lora-rank: an adapter folder they run with --adapter).')
     _add_checkpoint_options(finetune.add_argument_group('weights'))
     add_finetune_options(finetune, {'positive': _positive_int,
                                     'whole': _whole_number(0, INT32_MAX)})

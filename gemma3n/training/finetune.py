@@ -27,12 +27,14 @@ import numpy as np
 
 from gemma3n.checkpoints.hf_config import check_representable
 from gemma3n.checkpoints.native import save_checkpoint_folder
+from gemma3n.checkpoints.peft_adapter import save_adapter
 from gemma3n.layers import special_ids
 from gemma3n.text.tokenizer import Tokenizer
 from gemma3n.training.checkpointing import (STATE_FOLDER, StateStore, check_run_config,
                                             claim_run_folder)
 from gemma3n.training.data import LossOn, read_jsonl
 from gemma3n.training.optimizer import OptimizerConfig
+from gemma3n.training.lora import LoRA
 from gemma3n.training.packing import Rows, TooLong
 from gemma3n.training.param_split import FullFineTuning, ParamSplit, cast_floating
 from gemma3n.training.plot import plot_losses, pyplot
@@ -111,7 +113,8 @@ class FinetuneRun:
     Creating it checks every input (data files, options, freeze patterns, the folder against
     `resume`) and tokenises the data, before any weight is read or program compiled; `run`
     then trains from the given weights. `split` chooses what trains (default: every weight but
-    `options.freeze`; adapters such as LoRA are another `ParamSplit`).
+    `options.freeze`); with a `LoRA` split the result is a PEFT adapter folder naming `base`
+    (the checkpoint trained on; None: the demo model) instead of a checkpoint.
 
     Example:
         >>> run = FinetuneRun(model, tokenizer, options, Path('out'))
@@ -119,8 +122,9 @@ class FinetuneRun:
     """
 
     def __init__(self, model: Any, tokenizer: Tokenizer, options: FinetuneOptions, out: Path,
-                 *, resume: bool = False, split: ParamSplit | None = None):
-        self.out, self.options = Path(out).expanduser(), options
+                 *, resume: bool = False, split: ParamSplit | None = None,
+                 base: str | None = None):
+        self.out, self.options, self.base = Path(out).expanduser(), options, base
         self.tokenizer, self.resume = tokenizer, resume
         pyplot()
         self.model = model.clone(remat=options.remat, **MODEL_KEYS)
@@ -195,9 +199,14 @@ class FinetuneRun:
                         result.eval_losses.append((step, loss))
         finally:
             store.close()
-        final = cast_floating(self.split.export(state.trainable, frozen), self.model.dtype)
-        save_checkpoint_folder(jax.tree.map(np.asarray, final), self.model.config, out,
-                               tokenizer_file=self.tokenizer.path)
+        if isinstance(self.split, LoRA):
+            save_adapter(out, self.split.factors(state.trainable), self.model.config,
+                         rank=self.split.rank, alpha=self.split.alpha,
+                         targets=tuple(self.split.targets), base=self.base)
+        else:
+            final = cast_floating(self.split.export(state.trainable, frozen), self.model.dtype)
+            save_checkpoint_folder(jax.tree.map(np.asarray, final), self.model.config, out,
+                                   tokenizer_file=self.tokenizer.path)
         result.plot = plot_losses(metrics_path, out / PLOT_FILE)
         return result
 

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
-from gemma3n.checkpoints.peft_adapter import LORA_TARGETS, Slot, check_targets, target_slots
+from gemma3n.checkpoints.peft_adapter import (LORA_TARGETS, Adapter, Slot, check_targets,
+                                              target_slots)
 from gemma3n.config import TransformerConfig
 from gemma3n.layers.lora import LoRAWeight
 
@@ -119,3 +120,13 @@ class LoRA:
         flat = flatten_params(trainable)
         return {path: (np.asarray(flat[f'{path}/{A_NAME}']), np.asarray(flat[f'{path}/{B_NAME}']))
                 for path in self.slots()}
+
+
+def apply_adapter(adapter: Adapter, config: TransformerConfig, params: dict[str, Any], *,
+                  merge: bool = False) -> dict[str, Any]:
+    """`params` (any representation) running `adapter`; `merge`: folded into plain
+    checkpoint-order weights (for export) instead of wrapped."""
+    split = LoRA(config, rank=adapter.rank, alpha=adapter.alpha, targets=adapter.targets,
+                 initial=adapter.factors)
+    trainable, frozen = split.split(params)
+    return (split.export if merge else split.combine)(trainable, frozen)
