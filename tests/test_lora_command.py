@@ -1,0 +1,50 @@
+"""`gemma3n finetune --lora-rank` on the demo model: the adapter learns a made-up chat data set,
+`generate --adapter` answers from it, `export --adapter` merges it, bad options are refused."""
+
+import json
+
+import pytest
+
+from cli_runner import assert_usage_error, cli_env, run_cli
+from gemma3n.checkpoints.peft_adapter import CONFIG_FILE
+from test_finetune import TRAIN, conversations, run_finetune
+
+# 30 steps of 8 rows of 64 tokens at lr 1e-2, rank 16 on all seven targets: the training loss
+# falls from 8.6 to ~0.7 (measured) and the first answer comes out right.
+RUN = ('finetune', '--data', str(TRAIN), '--steps', '30', '--batch-size', '8', '--seq-len', '64',
+       '--lr', '1e-2', '--warmup-steps', '3', '--save-every', '30', '--lora-rank', '16')
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+    return cli_env(tmp_path_factory)
+
+
+def test_lora_adapter_learns_and_runs_merged_or_not(env, tmp_path):
+    out = tmp_path / 'adapter'
+    result = run_finetune(env, *RUN, '--out', str(out))
+    assert result.returncode == 0, result.stderr
+    assert f'LoRA adapter saved in {out}' in result.stderr
+    settings = json.loads((out / CONFIG_FILE).read_text())
+    assert (settings['r'], settings['lora_alpha'], len(settings['target_modules'])) == (16, 32, 7)
+    losses = [json.loads(line)['loss'] for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert losses[0] > 8 and losses[-1] < 1.0
+
+    question, answer = conversations()[0]
+    adapted = run_cli(env, 'generate', '--adapter', str(out), '--max-new-tokens', '16', question)
+    assert adapted.returncode == 0, adapted.stderr
+    assert adapted.stdout.strip() == answer
+    exported = tmp_path / 'merged'
+    result = run_cli(env, 'export', '--adapter', str(out), '--out', str(exported))
+    assert result.returncode == 0, result.stderr
+    merged = run_cli(env, 'generate', '--checkpoint', str(exported), '--max-new-tokens', '16',
+                     question)
+    assert merged.stdout == adapted.stdout
+
+
+def test_bad_lora_options_are_refused(env, tmp_path):
+    result = run_cli(env, *RUN[:-1], '4', '--lora-targets', 'q_proj,qkv', '--out',
+                     str(tmp_path / 'a'))
+    assert_usage_error(result, 'unknown LoRA target', 'qkv', 'down_proj')
+    result = run_cli(env, 'generate', '--adapter', str(tmp_path), 'hi')
+    assert_usage_error(result, 'not a PEFT adapter', 'adapter_config.json')
