@@ -19,7 +19,7 @@ from gemma3n.layout import to_serving
 from gemma3n.text import special_tokens
 from gemma3n.text.chat_format import add_image_markers, format_user_turn
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, Sampler
-from gemma3n.text.sampling import Greedy, RandomSampling, TopkSampling, TopPSampling
+from gemma3n.engine.sampling import Greedy, RandomSampling, TopkSampling, TopPSampling
 from gemma3n.text.tokenizer import default_tokenizer_path
 from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 from gemma3n.vision.preprocess import load_images

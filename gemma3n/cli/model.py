@@ -23,7 +23,7 @@ from gemma3n.loading import (CONFIG_JSON_MODEL, DEMO, DEMO_IS_TEXT_ONLY as LIBRA
                              DTYPES, TOKENIZER_FILE, LoadedModel, build_model, demo_params,
                              load_checkpoint, preset_name)
 from gemma3n.text.sampler import DEFAULT_MAX_OUT_LENGTH
-from gemma3n.text.sampling import Greedy
+from gemma3n.engine.sampling import Greedy
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.vision.preprocess import image_file_size, load_image
