@@ -26,10 +26,9 @@ import jax
 import numpy as np
 
 from gemma3n import cache as kv_cache
-# A module, not its names: the model's modules import `gemma3n.text`, which imports this one.
-from gemma3n import transformer
 from gemma3n.engine.engine import Engine
 from gemma3n.engine.sampling import SamplingMethod
+from gemma3n.layers.special_ids import PAD
 
 
 class Batch:
@@ -84,12 +83,12 @@ class Batch:
 
         Returns tokens [S] (PAD for inactive slots, whose cache is unchanged) and logits [S, V].
         """
-        fed = np.where(self.active, self.pending, transformer.PAD_ID).astype(np.int32)
+        fed = np.where(self.active, self.pending, PAD).astype(np.int32)
         token, logits, self.cache = self.engine.step(fed, self.cache, rng, sampling)
         return self._sampled(token), logits
 
     def _sampled(self, token: jax.Array) -> np.ndarray:
-        new = np.where(self.active, np.asarray(token), transformer.PAD_ID).astype(np.int32)
+        new = np.where(self.active, np.asarray(token), PAD).astype(np.int32)
         self.pending = np.where(self.active, new, self.pending)
         return new
 
@@ -100,5 +99,5 @@ class Batch:
     def free(self, slot: int) -> None:
         """The slot stops decoding and is emptied for another sequence."""
         self.active[slot] = False
-        self.pending[slot] = transformer.PAD_ID
+        self.pending[slot] = PAD
         self.cache = self.engine.free_slot(self.cache, slot)

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n import cache as kv_cache
-# Modules, not names: the model's modules import `gemma3n.text`, which imports this one.
-from gemma3n import multimodal, transformer, validation
+from gemma3n import multimodal, validation
 from gemma3n.embedder import PER_LAYER_TABLE, per_layer_token_ids
+from gemma3n.layers import special_ids
 from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK, check_memory, expand_rows, plan_chunks
 from gemma3n.engine.sampling import SamplingMethod
 
@@ -88,7 +88,7 @@ class Engine:
     def prompt_rows(self, prompt_tokens: Any) -> list[np.ndarray]:
         """Prompts (see `validation.prompt_rows`) as int32 rows; image markers are allowed."""
         return validation.prompt_rows(prompt_tokens, self.vocab_size,
-                                      transformer.IMAGE_MARKER_IDS)
+                                      special_ids.IMAGE_MARKER_IDS)
 
     def vision_encoder(self) -> Any:
         """The model's vision encoder; a ValueError when the model has none."""
