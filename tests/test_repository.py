@@ -32,7 +32,8 @@ LAYERS = (
     ('the generation engine', ('engine',)),
     ('text and generation', ('text',)),
     ('serving', ('serving',)),
-    ('loading and description', ('loading', 'describe')),
+    ('loading and description', ('loading', 'loaded_model', 'load_error', 'describe')),
+    ('training', ('training',)),
     ('the command and the package', ('cli', '__init__', '__main__')),
 )
 PACKAGE = ROOT / 'gemma3n'
@@ -101,4 +102,4 @@ def test_the_import_check_sees_upward_imports(tmp_path):
     assert _imported_modules(source) == {'text.tokenizer', 'cache', '__init__',
                                          'checkpoints.loader', 'cli'}
     assert [_layer_of(m) for m in ('layers.einsum', 'transformer', 'checkpoints.loader', 'text',
-                                   'cli.parser')] == [0, 1, 2, 4, 7]
+                                   'training.step', 'cli.parser')] == [0, 1, 2, 4, 7, 8]

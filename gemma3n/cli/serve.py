@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from gemma3n.cli.console import PROG
-from gemma3n.cli.model import check_vision, load_model, max_new_tokens_of
+from gemma3n.cli.model import load_model, max_new_tokens_of
 from gemma3n.engine.engine import Engine
+from gemma3n.loading import check_vision
 from gemma3n.serving.scheduler import DEFAULT_MAX_WAITING
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH
 
@@ -45,8 +46,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _has_vision(args: argparse.Namespace) -> bool:
     """Whether the model asked for can take images (then the server accepts them)."""
+    if args.text_only:
+        return False
     try:
-        check_vision(args)
+        check_vision(args.checkpoint, args.model)
     except ValueError:
         return False
     return True

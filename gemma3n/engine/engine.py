@@ -29,7 +29,7 @@ import numpy as np
 
 from gemma3n import cache as kv_cache
 from gemma3n import multimodal, validation
-from gemma3n.embedder import PER_LAYER_TABLE, per_layer_token_ids
+from gemma3n.embedder import holds_per_layer_table, per_layer_token_ids, split_per_layer_table
 from gemma3n.layers import special_ids
 from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK, check_memory, expand_rows, plan_chunks
 from gemma3n.engine.sampling import SamplingMethod
@@ -64,13 +64,12 @@ class Engine:
         # The per-layer table (E4B: 2.35B of its 6.8B text parameters) is only ever gathered
         # from: kept on the host, out of the compiled functions' arguments.
         self.host_table = per_layer_table
-        if per_layer_table is not None and PER_LAYER_TABLE in params.get('embedder', {}):
+        if per_layer_table is not None and holds_per_layer_table(params):
             raise ValueError('per_layer_table was given but params also hold the table: load '
                              'them with skip_per_layer_table=True.')
         if per_layer_table_on_host:
-            embedder = dict(params['embedder'])
-            self.host_table = np.asarray(embedder.pop(PER_LAYER_TABLE))
-            self.params = {**params, 'embedder': embedder}
+            self.params, table = split_per_layer_table(params)
+            self.host_table = np.asarray(table)
         self.cache_dtype = cache_dtype or model.dtype
         self.num_traces = {'prefill': 0, 'step': 0}   # how often each function compiled
         self._prefill = jax.jit(self._prefill_fn, donate_argnames=('cache', 'logits'))
