@@ -36,36 +36,25 @@ PROMPT_WORDS = 24                   # each prompt: a distinct run of words, ~30 
 PERCENTILES = (50, 90, 99)
 START_TIMEOUT_S = 600
 WARMUP_TOKENS = 4
+WARMUP_PROMPT = 10 ** 6         # a prompt index no measured stream uses
 
 
 def build_service(size: str, int8: bool, slots: int, cache_length: int, max_tokens: int) -> Any:
     import jax.numpy as jnp
-    from gemma3n.checkpoints import open_per_layer_table
+    import gemma3n
     from gemma3n.engine.engine import Engine
-    from gemma3n.layout import load_serving, to_serving
-    from gemma3n.loading import DEMO, build_model, demo_params
     from gemma3n.serving.app import Service
     from gemma3n.text import special_tokens
     from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
-    from gemma3n.transformer import Gemma3nTransformer
 
     tokenizer = Tokenizer(default_tokenizer_path())
-    table = None
-    if size == DEMO:
-        model = build_model(DEMO, dtype=jnp.bfloat16, with_vision=False,
-                            vocab_size=tokenizer.vocab_size)
-        model, params = to_serving(model, demo_params(model), quantize_int8=int8)
-    else:
-        weights = common.ensure_weights(size)
-        model = Gemma3nTransformer(config=common.bench_config(size), text_only=True,
-                                   dtype=jnp.bfloat16)
-        table = open_per_layer_table(weights, model=model)
-        model, params = load_serving(weights, model, dtype=jnp.bfloat16, progress=False,
-                                     quantize_int8=int8, skip_per_layer_table=True)
+    loaded = gemma3n.load(None if size == 'demo' else common.ensure_weights(size),
+                          dtype=jnp.bfloat16, quantize='int8' if int8 else None,
+                          tokenizer=tokenizer, progress=False)
     forbidden = (special_tokens.EOS, special_tokens.END_OF_TURN,
-                 *range(tokenizer.vocab_size, model.config.num_embed))
-    engine = Engine(model, params, per_layer_table=table, forbidden_tokens=forbidden,
-                    cache_dtype=jnp.bfloat16)
+                 *range(tokenizer.vocab_size, loaded.config.num_embed))
+    engine = Engine(loaded.model, loaded.params, per_layer_table=loaded.per_layer_table,
+                    forbidden_tokens=forbidden, cache_dtype=jnp.bfloat16)
     return Service(engine, tokenizer, model_name=size, slots=slots, cache_length=cache_length,
                    max_tokens=max_tokens)
 
@@ -162,7 +151,7 @@ def main() -> None:
     server, url = start_server(service)
     client = openai.OpenAI(base_url=url, api_key='unused', max_retries=0, timeout=3600)
     # Compiles the slot prefill and the step for the batch before anything is timed.
-    one_stream(client, -1, WARMUP_TOKENS)
+    one_stream(client, WARMUP_PROMPT, WARMUP_TOKENS)
     rows, offset = [], 0
     for n in streams:
         rows.append(measure(client, n, args.max_tokens, offset))
