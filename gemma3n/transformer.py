@@ -16,13 +16,9 @@ from gemma3n.attention import KVContext, QueryInfo, take_rows
 from gemma3n.block import Block
 from gemma3n.config import TransformerConfig
 from gemma3n.embedder import Embedder
-from gemma3n.layers import Einsum, RMSNorm, guard
-from gemma3n.text import special_tokens
+from gemma3n.layers import Einsum, RMSNorm, guard, special_ids
 from gemma3n.validation import token_ids
 
-PAD_ID = special_tokens.PAD
-# Ids a tokenizer may produce beyond a small model's vocabulary: the image markers.
-IMAGE_MARKER_IDS = (special_tokens.START_OF_IMAGE, special_tokens.END_OF_IMAGE)
 KEY_REQUIRED = '__KEY_REQUIRED__'
 
 
@@ -171,8 +167,8 @@ class Gemma3nTransformer(nn.Module):
             if positions is not None or attention_mask is not None:
                 raise ValueError('positions and attention_mask cannot be combined with '
                                  'soft_tokens.')
-        tokens = _check_tokens(tokens, cfg.num_embed, IMAGE_MARKER_IDS + (
-            () if soft_tokens is None else (special_tokens.IMAGE_PLACEHOLDER,)))
+        tokens = _check_tokens(tokens, cfg.num_embed, special_ids.IMAGE_MARKER_IDS + (
+            () if soft_tokens is None else (special_ids.IMAGE_PLACEHOLDER,)))
         batch_shape, length = tokens.shape[:-1], tokens.shape[-1]
         tokens = tokens.reshape(-1, length)
         batch = tokens.shape[0]
@@ -189,7 +185,7 @@ class Gemma3nTransformer(nn.Module):
                 tokens, images.shape[1], self.vision_encoder.num_mm_tokens_per_image)
             length = tokens.shape[-1]
 
-        valid = tokens != PAD_ID
+        valid = tokens != special_ids.PAD
         count = jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
         end_index = None
         if cache is not None:
