@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.layers import Einsum, QuantizedWeight, RMSNorm, contract, layout_param, serving_order
+from gemma3n.layers import Einsum, Int4Weight, QuantizedWeight, RMSNorm, contract, layout_param, serving_order
+from gemma3n.layers.int4 import dequantize
 
 INV_SQRT2 = 2 ** -0.5   # token-derived and table per-layer inputs are averaged in RMS
 PER_LAYER_TABLE = 'per_layer_input_embedding'
@@ -75,6 +76,10 @@ class Embedder(nn.Module):
             rows = jnp.take(table.q, tokens, axis=0, mode='clip').astype(jnp.float32)
             scales = jnp.take(table.scale, tokens, axis=0, mode='clip')
             x = (rows * scales[..., None]).astype(self.dtype)
+        elif isinstance(table, Int4Weight):
+            rows = Int4Weight(q=jnp.take(table.q, tokens, axis=0, mode='clip'),
+                              scale=jnp.take(table.scale, tokens, axis=0, mode='clip'))
+            x = dequantize(rows).astype(self.dtype)
         else:
             x = jnp.take(table, tokens, axis=0, mode='clip')
         return x * jnp.sqrt(jnp.float32(self.embed_dim)).astype(x.dtype)

@@ -1,10 +1,11 @@
-"""Inference layouts of a parameter tree: weights re-laid out [out, in], optionally int8.
+"""Inference layouts of a parameter tree: weights re-laid out [out, in], optionally int8 or int4.
 
 Checkpoints keep the reference layout. For decoding on CPU, XLA multiplies bfloat16 weights
 far faster when the contracted (input) axes come last, so every projection is re-laid out once,
 at load, and the large ones can also be quantized to int8 with one scale per output channel
 (half the bytes a decode step reads; activations are then quantized per row at run time, see
-`gemma3n.layers.einsum`). `load_serving` converts each weight as it is read from the
+`gemma3n.layers.einsum`), or to int4 in groups of 32 along the inputs (`gemma3n.layers.int4`:
+a quarter of the bytes plus a float16 scale per group). `load_serving` converts each weight as it is read from the
 checkpoint, so memory never holds the whole model twice; `to_serving` converts a tree already in
 memory. Both return the model that reads the converted tree.
 
@@ -29,8 +30,9 @@ from gemma3n.checkpoints import load_params
 from gemma3n.checkpoints.loader import PER_LAYER_TABLE_PATH
 from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
 from gemma3n.host_arrays import to_device
-from gemma3n.layers import QuantizedWeight, record_layouts
+from gemma3n.layers import Int4Weight, QuantizedWeight, record_layouts
 from gemma3n.layers.einsum import INT8_MAX
+from gemma3n.layers.int4 import INT4_GROUP, fits_int4, quantize_int4
 from gemma3n.transformer import Gemma3nTransformer
 
 # Weights smaller than this stay in their dtype: quantizing them saves nothing measurable.
@@ -80,24 +82,34 @@ def _relayout(w: Any, order: tuple[int, ...]) -> jax.Array:
     return _transpose(w, order)
 
 
-_quantize_rows = jax.jit(functools.partial(quantize, num_leading=1))
+# Quantizers of a [channels, inputs] block, by format.
+_QUANTIZE_ROWS = {'int8': jax.jit(functools.partial(quantize, num_leading=1)),
+                  'int4': jax.jit(functools.partial(quantize_int4, num_leading=1))}
 
 
-def _relayout_quantized(w: Any, order: tuple[int, ...], num_leading: int) -> QuantizedWeight:
-    """`quantize(transpose(w, order), num_leading)`, a chunk of output channels at a time."""
+def _relayout_quantized(w: Any, order: tuple[int, ...], num_leading: int,
+                        fmt: str) -> QuantizedWeight | Int4Weight:
+    """`transpose(w, order)` quantized to `fmt` ('int8' or 'int4') per channel (its first
+    `num_leading` axes), a chunk of channels at a time."""
     moved = _relayout(w, order)
     channels = moved.shape[:num_leading]
     rows = moved.reshape(math.prod(channels), -1)          # [channels, inputs]
     step = max(1, QUANTIZE_CHUNK // rows.shape[1])
-    parts = [_quantize_rows(rows[start:start + step]) for start in range(0, rows.shape[0], step)]
-    return QuantizedWeight(q=jnp.concatenate([p.q for p in parts]).reshape(moved.shape),
-                           scale=jnp.concatenate([p.scale for p in parts]).reshape(channels))
+    parts = [_QUANTIZE_ROWS[fmt](rows[start:start + step])
+             for start in range(0, rows.shape[0], step)]
+    q = jnp.concatenate([p.q for p in parts])
+    scale = jnp.concatenate([p.scale for p in parts])
+    if fmt == 'int4':     # inputs stay flat: [channels..., K / 2] and [channels..., K / 32]
+        return Int4Weight(q=q.reshape(channels + q.shape[1:]),
+                          scale=scale.reshape(channels + scale.shape[1:]))
+    return QuantizedWeight(q=q.reshape(moved.shape), scale=scale.reshape(channels))
 
 
 class ServingConverter:
     """Converts one parameter at a time from the reference layout to the serving layout of
     `model`, on the device: projection weights transposed to [batch..., out..., in...] (the
-    large ones int8 with `quantize_int8`), everything else moved as it is.
+    large ones int8 with `quantize_int8`; int4 with `quantize_int4`, where their inputs hold a
+    multiple of 32 values, else int8), everything else moved as it is.
 
     Usable as the `transform` of `gemma3n.checkpoints.load_params`.
 
@@ -106,15 +118,24 @@ class ServingConverter:
         >>> leaf = convert('layer_0/mlp/linear', np_array)        # a QuantizedWeight
     """
 
-    def __init__(self, model: Gemma3nTransformer, *, quantize_int8: bool = False):
+    def __init__(self, model: Gemma3nTransformer, *, quantize_int8: bool = False,
+                 quantize_int4: bool = False):
         if model.serving_layout:
             raise ValueError('model already uses the serving layout.')
+        if quantize_int8 and quantize_int4:
+            raise ValueError('choose int8 or int4 weights, not both.')
         self.quantize_int8 = quantize_int8
+        self.quantize_int4 = quantize_int4
         self.orders = {'/'.join(path): layout for path, layout in serving_orders(model).items()}
 
-    def quantizes(self, path: str, size: int) -> bool:
-        """Whether the parameter at `path` with `size` values becomes a QuantizedWeight."""
-        return self.quantize_int8 and path in self.orders and size >= MIN_QUANTIZED_SIZE
+    def quantization(self, path: str, shape: tuple[int, ...]) -> str | None:
+        """'int8' or 'int4' if the parameter at `path` of (checkpoint) `shape` is quantized."""
+        if (not (self.quantize_int8 or self.quantize_int4) or path not in self.orders
+                or math.prod(shape) < MIN_QUANTIZED_SIZE):
+            return None
+        order, num_in = self.orders[path]
+        inputs = math.prod(shape[i] for i in order[len(order) - num_in:])
+        return 'int4' if self.quantize_int4 and fits_int4(inputs) else 'int8'
 
     def __call__(self, path: str, w: Any) -> jax.Array | QuantizedWeight:
         layout = self.orders.get(path)
@@ -123,18 +144,21 @@ class ServingConverter:
         order, num_in = layout
         if np.ndim(w) != len(order):
             raise ValueError(f'{path} has rank {np.ndim(w)}, expected {len(order)}.')
-        if self.quantizes(path, np.size(w)):
-            return jax.block_until_ready(_relayout_quantized(w, order, len(order) - num_in))
+        fmt = self.quantization(path, np.shape(w))
+        if fmt is not None:
+            return jax.block_until_ready(
+                _relayout_quantized(w, order, len(order) - num_in, fmt))
         return jax.block_until_ready(_relayout(w, order))
 
 
 def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool = False,
-                   per_layer_table: bool = False) -> int:
+                   quantize_int4: bool = False, per_layer_table: bool = False) -> int:
     """Bytes of the parameters a serving load of `model` in `dtype` holds (jax.eval_shape: no
     memory used); the per-layer table only with `per_layer_table` (it is usually read lazily
     from the checkpoint file)."""
     reference = model.clone(serving_layout=False)
-    convert = ServingConverter(reference, quantize_int8=quantize_int8)
+    convert = ServingConverter(reference, quantize_int8=quantize_int8,
+                               quantize_int4=quantize_int4)
     shapes = jax.eval_shape(reference.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))['params']
     itemsize = np.dtype(dtype).itemsize
     total = 0
@@ -142,7 +166,10 @@ def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool
         if path == PER_LAYER_TABLE_PATH and not per_layer_table:
             continue
         size = math.prod(leaf.shape)
-        if convert.quantizes(path, size):
+        fmt = convert.quantization(path, leaf.shape)
+        if fmt == 'int4':     # two values a byte, a float16 scale per group
+            total += size // 2 + size // INT4_GROUP * np.dtype(np.float16).itemsize
+        elif fmt == 'int8':
             order, num_in = convert.orders[path]
             channels = math.prod(leaf.shape[i] for i in order[:len(order) - num_in])
             total += size * np.dtype(np.int8).itemsize + channels * np.dtype(np.float32).itemsize
@@ -152,14 +179,15 @@ def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool
 
 
 def to_serving(model: Gemma3nTransformer, params: Any, *, quantize_int8: bool = False,
-               consume: bool = False) -> tuple[Gemma3nTransformer, Any]:
+               quantize_int4: bool = False, consume: bool = False
+               ) -> tuple[Gemma3nTransformer, Any]:
     """A serving copy of `model` and `params` (reference layout in, serving layout out, on the
     device).
 
     With `consume=True` the input tree is emptied as its weights are converted, so a full-size
     model needs memory for one extra weight, not a second copy of the model.
     """
-    convert = ServingConverter(model, quantize_int8=quantize_int8)
+    convert = ServingConverter(model, quantize_int8=quantize_int8, quantize_int4=quantize_int4)
     flat = flatten_params(params)
     if consume:
         params.clear()
@@ -172,14 +200,15 @@ def to_serving(model: Gemma3nTransformer, params: Any, *, quantize_int8: bool = 
 
 
 def load_serving(path: str | os.PathLike, model: Gemma3nTransformer, *, dtype: Any = None,
-                 quantize_int8: bool = False, progress: bool = True,
+                 quantize_int8: bool = False, quantize_int4: bool = False, progress: bool = True,
                  skip_per_layer_table: bool = False) -> tuple[Gemma3nTransformer, Any]:
     """The serving copy of `model` and the checkpoint at `path` in its layout, converted weight
     by weight while loading (peak memory: the converted model plus the largest weight).
 
-    Args are those of `gemma3n.checkpoints.load_params`; `quantize_int8` as for `to_serving`.
+    Args are those of `gemma3n.checkpoints.load_params`; `quantize_int8` and `quantize_int4` as
+    for `to_serving`.
     """
-    convert = ServingConverter(model, quantize_int8=quantize_int8)
+    convert = ServingConverter(model, quantize_int8=quantize_int8, quantize_int4=quantize_int4)
     params = load_params(path, model=model, dtype=dtype, progress=progress,
                          skip_per_layer_table=skip_per_layer_table, transform=convert)
     return model.clone(serving_layout=True), params

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable
 
@@ -20,7 +21,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gemma3n.layers import decode_kernels
+from gemma3n.layers import decode_kernels, int4
+from gemma3n.layers.int4 import Int4Weight
 
 Initializer = Callable[..., jax.Array]
 Axes = int | Sequence[int]
@@ -71,7 +73,7 @@ def record_layouts() -> Iterator[dict[tuple[str, ...], tuple[tuple[int, ...], in
 
 def layout_param(module: nn.Module, name: str, shape: tuple[int, ...], in_axis: Axes,
                  out_axis: Axes, batch_axis: Sequence[int], dtype: Any,
-                 serving: bool) -> jax.Array | QuantizedWeight:
+                 serving: bool) -> jax.Array | QuantizedWeight | Int4Weight:
     """Declares weight `name` of checkpoint `shape`, stored in checkpoint or serving order."""
     order = serving_order(in_axis, out_axis, batch_axis)
     found = _RECORDER.get()
@@ -81,6 +83,14 @@ def layout_param(module: nn.Module, name: str, shape: tuple[int, ...], in_axis: 
     if not serving:
         return module.param(name, init, shape, dtype)
     stored_shape = tuple(shape[i] for i in order)
+    held = module.get_variable('params', name) if module.has_variable('params', name) else None
+    if isinstance(held, Int4Weight):
+        # Flax checks a held parameter's first leaf against the declared shape; packed int4
+        # holds half the values per row, so the check is made here on the value count.
+        if 2 * held.q.size != math.prod(stored_shape):
+            raise ValueError(f'{name}: int4 weight with {2 * held.q.size} values, declared '
+                             f'{stored_shape}.')
+        return held
     return module.param(
         name, lambda key, _, dt: jnp.transpose(init(key, shape, dt), order), stored_shape, dtype)
 
@@ -119,6 +129,31 @@ def _xla_dot(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return y if accumulate == jnp.int32 else y.astype(x.dtype)
 
 
+def _quantize_rows(x: jax.Array, contracted: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """x as int8 with one absmax scale per row (per combination of the axes not `contracted`):
+    (int8 values, float32 scales with the contracted axes kept as size 1)."""
+    x32 = x.astype(jnp.float32)
+    x_scale = jnp.max(jnp.abs(x32), axis=contracted, keepdims=True) / INT8_MAX
+    x_scale = jnp.where(x_scale == 0, 1.0, x_scale)
+    return jnp.round(x32 / x_scale).astype(jnp.int8), x_scale
+
+
+def _int4_contract(x: jax.Array, w: Int4Weight, x_spec: str, w_spec: str,
+                   out_spec: str) -> jax.Array:
+    """x · dequantize(w) with the rows of x in int8 as `_int8_dot` takes them (see
+    `gemma3n.layers.int4`); w stored [channels..., in...], no axis shared with x."""
+    plan = decode_kernels.row_plan(x_spec, w_spec, out_spec, x.shape, rows_limit=x.size)
+    if plan is None:
+        raise ValueError(f'an int4 weight {w_spec} cannot be contracted as {x_spec},{w_spec}->'
+                         f'{out_spec}: it needs its input axes last and no axis shared with x.')
+    x_free, channels, contracted = plan
+    xq, x_scale = _quantize_rows(decode_kernels.as_rows(x, x_spec, x_free, contracted), (1,))
+    flat = Int4Weight(q=w.q.reshape(-1, w.q.shape[-1]), scale=w.scale.reshape(-1, w.scale.shape[-1]))
+    y = int4.rows_dot(xq, flat) * x_scale
+    shape = tuple(x.shape[x_spec.index(a)] for a in x_free) + w.q.shape[:-1]
+    return decode_kernels.from_rows(y, shape, x_free + channels, out_spec).astype(x.dtype)
+
+
 def _int8_dot(x: jax.Array, w: QuantizedWeight, x_spec: str, w_spec: str,
               out_spec: str) -> jax.Array:
     """x · (w.q · w.scale) with x quantized too: int8 x int8 products are the only int8 form
@@ -128,10 +163,7 @@ def _int8_dot(x: jax.Array, w: QuantizedWeight, x_spec: str, w_spec: str,
     activation rounding is at most half a step of 1/127 of that row's largest value.
     """
     contracted = [i for i, a in enumerate(x_spec) if a in w_spec and a not in out_spec]
-    x32 = x.astype(jnp.float32)
-    x_scale = jnp.max(jnp.abs(x32), axis=tuple(contracted), keepdims=True) / INT8_MAX
-    x_scale = jnp.where(x_scale == 0, 1.0, x_scale)
-    xq = jnp.round(x32 / x_scale).astype(jnp.int8)
+    xq, x_scale = _quantize_rows(x, tuple(contracted))
     y = dot(f'{x_spec},{w_spec}->{out_spec}', xq, w.q).astype(jnp.float32)
     scale_spec = w_spec[:w.scale.ndim]
     y = jnp.einsum(f'{out_spec},{scale_spec}->{out_spec}', y, w.scale.astype(jnp.float32))
@@ -164,7 +196,7 @@ def _merge_contracted(x, w, x_spec: str, w_spec: str, out_spec: str):
     return x, w, x_spec, w_spec
 
 
-def contract(eqn: str, x: jax.Array, w: jax.Array | QuantizedWeight,
+def contract(eqn: str, x: jax.Array, w: jax.Array | QuantizedWeight | Int4Weight,
              order: tuple[int, ...] | None) -> jax.Array:
     """jnp.einsum(eqn, x, w) where eqn names w's checkpoint order and w may be stored in `order`.
 
@@ -175,6 +207,8 @@ def contract(eqn: str, x: jax.Array, w: jax.Array | QuantizedWeight,
     x_spec, w_spec = inputs.split(',')
     if order is not None:
         w_spec = ''.join(w_spec[i] for i in order)
+    if isinstance(w, Int4Weight):
+        return _int4_contract(x, w, x_spec, w_spec, out_spec)
     x, w, x_spec, w_spec = _merge_contracted(x, w, x_spec, w_spec, out_spec)
     # A weight stored [out..., in...] is best the left operand: with the output axes first
     # XLA's CPU backend runs weight @ xᵀ on the weight as stored, where with the token axes
