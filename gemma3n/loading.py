@@ -78,7 +78,8 @@ def demo_params(model: Gemma3nTransformer) -> Any:
 
 
 def load_checkpoint(checkpoint: Path, model: Gemma3nTransformer, *, dtype: Any,
-                    quantize_int8: bool = False) -> tuple[Gemma3nTransformer, Any, Any]:
+                    quantize_int8: bool = False, quantize_int4: bool = False
+                    ) -> tuple[Gemma3nTransformer, Any, Any]:
     """The weights of `checkpoint` for `model`: (serving model, params, per-layer table or None).
 
     The per-layer table stays in the file (rows are read per token) where the format allows
@@ -89,5 +90,6 @@ def load_checkpoint(checkpoint: Path, model: Gemma3nTransformer, *, dtype: Any,
     if checkpoint_format(checkpoint) != ORBAX_FORMAT:
         table = open_per_layer_table(checkpoint, model=model, dtype=dtype)
     model, params = load_serving(checkpoint, model, dtype=dtype, quantize_int8=quantize_int8,
+                                 quantize_int4=quantize_int4,
                                  skip_per_layer_table=table is not None)
     return model, params, table

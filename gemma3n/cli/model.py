@@ -102,13 +102,15 @@ def load_model(args: argparse.Namespace, *, with_vision: bool = False) -> Loaded
         sys.stderr.write(DEMO_NOTICE + '\n')
         with compiling(COMPILING_DEMO):
             params = demo_params(model)
-        if args.int8:
-            model, params = to_serving(model, params, quantize_int8=True, consume=True)
+        if args.int8 or args.int4:
+            model, params = to_serving(model, params, quantize_int8=args.int8,
+                                       quantize_int4=args.int4, consume=True)
         logger.info('random demo weights made in %.2f s (compilation included)',
                     time.perf_counter() - start)
     else:
         model, params, table = load_checkpoint(checkpoint, model, dtype=dtype,
-                                               quantize_int8=args.int8)
+                                               quantize_int8=args.int8,
+                                               quantize_int4=args.int4)
         logger.info('checkpoint %s loaded in %.2f s', checkpoint, time.perf_counter() - start)
         return LoadedModel(name=name, model=model, params=params, tokenizer=tokenizer,
                            per_layer_table=table)
