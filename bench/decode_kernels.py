@@ -2,7 +2,8 @@
 the accuracy of int8 and int4 against bf16 on the same weights; the bandwidth ceiling.
 
 Random weights (made in memory, bfloat16, serving layout) at `--size`; each format is
-converted from the same bf16 tree. Per format, the kernels and XLA's products are timed one
+converted from the same bf16 tree, made again from the same seed per format so that memory
+holds one model at a time. Per format, the kernels and XLA's products are timed one
 after the other (`$GEMMA3N_KERNELS` switched between the two compiled samplers), so the load of
 a shared machine hits both alike; the load average is printed with the figures.
 
@@ -66,13 +67,14 @@ def main() -> None:
     bandwidth = machine.threaded_read_bandwidth(np.ones(machine.ARRAY_BYTES // 4, np.float32))
     values_read = common.decode_weights_read(config)['total']
     reference = Gemma3nTransformer(config=config, text_only=True, dtype=jnp.bfloat16)
-    params = jax.jit(reference.init)(jax.random.key(0), jnp.ones((1, 1), jnp.int32))['params']
+    init = jax.jit(reference.init)
     prompt = common.prompt_tokens(PROMPT_LENGTH, config.num_embed)
     kernels_isa = decode_kernels.active_isa()
 
     results: dict[str, dict] = {}
     for fmt, options in FORMATS.items():
-        model, served = to_serving(reference, params, **options)
+        params = init(jax.random.key(0), jnp.ones((1, 1), jnp.int32))['params']
+        model, served = to_serving(reference, params, consume=True, **options)
         row = {}
         for switch in ('auto', 'off'):
             os.environ[decode_kernels.ENV] = switch
@@ -87,7 +89,7 @@ def main() -> None:
         row['ceiling_tok_s'] = bandwidth['threaded_gb_s'] * common.GB / (
             values_read * BYTES_PER_VALUE[fmt])
         results[fmt] = row
-        del model, served
+        del model, served, sampler
 
     base = results['bf16']
     lines = [f'decode at size {args.size}, kernels: {kernels_isa}, '
