@@ -1,9 +1,9 @@
 """Decode speed with and without our CPU decode kernels, at bf16, int8 and int4, in one run;
 the accuracy of int8 and int4 against bf16 on the same weights; the bandwidth ceiling.
 
-Random weights (made in memory, bfloat16, serving layout) at `--size`; each format is
-converted from the same bf16 tree, made again from the same seed per format so that memory
-holds one model at a time. Per format, the kernels and XLA's products are timed one
+The bench's random checkpoint at `--size` (`common.ensure_weights`), loaded per format by
+our bench side (`bench.side_ours.build`: serving layout, converted while loading, the
+per-layer table read lazily), so memory holds one model at a time. Per format, the kernels and XLA's products are timed one
 after the other (`$GEMMA3N_KERNELS` switched between the two compiled samplers), so the load of
 a shared machine hits both alike; the load average is printed with the figures.
 
@@ -21,13 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common, machine
-from bench.side_ours import CACHE_LENGTH, OursRunner
+from bench.side_ours import CACHE_LENGTH, OursRunner, build
 from gemma3n.layers import decode_kernels
-from gemma3n.layout import to_serving
 from gemma3n.text.sampler import Sampler
-from gemma3n.transformer import Gemma3nTransformer
 
-FORMATS = {'bf16': {}, 'int8': {'quantize_int8': True}, 'int4': {'quantize_int4': True}}
+# Our formats and the bench side's variant loading each.
+FORMATS = {'bf16': 'serving', 'int8': 'int8', 'int4': 'int4'}
 # Bytes read per weight value: int8 and int4 add their scales (per row / per 32 values).
 BYTES_PER_VALUE = {'bf16': 2.0, 'int8': 1.0, 'int4': 0.5 + 2 / 32}
 PROMPT_LENGTH = 8
@@ -66,20 +65,21 @@ def main() -> None:
     info = common.machine_info()
     bandwidth = machine.threaded_read_bandwidth(np.ones(machine.ARRAY_BYTES // 4, np.float32))
     values_read = common.decode_weights_read(config)['total']
-    reference = Gemma3nTransformer(config=config, text_only=True, dtype=jnp.bfloat16)
-    init = jax.jit(reference.init)
+    weights = common.ensure_weights(args.size)
     prompt = common.prompt_tokens(PROMPT_LENGTH, config.num_embed)
     kernels_isa = decode_kernels.active_isa()
 
     results: dict[str, dict] = {}
-    for fmt, options in FORMATS.items():
-        params = init(jax.random.key(0), jnp.ones((1, 1), jnp.int32))['params']
-        model, served = to_serving(reference, params, consume=True, **options)
+    for fmt, variant in FORMATS.items():
+        loaded, _ = build(weights, args.size, variant)
         row = {}
         for switch in ('auto', 'off'):
             os.environ[decode_kernels.ENV] = switch
-            sampler = Sampler(model=model, params=served, cache_length=CACHE_LENGTH,
-                              cache_dtype=jnp.bfloat16)
+            # A sampler of its own: the switch is read when its steps are compiled.
+            sampler = Sampler(
+                model=loaded.sampler.model, params=loaded.sampler.params,
+                cache_length=CACHE_LENGTH, cache_dtype=jnp.bfloat16,
+                per_layer_table=loaded.sampler.host_table)
             row['kernels' if switch == 'auto' else 'xla'] = decode_rate(
                 sampler, prompt, args.decode_tokens)
             if switch == 'auto':
@@ -89,7 +89,7 @@ def main() -> None:
         row['ceiling_tok_s'] = bandwidth['threaded_gb_s'] * common.GB / (
             values_read * BYTES_PER_VALUE[fmt])
         results[fmt] = row
-        del model, served, sampler
+        del loaded, sampler
 
     base = results['bf16']
     lines = [f'decode at size {args.size}, kernels: {kernels_isa}, '

@@ -5,6 +5,7 @@ Variants (`--variant`), so each optimisation is measured on its own:
   serving: weights re-laid out [out, in] while loading (`gemma3n.layout.load_serving`), the per-layer
            table read lazily from the checkpoint file, only the rows the tokens need;
   int8:    serving, with the large weights quantized to int8 per output channel.
+  int4:    serving, with the large weights in int4 (groups of 32 with a float16 scale).
 
 Run by `bench.run`; by hand:
     python -m bench.side_ours --size reduced --weights bench/results/weights/reduced --out ours.json
@@ -28,7 +29,7 @@ from gemma3n.transformer import Gemma3nTransformer
 
 # Positions the KV cache holds: the 512-token prompt plus the decoded tokens fit.
 CACHE_LENGTH = 1024
-VARIANTS = ('plain', 'serving', 'int8')
+VARIANTS = ('plain', 'serving', 'int8', 'int4')
 
 
 def load_to_device(weights: Path, model: Gemma3nTransformer) -> dict[str, Any]:
@@ -61,10 +62,11 @@ def build(weights: Path, size: str, variant: str) -> tuple[common.GreedyRunner, 
         params = load_to_device(weights, model)
     else:
         # The per-layer table stays in the checkpoint file: rows are read as tokens need them.
-        # Each weight is converted to the serving layout (and int8) as it is read.
+        # Each weight is converted to the serving layout (and int8/int4) as it is read.
         table = open_per_layer_table(weights, model=model)
         model, params = load_serving(weights, model, dtype=jnp.bfloat16, progress=False,
-                                     quantize_int8=variant == 'int8', skip_per_layer_table=True)
+                                     quantize_int8=variant == 'int8',
+                                     quantize_int4=variant == 'int4', skip_per_layer_table=True)
     sampler = Sampler(model=model, params=params, cache_length=CACHE_LENGTH, cache_dtype=jnp.bfloat16,
                       per_layer_table=None if variant == 'plain' else table)
     return OursRunner(sampler), {'name': f'ours {variant}', 'variant': variant, 'jax': jax.__version__,

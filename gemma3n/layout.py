@@ -1,23 +1,24 @@
 """Inference layouts of a parameter tree: weights re-laid out [out, in], optionally int8 or int4.
 
 Checkpoints keep the reference layout. For decoding on CPU, XLA multiplies bfloat16 weights
-far faster when the contracted (input) axes come last, so every projection is re-laid out once,
-at load, and the large ones can also be quantized to int8 with one scale per output channel
-(half the bytes a decode step reads; activations are then quantized per row at run time, see
-`gemma3n.layers.einsum`), or to int4 in groups of 32 along the inputs (`gemma3n.layers.int4`:
-a quarter of the bytes plus a float16 scale per group). `load_serving` converts each weight as it is read from the
-checkpoint, so memory never holds the whole model twice; `to_serving` converts a tree already in
-memory. Both return the model that reads the converted tree.
+far faster when the contracted (input) axes come last, so every projection (the weights the
+schema declares with output axes, `gemma3n.schema`) is re-laid out once, at load, into a
+`ServingWeight` leaf, and the large ones can instead become `QuantizedWeight` leaves, int8 with
+one scale per output channel (half the bytes a decode step reads; `gemma3n.layers.int8`), or
+`Int4Weight` leaves, int4 in groups of 32 inputs (`gemma3n.layers.int4`). The
+leaf says how a weight is stored, so the same model reads either tree. `load_serving` converts
+each weight as it is read from the checkpoint, so memory never holds the whole model twice;
+`to_serving` converts a tree already in memory. Both return the model with the tree (the same
+model: no module depends on the layout).
 
 Example:
-    >>> serving_model, params = load_serving('model.safetensors', model, dtype=jnp.bfloat16,
-    ...                                      quantize_int8=True)
-    >>> serving_model.apply({'params': params}, tokens)
+    >>> model, params = load_serving('model.safetensors', model, dtype=jnp.bfloat16,
+    ...                              quantize_int8=True)
+    >>> model.apply({'params': params}, tokens)
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Any
@@ -28,41 +29,18 @@ import numpy as np
 
 from gemma3n.checkpoints import load_params
 from gemma3n.checkpoints.loader import PER_LAYER_TABLE_PATH
-from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
+from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
 from gemma3n.host_arrays import to_device
-from gemma3n.layers import Int4Weight, QuantizedWeight, record_layouts
-from gemma3n.layers.einsum import INT8_MAX
-from gemma3n.layers.int4 import INT4_GROUP, fits_int4, quantize_int4
+from gemma3n.layers import ServingWeight, StoredWeight
+from gemma3n.layers.int4 import INT4_GROUP, fits_int4, quantize_int4_in_chunks
+from gemma3n.layers.int8 import quantize, quantize_in_chunks
+from gemma3n.schema import model_schema
 from gemma3n.transformer import Gemma3nTransformer
 
 # Weights smaller than this stay in their dtype: quantizing them saves nothing measurable.
 MIN_QUANTIZED_SIZE = 1 << 16
-
-
-def serving_orders(model: Gemma3nTransformer
-                   ) -> dict[tuple[str, ...], tuple[tuple[int, ...], int]]:
-    """{param path: (serving axis order, number of input axes)} for every projection weight."""
-    reference = model.clone(serving_layout=False)
-    with record_layouts() as found:
-        jax.eval_shape(reference.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))
-    return found
-
-
-def quantize(w: jax.Array, num_leading: int) -> QuantizedWeight:
-    """Symmetric int8 per output channel; w in serving order, its first `num_leading` axes
-    (batch and output) index the channels."""
-    w32 = jnp.asarray(w, jnp.float32)
-    reduce_axes = tuple(range(num_leading, w32.ndim))
-    scale = jnp.max(jnp.abs(w32), axis=reduce_axes) / INT8_MAX
-    scale = jnp.where(scale == 0, 1.0, scale)
-    q = jnp.round(w32 / jnp.expand_dims(scale, reduce_axes)).astype(jnp.int8)
-    return QuantizedWeight(q=q, scale=scale)
-
-
-# Values quantized per compiled call when converting a weight: XLA's CPU backend computes
-# bfloat16 in float32 and materialises the converted input, so converting the E4B embedding in
-# one call would hold a 2 GB float32 copy of it; chunks of rows bound that to 64 MB.
-QUANTIZE_CHUNK = 1 << 24
+__all__ = ['MIN_QUANTIZED_SIZE', 'ServingConverter', 'load_serving', 'quantize', 'serving_nbytes',
+           'to_serving']
 
 
 _transpose = jax.jit(jnp.transpose, static_argnums=1)
@@ -82,33 +60,10 @@ def _relayout(w: Any, order: tuple[int, ...]) -> jax.Array:
     return _transpose(w, order)
 
 
-# Quantizers of a [channels, inputs] block, by format.
-_QUANTIZE_ROWS = {'int8': jax.jit(functools.partial(quantize, num_leading=1)),
-                  'int4': jax.jit(functools.partial(quantize_int4, num_leading=1))}
-
-
-def _relayout_quantized(w: Any, order: tuple[int, ...], num_leading: int,
-                        fmt: str) -> QuantizedWeight | Int4Weight:
-    """`transpose(w, order)` quantized to `fmt` ('int8' or 'int4') per channel (its first
-    `num_leading` axes), a chunk of channels at a time."""
-    moved = _relayout(w, order)
-    channels = moved.shape[:num_leading]
-    rows = moved.reshape(math.prod(channels), -1)          # [channels, inputs]
-    step = max(1, QUANTIZE_CHUNK // rows.shape[1])
-    parts = [_QUANTIZE_ROWS[fmt](rows[start:start + step])
-             for start in range(0, rows.shape[0], step)]
-    q = jnp.concatenate([p.q for p in parts])
-    scale = jnp.concatenate([p.scale for p in parts])
-    if fmt == 'int4':     # inputs stay flat: [channels..., K / 2] and [channels..., K / 32]
-        return Int4Weight(q=q.reshape(channels + q.shape[1:]),
-                          scale=scale.reshape(channels + scale.shape[1:]))
-    return QuantizedWeight(q=q.reshape(moved.shape), scale=scale.reshape(channels))
-
-
 class ServingConverter:
     """Converts one parameter at a time from the reference layout to the serving layout of
     `model`, on the device: projection weights transposed to [batch..., out..., in...] (the
-    large ones int8 with `quantize_int8`; int4 with `quantize_int4`, where their inputs hold a
+    large ones int8 with `quantize_int8`; int4 with `quantize_int4` where their inputs hold a
     multiple of 32 values, else int8), everything else moved as it is.
 
     Usable as the `transform` of `gemma3n.checkpoints.load_params`.
@@ -120,13 +75,13 @@ class ServingConverter:
 
     def __init__(self, model: Gemma3nTransformer, *, quantize_int8: bool = False,
                  quantize_int4: bool = False):
-        if model.serving_layout:
-            raise ValueError('model already uses the serving layout.')
         if quantize_int8 and quantize_int4:
             raise ValueError('choose int8 or int4 weights, not both.')
         self.quantize_int8 = quantize_int8
         self.quantize_int4 = quantize_int4
-        self.orders = {'/'.join(path): layout for path, layout in serving_orders(model).items()}
+        # {path: (serving order, number of input axes)} of every projection weight.
+        self.orders = {path: (info.serving_order, len(info.in_axes))
+                       for path, info in model_schema(model).items() if info.is_projection}
 
     def quantization(self, path: str, shape: tuple[int, ...]) -> str | None:
         """'int8' or 'int4' if the parameter at `path` of (checkpoint) `shape` is quantized."""
@@ -137,18 +92,21 @@ class ServingConverter:
         inputs = math.prod(shape[i] for i in order[len(order) - num_in:])
         return 'int4' if self.quantize_int4 and fits_int4(inputs) else 'int8'
 
-    def __call__(self, path: str, w: Any) -> jax.Array | QuantizedWeight:
+    def __call__(self, path: str, w: Any) -> jax.Array | StoredWeight:
+        if isinstance(w, StoredWeight):
+            raise ValueError(f'{path} is already in a serving layout ({type(w).__name__}).')
         layout = self.orders.get(path)
         if layout is None:
             return jax.block_until_ready(to_device(w))
         order, num_in = layout
         if np.ndim(w) != len(order):
             raise ValueError(f'{path} has rank {np.ndim(w)}, expected {len(order)}.')
+        moved = _relayout(w, order)
         fmt = self.quantization(path, np.shape(w))
         if fmt is not None:
-            return jax.block_until_ready(
-                _relayout_quantized(w, order, len(order) - num_in, fmt))
-        return jax.block_until_ready(_relayout(w, order))
+            quantizer = quantize_int4_in_chunks if fmt == 'int4' else quantize_in_chunks
+            return jax.block_until_ready(quantizer(moved, len(order) - num_in, order))
+        return jax.block_until_ready(ServingWeight(moved, order))
 
 
 def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool = False,
@@ -156,13 +114,10 @@ def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool
     """Bytes of the parameters a serving load of `model` in `dtype` holds (jax.eval_shape: no
     memory used); the per-layer table only with `per_layer_table` (it is usually read lazily
     from the checkpoint file)."""
-    reference = model.clone(serving_layout=False)
-    convert = ServingConverter(reference, quantize_int8=quantize_int8,
-                               quantize_int4=quantize_int4)
-    shapes = jax.eval_shape(reference.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))['params']
+    convert = ServingConverter(model, quantize_int8=quantize_int8, quantize_int4=quantize_int4)
     itemsize = np.dtype(dtype).itemsize
     total = 0
-    for path, leaf in flatten_params(shapes).items():
+    for path, leaf in model_schema(model).items():
         if path == PER_LAYER_TABLE_PATH and not per_layer_table:
             continue
         size = math.prod(leaf.shape)
@@ -181,7 +136,7 @@ def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool
 def to_serving(model: Gemma3nTransformer, params: Any, *, quantize_int8: bool = False,
                quantize_int4: bool = False, consume: bool = False
                ) -> tuple[Gemma3nTransformer, Any]:
-    """A serving copy of `model` and `params` (reference layout in, serving layout out, on the
+    """`model` and a serving copy of `params` (reference layout in, serving layout out, on the
     device).
 
     With `consume=True` the input tree is emptied as its weights are converted, so a full-size
@@ -196,14 +151,14 @@ def to_serving(model: Gemma3nTransformer, params: Any, *, quantize_int8: bool = 
         raise ValueError(f'params lack {missing[:3]} ({len(missing)} weights missing).')
     for path in sorted(flat, key=lambda p: -np.size(flat[p])):
         flat[path] = convert(path, flat.pop(path))
-    return model.clone(serving_layout=True), unflatten_params(flat)
+    return model, unflatten_params(flat)
 
 
 def load_serving(path: str | os.PathLike, model: Gemma3nTransformer, *, dtype: Any = None,
                  quantize_int8: bool = False, quantize_int4: bool = False, progress: bool = True,
                  skip_per_layer_table: bool = False) -> tuple[Gemma3nTransformer, Any]:
-    """The serving copy of `model` and the checkpoint at `path` in its layout, converted weight
-    by weight while loading (peak memory: the converted model plus the largest weight).
+    """`model` and the checkpoint at `path` in the serving layout, converted weight by weight
+    while loading (peak memory: the converted model plus the largest weight).
 
     Args are those of `gemma3n.checkpoints.load_params`; `quantize_int8` and `quantize_int4` as
     for `to_serving`.
@@ -211,4 +166,4 @@ def load_serving(path: str | os.PathLike, model: Gemma3nTransformer, *, dtype: A
     convert = ServingConverter(model, quantize_int8=quantize_int8, quantize_int4=quantize_int4)
     params = load_params(path, model=model, dtype=dtype, progress=progress,
                          skip_per_layer_table=skip_per_layer_table, transform=convert)
-    return model.clone(serving_layout=True), params
+    return model, params

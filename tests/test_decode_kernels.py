@@ -10,7 +10,7 @@ import pytest
 
 from gemma3n import Gemma3nTransformer, Sampler
 from gemma3n.layers import decode_kernels
-from gemma3n.layers.einsum import _xla_dot, contract, serving_order
+from gemma3n.layers.einsum import _xla_dot, contract
 from gemma3n.layout import to_serving
 from hf_oracle import random_params, small_configs
 
@@ -103,7 +103,7 @@ def test_products_the_kernels_do_not_take_stay_on_xla():
 def test_off_switch_keeps_xla(monkeypatch):
     monkeypatch.setenv(decode_kernels.ENV, 'off')
     x, w = _operands(1, 64, 8, jnp.bfloat16)
-    text = jax.jit(lambda x, w: contract('BD,FD->BF', x, w, None)).lower(x, w).as_text()
+    text = jax.jit(lambda x, w: contract('BD,FD->BF', x, w)).lower(x, w).as_text()
     assert 'gemma3n_matvec' not in text
     monkeypatch.setenv(decode_kernels.ENV, 'sse9')
     with pytest.raises(ValueError, match='GEMMA3N_KERNELS'):
@@ -122,7 +122,7 @@ def test_without_a_compiler_xla_does_the_work_and_says_so(monkeypatch, tmp_path,
             "gemma3n: decode kernels unavailable (no C++ compiler found (looked for "
             "'no-such-compiler'; set $CXX)); using XLA matrix products."]
         x, w = _operands(2, 50, 7, jnp.int8)
-        got = jax.jit(lambda x, w: contract('BD,FD->BF', x, w, None))(x, w)
+        got = jax.jit(lambda x, w: contract('BD,FD->BF', x, w))(x, w)
         np.testing.assert_array_equal(got, jnp.einsum('bd,fd->bf', x, w,
                                                       preferred_element_type=jnp.int32))
     finally:
@@ -135,7 +135,7 @@ def test_bf16_products_have_a_derivative():
     x, w = x.astype(jnp.float32), w.astype(jnp.float32)
 
     def loss(x, w, dtype):
-        return jnp.sum(contract('BD,FD->BF', x.astype(dtype), w.astype(dtype), None)
+        return jnp.sum(contract('BD,FD->BF', x.astype(dtype), w.astype(dtype))
                        .astype(jnp.float32) ** 2)
 
     got = jax.grad(loss, argnums=(0, 1))(x, w, jnp.bfloat16)

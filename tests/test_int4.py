@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gemma3n import Gemma3nTransformer, Sampler
-from gemma3n.layers import Int4Weight, decode_kernels, int4
+from gemma3n.layers import Int4Weight, ServingWeight, decode_kernels, int4
 from gemma3n.layers.int4 import dequantize, quantize_int4
 from gemma3n import layout
 from gemma3n.layout import serving_nbytes, to_serving
@@ -23,7 +23,7 @@ def test_quantize_by_hand():
     assert w4.q.shape == (1, 16) and w4.q.dtype == jnp.uint8
     assert w4.scale.dtype == jnp.float16 and float(w4.scale[0, 0]) == 0.5
     # 3.9 / 0.5 rounds to 8, past the grid's top: clipped to 7.
-    np.testing.assert_array_equal(dequantize(w4)[0, :4], [1.0, -4.0, 0.5, 3.5])
+    np.testing.assert_array_equal(dequantize(w4.q, w4.scale)[0, :4], [1.0, -4.0, 0.5, 3.5])
     # Value j in the low nibble of byte j, value j + 16 in its high nibble, both offset by 8.
     assert int(w4.q[0, 0]) == (2 + 8) | (8 << 4)
     with pytest.raises(ValueError, match='multiple of 32'):
@@ -38,11 +38,12 @@ def test_kernel_equals_xla_within_summation_noise(monkeypatch, isa, rows, k, n):
     rng = np.random.default_rng(0)
     w4 = quantize_int4(jnp.asarray(rng.standard_normal((n, k)), jnp.float32), 1)
     xq = jnp.asarray(rng.integers(-128, 128, (rows, k)), jnp.int8)   # odd group counts: 3, 5
-    got = jax.jit(lambda x, w: int4.rows_dot(x, w))(xq, w4)
-    assert decode_kernels.TARGETS['int4'] in jax.jit(int4.rows_dot).lower(xq, w4).as_text()
-    want = jax.jit(int4._xla_rows_dot)(xq, w4)
+    got = jax.jit(lambda *a: int4.rows_dot(*a))(xq, w4.q, w4.scale)
+    lowered = jax.jit(lambda *a: int4.rows_dot(*a)).lower(xq, w4.q, w4.scale)
+    assert decode_kernels.TARGETS['int4'] in lowered.as_text()
+    want = jax.jit(int4._xla_rows_dot)(xq, w4.q, w4.scale)
     # Every product x · value · scale is exact in float32; only the summation order differs.
-    magnitude = jnp.abs(xq.astype(jnp.float32)) @ jnp.abs(dequantize(w4)).T
+    magnitude = jnp.abs(xq.astype(jnp.float32)) @ jnp.abs(dequantize(w4.q, w4.scale)).T
     assert np.all(np.abs(np.asarray(got - want)) <= 2 * k * F32_EPS * np.asarray(magnitude))
 
 
@@ -54,10 +55,14 @@ def ref():
     return model, params
 
 
-def _dequantized(params, like):
-    """params with every int4 weight replaced by its float32 values, shaped as in `like`."""
-    return jax.tree.map(lambda a, b: dequantize(a).reshape(b.shape) if isinstance(a, Int4Weight)
-                        else a, params, like, is_leaf=lambda a: isinstance(a, Int4Weight))
+def _dequantized(params):
+    """params with every int4 weight replaced by its float32 values in serving order."""
+    def plain(leaf):
+        if not isinstance(leaf, Int4Weight):
+            return leaf
+        values = dequantize(leaf.q, leaf.scale).reshape(leaf.serving_shape)
+        return ServingWeight(values, leaf.order) if leaf.order is not None else values
+    return jax.tree.map(plain, params, is_leaf=lambda a: isinstance(a, Int4Weight))
 
 
 def test_int4_model_computes_with_its_dequantized_weights(ref, monkeypatch):
@@ -69,9 +74,7 @@ def test_int4_model_computes_with_its_dequantized_weights(ref, monkeypatch):
     assert isinstance(qparams['layer_0']['mlp']['gating_einsum'], Int4Weight)
     assert isinstance(qparams['embedder']['input_embedding'], Int4Weight)
     out = np.asarray(jax.jit(qmodel.apply)({'params': qparams}, tokens).logits)
-    float_model, float_params = to_serving(model, params)
-    dequantized = _dequantized(qparams, float_params)
-    want = np.asarray(jax.jit(float_model.apply)({'params': dequantized}, tokens).logits)
+    want = np.asarray(jax.jit(qmodel.apply)({'params': _dequantized(qparams)}, tokens).logits)
     # Against the same model with the int4 values in float32, only the int8 rounding of the
     # activation rows differs: measured rel L2 0.063 (int8 weights' own figure is 0.072 on this
     # model); a wrong nibble, scale or axis order gives errors of order 1. (The int4 rounding

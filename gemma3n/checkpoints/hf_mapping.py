@@ -6,9 +6,11 @@ relative to `Gemma3nTextModel` (`embed_tokens.weight`, `layers.3.self_attn.q_pro
 callers add a prefix: `model.` for `Gemma3nForCausalLM`, `model.language_model.` for the released
 hub checkpoints (`Gemma3nForConditionalGeneration`).
 
-Everything is driven by `mapping_entries(config)`, one `ParamMapping` per parameter of our tree,
-computed from shapes alone (no arrays), so it also describes full-size models cheaply. Conversions
-are plain numpy array operations (transposes and reshapes), bit-exact in both directions.
+Everything is driven by `mapping_entries(config)`, one `ParamMapping` per parameter of our tree:
+paths, shapes and fan-in axes are the weight schema's (`gemma3n.schema.text_schema`, from shapes
+alone, so full-size models are described cheaply); this module only adds HF key names and
+conversions. Conversions are plain numpy array operations (transposes and reshapes), bit-exact
+in both directions.
 
 Example:
     >>> cfg = TransformerConfig.gemma3n(num_layers=10, num_shared_layers=5, embed_dim=32,
@@ -29,43 +31,25 @@ from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
-from gemma3n.config import AttentionType, QueryPreAttentionNormalisation, TransformerConfig
+from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
+from gemma3n.checkpoints.hf_config import (HF_DEFAULT_FINAL_LOGIT_SOFTCAP, HF_EXTRA_VOCAB,
+                                           check_hf_config, check_representable, config_from_hf,
+                                           hf_final_logit_softcap, hf_text_config)
+from gemma3n.config import TransformerConfig
 from gemma3n.host_arrays import aligned_empty
+from gemma3n.layers.weights import WeightInfo
+from gemma3n.schema import text_schema
 from gemma3n.validation import check_finite
 
+# The config mapping (`hf_config`) and the tree helpers (`flat_params`) have their own modules;
+# callers that import them from here keep working.
+__all__ = ['DroppedWeights', 'FLOAT_DTYPES', 'HF_DEFAULT_FINAL_LOGIT_SOFTCAP', 'HF_EXTRA_VOCAB',
+           'ParamMapping', 'Transform', 'check_hf_config', 'check_representable', 'config_from_hf',
+           'detect_hf_prefix', 'flatten_params', 'hf_final_logit_softcap', 'hf_text_config',
+           'hf_to_params', 'mapping_entries', 'params_to_hf', 'unflatten_params']
 # A per-parameter conversion applied while loading: (our '/'-joined path, array) -> stored leaf.
 Transform = Callable[[str, np.ndarray], Any]
-# HF's text vocabulary carries 128 vision + 128 audio token rows after ours (copies of the pad row
-# in the released checkpoints; docs/architecture.md §8).
-HF_EXTRA_VOCAB = 256
 PAD_TOKEN_ID = 0
-# gemma's AltUp router always predicts 4 modality weights; HF uses `altup_num_inputs` instead, so
-# only configs with 4 AltUp inputs are representable in HF.
-ALTUP_NUM_MODALITIES = 4
-RMS_NORM_EPS = 1e-6
-HF_HIDDEN_ACTIVATION = 'gelu_pytorch_tanh'
-HF_LAYER_TYPES = {
-        AttentionType.GLOBAL: 'full_attention',
-        AttentionType.LOCAL_SLIDING: 'sliding_attention',
-}
-# HF requires a float final softcap (None is rejected by its config validation); its default.
-HF_DEFAULT_FINAL_LOGIT_SOFTCAP = 30.0
-# Gemma3nTextConfig defaults for the fields `check_hf_config` reads, used when config.json omits one.
-HF_DEFAULT_ROPE_THETA = {'full_attention': 1_000_000.0, 'sliding_attention': 10_000.0}
-HF_DEFAULT_PATTERN_LENGTH = 5
-HF_DEFAULT_NUM_SPARSE_LAYERS = 10
-HF_DEFAULT_SPARSITY = 0.95
-HF_TEXT_DEFAULTS: dict[str, Any] = dict(
-        vocab_size=262_400, hidden_size=2048, intermediate_size=16_384, num_hidden_layers=35,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=256, hidden_activation=HF_HIDDEN_ACTIVATION,
-        rms_norm_eps=RMS_NORM_EPS, attention_bias=False, sliding_window=512,
-        vocab_size_per_layer_input=262_144, hidden_size_per_layer_input=256, altup_active_idx=0,
-        altup_coef_clip=120.0, altup_correct_scale=True, altup_num_inputs=4, num_kv_shared_layers=15,
-        laurel_rank=64,
-)
-SPARSITY_TOLERANCE = 1e-6   # config.json stores sparsity targets as decimal floats
-# config.json fields with one entry per layer: compared entry by entry when the depths agree.
-PER_LAYER_FIELDS = ('layer_types', 'activation_sparsity_pattern')
 FLOAT_DTYPES = frozenset(np.dtype(t) for t in ('float16', 'float32', 'float64', ml_dtypes.bfloat16))
 
 
@@ -172,132 +156,109 @@ _CONVERSIONS: dict[str, _Conversion] = {
 
 # --- the entries ------------------------------------------------------------------------------------
 
-def check_representable(config: TransformerConfig) -> None:
-    """Raises ValueError naming every setting that HF's Gemma 3n (and so this mapping) cannot express."""
-    problems = []
-    required = dict(use_altup=True, use_laurel=True, use_qk_norm=True, qk_norm_with_scale=True,
-                    use_value_norm=True, use_post_attn_norm=True, use_post_ffw_norm=True, scale_plus_one=False,
-                    attn_logits_soft_cap=None, query_pre_attn_norm=QueryPreAttentionNormalisation.NONE)
-    for name, value in required.items():
-        if getattr(config, name) != value:
-            problems.append(f'{name}={getattr(config, name)!r} (HF Gemma 3n has {value!r})')
-    if config.num_altup_inputs != ALTUP_NUM_MODALITIES:
-        problems.append(f'num_altup_inputs={config.num_altup_inputs} (must equal the {ALTUP_NUM_MODALITIES} '
-                        'AltUp router modalities)')
-    if config.num_kv_heads == config.num_heads:
-        problems.append('num_kv_heads == num_heads (our tree then uses a fused qkv_einsum, not mapped)')
-    if config.per_layer_input_dim <= 0:
-        problems.append('per_layer_input_dim must be > 0')
-    sharing = config.kv_cache_sharing_config
-    if config.num_shared_layers and not (sharing.share_global and sharing.share_local):
-        problems.append('KV sharing must cover both global and local layers (HF shares both)')
-    if problems:
-        raise ValueError('Config cannot be mapped to Hugging Face Gemma 3n: ' + '; '.join(problems))
-
-
 def mapping_entries(config: TransformerConfig, *, hf_vocab_size: int | None = None) -> list[ParamMapping]:
     """Every parameter of our text tree for `config`, with its HF key(s), shapes and conversion.
 
-    `hf_vocab_size` is the row count of HF's `embed_tokens` (default `num_embed + HF_EXTRA_VOCAB`,
-    as in the released checkpoints).
+    Paths, shapes and fan-in axes come from the weight schema (`gemma3n.schema.text_schema`);
+    this mapping only adds HF names and layout conversions. `hf_vocab_size` is the row count of
+    HF's `embed_tokens` (default `num_embed + HF_EXTRA_VOCAB`, as in the released checkpoints).
     """
     check_representable(config)
-    v, d, f = config.num_embed, config.embed_dim, config.hidden_dim
-    n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
-    num_layers, p, r = config.num_layers, config.per_layer_input_dim, config.laurel_rank
-    a, m = config.num_altup_inputs, ALTUP_NUM_MODALITIES
+    v = config.num_embed
     hf_vocab_size = v + HF_EXTRA_VOCAB if hf_vocab_size is None else hf_vocab_size
     if hf_vocab_size < v:
         raise ValueError(f'hf_vocab_size={hf_vocab_size} is smaller than num_embed={v}.')
-
-    entries = []
-
-    def add(path, shape, hf_keys, hf_shapes, conversion, in_axes=()):
-        entries.append(ParamMapping(path, tuple(shape), tuple(hf_keys), tuple(map(tuple, hf_shapes)),
-                                    conversion, tuple(in_axes)))
-
-    def add_scale(path, hf_key, size):
-        add(path, (size,), [hf_key], [(size,)], 'identity')
-
-    def add_linear(path, hf_key, shape):
-        """Our [in, out] einsum weight <-> torch Linear [out, in]."""
-        add(path, shape, [hf_key], [shape[::-1]], 'transpose', in_axes=(0,))
-
-    add('embedder/input_embedding', (v, d), ['embed_tokens.weight'], [(hf_vocab_size, d)],
-        'identity' if hf_vocab_size == v else 'pad_vocab', in_axes=(1,))
-    add('embedder/per_layer_input_embedding', (v, num_layers, p), ['embed_tokens_per_layer.weight'],
-        [(v, num_layers * p)], 'reshape', in_axes=(2,))
-    add('embedder/per_layer_input_projection/w', (d, num_layers, p), ['per_layer_model_projection.weight'],
-        [(num_layers * p, d)], 'flatten_transpose', in_axes=(0,))
-    add_scale('embedder/per_layer_projection_norm/scale', 'per_layer_projection_norm.weight', p)
-    for i in range(a - 1):
-        add_linear(f'altup_projection_{i}/altup_projection_{i}', f'altup_projections.{i}.weight', (d, d))
-        add_linear(f'altup_unembed_projection_{i}/altup_unembed_projection_{i}',
-                   f'altup_unembed_projections.{i}.weight', (d, d))
-    add_scale('final_norm/scale', 'norm.weight', d)
-
-    for i in range(num_layers):
-        ours, hf = f'layer_{i}/', f'layers.{i}.'
-        add(ours + 'attn/q_einsum/w', (n, d, h), [hf + 'self_attn.q_proj.weight'], [(n * h, d)], 'heads_in',
-            in_axes=(1,))
-        if i < config.num_unshared_layers:
-            add(ours + 'attn/kv_einsum/w', (2, k, d, h),
-                [hf + 'self_attn.k_proj.weight', hf + 'self_attn.v_proj.weight'], [(k * h, d)] * 2,
-                'stacked_heads_in', in_axes=(2,))
-            add_scale(ours + 'attn/key_norm/scale', hf + 'self_attn.k_norm.weight', h)
-        add(ours + 'attn/attn_vec_einsum/w', (n, h, d), [hf + 'self_attn.o_proj.weight'], [(d, n * h)],
-            'transpose_flatten', in_axes=(0, 1))
-        add_scale(ours + 'attn/query_norm/scale', hf + 'self_attn.q_norm.weight', h)
-        add_scale(ours + 'pre_attention_norm/scale', hf + 'input_layernorm.weight', d)
-        add_scale(ours + 'post_attention_norm/scale', hf + 'post_attention_layernorm.weight', d)
-        add_scale(ours + 'pre_ffw_norm/scale', hf + 'pre_feedforward_layernorm.weight', d)
-        add_scale(ours + 'post_ffw_norm/scale', hf + 'post_feedforward_layernorm.weight', d)
-        gate_keys = [hf + 'mlp.gate_proj.weight', hf + 'mlp.up_proj.weight']
-        if config.transpose_gating_einsum:    # stored [2, F, D]: already torch's [out, in]
-            add(ours + 'mlp/gating_einsum', (2, f, d), gate_keys, [(f, d)] * 2, 'stacked', in_axes=(2,))
-        else:
-            add(ours + 'mlp/gating_einsum', (2, d, f), gate_keys, [(f, d)] * 2, 'stacked_transpose',
-                in_axes=(1,))
-        add_linear(ours + 'mlp/linear', hf + 'mlp.down_proj.weight', (f, d))
-        add_linear(ours + 'laurel/linear_left/w', hf + 'laurel.linear_left.weight', (d, r))
-        add_linear(ours + 'laurel/linear_right/w', hf + 'laurel.linear_right.weight', (r, d))
-        add_scale(ours + 'post_laurel_norm/scale', hf + 'laurel.post_laurel_norm.weight', d)
-        add_scale(ours + 'altup/correct_output_scale', hf + 'altup.correct_output_scale', d)
-        add_linear(ours + 'altup/correction_coefs', hf + 'altup.correction_coefs.weight', (m, a))
-        add(ours + 'altup/prediction_coefs', (m, a, a), [hf + 'altup.prediction_coefs.weight'], [(a * a, m)],
-            'flatten_transpose', in_axes=(0,))
-        add_linear(ours + 'altup/modality_router/w', hf + 'altup.modality_router.weight', (d, m))
-        add_scale(ours + 'altup/router_norm_layer/scale', hf + 'altup.router_norm.weight', d)
-        add_linear(ours + 'per_layer_mapping/per_layer_input_gate/w', hf + 'per_layer_input_gate.weight', (d, p))
-        add_linear(ours + 'per_layer_mapping/per_layer_projection/w', hf + 'per_layer_projection.weight', (p, d))
-        add_scale(ours + 'per_layer_mapping/post_per_layer_input_norm/scale',
-                  hf + 'post_per_layer_input_norm.weight', d)
-    return entries
+    entries = {}
+    for path, info in text_schema(config).items():
+        hf_keys, conversion, order = _hf_names(path, info)
+        if conversion == 'pad_vocab' and hf_vocab_size == v:
+            conversion = 'identity'
+        hf_shapes = _HF_SHAPES[conversion](info.shape, len(hf_keys), hf_vocab_size)
+        entries[order] = ParamMapping(path, info.shape, hf_keys, hf_shapes, conversion, info.in_axes)
+    return [entries[order] for order in sorted(entries)]
 
 
-# --- tree helpers -----------------------------------------------------------------------------------
+# Our path (layer and AltUp indices as groups) -> HF key(s) relative to `Gemma3nTextModel`, and
+# the conversion between our layout and HF's.
+_LAYER = r'layer_(\d+)/'
+_HF_LAYER = 'layers.{0}.'
+_NAME_RULES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+        ('embedder/input_embedding', ('embed_tokens.weight',), 'pad_vocab'),
+        ('embedder/per_layer_input_embedding', ('embed_tokens_per_layer.weight',), 'reshape'),
+        ('embedder/per_layer_input_projection/w', ('per_layer_model_projection.weight',), 'flatten_transpose'),
+        ('embedder/per_layer_projection_norm/scale', ('per_layer_projection_norm.weight',), 'identity'),
+        (r'altup_projection_(\d+)/altup_projection_\1', ('altup_projections.{0}.weight',), 'transpose'),
+        (r'altup_unembed_projection_(\d+)/altup_unembed_projection_\1',
+         ('altup_unembed_projections.{0}.weight',), 'transpose'),
+        ('final_norm/scale', ('norm.weight',), 'identity'),
+        (_LAYER + 'attn/q_einsum/w', (_HF_LAYER + 'self_attn.q_proj.weight',), 'heads_in'),
+        (_LAYER + 'attn/kv_einsum/w', (_HF_LAYER + 'self_attn.k_proj.weight', _HF_LAYER + 'self_attn.v_proj.weight'),
+         'stacked_heads_in'),
+        (_LAYER + 'attn/key_norm/scale', (_HF_LAYER + 'self_attn.k_norm.weight',), 'identity'),
+        (_LAYER + 'attn/attn_vec_einsum/w', (_HF_LAYER + 'self_attn.o_proj.weight',), 'transpose_flatten'),
+        (_LAYER + 'attn/query_norm/scale', (_HF_LAYER + 'self_attn.q_norm.weight',), 'identity'),
+        (_LAYER + 'pre_attention_norm/scale', (_HF_LAYER + 'input_layernorm.weight',), 'identity'),
+        (_LAYER + 'post_attention_norm/scale', (_HF_LAYER + 'post_attention_layernorm.weight',), 'identity'),
+        (_LAYER + 'pre_ffw_norm/scale', (_HF_LAYER + 'pre_feedforward_layernorm.weight',), 'identity'),
+        (_LAYER + 'post_ffw_norm/scale', (_HF_LAYER + 'post_feedforward_layernorm.weight',), 'identity'),
+        # Stored [2, F, D] it already is torch's [out, in]; [2, D, F] is transposed (see `_hf_names`).
+        (_LAYER + 'mlp/gating_einsum', (_HF_LAYER + 'mlp.gate_proj.weight', _HF_LAYER + 'mlp.up_proj.weight'),
+         'stacked'),
+        (_LAYER + 'mlp/linear', (_HF_LAYER + 'mlp.down_proj.weight',), 'transpose'),
+        (_LAYER + 'laurel/linear_left/w', (_HF_LAYER + 'laurel.linear_left.weight',), 'transpose'),
+        (_LAYER + 'laurel/linear_right/w', (_HF_LAYER + 'laurel.linear_right.weight',), 'transpose'),
+        (_LAYER + 'post_laurel_norm/scale', (_HF_LAYER + 'laurel.post_laurel_norm.weight',), 'identity'),
+        (_LAYER + 'altup/correct_output_scale', (_HF_LAYER + 'altup.correct_output_scale',), 'identity'),
+        (_LAYER + 'altup/correction_coefs', (_HF_LAYER + 'altup.correction_coefs.weight',), 'transpose'),
+        (_LAYER + 'altup/prediction_coefs', (_HF_LAYER + 'altup.prediction_coefs.weight',), 'flatten_transpose'),
+        (_LAYER + 'altup/modality_router/w', (_HF_LAYER + 'altup.modality_router.weight',), 'transpose'),
+        (_LAYER + 'altup/router_norm_layer/scale', (_HF_LAYER + 'altup.router_norm.weight',), 'identity'),
+        (_LAYER + 'per_layer_mapping/per_layer_input_gate/w', (_HF_LAYER + 'per_layer_input_gate.weight',),
+         'transpose'),
+        (_LAYER + 'per_layer_mapping/per_layer_projection/w', (_HF_LAYER + 'per_layer_projection.weight',),
+         'transpose'),
+        (_LAYER + 'per_layer_mapping/post_per_layer_input_norm/scale',
+         (_HF_LAYER + 'post_per_layer_input_norm.weight',), 'identity'),
+)
+_COMPILED_RULES = tuple((re.compile(pattern), keys, conversion) for pattern, keys, conversion in _NAME_RULES)
+GATING_PATH = 'mlp/gating_einsum'
 
-def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dict -> {'a/b/c': leaf}."""
-    flat = {}
-    for name, value in params.items():
-        if isinstance(value, Mapping):
-            flat.update({f'{name}/{sub}': leaf for sub, leaf in flatten_params(value).items()})
-        else:
-            flat[name] = value
-    return flat
+
+def _hf_names(path: str, info: WeightInfo) -> tuple[tuple[str, ...], str, tuple[float, ...]]:
+    """(HF keys, conversion, sort key) of our parameter `path`, declared as `info`.
+
+    The sort key orders parameters as HF lists them: the embedder's, the AltUp projections pair
+    by pair, the final norm, then layer by layer (so `mapping_entries`, and the random trees the
+    tests draw from it, keep one order).
+    """
+    for rule, (pattern, keys, conversion) in enumerate(_COMPILED_RULES):
+        match = pattern.fullmatch(path)
+        if match:
+            if path.endswith(GATING_PATH) and info.in_axes != (len(info.shape) - 1,):
+                conversion = 'stacked_transpose'    # [2, D, F]: each half transposed
+            if path.startswith('layer_'):
+                order = (int(match.group(1)), 0, rule)
+            elif match.groups():             # an AltUp projection: pair by pair
+                order = (-1, int(match.group(1)), rule)
+            else:                            # the embedder's first, the final norm last
+                order = (-1, -1 if path.startswith('embedder/') else math.inf, rule)
+            return tuple(key.format(*match.groups()) for key in keys), conversion, order
+    raise ValueError(f'{path}: no Hugging Face name for this parameter.')
 
 
-def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """{'a/b/c': leaf} -> nested dict."""
-    tree: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        *parents, name = path.split('/')
-        node = tree
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[name] = leaf
-    return tree
+# Our shape, number of HF keys, HF vocabulary size -> the HF tensors' shapes.
+_HF_SHAPES: dict[str, Callable[[tuple[int, ...], int, int], tuple[tuple[int, ...], ...]]] = {
+        'identity': lambda s, n, vocab: (s,),
+        'transpose': lambda s, n, vocab: (s[::-1],),
+        'reshape': lambda s, n, vocab: ((s[0], math.prod(s[1:])),),
+        'flatten_transpose': lambda s, n, vocab: ((math.prod(s[1:]), s[0]),),
+        'transpose_flatten': lambda s, n, vocab: ((s[-1], math.prod(s[:-1])),),
+        'heads_in': lambda s, n, vocab: ((s[0] * s[2], s[1]),),
+        'stacked_heads_in': lambda s, n, vocab: ((s[1] * s[3], s[2]),) * n,
+        'stacked': lambda s, n, vocab: (s[1:],) * n,
+        'stacked_transpose': lambda s, n, vocab: (s[:0:-1],) * n,
+        'pad_vocab': lambda s, n, vocab: ((vocab,) + s[1:],),
+}
 
 
 # --- both directions --------------------------------------------------------------------------------
@@ -444,212 +405,3 @@ def detect_hf_prefix(keys: Iterable[str]) -> str:
     return prefixes[0]
 
 
-# --- configs ----------------------------------------------------------------------------------------
-
-def hf_text_config(config: TransformerConfig, *, hf_vocab_size: int | None = None) -> dict[str, Any]:
-    """`Gemma3nTextConfig(**kwargs)` arguments describing `config`.
-
-    `final_logit_softcapping` is our cap, or HF's default 30.0 when ours is None (HF rejects None;
-    disable it on the built config object when comparing numbers, docs/architecture.md §8).
-    """
-    check_representable(config)
-    return dict(
-            vocab_size=config.num_embed + HF_EXTRA_VOCAB if hf_vocab_size is None else hf_vocab_size,
-            vocab_size_per_layer_input=config.num_embed,
-            hidden_size=config.embed_dim,
-            intermediate_size=config.hidden_dim,
-            num_hidden_layers=config.num_layers,
-            num_attention_heads=config.num_heads,
-            num_key_value_heads=config.num_kv_heads,
-            head_dim=config.head_dim,
-            hidden_activation=HF_HIDDEN_ACTIVATION,
-            rms_norm_eps=RMS_NORM_EPS,
-            layer_types=[HF_LAYER_TYPES[kind] for kind in config.attention_types],
-            sliding_window=config.sliding_window_size or HF_TEXT_DEFAULTS['sliding_window'],
-            rope_parameters={HF_LAYER_TYPES[kind]: _hf_rope(config, kind) for kind in HF_LAYER_TYPES},
-            num_kv_shared_layers=config.num_shared_layers,
-            laurel_rank=config.laurel_rank,
-            altup_num_inputs=config.num_altup_inputs,
-            altup_coef_clip=config.altup_coef_clip,
-            altup_active_idx=0,
-            altup_correct_scale=True,
-            hidden_size_per_layer_input=config.per_layer_input_dim,
-            activation_sparsity_pattern=[config.sparsity(i) for i in range(config.num_layers)],
-            final_logit_softcapping=(HF_DEFAULT_FINAL_LOGIT_SOFTCAP if config.final_logit_softcap is None
-                                     else float(config.final_logit_softcap)),
-            attention_bias=False,
-            tie_word_embeddings=True,
-    )
-
-
-def _hf_rope(config: TransformerConfig, kind: AttentionType) -> dict[str, Any]:
-    factor = config.scale_factor(kind)
-    rope = {'rope_type': 'default', 'rope_theta': float(config.base_frequency(kind))}
-    if factor != 1.0:
-        rope.update(rope_type='linear', factor=float(factor))
-    return rope
-
-
-def _hf_text(hf_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The text part of a HF config.json dict: its `text_config` (an empty one is all defaults),
-    or the dict itself for a text-only config."""
-    text = hf_config.get('text_config')
-    return dict(hf_config if text is None else text)
-
-
-def _hf_layer_types(text: Mapping[str, Any], num_layers: int) -> list[str]:
-    """`layer_types`, or HF's default pattern when absent (an explicit list is kept, even empty)."""
-    if text.get('layer_types') is not None:
-        return list(text['layer_types'])
-    return ['full_attention' if (i + 1) % HF_DEFAULT_PATTERN_LENGTH == 0 else 'sliding_attention'
-            for i in range(num_layers)]
-
-
-def _hf_sparsity(text: Mapping[str, Any], num_layers: int) -> list[float]:
-    """`activation_sparsity_pattern`, or HF's default when absent."""
-    if text.get('activation_sparsity_pattern') is not None:
-        return list(text['activation_sparsity_pattern'])
-    return _default_sparsity(num_layers)
-
-
-def hf_final_logit_softcap(hf_config: Mapping[str, Any]) -> float | None:
-    """The final logit softcap a HF config.json applies (its default when the field is absent)."""
-    text = _hf_text(hf_config)
-    return text.get('final_logit_softcapping', HF_DEFAULT_FINAL_LOGIT_SOFTCAP)
-
-
-def check_hf_config(hf_config: Mapping[str, Any], config: TransformerConfig) -> list[str]:
-    """Mismatches between a HF config.json dict (text or multimodal) and `config`, one line per field.
-
-    Missing fields take Gemma3nTextConfig's defaults; the old rope format (`rope_theta`,
-    `rope_local_base_freq`, `rope_scaling`) is understood too. `final_logit_softcapping` is not
-    compared (see `hf_final_logit_softcap`). Empty list: the checkpoint fits the config.
-    """
-    text = _hf_text(hf_config)
-    model_type = text.get('model_type')
-    if model_type not in (None, 'gemma3n_text', 'gemma3n'):
-        return [f'model_type={model_type!r}, expected a Gemma 3n text config (gemma3n_text)']
-    ours = hf_text_config(config)
-    num_layers = text.get('num_hidden_layers', HF_TEXT_DEFAULTS['num_hidden_layers'])
-    found = {name: text.get(name, default) for name, default in HF_TEXT_DEFAULTS.items()}
-    found['layer_types'] = _hf_layer_types(text, num_layers)
-    found['activation_sparsity_pattern'] = _hf_sparsity(text, num_layers)
-    found['rope_parameters'] = _hf_rope_from_json(text)
-    if not isinstance(found['intermediate_size'], int):
-        sizes = set(found['intermediate_size'])
-        found['intermediate_size'] = sizes.pop() if len(sizes) == 1 else sorted(sizes)
-
-    problems = []
-    same_depth = found['num_hidden_layers'] == ours['num_hidden_layers']
-    for name, value in found.items():
-        want = ours[name]
-        if name == 'vocab_size':
-            if value < config.num_embed:
-                problems.append(f'vocab_size={value} < num_embed={config.num_embed}')
-        elif name in PER_LAYER_FIELDS:
-            if same_depth:      # else num_hidden_layers is the difference to report
-                problems += _per_layer_difference(name, value, want)
-        elif name == 'rope_parameters':
-            for layer_type, rope in want.items():
-                got = value.get(layer_type, {})
-                for field, expected in rope.items():
-                    if got.get(field) != expected and not (field == 'rope_type' and _is_identity_rope(got, rope)):
-                        problems.append(f'rope_parameters[{layer_type}][{field}]={got.get(field)!r}, '
-                                        f'expected {expected!r}')
-        elif name == 'sliding_window' and config.sliding_window_size is None:
-            continue
-        elif _normalise(value) != _normalise(want):
-            problems.append(f'{name}={value!r}, expected {want!r}')
-    return problems
-
-
-def _per_layer_difference(name: str, found: Sequence[Any], want: Sequence[Any]) -> list[str]:
-    """The first layer where per-layer lists of the same depth differ, and how many do ([] if none)."""
-    close = (lambda x, y: abs(x - y) <= SPARSITY_TOLERANCE) if name == 'activation_sparsity_pattern' \
-        else (lambda x, y: x == y)
-    layers = [i for i, (x, y) in enumerate(zip(found, want)) if not close(x, y)]
-    if not layers:
-        return []
-    first = layers[0]
-    more = f' (and {len(layers) - 1} more layers)' if len(layers) > 1 else ''
-    return [f'{name}={found[first]!r} at layer {first}{more}, expected {want[first]!r}']
-
-
-def config_from_hf(hf_config: Mapping[str, Any]) -> TransformerConfig:
-    """Our `TransformerConfig` for a HF config.json dict (text or multimodal); inverse of `hf_text_config`.
-
-    Our final logit softcap stays None (the reference's choice); see `hf_final_logit_softcap`.
-    Raises ValueError for settings our model cannot express (e.g. per-layer MLP widths).
-    """
-    text = _hf_text(hf_config)
-    if text.get('model_type') not in (None, 'gemma3n_text', 'gemma3n'):
-        raise ValueError(f'model_type={text.get("model_type")!r} is not a Gemma 3n text config.')
-    get = lambda name: text.get(name, HF_TEXT_DEFAULTS[name])
-    num_layers = get('num_hidden_layers')
-    widths = get('intermediate_size')
-    widths = set(widths) if isinstance(widths, (list, tuple)) else {widths}
-    if len(widths) != 1:
-        raise ValueError(f'Per-layer MLP widths {sorted(widths)} are not supported (one hidden_dim for all layers).')
-    kinds = {name: kind for kind, name in HF_LAYER_TYPES.items()}
-    layer_types = _hf_layer_types(text, num_layers)
-    if len(layer_types) != num_layers:
-        raise ValueError(f'layer_types has {len(layer_types)} entries, num_hidden_layers is {num_layers}.')
-    unknown = sorted(set(layer_types) - kinds.keys())
-    if unknown:
-        raise ValueError(f'Unknown layer_types {unknown}; expected {sorted(kinds)}.')
-    rope = _hf_rope_from_json(text)
-    theta = lambda name: _normalise(float(rope[name]['rope_theta']))
-    factor = lambda name: float(rope[name].get('factor', 1.0)) if rope[name].get('rope_type') == 'linear' else 1.0
-    config = TransformerConfig.gemma3n(
-            num_layers=num_layers,
-            hidden_dim=widths.pop(),
-            num_shared_layers=get('num_kv_shared_layers'),
-            num_embed=get('vocab_size_per_layer_input'),
-            embed_dim=get('hidden_size'),
-            num_heads=get('num_attention_heads'),
-            num_kv_heads=get('num_key_value_heads'),
-            head_dim=get('head_dim'),
-            attention_types=tuple(kinds[name] for name in layer_types),
-            sliding_window_size=get('sliding_window'),
-            global_base_frequency=theta('full_attention'),
-            local_base_frequency=theta('sliding_attention'),
-            global_scale_factor=factor('full_attention'),
-            local_scale_factor=factor('sliding_attention'),
-            activation_sparsity_pattern=tuple(_hf_sparsity(text, num_layers)),
-            per_layer_input_dim=get('hidden_size_per_layer_input'),
-            laurel_rank=get('laurel_rank'),
-            num_altup_inputs=get('altup_num_inputs'),
-            altup_coef_clip=get('altup_coef_clip'),
-    )
-    problems = check_hf_config(text, config)
-    if problems:
-        raise ValueError('HF config cannot be expressed by our TransformerConfig: ' + '; '.join(problems))
-    return config
-
-
-def _default_sparsity(num_layers: int) -> list[float]:
-    num_sparse = HF_DEFAULT_NUM_SPARSE_LAYERS if num_layers > HF_DEFAULT_NUM_SPARSE_LAYERS else 0
-    return [HF_DEFAULT_SPARSITY] * num_sparse + [0.0] * (num_layers - num_sparse)
-
-
-def _hf_rope_from_json(text: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    if text.get('rope_parameters'):
-        return {k: dict(v) for k, v in text['rope_parameters'].items()}
-    glob = {'rope_type': 'default', 'rope_theta': text.get('rope_theta', HF_DEFAULT_ROPE_THETA['full_attention'])}
-    glob.update(text.get('rope_scaling') or {})
-    local = {'rope_type': 'default',
-             'rope_theta': text.get('rope_local_base_freq', HF_DEFAULT_ROPE_THETA['sliding_attention'])}
-    return {'full_attention': glob, 'sliding_attention': local}
-
-
-def _is_identity_rope(got: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
-    # 'linear' with factor 1 is the same rotation as 'default'.
-    return got.get('factor', 1.0) == want.get('factor', 1.0)
-
-
-def _normalise(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_normalise(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value

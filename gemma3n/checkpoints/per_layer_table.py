@@ -26,9 +26,11 @@ import numpy as np
 from gemma3n.checkpoints import hf_mapping
 from gemma3n.checkpoints.loader import (HF_FORMAT, ORBAX_FORMAT, PER_LAYER_TABLE_PATH, checkpoint_format,
                                         model_config)
+from gemma3n.checkpoints.native import native_file
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles, read_into
 from gemma3n.checkpoints.safetensors_hf import hf_checkpoint_config, hf_prefix, open_hf_files
 from gemma3n.config import TransformerConfig
+from gemma3n.schema import text_schema
 from gemma3n.validation import check_finite
 
 DEFAULT_DTYPE = np.dtype(ml_dtypes.bfloat16)
@@ -162,7 +164,7 @@ def open_per_layer_table(
         >>> params = load_params(path, model=model, dtype=jnp.bfloat16, skip_per_layer_table=True)
         >>> table = open_per_layer_table(path, model=model)
     """
-    path = Path(path).expanduser()
+    path = native_file(Path(path).expanduser())
     checkpoint = checkpoint_format(path)
     config, _ = model_config(model)
     if checkpoint == ORBAX_FORMAT:
@@ -175,7 +177,8 @@ def open_per_layer_table(
         key = hf_prefix(path, files) + entry.hf_keys[0]
         return LazyPerLayerTable(files.file_of(key), key, entry.shape, stored_shape=entry.hf_shapes[0], dtype=dtype)
     if config is not None:
-        return LazyPerLayerTable(path, PER_LAYER_TABLE_PATH, _table_entry(config).shape, dtype=dtype)
+        return LazyPerLayerTable(path, PER_LAYER_TABLE_PATH, text_schema(config)[PER_LAYER_TABLE_PATH].shape,
+                                 dtype=dtype)
     files = SafetensorsFiles([path])
     if PER_LAYER_TABLE_PATH not in files:
         raise ValueError(f'{path} holds no tensor {PER_LAYER_TABLE_PATH}.')
