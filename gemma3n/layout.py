@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n.checkpoints import load_params
-from gemma3n.checkpoints.loader import PER_LAYER_TABLE_PATH
 from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
+from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from gemma3n.host_arrays import to_device
 from gemma3n.layers import ServingWeight, StoredWeight
 from gemma3n.layers.int4 import INT4_GROUP, fits_int4, quantize_int4_in_chunks

@@ -30,7 +30,7 @@ LAYERS = (
                    'audio')),
     ('checkpoints', ('checkpoints', 'layout')),
     ('text and generation', ('text',)),
-    ('loading and description', ('loading', 'describe')),
+    ('loading and description', ('loading', 'loaded_model', 'load_error', 'describe')),
     ('training', ('training',)),
     ('the command and the package', ('cli', '__init__', '__main__')),
 )

@@ -31,10 +31,12 @@ from gemma3n.cli.chat import CHAT_COMMANDS, CHAT_HELP
 from gemma3n.cli.console import (COMPILING_DEMO, COMPILING_PROMPT, INTERRUPTED, NUMERICAL_FAILURE,
                                  PROG, USAGE_ERROR, logger)
 from gemma3n.cli.generate import default_cache_length
-from gemma3n.cli.model import DEMO_MAX_NEW_TOKENS, DEMO_NOTICE, read_images
+from gemma3n.cli.model import DEMO_MAX_NEW_TOKENS, DEMO_NOTICE, LOAD_OPTION_FLAGS, read_images
 from gemma3n.cli.parser import build_parser, parse_arguments
 from gemma3n.cli.sampling import sampling_method
 from gemma3n.compilation import use_compilation_cache
+from gemma3n.load_error import LoadError
+from gemma3n.loading import USE_INT8
 from gemma3n.memory import InsufficientMemoryError
 
 __all__ = ['CHAT_COMMANDS', 'CHAT_HELP', 'COMPILING_DEMO', 'COMPILING_PROMPT', 'DEMO_MAX_NEW_TOKENS',
@@ -42,7 +44,8 @@ __all__ = ['CHAT_COMMANDS', 'CHAT_HELP', 'COMPILING_DEMO', 'COMPILING_PROMPT', '
            'default_cache_length', 'main', 'parse_arguments', 'read_images', 'sampling_method']
 
 # The library's names of the sizes a memory error suggests lowering, as this command spells them.
-MEMORY_OPTION_FLAGS = {'cache_length': '--cache-length', 'prefill_chunk': '--prefill-chunk'}
+MEMORY_OPTION_FLAGS = {'cache_length': '--cache-length', 'prefill_chunk': '--prefill-chunk',
+                       USE_INT8: '--int8'}
 XLA_OUT_OF_MEMORY = 'RESOURCE_EXHAUSTED'
 
 
@@ -53,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(sys.stdout, 'reconfigure'):
         sys.stdout.reconfigure(errors='replace')
     _setup_logging(args.verbose)
-    # _checkpoint_model reports a softcap mismatch itself, naming the option that settles it.
+    # load_model reports a softcap mismatch itself, naming the option that settles it.
     warnings.filterwarnings('ignore', category=HFSoftcapWarning)
     _use_compilation_cache()
     _cpu_without_checkpoint(args)
@@ -66,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0     # the reader (e.g. `| head`) has all it wanted
     except InsufficientMemoryError as error:
         sys.stderr.write(f'{PROG}: error: {error.describe(MEMORY_OPTION_FLAGS)}\n')
+        return USAGE_ERROR
+    except LoadError as error:
+        sys.stderr.write(f'{PROG}: error: {error.describe(LOAD_OPTION_FLAGS)}\n')
         return USAGE_ERROR
     except (MemoryError, jax.errors.JaxRuntimeError) as error:
         # The last line of defence: what the estimates in gemma3n.memory did not foresee.

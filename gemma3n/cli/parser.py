@@ -13,8 +13,9 @@ from gemma3n.cli.export import run_export
 from gemma3n.cli.finetune import add_finetune_options, run_finetune
 from gemma3n.cli.generate import run_generate
 from gemma3n.cli.info import run_info
-from gemma3n.cli.model import CHECKPOINT_DTYPE, DEMO_DTYPE, DEMO_MAX_NEW_TOKENS
-from gemma3n.loading import DEMO, DTYPES, MODEL_CLASSES, TOKENIZER_FILE
+from gemma3n.cli.model import DEMO_MAX_NEW_TOKENS
+from gemma3n.loaded_model import DEMO
+from gemma3n.loading import CHECKPOINT_DTYPE, DEMO_DTYPE, DTYPES, MODEL_CLASSES, TOKENIZER_FILE
 from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, DEFAULT_MAX_OUT_LENGTH
 from gemma3n.validation import INT32_MAX, check_int, max_seed

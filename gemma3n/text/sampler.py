@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n import multimodal, validation
-from gemma3n.embedder import PER_LAYER_TABLE, per_layer_token_ids
+from gemma3n.embedder import holds_per_layer_table, per_layer_token_ids, split_per_layer_table
 from gemma3n.text import special_tokens
 from gemma3n.text.chat_format import add_image_markers
 from gemma3n.text.generation import NON_FINITE_LOGITS, Generation, SamplerOutput, SamplerState
@@ -78,13 +78,12 @@ class Sampler:
         # may be any `table[ids] -> rows` object, such as a `LazyPerLayerTable` that reads
         # only the rows it is asked for from the checkpoint file.
         self.host_table = per_layer_table
-        if per_layer_table is not None and PER_LAYER_TABLE in params.get('embedder', {}):
+        if per_layer_table is not None and holds_per_layer_table(params):
             raise ValueError('per_layer_table was given but params also hold the table: load '
                              'them with skip_per_layer_table=True.')
         if per_layer_table_on_host:
-            embedder = dict(params['embedder'])
-            self.host_table = np.asarray(embedder.pop(PER_LAYER_TABLE))
-            self.params = {**params, 'embedder': embedder}
+            self.params, table = split_per_layer_table(params)
+            self.host_table = np.asarray(table)
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.cache_length = cache_length
