@@ -20,3 +20,4 @@ ALTUP = 'altup'                # AltUp streams
 MODALITIES = 'modalities'      # AltUp router outputs
 LAUREL = 'laurel'              # the LAuReL low rank
 VISION_EMBED = 'vision_embed'  # the vision encoder's output width
+BATCH = 'batch'                # rows of a batch of sequences (activations and the KV cache)

@@ -139,8 +139,7 @@ class Generation:
                      longest_prompt=int(prompt_lengths.max()),
                      prefill_chunk=sampler.prefill_chunk, cache_length=sampler.cache_length,
                      dtype=sampler.cache_dtype, new_cache=state is None)
-        self.cache = state.cache if state is not None else sampler.model.init_cache(
-            batch_size=batch, dtype=sampler.cache_dtype, cache_length=sampler.cache_length)
+        self.cache = state.cache if state is not None else sampler.init_cache(batch)
         self.rows = rows
         self.max_new_tokens = max_new_tokens
         self.sampling = sampler.sampling if sampling is None else sampling

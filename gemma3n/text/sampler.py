@@ -10,8 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma3n import cache as kv_cache
 from gemma3n import multimodal, validation
 from gemma3n.embedder import PER_LAYER_TABLE, per_layer_token_ids
+from gemma3n.layers import axes
+from gemma3n.sharding import MeshConstraints, ShardingRules, mesh_of
 from gemma3n.text import special_tokens
 from gemma3n.text.chat_format import add_image_markers
 from gemma3n.text.generation import NON_FINITE_LOGITS, Generation, SamplerOutput, SamplerState
@@ -64,6 +67,8 @@ class Sampler:
         per_layer_table: Any = None,
         keep_default_stop_tokens: bool = True,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        mesh: Any = None,
+        sharding_rules: ShardingRules = ShardingRules(),
     ):
         cache_length = validation.check_int('cache_length', cache_length, low=MIN_CACHE_LENGTH)
         max_out_length = validation.check_int('max_out_length', max_out_length, low=1)
@@ -96,6 +101,10 @@ class Sampler:
         # Prompts go through the cache this many tokens at a time (see gemma3n.text.prefill).
         self.prefill_chunk = prefill_chunk
         self.num_traces = {'prefill': 0, 'step': 0}   # how often each function compiled
+        # On a mesh (given, or the one the params are placed on) the same programs run with
+        # the cache's and the batch's shardings pinned (gemma3n.sharding.constraints).
+        self.on_mesh = MeshConstraints(mesh if mesh is not None else mesh_of(params),
+                                       sharding_rules)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=('sampling',),
                                 donate_argnames=('cache', 'logits'))
         self._encode_images = jax.jit(lambda params, images: model.apply(
@@ -118,16 +127,34 @@ class Sampler:
         """One prefill chunk; `logits` [B, V] keeps each sequence's from the chunk holding its
         last token (holds_last [B])."""
         self.num_traces['prefill'] += 1
-        out = self.model.apply({'params': params}, tokens, cache=cache, return_last_only=True,
-                               soft_tokens=soft_tokens, per_layer_embeddings=per_layer_rows)
+        out = self.model.apply({'params': params}, self._rows(tokens), cache=cache,
+                               return_last_only=True, soft_tokens=soft_tokens,
+                               per_layer_embeddings=per_layer_rows)
         logits = jnp.where(holds_last[:, None], out.logits, logits)
-        return self._choose(logits, rng, sampling), logits, out.cache
+        return self._finish(self._choose(logits, rng, sampling), logits, out.cache)
 
     def _step_fn(self, params, tokens, cache, rng, per_layer_rows, sampling):
         self.num_traces['step'] += 1
-        out = self.model.apply({'params': params}, tokens[:, None], cache=cache,
+        out = self.model.apply({'params': params}, self._rows(tokens[:, None]), cache=cache,
                                return_last_only=True, per_layer_embeddings=per_layer_rows)
-        return self._choose(out.logits, rng, sampling), out.logits, out.cache
+        return self._finish(self._choose(out.logits, rng, sampling), out.logits, out.cache)
+
+    def _rows(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, L] split by rows over the mesh, as the cache is."""
+        return self.on_mesh.constrain({'t': tokens}, {'t': (axes.BATCH, None)})['t']
+
+    def _finish(self, token: jax.Array, logits: jax.Array, cache: dict[str, Any]):
+        """Token and logits whole for the host, the cache where the next call expects it."""
+        token, logits = self.on_mesh.replicated((token, logits))
+        return token, logits, self.on_mesh.constrain(cache, kv_cache.cache_axes(cache))
+
+    def init_cache(self, batch_size: int) -> dict[str, Any]:
+        """An empty KV cache for `batch_size` sequences, made in place on the mesh."""
+        make = lambda: self.model.init_cache(batch_size=batch_size, dtype=self.cache_dtype,
+                                             cache_length=self.cache_length)
+        shapes = jax.eval_shape(make)
+        return jax.jit(make, out_shardings=self.on_mesh.shardings(
+            shapes, kv_cache.cache_axes(shapes)))()
 
     def per_layer_rows(self, tokens: np.ndarray) -> np.ndarray | None:
         """Host-gathered per-layer table rows for tokens [B, L] (images expanded), or None
