@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.text import special_tokens
+from gemma3n.layers import special_ids
 
 # Tokens around the placeholders: "\n\n", <start_of_image> before; <end_of_image>, "\n\n" after.
 TOKENS_BEFORE_SOFT = 2
@@ -38,9 +38,9 @@ class SoftTokens:
 def block_tokens(num_soft_tokens: int) -> np.ndarray:
     """The ids one `<start_of_image>` expands into: [num_soft_tokens + 4]."""
     return np.array(
-        [special_tokens.DOUBLE_NEWLINE, special_tokens.START_OF_IMAGE]
-        + [special_tokens.IMAGE_PLACEHOLDER] * num_soft_tokens
-        + [special_tokens.END_OF_IMAGE, special_tokens.DOUBLE_NEWLINE], np.int32)
+        [special_ids.DOUBLE_NEWLINE, special_ids.START_OF_IMAGE]
+        + [special_ids.IMAGE_PLACEHOLDER] * num_soft_tokens
+        + [special_ids.END_OF_IMAGE, special_ids.DOUBLE_NEWLINE], np.int32)
 
 
 def block_length(num_soft_tokens: int) -> int:
@@ -49,7 +49,7 @@ def block_length(num_soft_tokens: int) -> int:
 
 def count_image_markers(tokens: np.ndarray) -> np.ndarray:
     """[B, L] -> [B] number of `<start_of_image>` markers of each sequence."""
-    return np.sum(np.asarray(tokens) == special_tokens.START_OF_IMAGE, axis=-1)
+    return np.sum(np.asarray(tokens) == special_ids.START_OF_IMAGE, axis=-1)
 
 
 def check_images(images: Any, marker_counts: np.ndarray | None, num_sequences: int,
@@ -100,7 +100,7 @@ def expand_tokens(tokens: jax.Array, num_images: int, num_soft_tokens: int
         block_start [B, num_images]: index of each image block's first token.
     """
     extra = block_length(num_soft_tokens) - 1
-    is_marker = tokens == special_tokens.START_OF_IMAGE
+    is_marker = tokens == special_ids.START_OF_IMAGE
     markers_before = jnp.cumsum(is_marker, axis=-1) - is_marker            # [B, L]
     new_index = jnp.arange(tokens.shape[-1]) + extra * markers_before       # [B, L]
     length = tokens.shape[-1] + num_images * extra
@@ -135,7 +135,7 @@ def bidirectional_visible_until(tokens: jax.Array, positions: jax.Array) -> jax.
 
     Causal (its own position) except inside a run of placeholders, which all see the run's end.
     """
-    is_soft = tokens == special_tokens.IMAGE_PLACEHOLDER
+    is_soft = tokens == special_ids.IMAGE_PLACEHOLDER
     # Position of the run's last placeholder: a reverse cumulative max over run ends.
     run_end = is_soft & ~jnp.concatenate([is_soft[:, 1:], jnp.zeros_like(is_soft[:, :1])], axis=1)
     end_pos = jnp.where(run_end, positions, jnp.iinfo(jnp.int32).max)
