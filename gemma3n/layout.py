@@ -25,12 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
 from gemma3n.checkpoints import load_params
+from gemma3n.checkpoints.placement import load_sharded
 from gemma3n.checkpoints.loader import PER_LAYER_TABLE_PATH
 from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
 from gemma3n.host_arrays import to_device
 from gemma3n.layers import QuantizedWeight, record_layouts
 from gemma3n.layers.einsum import INT8_MAX
+from gemma3n.layers.weights import weight_schema
+from gemma3n.sharding import ShardingRules
 from gemma3n.transformer import Gemma3nTransformer
 
 # Weights smaller than this stay in their dtype: quantizing them saves nothing measurable.
@@ -173,13 +178,22 @@ def to_serving(model: Gemma3nTransformer, params: Any, *, quantize_int8: bool = 
 
 def load_serving(path: str | os.PathLike, model: Gemma3nTransformer, *, dtype: Any = None,
                  quantize_int8: bool = False, progress: bool = True,
-                 skip_per_layer_table: bool = False) -> tuple[Gemma3nTransformer, Any]:
+                 skip_per_layer_table: bool = False, mesh: Mesh | None = None,
+                 sharding_rules: ShardingRules = ShardingRules()) -> tuple[Gemma3nTransformer, Any]:
     """The serving copy of `model` and the checkpoint at `path` in its layout, converted weight
     by weight while loading (peak memory: the converted model plus the largest weight).
 
     Args are those of `gemma3n.checkpoints.load_params`; `quantize_int8` as for `to_serving`.
+    With a `mesh`, each weight goes straight into its shards by `sharding_rules`
+    (`gemma3n.checkpoints.placement`).
     """
     convert = ServingConverter(model, quantize_int8=quantize_int8)
-    params = load_params(path, model=model, dtype=dtype, progress=progress,
-                         skip_per_layer_table=skip_per_layer_table, transform=convert)
+    if mesh is None:
+        params = load_params(path, model=model, dtype=dtype, progress=progress,
+                             skip_per_layer_table=skip_per_layer_table, transform=convert)
+    else:
+        schema = weight_schema(model, jnp.ones((1, 1), jnp.int32))
+        params = load_sharded(path, model=model, mesh=mesh, schema=schema, dtype=dtype,
+                              rules=sharding_rules, orders=convert.orders, convert=convert,
+                              progress=progress, skip_per_layer_table=skip_per_layer_table)
     return model.clone(serving_layout=True), params

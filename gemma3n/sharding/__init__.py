@@ -12,9 +12,9 @@ Example:
 from gemma3n.sharding.constraints import MeshConstraints
 from gemma3n.sharding.distributed import ProcessGroup, initialize, process_group
 from gemma3n.sharding.mesh import DATA, FSDP, MESH_AXES, TENSOR, describe_mesh, make_mesh, parse_mesh_spec
-from gemma3n.sharding.params import param_shardings, shard_params
+from gemma3n.sharding.params import param_shardings, place_blocks, shard_params
 from gemma3n.sharding.rules import DEFAULT_RULES, ShardingRules, mesh_of
 
 __all__ = ['DATA', 'DEFAULT_RULES', 'FSDP', 'MESH_AXES', 'MeshConstraints', 'ProcessGroup', 'ShardingRules',
            'TENSOR', 'describe_mesh', 'initialize', 'make_mesh', 'mesh_of', 'param_shardings',
-           'parse_mesh_spec', 'process_group', 'shard_params']
+           'parse_mesh_spec', 'place_blocks', 'process_group', 'shard_params']

@@ -13,10 +13,11 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 
@@ -35,7 +36,9 @@ def leaf_sharding(path: str, leaf: Any, schema: Mapping[str, Any], mesh: Mesh,
     if info is None:
         raise ValueError(f'{path} is not in the weight schema: no logical axes say how to '
                          'shard it.')
-    spec = rules.spec(info.axes, info.shape, dict(mesh.shape))
+    # A weight declared without names (flax's own layers) is kept whole.
+    names = info.axes if info.axes is not None else (None,) * len(info.shape)
+    spec = rules.spec(names, info.shape, dict(mesh.shape))
     layout = None if orders is None else orders.get(path)
     order = None if layout is None else layout[0]
     stored = stored_spec(spec, order)
@@ -63,6 +66,24 @@ def param_shardings(params: Any, schema: Mapping[str, Any], mesh: Mesh,
          for path, leaf in flat.items()}, sep='/')
 
 
+def place_blocks(shape: tuple[int, ...], sharding: NamedSharding,
+                 read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """The array of `shape` in `sharding`, this process's blocks made by `read(index)`.
+
+    Each distinct block is read once, however many of this process's devices hold it (JAX's
+    `make_array_from_callback` reads it once per device), and only blocks of this process's
+    devices are read: with several processes each reads its own part.
+    """
+    blocks: dict[tuple, np.ndarray] = {}
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+        if key not in blocks:
+            blocks[key] = read(index)
+        arrays.append(jax.device_put(blocks[key], device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 def shard_params(params: Any, schema: Mapping[str, Any], mesh: Mesh,
                  rules: ShardingRules = ShardingRules(), orders: Orders | None = None) -> Any:
     """`params` (in memory, on one device or the host) placed on `mesh` by the rules.
@@ -70,4 +91,9 @@ def shard_params(params: Any, schema: Mapping[str, Any], mesh: Mesh,
     Every process must hold the same full values; loading a checkpoint straight into its
     shards is `gemma3n.checkpoints.placement`.
     """
-    return jax.device_put(params, param_shardings(params, schema, mesh, rules, orders))
+    def place(leaf, sharding):
+        host = np.asarray(leaf)
+        return place_blocks(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(place, params,
+                                  param_shardings(params, schema, mesh, rules, orders))
