@@ -92,10 +92,16 @@ def train_step_fn(model, on_mesh):
 
 
 def train(model, params, on_mesh):
+    """(loss, grads, whether the updated params and the optimizer's moments kept the params'
+    shardings) of one step."""
     optimizer, step = train_step_fn(model, on_mesh)
     opt_state = jax.jit(optimizer.init)(params)
     new_params, loss, grads = step(params, opt_state, train_batch())
-    return new_params, loss, grads
+    shardings = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x: x.sharding, params))
+    moments = opt_state[0].mu
+    kept = all(a.sharding.is_equivalent_to(s, a.ndim) for leaves in (new_params, moments)
+               for a, s in zip(jax.tree_util.tree_leaves(leaves), shardings))
+    return loss, grads, kept
 
 
 def max_tree_diff(a, b):
@@ -104,33 +110,42 @@ def max_tree_diff(a, b):
 
 
 def collective_counts(sampler, params):
-    """Collectives in the compiled decode step, and the largest all-gather's element count."""
+    """Collectives in the compiled decode step, the largest all-gather's element count, and how
+    many all-gathers produce the whole of a split weight (its shape)."""
     cache = sampler.init_cache(len(PROMPTS))
     text = sampler._step.lower(params, jnp.zeros(len(PROMPTS), jnp.int32), cache,
                                jax.random.key(0), None, sampling=Greedy()).compile().as_text()
     ops = re.findall(r'= (\w+)\[([\d,]*)\]\S* (' + '|'.join(COLLECTIVES) + r')(?:-start)?\(', text)
     counts = {name: sum(1 for *_, op in ops if op == name) for name in COLLECTIVES}
-    gathered = [int(np.prod([int(d) for d in dims.split(',') if d]))
-                for _, dims, op in ops if op == 'all-gather']
-    return counts, max(gathered, default=0)
+    gathered = [tuple(int(d) for d in dims.split(',') if d) for _, dims, op in ops
+                if op == 'all-gather']
+    split = {leaf.shape for leaf in jax.tree_util.tree_leaves(params)
+             if not leaf.sharding.is_fully_replicated}
+    whole = sum(1 for shape in gathered if shape in split)
+    return counts, max((int(np.prod(s)) for s in gathered), default=0), whole
 
 
-def shard_report(params):
-    """{path: (global shape, shape of the shard on the first device)}, bytes on device 0, total."""
+def shard_report(params, mesh):
+    """{path: (global shape, shape of the shard on the first device)}, and whether every
+    device holds 1/n of each weight split n ways by its spec (no more)."""
     flat = {'/'.join(k.key for k in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    first = {path: leaf.addressable_shards[0] for path, leaf in flat.items()}
-    shapes = {path: (leaf.shape, first[path].data.shape) for path, leaf in flat.items()}
-    on_first = sum(shard.data.nbytes for shard in first.values())
-    total = sum(leaf.nbytes for leaf in flat.values())
-    return shapes, on_first, total
+    shapes = {path: (leaf.shape, leaf.addressable_shards[0].data.shape)
+              for path, leaf in flat.items()}
+    exact = True
+    for leaf in flat.values():
+        used = [a for entry in leaf.sharding.spec if entry is not None
+                for a in ((entry,) if isinstance(entry, str) else entry)]
+        ways = int(np.prod([mesh.shape[a] for a in used]))
+        exact &= all(shard.data.nbytes * ways == leaf.nbytes for shard in leaf.addressable_shards)
+    return shapes, exact
 
 
 def run_meshes(out_path):
     model, params, schema = model_and_params()
     results = {}
     _, tokens, logits = generate(model, params)
-    new_params, loss, grads = train(model, params, sharding.MeshConstraints(None))
+    loss, grads, _ = train(model, params, sharding.MeshConstraints(None))
     results['tokens'], results['logits'], results['loss'] = tokens, logits, np.asarray(loss)
     for spec in MESHES:
         mesh = sharding.make_mesh(spec)
@@ -139,18 +154,19 @@ def run_meshes(out_path):
         results[f'{spec}/tokens'], results[f'{spec}/logits'] = mesh_tokens, mesh_logits
         results[f'{spec}/traces'] = np.array([sampler.num_traces['prefill'],
                                               sampler.num_traces['step']])
-        mesh_params, mesh_loss, mesh_grads = train(model, placed, sampler.on_mesh)
+        mesh_loss, mesh_grads, kept = train(model, placed, sampler.on_mesh)
         results[f'{spec}/loss'] = np.asarray(mesh_loss)
         results[f'{spec}/grads_diff'] = np.asarray(max_tree_diff(grads, mesh_grads))
-        results[f'{spec}/params_diff'] = np.asarray(max_tree_diff(new_params, mesh_params))
-        counts, largest_gather = collective_counts(sampler, placed)
+        results[f'{spec}/train_kept_shardings'] = np.asarray(kept)
+        counts, largest_gather, weights_gathered = collective_counts(sampler, placed)
+        results[f'{spec}/weights_gathered'] = np.asarray(weights_gathered)
         for name, count in counts.items():
             results[f'{spec}/{name}'] = np.asarray(count)
         results[f'{spec}/largest_gather'] = np.asarray(largest_gather)
-        shapes, on_first, total = shard_report(placed)
+        shapes, exact = shard_report(placed, mesh)
         for path, (shape, shard) in shapes.items():
             results[f'{spec}/shape/{path}'] = np.array([shape, shard])
-        results[f'{spec}/bytes_first'], results[f'{spec}/bytes_total'] = on_first, total
+        results[f'{spec}/shares_exact'] = np.asarray(exact)
     # The multi-process comparison: the same mesh on 4 devices of this one process.
     mesh = sharding.make_mesh(PROCESS_MESH, jax.devices()[:4])
     _, results['four/tokens'], results['four/logits'] = generate(
