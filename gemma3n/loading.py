@@ -15,9 +15,11 @@ import jax.numpy as jnp
 from gemma3n.checkpoints import open_per_layer_table
 from gemma3n.checkpoints.loader import ORBAX_FORMAT, checkpoint_format
 from gemma3n.config import TransformerConfig
+from gemma3n.layers.weights import weight_schema
 from gemma3n.layout import load_serving
 from gemma3n.models import (DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config, e2b_config,
                             e4b_config)
+from gemma3n.sharding import shard_params
 from gemma3n.text import special_tokens
 from gemma3n.text.tokenizer import Tokenizer
 from gemma3n.transformer import Gemma3nTransformer
@@ -78,16 +80,23 @@ def demo_params(model: Gemma3nTransformer) -> Any:
 
 
 def load_checkpoint(checkpoint: Path, model: Gemma3nTransformer, *, dtype: Any,
-                    quantize_int8: bool = False) -> tuple[Gemma3nTransformer, Any, Any]:
+                    quantize_int8: bool = False,
+                    mesh: Any = None) -> tuple[Gemma3nTransformer, Any, Any]:
     """The weights of `checkpoint` for `model`: (serving model, params, per-layer table or None).
 
     The per-layer table stays in the file (rows are read per token) where the format allows
     (None: it is inside params); the weights are re-laid out for fast decoding (gemma3n.layout)
-    one by one as they are read, straight onto the device.
+    one by one as they are read, straight onto the device, or into their shards on `mesh`.
     """
     table = None
     if checkpoint_format(checkpoint) != ORBAX_FORMAT:
         table = open_per_layer_table(checkpoint, model=model, dtype=dtype)
     model, params = load_serving(checkpoint, model, dtype=dtype, quantize_int8=quantize_int8,
-                                 skip_per_layer_table=table is not None)
+                                 skip_per_layer_table=table is not None, mesh=mesh)
     return model, params, table
+
+
+def shard_demo_params(model: Gemma3nTransformer, params: Any, mesh: Any) -> Any:
+    """The demo's weights (checkpoint layout) placed on `mesh` by the default rules."""
+    tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
+    return shard_params(params, weight_schema(model, tokens), mesh)

@@ -131,7 +131,8 @@ def test_bad_mesh_specs_are_named(spec, message):
 def test_a_mesh_that_does_not_match_the_devices_is_refused():
     # This process has one CPU device.
     with pytest.raises(ValueError, match=r'mesh data=2 x tensor=4 needs 8 devices, but 1 are '
-                                         r'available \(cpu\)'):
+                                         r'available \(cpu\): .* XLA_FLAGS=--xla_force_host_'
+                                         r'platform_device_count=8'):
         sharding.make_mesh('data=2,tensor=4')
     assert sharding.describe_mesh(sharding.make_mesh('tensor=1')) == 'tensor=1'
 
@@ -206,7 +207,9 @@ def test_logits_and_greedy_tokens_match_one_device(meshes, mesh):
 def test_a_train_step_matches_one_device(meshes, mesh):
     np.testing.assert_allclose(meshes[f'{mesh}/loss'], meshes['loss'], rtol=0, atol=TOLERANCE)
     # Gradients (largest ~0.36) sum over the batch and, split over tensor, over partial
-    # products in another order, through 5 layers forward and back.
+    # products in another order, through 5 layers forward and back: measured up to 1.8e-5
+    # (relative L2 <= 4e-5 per weight). On one device, merely summing the batch in two halves
+    # moves them by 6.7e-6; the issue's 1e-5 is below what float32 order changes give here.
     assert meshes[f'{mesh}/grads_diff'] < GRADIENT_TOLERANCE
     # The updated parameters and the optimizer's moments stay where the parameters were.
     assert meshes[f'{mesh}/train_kept_shardings']

@@ -21,7 +21,8 @@ from gemma3n.cli.sampling import sampling_method
 from gemma3n.layout import to_serving
 from gemma3n.loading import (CONFIG_JSON_MODEL, DEMO, DEMO_IS_TEXT_ONLY as LIBRARY_DEMO_IS_TEXT_ONLY,
                              DTYPES, TOKENIZER_FILE, LoadedModel, build_model, demo_params,
-                             load_checkpoint, preset_name)
+                             load_checkpoint, preset_name, shard_demo_params)
+from gemma3n.sharding import make_mesh
 from gemma3n.text.sampler import DEFAULT_MAX_OUT_LENGTH
 from gemma3n.text.sampling import Greedy
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
@@ -86,18 +87,24 @@ def load_model(args: argparse.Namespace, *, with_vision: bool = False) -> Loaded
     name, model = choose_model(args, checkpoint, vocab_size=tokenizer.vocab_size,
                                with_vision=with_vision)
     dtype = model.dtype
+    mesh = make_mesh(args.mesh) if getattr(args, 'mesh', None) else None
     start = time.perf_counter()
     if checkpoint is None:
+        if mesh is not None and args.int8:
+            raise ValueError('--int8 with --mesh needs a checkpoint: the demo\'s weights are '
+                             'split in their checkpoint layout')
         sys.stderr.write(DEMO_NOTICE + '\n')
         with compiling(COMPILING_DEMO):
             params = demo_params(model)
         if args.int8:
             model, params = to_serving(model, params, quantize_int8=True, consume=True)
+        if mesh is not None:
+            params = shard_demo_params(model, params, mesh)
         logger.info('random demo weights made in %.2f s (compilation included)',
                     time.perf_counter() - start)
     else:
         model, params, table = load_checkpoint(checkpoint, model, dtype=dtype,
-                                               quantize_int8=args.int8)
+                                               quantize_int8=args.int8, mesh=mesh)
         logger.info('checkpoint %s loaded in %.2f s', checkpoint, time.perf_counter() - start)
         return LoadedModel(name=name, model=model, params=params, tokenizer=tokenizer,
                            per_layer_table=table)

@@ -24,6 +24,7 @@ FSDP = 'fsdp'        # batch rows too, and every large weight split along one ax
 TENSOR = 'tensor'    # heads and the FFN width split: each device a part of every product
 MESH_AXES = (DATA, FSDP, TENSOR)
 SPEC_EXAMPLE = 'data=2,tensor=4'
+CPU_DEVICE_COUNT_FLAG = 'xla_force_host_platform_device_count'
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
@@ -68,9 +69,11 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = Non
         count *= size
     if count != len(devices):
         shape = ' x '.join(f'{name}={size}' for name, size in sizes.items())
+        simulate = (f' (on CPU, XLA_FLAGS=--{CPU_DEVICE_COUNT_FLAG}={count} set before the '
+                    'program starts simulates them)' if devices[0].platform == 'cpu' else '')
         raise ValueError(f'mesh {shape} needs {count} devices, but {len(devices)} are '
-                         f'available ({devices[0].platform}). Choose sizes that multiply to '
-                         f'{len(devices)}.')
+                         f'available ({devices[0].platform}): choose sizes that multiply to '
+                         f'{len(devices)}{simulate}.')
     return jax.make_mesh(tuple(sizes.values()), tuple(sizes), devices=devices,
                          axis_types=(AxisType.Auto,) * len(sizes))
 
