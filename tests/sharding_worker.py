@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 
 MESH_DEVICES = 8
 PROCESS_DEVICES = 2
@@ -23,7 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from gemma3n import sharding  # noqa: E402
+from gemma3n import layout, sharding  # noqa: E402
+from gemma3n.checkpoints import save_params  # noqa: E402
 from gemma3n.config import TransformerConfig  # noqa: E402
 from gemma3n.layers import axes, weights  # noqa: E402
 from gemma3n.text.sampler import Sampler  # noqa: E402
@@ -41,6 +43,7 @@ CONFIG = TransformerConfig.gemma3n(
 RULES = sharding.ShardingRules(min_size=0)
 MESHES = ('data=8', 'data=2,tensor=4', 'fsdp=4,tensor=2', 'tensor=8')
 PROCESS_MESH = 'data=2,tensor=2'        # 4 devices: 1 process x 4, or 2 processes x 2
+LOAD_MESH = 'fsdp=4,tensor=2'
 PROMPTS = [[2, 5, 9, 11, 40], [2, 7, 8], [2, 100, 200, 300], [2, 3],
            [2, 50, 51], [2, 9, 9, 9, 9, 9], [2, 400], [2, 13, 14, 15]]
 NEW_TOKENS = 4
@@ -141,6 +144,20 @@ def shard_report(params, mesh):
     return shapes, exact
 
 
+def load_from_file(model, params, folder, results):
+    """Our own file loaded into the serving layout straight into shards (blocks read from the
+    file), against the same conversion on one device."""
+    mesh = sharding.make_mesh(LOAD_MESH)
+    path = folder / 'params.safetensors'
+    save_params(params, path)
+    _, loaded = layout.load_serving(path, model, mesh=mesh, sharding_rules=RULES, progress=False)
+    _, expected = layout.to_serving(model, params)
+    results['load/max_diff'] = np.asarray(max_tree_diff(loaded, expected))
+    q = loaded['layer_0']['attn']['q_einsum']['w']          # stored [N, H, D]: N tensor, D fsdp
+    results['load/q_spec'] = np.array([str(entry) for entry in q.sharding.spec])
+    results['load/q_shard'] = np.array(q.addressable_shards[0].data.shape)
+
+
 def run_meshes(out_path):
     model, params, schema = model_and_params()
     results = {}
@@ -167,6 +184,7 @@ def run_meshes(out_path):
         for path, (shape, shard) in shapes.items():
             results[f'{spec}/shape/{path}'] = np.array([shape, shard])
         results[f'{spec}/shares_exact'] = np.asarray(exact)
+    load_from_file(model, params, Path(out_path).parent, results)
     # The multi-process comparison: the same mesh on 4 devices of this one process.
     mesh = sharding.make_mesh(PROCESS_MESH, jax.devices()[:4])
     _, results['four/tokens'], results['four/logits'] = generate(

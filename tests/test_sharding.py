@@ -265,6 +265,14 @@ def test_the_decode_step_holds_the_collectives_of_its_mesh(meshes):
         assert meshes[f'{mesh}/largest_gather'] <= LOGITS_SIZE, mesh
 
 
+def test_our_file_loads_straight_into_shards_of_the_serving_layout(meshes):
+    # Read block by block from the file, transposed on the way: the same values as converting
+    # on one device, each stored dimension split as its checkpoint dimension is.
+    assert meshes['load/max_diff'] == 0
+    assert meshes['load/q_spec'].tolist() == ['tensor', 'None', 'fsdp']
+    assert meshes['load/q_shard'].tolist() == [4, 16, 16]
+
+
 def test_two_processes_match_one_process_with_as_many_devices(meshes, tmp_path):
     coordinator = f'127.0.0.1:{_free_port()}'
     outs = [tmp_path / f'process_{i}.npz' for i in range(2)]
