@@ -26,7 +26,9 @@ Cache = dict[str, Any]
 END_INDEX = 'end_index'
 # Logical axes of a buffer [B, S, K, H] (slots are never split: a step writes anywhere in them).
 BUFFER_AXES = (axes.BATCH, None, axes.KV_HEADS, axes.HEAD_DIM)
-END_INDEX_AXES = (axes.BATCH,)
+# end_index [B] stays whole on every device: the host reads it (every process, on a mesh that
+# spans several), and each device computes it from the tokens alone.
+END_INDEX_AXES = (None,)
 
 
 def layer_key(i: int) -> str:
