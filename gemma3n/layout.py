@@ -195,5 +195,6 @@ def load_serving(path: str | os.PathLike, model: Gemma3nTransformer, *, dtype: A
         schema = weight_schema(model, jnp.ones((1, 1), jnp.int32))
         params = load_sharded(path, model=model, mesh=mesh, schema=schema, dtype=dtype,
                               rules=sharding_rules, orders=convert.orders, convert=convert,
-                              progress=progress, skip_per_layer_table=skip_per_layer_table)
+                              blockwise=not quantize_int8, progress=progress,
+                              skip_per_layer_table=skip_per_layer_table)
     return model.clone(serving_layout=True), params

@@ -70,17 +70,14 @@ class MeshPlacement:
 
 
 def _read_native(files: SafetensorsFiles, name: str, sharding: NamedSharding,
-                 order: tuple[int, ...] | None, dtype: Any) -> Any:
-    """One tensor of our format in `sharding`, stored in `order` (None: the file's), each block
-    read from the file alone, cast to `dtype` and checked for NaN/Inf."""
-    shape, _ = files.shape_and_dtype(name)
-    stored = shape if order is None else tuple(shape[i] for i in order)
-
+                 stored: tuple[int, ...], order: tuple[int, ...] | None, dtype: Any) -> Any:
+    """One tensor of our format in `sharding`, stored with shape `stored` in `order` (None: the
+    file's), each block read from the file alone, cast to `dtype` and checked for NaN/Inf."""
     def read(index: tuple[slice, ...]) -> np.ndarray:
         if order is None:
             block = files.read_block(name, index)
         else:
-            in_file = [slice(None)] * len(shape)
+            in_file = [slice(None)] * len(order)
             for stored_axis, file_axis in enumerate(order):
                 in_file[file_axis] = index[stored_axis]
             block = np.ascontiguousarray(np.transpose(files.read_block(name, tuple(in_file)),
@@ -96,20 +93,20 @@ def _read_native(files: SafetensorsFiles, name: str, sharding: NamedSharding,
 
 def load_sharded(path: str | os.PathLike, *, model: Any, mesh: Mesh, schema: Mapping[str, Any],
                  dtype: Any = None, rules: ShardingRules = ShardingRules(),
-                 orders: Orders | None = None, convert: Any = None, progress: bool = True,
-                 skip_per_layer_table: bool = False) -> dict[str, Any]:
+                 orders: Orders | None = None, convert: Any = None, blockwise: bool = True,
+                 progress: bool = True, skip_per_layer_table: bool = False) -> dict[str, Any]:
     """The parameter tree of the checkpoint at `path`, every weight in its sharding on `mesh`.
 
     Args are those of `gemma3n.checkpoints.load_params`, and: `schema` the weights' logical
     axes (`gemma3n.layers.weights.weight_schema`), `rules` the sharding rules, `orders`
     {path: (stored order, input axes)} of weights stored in another order, `convert` the
-    conversion that stores them so (`gemma3n.layout.ServingConverter`). Our own format is read
-    block by block where `convert` only re-orders; otherwise tensor by tensor.
+    conversion that stores them so (`gemma3n.layout.ServingConverter`), `blockwise` whether
+    that conversion is only the re-ordering (int8 needs whole rows: False). Our own format is
+    then read block by block; otherwise tensor by tensor.
     """
     path = Path(path).expanduser()
-    placement = MeshPlacement(mesh, schema, rules=rules, orders=orders, convert=convert)
-    quantizes = convert is not None and getattr(convert, 'quantize_int8', False)
-    if checkpoint_format(path) != NATIVE_FORMAT or quantizes:
+    if checkpoint_format(path) != NATIVE_FORMAT or not blockwise:
+        placement = MeshPlacement(mesh, schema, rules=rules, orders=orders, convert=convert)
         return load_params(path, model=model, dtype=dtype, progress=progress,
                            skip_per_layer_table=skip_per_layer_table, transform=placement)
     files = SafetensorsFiles([path])
@@ -129,6 +126,6 @@ def load_sharded(path: str | os.PathLike, *, model: Any, mesh: Mesh, schema: Map
             stored = shape if order is None else tuple(shape[i] for i in order)
             sharding = leaf_sharding(name, jax.ShapeDtypeStruct(stored, catalog[name][1]),
                                      schema, mesh, rules, orders)
-            flat[name] = _read_native(files, name, sharding, order, dtype)
+            flat[name] = _read_native(files, name, sharding, stored, order, dtype)
             bar.update(math.prod(shape))
     return hf_mapping.unflatten_params(flat)
