@@ -90,22 +90,29 @@ def test_a_stored_order_keeps_each_dimension_s_split():
     assert stored_spec(P('tensor'), (1, 0)) == P(None, 'tensor')
 
 
-@pytest.mark.parametrize('mesh', [{'tensor': 8}, {'fsdp': 4, 'tensor': 2}, {'fsdp': 8},
-                                  {'data': 2, 'tensor': 4}])
-def test_e4b_devices_each_hold_about_their_share(mesh):
-    # The E4B text model's weights (the per-layer table included) by the default rules: what
-    # stays whole (norms, AltUp coefficients, K/V heads beyond 2 ways) is under 1% of them.
-    schema = weight_schema(Gemma3n_E4B(text_only=True), jnp.ones((1, 1), jnp.int32))
+@pytest.fixture(scope='module')
+def e4b_schema():
+    return weight_schema(Gemma3n_E4B(text_only=True), jnp.ones((1, 1), jnp.int32))
+
+
+@pytest.mark.parametrize('mesh, whole', [({'tensor': 8}, 0.02), ({'fsdp': 4, 'tensor': 2}, 0.002),
+                                         ({'fsdp': 8}, 0.002), ({'data': 2, 'tensor': 4}, 0.02)])
+def test_e4b_devices_each_hold_about_their_share(e4b_schema, mesh, whole):
+    # The E4B text model's weights (the per-layer table included) by the default rules: each
+    # device holds 1/n of them (n: the mesh without `data`) plus what stays whole. Under
+    # tensor parallelism that is the projections no head or FFN axis splits (AltUp's, LAuReL's,
+    # the per-layer inputs', K/V beyond 2 ways): 1.7% of the weights; under FSDP the small
+    # weights (norms, AltUp's router and coefficients): 0.17%.
     rules = sharding.ShardingRules()
     total = per_device = 0
-    for info in schema.values():
+    for info in e4b_schema.values():
         spec = rules.spec(info.axes, info.shape, mesh)
         ways = math.prod(mesh[a] for entry in spec if entry is not None
                          for a in ((entry,) if isinstance(entry, str) else entry))
         total += math.prod(info.shape)
         per_device += math.prod(info.shape) / ways
-    split = math.prod(mesh[a] for a in mesh if a != 'data')
-    assert total / split <= per_device < total / split * 1.01
+    share = 1 / math.prod(size for axis, size in mesh.items() if axis != 'data')
+    assert share <= per_device / total < share + whole
 
 
 @pytest.mark.parametrize('spec, expected', [
