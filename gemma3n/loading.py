@@ -15,10 +15,10 @@ import jax.numpy as jnp
 from gemma3n.checkpoints import open_per_layer_table
 from gemma3n.checkpoints.loader import ORBAX_FORMAT, checkpoint_format
 from gemma3n.config import TransformerConfig
-from gemma3n.layers.weights import weight_schema
 from gemma3n.layout import load_serving
 from gemma3n.models import (DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config, e2b_config,
                             e4b_config)
+from gemma3n.schema import model_schema
 from gemma3n.sharding import shard_params
 from gemma3n.text import special_tokens
 from gemma3n.text.tokenizer import Tokenizer
@@ -98,5 +98,4 @@ def load_checkpoint(checkpoint: Path, model: Gemma3nTransformer, *, dtype: Any,
 
 def shard_demo_params(model: Gemma3nTransformer, params: Any, mesh: Any) -> Any:
     """The demo's weights (checkpoint layout) placed on `mesh` by the default rules."""
-    tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
-    return shard_params(params, weight_schema(model, tokens), mesh)
+    return shard_params(params, model_schema(model), mesh)

@@ -27,7 +27,8 @@ import optax  # noqa: E402
 from gemma3n import layout, sharding  # noqa: E402
 from gemma3n.checkpoints import save_params  # noqa: E402
 from gemma3n.config import TransformerConfig  # noqa: E402
-from gemma3n.layers import axes, weights  # noqa: E402
+from gemma3n.layers import axes  # noqa: E402
+from gemma3n.schema import model_schema  # noqa: E402
 from gemma3n.text.sampler import Sampler  # noqa: E402
 from gemma3n.text.sampling import Greedy  # noqa: E402
 from gemma3n.transformer import Gemma3nTransformer  # noqa: E402
@@ -57,7 +58,7 @@ def model_and_params():
     model = Gemma3nTransformer(config=CONFIG, text_only=True, dtype=jnp.float32)
     tokens = jnp.ones((1, 1), jnp.int32)
     params = jax.jit(model.init)(jax.random.key(SEED), tokens)['params']
-    return model, params, weights.weight_schema(model, tokens)
+    return model, params, model_schema(model)
 
 
 def generate(model, params, mesh=None):

@@ -16,8 +16,8 @@ import transformers
 from safetensors.numpy import load_file
 
 from gemma3n import Gemma3nTransformer
-from gemma3n.checkpoints import hf_mapping, load_params
-from gemma3n.checkpoints.hf_export import HF_NO_SOFTCAP, save_hf
+from gemma3n.checkpoints import hf_mapping, load_params, save_hf
+from gemma3n.checkpoints.hf_export import HF_NO_SOFTCAP
 from cli_runner import cli_env, demo_model, run_cli
 from hf_oracle import random_params, small_configs
 

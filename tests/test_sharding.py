@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -20,8 +19,8 @@ from safetensors.numpy import save_file
 from gemma3n import sharding
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.layers import axes
-from gemma3n.layers.weights import weight_schema
 from gemma3n.models import Gemma3n_E4B
+from gemma3n.schema import model_schema
 from gemma3n.sharding import distributed
 from gemma3n.sharding.rules import stored_spec
 
@@ -92,7 +91,7 @@ def test_a_stored_order_keeps_each_dimension_s_split():
 
 @pytest.fixture(scope='module')
 def e4b_schema():
-    return weight_schema(Gemma3n_E4B(text_only=True), jnp.ones((1, 1), jnp.int32))
+    return model_schema(Gemma3n_E4B(text_only=True))
 
 
 @pytest.mark.parametrize('mesh, whole', [({'tensor': 8}, 0.02), ({'fsdp': 4, 'tensor': 2}, 0.002),

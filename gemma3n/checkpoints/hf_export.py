@@ -11,8 +11,11 @@ our logits. Two things HF cannot express are handled here:
 - HF always soft-caps the final logits (its config refuses None). A model without a cap, as
   Google's reference and our presets are, is written with the cap `HF_NO_SOFTCAP`, so large
   that `cap * tanh(x / cap)` equals x to within float32 rounding; so transformers computes the
-  uncapped logits. (`gemma3n` reads such a config.json as a cap of 1e20, which computes the same.)
+  uncapped logits. (`gemma3n` loading the export back notes the cap of 1e20 as it notes any cap
+  its model lacks; applied or not, it computes the same.)
 
+The vocabulary gets the hub's 256 extra rows, copies of the pad row as in the released
+checkpoints (docs/architecture.md §8), so the export's logits past ours equal the pad token's.
 The vision and audio towers are not exported (HF's causal LM is text-only).
 
 Example:
