@@ -16,6 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
+from cli_runner import assert_usage_error, cli_env, run_cli
 from gemma3n import sharding
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.layers import axes
@@ -141,6 +142,18 @@ def test_a_mesh_that_does_not_match_the_devices_is_refused():
                                          r'platform_device_count=8'):
         sharding.make_mesh('data=2,tensor=4')
     assert sharding.describe_mesh(sharding.make_mesh('tensor=1')) == 'tensor=1'
+
+
+@pytest.mark.parametrize('args, fragments', [
+    (['--mesh', 'data=2,tensor=4'], ['mesh data=2 x tensor=4 needs 8 devices, but 1 are available',
+                                     'xla_force_host_platform_device_count=8']),
+    (['--coordinator', 'nowhere', '--num-processes', '2', '--process-id', '0'],
+     ["host:port, got 'nowhere'"]),
+])
+def test_the_command_refuses_meshes_and_process_groups_in_one_line(tmp_path_factory, args,
+                                                                    fragments):
+    env = dict(cli_env(tmp_path_factory), XLA_FLAGS='')
+    assert_usage_error(run_cli(env, 'generate', *args, 'Hello'), *fragments)
 
 
 def test_process_groups_come_from_arguments_or_the_environment(monkeypatch):
