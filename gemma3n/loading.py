@@ -97,5 +97,5 @@ def load_checkpoint(checkpoint: Path, model: Gemma3nTransformer, *, dtype: Any,
 
 
 def shard_demo_params(model: Gemma3nTransformer, params: Any, mesh: Any) -> Any:
-    """The demo's weights (checkpoint layout) placed on `mesh` by the default rules."""
+    """The demo's weights (in any layout) placed on `mesh` by the default rules."""
     return shard_params(params, model_schema(model), mesh)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.checkpoints.hf_mapping import flatten_params
+from gemma3n.checkpoints.flat_params import flatten_params
 from gemma3n.checkpoints.hf_tensors import Stored, read_params
 from gemma3n.checkpoints.safetensors_hf import open_hf_files
 from gemma3n.layers.weights import weight_schema

@@ -2,18 +2,18 @@
 
 Each weight goes to the sharding its logical axes give (`gemma3n.sharding`) as it is read, so
 no process ever holds the model whole:
-- our own format (one safetensors file, our layout) is read block by block: each process reads
-  from the file only the blocks its own devices hold, each block once (`place_blocks`), in the
-  checkpoint's order or permuted into a stored order on the way;
-- the other formats convert a tensor as a whole (Hugging Face's layouts, Orbax's restore), so
-  each of their tensors is read whole, one at a time, then cut into this process's blocks: the
-  host holds at most one full weight beyond its share (`place_leaf`, a `transform` for
-  `load_params`).
+- our own format (our layout) is read block by block: each process reads from the file only
+  the blocks its own devices hold, each block once (`place_blocks`), permuted into the serving
+  order on the way where asked;
+- the other formats convert a tensor as a whole (Hugging Face's layouts, Orbax's restore), and
+  int8 needs whole rows for its scales, so there each tensor is read whole, one at a time,
+  converted, then cut into this process's blocks: the host holds at most one full weight beyond
+  its share (`MeshPlacement`, a `transform` for `load_params`).
 
 Example:
-    >>> schema = weight_schema(model, tokens)
-    >>> params = load_sharded('e4b.safetensors', model=model, mesh=mesh, schema=schema,
-    ...                       dtype=jnp.bfloat16, skip_per_layer_table=True)
+    >>> params = load_sharded('e4b.safetensors', model=model, mesh=mesh,
+    ...                       schema=model_schema(model), dtype=jnp.bfloat16,
+    ...                       skip_per_layer_table=True)
 """
 
 from __future__ import annotations
@@ -29,44 +29,31 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh, NamedSharding
 
-from gemma3n.checkpoints import hf_mapping
+from gemma3n.checkpoints.flat_params import unflatten_params
 from gemma3n.checkpoints.loader import (NATIVE_FORMAT, PER_LAYER_TABLE_PATH, _select,
                                         checkpoint_format, load_params, model_config)
-from gemma3n.checkpoints.native import native_catalog
+from gemma3n.checkpoints.native import native_catalog, native_file
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
-from gemma3n.layers import QuantizedWeight
-from gemma3n.sharding import ShardingRules, place_blocks
-from gemma3n.sharding.params import Orders, leaf_sharding
+from gemma3n.layers import ServingWeight
+from gemma3n.sharding import ShardingRules
+from gemma3n.sharding.params import leaf_sharding, place_blocks, place_leaf
 from gemma3n.validation import check_finite
 
-
-def place_leaf(leaf: Any, sharding: Any) -> Any:
-    """A weight in memory (host or one device; a QuantizedWeight with a sharding per field)
-    placed in `sharding`, this process's blocks cut from it."""
-    if isinstance(leaf, QuantizedWeight):
-        return QuantizedWeight(q=place_leaf(leaf.q, sharding.q),
-                               scale=place_leaf(leaf.scale, sharding.scale))
-    host = np.asarray(leaf)
-    return place_blocks(host.shape, sharding, lambda index: host[index])
+# {path: (serving order, number of input axes)}, as `gemma3n.layout.ServingConverter.orders`.
+Orders = Mapping[str, tuple[tuple[int, ...], int]]
 
 
 class MeshPlacement:
-    """A `load_params` transform: each converted weight placed on `mesh` by `rules`.
-
-    `convert(path, array)` (optional, e.g. `gemma3n.layout.ServingConverter`) runs first;
-    `orders` says which weights it stores in another order.
-    """
+    """A `load_params` transform: each weight converted by `convert(path, array)` (optional,
+    e.g. `gemma3n.layout.ServingConverter`), then placed on `mesh` by `rules`."""
 
     def __init__(self, mesh: Mesh, schema: Mapping[str, Any], *,
-                 rules: ShardingRules = ShardingRules(), orders: Orders | None = None,
-                 convert: Any = None):
-        self.mesh, self.schema, self.rules, self.orders = mesh, schema, rules, orders
-        self.convert = convert
+                 rules: ShardingRules = ShardingRules(), convert: Any = None):
+        self.mesh, self.schema, self.rules, self.convert = mesh, schema, rules, convert
 
     def __call__(self, path: str, array: Any) -> Any:
         leaf = array if self.convert is None else self.convert(path, array)
-        sharding = leaf_sharding(path, leaf, self.schema, self.mesh, self.rules, self.orders)
-        return place_leaf(leaf, sharding)
+        return place_leaf(leaf, leaf_sharding(path, leaf, self.schema, self.mesh, self.rules))
 
 
 def _read_native(files: SafetensorsFiles, name: str, sharding: NamedSharding,
@@ -98,15 +85,15 @@ def load_sharded(path: str | os.PathLike, *, model: Any, mesh: Mesh, schema: Map
     """The parameter tree of the checkpoint at `path`, every weight in its sharding on `mesh`.
 
     Args are those of `gemma3n.checkpoints.load_params`, and: `schema` the weights' logical
-    axes (`gemma3n.layers.weights.weight_schema`), `rules` the sharding rules, `orders`
-    {path: (stored order, input axes)} of weights stored in another order, `convert` the
-    conversion that stores them so (`gemma3n.layout.ServingConverter`), `blockwise` whether
-    that conversion is only the re-ordering (int8 needs whole rows: False). Our own format is
-    then read block by block; otherwise tensor by tensor.
+    axes (`gemma3n.schema.model_schema`), `rules` the sharding rules, `orders` the weights to
+    store in serving order (`ServingWeight`), `convert` the conversion a whole tensor goes
+    through (`gemma3n.layout.ServingConverter`), `blockwise` whether that conversion is only
+    the re-ordering by `orders` (int8 needs whole rows: False). Our own format is then read
+    block by block; otherwise tensor by tensor.
     """
-    path = Path(path).expanduser()
+    path = native_file(Path(path).expanduser())
     if checkpoint_format(path) != NATIVE_FORMAT or not blockwise:
-        placement = MeshPlacement(mesh, schema, rules=rules, orders=orders, convert=convert)
+        placement = MeshPlacement(mesh, schema, rules=rules, convert=convert)
         return load_params(path, model=model, dtype=dtype, progress=progress,
                            skip_per_layer_table=skip_per_layer_table, transform=placement)
     files = SafetensorsFiles([path])
@@ -122,10 +109,16 @@ def load_sharded(path: str | os.PathLike, *, model: Any, mesh: Mesh, schema: Map
         for name in names:
             shape = catalog[name][0]
             layout = None if orders is None else orders.get(name)
-            order = None if layout is None else layout[0]
-            stored = shape if order is None else tuple(shape[i] for i in order)
-            sharding = leaf_sharding(name, jax.ShapeDtypeStruct(stored, catalog[name][1]),
-                                     schema, mesh, rules, orders)
-            flat[name] = _read_native(files, name, sharding, stored, order, dtype)
+            shapes = jax.ShapeDtypeStruct(shape, catalog[name][1])
+            if layout is None:
+                sharding = leaf_sharding(name, shapes, schema, mesh, rules)
+                flat[name] = _read_native(files, name, sharding, shape, None, dtype)
+            else:
+                order = layout[0]
+                stored = tuple(shape[i] for i in order)
+                sharding = leaf_sharding(name, ServingWeight(
+                    jax.ShapeDtypeStruct(stored, catalog[name][1]), order), schema, mesh, rules)
+                flat[name] = ServingWeight(
+                    _read_native(files, name, sharding.value, stored, order, dtype), order)
             bar.update(math.prod(shape))
-    return hf_mapping.unflatten_params(flat)
+    return unflatten_params(flat)

@@ -1,14 +1,14 @@
 """The shardings of a parameter tree, from its weights' logical axes, and placing a tree on them.
 
-Each weight's logical axes come from the weight schema (`gemma3n.layers.weights.weight_schema`:
-{path: WeightInfo(shape, dtype, axes)}, in the checkpoint's axis order). A weight stored in
-another order (the serving layout's [out..., in...]) keeps, per stored dimension, the split of
-the checkpoint dimension it holds; an int8 weight's scales [out...] follow its output axes.
+Each weight's logical axes come from the weight schema (`gemma3n.schema.model_schema`: {path:
+WeightInfo(shape, dtype, axes, ...)}, in the checkpoint's axis order). A weight stored as a leaf
+type (`gemma3n.layers.StoredWeight`: serving order, int8 with scales) gets a sharding of the
+same type: each stored dimension keeps the split of the checkpoint dimension it holds, an int8
+weight's scales [out...] that of its output dimensions.
 
 Example:
-    >>> schema = weight_schema(model, tokens)
-    >>> shardings = param_shardings(params, schema, mesh)
-    >>> params = jax.device_put(params, shardings)       # or shard_params(params, schema, mesh)
+    >>> shardings = param_shardings(params, model_schema(model), mesh)
+    >>> params = shard_params(params, model_schema(model), mesh)
 """
 
 from __future__ import annotations
@@ -19,51 +19,44 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gemma3n.layers import QuantizedWeight
+from gemma3n.layers import QuantizedWeight, ServingWeight, StoredWeight
 from gemma3n.sharding.rules import ShardingRules, stored_spec
-
-# {path: (serving order, number of input axes)}, as `gemma3n.layout.serving_orders` gives it.
-Orders = Mapping[str, tuple[tuple[int, ...], int]]
 
 
 def leaf_sharding(path: str, leaf: Any, schema: Mapping[str, Any], mesh: Mesh,
-                  rules: ShardingRules, orders: Orders | None = None) -> Any:
-    """The sharding of one stored leaf at `path` (a QuantizedWeight gets one of the same type,
-    a sharding per field)."""
+                  rules: ShardingRules) -> Any:
+    """The sharding of the leaf at `path` (an array or its shape; a StoredWeight gets one of
+    its own type, a sharding per array it holds)."""
     info = schema.get(path)
     if info is None:
         raise ValueError(f'{path} is not in the weight schema: no logical axes say how to '
                          'shard it.')
+    if tuple(leaf.shape) != tuple(info.shape):
+        raise ValueError(f'{path} has shape {tuple(leaf.shape)}; the schema says {info.shape}.')
     # A weight declared without names (flax's own layers) is kept whole.
     names = info.axes if info.axes is not None else (None,) * len(info.shape)
     spec = rules.spec(names, info.shape, dict(mesh.shape))
-    layout = None if orders is None else orders.get(path)
-    order = None if layout is None else layout[0]
-    stored = stored_spec(spec, order)
     if isinstance(leaf, QuantizedWeight):
-        if layout is None:
-            raise ValueError(f'{path} is an int8 weight but no serving order was given for it.')
-        num_out = len(order) - layout[1]
-        return QuantizedWeight(q=NamedSharding(mesh, stored),
-                               scale=NamedSharding(mesh, type(stored)(*tuple(stored)[:num_out])))
-    shape = tuple(leaf.shape)
-    expected = info.shape if order is None else tuple(info.shape[i] for i in order)
-    if shape != expected:
-        raise ValueError(f'{path} has shape {shape}; the schema says {expected}.')
-    return NamedSharding(mesh, stored)
+        stored = stored_spec(spec, leaf.order)
+        return leaf.replace(q=NamedSharding(mesh, stored), scale=NamedSharding(
+            mesh, PartitionSpec(*tuple(stored)[:leaf.scale.ndim])))
+    if isinstance(leaf, ServingWeight):
+        return leaf.replace(value=NamedSharding(mesh, stored_spec(spec, leaf.order)))
+    if isinstance(leaf, StoredWeight):
+        raise TypeError(f'{path}: no sharding is known for a {type(leaf).__name__}.')
+    return NamedSharding(mesh, spec)
 
 
 def param_shardings(params: Any, schema: Mapping[str, Any], mesh: Mesh,
-                    rules: ShardingRules = ShardingRules(),
-                    orders: Orders | None = None) -> Any:
+                    rules: ShardingRules = ShardingRules()) -> Any:
     """A tree like `params` with the sharding of every leaf."""
-    is_weight = lambda x: isinstance(x, QuantizedWeight)
-    flat = traverse_util.flatten_dict(params, sep='/', is_leaf=lambda _, x: is_weight(x))
+    flat = traverse_util.flatten_dict(params, sep='/',
+                                      is_leaf=lambda _, x: isinstance(x, StoredWeight))
     return traverse_util.unflatten_dict(
-        {path: leaf_sharding(path, leaf, schema, mesh, rules, orders)
-         for path, leaf in flat.items()}, sep='/')
+        {path: leaf_sharding(path, leaf, schema, mesh, rules) for path, leaf in flat.items()},
+        sep='/')
 
 
 def place_blocks(shape: tuple[int, ...], sharding: NamedSharding,
@@ -84,16 +77,21 @@ def place_blocks(shape: tuple[int, ...], sharding: NamedSharding,
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
+def place_leaf(leaf: Any, sharding: Any) -> Any:
+    """A weight in memory (host or one device; a StoredWeight with a sharding of its type)
+    placed in `sharding`, this process's blocks cut from it."""
+    def place(array: Any, array_sharding: NamedSharding) -> jax.Array:
+        host = np.asarray(array)
+        return place_blocks(host.shape, array_sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(place, leaf, sharding)
+
+
 def shard_params(params: Any, schema: Mapping[str, Any], mesh: Mesh,
-                 rules: ShardingRules = ShardingRules(), orders: Orders | None = None) -> Any:
+                 rules: ShardingRules = ShardingRules()) -> Any:
     """`params` (in memory, on one device or the host) placed on `mesh` by the rules.
 
     Every process must hold the same full values; loading a checkpoint straight into its
     shards is `gemma3n.checkpoints.placement`.
     """
-    def place(leaf, sharding):
-        host = np.asarray(leaf)
-        return place_blocks(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree_util.tree_map(place, params,
-                                  param_shardings(params, schema, mesh, rules, orders))
+    return place_leaf(params, param_shardings(params, schema, mesh, rules))
