@@ -75,9 +75,19 @@ def train_batch():
     return tokens
 
 
-def train_step_fn(model, on_mesh):
-    """A minimal AdamW step of next-token cross-entropy: (new params, loss, grads)."""
+def train_step_fn(model, on_mesh, shardings):
+    """A minimal AdamW step of next-token cross-entropy, (new params, loss, grads), and the
+    optimizer's init; with `shardings` (the params'), the new params and the optimizer's
+    moments are pinned to them, as a sharded train step keeps its state in place."""
     optimizer = optax.adamw(1e-3)
+
+    def pin(tree):
+        return tree if shardings is None else jax.tree.map(
+            jax.lax.with_sharding_constraint, tree, shardings)
+
+    def pin_moments(opt_state):
+        adam = opt_state[0]
+        return (adam._replace(mu=pin(adam.mu), nu=pin(adam.nu)),) + tuple(opt_state[1:])
 
     def loss_fn(params, tokens):
         inputs = on_mesh.constrain({'t': tokens[:, :-1]}, {'t': (axes.BATCH, None)})['t']
@@ -90,21 +100,23 @@ def train_step_fn(model, on_mesh):
     def step(params, opt_state, tokens):
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), loss, grads
+        return pin(optax.apply_updates(params, updates)), pin_moments(opt_state), loss, grads
 
-    return optimizer, jax.jit(step)
+    return jax.jit(lambda params: pin_moments(optimizer.init(params))), jax.jit(step)
 
 
 def train(model, params, on_mesh):
     """(loss, grads, whether the updated params and the optimizer's moments kept the params'
     shardings) of one step."""
-    optimizer, step = train_step_fn(model, on_mesh)
-    opt_state = jax.jit(optimizer.init)(params)
-    new_params, loss, grads = step(params, opt_state, train_batch())
-    shardings = jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda x: x.sharding, params))
-    moments = opt_state[0].mu
-    kept = all(a.sharding.is_equivalent_to(s, a.ndim) for leaves in (new_params, moments)
-               for a, s in zip(jax.tree_util.tree_leaves(leaves), shardings))
+    shardings = None if on_mesh.mesh is None else jax.tree.map(lambda x: x.sharding, params)
+    init, step = train_step_fn(model, on_mesh, shardings)
+    opt_state = init(params)
+    new_params, opt_state, loss, grads = step(params, opt_state, train_batch())
+    if shardings is None:
+        return loss, grads, True
+    kept = all(a.sharding.is_equivalent_to(s, a.ndim)
+               for tree in (new_params, opt_state[0].mu, opt_state[0].nu)
+               for a, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)))
     return loss, grads, kept
 
 
