@@ -91,11 +91,12 @@ def decode_weights_read(config: Any) -> dict[str, int]:
     the output head (the input side gathers one row). K/V-shared layers have no K/V weights.
     """
     from gemma3n.checkpoints import hf_mapping
+    from gemma3n.embedder import PER_LAYER_TABLE_PATH
     parts = {'layers (owning K/V)': 0, 'layers (K/V-shared)': 0, 'output head': 0,
              'per-layer table row': 0, 'other': 0}
     for entry in hf_mapping.mapping_entries(config, hf_vocab_size=config.num_embed):
         count = math.prod(entry.shape)
-        if entry.path == 'embedder/per_layer_input_embedding':
+        if entry.path == PER_LAYER_TABLE_PATH:
             parts['per-layer table row'] += config.num_layers * config.per_layer_input_dim
         elif entry.path == 'embedder/input_embedding':
             parts['output head'] += count

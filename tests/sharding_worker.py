@@ -30,7 +30,7 @@ from gemma3n.config import TransformerConfig  # noqa: E402
 from gemma3n.layers import axes  # noqa: E402
 from gemma3n.schema import model_schema  # noqa: E402
 from gemma3n.text.sampler import Sampler  # noqa: E402
-from gemma3n.text.sampling import Greedy  # noqa: E402
+from gemma3n.engine.sampling import Greedy  # noqa: E402
 from gemma3n.transformer import Gemma3nTransformer  # noqa: E402
 
 # Every mechanism of the architecture at a size that compiles in seconds: 8 query heads (split
@@ -128,9 +128,10 @@ def max_tree_diff(a, b):
 def collective_counts(sampler, params):
     """Collectives in the compiled decode step, the largest all-gather's element count, and how
     many all-gathers produce the whole of a split weight (its shape)."""
-    cache = sampler.init_cache(len(PROMPTS))
-    text = sampler._step.lower(params, jnp.zeros(len(PROMPTS), jnp.int32), cache,
-                               jax.random.key(0), None, sampling=Greedy()).compile().as_text()
+    engine = sampler.engine
+    cache = engine.new_cache(len(PROMPTS), CACHE_LENGTH)
+    text = engine._step.lower(params, jnp.zeros(len(PROMPTS), jnp.int32), cache,
+                              jax.random.key(0), None, Greedy()).compile().as_text()
     ops = re.findall(r'= (\w+)\[([\d,]*)\]\S* (' + '|'.join(COLLECTIVES) + r')(?:-start)?\(', text)
     counts = {name: sum(1 for *_, op in ops if op == name) for name in COLLECTIVES}
     gathered = [tuple(int(d) for d in dims.split(',') if d) for _, dims, op in ops
@@ -182,9 +183,9 @@ def run_meshes(out_path):
         placed = sharding.shard_params(params, schema, mesh, RULES)
         sampler, mesh_tokens, mesh_logits = generate(model, placed)
         results[f'{spec}/tokens'], results[f'{spec}/logits'] = mesh_tokens, mesh_logits
-        results[f'{spec}/traces'] = np.array([sampler.num_traces['prefill'],
-                                              sampler.num_traces['step']])
-        mesh_loss, mesh_grads, kept = train(model, placed, sampler.on_mesh)
+        results[f'{spec}/traces'] = np.array([sampler.engine.num_traces['prefill'],
+                                              sampler.engine.num_traces['step']])
+        mesh_loss, mesh_grads, kept = train(model, placed, sampler.engine.on_mesh)
         results[f'{spec}/loss'] = np.asarray(mesh_loss)
         results[f'{spec}/grads_diff'] = np.asarray(max_tree_diff(grads, mesh_grads))
         results[f'{spec}/train_kept_shardings'] = np.asarray(kept)
