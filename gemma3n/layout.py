@@ -26,8 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from gemma3n.checkpoints import load_params
+from gemma3n.checkpoints.placement import load_sharded
 from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
 from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from gemma3n.host_arrays import to_device
@@ -35,6 +37,7 @@ from gemma3n.layers import ServingWeight, StoredWeight
 from gemma3n.layers.int4 import INT4_GROUP, fits_int4, quantize_int4_in_chunks
 from gemma3n.layers.int8 import quantize, quantize_in_chunks
 from gemma3n.schema import model_schema
+from gemma3n.sharding import ShardingRules
 from gemma3n.transformer import Gemma3nTransformer
 
 # Weights smaller than this stay in their dtype: quantizing them saves nothing measurable.
@@ -156,14 +159,23 @@ def to_serving(model: Gemma3nTransformer, params: Any, *, quantize_int8: bool = 
 
 def load_serving(path: str | os.PathLike, model: Gemma3nTransformer, *, dtype: Any = None,
                  quantize_int8: bool = False, quantize_int4: bool = False, progress: bool = True,
-                 skip_per_layer_table: bool = False) -> tuple[Gemma3nTransformer, Any]:
+                 skip_per_layer_table: bool = False, mesh: Mesh | None = None,
+                 sharding_rules: ShardingRules = ShardingRules()) -> tuple[Gemma3nTransformer, Any]:
     """`model` and the checkpoint at `path` in the serving layout, converted weight by weight
     while loading (peak memory: the converted model plus the largest weight).
 
     Args are those of `gemma3n.checkpoints.load_params`; `quantize_int8` and `quantize_int4` as
-    for `to_serving`.
+    for `to_serving`. With a `mesh`, each weight goes straight into its shards by
+    `sharding_rules` (`gemma3n.checkpoints.placement`).
     """
     convert = ServingConverter(model, quantize_int8=quantize_int8, quantize_int4=quantize_int4)
-    params = load_params(path, model=model, dtype=dtype, progress=progress,
-                         skip_per_layer_table=skip_per_layer_table, transform=convert)
+    if mesh is None:
+        params = load_params(path, model=model, dtype=dtype, progress=progress,
+                             skip_per_layer_table=skip_per_layer_table, transform=convert)
+    else:
+        params = load_sharded(path, model=model, mesh=mesh, schema=model_schema(model),
+                              dtype=dtype, rules=sharding_rules, orders=convert.orders,
+                              convert=convert, progress=progress,
+                              blockwise=not (quantize_int8 or quantize_int4),
+                              skip_per_layer_table=skip_per_layer_table)
     return model, params

@@ -23,7 +23,7 @@ def test_ci_runs_the_readme_test_command_on_an_isolated_copy():
 # relative to `gemma3n` (a package name covers everything in it); every module must be listed,
 # so a new one is placed deliberately.
 LAYERS = (
-    ('building blocks', ('layers',)),
+    ('building blocks', ('layers', 'sharding')),
     ('the model', ('config', 'attention', 'ffn', 'altup', 'laurel', 'per_layer', 'block',
                    'embedder', 'multimodal', 'multimodal_embedder', 'transformer', 'cache',
                    'models', 'schema', 'memory', 'validation', 'host_arrays', 'compilation', 'vision',

@@ -39,6 +39,7 @@ from gemma3n.compilation import use_compilation_cache
 from gemma3n.load_error import LoadError
 from gemma3n.loading import USE_INT8
 from gemma3n.memory import InsufficientMemoryError
+from gemma3n.sharding import initialize, process_group
 
 __all__ = ['CHAT_COMMANDS', 'CHAT_HELP', 'COMPILING_DEMO', 'COMPILING_PROMPT', 'DEMO_MAX_NEW_TOKENS',
            'DEMO_NOTICE', 'INTERRUPTED', 'NUMERICAL_FAILURE', 'USAGE_ERROR', 'build_parser',
@@ -62,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _use_compilation_cache()
     _cpu_without_checkpoint(args)
     try:
+        _join_processes(args)
         return args.run(args)
     except KeyboardInterrupt:
         sys.stdout.write('\n')
@@ -114,6 +116,13 @@ def _use_compilation_cache() -> None:
     """
     base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
     use_compilation_cache(Path(base) / PROG / 'jax')
+
+
+def _join_processes(args: argparse.Namespace) -> None:
+    """Starts `jax.distributed` when the options or the environment name several processes
+    (before anything uses JAX's devices)."""
+    if hasattr(args, 'coordinator'):
+        initialize(process_group(args.coordinator, args.num_processes, args.process_id))
 
 
 def _cpu_without_checkpoint(args: argparse.Namespace) -> None:

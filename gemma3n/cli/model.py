@@ -21,6 +21,7 @@ from gemma3n.cli.sampling import sampling_method
 from gemma3n.loaded_model import LoadedModel
 from gemma3n.loading import (DEMO, QUANTIZE_FORMATS, LoadPlan, check_vision, default_dtype,
                              prepare)
+from gemma3n.sharding import make_mesh
 from gemma3n.text.sampler import DEFAULT_MAX_OUT_LENGTH
 from gemma3n.engine.sampling import Greedy
 from gemma3n.text.tokenizer import default_tokenizer_path
@@ -81,11 +82,12 @@ def load_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None
     """The model, weights and tokenizer the options ask for (random weights for the demo);
     arguments as for `plan_model`."""
     plan = plan_model(args, checkpoint=checkpoint, with_vision=with_vision)
+    mesh = make_mesh(args.mesh) if getattr(args, 'mesh', None) else None
     if plan.checkpoint is not None:
-        return plan.load()
+        return plan.load(mesh=mesh)
     sys.stderr.write(DEMO_NOTICE + '\n')
     with compiling(COMPILING_DEMO):
-        return plan.load()
+        return plan.load(mesh=mesh)
 
 
 def read_images(paths: Sequence[str]) -> list[np.ndarray]:

@@ -19,6 +19,8 @@ from gemma3n.cli.model import DEMO_MAX_NEW_TOKENS
 from gemma3n.loaded_model import DEMO
 from gemma3n.loading import CHECKPOINT_DTYPE, DEMO_DTYPE, DTYPES, MODEL_CLASSES, TOKENIZER_FILE
 from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK
+from gemma3n.sharding.distributed import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
+from gemma3n.sharding.mesh import SPEC_EXAMPLE, parse_mesh_spec
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, DEFAULT_MAX_OUT_LENGTH
 from gemma3n.validation import INT32_MAX, check_int, max_seed
 
@@ -52,6 +54,16 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
 
 
 _positive_int = _whole_number(1, INT32_MAX)
+
+
+def _mesh_spec(text: str) -> str:
+    """An argparse type: a mesh spec, checked before anything starts (devices are counted
+    once they are known)."""
+    try:
+        parse_mesh_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).rstrip('.')) from None
+    return text
 
 
 def _model_options(*, running: bool) -> argparse.ArgumentParser:
@@ -126,6 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help='an image for the prompt (repeatable); each `<start_of_image>` in the '
                             'prompt takes one, else they go before the text. In chat they '
                             'belong to the first message')
+    group = run_options.add_argument_group('devices and processes')
+    group.add_argument('--mesh', type=_mesh_spec, metavar='SPEC',
+                       help=f'split the model over the devices as a mesh with axes data, fsdp '
+                            f'and tensor, e.g. {SPEC_EXAMPLE} (sizes multiply to the device '
+                            'count; with several processes, all of theirs)')
+    group.add_argument('--coordinator', metavar='HOST:PORT',
+                       help=f'several processes: process 0\'s address (or {COORDINATOR_ENV})')
+    group.add_argument('--num-processes', type=_positive_int, metavar='N',
+                       help=f'several processes: how many (or {NUM_PROCESSES_ENV})')
+    group.add_argument('--process-id', type=_whole_number(0, INT32_MAX), metavar='I',
+                       help=f'several processes: this one\'s rank, 0 to N-1 (or {PROCESS_ID_ENV})')
 
     parser = _Parser(prog=PROG, description='Run Google\'s Gemma 3n in JAX.')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)

@@ -30,9 +30,10 @@ import numpy as np
 from gemma3n import cache as kv_cache
 from gemma3n import multimodal, validation
 from gemma3n.embedder import holds_per_layer_table, per_layer_token_ids, split_per_layer_table
-from gemma3n.layers import special_ids
+from gemma3n.layers import axes, special_ids
 from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK, check_memory, expand_rows, plan_chunks
 from gemma3n.engine.sampling import SamplingMethod
+from gemma3n.sharding import MeshConstraints, ShardingRules, mesh_of
 
 if TYPE_CHECKING:
     from gemma3n.transformer import Gemma3nTransformer
@@ -55,7 +56,8 @@ class Engine:
 
     def __init__(self, model: Gemma3nTransformer, params: Any, *, per_layer_table: Any = None,
                  per_layer_table_on_host: bool = False, forbidden_tokens: Sequence[int] = (),
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cache_dtype: Any = None):
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK, cache_dtype: Any = None,
+                 mesh: Any = None, sharding_rules: ShardingRules = ShardingRules()):
         self.prefill_chunk = validation.check_int('prefill_chunk', prefill_chunk, low=1)
         self.model = model
         self.vocab_size = model.config.num_embed
@@ -72,6 +74,10 @@ class Engine:
             self.host_table = np.asarray(table)
         self.cache_dtype = cache_dtype or model.dtype
         self.num_traces = {'prefill': 0, 'step': 0}   # how often each function compiled
+        # On a mesh (given, or the one the params are placed on) the same programs run with
+        # the cache's and the batch's shardings pinned (gemma3n.sharding.constraints).
+        self.on_mesh = MeshConstraints(mesh if mesh is not None else mesh_of(params),
+                                       sharding_rules)
         self._prefill = jax.jit(self._prefill_fn, donate_argnames=('cache', 'logits'))
         self._prefill_slot = jax.jit(self._prefill_slot_fn, donate_argnames=('cache', 'logits'))
         self._step = jax.jit(self._step_fn, donate_argnames=('cache',))
@@ -137,9 +143,13 @@ class Engine:
     # ---- the cache -------------------------------------------------------------------------
 
     def new_cache(self, batch_size: int, cache_length: int) -> kv_cache.Cache:
-        """An empty KV cache for `batch_size` sequences (slots) of `cache_length` positions."""
-        return self.model.init_cache(batch_size=batch_size, dtype=self.cache_dtype,
-                                     cache_length=cache_length)
+        """An empty KV cache for `batch_size` sequences (slots) of `cache_length` positions,
+        made in place on the mesh."""
+        make = lambda: self.model.init_cache(batch_size=batch_size, dtype=self.cache_dtype,
+                                             cache_length=cache_length)
+        shapes = jax.eval_shape(make)
+        return jax.jit(make, out_shardings=self.on_mesh.shardings(
+            shapes, kv_cache.cache_axes(shapes)))()
 
     @staticmethod
     def free_slot(cache: kv_cache.Cache, slot: int) -> kv_cache.Cache:
@@ -161,10 +171,11 @@ class Engine:
         """One prefill chunk; `logits` [B, V] keeps each sequence's from the chunk holding its
         last token (holds_last [B])."""
         self.num_traces['prefill'] += 1
-        out = self.model.apply({'params': params}, tokens, cache=cache, return_last_only=True,
-                               soft_tokens=soft_tokens, per_layer_embeddings=per_layer_rows)
+        out = self.model.apply({'params': params}, self._rows(tokens), cache=cache,
+                               return_last_only=True, soft_tokens=soft_tokens,
+                               per_layer_embeddings=per_layer_rows)
         logits = jnp.where(holds_last[:, None], out.logits, logits)
-        return self._choose(logits, rng, sampling), logits, out.cache
+        return self._finish(self._choose(logits, rng, sampling), logits, out.cache)
 
     def _prefill_slot_fn(self, params, tokens, cache, slot, rng, soft_tokens, per_layer_rows,
                          logits, holds_last, sampling):
@@ -175,13 +186,22 @@ class Engine:
                                               per_layer_rows, logits, holds_last, sampling)
         cache = jax.tree.map(lambda x, new: jax.lax.dynamic_update_slice_in_dim(x, new, slot, 0),
                              cache, row)
-        return token, logits, cache
+        return token, logits, self.on_mesh.constrain(cache, kv_cache.cache_axes(cache))
 
     def _step_fn(self, params, tokens, cache, rng, per_layer_rows, sampling):
         self.num_traces['step'] += 1
-        out = self.model.apply({'params': params}, tokens[:, None], cache=cache,
+        out = self.model.apply({'params': params}, self._rows(tokens[:, None]), cache=cache,
                                return_last_only=True, per_layer_embeddings=per_layer_rows)
-        return self._choose(out.logits, rng, sampling), out.logits, out.cache
+        return self._finish(self._choose(out.logits, rng, sampling), out.logits, out.cache)
+
+    def _rows(self, tokens: jax.Array) -> jax.Array:
+        """tokens [B, L] split by rows over the mesh, as the cache is."""
+        return self.on_mesh.constrain({'t': tokens}, {'t': (axes.BATCH, None)})['t']
+
+    def _finish(self, token: jax.Array, logits: jax.Array, cache: kv_cache.Cache):
+        """Token and logits whole for the host, the cache where the next call expects it."""
+        token, logits = self.on_mesh.replicated((token, logits))
+        return token, logits, self.on_mesh.constrain(cache, kv_cache.cache_axes(cache))
 
     def per_layer_rows(self, tokens: np.ndarray) -> np.ndarray | None:
         """Host-gathered per-layer table rows for tokens [B, L] (images expanded), or None

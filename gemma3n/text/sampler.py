@@ -13,6 +13,7 @@ from gemma3n import validation
 from gemma3n.engine.engine import Engine
 from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK
 from gemma3n.engine.sampling import Greedy, SamplingMethod
+from gemma3n.sharding import ShardingRules
 from gemma3n.text import special_tokens
 from gemma3n.text.chat_format import add_image_markers
 from gemma3n.text.generation import Generation, SamplerOutput, SamplerState
@@ -63,13 +64,15 @@ class Sampler:
         per_layer_table: Any = None,
         keep_default_stop_tokens: bool = True,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        mesh: Any = None,
+        sharding_rules: ShardingRules = ShardingRules(),
     ):
         cache_length = validation.check_int('cache_length', cache_length, low=MIN_CACHE_LENGTH)
         max_out_length = validation.check_int('max_out_length', max_out_length, low=1)
         self.engine = Engine(model, params, per_layer_table=per_layer_table,
                              per_layer_table_on_host=per_layer_table_on_host,
                              forbidden_tokens=forbidden_tokens, prefill_chunk=prefill_chunk,
-                             cache_dtype=cache_dtype)
+                             cache_dtype=cache_dtype, mesh=mesh, sharding_rules=sharding_rules)
         stop_tokens = self.engine.token_ids('stop_tokens', stop_tokens)
         self.model = model
         self.params = self.engine.params      # without the per-layer table when on the host
