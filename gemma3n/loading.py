@@ -45,7 +45,7 @@ DEFAULT_CHECKPOINT_MODEL = 'e4b'       # a checkpoint without a config.json to s
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 DEMO_DTYPE = 'float32'
 CHECKPOINT_DTYPE = 'bfloat16'          # halves the weights' memory; checkpoints are stored in it
-QUANTIZE_FORMATS = ('int8',)
+QUANTIZE_FORMATS = ('int8', 'int4')
 TOKENIZER_FILE = 'tokenizer.model'
 DEMO_IS_TEXT_ONLY = ('the demo model is text-only: images need a real checkpoint with a vision '
                      'encoder')
@@ -64,7 +64,7 @@ class LoadPlan:
         tokenizer: the tokenizer (already read: the demo's size depends on it); None: none
             was asked for (token ids only).
         checkpoint: the checkpoint recognised; None: the demo's random weights.
-        quantize: None or 'int8'.
+        quantize: None, 'int8' or 'int4'.
         weights_nbytes: the bytes the loaded weights will hold.
         unused_softcap: the final logit softcap the checkpoint's config.json asks for that the
             model does not apply (None: none; see `hf_softcap`).
@@ -93,7 +93,8 @@ class LoadPlan:
         if self.checkpoint is None:
             model, params = self.model, demo_params(self.model)
             if self.quantize:
-                model, params = to_serving(model, params, quantize_int8=True, consume=True)
+                model, params = to_serving(model, params, quantize_int8=self.quantize == 'int8',
+                                           quantize_int4=self.quantize == 'int4', consume=True)
             logger.info('random demo weights made in %.2f s (compilation included)',
                         time.perf_counter() - start)
             return LoadedModel(self.name, model, params, self.tokenizer, quantize=self.quantize)
@@ -106,7 +107,8 @@ class LoadPlan:
                 warnings.simplefilter('ignore', HFSoftcapWarning)
                 model, params = load_serving(
                     self.checkpoint, self.model, dtype=dtype, progress=progress,
-                    quantize_int8=bool(self.quantize), skip_per_layer_table=table is not None)
+                    quantize_int8=self.quantize == 'int8', quantize_int4=self.quantize == 'int4',
+                    skip_per_layer_table=table is not None)
         except BaseException:
             if table is not None:
                 table.close()
@@ -224,7 +226,8 @@ def prepare(
             config.json describes, else E4B. A config.json that does not fit is refused.
         dtype: of the weights and computation ('bfloat16', 'float32' or a dtype); None: a given
             module's own, else float32 for the demo and bfloat16 for a checkpoint.
-        quantize: 'int8' stores the large weights as int8 with one scale per output channel.
+        quantize: 'int8' stores the large weights as int8 with one scale per output channel,
+            'int4' in int4 groups of 32 with a float16 scale each.
         tokenizer: a `Tokenizer` or the path of a `tokenizer.model`; None: the one beside the
             checkpoint (the packaged one for the demo); False: none (token ids only, as in
             `Sampler.sample_tokens`; not for the demo, whose vocabulary is its tokenizer's).
@@ -291,10 +294,11 @@ def _plan(name: str, module: Gemma3nTransformer, tokenizer: Tokenizer | None,
           unused_softcap: float | None = None) -> LoadPlan:
     """The plan, once the weights are known to fit the memory."""
     table_in_memory = checkpoint is None or checkpoint.format == ORBAX_FORMAT
-    need = serving_nbytes(module, module.dtype, quantize_int8=bool(quantize),
+    need = serving_nbytes(module, module.dtype, quantize_int8=quantize == 'int8',
+                          quantize_int4=quantize == 'int4',
                           per_layer_table=table_in_memory)
     memory.check_fits(f'the weights of {MODEL_NAMES[name]} in {jnp.dtype(module.dtype).name}'
-                      f'{" (int8)" if quantize else ""}', need, () if quantize else (USE_INT8,),
+                      f'{f" ({quantize})" if quantize else ""}', need, () if quantize else (USE_INT8,),
                       verb='use')
     return LoadPlan(name, module, tokenizer, checkpoint, quantize, need, unused_softcap)
 

@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         sys.stderr.write(f'{PROG}: error: out of memory ({_first_line(error)}): lower '
-                         '--cache-length or --prefill-chunk, or use --int8\n')
+                         '--cache-length or --prefill-chunk, or use --int8 or --int4\n')
         return USAGE_ERROR
     except (ValueError, OSError, FloatingPointError) as error:
         if args.verbose:

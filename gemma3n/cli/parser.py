@@ -97,10 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     run_options = _Parser(add_help=False)
     group = run_options.add_argument_group('weights and sampling')
     _add_checkpoint_options(group)
-    group.add_argument('--int8', action='store_true',
-                       help='quantize the large weights to int8 (one scale per output channel) '
-                            'at load: about half the memory and faster decoding, slightly less '
-                            'accurate')
+    quantization = group.add_mutually_exclusive_group()
+    quantization.add_argument('--int8', action='store_true',
+                              help='quantize the large weights to int8 (one scale per output '
+                                   'channel) at load: about half the memory and faster '
+                                   'decoding, slightly less accurate')
+    quantization.add_argument('--int4', action='store_true',
+                              help='quantize the large weights to int4 (groups of 32 with a '
+                                   'scale each) at load: about a quarter of the memory and the '
+                                   'fastest decoding, noticeably less accurate than --int8')
     group.add_argument('--max-new-tokens', type=_positive_int, metavar='N',
                        help=f'most tokens to generate per answer (default: {DEMO_MAX_NEW_TOKENS} '
                             f'for the demo, {DEFAULT_MAX_OUT_LENGTH} otherwise)')
