@@ -140,15 +140,16 @@ def ensure_weights(size: str, directory: Path | None = None) -> Path:
 
 
 def write_random_safetensors(path: Path, tensors: Sequence[tuple[str, tuple[int, ...], float, bool]],
-                             seed: int) -> None:
+                             seed: int, metadata: dict[str, str] | None = None) -> None:
     """Streams random bfloat16 tensors into one safetensors file.
 
     tensors: (name, shape, std, is_scale) each; scales are 1 + std * N(0, 1), weights std * N(0, 1).
+    metadata: the file's metadata (default: that of a PyTorch-written file).
     The header is written first (the format is: u64 header length, JSON header, raw data), then
     each tensor's data chunk by chunk, each tensor from its own seed-derived generator.
     """
     import ml_dtypes
-    header: dict[str, Any] = {'__metadata__': {'format': 'pt'}}
+    header: dict[str, Any] = {'__metadata__': metadata or {'format': 'pt'}}
     offset = 0
     for name, shape, _, _ in tensors:
         size = math.prod(shape) * BF16_BYTES

@@ -5,6 +5,7 @@ Variants (`--variant`), so each optimisation is measured on its own:
   serving: `gemma3n.load`: weights re-laid out [out, in] while loading, the per-layer table read
            lazily from the checkpoint file, only the rows the tokens need;
   int8:    serving, with the large weights quantized to int8 per output channel.
+  int4:    serving, with the large weights in int4 (groups of 32 with a float16 scale).
 
 Run by `bench.run`; by hand:
     python -m bench.side_ours --size reduced --weights bench/results/weights/reduced --out ours.json
@@ -28,7 +29,7 @@ from gemma3n.transformer import Gemma3nTransformer
 
 # Positions the KV cache holds: the 512-token prompt plus the decoded tokens fit.
 CACHE_LENGTH = 1024
-VARIANTS = ('plain', 'serving', 'int8')
+VARIANTS = ('plain', 'serving', 'int8', 'int4')
 
 
 def load_to_device(weights: Path, model: Gemma3nTransformer) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def build(weights: Path, size: str, variant: str) -> tuple[common.GreedyRunner, 
                           cache_dtype=jnp.bfloat16)
     else:
         # The weights have no tokenizer beside them: the bench feeds token ids.
-        loaded = gemma3n.load(weights, model=model, quantize='int8' if variant == 'int8' else None,
+        loaded = gemma3n.load(weights, model=model, quantize=variant if variant in ('int8', 'int4') else None,
                               tokenizer=False, progress=False)
         sampler = loaded.sampler(cache_length=CACHE_LENGTH, cache_dtype=jnp.bfloat16)
     return OursRunner(sampler), {'name': f'ours {variant}', 'variant': variant, 'jax': jax.__version__,

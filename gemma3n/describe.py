@@ -49,10 +49,11 @@ def _bytes(n: int) -> str:
 
 
 def describe_model(model: Gemma3nTransformer, title: str, dtype_name: str,
-                   cache_length: int, int8_label: str = 'int8') -> str:
+                   cache_length: int, int8_label: str = 'int8', int4_label: str = 'int4') -> str:
     """A text summary: layers (kind, K/V source, cache buffer), parameter counts, memory.
 
-    `int8_label` names the int8 weights in the memory lines (the command names its option).
+    `int8_label` and `int4_label` name the quantized weights in the memory lines (the command
+    names its options).
 
     Example:
         >>> print(describe_model(Gemma3n_E4B(text_only=True), 'Gemma 3n E4B', 'bfloat16', 4096))
@@ -102,6 +103,7 @@ def describe_model(model: Gemma3nTransformer, title: str, dtype_name: str,
         '  held by generate/chat from a checkpoint (per-layer table left in the file):',
         f'    {dtype_name:<24} {_bytes(serving_nbytes(model, dtype))}',
         f'    {int8_label:<24} {_bytes(serving_nbytes(model, dtype, quantize_int8=True))}',
+        f'    {int4_label:<24} {_bytes(serving_nbytes(model, dtype, quantize_int4=True))}',
         f'  KV cache, 1 sequence of {cache_length:,} positions: '
         f'{_bytes(kv_cache.cache_nbytes(cache))}',
         f'    {len(slots)} layers hold K/V: '

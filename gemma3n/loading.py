@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from gemma3n import memory
 from gemma3n.checkpoints import hf_mapping, load_params, open_per_layer_table
@@ -34,6 +35,8 @@ from gemma3n.config import TransformerConfig
 from gemma3n.layout import load_serving, serving_nbytes, to_serving
 from gemma3n.load_error import PATH, LoadError
 from gemma3n.loaded_model import CONFIG_JSON_MODEL, CUSTOM_MODEL, DEMO, MODEL_NAMES, LoadedModel
+from gemma3n.schema import model_schema
+from gemma3n.sharding import shard_params
 from gemma3n.models import DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config, e2b_config, e4b_config
 from gemma3n.text import special_tokens
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
@@ -45,7 +48,7 @@ DEFAULT_CHECKPOINT_MODEL = 'e4b'       # a checkpoint without a config.json to s
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 DEMO_DTYPE = 'float32'
 CHECKPOINT_DTYPE = 'bfloat16'          # halves the weights' memory; checkpoints are stored in it
-QUANTIZE_FORMATS = ('int8',)
+QUANTIZE_FORMATS = ('int8', 'int4')
 TOKENIZER_FILE = 'tokenizer.model'
 DEMO_IS_TEXT_ONLY = ('the demo model is text-only: images need a real checkpoint with a vision '
                      'encoder')
@@ -64,7 +67,7 @@ class LoadPlan:
         tokenizer: the tokenizer (already read: the demo's size depends on it); None: none
             was asked for (token ids only).
         checkpoint: the checkpoint recognised; None: the demo's random weights.
-        quantize: None or 'int8'.
+        quantize: None, 'int8' or 'int4'.
         weights_nbytes: the bytes the loaded weights will hold.
         unused_softcap: the final logit softcap the checkpoint's config.json asks for that the
             model does not apply (None: none; see `hf_softcap`).
@@ -83,17 +86,22 @@ class LoadPlan:
         checkpoints and the demo hold it in memory)."""
         return self.checkpoint is not None and self.checkpoint.format != ORBAX_FORMAT
 
-    def load(self, *, progress: bool = True) -> LoadedModel:
+    def load(self, *, progress: bool = True, mesh: Mesh | None = None) -> LoadedModel:
         """The weights read (a checkpoint's, or the demo's random ones) into a LoadedModel.
 
-        `progress`: show a progress bar while a checkpoint is read.
+        `progress`: show a progress bar while a checkpoint is read. `mesh`: place every weight
+        in its shards on this device mesh (`gemma3n.sharding`), straight from the checkpoint;
+        the LoadedModel's sampler and chat then run on it.
         """
         start = time.perf_counter()
         dtype = self.model.dtype
         if self.checkpoint is None:
             model, params = self.model, demo_params(self.model)
             if self.quantize:
-                model, params = to_serving(model, params, quantize_int8=True, consume=True)
+                model, params = to_serving(model, params, quantize_int8=self.quantize == 'int8',
+                                           quantize_int4=self.quantize == 'int4', consume=True)
+            if mesh is not None:
+                params = shard_params(params, model_schema(model), mesh)
             logger.info('random demo weights made in %.2f s (compilation included)',
                         time.perf_counter() - start)
             return LoadedModel(self.name, model, params, self.tokenizer, quantize=self.quantize)
@@ -106,7 +114,8 @@ class LoadPlan:
                 warnings.simplefilter('ignore', HFSoftcapWarning)
                 model, params = load_serving(
                     self.checkpoint, self.model, dtype=dtype, progress=progress,
-                    quantize_int8=bool(self.quantize), skip_per_layer_table=table is not None)
+                    quantize_int8=self.quantize == 'int8', quantize_int4=self.quantize == 'int4',
+                    skip_per_layer_table=table is not None, mesh=mesh)
         except BaseException:
             if table is not None:
                 table.close()
@@ -147,6 +156,7 @@ def load(
         with_vision: bool = False,
         hf_softcap: bool = False,
         progress: bool = True,
+        mesh: Mesh | None = None,
 ) -> LoadedModel:
     """A Gemma 3n model, its weights and its tokenizer, ready to run: `prepare` then
     `LoadPlan.load`.
@@ -157,6 +167,8 @@ def load(
             Gemma 3n architecture at a small size, random weights, the packaged tokenizer).
         model, dtype, quantize, tokenizer, with_vision, hf_softcap: see `prepare`.
         progress: show a progress bar while the checkpoint is read.
+        mesh: a `jax.sharding.Mesh` (`gemma3n.sharding.make_mesh('data=2,tensor=4')`): every
+            weight goes straight into its shards on it, and `.sampler`/`.chat` run on it.
 
     Every check (a missing path or tokenizer, an unknown format, a config.json that does not
     fit `model`, weights larger than the memory) raises before any weight is read.
@@ -167,7 +179,7 @@ def load(
     """
     plan = prepare(path, model=model, dtype=dtype, quantize=quantize, tokenizer=tokenizer,
                    with_vision=with_vision, hf_softcap=hf_softcap)
-    return plan.load(progress=progress)
+    return plan.load(progress=progress, mesh=mesh)
 
 
 def check_vision(path: str | os.PathLike | Checkpoint | None,
@@ -224,7 +236,8 @@ def prepare(
             config.json describes, else E4B. A config.json that does not fit is refused.
         dtype: of the weights and computation ('bfloat16', 'float32' or a dtype); None: a given
             module's own, else float32 for the demo and bfloat16 for a checkpoint.
-        quantize: 'int8' stores the large weights as int8 with one scale per output channel.
+        quantize: 'int8' stores the large weights as int8 with one scale per output channel,
+            'int4' in int4 groups of 32 with a float16 scale each.
         tokenizer: a `Tokenizer` or the path of a `tokenizer.model`; None: the one beside the
             checkpoint (the packaged one for the demo); False: none (token ids only, as in
             `Sampler.sample_tokens`; not for the demo, whose vocabulary is its tokenizer's).
@@ -291,10 +304,11 @@ def _plan(name: str, module: Gemma3nTransformer, tokenizer: Tokenizer | None,
           unused_softcap: float | None = None) -> LoadPlan:
     """The plan, once the weights are known to fit the memory."""
     table_in_memory = checkpoint is None or checkpoint.format == ORBAX_FORMAT
-    need = serving_nbytes(module, module.dtype, quantize_int8=bool(quantize),
+    need = serving_nbytes(module, module.dtype, quantize_int8=quantize == 'int8',
+                          quantize_int4=quantize == 'int4',
                           per_layer_table=table_in_memory)
     memory.check_fits(f'the weights of {MODEL_NAMES[name]} in {jnp.dtype(module.dtype).name}'
-                      f'{" (int8)" if quantize else ""}', need, () if quantize else (USE_INT8,),
+                      f'{f" ({quantize})" if quantize else ""}', need, () if quantize else (USE_INT8,),
                       verb='use')
     return LoadPlan(name, module, tokenizer, checkpoint, quantize, need, unused_softcap)
 

@@ -20,7 +20,7 @@ from gemma3n.checkpoints import open_checkpoint
 from gemma3n.models import e2b_config, e4b_config
 from gemma3n.text.chat_format import format_user_turn
 from gemma3n.text.sampler import Sampler
-from gemma3n.text.sampling import RandomSampling
+from gemma3n.engine.sampling import RandomSampling
 from gemma3n.text.tokenizer import default_tokenizer_path
 from test_cli import assert_one_line_error, demo_chat, env, run_cli  # noqa: F401 (fixtures)
 

@@ -5,6 +5,7 @@ Usage:
     gemma3n generate --checkpoint ~/gemma-3n-E4B-it "Why is the sky blue?"
     gemma3n chat --checkpoint ~/gemma-3n-E4B-it      # /help lists the chat commands
     gemma3n info --model e4b --context 32768         # layers, parameter counts, memory
+    gemma3n serve --checkpoint ~/gemma-3n-E4B-it     # OpenAI-compatible server on 127.0.0.1:8000
 
 User mistakes (a missing file, a bad option value, a prompt longer than the cache, a damaged
 checkpoint, ...) end the command with one line `gemma3n: error: ...` on stderr and exit status 2;
@@ -38,6 +39,7 @@ from gemma3n.compilation import use_compilation_cache
 from gemma3n.load_error import LoadError
 from gemma3n.loading import USE_INT8
 from gemma3n.memory import InsufficientMemoryError
+from gemma3n.sharding import initialize, process_group
 
 __all__ = ['CHAT_COMMANDS', 'CHAT_HELP', 'COMPILING_DEMO', 'COMPILING_PROMPT', 'DEMO_MAX_NEW_TOKENS',
            'DEMO_NOTICE', 'INTERRUPTED', 'NUMERICAL_FAILURE', 'USAGE_ERROR', 'build_parser',
@@ -61,6 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _use_compilation_cache()
     _cpu_without_checkpoint(args)
     try:
+        _join_processes(args)
         return args.run(args)
     except KeyboardInterrupt:
         sys.stdout.write('\n')
@@ -80,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         sys.stderr.write(f'{PROG}: error: out of memory ({_first_line(error)}): lower '
-                         '--cache-length or --prefill-chunk, or use --int8\n')
+                         '--cache-length or --prefill-chunk, or use --int8 or --int4\n')
         return USAGE_ERROR
     except (ValueError, OSError, FloatingPointError) as error:
         if args.verbose:
@@ -113,6 +116,13 @@ def _use_compilation_cache() -> None:
     """
     base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
     use_compilation_cache(Path(base) / PROG / 'jax')
+
+
+def _join_processes(args: argparse.Namespace) -> None:
+    """Starts `jax.distributed` when the options or the environment name several processes
+    (before anything uses JAX's devices)."""
+    if hasattr(args, 'coordinator'):
+        initialize(process_group(args.coordinator, args.num_processes, args.process_id))
 
 
 def _cpu_without_checkpoint(args: argparse.Namespace) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from gemma3n import multimodal
 from gemma3n.cli.console import COMPILING_PROMPT, Timer, compiling, write
 from gemma3n.cli.model import image_options, load_model, max_new_tokens_of
 from gemma3n.cli.sampling import sampling_method
@@ -29,10 +28,8 @@ def run_generate(args: argparse.Namespace) -> int:
     [prompt], images = sampler.prompt_images([args.prompt], pictures or None, single=True)
     text = prompt if args.raw else format_user_turn(prompt)
     ids = loaded.tokenizer.encode(text, add_bos=True)
-    positions = len(ids) + max_new_tokens
-    if images is not None:
-        positions += images.shape[1] * (multimodal.block_length(
-            loaded.model.config.vision_encoder.num_mm_tokens_per_image) - 1)
+    positions = int(sampler.engine.prompt_positions(
+        [len(ids)], 0 if images is None else images.shape[1])[0]) + max_new_tokens
     sampler.cache_length = args.cache_length or default_cache_length(positions)
     run = sampler.generation([ids], max_new_tokens, rng=args.seed, images=images,
                              stop_tokens=sampler.text_stop_tokens())

@@ -24,5 +24,5 @@ def run_info(args: argparse.Namespace) -> int:
                         vocab_size=vocab_size)
     sys.stdout.write(describe_model(model, MODEL_NAMES[name], dtype_name,
                                     args.cache_length or DEFAULT_CACHE_LENGTH,
-                                    int8_label='with --int8'))
+                                    int8_label='with --int8', int4_label='with --int4'))
     return 0

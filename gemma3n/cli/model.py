@@ -21,9 +21,11 @@ from gemma3n.checkpoints.safetensors_hf import config_file
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
 from gemma3n.cli.sampling import sampling_method
 from gemma3n.loaded_model import LoadedModel
-from gemma3n.loading import DEMO, LoadPlan, check_vision, default_dtype, prepare
+from gemma3n.loading import (DEMO, QUANTIZE_FORMATS, LoadPlan, check_vision, default_dtype,
+                             prepare)
+from gemma3n.sharding import make_mesh
 from gemma3n.text.sampler import DEFAULT_MAX_OUT_LENGTH
-from gemma3n.text.sampling import Greedy
+from gemma3n.engine.sampling import Greedy
 from gemma3n.text.tokenizer import default_tokenizer_path
 from gemma3n.training.lora import apply_adapter
 from gemma3n.vision.preprocess import image_file_size, load_image
@@ -31,7 +33,7 @@ from gemma3n.vision.preprocess import image_file_size, load_image
 DEMO_MAX_NEW_TOKENS = 32          # the demo only shows that the pipeline runs: keep it quick
 # `gemma3n.load`'s parameters as this command spells them, for the errors that name them.
 LOAD_OPTION_FLAGS = {'path': '--checkpoint', 'model': '--model', 'tokenizer': '--tokenizer',
-                     'dtype': '--dtype', 'quantize': '--int8', 'hf_softcap': '--hf-softcap',
+                     'dtype': '--dtype', 'quantize': '--int8/--int4', 'hf_softcap': '--hf-softcap',
                      'with_vision': '--image'}
 
 DEMO_NOTICE = (
@@ -63,7 +65,8 @@ def plan_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None
     `checkpoint`: --checkpoint already opened (by `image_options`).
     """
     plan = prepare(checkpoint or args.checkpoint, model=args.model, dtype=args.dtype,
-                   quantize='int8' if getattr(args, 'int8', False) else None,
+                   quantize=next((fmt for fmt in QUANTIZE_FORMATS if getattr(args, fmt, False)),
+                                 None),
                    tokenizer=args.tokenizer, with_vision=with_vision, hf_softcap=args.hf_softcap)
     if plan.unused_softcap is not None:
         # Capping is monotone: only sampling sees it. A command without sampling options
@@ -83,12 +86,13 @@ def load_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None
     arguments as for `plan_model`."""
     plan = plan_model(args, checkpoint=checkpoint, with_vision=with_vision)
     adapter = read_adapter(args, plan.model.config)
+    mesh = make_mesh(args.mesh) if getattr(args, 'mesh', None) else None
     if plan.checkpoint is not None:
-        loaded = plan.load()
+        loaded = plan.load(mesh=mesh)
     else:
         sys.stderr.write(DEMO_NOTICE + '\n')
         with compiling(COMPILING_DEMO):
-            loaded = plan.load()
+            loaded = plan.load(mesh=mesh)
     if adapter is not None:
         loaded.params = apply_adapter(adapter, loaded.config, loaded.params)
     return loaded
