@@ -1,4 +1,6 @@
-"""Full fine-tuning speed and memory: ours (JAX) against `transformers` (torch), same config.
+"""Fine-tuning speed and memory: ours (JAX) against `transformers` (torch), same config; full
+or, with `--lora-rank R`, LoRA (ours: `gemma3n.training.lora.LoRA`; torch: `peft`, the same
+seven targets, rank and alpha 2R, the float32 base frozen).
 
 Both sides train every weight of the same Gemma 3n config (E4B widths, fewer layers) with
 AdamW, float32 parameters and bfloat16 compute (ours: the model's bfloat16 dtype over float32
@@ -9,6 +11,7 @@ resident memory (`ru_maxrss`) is its own and the two never share the CPUs.
     python -m bench.train_speed                                # E4B widths, 10 layers, 4 x 512
     python -m bench.train_speed --layers 5 --vocab 16384 --seq-len 128 --batch-size 2 --steps 2
     python -m bench.train_speed --widths tiny --vocab 4096     # a smoke test, seconds a step
+    python -m bench.train_speed --lora-rank 16                 # LoRA against transformers+peft
 
 Memory: E4B widths put ~110M parameters in each layer; full fine-tuning keeps 16 bytes per
 parameter (float32 weight, gradient, two Adam moments) besides the activations: 10 layers at
@@ -61,6 +64,7 @@ def rows(args: argparse.Namespace) -> np.ndarray:
 def side_ours(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
+    from gemma3n.training.lora import LoRA
     from gemma3n.training.optimizer import OptimizerConfig
     from gemma3n.training.param_split import FullFineTuning
     from gemma3n.training.step import TrainSteps
@@ -71,7 +75,8 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
                                tokens='batch.input', remat=args.remat)
     params = jax.jit(model.clone(dtype=jnp.float32).init)(
         jax.random.key(0), jnp.ones((1, 1), jnp.int32))['params']
-    split = FullFineTuning()
+    split = FullFineTuning() if args.lora_rank is None else LoRA(
+        config, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
     trainable, frozen = split.split(params)
     del params
     steps = TrainSteps(model, split, OptimizerConfig(LEARNING_RATE, args.steps + 1).make())
@@ -101,7 +106,13 @@ def side_hf(args: argparse.Namespace) -> dict[str, Any]:
     model = transformers.Gemma3nForCausalLM(hf_config).to(torch.float32).train()
     if args.remat:
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+    if args.lora_rank is not None:
+        import peft
+        from gemma3n.checkpoints.peft_adapter import LORA_TARGETS
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=list(LORA_TARGETS)))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=LEARNING_RATE, weight_decay=0.0)
     times, losses = [], []
     for tokens in rows(args):
         tokens = torch.from_numpy(tokens).long()
@@ -111,7 +122,7 @@ def side_hf(args: argparse.Namespace) -> dict[str, Any]:
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                                  tokens[:, 1:].reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
@@ -141,6 +152,8 @@ def main() -> None:
     parser.add_argument('--batch-size', type=int, default=4)
     parser.add_argument('--steps', type=int, default=3, help='timed steps after the first')
     parser.add_argument('--remat', action='store_true', help='rematerialise blocks (both sides)')
+    parser.add_argument('--lora-rank', type=int, help='train LoRA adapters of this rank, not '
+                        'every weight (both sides)')
     parser.add_argument('--side', choices=tuple(SIDES), help=argparse.SUPPRESS)
     parser.add_argument('--out', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -154,6 +167,7 @@ def main() -> None:
     options = [f'--{name.replace("_", "-")}={getattr(args, name)}'
                for name in ('layers', 'vocab', 'widths', 'seq_len', 'batch_size', 'steps')]
     options += ['--remat'] if args.remat else []
+    options += [f'--lora-rank={args.lora_rank}'] if args.lora_rank else []
     results = {}
     for side in SIDES:
         out = common.results_path(f'train-{side}')
@@ -171,7 +185,8 @@ def main() -> None:
          ['peak resident memory GB', ours['peak_rss_gb'], hf['peak_rss_gb'],
           common.ratio(ours['peak_rss_gb'], hf['peak_rss_gb'])],
          ['loss, first step', results['ours']['losses'][0], results['hf']['losses'][0], None]])
-    print(f'Full fine-tuning, {config.num_layers} layers at {args.widths} widths '
+    kind = 'Full fine-tuning' if args.lora_rank is None else f'LoRA rank {args.lora_rank}'
+    print(f'{kind}, {config.num_layers} layers at {args.widths} widths '
           f'({common.param_count(config) / 1e6:.0f}M parameters, vocabulary {args.vocab}), '
           f'batch {args.batch_size} x {args.seq_len} tokens, {machine["cpus"]} CPUs, load '
           f'average {" ".join(f"{x:.1f}" for x in machine["load_average"])} at the start, '
