@@ -18,6 +18,7 @@ from gemma3n.config import TransformerConfig
 from gemma3n.embedder import Embedder
 from gemma3n.layers import Einsum, RMSNorm, guard
 from gemma3n.text import special_tokens
+from gemma3n.towers import AudioInput, ReleasedTowers, check_audio
 from gemma3n.validation import token_ids
 
 PAD_ID = special_tokens.PAD
@@ -96,6 +97,8 @@ class Gemma3nTransformer(nn.Module):
         if not cfg.use_altup or not cfg.per_layer_input_dim:
             raise ValueError('Gemma3nTransformer needs use_altup=True and per_layer_input_dim > 0.')
         self.vision_encoder = None if self.text_only else cfg.vision_encoder
+        self.towers = (None if self.text_only or cfg.towers is None
+                       else ReleasedTowers(cfg.towers, cfg.embed_dim))
         self.embedder = Embedder(
             vocab_size=cfg.num_embed, embed_dim=cfg.embed_dim, num_layers=cfg.num_layers,
             per_layer_dim=cfg.per_layer_input_dim,
@@ -128,6 +131,7 @@ class Gemma3nTransformer(nn.Module):
         tokens: jax.Array,
         *,
         images: jax.Array | None = None,
+        audio: AudioInput | None = None,
         positions: jax.Array | None = None,
         positions_offset: jax.Array | None = None,
         cache: dict[str, Any] | None = None,
@@ -142,7 +146,11 @@ class Gemma3nTransformer(nn.Module):
         Args:
             tokens: int [*B, L]; 0 is padding (masked, not counted in positions).
             images: uint8 [B, H, W, C] (one per sequence) or [B, N, H, W, C], one image per
-                `<start_of_image>` marker of each sequence (B = the flattened token batch).
+                `<start_of_image>` marker of each sequence (B = the flattened token batch). For
+                the released towers' MobileNet-V5 they are already resized to its input size
+                (`gemma3n.vision.mobilenet.preprocess`).
+            audio: log-mel frames of M clips per sequence, one per `<start_of_audio>` marker
+                (models with the released audio tower; see `gemma3n.towers.AudioInput`).
             positions: optional [*B, L] positions (default: running count of non-padding
                 tokens minus one); not with a cache, whose positions continue its own.
             positions_offset: optional [*B] added to the default positions (no cache).
@@ -154,40 +162,61 @@ class Gemma3nTransformer(nn.Module):
             per_layer_embeddings: optional [*B, L, num_layers, P] rows of the per-layer
                 table for these tokens (after image expansion), gathered by the caller; then
                 params may omit `embedder/per_layer_input_embedding`.
-            soft_tokens: instead of images, images encoded by `encode_images` for tokens
-                [B, L] that are already expanded (see `multimodal.SoftTokens`): how a prompt
-                is fed in chunks. The caller keeps each run of placeholders within one call,
-                since attention inside it is bidirectional.
+            soft_tokens: instead of images (and audio), their soft tokens from `encode_images`
+                (`encode_audio`) for tokens [B, L] that are already expanded (see
+                `multimodal.SoftTokens`; a tuple of them for several kinds): how a prompt is fed
+                in chunks. With SigLIP the caller keeps each run of placeholders within one
+                call, since attention inside it is bidirectional.
         """
         cfg = self.config
         if return_last_only is None:
             return_last_only = bool(self.return_last_only)
-        if images is not None and self.vision_encoder is None:
+        image_block = multimodal.image_block(cfg) if self.has_vision else None
+        if images is not None and image_block is None:
             raise ValueError('This model does not have vision encoder (text_only=True or no '
-                             'vision_encoder in its config): images cannot be passed.')
-        if soft_tokens is not None:
-            if images is not None or self.vision_encoder is None:
-                raise ValueError('soft_tokens need a model with a vision encoder and no images.')
+                             'vision tower in its config): images cannot be passed.')
+        if audio is not None and not self.has_audio:
+            raise ValueError('This model has no audio tower (text_only=True or none in its '
+                             'config): audio cannot be passed.')
+        if isinstance(soft_tokens, multimodal.SoftTokens):
+            soft_tokens = (soft_tokens,)
+        if soft_tokens:
+            if images is not None or audio is not None or not (self.has_vision or self.has_audio):
+                raise ValueError('soft_tokens need a model with a vision or audio tower, and no '
+                                 'images or audio.')
             if positions is not None or attention_mask is not None:
                 raise ValueError('positions and attention_mask cannot be combined with '
                                  'soft_tokens.')
-        tokens = _check_tokens(tokens, cfg.num_embed, IMAGE_MARKER_IDS + (
-            () if soft_tokens is None else (special_tokens.IMAGE_PLACEHOLDER,)))
+        tokens = _check_tokens(tokens, cfg.num_embed, self._extra_token_ids(bool(soft_tokens)))
         batch_shape, length = tokens.shape[:-1], tokens.shape[-1]
         tokens = tokens.reshape(-1, length)
         batch = tokens.shape[0]
         text_index = None
-        if images is not None:
+        blocks = []                 # (images or audio, block_start [B, N]) to merge
+        if images is not None or audio is not None:
             if positions is not None or attention_mask is not None:
-                raise ValueError('positions and attention_mask cannot be combined with images: '
-                                 'the image blocks change the sequence.')
-            counts = (None if isinstance(tokens, jax.core.Tracer)
-                      else multimodal.count_image_markers(tokens))
-            images = multimodal.check_images(images, counts, batch,
-                                             self.vision_encoder.image_channels)
+                raise ValueError('positions and attention_mask cannot be combined with images '
+                                 'or audio: their blocks change the sequence.')
+            traced = isinstance(tokens, jax.core.Tracer)
+        if images is not None:
+            ids, num_soft = image_block
+            counts = None if traced else multimodal.count_image_markers(tokens, ids.marker)
+            images = multimodal.check_images(images, counts, batch, self._image_channels())
             tokens, text_index, block_start = multimodal.expand_tokens(
-                tokens, images.shape[1], self.vision_encoder.num_mm_tokens_per_image)
-            length = tokens.shape[-1]
+                tokens, images.shape[1], num_soft, ids)
+            blocks.append((images, block_start))
+        if audio is not None:
+            ids = cfg.towers.audio_ids
+            counts = None if traced else multimodal.count_image_markers(tokens, ids.marker)
+            audio = check_audio(audio, counts, batch, cfg.towers.audio)
+            tokens, index, block_start = multimodal.expand_tokens(
+                tokens, audio.num_clips, cfg.towers.audio_soft_tokens, ids)
+            # The image blocks and the text moved again: follow them through this expansion.
+            blocks = [(media, jnp.take_along_axis(index, start, axis=1)) for media, start in blocks]
+            text_index = index if text_index is None else jnp.take_along_axis(
+                index, text_index, axis=1)
+            blocks.append((audio, block_start))
+        length = tokens.shape[-1]
 
         valid = tokens != PAD_ID
         count = jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
@@ -216,17 +245,23 @@ class Gemma3nTransformer(nn.Module):
                                  f'{tuple(batch_shape) + (length, length)}, got {attention_mask.shape}.')
             attention_mask = jnp.reshape(attention_mask, (batch, length, length)).astype(bool)
         visible_until = positions
-        if images is not None or soft_tokens is not None:
+        # Only the seed's SigLIP blocks are bidirectional; the released towers' are causal.
+        if self.vision_encoder is not None and (images is not None or soft_tokens):
             visible_until = multimodal.bidirectional_visible_until(tokens, positions)
         query = QueryInfo(positions=positions, visible_until=visible_until, valid=valid)
 
         x = self.embedder.encode(tokens)                                      # [B, L, D]
-        if images is not None:
-            soft = self.encode_images(images)                                 # [B, N, T, D]
+        if self.towers is not None:
+            x = self.towers.embed_ids(tokens, x)
+        for media, block_start in blocks:
+            soft = (self.encode_audio(media) if isinstance(media, AudioInput)
+                    else self.encode_images(media))                           # [B, N, T, D]
             x = multimodal.merge_soft_tokens(x, soft, block_start)
-        elif soft_tokens is not None:
-            x = multimodal.merge_soft_tokens(x, soft_tokens.embeddings, soft_tokens.block_start)
-        elif self.is_initializing() and self.vision_encoder is not None:
+        for soft in soft_tokens or ():
+            x = multimodal.merge_soft_tokens(x, soft.embeddings, soft.block_start)
+        if self.is_initializing() and self.towers is not None:
+            self.towers.init_all(tokens)
+        elif self.is_initializing() and self.vision_encoder is not None and not blocks:
             self._init_vision()
         if per_layer_embeddings is not None:
             expected = (batch, length, cfg.num_layers, cfg.per_layer_input_dim)
@@ -286,11 +321,55 @@ class Gemma3nTransformer(nn.Module):
                            if return_hidden_states else None),
         )
 
+    @property
+    def has_vision(self) -> bool:
+        """Whether the model takes images (SigLIP, or the released towers' MobileNet-V5)."""
+        towers = None if self.text_only else self.config.towers
+        return self.vision_encoder_config is not None or (
+            towers is not None and towers.vision is not None)
+
+    @property
+    def vision_encoder_config(self) -> Any:
+        """The SigLIP encoder this model runs, or None."""
+        return None if self.text_only else self.config.vision_encoder
+
+    @property
+    def has_audio(self) -> bool:
+        towers = None if self.text_only else self.config.towers
+        return towers is not None and towers.audio is not None
+
+    def _image_channels(self) -> int:
+        towers = self.config.towers
+        if towers is not None and towers.vision is not None:
+            return towers.vision.in_channels
+        return self.config.vision_encoder.image_channels
+
+    def _extra_token_ids(self, expanded: bool) -> tuple[int, ...]:
+        """Ids beyond the text vocabulary the tokens may hold: markers, and the placeholders of
+        already expanded tokens (SigLIP's), or every hard token of the released towers."""
+        extra = IMAGE_MARKER_IDS
+        towers = None if self.text_only else self.config.towers
+        if towers is not None:
+            for ids in (towers.image_ids, towers.audio_ids):
+                extra += (ids.marker,)
+            extra += tuple(range(self.config.num_embed, towers.hard_token_end))
+        if expanded and self.vision_encoder_config is not None:
+            extra += (special_tokens.IMAGE_PLACEHOLDER,)
+        return extra
+
     def encode_images(self, images: jax.Array) -> jax.Array:
         """images uint8 [B, N, H, W, C] -> soft tokens in the text width [B, N, T, D] (float32)."""
+        if self.towers is not None and self.config.towers.vision is not None:
+            return self.towers.encode_images(images)
         if self.vision_encoder is None:
             raise ValueError('This model does not have vision encoder: images cannot be passed.')
         return self.embedder.encode_vision(self.vision_encoder(images))
+
+    def encode_audio(self, audio: AudioInput) -> jax.Array:
+        """Clips [B, M, T, F] -> soft tokens in the text width [B, M, audio_soft_tokens, D]."""
+        if not self.has_audio:
+            raise ValueError('This model has no audio tower: audio cannot be passed.')
+        return self.towers.encode_audio(audio)
 
     def _init_vision(self) -> None:
         """Creates the vision parameters during `init` from a blank image."""

@@ -34,7 +34,7 @@ from gemma3n.embedder import PER_LAYER_TABLE
 from gemma3n.validation import check_finite
 
 # Parameters of the vision path (docs/architecture.md §5); a text-only model has none of them.
-VISION_PREFIXES = ('vision_encoder/', 'embedder/mm_')
+VISION_PREFIXES = ('vision_encoder/', 'embedder/mm_', 'towers/')
 PER_LAYER_TABLE_PATH = f'embedder/{PER_LAYER_TABLE}'
 # What `checkpoint_format` recognises.
 HF_FORMAT, ORBAX_FORMAT, NATIVE_FORMAT = 'Hugging Face', 'Orbax', 'gemma3n native'
@@ -63,9 +63,10 @@ def load_params(
     Args:
         path: HF directory / `.safetensors` file, Orbax checkpoint directory, or a file written by
             `save_params`.
-        model: a `Gemma3nTransformer` (its `config` and `text_only` are used: it has vision parameters
-            unless `text_only=True` or `config.vision_encoder is None`) or a `TransformerConfig`
-            (text-only). Needed for HF files without a config.json beside them; when given, every
+        model: a `Gemma3nTransformer` (its `config` and `text_only` are used: it has tower parameters
+            unless `text_only=True` or its config has neither `vision_encoder` (SigLIP) nor `towers`
+            (the released MobileNet-V5 and audio towers, read from HF checkpoints under `towers/`))
+            or a `TransformerConfig` (text-only). Needed for HF files without a config.json beside them; when given, every
             kept tensor's path, shape and dtype are checked against it. None: HF checkpoints derive
             the config from config.json, other formats are returned as stored.
         dtype: target dtype of every leaf (e.g. `jnp.bfloat16`); None keeps the stored dtypes.
@@ -86,11 +87,11 @@ def load_params(
     skip = {PER_LAYER_TABLE_PATH} if skip_per_layer_table else set()
 
     if checkpoint == HF_FORMAT:
-        if not text_only:
+        if not text_only and config.vision_encoder is not None:
             raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder (their '
                              f'vision tower is MobileNet-V5, a different network). {WITHOUT_SIGLIP_ADVICE}')
         return load_hf_params(path, config=config, dtype=dtype, progress=progress, skip=skip,
-                              transform=transform)
+                              transform=transform, towers=None if text_only else config.towers)
     if checkpoint == ORBAX_FORMAT:
         names = _select(orbax_catalog(path), config, text_only, path, skip)
         flat = orbax_restore(path, names, dtype)
@@ -139,7 +140,8 @@ def has_vision_encoder(path: str | os.PathLike) -> bool:
 def model_config(model: Any) -> tuple[TransformerConfig | None, bool]:
     """(config, text_only) of a `model` argument: a Gemma3nTransformer, a TransformerConfig or None.
 
-    text_only: the model has no vision parameters (`text_only=True`, or no vision encoder in its config).
+    text_only: the model has no tower parameters (`text_only=True`, or neither a vision encoder nor
+    the released towers in its config).
     """
     if model is None:
         return None, True
@@ -148,7 +150,8 @@ def model_config(model: Any) -> tuple[TransformerConfig | None, bool]:
     config = getattr(model, 'config', None)
     if not isinstance(config, TransformerConfig):
         raise TypeError(f'model must be a Gemma3nTransformer or a TransformerConfig, got {type(model).__name__}.')
-    return config, bool(getattr(model, 'text_only', False)) or config.vision_encoder is None
+    return config, bool(getattr(model, 'text_only', False)) or (
+        config.vision_encoder is None and config.towers is None)
 
 
 def _select(

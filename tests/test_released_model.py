@@ -1,0 +1,126 @@
+"""The released towers wired into the model (issue 16), against transformers'
+`Gemma3nForConditionalGeneration`: a small random checkpoint saved with `save_pretrained` loads
+here with every tower, and the logits of prompts with an image and an audio clip match.
+
+The HF model's vision tower computes with our MobileNet-V5 (timm cannot be imported here; see
+released_oracle.py): this checks the vision embedder, the merge of both towers' soft tokens into
+the token stream (positions, hard tokens, audio padding, per-layer inputs) and the decoder.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from gemma3n.audio import log_mel_features
+from gemma3n.checkpoints import load_params
+from gemma3n.checkpoints.hf_towers import model_config_from_hf, towers_config_from_hf
+from gemma3n.checkpoints.safetensors_hf import HFSoftcapWarning
+from gemma3n.multimodal import block_tokens
+from gemma3n.towers import AudioInput
+from gemma3n.transformer import Gemma3nTransformer
+from released_oracle import (AUDIO_SOFT_TOKENS, BOA, BOI, HF_VOCAB, TEXT_VOCAB, make_hf_model,
+                             save_checkpoint)
+from test_audio_features import tone_and_noise
+from test_mobilenet import SMALL
+
+# float32 on both sides, same weights; only summation order differs (XLA vs torch). Logits are
+# O(1-10) here; measured max difference ~1e-5. A wrong merge (an off-by-one block, a missing
+# hard-token embedding, unpadded audio, per-layer inputs of the wrong rows) moves them by 1e-1.
+TOL = 1e-4
+CLIP_SECONDS = (0.6, 1.0)            # 4 and 7 audio soft tokens: both padded to 8
+SAMPLE_RATE = 16_000
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    hf = make_hf_model(seed=0)
+    directory = tmp_path_factory.mktemp('released')
+    save_checkpoint(hf, directory)
+    # HF's text config refuses None; the model reads the attribute at run time (hf_oracle).
+    object.__setattr__(hf.config.get_text_config(), 'final_logit_softcapping', None)
+    return hf, directory
+
+
+@pytest.fixture(scope='module')
+def ours(checkpoint):
+    _, directory = checkpoint
+    model = Gemma3nTransformer(config=model_config_from_hf(directory), dtype=jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', HFSoftcapWarning)     # we compare uncapped logits
+        params = load_params(directory, model=model, dtype=np.float32, progress=False)
+    return model, params
+
+
+def inputs(seed: int = 0):
+    """Two prompts, each with one image and one clip (of different lengths)."""
+    rng = np.random.default_rng(seed)
+    tokens = np.array([[2, 10, 11, BOI, 12, BOA, 13, 14],
+                       [2, 20, BOA, 21, 22, BOI, 23, 24]], np.int32)
+    images = rng.integers(0, 256, (2, 1, SMALL.image_size, SMALL.image_size, 3), np.uint8)
+    clips = [tone_and_noise(seconds, SAMPLE_RATE, seed=i)
+             for i, seconds in enumerate(CLIP_SECONDS)]
+    mel, valid = log_mel_features(clips)
+    return tokens, images, AudioInput(mel[:, None], valid[:, None])
+
+
+def hf_input_ids(tokens: np.ndarray, towers) -> np.ndarray:
+    """The processor's expansion of each marker into its block."""
+    blocks = {towers.image_ids.marker: block_tokens(towers.image_soft_tokens, towers.image_ids),
+              towers.audio_ids.marker: block_tokens(towers.audio_soft_tokens, towers.audio_ids)}
+    return np.stack([np.concatenate([blocks.get(t, [t]) for t in row]) for row in tokens])
+
+
+def test_config_and_towers_load(checkpoint, ours):
+    hf, directory = checkpoint
+    model, params = ours
+    towers = model.config.towers
+    assert towers.vision == SMALL and towers.audio.hidden_size == 32
+    assert towers.audio_soft_tokens == AUDIO_SOFT_TOKENS
+    assert (towers.image_ids.marker, towers.audio_ids.marker) == (BOI, BOA)
+    assert model.config.num_embed == TEXT_VOCAB
+    assert set(params['towers']) == {'vision_tower', 'embed_vision', 'audio_tower', 'embed_audio'}
+    state = hf.state_dict()
+    np.testing.assert_array_equal(params['towers']['embed_audio']['embedding'],
+                                  state['model.embed_audio.embedding.weight'].numpy())
+    # A text-only config.json has no towers.
+    assert towers_config_from_hf({'text_config': {}}) is None
+
+
+def test_logits_match_transformers(checkpoint, ours):
+    hf, _ = checkpoint
+    model, params = ours
+    tokens, images, audio = inputs()
+    out = jax.jit(lambda p, t, i, a: model.apply({'params': p}, t, images=i, audio=a).logits)(
+        params, tokens, images, audio)
+    ids = hf_input_ids(tokens, model.config.towers)
+    pixels = (images[:, 0].astype(np.float32) * np.float32(1 / 255)).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.from_numpy(ids).long(),
+                    pixel_values=torch.from_numpy(np.ascontiguousarray(pixels)),
+                    input_features=torch.from_numpy(audio.mel[:, 0]),
+                    input_features_mask=torch.from_numpy(audio.valid[:, 0])).logits.numpy()
+    assert theirs.shape[-1] == HF_VOCAB
+    # Our rows are per text token: the row of its expanded position (a marker's: its block's
+    # leading "\n\n"); the last rows see both the image and the clip.
+    _, text_index, _ = jax.jit(lambda t: _text_index(model, t))(tokens)
+    expected = np.take_along_axis(theirs[..., :TEXT_VOCAB], np.asarray(text_index)[..., None], 1)
+    assert np.asarray(out).shape == expected.shape
+    assert np.abs(expected).max() > 1.0
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=0, atol=TOL)
+
+
+def _text_index(model, tokens):
+    """Where each text token lands after both expansions (images first, then audio)."""
+    from gemma3n import multimodal
+    towers = model.config.towers
+    expanded, first, _ = multimodal.expand_tokens(tokens, 1, towers.image_soft_tokens,
+                                                  towers.image_ids)
+    expanded, second, _ = multimodal.expand_tokens(expanded, 1, towers.audio_soft_tokens,
+                                                   towers.audio_ids)
+    return expanded, jnp.take_along_axis(second, first, axis=1), None
