@@ -201,7 +201,7 @@ class Gemma3nTransformer(nn.Module):
         if images is not None:
             ids, num_soft = image_block
             counts = None if traced else multimodal.count_image_markers(tokens, ids.marker)
-            images = multimodal.check_images(images, counts, batch, self._image_channels())
+            images = multimodal.check_images(images, counts, batch, self.image_channels())
             tokens, text_index, block_start = multimodal.expand_tokens(
                 tokens, images.shape[1], num_soft, ids)
             blocks.append((images, block_start))
@@ -338,7 +338,7 @@ class Gemma3nTransformer(nn.Module):
         towers = None if self.text_only else self.config.towers
         return towers is not None and towers.audio is not None
 
-    def _image_channels(self) -> int:
+    def image_channels(self) -> int:
         towers = self.config.towers
         if towers is not None and towers.vision is not None:
             return towers.vision.in_channels

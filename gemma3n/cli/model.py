@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from gemma3n.audio.audio_file import load_audio
 from gemma3n.checkpoints.hf_mapping import check_hf_config, hf_final_logit_softcap
+from gemma3n.checkpoints.hf_towers import model_config_from_hf, towers_config_from_hf
 from gemma3n.checkpoints.loader import HF_FORMAT, checkpoint_format, has_vision_encoder
 from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE, hf_checkpoint_config, read_hf_config
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
@@ -76,11 +78,14 @@ def tokenizer_path(args: argparse.Namespace, checkpoint: Path | None) -> Path:
     return path
 
 
-def load_model(args: argparse.Namespace, *, with_vision: bool = False) -> LoadedModel:
+def load_model(args: argparse.Namespace, *, with_vision: bool = False,
+               with_audio: bool = False) -> LoadedModel:
     """The model, weights and tokenizer the options ask for (random weights for the demo)."""
     name = model_choice(args)
     if with_vision:
         check_vision(args)
+    if with_audio:
+        check_audio(args)
     checkpoint = _checkpoint_path(args)
     if checkpoint is None and name != DEMO:
         raise ValueError(f'--model {name} needs --checkpoint PATH: only the demo model runs '
@@ -96,7 +101,7 @@ def load_model(args: argparse.Namespace, *, with_vision: bool = False) -> Loaded
                             vocab_size=tokenizer.vocab_size)
     else:
         name, model = _checkpoint_model(args, checkpoint, dtype=dtype, with_vision=with_vision,
-                                        vocab_size=tokenizer.vocab_size)
+                                        with_audio=with_audio, vocab_size=tokenizer.vocab_size)
     start = time.perf_counter()
     if checkpoint is None:
         sys.stderr.write(DEMO_NOTICE + '\n')
@@ -116,11 +121,13 @@ def load_model(args: argparse.Namespace, *, with_vision: bool = False) -> Loaded
 
 
 def _checkpoint_model(args: argparse.Namespace, checkpoint: Path, *, dtype: Any,
-                      with_vision: bool, vocab_size: int) -> tuple[str, Gemma3nTransformer]:
+                      with_vision: bool, with_audio: bool, vocab_size: int
+                      ) -> tuple[str, Gemma3nTransformer]:
     """The model to load `checkpoint` into, and its name (`vocab_size`: the demo's).
 
     --model when given; else, for a Hugging Face checkpoint with a config.json, the model that
-    config describes; else E4B. --hf-softcap takes the final logit softcap of config.json.
+    config describes (with its released towers when images or audio are given); else E4B.
+    --hf-softcap takes the final logit softcap of config.json.
     """
     hf_config = read_hf_config(checkpoint) if checkpoint_format(checkpoint) == HF_FORMAT else None
     config_path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / CONFIG_FILE
@@ -130,10 +137,12 @@ def _checkpoint_model(args: argparse.Namespace, checkpoint: Path, *, dtype: Any,
                              f'Face checkpoint, and {checkpoint} has none')
         name = model_choice(args)
         return name, build_model(name, dtype=dtype, with_vision=with_vision, vocab_size=vocab_size)
-    if args.model is None:       # (check_vision has refused --image: HF checkpoints hold no SigLIP)
-        config = hf_checkpoint_config(checkpoint, None)
-        name = preset_name(config)
-        model = Gemma3nTransformer(config=config, text_only=True, dtype=dtype)
+    if args.model is None:       # (check_vision/check_audio have refused what it lacks)
+        hf_checkpoint_config(checkpoint, None)           # the text decoder, errors by file
+        config = model_config_from_hf(checkpoint, hf_config)
+        name = preset_name(dataclasses.replace(config, towers=None))
+        model = Gemma3nTransformer(config=config, text_only=not (with_vision or with_audio),
+                                   dtype=dtype)
     else:
         name = args.model
         model = build_model(name, dtype=dtype, with_vision=with_vision, vocab_size=vocab_size)
@@ -162,9 +171,47 @@ def check_vision(args: argparse.Namespace) -> None:
     if model_choice(args) == DEMO:
         raise ValueError(DEMO_IS_TEXT_ONLY)
     checkpoint = _checkpoint_path(args)
+    towers = _released_towers(checkpoint)
+    if towers is not None and args.model is None:
+        if towers.vision is None:
+            raise ValueError(f'--image needs a vision tower; the config.json of {checkpoint} '
+                             'has no vision_config')
+        return
     if checkpoint is not None and not has_vision_encoder(checkpoint):
-        raise ValueError(f'--image needs a checkpoint with the SigLIP vision encoder; {checkpoint} '
+        raise ValueError(f'--image needs a checkpoint with a vision tower; {checkpoint} '
                          f'({checkpoint_format(checkpoint)} format) holds none')
+
+
+def _released_towers(checkpoint: Path | None) -> Any:
+    """The released towers a HF checkpoint's config.json describes (None: none, or not HF)."""
+    if checkpoint is None or checkpoint_format(checkpoint) != HF_FORMAT:
+        return None
+    hf_config = read_hf_config(checkpoint)
+    return None if hf_config is None else towers_config_from_hf(hf_config)
+
+
+def check_audio(args: argparse.Namespace) -> None:
+    """ValueError unless the options choose a model with the released audio tower (config.json
+    only: nothing is loaded or decoded)."""
+    if args.text_only:
+        raise ValueError('--audio needs the audio tower, which --text-only leaves out')
+    if model_choice(args) == DEMO:
+        raise ValueError('the demo model is text-only: --audio needs a Gemma 3n checkpoint with '
+                         'the audio tower (--checkpoint PATH)')
+    checkpoint = _checkpoint_path(args)
+    towers = _released_towers(checkpoint)
+    if args.model is not None or towers is None or towers.audio is None:
+        raise ValueError(f'--audio needs a Hugging Face Gemma 3n checkpoint whose config.json has '
+                         f'an audio_config (the released ones do); {checkpoint} has none'
+                         + (' (or leave out --model: the towers come with the model config.json '
+                            'describes)' if args.model is not None else ''))
+
+
+def audio_options(args: argparse.Namespace) -> list[Any]:
+    """The `--audio` files as 16 kHz samples (read before any weights, to fail early)."""
+    if args.audio:
+        check_audio(args)
+    return [load_audio(Path(path).expanduser()) for path in args.audio]
 
 
 def read_images(paths: Sequence[str]) -> list[np.ndarray]:

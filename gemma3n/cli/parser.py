@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f'weights and KV cache dtype (default: {CHECKPOINT_DTYPE} for '
                             f'e4b/e2b, {DEMO_DTYPE} for the demo)')
     group.add_argument('--text-only', action='store_true',
-                       help='leave out the vision encoder')
+                       help='leave out the vision and audio towers')
     group.add_argument('--cache-length', '--context', type=_positive_int, metavar='N',
                        help=f'KV cache positions (default: {DEFAULT_CACHE_LENGTH}; generate '
                             'takes more for a longer prompt)')
@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help='an image for the prompt (repeatable); each `<start_of_image>` in the '
                             'prompt takes one, else they go before the text. In chat they '
                             'belong to the first message')
+    group.add_argument('--audio', action='append', default=[], metavar='FILE',
+                       help='an audio clip for the prompt (repeatable; WAV, FLAC, OGG, MP3, at '
+                            'most 30 s are heard), for checkpoints with the released audio '
+                            'tower; each `<start_of_audio>` in the prompt takes one, else they '
+                            'go before the text. In chat they belong to the first message')
 
     parser = _Parser(prog=PROG, description='Run Google\'s Gemma 3n in JAX.')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)

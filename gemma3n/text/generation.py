@@ -18,6 +18,8 @@ from gemma3n import multimodal, validation
 from gemma3n.text import special_tokens
 from gemma3n.text.prefill import check_memory
 from gemma3n.text.sampling import SamplingMethod
+# Read when called: the towers module may still be loading (see gemma3n.text.media).
+from gemma3n import towers as model_towers
 
 if TYPE_CHECKING:
     from gemma3n.text.sampler import Sampler
@@ -93,7 +95,7 @@ class Generation:
 
     def __init__(self, sampler: Sampler, prompt_tokens: Any, max_new_tokens: int, *,
                  rng: jax.Array | int | None = None, state: SamplerState | None = None,
-                 sampling: SamplingMethod | None = None, images: Any = None,
+                 sampling: SamplingMethod | None = None, images: Any = None, audio: Any = None,
                  stop_tokens: Sequence[int] = (), keep_logits: bool = False):
         max_new_tokens = validation.check_int('max_new_tokens', max_new_tokens, low=1)
         self.rng = validation.as_rng(rng)
@@ -118,12 +120,18 @@ class Generation:
         else:
             start = np.zeros(batch, np.int32)
         prompt_lengths = np.array([len(r) for r in rows])
+        if audio is not None:
+            audio = self._check_audio(sampler, audio, rows)
+            _, num_soft = multimodal.audio_block(sampler.model.config)
+            prompt_lengths = prompt_lengths + audio.num_clips * (
+                multimodal.block_length(num_soft) - 1)
         if images is not None:
             images = self._check_images(sampler, images, rows)
-            num_soft = sampler.model.config.vision_encoder.num_mm_tokens_per_image
+            ids, num_soft = multimodal.image_block(sampler.model.config)
             prompt_lengths = prompt_lengths + images.shape[1] * (
                 multimodal.block_length(num_soft) - 1)
-            if sampler.prefill_chunk < num_soft:
+            bidirectional = ids == multimodal.SIGLIP_IMAGE_IDS
+            if bidirectional and sampler.prefill_chunk < num_soft:
                 raise ValueError(f'prefill_chunk {sampler.prefill_chunk} cannot hold an image\'s '
                                  f'{num_soft} soft tokens (attended to together): use a larger '
                                  'one.')
@@ -133,7 +141,7 @@ class Generation:
             raise ValueError(
                 f'sequence {b} needs {int(needed[b])} positions (cache already holding '
                 f'{int(start[b])}, prompt {int(prompt_lengths[b])}'
-                f'{" with image blocks" if images is not None else ""}, '
+                f'{" with image/audio blocks" if images is not None or audio is not None else ""}, '
                 f'max_new_tokens {max_new_tokens}) but cache_length is {sampler.cache_length}.')
         check_memory(sampler.model.config, batch_size=batch,
                      longest_prompt=int(prompt_lengths.max()),
@@ -145,6 +153,7 @@ class Generation:
         self.max_new_tokens = max_new_tokens
         self.sampling = sampler.sampling if sampling is None else sampling
         self.images = images
+        self.audio = audio
         self.keep_logits = keep_logits
         self.tokens = np.zeros((batch, 0), np.int32)
         self.lengths = np.zeros(batch, np.int32)
@@ -155,9 +164,21 @@ class Generation:
     @staticmethod
     def _check_images(sampler: Sampler, images: Any, rows: list[np.ndarray]) -> jax.Array:
         """Host-side checks the compiled prefill cannot make; returns images [B, N, H, W, C]."""
-        encoder = sampler.vision_encoder()
-        counts = np.array([multimodal.count_image_markers(row) for row in rows])
-        return multimodal.check_images(images, counts, len(rows), encoder.image_channels)
+        block = multimodal.image_block(sampler.model.config) if sampler.model.has_vision else None
+        if block is None:
+            sampler.vision_encoder()            # raises: no vision
+        counts = np.array([multimodal.count_image_markers(row, block[0].marker) for row in rows])
+        return multimodal.check_images(images, counts, len(rows),
+                                       sampler.model.image_channels())
+
+    @staticmethod
+    def _check_audio(sampler: Sampler, audio: Any, rows: list[np.ndarray]) -> Any:
+        """Host-side checks of audio against the prompts; returns it as the model takes it."""
+        block = multimodal.audio_block(sampler.model.config) if sampler.model.has_audio else None
+        if block is None:
+            raise ValueError('This model has no audio tower: audio cannot be passed.')
+        counts = np.array([multimodal.count_image_markers(row, block[0].marker) for row in rows])
+        return model_towers.check_audio(audio, counts, len(rows), sampler.model.config.towers.audio)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         sampler = self.sampler
@@ -177,7 +198,7 @@ class Generation:
                     # cannot be rolled back), so an interrupt waits for the whole prefill.
                     token, logits, self.cache = sampler.prefill(
                         self.rows, self.cache, jax.random.fold_in(self.rng, 0), self.images,
-                        self.sampling)
+                        self.sampling, self.audio)
                 new = self._record(token, logits, step)
             self.delivered += 1
             yield new

@@ -12,7 +12,7 @@ import numpy as np
 
 from gemma3n import multimodal, validation
 from gemma3n.embedder import PER_LAYER_TABLE, per_layer_token_ids
-from gemma3n.text import special_tokens
+from gemma3n.text import media, special_tokens
 from gemma3n.text.chat_format import add_image_markers
 from gemma3n.text.generation import NON_FINITE_LOGITS, Generation, SamplerOutput, SamplerState
 from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK, expand_rows, plan_chunks
@@ -100,6 +100,8 @@ class Sampler:
                                 donate_argnames=('cache', 'logits'))
         self._encode_images = jax.jit(lambda params, images: model.apply(
             {'params': params}, images, method=model.encode_images))
+        self._encode_audio = jax.jit(lambda params, audio: model.apply(
+            {'params': params}, audio, method=model.encode_audio))
         self._step = jax.jit(self._step_fn, static_argnames=('sampling',),
                              donate_argnames=('cache',))
 
@@ -137,23 +139,30 @@ class Sampler:
         return self.host_table[per_layer_token_ids(tokens, self.model.config.num_embed)]
 
     def prefill(self, rows: list[np.ndarray], cache: dict[str, Any], rng: jax.Array,
-                images: jax.Array | None, sampling: SamplingMethod
+                images: jax.Array | None, sampling: SamplingMethod, audio: Any = None
                 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
         """Feeds the prompts `rows` through the cache `prefill_chunk` tokens at a time.
 
         Returns the first sampled token [B], the logits it was chosen from [B, V] and the cache.
         """
-        soft = block_start = None
+        config, kinds, encoded = self.model.config, [], []
         if images is not None:
-            rows, block_start = expand_rows(
-                rows, images.shape[1], self.model.config.vision_encoder.num_mm_tokens_per_image)
+            ids, num_soft = multimodal.image_block(config)
+            kinds.append((images.shape[1], num_soft, ids))
+            encoded.append(self._encode_images(self.params, images))
+        if audio is not None:
+            ids, num_soft = multimodal.audio_block(config)
+            kinds.append((audio.num_clips, num_soft, ids))
+            encoded.append(self._encode_audio(self.params, audio))
+        starts = []
+        if kinds:
+            rows, starts = expand_rows(rows, kinds)
         chunks = plan_chunks(rows, self.prefill_chunk)
-        if images is not None:
-            soft = self._encode_images(self.params, images)
-        logits = jnp.zeros((len(rows), self.model.config.num_embed), jnp.float32)
+        logits = jnp.zeros((len(rows), config.num_embed), jnp.float32)
         for chunk in chunks:
-            soft_tokens = None if soft is None else multimodal.SoftTokens(
-                soft, jnp.asarray(block_start - chunk.starts[:, None]))
+            soft_tokens = tuple(
+                multimodal.SoftTokens(soft, jnp.asarray(start - chunk.starts[:, None]))
+                for soft, start in zip(encoded, starts)) or None
             token, logits, cache = self._prefill(
                 self.params, jnp.asarray(chunk.tokens), cache, rng, soft_tokens,
                 self.per_layer_rows(chunk.tokens), logits, jnp.asarray(chunk.holds_last),
@@ -218,6 +227,7 @@ class Sampler:
         prompt: str | Sequence[str],
         *,
         images: Any = None,
+        audio: Any = None,
         max_new_tokens: int | None = None,
         sampling: SamplingMethod | None = None,
         rng: jax.Array | int | None = None,
@@ -230,16 +240,20 @@ class Sampler:
             [B, N, H, W, C]. A prompt without `<start_of_image>` markers gets one per image in
             front. With `stream=True` (a single prompt only) returns an iterator of text pieces
             as the tokens arrive; their concatenation equals the non-streaming result.
+        audio: (models with the released audio tower) like images: audio files, 16 kHz sample
+            arrays or (samples, sample_rate) pairs; a prompt without `<start_of_audio>`
+            markers gets one per clip in front.
         """
         tokenizer = self._require_tokenizer()
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         prompts, images = self.prompt_images(prompts, images, single)
-        rows = [tokenizer.encode(p, add_bos=True) for p in prompts]
+        prompts, audio = self.prompt_audio(prompts, audio, single)
+        rows = [self.encode(p, add_bos=True) for p in prompts]
         if max_new_tokens is None:
             max_new_tokens = self.max_out_length
         run = Generation(self, rows, max_new_tokens, rng=rng,
-                          state=None, sampling=sampling, images=images,
+                          state=None, sampling=sampling, images=images, audio=audio,
                           stop_tokens=self.text_stop_tokens(), keep_logits=False)
         if stream:
             if len(rows) != 1:
@@ -264,8 +278,10 @@ class Sampler:
                   for items in images] if lists else None
         if lists and len(images) == len(prompts) and not any(counts):
             return prompts, None            # empty image lists: no images, on any model
-        encoder = self.vision_encoder()
-        if not self._require_tokenizer().has_image_tokens:
+        towers = self.model.config.towers
+        released = self.model.has_vision and towers is not None
+        encoder = None if released else self.vision_encoder()
+        if not released and not self._require_tokenizer().has_image_tokens:
             raise ValueError(f'tokenizer {self.tokenizer.path} has no <start_of_image> piece: '
                              'it cannot take images.')
         if lists:
@@ -274,12 +290,42 @@ class Sampler:
             if len(set(counts)) > 1:
                 raise ValueError(f'the prompts have {counts} images: every prompt of a batch '
                                  'takes the same number of images.')
-            images = jnp.stack([load_images(items, encoder.image_height, encoder.image_width)
-                                for items in images])
+            images = jnp.stack([
+                media.load_images(items, towers.vision.image_size) if released
+                else load_images(items, encoder.image_height, encoder.image_width)
+                for items in images])
         images = jnp.asarray(images)
         if images.ndim == 4:
             images = images[:, None]
         return [add_image_markers(p, images.shape[1]) for p in prompts], images
+
+    def prompt_audio(self, prompts: list[str], audio: Any, single: bool
+                     ) -> tuple[list[str], Any]:
+        """Audio for text prompts as an `AudioInput`, and the prompts with their markers."""
+        if audio is None:
+            return prompts, None
+        if not self.model.has_audio:
+            raise ValueError('This model has no audio tower: audio cannot be passed (the '
+                             'released Gemma 3n checkpoints have one).')
+        lists = [audio] if single else list(audio)
+        lists = [[items] if isinstance(items, (str, os.PathLike, np.ndarray, tuple)) else
+                 list(items) for items in lists]
+        if len(lists) != len(prompts):
+            raise ValueError(f'{len(lists)} audio lists for {len(prompts)} prompts.')
+        if not any(lists):
+            return prompts, None
+        clips = media.audio_input(lists)
+        return [add_image_markers(p, clips.num_clips, special_tokens.START_OF_AUDIO_PIECE,
+                                  'audio clips') for p in prompts], clips
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; with the released towers its `<start_of_image>` and
+        `<start_of_audio>` markers become the model's marker ids (`gemma3n.text.media`)."""
+        tokenizer = self._require_tokenizer()
+        towers = None if self.model.text_only else self.model.config.towers
+        if towers is None:
+            return tokenizer.encode(text, add_bos=add_bos)
+        return media.encode_prompt(tokenizer, text, towers, add_bos=add_bos)
 
     def strip_stop(self, ids: Sequence[int]) -> list[int]:
         """The ids without a final text stop token."""
@@ -306,7 +352,7 @@ class Sampler:
     def generation(self, rows: Any, max_new_tokens: int, **kwargs: Any) -> 'Generation':
         """A step-by-step generation (iterate it for each step's tokens; then `.output()`).
 
-        Takes the keyword arguments of `Generation`: rng, state, sampling, images,
+        Takes the keyword arguments of `Generation`: rng, state, sampling, images, audio,
         stop_tokens, keep_logits.
         """
         return Generation(self, rows, max_new_tokens, **kwargs)
