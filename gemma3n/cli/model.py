@@ -7,13 +7,14 @@ import dataclasses
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gemma3n.audio.audio_file import load_audio
+from gemma3n.audio.audio_file import AudioTruncatedWarning, load_audio
 from gemma3n.checkpoints.hf_mapping import check_hf_config, hf_final_logit_softcap
 from gemma3n.checkpoints.hf_towers import model_config_from_hf, towers_config_from_hf
 from gemma3n.checkpoints.loader import HF_FORMAT, checkpoint_format, has_vision_encoder
@@ -208,10 +209,18 @@ def check_audio(args: argparse.Namespace) -> None:
 
 
 def audio_options(args: argparse.Namespace) -> list[Any]:
-    """The `--audio` files as 16 kHz samples (read before any weights, to fail early)."""
+    """The `--audio` files as 16 kHz samples (read before any weights, to fail early); a clip
+    longer than the tower takes is noted in one line, naming what is kept."""
     if args.audio:
         check_audio(args)
-    return [load_audio(Path(path).expanduser()) for path in args.audio]
+    clips = []
+    for path in args.audio:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', AudioTruncatedWarning)
+            clips.append(load_audio(Path(path).expanduser()))
+        for warning in caught:
+            sys.stderr.write(f'{PROG}: note: {warning.message}\n')
+    return clips
 
 
 def read_images(paths: Sequence[str]) -> list[np.ndarray]:
