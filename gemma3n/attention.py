@@ -58,6 +58,31 @@ class KVContext:
     key_valid: jax.Array
 
 
+@flax.struct.dataclass
+class LayerCall:
+    """What one layer needs from the current call besides its input and `QueryInfo`: where its
+    K/V come from and go to, the mask and which outputs are wanted. `Block` hands it on to
+    `Attention` unchanged; every field keeps its default when the model runs without a cache.
+
+    shared_kv: a KV-shared layer's source context (`KVContext`); None for a layer that owns K/V.
+    cache_entry: this layer's cache buffers {'k', 'v'}: [B, S, K, H]; None without a cache
+        (and always for KV-shared layers, which read their source's context).
+    end_index: [B] positions each sequence had written before this call; None without a cache.
+    ring: the buffer is a ring of sliding-window slots rather than one slot per position
+        (static: it picks the code path).
+    user_mask: bool [B, L, L] replacing the default causal mask; None for the default.
+    query_rows: [B] index of the one token per sequence whose output is wanted: K/V (and the
+        cache entry) still come from every token, everything else from that token only, and
+        the outputs have L = 1. None: every token's output.
+    """
+    shared_kv: KVContext | None = None
+    cache_entry: dict[str, jax.Array] | None = None
+    end_index: jax.Array | None = None
+    ring: bool = flax.struct.field(pytree_node=False, default=False)
+    user_mask: jax.Array | None = None
+    query_rows: jax.Array | None = None
+
+
 def attention_mask(
     query: QueryInfo,
     context: KVContext,
@@ -91,6 +116,8 @@ class Attention(nn.Module):
     Example:
         >>> attn = Attention(config=cfg, attn_type=AttentionType.GLOBAL, owns_kv=True)
         >>> out, context, _ = attn.apply(params, x, query)   # x: [B, L, D]
+        >>> out, _, entry = attn.apply(params, x, query, LayerCall(cache_entry=entry,
+        ...                                                        end_index=end_index))
     """
     config: TransformerConfig
     attn_type: AttentionType
@@ -103,21 +130,12 @@ class Attention(nn.Module):
         self,
         x: jax.Array,
         query: QueryInfo,
-        *,
-        shared_kv: KVContext | None = None,
-        cache_entry: dict[str, jax.Array] | None = None,
-        end_index: jax.Array | None = None,
-        ring: bool = False,
-        user_mask: jax.Array | None = None,
-        query_rows: jax.Array | None = None,
+        call: LayerCall = LayerCall(),
     ) -> tuple[jax.Array, KVContext, dict[str, Any] | None]:
         """x: [B, L, D] -> (output [B, L, D], the K/V context used, the updated cache entry).
 
-        cache_entry / end_index: this layer's buffers and the per-sequence count of positions
-        written before this call ([B]); None without a cache. ring: the buffer is a ring of
-        sliding-window slots rather than one slot per position. query_rows: [B] index of the
-        one token per sequence whose output is wanted: K/V still come from every token, the
-        queries only from that one (the output is [B, 1, D]).
+        With `call.query_rows` the queries come from one token per sequence and the output is
+        [B, 1, D]; see `LayerCall` for the other fields.
         """
         cfg = self.config
         n, k, d, h = cfg.num_heads, cfg.num_kv_heads, cfg.embed_dim, cfg.head_dim
@@ -125,10 +143,10 @@ class Attention(nn.Module):
         rope = dict(base_frequency=cfg.base_frequency(self.attn_type),
                     scale_factor=cfg.scale_factor(self.attn_type))
 
-        x_q, q_info = x, query
-        if query_rows is not None:
-            x_q, q_info = take_rows(x, query_rows), query.take(query_rows)
-            user_mask = None if user_mask is None else take_rows(user_mask, query_rows)
+        x_q, q_info, user_mask = x, query, call.user_mask
+        if call.query_rows is not None:
+            x_q, q_info = take_rows(x, call.query_rows), query.take(call.query_rows)
+            user_mask = None if user_mask is None else take_rows(user_mask, call.query_rows)
         q = Einsum((n, d, h), 1, 2, (0,), dtype=self.dtype, serving=self.serving,
                    name='q_einsum')('BTD,NDH->BTNH', x_q)
         if cfg.use_qk_norm:
@@ -150,12 +168,13 @@ class Attention(nn.Module):
                                  dtype=self.dtype, name='value_norm')(values)
             keys = apply_rope(keys, query.positions, **rope)
             context = KVContext(keys, values, query.positions, query.valid)
-            if cache_entry is not None:
-                context, new_entry = _attend_through_cache(context, cache_entry, end_index, ring)
+            if call.cache_entry is not None:
+                context, new_entry = _attend_through_cache(context, call.cache_entry,
+                                                           call.end_index, call.ring)
         else:
-            if shared_kv is None:
+            if call.shared_kv is None:
                 raise ValueError('A KV-shared layer needs the K/V context of its source layer.')
-            context = shared_kv
+            context = call.shared_kv
 
         mask = attention_mask(q_info, context, self.attn_type, cfg.sliding_window_size, user_mask)
         b, t = q.shape[:2]

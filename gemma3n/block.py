@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma3n.altup import AltUp
-from gemma3n.attention import Attention, KVContext, QueryInfo, take_rows
+from gemma3n.attention import Attention, KVContext, LayerCall, QueryInfo, take_rows
 from gemma3n.config import TransformerConfig
 from gemma3n.ffn import FeedForward
 from gemma3n.laurel import Laurel
@@ -38,19 +38,13 @@ class Block(nn.Module):
         streams: jax.Array,
         per_layer_input: jax.Array,
         query: QueryInfo,
-        *,
-        shared_kv: KVContext | None = None,
-        cache_entry: dict[str, jax.Array] | None = None,
-        end_index: jax.Array | None = None,
-        ring: bool = False,
-        user_mask: jax.Array | None = None,
-        query_rows: jax.Array | None = None,
+        call: LayerCall = LayerCall(),
     ) -> tuple[jax.Array, KVContext, dict[str, Any] | None]:
         """streams: [A, B, L, D], per_layer_input: [B, L, P] -> (new streams, K/V context, cache entry).
 
-        query_rows: [B] index of the one token per sequence whose output is wanted; the layer
-        then computes K/V (and its cache entry) for every token but everything else for that
-        token only, and returns streams [A, B, 1, D].
+        `call` (see `LayerCall`) carries the cache, the shared K/V and the mask to attention.
+        With `call.query_rows` the layer computes K/V (and its cache entry) for every token but
+        everything else for one token per sequence, and returns streams [A, B, 1, D].
         """
         cfg, i = self.config, self.layer_index
         guard_on = cfg.guard_against_excess_precision
@@ -68,12 +62,12 @@ class Block(nn.Module):
             config=cfg, attn_type=cfg.attention_types[i],
             owns_kv=cfg.kv_source_layers()[i] == i, dtype=self.dtype, serving=self.serving,
             name='attn',
-        )(h, query, shared_kv=shared_kv, cache_entry=cache_entry, end_index=end_index, ring=ring,
-          user_mask=user_mask, query_rows=query_rows)
-        if query_rows is not None:
-            predictions = take_rows(predictions, query_rows, batch_axis=1)
-            active, h = predictions[0], take_rows(h, query_rows)
-            per_layer_input = take_rows(per_layer_input, query_rows)
+        )(h, query, call)
+        if call.query_rows is not None:
+            rows = call.query_rows
+            predictions = take_rows(predictions, rows, batch_axis=1)
+            active, h = predictions[0], take_rows(h, rows)
+            per_layer_input = take_rows(per_layer_input, rows)
         if cfg.use_post_attn_norm:
             attn_out = norm('post_attention_norm')(attn_out)
         attn_out = attn_out + active

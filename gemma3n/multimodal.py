@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.text import special_tokens
+from gemma3n.layers import special_ids
 
 # Tokens around the placeholders: "\n\n", <start_of_image> before; <end_of_image>, "\n\n" after.
 TOKENS_BEFORE_SOFT = 2
@@ -38,8 +38,8 @@ class BlockIds:
     end: int
 
 
-SIGLIP_IMAGE_IDS = BlockIds(special_tokens.START_OF_IMAGE, special_tokens.IMAGE_PLACEHOLDER,
-                            special_tokens.END_OF_IMAGE)
+SIGLIP_IMAGE_IDS = BlockIds(special_ids.START_OF_IMAGE, special_ids.IMAGE_PLACEHOLDER,
+                            special_ids.END_OF_IMAGE)
 
 
 @flax.struct.dataclass
@@ -57,15 +57,15 @@ class SoftTokens:
 def block_tokens(num_soft_tokens: int, ids: BlockIds = SIGLIP_IMAGE_IDS) -> np.ndarray:
     """The ids one marker expands into: [num_soft_tokens + 4]."""
     return np.array(
-        [special_tokens.DOUBLE_NEWLINE, ids.marker] + [ids.placeholder] * num_soft_tokens
-        + [ids.end, special_tokens.DOUBLE_NEWLINE], np.int32)
+        [special_ids.DOUBLE_NEWLINE, ids.marker] + [ids.placeholder] * num_soft_tokens
+        + [ids.end, special_ids.DOUBLE_NEWLINE], np.int32)
 
 
 def block_length(num_soft_tokens: int) -> int:
     return num_soft_tokens + TOKENS_BEFORE_SOFT + TOKENS_AFTER_SOFT
 
 
-def count_image_markers(tokens: np.ndarray, marker: int = special_tokens.START_OF_IMAGE
+def count_image_markers(tokens: np.ndarray, marker: int = special_ids.START_OF_IMAGE
                         ) -> np.ndarray:
     """[B, L] -> [B] number of `marker` tokens (`<start_of_image>`) of each sequence."""
     return np.sum(np.asarray(tokens) == marker, axis=-1)
@@ -154,7 +154,7 @@ def bidirectional_visible_until(tokens: jax.Array, positions: jax.Array) -> jax.
 
     Causal (its own position) except inside a run of placeholders, which all see the run's end.
     """
-    is_soft = tokens == special_tokens.IMAGE_PLACEHOLDER
+    is_soft = tokens == special_ids.IMAGE_PLACEHOLDER
     # Position of the run's last placeholder: a reverse cumulative max over run ends.
     run_end = is_soft & ~jnp.concatenate([is_soft[:, 1:], jnp.zeros_like(is_soft[:, :1])], axis=1)
     end_pos = jnp.where(run_end, positions, jnp.iinfo(jnp.int32).max)

@@ -71,11 +71,11 @@ def audio_embedder(config: AudioConfig, text_width: int,
 
 
 def check_audio(audio: Any, marker_counts: np.ndarray | None, num_sequences: int,
-                config: AudioConfig) -> AudioInput:
+                towers: TowersConfig) -> AudioInput:
     """Validates audio for a batch of token sequences (one clip per marker of each)."""
     if not isinstance(audio, AudioInput):
         raise TypeError(f'audio must be an AudioInput(mel, valid), got {type(audio).__name__}.')
-    mel, valid = audio.mel, audio.valid
+    mel, valid, config = audio.mel, audio.valid, towers.audio
     if mel.ndim != AUDIO_RANK or mel.shape[-1] != config.input_feat_size:
         raise ValueError(f'audio.mel must be [B, M, T, {config.input_feat_size}], got shape '
                          f'{tuple(mel.shape)}.')
@@ -85,6 +85,10 @@ def check_audio(audio: Any, marker_counts: np.ndarray | None, num_sequences: int
     if mel.shape[0] != num_sequences:
         raise ValueError(f'audio is for a batch of {mel.shape[0]} sequences, the tokens have '
                          f'{num_sequences}.')
+    made = config.soft_tokens(mel.shape[2])
+    if made > towers.audio_soft_tokens:
+        raise ValueError(f'{mel.shape[2]} log-mel frames give {made} audio soft tokens; the model '
+                         f'takes {towers.audio_soft_tokens} per clip: cut the clip.')
     if marker_counts is not None and (np.asarray(marker_counts) != mel.shape[1]).any():
         raise ValueError(
             f'each sequence needs one <start_of_audio> token per clip: got {mel.shape[1]} '
@@ -136,11 +140,9 @@ class ReleasedTowers(nn.Module):
     def encode_audio(self, audio: AudioInput) -> jax.Array:
         """Clips [B, M, T, F] -> soft tokens [B, M, audio_soft_tokens, D]."""
         cfg = self.config
+        audio = check_audio(audio, None, audio.mel.shape[0], cfg)
         batch, count, frames = audio.mel.shape[:3]
         made = cfg.audio.soft_tokens(frames)
-        if made > cfg.audio_soft_tokens:
-            raise ValueError(f'{frames} log-mel frames give {made} audio soft tokens; the model '
-                             f'takes {cfg.audio_soft_tokens} per clip: cut the clip.')
         mel = audio.mel.reshape((-1,) + audio.mel.shape[2:])
         tokens, valid = self.audio_tower(mel, audio.valid.reshape(-1, frames))
         soft = self.embed_audio.embed_soft(tokens)                           # [BM, S, D]

@@ -12,18 +12,14 @@ import jax.numpy as jnp
 from gemma3n import cache as kv_cache
 from gemma3n import multimodal
 from gemma3n.altup import match_rms
-from gemma3n.attention import KVContext, QueryInfo, take_rows
+from gemma3n.attention import KVContext, LayerCall, QueryInfo, take_rows
 from gemma3n.block import Block
 from gemma3n.config import TransformerConfig
 from gemma3n.embedder import Embedder
-from gemma3n.layers import Einsum, RMSNorm, guard
-from gemma3n.text import special_tokens
+from gemma3n.layers import Einsum, RMSNorm, guard, special_ids
 from gemma3n.towers import AudioInput, ReleasedTowers, check_audio
 from gemma3n.validation import token_ids
 
-PAD_ID = special_tokens.PAD
-# Ids a tokenizer may produce beyond a small model's vocabulary: the image markers.
-IMAGE_MARKER_IDS = (special_tokens.START_OF_IMAGE, special_tokens.END_OF_IMAGE)
 KEY_REQUIRED = '__KEY_REQUIRED__'
 
 
@@ -60,6 +56,29 @@ def _check_tokens(tokens: Any, num_embed: int, extra_ids: tuple[int, ...]) -> ja
     if tokens.shape[-1] == 0:
         raise ValueError('tokens must hold at least one token (shape [*B, L] with L >= 1).')
     return jnp.asarray(tokens, jnp.int32)
+
+
+@flax.struct.dataclass
+class Inputs:
+    """A call's inputs made ready for the block stack (`Gemma3nTransformer._prepare_inputs`),
+    the batch flattened to B and the image blocks expanded (L counts their tokens).
+
+    embeddings: [B, L, D] token embeddings, images' soft tokens merged in.
+    per_layer: [B, L, num_layers, P] each layer's per-layer input.
+    query: positions, visibility and validity of the tokens.
+    attention_mask: bool [B, L, L] replacing the default mask, or None.
+    end_index: [B] the cache's positions written before this call, or None without a cache.
+    text_index: [B, L_text] the expanded row each input token's output is read from, or None
+        without images.
+    batch_shape: the caller's batch dimensions *B, restored on the outputs.
+    """
+    embeddings: jax.Array
+    per_layer: jax.Array
+    query: QueryInfo
+    attention_mask: jax.Array | None
+    end_index: jax.Array | None
+    text_index: jax.Array | None
+    batch_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
 
 
 def last_valid_index(valid: jax.Array) -> jax.Array:
@@ -141,14 +160,14 @@ class Gemma3nTransformer(nn.Module):
         per_layer_embeddings: jax.Array | None = None,
         soft_tokens: multimodal.SoftTokens | None = None,
     ) -> Output:
-        """Runs the model.
+        """Runs the model: `_prepare_inputs`, then `_run_blocks`, then `_head`.
 
         Args:
             tokens: int [*B, L]; 0 is padding (masked, not counted in positions).
             images: uint8 [B, H, W, C] (one per sequence) or [B, N, H, W, C], one image per
                 `<start_of_image>` marker of each sequence (B = the flattened token batch). For
                 the released towers' MobileNet-V5 they are already resized to its input size
-                (`gemma3n.vision.mobilenet.preprocess`).
+                (`gemma3n.vision.mobilenet.preprocess.resize_image`).
             audio: log-mel frames of M clips per sequence, one per `<start_of_audio>` marker
                 (models with the released audio tower; see `gemma3n.towers.AudioInput`).
             positions: optional [*B, L] positions (default: running count of non-padding
@@ -168,87 +187,58 @@ class Gemma3nTransformer(nn.Module):
                 in chunks. With SigLIP the caller keeps each run of placeholders within one
                 call, since attention inside it is bidirectional.
         """
-        cfg = self.config
         if return_last_only is None:
             return_last_only = bool(self.return_last_only)
-        image_block = multimodal.image_block(cfg) if self.has_vision else None
-        if images is not None and image_block is None:
-            raise ValueError('This model does not have vision encoder (text_only=True or no '
-                             'vision tower in its config): images cannot be passed.')
-        if audio is not None and not self.has_audio:
-            raise ValueError('This model has no audio tower (text_only=True or none in its '
-                             'config): audio cannot be passed.')
         if isinstance(soft_tokens, multimodal.SoftTokens):
             soft_tokens = (soft_tokens,)
-        if soft_tokens:
-            if images is not None or audio is not None or not (self.has_vision or self.has_audio):
-                raise ValueError('soft_tokens need a model with a vision or audio tower, and no '
-                                 'images or audio.')
-            if positions is not None or attention_mask is not None:
-                raise ValueError('positions and attention_mask cannot be combined with '
-                                 'soft_tokens.')
-        tokens = _check_tokens(tokens, cfg.num_embed, self._extra_token_ids(bool(soft_tokens)))
-        batch_shape, length = tokens.shape[:-1], tokens.shape[-1]
-        tokens = tokens.reshape(-1, length)
-        batch = tokens.shape[0]
-        text_index = None
-        blocks = []                 # (images or audio, block_start [B, N]) to merge
-        if images is not None or audio is not None:
-            if positions is not None or attention_mask is not None:
-                raise ValueError('positions and attention_mask cannot be combined with images '
-                                 'or audio: their blocks change the sequence.')
-            traced = isinstance(tokens, jax.core.Tracer)
-        if images is not None:
-            ids, num_soft = image_block
-            counts = None if traced else multimodal.count_image_markers(tokens, ids.marker)
-            images = multimodal.check_images(images, counts, batch, self.image_channels())
-            tokens, text_index, block_start = multimodal.expand_tokens(
-                tokens, images.shape[1], num_soft, ids)
-            blocks.append((images, block_start))
-        if audio is not None:
-            ids = cfg.towers.audio_ids
-            counts = None if traced else multimodal.count_image_markers(tokens, ids.marker)
-            audio = check_audio(audio, counts, batch, cfg.towers.audio)
-            tokens, index, block_start = multimodal.expand_tokens(
-                tokens, audio.num_clips, cfg.towers.audio_soft_tokens, ids)
-            # The image blocks and the text moved again: follow them through this expansion.
-            blocks = [(media, jnp.take_along_axis(index, start, axis=1)) for media, start in blocks]
-            text_index = index if text_index is None else jnp.take_along_axis(
-                index, text_index, axis=1)
-            blocks.append((audio, block_start))
-        length = tokens.shape[-1]
+        inputs = self._prepare_inputs(
+            tokens, images=images, audio=audio, positions=positions, positions_offset=positions_offset,
+            cache=cache, attention_mask=attention_mask,
+            per_layer_embeddings=per_layer_embeddings, soft_tokens=soft_tokens)
+        streams, new_cache = self._run_blocks(inputs, cache, return_last_only)
+        logits, hidden = self._head(streams, inputs, return_last_only)
+        return Output(logits=logits, cache=new_cache,
+                      hidden_states=hidden if return_hidden_states else None)
 
-        valid = tokens != PAD_ID
-        count = jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
-        end_index = None
-        if cache is not None:
-            if positions is not None or positions_offset is not None or attention_mask is not None:
-                raise ValueError('positions, positions_offset and attention_mask cannot be given '
-                                 'with a cache: cached calls continue the positions it holds.')
-            if cache[kv_cache.END_INDEX].shape != (batch,):
-                raise ValueError(f'cache is for batch {cache[kv_cache.END_INDEX].shape}, tokens '
-                                 f'have batch {batch}.')
-            end_index = cache[kv_cache.END_INDEX]
-            positions = end_index[:, None] + count
-        elif positions is None:
-            positions = count
-            if positions_offset is not None:
-                positions = positions + jnp.reshape(jnp.asarray(positions_offset, jnp.int32), (batch, 1))
-        else:
-            if tuple(positions.shape) != tuple(batch_shape) + (length,):
-                raise ValueError(f'positions must have the shape of tokens {tokens.shape}, '
-                                 f'got {positions.shape}.')
-            positions = jnp.reshape(positions, (batch, length)).astype(jnp.int32)
+    def _prepare_inputs(self, tokens: Any, *, images: Any, audio: Any, positions: Any,
+                        positions_offset: Any, cache: dict[str, Any] | None, attention_mask: Any,
+                        per_layer_embeddings: Any, soft_tokens: tuple[multimodal.SoftTokens, ...]
+                        | None) -> Inputs:
+        """Checks the arguments of `__call__` (before anything heavy runs), expands the image
+        and audio blocks and embeds the tokens: everything the blocks need, with the batch
+        flattened."""
+        self._check_combinations(images, audio, positions, positions_offset, cache,
+                                 attention_mask, soft_tokens)
+        tokens = _check_tokens(tokens, self.config.num_embed,
+                               self._extra_token_ids(bool(soft_tokens)))
+        batch_shape = tuple(tokens.shape[:-1])
+        tokens = tokens.reshape(-1, tokens.shape[-1])                         # [B, L]
+        batch = tokens.shape[0]
+        tokens, text_index, blocks = self._expand_blocks(tokens, images, audio)
+        if cache is not None and cache[kv_cache.END_INDEX].shape != (batch,):
+            raise ValueError(f'cache is for batch {cache[kv_cache.END_INDEX].shape}, tokens '
+                             f'have batch {batch}.')
+        end_index = None if cache is None else cache[kv_cache.END_INDEX]
+        length = tokens.shape[-1]
+        valid = tokens != special_ids.PAD
+        positions = self._positions(valid, batch_shape, positions, positions_offset, end_index)
         if attention_mask is not None:
-            if tuple(attention_mask.shape) != tuple(batch_shape) + (length, length):
+            if tuple(attention_mask.shape) != batch_shape + (length, length):
                 raise ValueError(f'attention_mask must have shape [*B, L, L] = '
-                                 f'{tuple(batch_shape) + (length, length)}, got {attention_mask.shape}.')
+                                 f'{batch_shape + (length, length)}, got {attention_mask.shape}.')
             attention_mask = jnp.reshape(attention_mask, (batch, length, length)).astype(bool)
         visible_until = positions
         # Only the seed's SigLIP blocks are bidirectional; the released towers' are causal.
         if self.vision_encoder is not None and (images is not None or soft_tokens):
             visible_until = multimodal.bidirectional_visible_until(tokens, positions)
-        query = QueryInfo(positions=positions, visible_until=visible_until, valid=valid)
+        if per_layer_embeddings is not None:
+            expected = (batch, length, self.config.num_layers, self.config.per_layer_input_dim)
+            per_layer_embeddings = jnp.reshape(
+                per_layer_embeddings, (-1,) + tuple(per_layer_embeddings.shape[len(batch_shape):]))
+            if per_layer_embeddings.shape != expected:
+                raise ValueError(f'per_layer_embeddings must have shape [*B, L, num_layers, P] = '
+                                 f'{expected} (L after image expansion), got '
+                                 f'{per_layer_embeddings.shape}.')
 
         x = self.embedder.encode(tokens)                                      # [B, L, D]
         if self.towers is not None:
@@ -263,80 +253,152 @@ class Gemma3nTransformer(nn.Module):
             self.towers.init_all(tokens)
         elif self.is_initializing() and self.vision_encoder is not None and not blocks:
             self._init_vision()
-        if per_layer_embeddings is not None:
-            expected = (batch, length, cfg.num_layers, cfg.per_layer_input_dim)
-            per_layer_embeddings = jnp.reshape(
-                per_layer_embeddings, (-1,) + tuple(per_layer_embeddings.shape[len(batch_shape):]))
-            if per_layer_embeddings.shape != expected:
-                raise ValueError(f'per_layer_embeddings must have shape [*B, L, num_layers, P] = '
-                                 f'{expected} (L after image expansion), got '
-                                 f'{per_layer_embeddings.shape}.')
-        per_layer = self.embedder.per_layer_inputs(
-            tokens, x, per_layer_embeddings)                                  # [B, L, NL, P]
-        streams = self._fan_out(x)                                            # [A, B, L, D]
+        return Inputs(
+            embeddings=x,
+            per_layer=self.embedder.per_layer_inputs(tokens, x, per_layer_embeddings),
+            query=QueryInfo(positions=positions, visible_until=visible_until, valid=valid),
+            attention_mask=attention_mask, end_index=end_index, text_index=text_index,
+            batch_shape=batch_shape)
 
+    def _check_combinations(self, images: Any, audio: Any, positions: Any,
+                            positions_offset: Any, cache: Any, attention_mask: Any,
+                            soft_tokens: Any) -> None:
+        """Refuses arguments of `__call__` that cannot be given together."""
+        if images is not None and not self.has_vision:
+            raise ValueError('This model does not have vision encoder (text_only=True or no '
+                             'vision tower in its config): images cannot be passed.')
+        if audio is not None and not self.has_audio:
+            raise ValueError('This model has no audio tower (text_only=True or none in its '
+                             'config): audio cannot be passed.')
+        if soft_tokens:
+            if images is not None or audio is not None or not (self.has_vision or self.has_audio):
+                raise ValueError('soft_tokens need a model with a vision or audio tower, and no '
+                                 'images or audio.')
+            if positions is not None or attention_mask is not None:
+                raise ValueError('positions and attention_mask cannot be combined with '
+                                 'soft_tokens.')
+        if (images is not None or audio is not None) and (
+                positions is not None or attention_mask is not None):
+            raise ValueError('positions and attention_mask cannot be combined with images or '
+                             'audio: their blocks change the sequence.')
+        if cache is not None and (positions is not None or positions_offset is not None
+                                  or attention_mask is not None):
+            raise ValueError('positions, positions_offset and attention_mask cannot be given '
+                             'with a cache: cached calls continue the positions it holds.')
+
+    def _expand_blocks(self, tokens: jax.Array, images: Any, audio: Any
+                       ) -> tuple[jax.Array, jax.Array | None, list[tuple[Any, jax.Array]]]:
+        """tokens [B, L] with their image, then audio, markers expanded into blocks: (tokens,
+        text_index [B, L] or None, [(images or audio, block_start [B, N])])."""
+        cfg, batch = self.config, tokens.shape[0]
+        traced = isinstance(tokens, jax.core.Tracer)
+        text_index, blocks = None, []
+        if images is not None:
+            ids, num_soft = multimodal.image_block(cfg)
+            counts = None if traced else multimodal.count_image_markers(tokens, ids.marker)
+            images = multimodal.check_images(images, counts, batch, self.image_channels())
+            tokens, text_index, block_start = multimodal.expand_tokens(
+                tokens, images.shape[1], num_soft, ids)
+            blocks.append((images, block_start))
+        if audio is not None:
+            ids, num_soft = multimodal.audio_block(cfg)
+            counts = None if traced else multimodal.count_image_markers(tokens, ids.marker)
+            audio = check_audio(audio, counts, batch, cfg.towers)
+            tokens, index, block_start = multimodal.expand_tokens(
+                tokens, audio.num_clips, num_soft, ids)
+            # The image blocks and the text moved again: follow them through this expansion.
+            blocks = [(media, jnp.take_along_axis(index, start, axis=1)) for media, start in blocks]
+            text_index = index if text_index is None else jnp.take_along_axis(
+                index, text_index, axis=1)
+            blocks.append((audio, block_start))
+        return tokens, text_index, blocks
+
+    @staticmethod
+    def _positions(valid: jax.Array, batch_shape: tuple[int, ...], positions: Any,
+                   positions_offset: Any, end_index: jax.Array | None) -> jax.Array:
+        """[B, L] int32 positions: the given ones, or the running count of valid tokens (minus
+        one) after the cache's `end_index` or `positions_offset`."""
+        batch, length = valid.shape
+        count = jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
+        if end_index is not None:
+            return end_index[:, None] + count
+        if positions is None:
+            if positions_offset is None:
+                return count
+            return count + jnp.reshape(jnp.asarray(positions_offset, jnp.int32), (batch, 1))
+        if tuple(positions.shape) != batch_shape + (length,):
+            raise ValueError(f'positions must have the shape of tokens {batch_shape + (length,)}, '
+                             f'got {positions.shape}.')
+        return jnp.reshape(positions, (batch, length)).astype(jnp.int32)
+
+    def _run_blocks(self, inputs: Inputs, cache: dict[str, Any] | None, last_only: bool
+                    ) -> tuple[jax.Array, dict[str, Any] | None]:
+        """The AltUp fan-out and the block stack: -> (streams [A, B, L, D] ([A, B, 1, D] with
+        `last_only`), the updated cache or None).
+
+        KV-shared layers receive their source layer's context (docs/architecture.md §3).
+        """
+        cfg = self.config
+        query, per_layer, user_mask = inputs.query, inputs.per_layer, inputs.attention_mask
+        streams = self._fan_out(inputs.embeddings)                            # [A, B, L, D]
         ring_slots = None if cache is None else kv_cache.cache_length(cache)
-        new_cache = None if cache is None else {kv_cache.END_INDEX: end_index + jnp.sum(
-            valid, axis=-1, dtype=jnp.int32)}
+        new_cache = None if cache is None else {kv_cache.END_INDEX: inputs.end_index + jnp.sum(
+            query.valid, axis=-1, dtype=jnp.int32)}
         contexts: dict[int, KVContext] = {}
         sources = cfg.kv_source_layers()
         # Past the last layer that computes K/V, only the last token's output is ever read:
         # that layer computes K/V for every token and the rest for the last one only.
         last_owner = max(i for i in range(cfg.num_layers) if sources[i] == i)
-        last = last_valid_index(valid)
+        last = last_valid_index(query.valid)
         for i, block in enumerate(self.blocks):
             owns = sources[i] == i
-            select = return_last_only and i == last_owner
+            select = last_only and i == last_owner
             entry = None if cache is None or not owns else cache[kv_cache.layer_key(i)]
-            streams, context, new_entry = block(
-                streams, per_layer[:, :, i], query,
-                shared_kv=None if owns else contexts[sources[i]],
-                cache_entry=entry, end_index=end_index,
+            call = LayerCall(
+                shared_kv=None if owns else contexts[sources[i]], cache_entry=entry,
+                end_index=inputs.end_index,
                 ring=entry is not None and entry['k'].shape[1] < ring_slots,
-                user_mask=attention_mask, query_rows=last if select else None)
+                user_mask=user_mask, query_rows=last if select else None)
+            streams, context, new_entry = block(streams, per_layer[:, :, i], query, call)
             if owns:
                 contexts[i] = context
                 if new_entry is not None:
                     new_cache[kv_cache.layer_key(i)] = new_entry
             if select:
                 per_layer, query = take_rows(per_layer, last), query.take(last)
-                attention_mask = None if attention_mask is None else take_rows(attention_mask, last)
+                user_mask = None if user_mask is None else take_rows(user_mask, last)
+        return streams, new_cache
 
+    def _head(self, streams: jax.Array, inputs: Inputs, last_only: bool
+              ) -> tuple[jax.Array, jax.Array]:
+        """streams [A, B, L, D] -> (float32 logits [*B, L, V], final hidden states [*B, L, D]).
+
+        The AltUp fan-in, the final norm, the tied unembedding and the soft cap; with
+        `last_only` the one row per sequence ([*B, V], [*B, D]); with images, one row per
+        input token (see `multimodal.expand_tokens`).
+        """
         hidden = self.final_norm(self._fan_in(streams))
         logits = self.embedder.decode(hidden).astype(jnp.float32)
-        if cfg.final_logit_softcap is not None:
-            cap = cfg.final_logit_softcap
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
             logits = jnp.tanh(logits / cap) * cap
-        if return_last_only:
+        if last_only:
             logits, hidden = logits[:, 0], hidden[:, 0]
-        elif text_index is not None:
-            # One output per input token, the reference's rows (see `multimodal.expand_tokens`).
-            logits = jnp.take_along_axis(logits, text_index[:, :, None], axis=1)
-            hidden = jnp.take_along_axis(hidden, text_index[:, :, None], axis=1)
-        out_shape = tuple(batch_shape) + logits.shape[1:]
-        return Output(
-            logits=logits.reshape(out_shape),
-            cache=new_cache,
-            hidden_states=(hidden.reshape(tuple(batch_shape) + hidden.shape[1:])
-                           if return_hidden_states else None),
-        )
+        elif inputs.text_index is not None:
+            rows = inputs.text_index[:, :, None]
+            logits = jnp.take_along_axis(logits, rows, axis=1)
+            hidden = jnp.take_along_axis(hidden, rows, axis=1)
+        return (logits.reshape(inputs.batch_shape + logits.shape[1:]),
+                hidden.reshape(inputs.batch_shape + hidden.shape[1:]))
 
     @property
     def has_vision(self) -> bool:
         """Whether the model takes images (SigLIP, or the released towers' MobileNet-V5)."""
-        towers = None if self.text_only else self.config.towers
-        return self.vision_encoder_config is not None or (
-            towers is not None and towers.vision is not None)
-
-    @property
-    def vision_encoder_config(self) -> Any:
-        """The SigLIP encoder this model runs, or None."""
-        return None if self.text_only else self.config.vision_encoder
+        return not self.text_only and multimodal.image_block(self.config) is not None
 
     @property
     def has_audio(self) -> bool:
-        towers = None if self.text_only else self.config.towers
-        return towers is not None and towers.audio is not None
+        return not self.text_only and multimodal.audio_block(self.config) is not None
 
     def image_channels(self) -> int:
         towers = self.config.towers
@@ -347,14 +409,13 @@ class Gemma3nTransformer(nn.Module):
     def _extra_token_ids(self, expanded: bool) -> tuple[int, ...]:
         """Ids beyond the text vocabulary the tokens may hold: markers, and the placeholders of
         already expanded tokens (SigLIP's), or every hard token of the released towers."""
-        extra = IMAGE_MARKER_IDS
+        extra = special_ids.IMAGE_MARKER_IDS
         towers = None if self.text_only else self.config.towers
         if towers is not None:
-            for ids in (towers.image_ids, towers.audio_ids):
-                extra += (ids.marker,)
+            extra += (towers.image_ids.marker, towers.audio_ids.marker)
             extra += tuple(range(self.config.num_embed, towers.hard_token_end))
-        if expanded and self.vision_encoder_config is not None:
-            extra += (special_tokens.IMAGE_PLACEHOLDER,)
+        if expanded and not self.text_only and self.config.vision_encoder is not None:
+            extra += (special_ids.IMAGE_PLACEHOLDER,)
         return extra
 
     def encode_images(self, images: jax.Array) -> jax.Array:

@@ -12,6 +12,7 @@ from gemma3n import Gemma3nTransformer, Sampler
 from gemma3n import multimodal
 from gemma3n.attention import KVContext, QueryInfo, attention_mask
 from gemma3n.config import AttentionType
+from gemma3n.layers import special_ids as sid
 from gemma3n.text import special_tokens as st
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
@@ -20,7 +21,7 @@ from hf_oracle import small_configs
 
 SOFT = 4                                   # soft tokens per image of the small encoder
 BLOCK = SOFT + 4
-SOI = st.START_OF_IMAGE
+SOI = sid.START_OF_IMAGE
 IMAGE_SIZE = 112
 VIT_WIDTH = 48                             # not the text width (32): the projection changes it
 
@@ -133,7 +134,7 @@ def test_logits_are_the_reference_rows_of_the_expanded_sequence(mm_apply, image_
     prefixes: dict[int, list] = {2: [(b, None, list(row)) for b, row in enumerate(tokens)]}
     for b, row in enumerate(tokens):
         for i in np.flatnonzero(row):
-            prefix = list(row[:i + 1]) if row[i] != SOI else list(row[:i]) + [st.DOUBLE_NEWLINE]
+            prefix = list(row[:i + 1]) if row[i] != SOI else list(row[:i]) + [sid.DOUBLE_NEWLINE]
             prefixes.setdefault(prefix.count(SOI), []).append((b, i, prefix))
     expected = np.full_like(full, np.nan)
     last_only = np.full_like(full[:, 0], np.nan)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from gemma3n import Gemma3nTransformer, Sampler
+from gemma3n.layers import special_ids as sid
 from gemma3n.text import special_tokens as st
 from gemma3n.text.prefill import MIN_PREFILL_BUCKET, chunk_width, cut_points, plan_chunks
 from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
@@ -25,7 +26,7 @@ CHUNK_TOL = 1e-5
 WINDOW = 8                                   # small_configs' sliding window
 NEW_TOKENS = 6                               # decode steps after the prefill, reading its cache
 ONE_SHOT = 128                               # a chunk longer than every prompt here
-SOI = st.START_OF_IMAGE
+SOI = sid.START_OF_IMAGE
 SOFT = 4                                     # soft tokens per image of the small encoder
 
 
@@ -134,8 +135,8 @@ def test_plan_cuts_each_sequence_on_its_own():
 
 
 def test_cuts_keep_image_runs_whole():
-    row = np.array([2, 5, 6, st.DOUBLE_NEWLINE, SOI] + [st.IMAGE_PLACEHOLDER] * SOFT
-                   + [st.END_OF_IMAGE, 7, 8, 9, 10, 11])
+    row = np.array([2, 5, 6, sid.DOUBLE_NEWLINE, SOI] + [sid.IMAGE_PLACEHOLDER] * SOFT
+                   + [sid.END_OF_IMAGE, 7, 8, 9, 10, 11])
     # A cut at 6 or at 8 would split the run [5, 9): it moves back to 5.
     assert cut_points(row, 6) == [5, 11, 15]
     assert cut_points(row, 8) == [5, 13, 15]

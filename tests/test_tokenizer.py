@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from gemma3n.layers import special_ids as sid
 from gemma3n.text import special_tokens as st
 from gemma3n.text.tokenizer import StreamDecoder, Tokenizer, default_tokenizer_path
 
@@ -96,7 +97,7 @@ def test_encode_speaks_gemma_ids_and_decode_maps_back(tokenizer, processor):
     sp_to_gemma = {processor.piece_to_id(piece): gemma_id
                    for piece, gemma_id in st.IMAGE_SPECIAL_TOKENS.items()}
     assert ids == [sp_to_gemma.get(i, i) for i in processor.encode(text)]
-    assert st.START_OF_IMAGE in ids and st.END_OF_IMAGE in ids and st.START_OF_TURN in ids
+    assert sid.START_OF_IMAGE in ids and sid.END_OF_IMAGE in ids and st.START_OF_TURN in ids
     assert tokenizer.decode(ids) == text
     assert tokenizer.decode(np.array(ids, dtype=np.int32)) == text
 
@@ -114,7 +115,7 @@ def test_bos(tokenizer):
     assert tokenizer.decode(ids) == text
     # BOS is a control piece: it is never parsed from text.
     assert st.BOS not in tokenizer.encode(st.BOS_PIECE)
-    assert tokenizer.decode([st.BOS, st.EOS, st.PAD]) == ""
+    assert tokenizer.decode([st.BOS, st.EOS, sid.PAD]) == ""
 
 
 def test_batch_forms(tokenizer):
@@ -131,7 +132,7 @@ def test_encode_rejects_non_text(tokenizer):
         tokenizer.encode_batch(["a", 3])
 
 
-@pytest.mark.parametrize("bad_id", [VOCAB_SIZE, st.START_OF_IMAGE - 1, -1, st.IMAGE_PLACEHOLDER])
+@pytest.mark.parametrize("bad_id", [VOCAB_SIZE, sid.START_OF_IMAGE - 1, -1, sid.IMAGE_PLACEHOLDER])
 def test_decode_rejects_ids_outside_the_vocabulary(tokenizer, bad_id):
     with pytest.raises(ValueError, match=f"token id {bad_id} is not in the vocabulary"):
         tokenizer.decode([5, bad_id])
@@ -166,9 +167,9 @@ def test_text_only_tokenizer(model_dir):
     without_images = [s for s in TOOL.USER_DEFINED_SYMBOLS if s not in st.IMAGE_SPECIAL_TOKENS]
     tokenizer = Tokenizer(_train(model_dir, "text_only", without_images))
     assert not tokenizer.has_image_tokens
-    assert st.START_OF_IMAGE not in tokenizer.encode(st.START_OF_IMAGE_PIECE)
+    assert sid.START_OF_IMAGE not in tokenizer.encode(st.START_OF_IMAGE_PIECE)
     with pytest.raises(ValueError, match="token id 255999"):
-        tokenizer.decode([st.START_OF_IMAGE])
+        tokenizer.decode([sid.START_OF_IMAGE])
 
 
 def test_half_of_the_image_pieces(model_dir):
@@ -235,7 +236,7 @@ def test_stream_matches_decode_on_random_ids(request, which):
     rng = random.Random(0)
     spaces = [tokenizer.piece_to_id(p) for p in ("▁", "▁the", "▁a")]
     bytes_ = [tokenizer.piece_to_id(f"<0x{b:02X}>") for b in (0xE4, 0xB8, 0xAD, 0xF0, 0x9F, 0x41)]
-    specials = [st.BOS, st.EOS, st.PAD, st.START_OF_TURN, st.END_OF_TURN, st.START_OF_IMAGE]
+    specials = [st.BOS, st.EOS, sid.PAD, st.START_OF_TURN, st.END_OF_TURN, sid.START_OF_IMAGE]
     # Random ids, biased towards the cases that break naive streaming: leading-space pieces,
     # partial UTF-8 byte sequences and invisible control tokens.
     pools = [list(range(tokenizer.vocab_size)), spaces, bytes_, specials]
@@ -261,7 +262,7 @@ def test_shipped_asset():
     assert 2000 <= tokenizer.vocab_size <= TOOL.VOCAB_SIZE
     assert tokenizer.has_image_tokens
     expected = {**st.REQUIRED_SPECIAL_TOKENS, **st.IMAGE_SPECIAL_TOKENS,
-                st.DOUBLE_NEWLINE_PIECE: st.DOUBLE_NEWLINE}
+                st.DOUBLE_NEWLINE_PIECE: sid.DOUBLE_NEWLINE}
     assert {piece: tokenizer.piece_to_id(piece) for piece in expected} == expected
     for text in ROUND_TRIP_TEXTS:
         assert tokenizer.decode(tokenizer.encode(text, add_bos=True)) == text

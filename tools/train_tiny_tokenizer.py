@@ -20,6 +20,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from gemma3n.text import chat_format
+from gemma3n.layers import special_ids as sid
 from gemma3n.text import special_tokens as st
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "gemma3n" / "assets" / "tokenizer.model"
@@ -333,7 +334,7 @@ def train_tokenizer(sentences: Iterable[str], vocab_size: int = VOCAB_SIZE,
         hard_vocab_limit=False,
         byte_fallback=True,
         character_coverage=1.0,
-        pad_id=st.PAD, eos_id=st.EOS, bos_id=st.BOS, unk_id=st.UNK,
+        pad_id=sid.PAD, eos_id=st.EOS, bos_id=st.BOS, unk_id=st.UNK,
         pad_piece=st.PAD_PIECE, eos_piece=st.EOS_PIECE, bos_piece=st.BOS_PIECE,
         unk_piece=st.UNK_PIECE,
         user_defined_symbols=list(user_defined_symbols),

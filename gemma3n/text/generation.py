@@ -15,19 +15,16 @@ import numpy as np
 
 from gemma3n import cache as kv_cache
 from gemma3n import multimodal, validation
-from gemma3n.text import special_tokens
+from gemma3n.layers import special_ids
 from gemma3n.text.prefill import check_memory
 from gemma3n.text.sampling import SamplingMethod
-# Read when called: the towers module may still be loading (see gemma3n.text.media).
-from gemma3n import towers as model_towers
+from gemma3n.towers import check_audio
 
 if TYPE_CHECKING:
     from gemma3n.text.sampler import Sampler
 
 # What the compiled functions return instead of a token when a sequence's logits hold NaN/Inf.
 NON_FINITE_LOGITS = -1
-# Ids a prompt may hold beyond the vocabulary: the image markers (expanded before embedding).
-PROMPT_EXTRA_IDS = (special_tokens.START_OF_IMAGE, special_tokens.END_OF_IMAGE)
 
 
 @dataclasses.dataclass
@@ -105,7 +102,7 @@ class Generation:
         vocab_size = sampler.model.config.num_embed
         self.stop = validation.token_ids('stop_tokens', stop_tokens, vocab_size)
         self.sampler = sampler
-        rows = validation.prompt_rows(prompt_tokens, vocab_size, PROMPT_EXTRA_IDS)
+        rows = validation.prompt_rows(prompt_tokens, vocab_size, special_ids.IMAGE_MARKER_IDS)
         batch = len(rows)
         if state is not None:
             if kv_cache.is_deleted(state.cache):
@@ -178,7 +175,7 @@ class Generation:
         if block is None:
             raise ValueError('This model has no audio tower: audio cannot be passed.')
         counts = np.array([multimodal.count_image_markers(row, block[0].marker) for row in rows])
-        return model_towers.check_audio(audio, counts, len(rows), sampler.model.config.towers.audio)
+        return check_audio(audio, counts, len(rows), sampler.model.config.towers)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         sampler = self.sampler
@@ -187,7 +184,7 @@ class Generation:
             # new cache and its token are recorded, so a stopped run still has a usable state.
             with _interrupts_deferred():
                 if step:
-                    fed = np.where(self.done, special_tokens.PAD,
+                    fed = np.where(self.done, special_ids.PAD,
                                    self.tokens[:, -1]).astype(np.int32)
                     token, logits, self.cache = sampler._step(
                         sampler.params, jnp.asarray(fed), self.cache,
@@ -207,7 +204,7 @@ class Generation:
 
     def _record(self, token: jax.Array, logits: jax.Array, step: int) -> np.ndarray:
         """Appends one step's tokens [B] (PAD for sequences already stopped); returns them."""
-        new = np.where(self.done, special_tokens.PAD, np.asarray(token)).astype(np.int32)
+        new = np.where(self.done, special_ids.PAD, np.asarray(token)).astype(np.int32)
         self._check_finite(new, step)
         self.tokens = np.concatenate([self.tokens, new[:, None]], axis=1)
         if self.keep_logits:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -27,13 +27,9 @@ from gemma3n.audio.audio_file import load_audio, prepare_audio
 from gemma3n.audio.features import SAMPLE_RATE, log_mel_features
 from gemma3n.text.special_tokens import BOS, START_OF_AUDIO_PIECE, START_OF_IMAGE_PIECE
 from gemma3n.text.tokenizer import Tokenizer
-# The model's modules import text.special_tokens, which runs this package's __init__: the towers
-# module may still be loading here, so its names are read when called.
-from gemma3n import towers as model_towers
+from gemma3n.towers import AudioInput
+from gemma3n.towers_config import TowersConfig
 from gemma3n.vision.mobilenet.preprocess import resize_image
-
-if TYPE_CHECKING:
-    from gemma3n.towers_config import TowersConfig
 
 ClipLike = str | os.PathLike | np.ndarray | tuple[np.ndarray, int]
 _MARKERS = re.compile(f'({re.escape(START_OF_IMAGE_PIECE)}|{re.escape(START_OF_AUDIO_PIECE)})')
@@ -72,7 +68,7 @@ def load_clip(item: ClipLike) -> np.ndarray:
     return prepare_audio(item, SAMPLE_RATE)
 
 
-def audio_input(clips: Sequence[Sequence[ClipLike]]) -> model_towers.AudioInput:
+def audio_input(clips: Sequence[Sequence[ClipLike]]) -> AudioInput:
     """One list of clips per prompt (all the same length) -> AudioInput [B, M, T, 128]."""
     counts = {len(items) for items in clips}
     if len(counts) != 1:
@@ -81,5 +77,5 @@ def audio_input(clips: Sequence[Sequence[ClipLike]]) -> model_towers.AudioInput:
     loaded = [load_clip(item) for items in clips for item in items]
     mel, valid = log_mel_features(loaded)
     count = counts.pop()
-    return model_towers.AudioInput(mel.reshape((len(clips), count) + mel.shape[1:]),
+    return AudioInput(mel.reshape((len(clips), count) + mel.shape[1:]),
                       valid.reshape(len(clips), count, -1))

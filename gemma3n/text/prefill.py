@@ -28,7 +28,7 @@ import numpy as np
 
 from gemma3n import memory, multimodal
 from gemma3n.config import TransformerConfig
-from gemma3n.text import special_tokens
+from gemma3n.layers import special_ids
 
 DEFAULT_PREFILL_CHUNK = 512
 MIN_PREFILL_BUCKET = 16   # a last chunk is padded to a power of two at least this long
@@ -55,7 +55,7 @@ def chunk_width(longest: int, chunk_length: int) -> int:
 def cut_points(row: np.ndarray, chunk_length: int) -> list[int]:
     """Ends of the chunks of one sequence [L]: each at most `chunk_length` after the previous
     one, moved back to the start of a run of image placeholders it would split."""
-    is_soft = row == special_tokens.IMAGE_PLACEHOLDER
+    is_soft = row == special_ids.IMAGE_PLACEHOLDER
     ends, start = [], 0
     while start < len(row):
         end = min(start + chunk_length, len(row))

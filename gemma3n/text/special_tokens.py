@@ -1,8 +1,10 @@
 """The Gemma 3n special token ids and the SentencePiece pieces that carry them.
 
-These ids are what the model sees: the embedding rows, the stop tokens of the sampler and the
-image merge all use them. `Tokenizer` always speaks these ids, even for a small SentencePiece
-model whose own ids for the pieces differ (see `gemma3n.text.tokenizer`).
+These ids are what the model sees: the embedding rows and the sampler's stop tokens use them.
+The ids the model itself acts on (padding, the image block) are defined below the model, in
+`gemma3n.layers.special_ids`; this module names their pieces. `Tokenizer` always speaks these
+ids, even for a small SentencePiece model whose own ids for the pieces differ (see
+`gemma3n.text.tokenizer`).
 
 Example:
     >>> from gemma3n.text import special_tokens as st
@@ -13,22 +15,13 @@ Example:
 from types import MappingProxyType
 from typing import Mapping
 
-PAD = 0
+from gemma3n.layers import special_ids
+
 EOS = 1
 BOS = 2
 UNK = 3
 START_OF_TURN = 105
 END_OF_TURN = 106
-# "\n\n": the model inserts it before and after every image block.
-DOUBLE_NEWLINE = 108
-START_OF_IMAGE = 255999
-END_OF_IMAGE = 256000
-
-# The id of the soft-token slots of an image after the model expands each `<start_of_image>`
-# into "\n\n <start_of_image> [256 slots] <end_of_image> \n\n". The model overwrites the slots'
-# embeddings with the image's soft tokens and never looks them up in the embedding table. The id
-# is negative so it can never collide with a vocabulary id and never comes out of a tokenizer.
-IMAGE_PLACEHOLDER = -2
 
 PAD_PIECE = "<pad>"
 EOS_PIECE = "<eos>"
@@ -45,7 +38,7 @@ END_OF_IMAGE_PIECE = "<end_of_image>"
 
 # Pieces every usable tokenizer must have, with the Gemma id each must be spoken as.
 REQUIRED_SPECIAL_TOKENS: Mapping[str, int] = MappingProxyType({
-    PAD_PIECE: PAD,
+    PAD_PIECE: special_ids.PAD,
     EOS_PIECE: EOS,
     BOS_PIECE: BOS,
     UNK_PIECE: UNK,
@@ -55,6 +48,6 @@ REQUIRED_SPECIAL_TOKENS: Mapping[str, int] = MappingProxyType({
 
 # Pieces only needed for images; a tokenizer without them is text-only.
 IMAGE_SPECIAL_TOKENS: Mapping[str, int] = MappingProxyType({
-    START_OF_IMAGE_PIECE: START_OF_IMAGE,
-    END_OF_IMAGE_PIECE: END_OF_IMAGE,
+    START_OF_IMAGE_PIECE: special_ids.START_OF_IMAGE,
+    END_OF_IMAGE_PIECE: special_ids.END_OF_IMAGE,
 })
