@@ -26,6 +26,7 @@ import math
 import re
 from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
 
+import flax.linen as nn
 import ml_dtypes
 import numpy as np
 
@@ -278,13 +279,14 @@ def mapping_entries(config: TransformerConfig, *, hf_vocab_size: int | None = No
 # --- tree helpers -----------------------------------------------------------------------------------
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dict -> {'a/b/c': leaf}."""
+    """Nested dict -> {'a/b/c': leaf}; leaves declared with logical axes (the towers', boxed by
+    `init`) are unboxed."""
     flat = {}
     for name, value in params.items():
         if isinstance(value, Mapping):
             flat.update({f'{name}/{sub}': leaf for sub, leaf in flatten_params(value).items()})
         else:
-            flat[name] = value
+            flat[name] = value.unbox() if isinstance(value, nn.meta.AxisMetadata) else value
     return flat
 
 

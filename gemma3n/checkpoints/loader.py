@@ -34,7 +34,10 @@ from gemma3n.embedder import PER_LAYER_TABLE
 from gemma3n.validation import check_finite
 
 # Parameters of the vision path (docs/architecture.md §5); a text-only model has none of them.
-VISION_PREFIXES = ('vision_encoder/', 'embedder/mm_', 'towers/')
+SIGLIP_PREFIXES = ('vision_encoder/', 'embedder/mm_')
+# The released towers (MobileNet-V5, audio) and their embedders: `Gemma3nTransformer.towers`.
+TOWERS_PREFIX = 'towers/'
+VISION_PREFIXES = SIGLIP_PREFIXES + (TOWERS_PREFIX,)
 PER_LAYER_TABLE_PATH = f'embedder/{PER_LAYER_TABLE}'
 # What `checkpoint_format` recognises.
 HF_FORMAT, ORBAX_FORMAT, NATIVE_FORMAT = 'Hugging Face', 'Orbax', 'gemma3n native'
@@ -134,7 +137,7 @@ def has_vision_encoder(path: str | os.PathLike) -> bool:
     if checkpoint == HF_FORMAT:
         return False
     names = orbax_catalog(path) if checkpoint == ORBAX_FORMAT else SafetensorsFiles([path]).keys()
-    return any(name.startswith(VISION_PREFIXES) for name in names)
+    return any(name.startswith(SIGLIP_PREFIXES) for name in names)
 
 
 def model_config(model: Any) -> tuple[TransformerConfig | None, bool]:

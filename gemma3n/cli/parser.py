@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
         help='layers, parameter counts and memory of a model',
         description='Describe a model: its layers, parameter counts, the memory of its weights '
                     'in --dtype and of its KV cache for --context positions.')
+    info.add_argument('--checkpoint', metavar='PATH',
+                      help='describe the model a Hugging Face checkpoint\'s config.json describes '
+                           '(its released vision and audio towers included); no weights are read')
     info.set_defaults(run=run_info)
     parser.commands = commands.choices
     return parser
