@@ -1,6 +1,7 @@
 """The command with a released-towers checkpoint (issue 16): a small random
 `Gemma3nForConditionalGeneration` saved with `save_pretrained` (released_oracle.py) answers
-`--image` and `--audio` prompts, and bad audio input gets one clear line."""
+`--image` and `--audio` prompts, bad audio input gets one clear line, and `info` lists the
+towers."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import numpy as np
 import pytest
 import soundfile
 from PIL import Image
+from safetensors import safe_open
 
 from cli_runner import assert_usage_error, cli_env, run_cli
+from gemma3n.checkpoints.hf_towers import TOWER_PREFIXES
 from gemma3n.text.tokenizer import default_tokenizer_path
 from released_oracle import make_hf_model, save_checkpoint
 from test_audio_features import tone_and_noise
@@ -74,3 +77,19 @@ def test_too_long_audio_says_what_is_kept(env, files):
     assert any('31.0 s long' in line and 'keeping the first 30 s' in line for line in lines)
     assert result.returncode != 0 and 'Traceback' not in result.stderr
     assert 'audio soft tokens' in lines[-1] and 'takes 8 per clip' in lines[-1]
+
+
+def test_info_lists_the_towers_and_their_sizes(env, files):
+    result = run_cli(env, 'info', '--checkpoint', str(files['checkpoint']), '--dtype', 'float32')
+    assert result.returncode == 0, result.stderr
+    with safe_open(files['checkpoint'] / 'model.safetensors', 'np') as stored:
+        sizes = {prefix: sum(int(np.prod(stored.get_slice(key).get_shape()))
+                             for key in stored.keys() if key.startswith(prefix))
+                 for prefix in TOWER_PREFIXES}
+    lines = result.stdout.splitlines()
+    for title, prefix in (('vision tower (MobileNet-V5)', 'model.vision_tower.'),
+                          ('vision embedder', 'model.embed_vision.'),
+                          ('audio tower (conformer)', 'model.audio_tower.'),
+                          ('audio embedder', 'model.embed_audio.')):
+        line = next(line for line in lines if line.strip().startswith(title))
+        assert line.split()[-1] == f'{sizes[prefix]:,}', line

@@ -9,6 +9,7 @@ the token stream (positions, hard tokens, audio padding, per-layer inputs) and t
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -17,18 +18,22 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+import transformers
 from PIL import Image
 
+from gemma3n import multimodal
 from gemma3n.audio import log_mel_features
 from gemma3n.audio.audio_file import AudioInputError
 from gemma3n.checkpoints import load_params
 from gemma3n.checkpoints.hf_towers import model_config_from_hf, towers_config_from_hf
 from gemma3n.checkpoints.safetensors_hf import HFSoftcapWarning
-from gemma3n.multimodal import block_tokens
+from gemma3n.models import e4b_config
+from gemma3n.multimodal import BlockIds
 from gemma3n.text.sampler import Sampler
 from gemma3n.text.special_tokens import BOS
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.towers import AudioInput
+from gemma3n.towers_config import TowersConfig
 from gemma3n.transformer import Gemma3nTransformer
 from released_oracle import (AUDIO_SOFT_TOKENS, BOA, BOI, HF_VOCAB, TEXT_VOCAB, make_hf_model,
                              save_checkpoint)
@@ -77,8 +82,10 @@ def inputs(seed: int = 0):
 
 def hf_input_ids(tokens: np.ndarray, towers) -> np.ndarray:
     """The processor's expansion of each marker into its block."""
-    blocks = {towers.image_ids.marker: block_tokens(towers.image_soft_tokens, towers.image_ids),
-              towers.audio_ids.marker: block_tokens(towers.audio_soft_tokens, towers.audio_ids)}
+    blocks = {towers.image_ids.marker: multimodal.block_tokens(towers.image_soft_tokens,
+                                                               towers.image_ids),
+              towers.audio_ids.marker: multimodal.block_tokens(towers.audio_soft_tokens,
+                                                               towers.audio_ids)}
     return np.stack([np.concatenate([blocks.get(t, [t]) for t in row]) for row in tokens])
 
 
@@ -123,7 +130,6 @@ def test_logits_match_transformers(checkpoint, ours):
 
 def _text_index(model, tokens):
     """Where each text token lands after both expansions (images first, then audio)."""
-    from gemma3n import multimodal
     towers = model.config.towers
     expanded, first, _ = multimodal.expand_tokens(tokens, 1, towers.image_soft_tokens,
                                                   towers.image_ids)
@@ -162,3 +168,32 @@ def test_sample_takes_image_and_audio_files(ours, tmp_path):
     assert ids[:3] == [BOS, BOI, BOA]
     with pytest.raises(AudioInputError, match='not an audio file'):
         sampler.sample('Hi', audio=[image], max_new_tokens=1)
+
+
+def test_released_config_from_hf_defaults():
+    """transformers' default Gemma3nConfig is the released E4B: our released TowersConfig."""
+    assert towers_config_from_hf(transformers.Gemma3nConfig().to_dict()) == TowersConfig()
+    audio_only = {k: v for k, v in transformers.Gemma3nConfig().to_dict().items()
+                  if k != 'vision_config'}
+    assert towers_config_from_hf(audio_only).vision is None
+
+
+def test_bad_configs_and_inputs_are_refused(ours):
+    with pytest.raises(ValueError, match='needs a vision or an audio tower'):
+        TowersConfig(vision=None, audio=None)
+    with pytest.raises(ValueError, match="placeholder id\\(s\\) must be hard tokens"):
+        TowersConfig(image_ids=BlockIds(marker=255_999, placeholder=7, end=262_144))
+    with pytest.raises(ValueError, match='one vision tower'):
+        dataclasses.replace(e4b_config(), towers=TowersConfig())
+    model, params = ours
+    tokens, images, audio = inputs()
+    audio_only = model.clone(config=dataclasses.replace(
+        model.config, towers=dataclasses.replace(model.config.towers, vision=None)))
+    with pytest.raises(ValueError, match='does not have vision encoder'):
+        audio_only.apply({'params': params}, tokens, images=images, audio=audio)
+    with pytest.raises(ValueError, match='has no audio tower'):
+        model.clone(text_only=True).apply({'params': params}, tokens, audio=audio)
+    with pytest.raises(ValueError, match=r'marker counts \[1, 1\]'):
+        model.apply({'params': params}, tokens, images=images,
+                    audio=AudioInput(np.concatenate([audio.mel] * 2, 1),
+                                     np.concatenate([audio.valid] * 2, 1)))
