@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma3n.layers import Einsum, RMSNorm, guard
+from gemma3n.layers import Einsum, RMSNorm, declare, guard
+from gemma3n.layers.axes import ALTUP, ALTUP_SOURCE, EMBED, MODALITIES
 
 # The reference fixes the router's number of modalities at 4, independent of the stream count.
 NUM_MODALITIES = 4
@@ -41,16 +42,20 @@ class AltUp(nn.Module):
     serving: bool = False
 
     def setup(self):
-        self.router_norm_layer = RMSNorm(guard_precision=self.guard_precision, dtype=self.dtype)
-        self.modality_router = Einsum(
-            (self.features, NUM_MODALITIES), 0, 1, dtype=self.dtype, serving=self.serving)
+        self.router_norm_layer = RMSNorm(guard_precision=self.guard_precision, dtype=self.dtype,
+                                         axis_name=EMBED)
+        self.modality_router = Einsum((self.features, NUM_MODALITIES), (EMBED, MODALITIES), 0, 1,
+                                      dtype=self.dtype, serving=self.serving)
         a, m = self.num_inputs, NUM_MODALITIES
-        self.prediction_coefs = self.param(
-            'prediction_coefs', nn.initializers.zeros, (m, a, a), self.dtype)
-        self.correction_coefs = self.param(
-            'correction_coefs', nn.initializers.zeros, (m, a), self.dtype)
-        self.correct_output_scale = self.param(
-            'correct_output_scale', nn.initializers.ones, (self.features,), self.dtype)
+        # The coefficients mix streams with plain einsums (after clipping): not projections, but
+        # their fan-in is the router's output.
+        self.prediction_coefs = declare(self, 'prediction_coefs', (m, a, a),
+                                        (MODALITIES, ALTUP, ALTUP_SOURCE), nn.initializers.zeros,
+                                        self.dtype, in_axes=(0,))
+        self.correction_coefs = declare(self, 'correction_coefs', (m, a), (MODALITIES, ALTUP),
+                                        nn.initializers.zeros, self.dtype, in_axes=(0,))
+        self.correct_output_scale = declare(self, 'correct_output_scale', (self.features,),
+                                            (EMBED,), nn.initializers.ones, self.dtype)
 
     def _clip(self, coefs: jax.Array) -> jax.Array:
         coefs = coefs.astype(jnp.float32)

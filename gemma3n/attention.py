@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from gemma3n import cache as kv_cache
 from gemma3n.config import AttentionType, TransformerConfig
 from gemma3n.layers import Einsum, RMSNorm, apply_rope, dot, guard
+from gemma3n.layers.axes import EMBED, HEAD_DIM, KV, KV_HEADS, Q_HEADS
 
 # Large negative logit for masked keys (finite, so a fully masked row stays NaN-free).
 MASKED_LOGIT = -2.3819763e38
@@ -147,22 +148,22 @@ class Attention(nn.Module):
         if call.query_rows is not None:
             x_q, q_info = take_rows(x, call.query_rows), query.take(call.query_rows)
             user_mask = None if user_mask is None else take_rows(user_mask, call.query_rows)
-        q = Einsum((n, d, h), 1, 2, (0,), dtype=self.dtype, serving=self.serving,
-                   name='q_einsum')('BTD,NDH->BTNH', x_q)
+        q = Einsum((n, d, h), (Q_HEADS, EMBED, HEAD_DIM), 1, 2, dtype=self.dtype,
+                   serving=self.serving, name='q_einsum')('BTD,NDH->BTNH', x_q)
         if cfg.use_qk_norm:
             q = RMSNorm(with_scale=cfg.qk_norm_with_scale, guard_precision=guard_on,
-                        dtype=self.dtype, name='query_norm')(q)
+                        dtype=self.dtype, axis_name=HEAD_DIM, name='query_norm')(q)
         q = apply_rope(q, q_info.positions, **rope)
         q = q * jnp.asarray(cfg.query_pre_attn_scalar(), q.dtype)
 
         new_entry = None
         if self.owns_kv:
-            kv = Einsum((2, k, d, h), 2, 3, (0, 1), dtype=self.dtype, serving=self.serving,
-                        name='kv_einsum')('BSD,CKDH->CBSKH', x)
+            kv = Einsum((2, k, d, h), (KV, KV_HEADS, EMBED, HEAD_DIM), 2, 3, dtype=self.dtype,
+                        serving=self.serving, name='kv_einsum')('BSD,CKDH->CBSKH', x)
             keys, values = kv[0], kv[1]
             if cfg.use_qk_norm:
                 keys = RMSNorm(with_scale=cfg.qk_norm_with_scale, guard_precision=guard_on,
-                               dtype=self.dtype, name='key_norm')(keys)
+                               dtype=self.dtype, axis_name=HEAD_DIM, name='key_norm')(keys)
             if cfg.use_value_norm:
                 values = RMSNorm(with_scale=False, guard_precision=guard_on,
                                  dtype=self.dtype, name='value_norm')(values)
@@ -188,8 +189,8 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(context.values.dtype)
         encoded = dot('BKGTS,BSKH->BTKGH', probs, context.values)
         encoded = encoded.reshape(b, t, n, h).astype(x.dtype)
-        out = Einsum((n, h, d), (0, 1), 2, dtype=self.dtype, serving=self.serving,
-                     name='attn_vec_einsum')('BTNH,NHD->BTD', encoded)
+        out = Einsum((n, h, d), (Q_HEADS, HEAD_DIM, EMBED), (0, 1), 2, dtype=self.dtype,
+                     serving=self.serving, name='attn_vec_einsum')('BTNH,NHD->BTD', encoded)
         return out, context, new_entry
 
 

@@ -14,6 +14,7 @@ from gemma3n.config import TransformerConfig
 from gemma3n.ffn import FeedForward
 from gemma3n.laurel import Laurel
 from gemma3n.layers import RMSNorm
+from gemma3n.layers.axes import EMBED
 from gemma3n.per_layer import PerLayerMapping
 
 INV_SQRT2 = 2 ** -0.5   # LAuReL and attention outputs are averaged in RMS: (o + l) / √2
@@ -50,7 +51,7 @@ class Block(nn.Module):
         guard_on = cfg.guard_against_excess_precision
 
         def norm(name):
-            return RMSNorm(guard_precision=guard_on, dtype=self.dtype, name=name)
+            return RMSNorm(guard_precision=guard_on, dtype=self.dtype, axis_name=EMBED, name=name)
 
         altup = AltUp(features=cfg.embed_dim, num_inputs=cfg.num_altup_inputs,
                       coef_clip=cfg.altup_coef_clip, guard_precision=guard_on, dtype=self.dtype,

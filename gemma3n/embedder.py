@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.layers import Einsum, QuantizedWeight, RMSNorm, contract, layout_param, serving_order
+from gemma3n.layers import (Einsum, QuantizedWeight, RMSNorm, contract, declare, layout_param,
+                            serving_order)
+from gemma3n.layers.axes import EMBED, LAYERS, PER_LAYER, VISION_EMBED, VOCAB
 
 INV_SQRT2 = 2 ** -0.5   # token-derived and table per-layer inputs are averaged in RMS
 PER_LAYER_TABLE = 'per_layer_input_embedding'
@@ -52,21 +54,25 @@ class Embedder(nn.Module):
         v, d, n, p = self.vocab_size, self.embed_dim, self.num_layers, self.per_layer_dim
         # Fan-in init: rows of unit RMS after the √D input scaling.
         self.input_embedding = layout_param(
-            self, 'input_embedding', (v, d), EMBEDDING_IN_AXIS, EMBEDDING_OUT_AXIS, (), self.dtype,
-            self.serving)
+            self, 'input_embedding', (v, d), (VOCAB, EMBED), EMBEDDING_IN_AXIS, EMBEDDING_OUT_AXIS,
+            self.dtype, self.serving)
         if self.is_initializing() or self.has_variable('params', PER_LAYER_TABLE):
-            self.per_layer_input_embedding = self.param(
-                PER_LAYER_TABLE, nn.initializers.normal(p ** -0.5), (v, n, p),
-                self.dtype)
+            # A lookup table, not a projection: P is its fan-in (rows of unit RMS after √P).
+            self.per_layer_input_embedding = declare(
+                self, PER_LAYER_TABLE, (v, n, p), (VOCAB, LAYERS, PER_LAYER),
+                nn.initializers.normal(p ** -0.5), self.dtype, in_axes=(2,))
         else:
             self.per_layer_input_embedding = None
         self.per_layer_input_projection = Einsum(
-            (d, n, p), 0, (1, 2), dtype=self.dtype, serving=self.serving)
+            (d, n, p), (EMBED, LAYERS, PER_LAYER), 0, (1, 2), dtype=self.dtype,
+            serving=self.serving)
         self.per_layer_projection_norm = RMSNorm(
-            guard_precision=self.guard_precision, dtype=self.dtype)
+            guard_precision=self.guard_precision, dtype=self.dtype, axis_name=PER_LAYER)
         if self.vision_dim is not None:
-            self.mm_soft_embedding_norm = RMSNorm(scale_plus_one=True, dtype=jnp.float32)
-            self.mm_input_projection = Einsum((self.vision_dim, d), 0, 1, dtype=jnp.float32)
+            self.mm_soft_embedding_norm = RMSNorm(scale_plus_one=True, dtype=jnp.float32,
+                                                  axis_name=VISION_EMBED)
+            self.mm_input_projection = Einsum((self.vision_dim, d), (VISION_EMBED, EMBED), 0, 1,
+                                              dtype=jnp.float32, serving=self.serving)
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """tokens: [B, L] -> [B, L, D]: table rows times √D (ids outside the table clamp)."""
@@ -107,7 +113,7 @@ class Embedder(nn.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> logits [B, L, V] with the tied table."""
-        order = serving_order(EMBEDDING_IN_AXIS, EMBEDDING_OUT_AXIS) if self.serving else None
+        order = serving_order(2, (EMBEDDING_IN_AXIS,), (EMBEDDING_OUT_AXIS,)) if self.serving else None
         return contract('BTD,VD->BTV', x, self.input_embedding, order)
 
     def encode_vision(self, soft_tokens: jax.Array) -> jax.Array:

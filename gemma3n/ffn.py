@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import jax.scipy.stats
 
 from gemma3n.layers import project
+from gemma3n.layers.axes import EMBED, GATE, MLP
 
 
 def gaussian_topk(gate: jax.Array, sparsity: float) -> jax.Array:
@@ -47,14 +48,14 @@ class FeedForward(nn.Module):
         """x: [B, L, D] -> [B, L, D]."""
         f, d = self.hidden_dim, self.features
         if self.transpose_gating_einsum:
-            gate_up = project(self, 'gating_einsum', (2, f, d), 2, 1, (0,), self.dtype,
-                              self.serving, 'BTD,CFD->CBTF', x)
+            gate_up = project(self, 'gating_einsum', (2, f, d), (GATE, MLP, EMBED), 2, 1,
+                              self.dtype, self.serving, 'BTD,CFD->CBTF', x)
         else:
-            gate_up = project(self, 'gating_einsum', (2, d, f), 1, 2, (0,), self.dtype,
-                              self.serving, 'BTD,CDF->CBTF', x)
+            gate_up = project(self, 'gating_einsum', (2, d, f), (GATE, EMBED, MLP), 1, 2,
+                              self.dtype, self.serving, 'BTD,CDF->CBTF', x)
         gate, up = gate_up[0], gate_up[1]                     # [B, L, F] each
         if self.sparsity > 0.0:
             gate = gaussian_topk(gate, self.sparsity)
         hidden = nn.gelu(gate, approximate=True) * up
-        return project(self, 'linear', (f, d), 0, 1, (), self.dtype, self.serving,
+        return project(self, 'linear', (f, d), (MLP, EMBED), 0, 1, self.dtype, self.serving,
                        'BTF,FD->BTD', hidden)

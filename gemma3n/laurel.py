@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma3n.layers import Einsum
+from gemma3n.layers.axes import EMBED, LAUREL
 
 
 class Laurel(nn.Module):
@@ -24,8 +25,8 @@ class Laurel(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]."""
-        left = Einsum((self.features, self.rank), 0, 1, dtype=self.dtype, serving=self.serving,
-                      name='linear_left')
-        right = Einsum((self.rank, self.features), 0, 1, dtype=self.dtype, serving=self.serving,
-                       name='linear_right')
+        left = Einsum((self.features, self.rank), (EMBED, LAUREL), 0, 1, dtype=self.dtype,
+                      serving=self.serving, name='linear_left')
+        right = Einsum((self.rank, self.features), (LAUREL, EMBED), 0, 1, dtype=self.dtype,
+                       serving=self.serving, name='linear_right')
         return right('BTR,RD->BTD', left('BTD,DR->BTR', x))

@@ -29,21 +29,13 @@ from gemma3n.checkpoints import load_params
 from gemma3n.checkpoints.loader import PER_LAYER_TABLE_PATH
 from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
 from gemma3n.host_arrays import to_device
-from gemma3n.layers import QuantizedWeight, record_layouts
+from gemma3n.schema import model_schema
+from gemma3n.layers import QuantizedWeight
 from gemma3n.layers.einsum import INT8_MAX
 from gemma3n.transformer import Gemma3nTransformer
 
 # Weights smaller than this stay in their dtype: quantizing them saves nothing measurable.
 MIN_QUANTIZED_SIZE = 1 << 16
-
-
-def serving_orders(model: Gemma3nTransformer
-                   ) -> dict[tuple[str, ...], tuple[tuple[int, ...], int]]:
-    """{param path: (serving axis order, number of input axes)} for every projection weight."""
-    reference = model.clone(serving_layout=False)
-    with record_layouts() as found:
-        jax.eval_shape(reference.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))
-    return found
 
 
 def quantize(w: jax.Array, num_leading: int) -> QuantizedWeight:
@@ -110,7 +102,9 @@ class ServingConverter:
         if model.serving_layout:
             raise ValueError('model already uses the serving layout.')
         self.quantize_int8 = quantize_int8
-        self.orders = {'/'.join(path): layout for path, layout in serving_orders(model).items()}
+        # {path: (serving order, number of input axes)} of every projection weight.
+        self.orders = {path: (info.serving_order, len(info.in_axes))
+                       for path, info in model_schema(model).items() if info.is_projection}
 
     def quantizes(self, path: str, size: int) -> bool:
         """Whether the parameter at `path` with `size` values becomes a QuantizedWeight."""
@@ -133,12 +127,10 @@ def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool
     """Bytes of the parameters a serving load of `model` in `dtype` holds (jax.eval_shape: no
     memory used); the per-layer table only with `per_layer_table` (it is usually read lazily
     from the checkpoint file)."""
-    reference = model.clone(serving_layout=False)
-    convert = ServingConverter(reference, quantize_int8=quantize_int8)
-    shapes = jax.eval_shape(reference.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))['params']
+    convert = ServingConverter(model.clone(serving_layout=False), quantize_int8=quantize_int8)
     itemsize = np.dtype(dtype).itemsize
     total = 0
-    for path, leaf in flatten_params(shapes).items():
+    for path, leaf in model_schema(model).items():
         if path == PER_LAYER_TABLE_PATH and not per_layer_table:
             continue
         size = math.prod(leaf.shape)

@@ -17,6 +17,7 @@ from gemma3n.block import Block
 from gemma3n.config import TransformerConfig
 from gemma3n.embedder import Embedder
 from gemma3n.layers import Einsum, RMSNorm, guard, special_ids
+from gemma3n.layers.axes import EMBED, EMBED_PROJECTED
 from gemma3n.towers import AudioInput, ReleasedTowers, check_audio
 from gemma3n.validation import token_ids
 
@@ -127,18 +128,19 @@ class Gemma3nTransformer(nn.Module):
         num_extra = cfg.num_altup_inputs - 1
         d = cfg.embed_dim
         self.altup_projection = [
-            Einsum((d, d), 0, 1, weight_name=f'altup_projection_{k}', dtype=self.dtype,
-                   serving=self.serving_layout)
+            Einsum((d, d), (EMBED, EMBED_PROJECTED), 0, 1, weight_name=f'altup_projection_{k}',
+                   dtype=self.dtype, serving=self.serving_layout)
             for k in range(num_extra)]
         self.altup_unembed_projection = [
-            Einsum((d, d), 0, 1, weight_name=f'altup_unembed_projection_{k}', dtype=self.dtype,
+            Einsum((d, d), (EMBED_PROJECTED, EMBED), 0, 1,
+                   weight_name=f'altup_unembed_projection_{k}', dtype=self.dtype,
                    serving=self.serving_layout)
             for k in range(num_extra)]
         self.blocks = [Block(config=cfg, layer_index=i, dtype=self.dtype,
                              serving=self.serving_layout, name=f'layer_{i}')
                        for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm(guard_precision=cfg.guard_against_excess_precision,
-                                  dtype=self.dtype)
+                                  dtype=self.dtype, axis_name=EMBED)
 
     def init_cache(self, *, batch_size: int, dtype: jnp.dtype = jnp.bfloat16,
                    cache_length: int) -> dict[str, Any]:

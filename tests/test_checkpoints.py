@@ -221,9 +221,29 @@ def test_orbax_checkpoint_in_reference_layout_loads(tmp_path, caplog):
     np.testing.assert_array_equal(_flat(negated)['layer_3/mlp/linear'], -params['layer_3/mlp/linear'])
 
     wider = dataclasses.replace(CONFIG, embed_dim=64)
-    with pytest.raises(ValueError, match=r'orbax does not fit the model config: embedder/input_embedding has shape '
-                                         r'\(300, 32\), expected \(300, 64\)'):
+    with pytest.raises(ValueError, match=r'orbax does not fit the model config: .*embedder/input_embedding has '
+                                         r'shape \(300, 32\), expected \(300, 64\)'):
         load_params(tmp_path / 'orbax', model=wider, progress=False)
+
+
+def test_native_checkpoint_of_a_config_hf_cannot_express_validates(tmp_path):
+    # Three AltUp streams and no LAuReL change the tree; HF's Gemma 3n has neither, so only the
+    # weight schema (not the HF mapping) can say what such a checkpoint must hold.
+    config = dataclasses.replace(CONFIG, num_altup_inputs=3, use_laurel=False)
+    with pytest.raises(ValueError, match='cannot be mapped to Hugging Face'):
+        hf_mapping.check_representable(config)
+    model = Gemma3nTransformer(config=config, text_only=True, dtype=jnp.float32)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.ones((1, 4), jnp.int32))['params']
+    assert 'altup_projection_2' not in params and 'laurel' not in params['layer_0']
+    save_params(params, tmp_path / 'odd.safetensors')
+    _assert_trees_equal(load_params(tmp_path / 'odd.safetensors', model=model, progress=False), params)
+
+    flat = _flat(params)
+    flat['layer_1/mlp/linear'] = flat['layer_1/mlp/linear'][:, :-1]
+    save_params(hf_mapping.unflatten_params(flat), tmp_path / 'bad.safetensors')
+    with pytest.raises(ValueError, match=r'bad\.safetensors does not fit the model config: layer_1/mlp/linear '
+                                         r'has shape \(1024, 31\), expected \(1024, 32\)'):
+        load_params(tmp_path / 'bad.safetensors', model=model, progress=False)
 
 
 @pytest.mark.parametrize('dtype', [np.float32, ml_dtypes.bfloat16], ids=['f32', 'bf16'])

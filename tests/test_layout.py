@@ -9,7 +9,8 @@ from gemma3n import Gemma3n_E4B, Gemma3nTransformer, Sampler, load_params, save_
 from gemma3n.checkpoints import open_per_layer_table
 from gemma3n.layers import QuantizedWeight
 from gemma3n import layout
-from gemma3n.layout import load_serving, quantize, serving_orders, to_serving
+from gemma3n.layout import load_serving, quantize, to_serving
+from gemma3n.schema import model_schema
 from hf_oracle import random_params, small_configs
 
 # Same float32 bound and reason as tests/test_model.py: only the summation order changes.
@@ -36,8 +37,9 @@ def test_serving_layout_shapes_for_e4b():
     assert layer['mlp']['linear'].shape == (2048, 16384)
     assert layer['mlp']['gating_einsum'].shape == (2, 16384, 2048)        # already [out, in]
     assert shapes['embedder']['per_layer_input_projection']['w'].shape == (35, 256, 2048)
-    orders = serving_orders(Gemma3n_E4B(text_only=True))
-    assert orders[('layer_0', 'attn', 'q_einsum', 'w')] == ((0, 2, 1), 1)
+    schema = model_schema(Gemma3n_E4B(text_only=True))
+    assert schema['layer_0/attn/q_einsum/w'].serving_order == (0, 2, 1)
+    assert schema['layer_0/attn/attn_vec_einsum/w'].serving_order == (2, 0, 1)
 
 
 def test_serving_layout_gives_the_same_logits(ref):
@@ -143,12 +145,12 @@ def test_int8_conversion_in_chunks_equals_one_piece(ref, monkeypatch):
     # Large weights are quantized a chunk of output channels at a time (bounded temporaries);
     # a chunk of a few rows must give exactly what quantizing the whole weight gives.
     model, params, _, _ = ref
-    path = ('layer_0', 'mlp', 'gating_einsum')
-    order, num_in = serving_orders(model)[path]
+    path = 'layer_0/mlp/gating_einsum'
+    info = model_schema(model)[path]
     weight = params['layer_0']['mlp']['gating_einsum']
-    whole = quantize(jnp.transpose(weight, order), weight.ndim - num_in)
+    whole = quantize(jnp.transpose(weight, info.serving_order), weight.ndim - len(info.in_axes))
     monkeypatch.setattr(layout, 'QUANTIZE_CHUNK', 3 * weight.shape[-1] + 1)   # 3 rows, ragged end
-    chunked = layout.ServingConverter(model, quantize_int8=True)('/'.join(path), weight)
+    chunked = layout.ServingConverter(model, quantize_int8=True)(path, weight)
     np.testing.assert_array_equal(chunked.q, whole.q)
     np.testing.assert_array_equal(chunked.scale, whole.scale)
 

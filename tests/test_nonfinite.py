@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from gemma3n import cli, save_params
-from gemma3n.checkpoints import hf_mapping, hf_siglip, load_params, open_per_layer_table
+from gemma3n.checkpoints import hf_mapping, load_params, open_per_layer_table
 from gemma3n.layout import load_serving
 from gemma3n.models import DEMO_SEED, demo_config
 from gemma3n.text import special_tokens
@@ -23,7 +23,6 @@ from gemma3n.text.sampler import Sampler
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.validation import check_finite
-from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 from cli_runner import cli_env, run_cli, without_compile_notices
 from hf_oracle import random_params, small_configs
 
@@ -117,24 +116,6 @@ def test_lazy_per_layer_table_checks_the_rows_it_reads(tmp_path):
         with pytest.raises(ValueError, match=f'Tensor {PER_LAYER} in .*model.safetensors \\(rows '
                                              f'\\[2, {POISON_TOKEN}\\]\\) holds 1 non-finite'):
             table[np.array([[2, POISON_TOKEN]])]
-
-
-def test_hf_siglip_conversion_refuses_nan():
-    encoder = SigLiPFromPatches(siglip_encoder=ViTModel(width=32, depth=1, mlp_dim=64, num_heads=4),
-                                siglip_exit=VisionExit(output_length=4),
-                                num_mm_tokens_per_image_prepool=64, num_mm_tokens_per_image=4,
-                                image_height=112, image_width=112)
-    params = encoder.init(jax.random.key(0), jnp.zeros((1, 1, 112, 112, 3), jnp.uint8))['params']
-    mm_params = {'mm_soft_embedding_norm': {'scale': np.ones(32, np.float32)},
-                 'mm_input_projection': {'w': np.ones((32, 8), np.float32)}}
-    state = hf_siglip.vision_to_hf(params, mm_params)
-    fc1 = 'vision_model.encoder.layers.0.mlp.fc1.weight'
-    with pytest.raises(ValueError, match=f'HF vision tensor {fc1} holds 1 non-finite'):
-        hf_siglip.vision_from_hf({**state, fc1: damaged({fc1: state[fc1]}, fc1)[fc1]}, num_heads=4)
-    projection = 'mm_input_projection_weight'
-    with pytest.raises(ValueError, match=f'HF tensor {projection} holds 1 non-finite'):
-        hf_siglip.vision_from_hf({**state, projection: damaged(state, projection, value=-np.inf)[projection]},
-                                 num_heads=4)
 
 
 # ---- logits that become NaN/Inf while generating ---------------------------------------------

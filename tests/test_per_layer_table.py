@@ -204,6 +204,7 @@ MEMORY_SCRIPT = textwrap.dedent('''
     import numpy as np
     from gemma3n.checkpoints import open_per_layer_table
     from gemma3n.config import TransformerConfig
+    from gemma3n.schema import text_schema
 
     def peak_rss():
         # VmHWM: this process image's peak resident set (ru_maxrss would carry the parent's peak over exec).
@@ -211,8 +212,10 @@ MEMORY_SCRIPT = textwrap.dedent('''
             return int(next(line for line in status if line.startswith('VmHWM:')).split()[1]) * 1024
 
     ids = np.random.default_rng(0).integers(0, {vocab}, {ids_shape})
+    config = TransformerConfig.gemma3n(num_embed={vocab})
+    text_schema(config)    # tracing the model for its weight schema (cached) is not what is measured
     baseline = peak_rss()
-    with open_per_layer_table(sys.argv[1], model=TransformerConfig.gemma3n(num_embed={vocab})) as table:
+    with open_per_layer_table(sys.argv[1], model=config) as table:
         rows = table[ids]
     np.save(sys.argv[2], rows.view(np.uint16))   # bfloat16 bits: .npy has no bfloat16
     print(json.dumps(dict(baseline=baseline, peak=peak_rss(), table_bytes=table.nbytes_on_disk,

@@ -26,7 +26,7 @@ LAYERS = (
     ('building blocks', ('layers',)),
     ('the model', ('config', 'attention', 'ffn', 'altup', 'laurel', 'per_layer', 'block',
                    'embedder', 'multimodal', 'multimodal_embedder', 'transformer', 'cache',
-                   'models', 'memory', 'validation', 'host_arrays', 'compilation', 'vision',
+                   'models', 'schema', 'memory', 'validation', 'host_arrays', 'compilation', 'vision',
                    'audio')),
     ('checkpoints', ('checkpoints', 'layout')),
     ('text and generation', ('text',)),

@@ -19,7 +19,7 @@ import transformers
 from flax import traverse_util
 from PIL import Image
 
-from gemma3n.checkpoints import hf_siglip
+import hf_siglip
 from gemma3n.embedder import Embedder
 from gemma3n.vision import (SigLiPFromPatches, ViTModel, VisionExit, load_image,
                             normalize_images, preprocess_images, resize_images)

@@ -1,4 +1,5 @@
-"""Checkpoints: load Hugging Face / Orbax / our own files into our parameter tree, save our own.
+"""Checkpoints: load Hugging Face / Orbax / our own files into our parameter tree, save our own
+or a Hugging Face one.
 
 Example:
     >>> from gemma3n.checkpoints import load_params, save_params
@@ -7,11 +8,14 @@ Example:
     >>> # Serving with the per-layer table left on disk (E4B: 4.7 GB less in memory):
     >>> params = load_params('/ckpts/e4b.safetensors', model=model, skip_per_layer_table=True)
     >>> table = open_per_layer_table('/ckpts/e4b.safetensors', model=model)    # table[ids] -> rows
+    >>> save_hf('/ckpts/e4b-hf', params, model.config, dtype='bfloat16')  # for transformers
 """
 
+from gemma3n.checkpoints.hf_export import save_hf
 from gemma3n.checkpoints.loader import load_params
 from gemma3n.checkpoints.native import save_params
 from gemma3n.checkpoints.per_layer_table import LazyPerLayerTable, open_per_layer_table
 from gemma3n.checkpoints.safetensors_hf import apply_hf_softcap
 
-__all__ = ['LazyPerLayerTable', 'apply_hf_softcap', 'load_params', 'open_per_layer_table', 'save_params']
+__all__ = ['LazyPerLayerTable', 'apply_hf_softcap', 'load_params', 'open_per_layer_table', 'save_hf',
+           'save_params']

@@ -6,9 +6,11 @@ relative to `Gemma3nTextModel` (`embed_tokens.weight`, `layers.3.self_attn.q_pro
 callers add a prefix: `model.` for `Gemma3nForCausalLM`, `model.language_model.` for the released
 hub checkpoints (`Gemma3nForConditionalGeneration`).
 
-Everything is driven by `mapping_entries(config)`, one `ParamMapping` per parameter of our tree,
-computed from shapes alone (no arrays), so it also describes full-size models cheaply. Conversions
-are plain numpy array operations (transposes and reshapes), bit-exact in both directions.
+Everything is driven by `mapping_entries(config)`, one `ParamMapping` per parameter of our tree:
+paths, shapes and fan-in axes are the weight schema's (`gemma3n.schema.text_schema`, from shapes
+alone, so full-size models are described cheaply); this module only adds HF key names and
+conversions. Conversions are plain numpy array operations (transposes and reshapes), bit-exact
+in both directions.
 
 Example:
     >>> cfg = TransformerConfig.gemma3n(num_layers=10, num_shared_layers=5, embed_dim=32,
@@ -32,6 +34,8 @@ import numpy as np
 
 from gemma3n.config import AttentionType, QueryPreAttentionNormalisation, TransformerConfig
 from gemma3n.host_arrays import aligned_empty
+from gemma3n.layers.weights import WeightInfo
+from gemma3n.schema import text_schema
 from gemma3n.validation import check_finite
 
 # A per-parameter conversion applied while loading: (our '/'-joined path, array) -> stored leaf.
@@ -199,81 +203,106 @@ def check_representable(config: TransformerConfig) -> None:
 def mapping_entries(config: TransformerConfig, *, hf_vocab_size: int | None = None) -> list[ParamMapping]:
     """Every parameter of our text tree for `config`, with its HF key(s), shapes and conversion.
 
-    `hf_vocab_size` is the row count of HF's `embed_tokens` (default `num_embed + HF_EXTRA_VOCAB`,
-    as in the released checkpoints).
+    Paths, shapes and fan-in axes come from the weight schema (`gemma3n.schema.text_schema`);
+    this mapping only adds HF names and layout conversions. `hf_vocab_size` is the row count of
+    HF's `embed_tokens` (default `num_embed + HF_EXTRA_VOCAB`, as in the released checkpoints).
     """
     check_representable(config)
-    v, d, f = config.num_embed, config.embed_dim, config.hidden_dim
-    n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
-    num_layers, p, r = config.num_layers, config.per_layer_input_dim, config.laurel_rank
-    a, m = config.num_altup_inputs, ALTUP_NUM_MODALITIES
+    v = config.num_embed
     hf_vocab_size = v + HF_EXTRA_VOCAB if hf_vocab_size is None else hf_vocab_size
     if hf_vocab_size < v:
         raise ValueError(f'hf_vocab_size={hf_vocab_size} is smaller than num_embed={v}.')
+    entries = {}
+    for path, info in text_schema(config).items():
+        hf_keys, conversion, order = _hf_names(path, info)
+        if conversion == 'pad_vocab' and hf_vocab_size == v:
+            conversion = 'identity'
+        hf_shapes = _HF_SHAPES[conversion](info.shape, len(hf_keys), hf_vocab_size)
+        entries[order] = ParamMapping(path, info.shape, hf_keys, hf_shapes, conversion, info.in_axes)
+    return [entries[order] for order in sorted(entries)]
 
-    entries = []
 
-    def add(path, shape, hf_keys, hf_shapes, conversion, in_axes=()):
-        entries.append(ParamMapping(path, tuple(shape), tuple(hf_keys), tuple(map(tuple, hf_shapes)),
-                                    conversion, tuple(in_axes)))
+# Our path (layer and AltUp indices as groups) -> HF key(s) relative to `Gemma3nTextModel`, and
+# the conversion between our layout and HF's.
+_LAYER = r'layer_(\d+)/'
+_HF_LAYER = 'layers.{0}.'
+_NAME_RULES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+        ('embedder/input_embedding', ('embed_tokens.weight',), 'pad_vocab'),
+        ('embedder/per_layer_input_embedding', ('embed_tokens_per_layer.weight',), 'reshape'),
+        ('embedder/per_layer_input_projection/w', ('per_layer_model_projection.weight',), 'flatten_transpose'),
+        ('embedder/per_layer_projection_norm/scale', ('per_layer_projection_norm.weight',), 'identity'),
+        (r'altup_projection_(\d+)/altup_projection_\1', ('altup_projections.{0}.weight',), 'transpose'),
+        (r'altup_unembed_projection_(\d+)/altup_unembed_projection_\1',
+         ('altup_unembed_projections.{0}.weight',), 'transpose'),
+        ('final_norm/scale', ('norm.weight',), 'identity'),
+        (_LAYER + 'attn/q_einsum/w', (_HF_LAYER + 'self_attn.q_proj.weight',), 'heads_in'),
+        (_LAYER + 'attn/kv_einsum/w', (_HF_LAYER + 'self_attn.k_proj.weight', _HF_LAYER + 'self_attn.v_proj.weight'),
+         'stacked_heads_in'),
+        (_LAYER + 'attn/key_norm/scale', (_HF_LAYER + 'self_attn.k_norm.weight',), 'identity'),
+        (_LAYER + 'attn/attn_vec_einsum/w', (_HF_LAYER + 'self_attn.o_proj.weight',), 'transpose_flatten'),
+        (_LAYER + 'attn/query_norm/scale', (_HF_LAYER + 'self_attn.q_norm.weight',), 'identity'),
+        (_LAYER + 'pre_attention_norm/scale', (_HF_LAYER + 'input_layernorm.weight',), 'identity'),
+        (_LAYER + 'post_attention_norm/scale', (_HF_LAYER + 'post_attention_layernorm.weight',), 'identity'),
+        (_LAYER + 'pre_ffw_norm/scale', (_HF_LAYER + 'pre_feedforward_layernorm.weight',), 'identity'),
+        (_LAYER + 'post_ffw_norm/scale', (_HF_LAYER + 'post_feedforward_layernorm.weight',), 'identity'),
+        # Stored [2, F, D] it already is torch's [out, in]; [2, D, F] is transposed (see `_hf_names`).
+        (_LAYER + 'mlp/gating_einsum', (_HF_LAYER + 'mlp.gate_proj.weight', _HF_LAYER + 'mlp.up_proj.weight'),
+         'stacked'),
+        (_LAYER + 'mlp/linear', (_HF_LAYER + 'mlp.down_proj.weight',), 'transpose'),
+        (_LAYER + 'laurel/linear_left/w', (_HF_LAYER + 'laurel.linear_left.weight',), 'transpose'),
+        (_LAYER + 'laurel/linear_right/w', (_HF_LAYER + 'laurel.linear_right.weight',), 'transpose'),
+        (_LAYER + 'post_laurel_norm/scale', (_HF_LAYER + 'laurel.post_laurel_norm.weight',), 'identity'),
+        (_LAYER + 'altup/correct_output_scale', (_HF_LAYER + 'altup.correct_output_scale',), 'identity'),
+        (_LAYER + 'altup/correction_coefs', (_HF_LAYER + 'altup.correction_coefs.weight',), 'transpose'),
+        (_LAYER + 'altup/prediction_coefs', (_HF_LAYER + 'altup.prediction_coefs.weight',), 'flatten_transpose'),
+        (_LAYER + 'altup/modality_router/w', (_HF_LAYER + 'altup.modality_router.weight',), 'transpose'),
+        (_LAYER + 'altup/router_norm_layer/scale', (_HF_LAYER + 'altup.router_norm.weight',), 'identity'),
+        (_LAYER + 'per_layer_mapping/per_layer_input_gate/w', (_HF_LAYER + 'per_layer_input_gate.weight',),
+         'transpose'),
+        (_LAYER + 'per_layer_mapping/per_layer_projection/w', (_HF_LAYER + 'per_layer_projection.weight',),
+         'transpose'),
+        (_LAYER + 'per_layer_mapping/post_per_layer_input_norm/scale',
+         (_HF_LAYER + 'post_per_layer_input_norm.weight',), 'identity'),
+)
+_COMPILED_RULES = tuple((re.compile(pattern), keys, conversion) for pattern, keys, conversion in _NAME_RULES)
+GATING_PATH = 'mlp/gating_einsum'
 
-    def add_scale(path, hf_key, size):
-        add(path, (size,), [hf_key], [(size,)], 'identity')
 
-    def add_linear(path, hf_key, shape):
-        """Our [in, out] einsum weight <-> torch Linear [out, in]."""
-        add(path, shape, [hf_key], [shape[::-1]], 'transpose', in_axes=(0,))
+def _hf_names(path: str, info: WeightInfo) -> tuple[tuple[str, ...], str, tuple[float, ...]]:
+    """(HF keys, conversion, sort key) of our parameter `path`, declared as `info`.
 
-    add('embedder/input_embedding', (v, d), ['embed_tokens.weight'], [(hf_vocab_size, d)],
-        'identity' if hf_vocab_size == v else 'pad_vocab', in_axes=(1,))
-    add('embedder/per_layer_input_embedding', (v, num_layers, p), ['embed_tokens_per_layer.weight'],
-        [(v, num_layers * p)], 'reshape', in_axes=(2,))
-    add('embedder/per_layer_input_projection/w', (d, num_layers, p), ['per_layer_model_projection.weight'],
-        [(num_layers * p, d)], 'flatten_transpose', in_axes=(0,))
-    add_scale('embedder/per_layer_projection_norm/scale', 'per_layer_projection_norm.weight', p)
-    for i in range(a - 1):
-        add_linear(f'altup_projection_{i}/altup_projection_{i}', f'altup_projections.{i}.weight', (d, d))
-        add_linear(f'altup_unembed_projection_{i}/altup_unembed_projection_{i}',
-                   f'altup_unembed_projections.{i}.weight', (d, d))
-    add_scale('final_norm/scale', 'norm.weight', d)
+    The sort key orders parameters as HF lists them: the embedder's, the AltUp projections pair
+    by pair, the final norm, then layer by layer (so `mapping_entries`, and the random trees the
+    tests draw from it, keep one order).
+    """
+    for rule, (pattern, keys, conversion) in enumerate(_COMPILED_RULES):
+        match = pattern.fullmatch(path)
+        if match:
+            if path.endswith(GATING_PATH) and info.in_axes != (len(info.shape) - 1,):
+                conversion = 'stacked_transpose'    # [2, D, F]: each half transposed
+            if path.startswith('layer_'):
+                order = (int(match.group(1)), 0, rule)
+            elif match.groups():             # an AltUp projection: pair by pair
+                order = (-1, int(match.group(1)), rule)
+            else:                            # the embedder's first, the final norm last
+                order = (-1, -1 if path.startswith('embedder/') else math.inf, rule)
+            return tuple(key.format(*match.groups()) for key in keys), conversion, order
+    raise ValueError(f'{path}: no Hugging Face name for this parameter.')
 
-    for i in range(num_layers):
-        ours, hf = f'layer_{i}/', f'layers.{i}.'
-        add(ours + 'attn/q_einsum/w', (n, d, h), [hf + 'self_attn.q_proj.weight'], [(n * h, d)], 'heads_in',
-            in_axes=(1,))
-        if i < config.num_unshared_layers:
-            add(ours + 'attn/kv_einsum/w', (2, k, d, h),
-                [hf + 'self_attn.k_proj.weight', hf + 'self_attn.v_proj.weight'], [(k * h, d)] * 2,
-                'stacked_heads_in', in_axes=(2,))
-            add_scale(ours + 'attn/key_norm/scale', hf + 'self_attn.k_norm.weight', h)
-        add(ours + 'attn/attn_vec_einsum/w', (n, h, d), [hf + 'self_attn.o_proj.weight'], [(d, n * h)],
-            'transpose_flatten', in_axes=(0, 1))
-        add_scale(ours + 'attn/query_norm/scale', hf + 'self_attn.q_norm.weight', h)
-        add_scale(ours + 'pre_attention_norm/scale', hf + 'input_layernorm.weight', d)
-        add_scale(ours + 'post_attention_norm/scale', hf + 'post_attention_layernorm.weight', d)
-        add_scale(ours + 'pre_ffw_norm/scale', hf + 'pre_feedforward_layernorm.weight', d)
-        add_scale(ours + 'post_ffw_norm/scale', hf + 'post_feedforward_layernorm.weight', d)
-        gate_keys = [hf + 'mlp.gate_proj.weight', hf + 'mlp.up_proj.weight']
-        if config.transpose_gating_einsum:    # stored [2, F, D]: already torch's [out, in]
-            add(ours + 'mlp/gating_einsum', (2, f, d), gate_keys, [(f, d)] * 2, 'stacked', in_axes=(2,))
-        else:
-            add(ours + 'mlp/gating_einsum', (2, d, f), gate_keys, [(f, d)] * 2, 'stacked_transpose',
-                in_axes=(1,))
-        add_linear(ours + 'mlp/linear', hf + 'mlp.down_proj.weight', (f, d))
-        add_linear(ours + 'laurel/linear_left/w', hf + 'laurel.linear_left.weight', (d, r))
-        add_linear(ours + 'laurel/linear_right/w', hf + 'laurel.linear_right.weight', (r, d))
-        add_scale(ours + 'post_laurel_norm/scale', hf + 'laurel.post_laurel_norm.weight', d)
-        add_scale(ours + 'altup/correct_output_scale', hf + 'altup.correct_output_scale', d)
-        add_linear(ours + 'altup/correction_coefs', hf + 'altup.correction_coefs.weight', (m, a))
-        add(ours + 'altup/prediction_coefs', (m, a, a), [hf + 'altup.prediction_coefs.weight'], [(a * a, m)],
-            'flatten_transpose', in_axes=(0,))
-        add_linear(ours + 'altup/modality_router/w', hf + 'altup.modality_router.weight', (d, m))
-        add_scale(ours + 'altup/router_norm_layer/scale', hf + 'altup.router_norm.weight', d)
-        add_linear(ours + 'per_layer_mapping/per_layer_input_gate/w', hf + 'per_layer_input_gate.weight', (d, p))
-        add_linear(ours + 'per_layer_mapping/per_layer_projection/w', hf + 'per_layer_projection.weight', (p, d))
-        add_scale(ours + 'per_layer_mapping/post_per_layer_input_norm/scale',
-                  hf + 'post_per_layer_input_norm.weight', d)
-    return entries
+
+# Our shape, number of HF keys, HF vocabulary size -> the HF tensors' shapes.
+_HF_SHAPES: dict[str, Callable[[tuple[int, ...], int, int], tuple[tuple[int, ...], ...]]] = {
+        'identity': lambda s, n, vocab: (s,),
+        'transpose': lambda s, n, vocab: (s[::-1],),
+        'reshape': lambda s, n, vocab: ((s[0], math.prod(s[1:])),),
+        'flatten_transpose': lambda s, n, vocab: ((math.prod(s[1:]), s[0]),),
+        'transpose_flatten': lambda s, n, vocab: ((s[-1], math.prod(s[:-1])),),
+        'heads_in': lambda s, n, vocab: ((s[0] * s[2], s[1]),),
+        'stacked_heads_in': lambda s, n, vocab: ((s[1] * s[3], s[2]),) * n,
+        'stacked': lambda s, n, vocab: (s[1:],) * n,
+        'stacked_transpose': lambda s, n, vocab: (s[:0:-1],) * n,
+        'pad_vocab': lambda s, n, vocab: ((vocab,) + s[1:],),
+}
 
 
 # --- tree helpers -----------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.checkpoints.safetensors_hf import INDEX_FILE, SINGLE_FILE, is_hf_directory, load_hf_params
 from gemma3n.config import TransformerConfig
 from gemma3n.embedder import PER_LAYER_TABLE
+from gemma3n.schema import text_schema
 from gemma3n.validation import check_finite
 
 # Parameters of the vision path (docs/architecture.md §5); a text-only model has none of them.
@@ -167,10 +168,11 @@ def _select(
     """The stored arrays to read, after checking them against `config`; raises ValueError naming them.
 
     `skip` is left out of the list but, with a `config`, still checked (shape and dtype from the header).
+    The expected parameters are the weight schema's, so any config our model can build validates.
     """
     if config is None:
         return [name for name in catalog if name not in skip]
-    expected = {e.path: e.shape for e in hf_mapping.mapping_entries(config)}
+    expected = {path: info.shape for path, info in text_schema(config).items()}
     missing = sorted(expected.keys() - catalog.keys())
     if missing:
         raise ValueError(f'{path} lacks {len(missing)} parameter(s) of the model: {", ".join(missing[:8])}'

@@ -29,6 +29,7 @@ from gemma3n.checkpoints.loader import (HF_FORMAT, ORBAX_FORMAT, PER_LAYER_TABLE
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles, read_into
 from gemma3n.checkpoints.safetensors_hf import hf_checkpoint_config, hf_prefix, open_hf_files
 from gemma3n.config import TransformerConfig
+from gemma3n.schema import text_schema
 from gemma3n.validation import check_finite
 
 DEFAULT_DTYPE = np.dtype(ml_dtypes.bfloat16)
@@ -175,7 +176,8 @@ def open_per_layer_table(
         key = hf_prefix(path, files) + entry.hf_keys[0]
         return LazyPerLayerTable(files.file_of(key), key, entry.shape, stored_shape=entry.hf_shapes[0], dtype=dtype)
     if config is not None:
-        return LazyPerLayerTable(path, PER_LAYER_TABLE_PATH, _table_entry(config).shape, dtype=dtype)
+        return LazyPerLayerTable(path, PER_LAYER_TABLE_PATH, text_schema(config)[PER_LAYER_TABLE_PATH].shape,
+                                 dtype=dtype)
     files = SafetensorsFiles([path])
     if PER_LAYER_TABLE_PATH not in files:
         raise ValueError(f'{path} holds no tensor {PER_LAYER_TABLE_PATH}.')

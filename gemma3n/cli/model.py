@@ -57,7 +57,7 @@ def dtype_choice(args: argparse.Namespace, name: str) -> str:
     return args.dtype or (DEMO_DTYPE if name == DEMO else CHECKPOINT_DTYPE)
 
 
-def _checkpoint_path(args: argparse.Namespace) -> Path | None:
+def checkpoint_path(args: argparse.Namespace) -> Path | None:
     if args.checkpoint is None:
         return None
     path = Path(args.checkpoint).expanduser()
@@ -82,27 +82,16 @@ def tokenizer_path(args: argparse.Namespace, checkpoint: Path | None) -> Path:
 def load_model(args: argparse.Namespace, *, with_vision: bool = False,
                with_audio: bool = False) -> LoadedModel:
     """The model, weights and tokenizer the options ask for (random weights for the demo)."""
-    name = model_choice(args)
     if with_vision:
         check_vision(args)
     if with_audio:
         check_audio(args)
-    checkpoint = _checkpoint_path(args)
-    if checkpoint is None and name != DEMO:
-        raise ValueError(f'--model {name} needs --checkpoint PATH: only the demo model runs '
-                         'with random weights')
-    dtype = DTYPES[dtype_choice(args, name)]
+    checkpoint = checkpoint_path(args)
     tokenizer = Tokenizer(tokenizer_path(args, checkpoint))
     logger.info('tokenizer: %s (%d pieces)', tokenizer.path, tokenizer.vocab_size)
-    if checkpoint is None:
-        if args.hf_softcap:
-            raise ValueError('--hf-softcap applies the softcap of a Hugging Face checkpoint: give '
-                             'one with --checkpoint PATH')
-        model = build_model(name, dtype=dtype, with_vision=with_vision,
-                            vocab_size=tokenizer.vocab_size)
-    else:
-        name, model = _checkpoint_model(args, checkpoint, dtype=dtype, with_vision=with_vision,
-                                        with_audio=with_audio, vocab_size=tokenizer.vocab_size)
+    name, model = choose_model(args, checkpoint, vocab_size=tokenizer.vocab_size,
+                               with_vision=with_vision, with_audio=with_audio)
+    dtype = model.dtype
     start = time.perf_counter()
     if checkpoint is None:
         sys.stderr.write(DEMO_NOTICE + '\n')
@@ -119,6 +108,24 @@ def load_model(args: argparse.Namespace, *, with_vision: bool = False,
         return LoadedModel(name=name, model=model, params=params, tokenizer=tokenizer,
                            per_layer_table=table)
     return LoadedModel(name=name, model=model, params=params, tokenizer=tokenizer)
+
+
+def choose_model(args: argparse.Namespace, checkpoint: Path | None, *, vocab_size: int,
+                 with_vision: bool, with_audio: bool = False) -> tuple[str, Gemma3nTransformer]:
+    """The model the options choose for `checkpoint` (None: the demo's random weights), and
+    its name; `vocab_size`: the demo's."""
+    name = model_choice(args)
+    if checkpoint is None and name != DEMO:
+        raise ValueError(f'--model {name} needs --checkpoint PATH: only the demo model runs '
+                         'with random weights')
+    dtype = DTYPES[dtype_choice(args, name)]
+    if checkpoint is not None:
+        return _checkpoint_model(args, checkpoint, dtype=dtype, with_vision=with_vision,
+                                 with_audio=with_audio, vocab_size=vocab_size)
+    if args.hf_softcap:
+        raise ValueError('--hf-softcap applies the softcap of a Hugging Face checkpoint: give '
+                         'one with --checkpoint PATH')
+    return name, build_model(name, dtype=dtype, with_vision=with_vision, vocab_size=vocab_size)
 
 
 def _checkpoint_model(args: argparse.Namespace, checkpoint: Path, *, dtype: Any,
@@ -171,7 +178,7 @@ def check_vision(args: argparse.Namespace) -> None:
         raise ValueError('--image needs the vision encoder, which --text-only leaves out')
     if model_choice(args) == DEMO:
         raise ValueError(DEMO_IS_TEXT_ONLY)
-    checkpoint = _checkpoint_path(args)
+    checkpoint = checkpoint_path(args)
     towers = _released_towers(checkpoint)
     if towers is not None and args.model is None:
         if towers.vision is None:
@@ -199,7 +206,7 @@ def check_audio(args: argparse.Namespace) -> None:
     if model_choice(args) == DEMO:
         raise ValueError('the demo model is text-only: --audio needs a Gemma 3n checkpoint with '
                          'the audio tower (--checkpoint PATH)')
-    checkpoint = _checkpoint_path(args)
+    checkpoint = checkpoint_path(args)
     towers = _released_towers(checkpoint)
     if args.model is not None or towers is None or towers.audio is None:
         raise ValueError(f'--audio needs a Hugging Face Gemma 3n checkpoint whose config.json has '

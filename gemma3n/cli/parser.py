@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from gemma3n.cli.chat import HELP_COMMAND, QUIT_COMMAND, RESET_COMMAND, run_chat
 from gemma3n.cli.console import PROG, USAGE_ERROR
+from gemma3n.cli.export import run_export
 from gemma3n.cli.generate import run_generate
 from gemma3n.cli.info import run_info
 from gemma3n.cli.model import CHECKPOINT_DTYPE, DEMO_DTYPE, DEMO_MAX_NEW_TOKENS
@@ -48,10 +49,11 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
 _positive_int = _whole_number(1, INT32_MAX)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The parser of the `gemma3n` command (its subcommands set `args.run`)."""
-    model_options = _Parser(add_help=False)
-    group = model_options.add_argument_group('model')
+def _model_options(*, running: bool) -> argparse.ArgumentParser:
+    """The options choosing the model; `running`: also those of a model that runs (the vision
+    encoder, the cache)."""
+    options = _Parser(add_help=False)
+    group = options.add_argument_group('model')
     group.add_argument('--model', choices=(*MODEL_CLASSES, DEMO),
                        help='architecture (default: demo without --checkpoint, e4b with one)')
     group.add_argument('--tokenizer', metavar='PATH',
@@ -60,16 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--dtype', choices=tuple(DTYPES),
                        help=f'weights and KV cache dtype (default: {CHECKPOINT_DTYPE} for '
                             f'e4b/e2b, {DEMO_DTYPE} for the demo)')
-    group.add_argument('--text-only', action='store_true',
-                       help='leave out the vision and audio towers')
-    group.add_argument('--cache-length', '--context', type=_positive_int, metavar='N',
-                       help=f'KV cache positions (default: {DEFAULT_CACHE_LENGTH}; generate '
-                            'takes more for a longer prompt)')
+    if running:
+        group.add_argument('--text-only', action='store_true',
+                           help='leave out the vision and audio towers')
+        group.add_argument('--cache-length', '--context', type=_positive_int, metavar='N',
+                           help=f'KV cache positions (default: {DEFAULT_CACHE_LENGTH}; generate '
+                                'takes more for a longer prompt)')
     group.add_argument('-v', '--verbose', action='store_true',
                        help='timings (load, first token, tokens/s) and tracebacks of errors')
+    return options
 
-    run_options = _Parser(add_help=False)
-    group = run_options.add_argument_group('weights and sampling')
+
+def _add_checkpoint_options(group: argparse._ArgumentGroup) -> None:
+    """--checkpoint and --hf-softcap, which every command reading weights takes."""
     group.add_argument('--checkpoint', metavar='PATH',
                        help='Gemma 3n weights: a Hugging Face directory or .safetensors file, an '
                             'Orbax checkpoint directory, or a file saved by gemma3n')
@@ -78,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
                             'says (30 for Gemma 3n), as transformers does; by default they are '
                             'not capped, as in Google\'s reference. Changes sampled answers, '
                             'not greedy ones')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the `gemma3n` command (its subcommands set `args.run`)."""
+    model_options = _model_options(running=True)
+    run_options = _Parser(add_help=False)
+    group = run_options.add_argument_group('weights and sampling')
+    _add_checkpoint_options(group)
     group.add_argument('--int8', action='store_true',
                        help='quantize the large weights to int8 (one scale per output channel) '
                             'at load: about half the memory and faster decoding, slightly less '
@@ -138,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help='describe the model a Hugging Face checkpoint\'s config.json describes '
                            '(its released vision and audio towers included); no weights are read')
     info.set_defaults(run=run_info)
+
+    export = commands.add_parser(
+        'export', parents=[_model_options(running=False)],
+        help='write a model as a Hugging Face checkpoint',
+        description='Write the text decoder of --checkpoint (without one: the demo model) as a '
+                    'Hugging Face checkpoint that transformers.Gemma3nForCausalLM loads and '
+                    'computes the same logits with, and the tokenizer beside it.')
+    group = export.add_argument_group('weights')
+    _add_checkpoint_options(group)
+    group.add_argument('--out', required=True, metavar='DIR',
+                       help='a new or empty directory for config.json and the safetensors files')
+    # Nothing is sampled: a checkpoint's softcap note is then informational (shown with -v).
+    export.set_defaults(run=run_export, temperature=None, top_k=None, top_p=None)
     parser.commands = commands.choices
     return parser
 

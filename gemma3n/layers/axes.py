@@ -20,3 +20,7 @@ ALTUP = 'altup'                # AltUp streams
 MODALITIES = 'modalities'      # AltUp router outputs
 LAUREL = 'laurel'              # the LAuReL low rank
 VISION_EMBED = 'vision_embed'  # the vision encoder's output width
+# A D -> D projection's output (AltUp's stream projections): a name of its own, since a sharding
+# rule cannot map two axes of one weight to the same mesh axis.
+EMBED_PROJECTED = 'embed_projected'
+ALTUP_SOURCE = 'altup_source'  # the stream an AltUp prediction coefficient reads

@@ -10,9 +10,7 @@ string at each call site always names the checkpoint order; it is rewritten for 
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -20,14 +18,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gemma3n.layers.weights import batch_axes, declare, serving_order
+
 Initializer = Callable[..., jax.Array]
 Axes = int | Sequence[int]
 INT8_MAX = 127
-
-# While a conversion records layouts, every weight declared reports its path and serving order.
-_RECORDER: contextvars.ContextVar[dict | None] = contextvars.ContextVar('layout_recorder',
-                                                                       default=None)
-
 
 @flax.struct.dataclass
 class QuantizedWeight:
@@ -51,36 +46,22 @@ def weight_init(in_axis: Axes, out_axis: Axes, batch_axis: Sequence[int] = ()) -
         in_axis=in_axis, out_axis=out_axis, batch_axis=batch_axis)
 
 
-def serving_order(in_axis: Axes, out_axis: Axes, batch_axis: Sequence[int] = ()) -> tuple[int, ...]:
-    """The axis permutation from checkpoint order to serving order [batch..., out..., in...]."""
-    return tuple(batch_axis) + _axes(out_axis) + _axes(in_axis)
-
-
-@contextlib.contextmanager
-def record_layouts() -> Iterator[dict[tuple[str, ...], tuple[tuple[int, ...], int]]]:
-    """Collects {param path: (serving order, number of input axes)} of every weight declared."""
-    found: dict[tuple[str, ...], tuple[tuple[int, ...], int]] = {}
-    token = _RECORDER.set(found)
-    try:
-        yield found
-    finally:
-        _RECORDER.reset(token)
-
-
-def layout_param(module: nn.Module, name: str, shape: tuple[int, ...], in_axis: Axes,
-                 out_axis: Axes, batch_axis: Sequence[int], dtype: Any,
+def layout_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: Sequence[str],
+                 in_axes: Axes, out_axes: Axes, dtype: Any,
                  serving: bool) -> jax.Array | QuantizedWeight:
-    """Declares weight `name` of checkpoint `shape`, stored in checkpoint or serving order."""
-    order = serving_order(in_axis, out_axis, batch_axis)
-    found = _RECORDER.get()
-    if found is not None:
-        found[tuple(module.scope.path) + (name,)] = (order, len(_axes(in_axis)))
-    init = weight_init(in_axis, out_axis, batch_axis)
+    """Declares projection weight `name` of checkpoint `shape` (logical `axes`, reading `in_axes`
+    and writing `out_axes`), stored in checkpoint or serving order."""
+    in_axes, out_axes = _axes(in_axes), _axes(out_axes)
+    batch = batch_axes(len(shape), in_axes, out_axes)
+    init = weight_init(in_axes, out_axes, batch)
     if not serving:
-        return module.param(name, init, shape, dtype)
-    stored_shape = tuple(shape[i] for i in order)
-    return module.param(
-        name, lambda key, _, dt: jnp.transpose(init(key, shape, dt), order), stored_shape, dtype)
+        return declare(module, name, shape, axes, init, dtype, in_axes=in_axes, out_axes=out_axes)
+    order = serving_order(len(shape), in_axes, out_axes)
+    num_leading = len(shape) - len(in_axes)
+    return declare(
+        module, name, tuple(shape[i] for i in order), tuple(axes[i] for i in order),
+        lambda key, _, dt: jnp.transpose(init(key, shape, dt), order), dtype,
+        in_axes=range(num_leading, len(shape)), out_axes=range(len(batch), num_leading))
 
 
 def dot(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
@@ -184,32 +165,35 @@ def contract(eqn: str, x: jax.Array, w: jax.Array | QuantizedWeight,
     return jnp.transpose(y, [weight_first.index(a) for a in out_spec])
 
 
-def project(module: nn.Module, name: str, shape: tuple[int, ...], in_axis: Axes,
-            out_axis: Axes, batch_axis: Sequence[int], dtype: Any, serving: bool,
+def project(module: nn.Module, name: str, shape: tuple[int, ...], axes: Sequence[str],
+            in_axes: Axes, out_axes: Axes, dtype: Any, serving: bool,
             eqn: str, x: jax.Array) -> jax.Array:
     """Declares weight `name` (see `layout_param`) and contracts x with it by `eqn`."""
-    w = layout_param(module, name, shape, in_axis, out_axis, batch_axis, dtype, serving)
-    order = serving_order(in_axis, out_axis, batch_axis) if serving else None
+    w = layout_param(module, name, shape, axes, in_axes, out_axes, dtype, serving)
+    order = serving_order(len(shape), _axes(in_axes), _axes(out_axes)) if serving else None
     return contract(eqn, x, w, order)
 
 
 class Einsum(nn.Module):
     """One projection weight of checkpoint `shape`, contracted with the input by an einsum string.
 
+    `axes` names each axis logically (`gemma3n.layers.axes`); the weight reads `in_axes` and
+    writes `out_axes`, any other axis is a batch axis.
+
     Example:
-        >>> proj = Einsum(shape=(8, 4), in_axis=0, out_axis=1)
+        >>> proj = Einsum(shape=(8, 4), axes=(EMBED, MLP), in_axes=0, out_axes=1)
         >>> params = proj.init(jax.random.key(0), 'BTD,DF->BTF', jnp.ones((1, 2, 8)))
         >>> # params['w']: [8, 4]; with serving=True it is stored [4, 8].
     """
     shape: tuple[int, ...]
-    in_axis: Axes
-    out_axis: Axes
-    batch_axis: tuple[int, ...] = ()
+    axes: tuple[str, ...]
+    in_axes: Axes
+    out_axes: Axes
     weight_name: str = 'w'
     dtype: jnp.dtype = jnp.float32
     serving: bool = False
 
     @nn.compact
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
-        return project(self, self.weight_name, self.shape, self.in_axis, self.out_axis,
-                       self.batch_axis, self.dtype, self.serving, eqn, x)
+        return project(self, self.weight_name, self.shape, self.axes, self.in_axes,
+                       self.out_axes, self.dtype, self.serving, eqn, x)

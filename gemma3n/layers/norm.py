@@ -24,7 +24,7 @@ class RMSNorm(nn.Module):
     (`scale_plus_one=True`, the multimodal projection), or by nothing (`with_scale=False`).
     Fresh scales are ones (or zeros when `scale_plus_one`) so an initialised model is not
     degenerate. With an `axis_name` the scale is declared with that logical axis
-    (`gemma3n.layers.weights`); without, as a plain parameter (the decoder's, for now).
+    (`gemma3n.layers.weights`); without, as a plain parameter (the MobileNet tower's, for now).
 
     Example:
         >>> norm = RMSNorm(scale_plus_one=False)

@@ -30,5 +30,5 @@ class Projection(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., features] in x's dtype."""
         w = declare(self, 'w', (self.features, x.shape[-1]), self.axes,
-                    weight_init(IN_AXIS, OUT_AXIS), self.dtype)
+                    weight_init(IN_AXIS, OUT_AXIS), self.dtype, in_axes=(IN_AXIS,))
         return jnp.einsum('...i,oi->...o', x, w.astype(x.dtype))

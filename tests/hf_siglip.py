@@ -1,6 +1,10 @@
-"""Mapping between our SigLIP vision parameters and Hugging Face `SiglipVisionModel` +
-`Gemma3MultiModalProjector` (average pool 4x4, RMS norm with 1 + scale, projection), in both
+"""Test helper (oracle mapping): our SigLIP vision parameters <-> Hugging Face `SiglipVisionModel`
++ `Gemma3MultiModalProjector` (average pool 4x4, RMS norm with 1 + scale, projection), in both
 directions, in plain numpy.
+
+Not a test module, and not part of the package: the released Gemma 3n checkpoints carry a
+MobileNet-V5 tower, not SigLIP, so nothing loads HF SigLIP weights into our model; the vision
+tests use this mapping to run `transformers`' SigLIP on our weights as their numerical oracle.
 
 Our side: the `SigLiPFromPatches` parameter tree (the model's `params['vision_encoder']`, holding
 `siglip_encoder/...`, unrolled `scan=False` layout) and the two multimodal parameters of the
