@@ -97,7 +97,9 @@ def weight_schema(module: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str, W
     Weights created by flax's own layers (the seed's SigLIP encoder) are not declared: their
     `axes` is None.
     """
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs, **kwargs))
+    # Inputs go in as traced arguments: modules that check concrete values skip tracers.
+    shapes = jax.eval_shape(lambda *args: module.init(jax.random.key(0), *args, **kwargs),
+                            *inputs)
     params = traverse_util.flatten_dict(shapes['params'], sep='/')
     declared = traverse_util.flatten_dict(shapes.get(WEIGHT_INFO, {}), sep='/',
                                           is_leaf=lambda _, x: isinstance(x, Declaration))
