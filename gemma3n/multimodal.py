@@ -12,6 +12,7 @@ whose placeholders are ordinary vocabulary ids attended to causally, as `transfo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import dataclasses
@@ -135,6 +136,24 @@ def expand_tokens(tokens: jax.Array, num_images: int, num_soft_tokens: int,
     return expanded, new_index, block_start
 
 
+def expand_blocks(tokens: jax.Array, kinds: Sequence[tuple[int, int, BlockIds]]
+                  ) -> tuple[jax.Array, jax.Array | None, list[jax.Array]]:
+    """`expand_tokens` for each kind in turn (images, then audio).
+
+    kinds: (blocks per sequence, soft tokens per block, ids) of each kind.
+    Returns the expanded tokens, text_index [B, L] (None without kinds) and, per kind,
+    block_start [B, count] in the fully expanded tokens.
+    """
+    text_index, starts = None, []
+    for count, num_soft, ids in kinds:
+        tokens, index, block_start = expand_tokens(tokens, count, num_soft, ids)
+        # What earlier expansions placed moves again with the text around it.
+        starts = [jnp.take_along_axis(index, start, axis=1) for start in starts] + [block_start]
+        text_index = index if text_index is None else jnp.take_along_axis(index, text_index,
+                                                                          axis=1)
+    return tokens, text_index, starts
+
+
 def merge_soft_tokens(x: jax.Array, soft: jax.Array, block_start: jax.Array) -> jax.Array:
     """Writes each image's soft tokens over its placeholders.
 
@@ -171,6 +190,19 @@ def image_block(config: Any) -> tuple[BlockIds, int] | None:
     if config.vision_encoder is not None:
         return SIGLIP_IMAGE_IDS, config.vision_encoder.num_mm_tokens_per_image
     return None
+
+
+def ids_beyond_vocabulary(config: Any, text_only: bool, expanded: bool) -> tuple[int, ...]:
+    """Ids beyond the text vocabulary a model's tokens may hold: the image markers, the
+    placeholders of already `expanded` SigLIP blocks, every hard token of the released towers."""
+    extra = special_ids.IMAGE_MARKER_IDS
+    towers = None if text_only else config.towers
+    if towers is not None:
+        extra += (towers.image_ids.marker, towers.audio_ids.marker)
+        extra += tuple(range(config.num_embed, towers.hard_token_end))
+    if expanded and not text_only and config.vision_encoder is not None:
+        extra += (special_ids.IMAGE_PLACEHOLDER,)
+    return extra
 
 
 def audio_block(config: Any) -> tuple[BlockIds, int] | None:

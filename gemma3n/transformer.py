@@ -211,8 +211,8 @@ class Gemma3nTransformer(nn.Module):
         flattened."""
         self._check_combinations(images, audio, positions, positions_offset, cache,
                                  attention_mask, soft_tokens)
-        tokens = _check_tokens(tokens, self.config.num_embed,
-                               self._extra_token_ids(bool(soft_tokens)))
+        tokens = _check_tokens(tokens, self.config.num_embed, multimodal.ids_beyond_vocabulary(
+            self.config, self.text_only, expanded=bool(soft_tokens)))
         batch_shape = tuple(tokens.shape[:-1])
         tokens = tokens.reshape(-1, tokens.shape[-1])                         # [B, L]
         batch = tokens.shape[0]
@@ -290,30 +290,25 @@ class Gemma3nTransformer(nn.Module):
 
     def _expand_blocks(self, tokens: jax.Array, images: Any, audio: Any
                        ) -> tuple[jax.Array, jax.Array | None, list[tuple[Any, jax.Array]]]:
-        """tokens [B, L] with their image, then audio, markers expanded into blocks: (tokens,
-        text_index [B, L] or None, [(images or audio, block_start [B, N])])."""
+        """tokens [B, L] with their image, then audio, markers expanded into blocks (each
+        checked against its markers first): (tokens, text_index [B, L] or None,
+        [(images or audio, block_start [B, N])])."""
         cfg, batch = self.config, tokens.shape[0]
-        traced = isinstance(tokens, jax.core.Tracer)
-        text_index, blocks = None, []
+        counts = lambda ids: (None if isinstance(tokens, jax.core.Tracer)
+                              else multimodal.count_image_markers(tokens, ids.marker))
+        media, kinds = [], []
         if images is not None:
             ids, num_soft = multimodal.image_block(cfg)
-            counts = None if traced else multimodal.count_image_markers(tokens, ids.marker)
-            images = multimodal.check_images(images, counts, batch, self.image_channels())
-            tokens, text_index, block_start = multimodal.expand_tokens(
-                tokens, images.shape[1], num_soft, ids)
-            blocks.append((images, block_start))
+            images = multimodal.check_images(images, counts(ids), batch, self.image_channels())
+            media.append(images)
+            kinds.append((images.shape[1], num_soft, ids))
         if audio is not None:
             ids, num_soft = multimodal.audio_block(cfg)
-            counts = None if traced else multimodal.count_image_markers(tokens, ids.marker)
-            audio = check_audio(audio, counts, batch, cfg.towers)
-            tokens, index, block_start = multimodal.expand_tokens(
-                tokens, audio.num_clips, num_soft, ids)
-            # The image blocks and the text moved again: follow them through this expansion.
-            blocks = [(media, jnp.take_along_axis(index, start, axis=1)) for media, start in blocks]
-            text_index = index if text_index is None else jnp.take_along_axis(
-                index, text_index, axis=1)
-            blocks.append((audio, block_start))
-        return tokens, text_index, blocks
+            audio = check_audio(audio, counts(ids), batch, cfg.towers)
+            media.append(audio)
+            kinds.append((audio.num_clips, num_soft, ids))
+        tokens, text_index, starts = multimodal.expand_blocks(tokens, kinds)
+        return tokens, text_index, list(zip(media, starts))
 
     @staticmethod
     def _positions(valid: jax.Array, batch_shape: tuple[int, ...], positions: Any,
@@ -407,18 +402,6 @@ class Gemma3nTransformer(nn.Module):
         if towers is not None and towers.vision is not None:
             return towers.vision.in_channels
         return self.config.vision_encoder.image_channels
-
-    def _extra_token_ids(self, expanded: bool) -> tuple[int, ...]:
-        """Ids beyond the text vocabulary the tokens may hold: markers, and the placeholders of
-        already expanded tokens (SigLIP's), or every hard token of the released towers."""
-        extra = special_ids.IMAGE_MARKER_IDS
-        towers = None if self.text_only else self.config.towers
-        if towers is not None:
-            extra += (towers.image_ids.marker, towers.audio_ids.marker)
-            extra += tuple(range(self.config.num_embed, towers.hard_token_end))
-        if expanded and not self.text_only and self.config.vision_encoder is not None:
-            extra += (special_ids.IMAGE_PLACEHOLDER,)
-        return extra
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """images uint8 [B, N, H, W, C] -> soft tokens in the text width [B, N, T, D] (float32)."""

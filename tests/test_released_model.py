@@ -131,11 +131,8 @@ def test_logits_match_transformers(checkpoint, ours):
 def _text_index(model, tokens):
     """Where each text token lands after both expansions (images first, then audio)."""
     towers = model.config.towers
-    expanded, first, _ = multimodal.expand_tokens(tokens, 1, towers.image_soft_tokens,
-                                                  towers.image_ids)
-    expanded, second, _ = multimodal.expand_tokens(expanded, 1, towers.audio_soft_tokens,
-                                                   towers.audio_ids)
-    return expanded, jnp.take_along_axis(second, first, axis=1), None
+    return multimodal.expand_blocks(tokens, [(1, towers.image_soft_tokens, towers.image_ids),
+                                             (1, towers.audio_soft_tokens, towers.audio_ids)])
 
 
 def test_sampler_prefill_in_chunks_matches_one_forward(ours):

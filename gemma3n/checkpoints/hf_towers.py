@@ -32,7 +32,7 @@ from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.config import TransformerConfig
 from gemma3n.layers.weights import weight_schema
 from gemma3n.multimodal import BlockIds
-from gemma3n.towers import ReleasedTowers, audio_embedder
+from gemma3n.towers import audio_embedder
 from gemma3n.towers_config import TowersConfig
 from gemma3n.validation import check_finite
 from gemma3n.vision.mobilenet.config import MOBILENET_V5_300M
@@ -180,13 +180,3 @@ def read_towers(files: SafetensorsFiles, towers: TowersConfig, text_width: int, 
         if progress is not None:
             progress(sum(int(np.size(value)) for value in state.values()))
     return params
-
-
-def tower_sizes(towers: TowersConfig, text_width: int) -> dict[str, int]:
-    """{part name: parameter count} of `towers` (shapes only, nothing computed)."""
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    shapes = jax.eval_shape(
-        lambda t: ReleasedTowers(towers, text_width).init(
-            jax.random.key(0), t, method=ReleasedTowers.init_all)['params'], tokens)
-    return {name: sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
-            for name, tree in shapes.items()}

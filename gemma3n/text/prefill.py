@@ -109,12 +109,8 @@ def expand_rows(rows: list[np.ndarray], kinds: list[tuple[int, int, multimodal.B
     padded = np.zeros((len(rows), max(len(r) for r in rows)), np.int32)
     for b, row in enumerate(rows):
         padded[b, :len(row)] = row
-    tokens, starts, extra = jnp.asarray(padded), [], 0
-    for count, num_soft, ids in kinds:
-        tokens, moved, block_start = multimodal.expand_tokens(tokens, count, num_soft, ids)
-        # Blocks of the kinds before this one moved with the text around them.
-        starts = [jnp.take_along_axis(moved, start, axis=1) for start in starts] + [block_start]
-        extra += count * (multimodal.block_length(num_soft) - 1)
+    tokens, _, starts = multimodal.expand_blocks(jnp.asarray(padded), kinds)
+    extra = sum(count * (multimodal.block_length(num_soft) - 1) for count, num_soft, _ in kinds)
     expanded = np.asarray(tokens)
     return ([expanded[b, :len(row) + extra] for b, row in enumerate(rows)],
             [np.asarray(start) for start in starts])
