@@ -234,7 +234,7 @@ def prefill_variants(model: Gemma3nTransformer, params: Any, vocab: int) -> list
     def every_token(p, t, c):
         out = model.apply({'params': p}, t, cache=c, return_last_only=False, return_hidden_states=True)
         head = p['embedder']['input_embedding']
-        return contract('BD,VD->BV', out.hidden_states[:, -1], head, None), out.cache
+        return contract('BD,VD->BV', out.hidden_states[:, -1], head), out.cache
 
     rows = []
     for length in common.PROMPT_LENGTHS:

@@ -39,13 +39,12 @@ class AltUp(nn.Module):
     coef_clip: float | None = None
     guard_precision: bool = False
     dtype: jnp.dtype = jnp.float32
-    serving: bool = False
 
     def setup(self):
         self.router_norm_layer = RMSNorm(guard_precision=self.guard_precision, dtype=self.dtype,
                                          axis_name=EMBED)
         self.modality_router = Einsum((self.features, NUM_MODALITIES), (EMBED, MODALITIES), 0, 1,
-                                      dtype=self.dtype, serving=self.serving)
+                                      dtype=self.dtype)
         a, m = self.num_inputs, NUM_MODALITIES
         # The coefficients mix streams with plain einsums (after clipping): not projections, but
         # their fan-in is the router's output.

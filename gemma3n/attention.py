@@ -124,7 +124,6 @@ class Attention(nn.Module):
     attn_type: AttentionType
     owns_kv: bool
     dtype: jnp.dtype = jnp.float32
-    serving: bool = False
 
     @nn.compact
     def __call__(
@@ -148,8 +147,7 @@ class Attention(nn.Module):
         if call.query_rows is not None:
             x_q, q_info = take_rows(x, call.query_rows), query.take(call.query_rows)
             user_mask = None if user_mask is None else take_rows(user_mask, call.query_rows)
-        q = Einsum((n, d, h), (Q_HEADS, EMBED, HEAD_DIM), 1, 2, dtype=self.dtype,
-                   serving=self.serving, name='q_einsum')('BTD,NDH->BTNH', x_q)
+        q = Einsum((n, d, h), (Q_HEADS, EMBED, HEAD_DIM), 1, 2, dtype=self.dtype, name='q_einsum')('BTD,NDH->BTNH', x_q)
         if cfg.use_qk_norm:
             q = RMSNorm(with_scale=cfg.qk_norm_with_scale, guard_precision=guard_on,
                         dtype=self.dtype, axis_name=HEAD_DIM, name='query_norm')(q)
@@ -158,8 +156,7 @@ class Attention(nn.Module):
 
         new_entry = None
         if self.owns_kv:
-            kv = Einsum((2, k, d, h), (KV, KV_HEADS, EMBED, HEAD_DIM), 2, 3, dtype=self.dtype,
-                        serving=self.serving, name='kv_einsum')('BSD,CKDH->CBSKH', x)
+            kv = Einsum((2, k, d, h), (KV, KV_HEADS, EMBED, HEAD_DIM), 2, 3, dtype=self.dtype, name='kv_einsum')('BSD,CKDH->CBSKH', x)
             keys, values = kv[0], kv[1]
             if cfg.use_qk_norm:
                 keys = RMSNorm(with_scale=cfg.qk_norm_with_scale, guard_precision=guard_on,
@@ -189,8 +186,7 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(logits, axis=-1).astype(context.values.dtype)
         encoded = dot('BKGTS,BSKH->BTKGH', probs, context.values)
         encoded = encoded.reshape(b, t, n, h).astype(x.dtype)
-        out = Einsum((n, h, d), (Q_HEADS, HEAD_DIM, EMBED), (0, 1), 2, dtype=self.dtype,
-                     serving=self.serving, name='attn_vec_einsum')('BTNH,NHD->BTD', encoded)
+        out = Einsum((n, h, d), (Q_HEADS, HEAD_DIM, EMBED), (0, 1), 2, dtype=self.dtype, name='attn_vec_einsum')('BTNH,NHD->BTD', encoded)
         return out, context, new_entry
 
 

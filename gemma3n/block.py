@@ -31,7 +31,6 @@ class Block(nn.Module):
     config: TransformerConfig
     layer_index: int
     dtype: jnp.dtype = jnp.float32
-    serving: bool = False
 
     @nn.compact
     def __call__(
@@ -54,14 +53,13 @@ class Block(nn.Module):
             return RMSNorm(guard_precision=guard_on, dtype=self.dtype, axis_name=EMBED, name=name)
 
         altup = AltUp(features=cfg.embed_dim, num_inputs=cfg.num_altup_inputs,
-                      coef_clip=cfg.altup_coef_clip, guard_precision=guard_on, dtype=self.dtype,
-                      serving=self.serving, name='altup')
+                      coef_clip=cfg.altup_coef_clip, guard_precision=guard_on, dtype=self.dtype, name='altup')
         predictions = altup.predict(streams)                                  # [A, B, L, D]
         active = predictions[0]
         h = norm('pre_attention_norm')(active)
         attn_out, context, new_entry = Attention(
             config=cfg, attn_type=cfg.attention_types[i],
-            owns_kv=cfg.kv_source_layers()[i] == i, dtype=self.dtype, serving=self.serving,
+            owns_kv=cfg.kv_source_layers()[i] == i, dtype=self.dtype,
             name='attn',
         )(h, query, call)
         if call.query_rows is not None:
@@ -73,14 +71,13 @@ class Block(nn.Module):
             attn_out = norm('post_attention_norm')(attn_out)
         attn_out = attn_out + active
         if cfg.use_laurel:
-            laurel = Laurel(features=cfg.embed_dim, rank=cfg.laurel_rank, dtype=self.dtype,
-                            serving=self.serving, name='laurel')(h)
+            laurel = Laurel(features=cfg.embed_dim, rank=cfg.laurel_rank, dtype=self.dtype, name='laurel')(h)
             laurel = h + norm('post_laurel_norm')(laurel)
             attn_out = (attn_out + laurel) * jnp.asarray(INV_SQRT2, attn_out.dtype)
 
         ffw = FeedForward(features=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
                           transpose_gating_einsum=cfg.transpose_gating_einsum,
-                          sparsity=cfg.sparsity(i), dtype=self.dtype, serving=self.serving,
+                          sparsity=cfg.sparsity(i), dtype=self.dtype,
                           name='mlp')(norm('pre_ffw_norm')(attn_out))
         if cfg.use_post_ffw_norm:
             ffw = norm('post_ffw_norm')(ffw)
@@ -89,7 +86,7 @@ class Block(nn.Module):
         corrected = altup.correct(predictions, activated)                    # [A, B, L, D]
         mapped = PerLayerMapping(
             features=cfg.embed_dim, per_layer_dim=cfg.per_layer_input_dim,
-            guard_precision=guard_on, dtype=self.dtype, serving=self.serving,
+            guard_precision=guard_on, dtype=self.dtype,
             name='per_layer_mapping',
         )(altup.scale_corrected_output(corrected[0]), per_layer_input)
         corrected = corrected.at[1:].add(mapped.astype(corrected.dtype))

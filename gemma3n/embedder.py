@@ -7,15 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.layers import (Einsum, QuantizedWeight, RMSNorm, contract, declare, layout_param,
-                            serving_order)
+from gemma3n.layers import Einsum, RMSNorm, contract, declare, lookup, projection_param
 from gemma3n.layers.axes import EMBED, LAYERS, PER_LAYER, VISION_EMBED, VOCAB
 
 INV_SQRT2 = 2 ** -0.5   # token-derived and table per-layer inputs are averaged in RMS
 PER_LAYER_TABLE = 'per_layer_input_embedding'
 # The tied table [V, D] read as the output head: V is its output axis, D its input axis. Stored
-# [out, in] already, so the serving layout keeps it as is; int8 serving quantizes it per row,
-# which also serves the input side (a row's scale multiplies the gathered row).
+# [out, in] already, so the serving layout keeps its order; int8 serving quantizes it per row,
+# which also serves the input side (`lookup`: a row's scale multiplies the gathered row).
 EMBEDDING_IN_AXIS, EMBEDDING_OUT_AXIS = 1, 0
 
 
@@ -48,14 +47,13 @@ class Embedder(nn.Module):
     vision_dim: int | None = None
     guard_precision: bool = False
     dtype: jnp.dtype = jnp.float32
-    serving: bool = False
 
     def setup(self):
         v, d, n, p = self.vocab_size, self.embed_dim, self.num_layers, self.per_layer_dim
         # Fan-in init: rows of unit RMS after the √D input scaling.
-        self.input_embedding = layout_param(
+        self.input_embedding = projection_param(
             self, 'input_embedding', (v, d), (VOCAB, EMBED), EMBEDDING_IN_AXIS, EMBEDDING_OUT_AXIS,
-            self.dtype, self.serving)
+            self.dtype)
         if self.is_initializing() or self.has_variable('params', PER_LAYER_TABLE):
             # A lookup table, not a projection: P is its fan-in (rows of unit RMS after √P).
             self.per_layer_input_embedding = declare(
@@ -64,25 +62,18 @@ class Embedder(nn.Module):
         else:
             self.per_layer_input_embedding = None
         self.per_layer_input_projection = Einsum(
-            (d, n, p), (EMBED, LAYERS, PER_LAYER), 0, (1, 2), dtype=self.dtype,
-            serving=self.serving)
+            (d, n, p), (EMBED, LAYERS, PER_LAYER), 0, (1, 2), dtype=self.dtype)
         self.per_layer_projection_norm = RMSNorm(
             guard_precision=self.guard_precision, dtype=self.dtype, axis_name=PER_LAYER)
         if self.vision_dim is not None:
             self.mm_soft_embedding_norm = RMSNorm(scale_plus_one=True, dtype=jnp.float32,
                                                   axis_name=VISION_EMBED)
             self.mm_input_projection = Einsum((self.vision_dim, d), (VISION_EMBED, EMBED), 0, 1,
-                                              dtype=jnp.float32, serving=self.serving)
+                                              dtype=jnp.float32)
 
     def encode(self, tokens: jax.Array) -> jax.Array:
         """tokens: [B, L] -> [B, L, D]: table rows times √D (ids outside the table clamp)."""
-        table = self.input_embedding
-        if isinstance(table, QuantizedWeight):
-            rows = jnp.take(table.q, tokens, axis=0, mode='clip').astype(jnp.float32)
-            scales = jnp.take(table.scale, tokens, axis=0, mode='clip')
-            x = (rows * scales[..., None]).astype(self.dtype)
-        else:
-            x = jnp.take(table, tokens, axis=0, mode='clip')
+        x = lookup(self.input_embedding, tokens, self.dtype)
         return x * jnp.sqrt(jnp.float32(self.embed_dim)).astype(x.dtype)
 
     def per_layer_inputs(
@@ -113,8 +104,7 @@ class Embedder(nn.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> logits [B, L, V] with the tied table."""
-        order = serving_order(2, (EMBEDDING_IN_AXIS,), (EMBEDDING_OUT_AXIS,)) if self.serving else None
-        return contract('BTD,VD->BTV', x, self.input_embedding, order)
+        return contract('BTD,VD->BTV', x, self.input_embedding)
 
     def encode_vision(self, soft_tokens: jax.Array) -> jax.Array:
         """Vision soft tokens [B, N, T, vision_dim] -> text-width embeddings [B, N, T, D] (float32)."""

@@ -30,7 +30,8 @@ class FeedForward(nn.Module):
     """gelu(gate) · up, projected back to the model width.
 
     Params: `gating_einsum` [2, F, D] (or [2, D, F] without `transpose_gating_einsum`) and
-    `linear` [F, D] (checkpoint order; see `gemma3n.layers.einsum` for the serving order).
+    `linear` [F, D] (checkpoint order; a params leaf may store them otherwise, see
+    `gemma3n.layers.einsum`).
 
     Example:
         >>> ffn = FeedForward(features=8, hidden_dim=32, transpose_gating_einsum=True)
@@ -41,7 +42,6 @@ class FeedForward(nn.Module):
     transpose_gating_einsum: bool
     sparsity: float = 0.0
     dtype: jnp.dtype = jnp.float32
-    serving: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -49,13 +49,13 @@ class FeedForward(nn.Module):
         f, d = self.hidden_dim, self.features
         if self.transpose_gating_einsum:
             gate_up = project(self, 'gating_einsum', (2, f, d), (GATE, MLP, EMBED), 2, 1,
-                              self.dtype, self.serving, 'BTD,CFD->CBTF', x)
+                              self.dtype, 'BTD,CFD->CBTF', x)
         else:
             gate_up = project(self, 'gating_einsum', (2, d, f), (GATE, EMBED, MLP), 1, 2,
-                              self.dtype, self.serving, 'BTD,CDF->CBTF', x)
+                              self.dtype, 'BTD,CDF->CBTF', x)
         gate, up = gate_up[0], gate_up[1]                     # [B, L, F] each
         if self.sparsity > 0.0:
             gate = gaussian_topk(gate, self.sparsity)
         hidden = nn.gelu(gate, approximate=True) * up
-        return project(self, 'linear', (f, d), (MLP, EMBED), 0, 1, self.dtype, self.serving,
+        return project(self, 'linear', (f, d), (MLP, EMBED), 0, 1, self.dtype,
                        'BTF,FD->BTD', hidden)

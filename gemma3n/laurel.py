@@ -20,13 +20,10 @@ class Laurel(nn.Module):
     features: int
     rank: int
     dtype: jnp.dtype = jnp.float32
-    serving: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]."""
-        left = Einsum((self.features, self.rank), (EMBED, LAUREL), 0, 1, dtype=self.dtype,
-                      serving=self.serving, name='linear_left')
-        right = Einsum((self.rank, self.features), (LAUREL, EMBED), 0, 1, dtype=self.dtype,
-                       serving=self.serving, name='linear_right')
+        left = Einsum((self.features, self.rank), (EMBED, LAUREL), 0, 1, dtype=self.dtype, name='linear_left')
+        right = Einsum((self.rank, self.features), (LAUREL, EMBED), 0, 1, dtype=self.dtype, name='linear_right')
         return right('BTR,RD->BTD', left('BTD,DR->BTR', x))

@@ -19,17 +19,14 @@ class PerLayerMapping(nn.Module):
     per_layer_dim: int
     guard_precision: bool = False
     dtype: jnp.dtype = jnp.float32
-    serving: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, per_layer_input: jax.Array) -> jax.Array:
         """x: [B, L, D], per_layer_input: [B, L, P] -> [B, L, D]."""
         gate = Einsum((self.features, self.per_layer_dim), (EMBED, PER_LAYER), 0, 1,
-                      dtype=self.dtype,
-                      serving=self.serving, name='per_layer_input_gate')('BTD,DP->BTP', x)
+                      dtype=self.dtype, name='per_layer_input_gate')('BTD,DP->BTP', x)
         gated = nn.gelu(gate, approximate=True) * per_layer_input
         out = Einsum((self.per_layer_dim, self.features), (PER_LAYER, EMBED), 0, 1,
-                     dtype=self.dtype,
-                     serving=self.serving, name='per_layer_projection')('BTP,PD->BTD', gated)
+                     dtype=self.dtype, name='per_layer_projection')('BTP,PD->BTD', gated)
         return RMSNorm(guard_precision=self.guard_precision, dtype=self.dtype, axis_name=EMBED,
                        name='post_per_layer_input_norm')(out)

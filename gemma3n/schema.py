@@ -30,10 +30,9 @@ SCHEMA_TOKENS_SHAPE = (1, 1)
 
 def model_schema(model: Gemma3nTransformer) -> dict[str, WeightInfo]:
     """{'/'-joined path: WeightInfo} of every parameter of `model` in the checkpoint layout."""
-    reference = model.clone(serving_layout=False)
-    if reference.text_only or reference.config.vision_encoder is None:
-        return dict(text_schema(reference.config, reference.dtype))
-    return weight_schema(reference, jnp.ones(SCHEMA_TOKENS_SHAPE, jnp.int32))
+    if model.text_only or model.config.vision_encoder is None:
+        return dict(text_schema(model.config, model.dtype))
+    return weight_schema(model, jnp.ones(SCHEMA_TOKENS_SHAPE, jnp.int32))
 
 
 def text_schema(config: TransformerConfig, dtype: Any = jnp.bfloat16) -> dict[str, WeightInfo]:

@@ -102,8 +102,9 @@ class Gemma3nTransformer(nn.Module):
     text_only: bool = False
     return_last_only: bool | None = None
     dtype: jnp.dtype = jnp.bfloat16
-    # Weights stored [out..., in...] (and maybe int8) for inference: see `gemma3n.layout`.
-    serving_layout: bool = False
+    # Recompute each block's activations in the backward pass instead of keeping them: training
+    # memory grows with one block's activations, not all of them (costs one more forward).
+    remat: bool = False
     # Names of batch entries, for config-driven training loops.
     tokens: str = KEY_REQUIRED
     images: str | None = None
@@ -123,21 +124,22 @@ class Gemma3nTransformer(nn.Module):
             vocab_size=cfg.num_embed, embed_dim=cfg.embed_dim, num_layers=cfg.num_layers,
             per_layer_dim=cfg.per_layer_input_dim,
             vision_dim=None if self.vision_encoder is None else self.vision_encoder.siglip_encoder.width,
-            guard_precision=cfg.guard_against_excess_precision, dtype=self.dtype,
-            serving=self.serving_layout)
+            guard_precision=cfg.guard_against_excess_precision, dtype=self.dtype)
         num_extra = cfg.num_altup_inputs - 1
         d = cfg.embed_dim
         self.altup_projection = [
             Einsum((d, d), (EMBED, EMBED_PROJECTED), 0, 1, weight_name=f'altup_projection_{k}',
-                   dtype=self.dtype, serving=self.serving_layout)
+                   dtype=self.dtype)
             for k in range(num_extra)]
         self.altup_unembed_projection = [
             Einsum((d, d), (EMBED_PROJECTED, EMBED), 0, 1,
-                   weight_name=f'altup_unembed_projection_{k}', dtype=self.dtype,
-                   serving=self.serving_layout)
+                   weight_name=f'altup_unembed_projection_{k}', dtype=self.dtype)
             for k in range(num_extra)]
-        self.blocks = [Block(config=cfg, layer_index=i, dtype=self.dtype,
-                             serving=self.serving_layout, name=f'layer_{i}')
+        # LayerCall.ring is static pytree metadata, so a rematerialised block needs no
+        # static arguments.
+        block_class = nn.remat(Block) if self.remat else Block
+        self.blocks = [block_class(config=cfg, layer_index=i, dtype=self.dtype,
+                             name=f'layer_{i}')
                        for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm(guard_precision=cfg.guard_against_excess_precision,
                                   dtype=self.dtype, axis_name=EMBED)

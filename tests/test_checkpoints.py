@@ -109,7 +109,7 @@ def test_hf_checkpoint_straight_into_the_serving_layout(hf_checkpoint, quantize_
                                            quantize_int8=quantize_int8)
     _, expected = to_serving(model, load_params(path, model=model, dtype=ml_dtypes.bfloat16, progress=False),
                              quantize_int8=quantize_int8)
-    assert serving_model.serving_layout
+    assert serving_model is model     # the leaves say how each weight is stored
     streamed_leaves = jax.tree_util.tree_leaves_with_path(streamed)
     expected_leaves = jax.tree_util.tree_leaves_with_path(expected)
     assert [p for p, _ in streamed_leaves] == [p for p, _ in expected_leaves]

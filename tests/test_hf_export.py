@@ -16,8 +16,7 @@ import transformers
 from safetensors.numpy import load_file
 
 from gemma3n import Gemma3nTransformer
-from gemma3n.checkpoints import hf_mapping, load_params, save_hf
-from gemma3n.checkpoints.hf_export import HF_NO_SOFTCAP
+from gemma3n.checkpoints import hf_config, hf_mapping, load_params, save_hf
 from cli_runner import cli_env, demo_model, run_cli
 from hf_oracle import random_params, small_configs
 
@@ -48,7 +47,8 @@ def test_transformers_loads_the_export_and_computes_our_logits(params, exported)
     assert len(shards) > 1 and {directory / name for name in shards} <= set(files)
     hf = transformers.Gemma3nForCausalLM.from_pretrained(
         directory, attn_implementation='eager', dtype=torch.float32).eval()
-    assert hf.config.final_logit_softcapping == HF_NO_SOFTCAP
+    assert hf.config.final_logit_softcapping == hf_config.HF_NO_SOFTCAP
+    assert hf_mapping.hf_final_logit_softcap(hf.config.to_dict()) is None     # ours reads no cap
 
     tokens = np.random.default_rng(0).integers(1, CONFIG.num_embed, (2, 24))   # 3 windows
     with torch.no_grad():

@@ -31,6 +31,7 @@ LAYERS = (
     ('checkpoints', ('checkpoints', 'layout')),
     ('text and generation', ('text',)),
     ('loading and description', ('loading', 'describe')),
+    ('training', ('training',)),
     ('the command and the package', ('cli', '__init__', '__main__')),
 )
 PACKAGE = ROOT / 'gemma3n'
@@ -99,4 +100,4 @@ def test_the_import_check_sees_upward_imports(tmp_path):
     assert _imported_modules(source) == {'text.tokenizer', 'cache', '__init__',
                                          'checkpoints.loader', 'cli'}
     assert [_layer_of(m) for m in ('layers.einsum', 'transformer', 'checkpoints.loader', 'text',
-                                   'cli.parser')] == [0, 1, 2, 3, 5]
+                                   'training.step', 'cli.parser')] == [0, 1, 2, 3, 5, 6]

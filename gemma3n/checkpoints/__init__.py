@@ -5,6 +5,8 @@ Example:
     >>> from gemma3n.checkpoints import load_params, save_params
     >>> params = load_params('/ckpts/gemma-3n-E4B-it', model=Gemma3n_E4B(text_only=True), dtype=jnp.bfloat16)
     >>> save_params(params, '/ckpts/e4b.safetensors')
+    >>> # A folder with config.json and tokenizer.model too, which `--checkpoint FOLDER` runs:
+    >>> save_checkpoint_folder(params, model.config, '/ckpts/tuned', tokenizer_file=tokenizer.path)
     >>> # Serving with the per-layer table left on disk (E4B: 4.7 GB less in memory):
     >>> params = load_params('/ckpts/e4b.safetensors', model=model, skip_per_layer_table=True)
     >>> table = open_per_layer_table('/ckpts/e4b.safetensors', model=model)    # table[ids] -> rows
@@ -13,9 +15,9 @@ Example:
 
 from gemma3n.checkpoints.hf_export import save_hf
 from gemma3n.checkpoints.loader import load_params
-from gemma3n.checkpoints.native import save_params
+from gemma3n.checkpoints.native import save_checkpoint_folder, save_params
 from gemma3n.checkpoints.per_layer_table import LazyPerLayerTable, open_per_layer_table
 from gemma3n.checkpoints.safetensors_hf import apply_hf_softcap
 
-__all__ = ['LazyPerLayerTable', 'apply_hf_softcap', 'load_params', 'open_per_layer_table', 'save_hf',
-           'save_params']
+__all__ = ['LazyPerLayerTable', 'apply_hf_softcap', 'load_params', 'open_per_layer_table',
+           'save_checkpoint_folder', 'save_hf', 'save_params']

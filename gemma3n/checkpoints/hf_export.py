@@ -11,8 +11,7 @@ our logits. Two things HF cannot express are handled here:
 - HF always soft-caps the final logits (its config refuses None). A model without a cap, as
   Google's reference and our presets are, is written with the cap `HF_NO_SOFTCAP`, so large
   that `cap * tanh(x / cap)` equals x to within float32 rounding; so transformers computes the
-  uncapped logits. (`gemma3n` loading the export back notes the cap of 1e20 as it notes any cap
-  its model lacks; applied or not, it computes the same.)
+  uncapped logits, and `gemma3n` reads the cap back as none.
 
 The vocabulary gets the hub's 256 extra rows, copies of the pad row as in the released
 checkpoints (docs/architecture.md §8), so the export's logits past ours equal the pad token's.
@@ -34,8 +33,9 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from gemma3n.checkpoints.hf_mapping import (check_representable, flatten_params, hf_text_config,
-                                            params_to_hf, unflatten_params)
+from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
+from gemma3n.checkpoints.hf_config import HF_NO_SOFTCAP, check_representable, hf_text_config
+from gemma3n.checkpoints.hf_mapping import params_to_hf
 from gemma3n.checkpoints.loader import VISION_PREFIXES
 from gemma3n.checkpoints.native import CHECKPOINT_MODE
 from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
@@ -47,9 +47,6 @@ CAUSAL_LM_PREFIX = 'model.'
 # HF's own default shard size for hub checkpoints (5 GB), the size the released ones use.
 DEFAULT_MAX_SHARD_BYTES = 5 * 10 ** 9
 SHARD_NAME = 'model-{index:05d}-of-{count:05d}.safetensors'
-# A final logit cap that changes nothing: x / 1e20 stays a normal float32 for |x| > 1e-18, where
-# tanh is the identity to the last bit, and float32/bfloat16 hold 1e20 (float16 would not).
-HF_NO_SOFTCAP = 1e20
 # The dtypes an export may be written in, by their names in config.json.
 EXPORT_DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
 # transformers reads the safetensors metadata's format to know the tensors are PyTorch's layout.
@@ -121,11 +118,11 @@ def save_hf(directory: str | os.PathLike, params: Mapping[str, Any], config: Tra
             if not path.startswith(VISION_PREFIXES)}
     tensors = params_to_hf(unflatten_params(text), config, prefix=CAUSAL_LM_PREFIX)
     if dtype is None:
-        dtypes = {np.dtype(t.dtype) for t in tensors.values()}
+        dtypes = sorted({str(t.dtype) for t in tensors.values()})
         if len(dtypes) != 1:
-            raise ValueError(f'the weights have several dtypes ({", ".join(map(str, dtypes))}): '
-                             'pass dtype= to export them in one.')
-        dtype = dtypes.pop()
+            raise ValueError(f'the weights have several dtypes ({", ".join(dtypes)}): pass dtype= '
+                             'to export them in one.')
+        dtype = dtypes[0]
     dtype = export_dtype(dtype)
     for key, tensor in tensors.items():
         check_finite(f'Weight {key}', tensor)

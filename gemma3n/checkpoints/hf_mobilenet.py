@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.checkpoints.hf_mapping import flatten_params
+from gemma3n.checkpoints.flat_params import flatten_params
 from gemma3n.checkpoints.hf_tensors import Stored, read_params
 from gemma3n.layers.weights import weight_schema
 from gemma3n.layers.norm import RMS_NORM_EPS

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gemma3n.checkpoints.hf_mapping import _abbreviate, unflatten_params
+from gemma3n.checkpoints.flat_params import unflatten_params
+from gemma3n.checkpoints.hf_mapping import _abbreviate
 
 
 def _same(array: np.ndarray) -> np.ndarray:

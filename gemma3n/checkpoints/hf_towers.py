@@ -27,7 +27,8 @@ import numpy as np
 
 from gemma3n.audio.encoder import AudioEncoder
 from gemma3n.checkpoints import hf_audio, hf_mobilenet
-from gemma3n.checkpoints.hf_mapping import config_from_hf, flatten_params, unflatten_params
+from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
+from gemma3n.checkpoints.hf_config import config_from_hf
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.config import TransformerConfig
 from gemma3n.layers.weights import weight_schema

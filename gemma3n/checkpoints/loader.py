@@ -25,7 +25,8 @@ import numpy as np
 import tqdm
 
 from gemma3n.checkpoints import hf_mapping
-from gemma3n.checkpoints.native import is_native, native_catalog, native_read
+from gemma3n.checkpoints.flat_params import unflatten_params
+from gemma3n.checkpoints.native import is_native, native_catalog, native_file, native_read
 from gemma3n.checkpoints.orbax_io import ORBAX_MARKERS, is_orbax_checkpoint, orbax_catalog, orbax_restore
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.checkpoints.safetensors_hf import INDEX_FILE, SINGLE_FILE, is_hf_directory, load_hf_params
@@ -84,7 +85,7 @@ def load_params(
             never holds the checkpoint's layout of the whole model. Orbax checkpoints are restored
             whole first, then converted leaf by leaf.
     """
-    path = Path(path).expanduser()
+    path = native_file(Path(path).expanduser())
     checkpoint = checkpoint_format(path)
     config, text_only = model_config(model)
     dtype = None if dtype is None else np.dtype(dtype)
@@ -103,7 +104,7 @@ def load_params(
             check_finite(f'Array {name} of {path}', flat[name])
             if transform is not None:
                 flat[name] = transform(name, flat.pop(name))
-        return hf_mapping.unflatten_params(flat)
+        return unflatten_params(flat)
     files = SafetensorsFiles([path])
     catalog = native_catalog(files)
     names = _select(catalog, config, text_only, path, skip)
@@ -111,11 +112,12 @@ def load_params(
     with tqdm.tqdm(total=sum(sizes.values()), desc=f'Loading {path.name}', unit='param', unit_scale=True,
                    disable=not progress) as bar:
         largest_first = sorted(names, key=lambda n: -sizes[n])
-        return hf_mapping.unflatten_params(native_read(files, largest_first, dtype, bar.update, transform))
+        return unflatten_params(native_read(files, largest_first, dtype, bar.update, transform))
 
 
 def checkpoint_format(path: Path) -> str:
     """HF_FORMAT, ORBAX_FORMAT or NATIVE_FORMAT; FileNotFoundError / ValueError naming `path` otherwise."""
+    path = native_file(path)
     if not path.exists():
         raise FileNotFoundError(f'Checkpoint not found: {path}')
     if path.is_dir():
@@ -133,7 +135,7 @@ def checkpoint_format(path: Path) -> str:
 def has_vision_encoder(path: str | os.PathLike) -> bool:
     """Whether the checkpoint at `path` holds vision encoder parameters, from its headers alone
     (nothing is read). Hugging Face checkpoints never do (their vision tower is not SigLIP)."""
-    path = Path(path).expanduser()
+    path = native_file(Path(path).expanduser())
     checkpoint = checkpoint_format(path)
     if checkpoint == HF_FORMAT:
         return False

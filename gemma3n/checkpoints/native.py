@@ -1,5 +1,9 @@
 """Our own checkpoint format: one safetensors file, keys are '/'-joined parameter paths.
 
+A checkpoint folder (`save_checkpoint_folder`, what fine-tuning writes) holds that file as
+`params.safetensors`, the model's config as a Hugging Face `config.json` and the tokenizer's
+`tokenizer.model`: the loaders and the command take the folder for the file it holds.
+
 The file's metadata names the format and its version, which is how `load_params` recognises it.
 Saving is atomic: the file is written in a hidden temporary folder beside the target, flushed to
 disk, then renamed over the target, so an interrupted save leaves the previous checkpoint intact.
@@ -14,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -24,8 +29,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from safetensors.numpy import save_file
 
-from gemma3n.checkpoints import hf_mapping
+from gemma3n.checkpoints.flat_params import flatten_params
+from gemma3n.checkpoints.hf_mapping import Transform
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
+from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE
+from gemma3n.config import TransformerConfig
 from gemma3n.validation import check_finite
 
 FORMAT_KEY = 'format'
@@ -34,6 +42,8 @@ VERSION_KEY = 'format_version'
 FORMAT_VERSION = '1'
 CHECKPOINT_MODE = 0o644   # mkstemp creates owner-only files; a checkpoint is an ordinary readable file
 TEMPORARY_SUFFIX = '.gemma3n-save.tmp'    # '.<target name>.<random>' + this: a save's folder
+FOLDER_PARAMS_FILE = 'params.safetensors'  # the params file of a checkpoint folder
+FOLDER_TOKENIZER_FILE = 'tokenizer.model'
 
 try:
     import fcntl
@@ -52,13 +62,18 @@ def is_native(files: SafetensorsFiles, path: Path) -> bool:
     return True
 
 
+def native_file(path: Path) -> Path:
+    """The params file of checkpoint folder `path`; any other path as it is."""
+    return path / FOLDER_PARAMS_FILE if (path / FOLDER_PARAMS_FILE).is_file() else path
+
+
 def native_catalog(files: SafetensorsFiles) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     return {key: files.shape_and_dtype(key) for key in files.keys()}
 
 
 def native_read(files: SafetensorsFiles, paths: Sequence[str], dtype: Any,
                 progress: Callable[[int], None],
-                transform: hf_mapping.Transform | None = None) -> dict[str, Any]:
+                transform: Transform | None = None) -> dict[str, Any]:
     """The tensors at `paths`, one at a time, cast to `dtype` (None: as stored) and checked for
     NaN/Inf, each passed through `transform(path, array)` when given, before the next is read."""
     flat = {}
@@ -86,7 +101,7 @@ def save_params(params: Mapping[str, Any], path: str | os.PathLike) -> None:
         raise IsADirectoryError(f'save_params writes one file; {path} is a directory.')
     if not path.parent.is_dir():
         raise FileNotFoundError(f'Directory {path.parent} does not exist.')
-    flat = {name: np.ascontiguousarray(np.asarray(leaf)) for name, leaf in hf_mapping.flatten_params(params).items()}
+    flat = {name: np.ascontiguousarray(np.asarray(leaf)) for name, leaf in flatten_params(params).items()}
     if not flat:
         raise ValueError('save_params got an empty parameter tree.')
     _remove_stale_temporaries(path)
@@ -148,3 +163,22 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def save_checkpoint_folder(params: Mapping[str, Any], config: TransformerConfig,
+                           folder: str | os.PathLike, *, tokenizer_file: str | os.PathLike) -> None:
+    """Writes a checkpoint folder: `params` (`save_params`), `config` as config.json, and a copy
+    of `tokenizer_file`; `gemma3n generate --checkpoint FOLDER` then runs it.
+
+    config.json is the Hugging Face text config of `config` (`hf_mapping.config_from_hf` reads it
+    back); its final logit softcap is `config`'s own, null for none.
+    """
+    folder = Path(folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_config = hf_mapping.hf_text_config(config)
+    hf_config['final_logit_softcapping'] = config.final_logit_softcap
+    save_params(params, folder / FOLDER_PARAMS_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + '\n')
+    tokenizer_copy = folder / FOLDER_TOKENIZER_FILE
+    if Path(tokenizer_file).resolve() != tokenizer_copy.resolve():
+        shutil.copyfile(tokenizer_file, tokenizer_copy)

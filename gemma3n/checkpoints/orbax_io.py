@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gemma3n.checkpoints import hf_mapping
+from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
 
 # Files Orbax writes at the top of a PyTree checkpoint.
 ORBAX_MARKERS = ('_METADATA', '_CHECKPOINT_METADATA', 'manifest.ocdbt')
@@ -40,7 +40,7 @@ def orbax_catalog(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         tree = checkpointer.metadata(path).item_metadata.tree
     except Exception as err:   # orbax/tensorstore raise many error types for unreadable metadata
         raise ValueError(f'{path}: cannot read the Orbax checkpoint metadata: {err}') from err
-    flat = hf_mapping.flatten_params(tree)
+    flat = flatten_params(tree)
     return {name: (tuple(leaf.shape), np.dtype(leaf.dtype)) for name, leaf in flat.items()}
 
 
@@ -48,12 +48,12 @@ def orbax_restore(path: Path, paths: Sequence[str], dtype: Any) -> dict[str, np.
     """The arrays at `paths` as numpy arrays in `dtype` (None: as stored); other leaves are not read."""
     ocp, checkpointer = _checkpointer()
     try:
-        metadata = hf_mapping.flatten_params(checkpointer.metadata(path).item_metadata.tree)
-        item = hf_mapping.unflatten_params({name: metadata[name] for name in paths})
-        restore_args = hf_mapping.unflatten_params(
+        metadata = flatten_params(checkpointer.metadata(path).item_metadata.tree)
+        item = unflatten_params({name: metadata[name] for name in paths})
+        restore_args = unflatten_params(
                 {name: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype) for name in paths})
         restored = checkpointer.restore(
                 path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
     except Exception as err:   # tensorstore reports truncated/corrupted chunks with its own error types
         raise ValueError(f'{path}: cannot restore the Orbax checkpoint: {err}') from err
-    return hf_mapping.flatten_params(restored)
+    return flatten_params(restored)

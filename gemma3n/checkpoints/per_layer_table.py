@@ -26,6 +26,7 @@ import numpy as np
 from gemma3n.checkpoints import hf_mapping
 from gemma3n.checkpoints.loader import (HF_FORMAT, ORBAX_FORMAT, PER_LAYER_TABLE_PATH, checkpoint_format,
                                         model_config)
+from gemma3n.checkpoints.native import native_file
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles, read_into
 from gemma3n.checkpoints.safetensors_hf import hf_checkpoint_config, hf_prefix, open_hf_files
 from gemma3n.config import TransformerConfig
@@ -163,7 +164,7 @@ def open_per_layer_table(
         >>> params = load_params(path, model=model, dtype=jnp.bfloat16, skip_per_layer_table=True)
         >>> table = open_per_layer_table(path, model=model)
     """
-    path = Path(path).expanduser()
+    path = native_file(Path(path).expanduser())
     checkpoint = checkpoint_format(path)
     config, _ = model_config(model)
     if checkpoint == ORBAX_FORMAT:

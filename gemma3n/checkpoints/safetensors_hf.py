@@ -24,6 +24,7 @@ from typing import Any, Collection
 import tqdm
 
 from gemma3n.checkpoints import hf_mapping, hf_towers
+from gemma3n.checkpoints.hf_config import check_hf_config, config_from_hf, hf_final_logit_softcap
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.config import TransformerConfig
 from gemma3n.towers_config import TowersConfig
@@ -101,10 +102,10 @@ def hf_checkpoint_config(path: Path, config: TransformerConfig | None) -> Transf
         return config
     if config is None:
         try:
-            config = hf_mapping.config_from_hf(hf_config)
+            config = config_from_hf(hf_config)
         except ValueError as err:
             raise ValueError(f'{config_path}: {err}') from err
-    problems = hf_mapping.check_hf_config(hf_config, config)
+    problems = check_hf_config(hf_config, config)
     if problems:
         raise ValueError(f'{config_path} does not match the model config: ' + '; '.join(problems))
     return config
@@ -168,7 +169,7 @@ def load_hf_params(
 
 
 def _note_softcap(hf_config: dict[str, Any], config: TransformerConfig, config_path: Path) -> None:
-    hf_cap = hf_mapping.hf_final_logit_softcap(hf_config)
+    hf_cap = hf_final_logit_softcap(hf_config)
     if hf_cap != config.final_logit_softcap:
         warnings.warn(f'{config_path} sets final_logit_softcapping={hf_cap} but the model uses '
                       f'final_logit_softcap={config.final_logit_softcap}; to match transformers, '
@@ -185,7 +186,7 @@ def apply_hf_softcap(model: Any, path: str | Path) -> Any:
     hf_config = read_hf_config(Path(path))
     if hf_config is None:
         raise FileNotFoundError(f'No {CONFIG_FILE} found for {path}.')
-    cap = hf_mapping.hf_final_logit_softcap(hf_config)
+    cap = hf_final_logit_softcap(hf_config)
     if isinstance(model, TransformerConfig):
         return dataclasses.replace(model, final_logit_softcap=cap)
     return model.clone(config=dataclasses.replace(model.config, final_logit_softcap=cap))

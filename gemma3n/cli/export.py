@@ -10,7 +10,7 @@ from gemma3n.checkpoints import load_params
 from gemma3n.checkpoints.hf_export import check_export_directory, save_hf
 from gemma3n.cli.console import COMPILING_DEMO, compiling, logger
 from gemma3n.cli.model import MODEL_NAMES, checkpoint_path, choose_model, tokenizer_path
-from gemma3n.loading import TOKENIZER_FILE, demo_params
+from gemma3n.loading import DTYPES, TOKENIZER_FILE, demo_params
 from gemma3n.text.tokenizer import Tokenizer
 
 GIGABYTE = 1e9
@@ -24,12 +24,14 @@ def run_export(args: argparse.Namespace) -> int:
     tokenizer = tokenizer_path(args, checkpoint)
     name, model = choose_model(args, checkpoint, vocab_size=Tokenizer(tokenizer).vocab_size,
                                with_vision=False)
+    # An export keeps the weights' own dtype unless --dtype asks: it is no place to lose bits.
+    dtype = None if args.dtype is None else DTYPES[args.dtype]
     if checkpoint is None:
         with compiling(COMPILING_DEMO):
             params = demo_params(model)
     else:
-        params = load_params(checkpoint, model=model, dtype=model.dtype)
-    files = save_hf(out, params, model.config, dtype=model.dtype)
+        params = load_params(checkpoint, model=model, dtype=dtype)
+    files = save_hf(out, params, model.config, dtype=dtype)
     shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
     size = sum(path.stat().st_size for path in files)
     logger.info('tokenizer %s copied', tokenizer)

@@ -17,7 +17,8 @@ import numpy as np
 from gemma3n.audio.audio_file import AudioTruncatedWarning, load_audio
 from gemma3n.checkpoints.hf_mapping import check_hf_config, hf_final_logit_softcap
 from gemma3n.checkpoints.hf_towers import model_config_from_hf, towers_config_from_hf
-from gemma3n.checkpoints.loader import HF_FORMAT, checkpoint_format, has_vision_encoder
+from gemma3n.checkpoints.loader import (HF_FORMAT, NATIVE_FORMAT, checkpoint_format,
+                                        has_vision_encoder)
 from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE, hf_checkpoint_config, read_hf_config
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
 from gemma3n.cli.sampling import sampling_method
@@ -137,7 +138,9 @@ def _checkpoint_model(args: argparse.Namespace, checkpoint: Path, *, dtype: Any,
     config describes (with its released towers when images or audio are given); else E4B.
     --hf-softcap takes the final logit softcap of config.json.
     """
-    hf_config = read_hf_config(checkpoint) if checkpoint_format(checkpoint) == HF_FORMAT else None
+    # A checkpoint folder of our format (what fine-tuning writes) has a config.json too.
+    hf_config = (read_hf_config(checkpoint)
+                 if checkpoint_format(checkpoint) in (HF_FORMAT, NATIVE_FORMAT) else None)
     config_path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / CONFIG_FILE
     if hf_config is None:
         if args.hf_softcap:
@@ -162,8 +165,10 @@ def _checkpoint_model(args: argparse.Namespace, checkpoint: Path, *, dtype: Any,
     if args.hf_softcap:
         model = model.clone(config=dataclasses.replace(model.config, final_logit_softcap=cap))
     elif cap != model.config.final_logit_softcap:
-        # Capping is monotone: only sampling sees it.
-        greedy = isinstance(sampling_method(args.temperature, args.top_k, args.top_p), Greedy)
+        # Capping is monotone: only sampling sees it. A command without sampling options
+        # (export) passes the choice on to whoever samples its output, so it warns too.
+        greedy = hasattr(args, 'temperature') and isinstance(
+            sampling_method(args.temperature, args.top_k, args.top_p), Greedy)
         logger.log(logging.INFO if greedy else logging.WARNING,
                    '%s caps the final logits at %s; like Google\'s reference implementation '
                    'this program does not, so sampled answers differ from transformers\' unless '

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from gemma3n.cli.chat import HELP_COMMAND, QUIT_COMMAND, RESET_COMMAND, run_chat
 from gemma3n.cli.console import PROG, USAGE_ERROR
 from gemma3n.cli.export import run_export
+from gemma3n.cli.finetune import add_finetune_options, run_finetune
 from gemma3n.cli.generate import run_generate
 from gemma3n.cli.info import run_info
 from gemma3n.cli.model import CHECKPOINT_DTYPE, DEMO_DTYPE, DEMO_MAX_NEW_TOKENS
@@ -61,7 +62,8 @@ def _model_options(*, running: bool) -> argparse.ArgumentParser:
                             'checkpoint; without a checkpoint the small packaged one)')
     group.add_argument('--dtype', choices=tuple(DTYPES),
                        help=f'weights and KV cache dtype (default: {CHECKPOINT_DTYPE} for '
-                            f'e4b/e2b, {DEMO_DTYPE} for the demo)')
+                            f'e4b/e2b, {DEMO_DTYPE} for the demo)' if running else
+                            'dtype of the exported weights (default: as stored)')
     if running:
         group.add_argument('--text-only', action='store_true',
                            help='leave out the vision and audio towers')
@@ -164,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help='a new or empty directory for config.json and the safetensors files')
     # Nothing is sampled: a checkpoint's softcap note is then informational (shown with -v).
     export.set_defaults(run=run_export, temperature=None, top_k=None, top_p=None)
+
+    finetune = commands.add_parser(
+        'finetune', parents=[_model_options(running=False)],
+        help='fine-tune all weights on JSONL chat data',
+        description='Fine-tune a checkpoint (without --checkpoint: the demo model) on chat data; '
+                    'the result is a checkpoint folder that `generate` and `chat` run.')
+    _add_checkpoint_options(finetune.add_argument_group('weights'))
+    add_finetune_options(finetune, {'positive': _positive_int,
+                                    'whole': _whole_number(0, INT32_MAX)})
+    # Nothing is sampled: a checkpoint's softcap note is then informational (shown with -v).
+    finetune.set_defaults(run=run_finetune, temperature=None, top_k=None, top_p=None)
     parser.commands = commands.choices
     return parser
 

@@ -1,11 +1,21 @@
-"""Weights applied with `jnp.einsum`, in the checkpoint's axis order or a faster serving order.
+"""Projection weights and the one `contract` that applies them, whatever their representation.
 
-Every projection weight is declared with its checkpoint shape and which axes it reads (`in`),
-writes (`out`) and batches over. Stored that way it loads checkpoints with no conversion. For
-inference it can be re-laid out once into the serving order [batch..., out..., in...] (contracted
-axes last), which XLA's CPU backend multiplies many times faster in bfloat16, and optionally
-quantized to int8 per output channel (`gemma3n.layout` converts a parameter tree). The einsum
-string at each call site always names the checkpoint order; it is rewritten for the stored one.
+Every projection weight is declared with its checkpoint shape and which axes it reads (`in`)
+and writes (`out`); any other axis is a batch axis (`gemma3n.layers.weights`). The einsum
+string at each call site always names the checkpoint order. How a weight is *stored* is said by
+its params leaf, not by a module flag:
+
+- a plain array: the checkpoint order (what `init` creates and checkpoints hold);
+- `ServingWeight`: the array re-laid out once into the serving order [batch..., out...,
+  in...] (contracted axes last), which XLA's CPU backend multiplies many times faster in
+  bfloat16;
+- `gemma3n.layers.int8.QuantizedWeight`: int8 in serving order with one scale per output
+  channel.
+
+`contract(eqn, x, w)` dispatches on the leaf: a `StoredWeight` subclass contracts itself (most
+by calling `contract_stored` with their own product), so a new format is one leaf class plus
+its converter in `gemma3n.layout` (docs/architecture.md §6). `lookup` reads table rows (the
+tied embedding) the same way. `gemma3n.layout` converts a checkpoint-order tree.
 """
 
 from __future__ import annotations
@@ -18,21 +28,72 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gemma3n.layers.weights import batch_axes, declare, serving_order
+from gemma3n.layers.weights import batch_axes, declare
 
 Initializer = Callable[..., jax.Array]
 Axes = int | Sequence[int]
-INT8_MAX = 127
+# (eqn over the stored arrays, x, the stored array) -> the product in the eqn's output order.
+Product = Callable[[str, jax.Array, jax.Array], jax.Array]
+
+
+class StoredWeight:
+    """Base of the params leaves that store a weight in a representation other than a plain
+    checkpoint-order array. A subclass (a `flax.struct.dataclass`) implements:
+
+    - `shape`: the weight's checkpoint-order shape (what the module declares);
+    - `contract(eqn, x)`: `jnp.einsum(eqn, x, weight)`, eqn naming the checkpoint order;
+    - `take(ids, dtype)`: rows `ids` of a [rows, ...] table, for the embedding lookup.
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def contract(self, eqn: str, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def take(self, ids: jax.Array, dtype: Any) -> jax.Array:
+        raise NotImplementedError(f'{type(self).__name__} cannot be read row by row.')
+
+
+def checkpoint_shape(stored_shape: Sequence[int], order: tuple[int, ...] | None
+                     ) -> tuple[int, ...]:
+    """The checkpoint-order shape of an array stored in `order` (None: unpermuted)."""
+    if order is None:
+        return tuple(stored_shape)
+    shape = [0] * len(order)
+    for stored_axis, axis in enumerate(order):
+        shape[axis] = stored_shape[stored_axis]
+    return tuple(shape)
+
+
+def rows_first(order: tuple[int, ...] | None) -> None:
+    """Raises unless a table stored in `order` keeps its rows (checkpoint axis 0) first."""
+    if order is not None and order[0] != 0:
+        raise ValueError(f'A table stored in axis order {order} cannot be read by rows.')
+
 
 @flax.struct.dataclass
-class QuantizedWeight:
-    """A weight stored as int8 with one float32 scale per output channel.
+class ServingWeight(StoredWeight):
+    """A weight stored in serving order: `value` is the checkpoint-order weight transposed by
+    `order` (`gemma3n.layers.weights.serving_order`)."""
+    value: jax.Array
+    order: tuple[int, ...] = flax.struct.field(pytree_node=False)
 
-    q: int8 weight in serving order [batch..., out..., in...].
-    scale: float32 [batch..., out...]; the weight is q · scale.
-    """
-    q: jax.Array
-    scale: jax.Array
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return checkpoint_shape(self.value.shape, self.order)
+
+    @property
+    def dtype(self) -> Any:
+        return self.value.dtype
+
+    def contract(self, eqn: str, x: jax.Array) -> jax.Array:
+        return contract_stored(eqn, x, self.value, self.order, dot)
+
+    def take(self, ids: jax.Array, dtype: Any) -> jax.Array:
+        rows_first(self.order)
+        return jnp.take(self.value, ids, axis=0, mode='clip')
 
 
 def _axes(axes: Axes) -> tuple[int, ...]:
@@ -46,22 +107,13 @@ def weight_init(in_axis: Axes, out_axis: Axes, batch_axis: Sequence[int] = ()) -
         in_axis=in_axis, out_axis=out_axis, batch_axis=batch_axis)
 
 
-def layout_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: Sequence[str],
-                 in_axes: Axes, out_axes: Axes, dtype: Any,
-                 serving: bool) -> jax.Array | QuantizedWeight:
+def projection_param(module: nn.Module, name: str, shape: tuple[int, ...], axes: Sequence[str],
+                     in_axes: Axes, out_axes: Axes, dtype: Any) -> jax.Array | StoredWeight:
     """Declares projection weight `name` of checkpoint `shape` (logical `axes`, reading `in_axes`
-    and writing `out_axes`), stored in checkpoint or serving order."""
+    and writing `out_axes`); returns the params leaf, in whatever representation it is stored."""
     in_axes, out_axes = _axes(in_axes), _axes(out_axes)
-    batch = batch_axes(len(shape), in_axes, out_axes)
-    init = weight_init(in_axes, out_axes, batch)
-    if not serving:
-        return declare(module, name, shape, axes, init, dtype, in_axes=in_axes, out_axes=out_axes)
-    order = serving_order(len(shape), in_axes, out_axes)
-    num_leading = len(shape) - len(in_axes)
-    return declare(
-        module, name, tuple(shape[i] for i in order), tuple(axes[i] for i in order),
-        lambda key, _, dt: jnp.transpose(init(key, shape, dt), order), dtype,
-        in_axes=range(num_leading, len(shape)), out_axes=range(len(batch), num_leading))
+    init = weight_init(in_axes, out_axes, batch_axes(len(shape), in_axes, out_axes))
+    return declare(module, name, shape, axes, init, dtype, in_axes=in_axes, out_axes=out_axes)
 
 
 def dot(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
@@ -91,28 +143,6 @@ def dot(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return y if accumulate == jnp.int32 else y.astype(x.dtype)
 
 
-def _int8_dot(x: jax.Array, w: QuantizedWeight, x_spec: str, w_spec: str,
-              out_spec: str) -> jax.Array:
-    """x · (w.q · w.scale) with x quantized too: int8 x int8 products are the only int8 form
-    XLA's CPU backend runs fast (a mixed int8 x bf16 product converts the weight every call).
-
-    Each row of x (each combination of its free axes) gets its own absmax scale, so the
-    activation rounding is at most half a step of 1/127 of that row's largest value.
-    """
-    contracted = [i for i, a in enumerate(x_spec) if a in w_spec and a not in out_spec]
-    x32 = x.astype(jnp.float32)
-    x_scale = jnp.max(jnp.abs(x32), axis=tuple(contracted), keepdims=True) / INT8_MAX
-    x_scale = jnp.where(x_scale == 0, 1.0, x_scale)
-    xq = jnp.round(x32 / x_scale).astype(jnp.int8)
-    y = dot(f'{x_spec},{w_spec}->{out_spec}', xq, w.q).astype(jnp.float32)
-    scale_spec = w_spec[:w.scale.ndim]
-    y = jnp.einsum(f'{out_spec},{scale_spec}->{out_spec}', y, w.scale.astype(jnp.float32))
-    row_spec = ''.join(a for i, a in enumerate(x_spec) if i not in contracted)
-    y = jnp.einsum(f'{out_spec},{row_spec}->{out_spec}', y,
-                   jnp.squeeze(x_scale, axis=tuple(contracted)))
-    return y.astype(x.dtype)
-
-
 def _merge_contracted(x, w, x_spec: str, w_spec: str, out_spec: str):
     """Flattens several contracted axes into one when both operands hold them contiguously in
     the same order (a free reshape): XLA's CPU matrix kernels take a single contracted axis and
@@ -128,21 +158,16 @@ def _merge_contracted(x, w, x_spec: str, w_spec: str, out_spec: str):
         return jnp.reshape(arr, shape), spec.replace(contracted, merged)
 
     x, x_spec = flatten(x, x_spec)
-    if isinstance(w, QuantizedWeight):
-        # The scale indexes output channels only: the contracted axes it lacks merge freely.
-        q, w_spec = flatten(w.q, w_spec)
-        return x, QuantizedWeight(q=q, scale=w.scale), x_spec, w_spec
     w, w_spec = flatten(w, w_spec)
     return x, w, x_spec, w_spec
 
 
-def contract(eqn: str, x: jax.Array, w: jax.Array | QuantizedWeight,
-             order: tuple[int, ...] | None) -> jax.Array:
-    """jnp.einsum(eqn, x, w) where eqn names w's checkpoint order and w may be stored in `order`.
-
-    A quantized weight is converted to x's dtype inside the computation and its per-channel
-    scale applied to the (smaller) output.
-    """
+def contract_stored(eqn: str, x: jax.Array, w: jax.Array, order: tuple[int, ...] | None,
+                    product: Product) -> jax.Array:
+    """jnp.einsum(eqn, x, ·) of an array `w` stored in `order` (None: the checkpoint order that
+    eqn names), computed by `product` on the stored array in the form XLA's CPU backend runs
+    fastest. Per-output-channel data a product carries (scales) keeps its axes: only the
+    contracted axes, which come last in serving order, are merged."""
     inputs, out_spec = eqn.split('->')
     x_spec, w_spec = inputs.split(',')
     if order is not None:
@@ -158,20 +183,30 @@ def contract(eqn: str, x: jax.Array, w: jax.Array | QuantizedWeight,
             a for a in out_spec if a not in w_spec)
     else:
         weight_first = out_spec
-    if isinstance(w, QuantizedWeight):
-        y = _int8_dot(x, w, x_spec, w_spec, weight_first)
-    else:
-        y = dot(f'{x_spec},{w_spec}->{weight_first}', x, w)
+    y = product(f'{x_spec},{w_spec}->{weight_first}', x, w)
     return jnp.transpose(y, [weight_first.index(a) for a in out_spec])
 
 
+def contract(eqn: str, x: jax.Array, w: jax.Array | StoredWeight) -> jax.Array:
+    """jnp.einsum(eqn, x, w) accumulated in float32, in x's dtype; eqn names w's checkpoint
+    order and `w` is any params leaf: a plain array or a `StoredWeight`."""
+    if isinstance(w, StoredWeight):
+        return w.contract(eqn, x)
+    return contract_stored(eqn, x, w, None, dot)
+
+
+def lookup(table: jax.Array | StoredWeight, ids: jax.Array, dtype: Any) -> jax.Array:
+    """Rows `ids` of a [rows, ...] table leaf (ids outside the table clamp). A plain or
+    re-laid-out table gives its stored values; an encoded one (int8) decodes into `dtype`."""
+    if isinstance(table, StoredWeight):
+        return table.take(ids, dtype)
+    return jnp.take(table, ids, axis=0, mode='clip')
+
+
 def project(module: nn.Module, name: str, shape: tuple[int, ...], axes: Sequence[str],
-            in_axes: Axes, out_axes: Axes, dtype: Any, serving: bool,
-            eqn: str, x: jax.Array) -> jax.Array:
-    """Declares weight `name` (see `layout_param`) and contracts x with it by `eqn`."""
-    w = layout_param(module, name, shape, axes, in_axes, out_axes, dtype, serving)
-    order = serving_order(len(shape), _axes(in_axes), _axes(out_axes)) if serving else None
-    return contract(eqn, x, w, order)
+            in_axes: Axes, out_axes: Axes, dtype: Any, eqn: str, x: jax.Array) -> jax.Array:
+    """Declares weight `name` (see `projection_param`) and contracts x with it by `eqn`."""
+    return contract(eqn, x, projection_param(module, name, shape, axes, in_axes, out_axes, dtype))
 
 
 class Einsum(nn.Module):
@@ -183,7 +218,7 @@ class Einsum(nn.Module):
     Example:
         >>> proj = Einsum(shape=(8, 4), axes=(EMBED, MLP), in_axes=0, out_axes=1)
         >>> params = proj.init(jax.random.key(0), 'BTD,DF->BTF', jnp.ones((1, 2, 8)))
-        >>> # params['w']: [8, 4]; with serving=True it is stored [4, 8].
+        >>> # params['w']: [8, 4]; `gemma3n.layout` may replace it by a ServingWeight [4, 8].
     """
     shape: tuple[int, ...]
     axes: tuple[str, ...]
@@ -191,9 +226,8 @@ class Einsum(nn.Module):
     out_axes: Axes
     weight_name: str = 'w'
     dtype: jnp.dtype = jnp.float32
-    serving: bool = False
 
     @nn.compact
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
         return project(self, self.weight_name, self.shape, self.axes, self.in_axes,
-                       self.out_axes, self.dtype, self.serving, eqn, x)
+                       self.out_axes, self.dtype, eqn, x)

@@ -77,7 +77,8 @@ def declare(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[s
     """Declares weight `name` of `module`: `shape`, one logical name per axis, `init`, `dtype`.
 
     `in_axes` are the axes contracted with the input (the fan-in; empty for scales) and
-    `out_axes`, given only for a weight applied with `contract`, the axes it produces.
+    `out_axes`, given only for a weight applied with `contract`, the axes it produces. Returns
+    the params leaf: at `apply`, whatever representation the tree stores the weight in.
     """
     shape, axes, in_axes, out_axes = tuple(shape), tuple(axes), tuple(in_axes), tuple(out_axes)
     if len(axes) != len(shape):
@@ -85,6 +86,15 @@ def declare(module: nn.Module, name: str, shape: Sequence[int], axes: Sequence[s
     if set(in_axes) & set(out_axes) or not set(in_axes + out_axes) <= set(range(len(shape))):
         raise ValueError(f'{name}: in_axes {in_axes} and out_axes {out_axes} must be distinct '
                          f'axes of shape {shape}.')
+    if module.has_variable('params', name) and not module.is_initializing():
+        # The leaf may store the weight in another representation (a serving-order or int8
+        # weight, `gemma3n.layers.einsum`): it is returned as it is, checked by its
+        # checkpoint-order shape.
+        leaf = module.get_variable('params', name)
+        if tuple(leaf.shape) != shape:
+            raise ValueError(f'Parameter {"/".join(module.scope.path + (name,))} has shape '
+                             f'{tuple(leaf.shape)}, expected {shape} for this model config.')
+        return leaf
     value = module.param(name, init, shape, dtype)
     if module.is_initializing():
         module.variable(WEIGHT_INFO, name, Declaration, axes, in_axes, out_axes)

@@ -1,0 +1,145 @@
+"""`gemma3n finetune`: full fine-tuning of a checkpoint (or of the demo model) on JSONL chat data.
+
+The options are one table (`FINETUNE_OPTIONS`): a new one (e.g. LoRA's `--lora-rank`) is one
+more row, read by `finetune_options` from `args` by its destination name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import tqdm
+
+from gemma3n.checkpoints import load_params
+from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
+from gemma3n.cli.model import DEMO_NOTICE, checkpoint_path, choose_model, tokenizer_path
+from gemma3n.loading import demo_params
+from gemma3n.text.tokenizer import Tokenizer
+from gemma3n.training.data import LossOn
+from gemma3n.training.finetune import FinetuneOptions, FinetuneRun
+from gemma3n.training.packing import TooLong
+
+# (flags, argparse keywords): the options of the run, beyond the model's.
+FINETUNE_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (('--data',), dict(required=True, metavar='FILE',
+                       help='training data, JSONL: {"messages": [{"role": "user"|"assistant"|'
+                            '"system", "content": ...}, ...]} or {"text": ...} per line')),
+    (('--eval',), dict(dest='eval_data', metavar='FILE',
+                       help='evaluation data (same format): its loss is logged at the end and '
+                            'every --eval-every steps')),
+    (('--out',), dict(required=True, metavar='DIR',
+                      help='the run\'s folder: train state checkpoints, metrics.jsonl, loss.png '
+                           'and the fine-tuned model (gemma3n chat --checkpoint DIR)')),
+    (('--resume',), dict(action='store_true',
+                         help='continue the run in --out from its last checkpoint (same options)')),
+    (('--steps',), dict(type='positive', required=True, metavar='N', help='optimizer steps')),
+    (('--batch-size',), dict(type='positive', default=8, metavar='B',
+                             help='rows per step (default 8)')),
+    (('--grad-accum',), dict(type='positive', default=1, metavar='K',
+                             help='split each step\'s rows into K micro-batches, to save memory '
+                                  '(default 1)')),
+    (('--seq-len',), dict(type='positive', default=512, metavar='L',
+                          help='tokens per row (default 512)')),
+    (('--lr',), dict(dest='learning_rate', type=float, default=1e-4, metavar='X',
+                     help='peak learning rate of AdamW (default 1e-4)')),
+    (('--warmup-steps',), dict(type='whole', default=0, metavar='N',
+                               help='linear warmup steps, then cosine decay (default 0)')),
+    (('--weight-decay',), dict(type=float, default=0.0, metavar='W',
+                               help='AdamW weight decay of the matrices (default 0)')),
+    (('--clip-norm',), dict(type=float, default=1.0, metavar='C',
+                            help='clip the gradient\'s global norm to C (default 1)')),
+    (('--seed',), dict(type='whole', default=0, help='data shuffling seed (default 0)')),
+    (('--no-packing',), dict(dest='pack', action='store_false',
+                             help='one example per row, padded (default: pack several per row, '
+                                  'attention kept inside each)')),
+    (('--too-long',), dict(choices=[t.value for t in TooLong], default=TooLong.TRUNCATE.value,
+                           help='an example longer than --seq-len: truncate it or skip it '
+                                '(default truncate; either is counted and reported)')),
+    (('--loss-on',), dict(choices=[t.value for t in LossOn], default=LossOn.MODEL_TURNS.value,
+                          help='which tokens the loss counts: the assistant\'s answers '
+                               '(default) or all')),
+    (('--freeze',), dict(action='append', default=[], metavar='PATTERN',
+                         help='keep the weights whose path matches PATTERN (fnmatch, e.g. '
+                              '"embedder/*") fixed; repeatable')),
+    (('--remat',), dict(action='store_true',
+                        help='recompute each layer\'s activations in the backward pass: less '
+                             'memory, ~1/3 more compute')),
+    (('--save-every',), dict(type='positive', default=100, metavar='N',
+                             help='checkpoint the train state every N steps (default 100)')),
+    (('--keep',), dict(type='positive', default=3, metavar='N',
+                       help='train state checkpoints to keep (default 3)')),
+    (('--eval-every',), dict(type='whole', default=0, metavar='N',
+                             help='evaluate every N steps (default 0: at the end only)')),
+)
+
+
+def add_finetune_options(parser: argparse.ArgumentParser, types: dict[str, Any]) -> None:
+    """Adds FINETUNE_OPTIONS to `parser`; `types` maps the table's type names to parsers."""
+    group = parser.add_argument_group('fine-tuning')
+    for flags, keywords in FINETUNE_OPTIONS:
+        keywords = dict(keywords)
+        if isinstance(keywords.get('type'), str):
+            keywords['type'] = types[keywords['type']]
+        group.add_argument(*flags, **keywords)
+
+
+def finetune_options(args: argparse.Namespace) -> FinetuneOptions:
+    """The run's options from the command's (ValueError naming a bad value)."""
+    return FinetuneOptions(
+        data=args.data, eval_data=args.eval_data, steps=args.steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, seq_len=args.seq_len, learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        clip_norm=args.clip_norm, seed=args.seed, pack=args.pack,
+        too_long=TooLong(args.too_long), loss_on=LossOn(args.loss_on), freeze=tuple(args.freeze),
+        remat=args.remat, save_every=args.save_every, keep=args.keep,
+        eval_every=args.eval_every)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    options = finetune_options(args)
+    model, tokenizer, checkpoint = _training_model(args)
+    out = Path(args.out).expanduser()
+    run = FinetuneRun(model, tokenizer, options, out, resume=args.resume)
+    if checkpoint is None:
+        sys.stderr.write(DEMO_NOTICE + '\n')
+        with compiling(COMPILING_DEMO):
+            params = demo_params(model)
+    else:
+        logger.info('loading %s for fine-tuning', checkpoint)
+        params = load_params(checkpoint, model=model, dtype=model.dtype)
+    bar = tqdm.tqdm(total=options.steps, desc='fine-tuning', unit='step', file=sys.stderr,
+                    dynamic_ncols=True)
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if bar.n == 0:
+            bar.update(step - 1)          # a resumed run starts where it stopped
+        bar.set_postfix(loss=f'{metrics["loss"]:.4f}',
+                        tokens_per_s=f'{metrics["tokens_per_s"]:.0f}', refresh=False)
+        bar.update(1)
+
+    try:
+        result = run.run(params, on_step=on_step)
+    finally:
+        bar.close()
+    if result.losses:
+        sys.stderr.write(f'{PROG}: final training loss {result.losses[-1][1]:.4f} (step '
+                         f'{result.losses[-1][0]})\n')
+    if result.eval_losses:
+        sys.stderr.write(f'{PROG}: eval loss {result.eval_losses[-1][1]:.4f}\n')
+    sys.stderr.write(f'{PROG}: loss curves: {result.plot}\n'
+                     f'{PROG}: fine-tuned model saved in {out}: try it with `{PROG} chat '
+                     f'--checkpoint {out}`\n')
+    return 0
+
+
+def _training_model(args: argparse.Namespace) -> tuple[Any, Tokenizer, Path | None]:
+    """The model (its dtype: the compute dtype), the tokenizer and the checkpoint to start
+    from (None: the demo's random weights), as --checkpoint/--model/--dtype/--tokenizer say.
+    Reads no weights."""
+    checkpoint = checkpoint_path(args)
+    tokenizer = Tokenizer(tokenizer_path(args, checkpoint))
+    _, model = choose_model(args, checkpoint, vocab_size=tokenizer.vocab_size, with_vision=False)
+    return model, tokenizer, checkpoint

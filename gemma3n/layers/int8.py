@@ -1,0 +1,108 @@
+"""int8 weights with one float32 scale per output channel: the leaf type and its converter.
+
+Quantizing a projection halves the bytes a decode step reads. XLA's CPU backend runs int8 fast
+only as int8 x int8 products, so the activations are quantized too, per row, at run time. All
+int8 logic is here: the leaf (`QuantizedWeight`: its contraction and its row lookup for the
+tied embedding) and the converter (`quantize`, `quantize_in_chunks`) that `gemma3n.layout`
+calls while loading.
+
+Example:
+    >>> w = quantize(jnp.asarray([[1.0, -2.0, 0.5]]), num_leading=1)   # [out=1, in=3]
+    >>> contract('BI,OI->BO', x, w)             # x · (w.q · w.scale), int8 x int8 inside
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from gemma3n.layers.einsum import StoredWeight, checkpoint_shape, contract_stored, dot, rows_first
+
+INT8_MAX = 127
+# Values quantized per compiled call when converting a weight: XLA's CPU backend computes
+# bfloat16 in float32 and materialises the converted input, so converting the E4B embedding in
+# one call would hold a 2 GB float32 copy of it; chunks of rows bound that to 64 MB.
+QUANTIZE_CHUNK = 1 << 24
+
+
+@flax.struct.dataclass
+class QuantizedWeight(StoredWeight):
+    """A weight stored as int8 with one float32 scale per output channel.
+
+    q: int8 weight in serving order [batch..., out..., in...] (`order` permutes the checkpoint's
+        axes into it; None: the checkpoint order already is).
+    scale: float32 [batch..., out...]; the weight is q · scale.
+    """
+    q: jax.Array
+    scale: jax.Array
+    order: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return checkpoint_shape(self.q.shape, self.order)
+
+    def contract(self, eqn: str, x: jax.Array) -> jax.Array:
+        return contract_stored(eqn, x, self.q, self.order,
+                               lambda spec, x, q: _int8_dot(spec, x, q, self.scale))
+
+    def take(self, ids: jax.Array, dtype: Any) -> jax.Array:
+        rows_first(self.order)
+        rows = jnp.take(self.q, ids, axis=0, mode='clip').astype(jnp.float32)
+        scales = jnp.take(self.scale, ids, axis=0, mode='clip')
+        return (rows * scales[..., None]).astype(dtype)
+
+
+def _int8_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """x · (q · scale) with x quantized too: int8 x int8 products are the only int8 form XLA's
+    CPU backend runs fast (a mixed int8 x bf16 product converts the weight every call).
+
+    Each row of x (each combination of its free axes) gets its own absmax scale, so the
+    activation rounding is at most half a step of 1/127 of that row's largest value.
+    """
+    inputs, out_spec = eqn.split('->')
+    x_spec, w_spec = inputs.split(',')
+    contracted = [i for i, a in enumerate(x_spec) if a in w_spec and a not in out_spec]
+    x32 = x.astype(jnp.float32)
+    x_scale = jnp.max(jnp.abs(x32), axis=tuple(contracted), keepdims=True) / INT8_MAX
+    x_scale = jnp.where(x_scale == 0, 1.0, x_scale)
+    xq = jnp.round(x32 / x_scale).astype(jnp.int8)
+    y = dot(eqn, xq, q).astype(jnp.float32)
+    scale_spec = w_spec[:scale.ndim]
+    y = jnp.einsum(f'{out_spec},{scale_spec}->{out_spec}', y, scale.astype(jnp.float32))
+    row_spec = ''.join(a for i, a in enumerate(x_spec) if i not in contracted)
+    y = jnp.einsum(f'{out_spec},{row_spec}->{out_spec}', y,
+                   jnp.squeeze(x_scale, axis=tuple(contracted)))
+    return y.astype(x.dtype)
+
+
+def quantize(w: jax.Array, num_leading: int, order: tuple[int, ...] | None = None
+             ) -> QuantizedWeight:
+    """Symmetric int8 per output channel; w in serving order (reached from the checkpoint's by
+    `order`), its first `num_leading` axes (batch and output) index the channels."""
+    w32 = jnp.asarray(w, jnp.float32)
+    reduce_axes = tuple(range(num_leading, w32.ndim))
+    scale = jnp.max(jnp.abs(w32), axis=reduce_axes) / INT8_MAX
+    scale = jnp.where(scale == 0, 1.0, scale)
+    q = jnp.round(w32 / jnp.expand_dims(scale, reduce_axes)).astype(jnp.int8)
+    return QuantizedWeight(q=q, scale=scale, order=order)
+
+
+_quantize_rows = jax.jit(functools.partial(quantize, num_leading=1))
+
+
+def quantize_in_chunks(w: jax.Array, num_leading: int, order: tuple[int, ...] | None = None
+                       ) -> QuantizedWeight:
+    """`quantize(w, num_leading, order)`, a chunk of output channels at a time (bounded
+    temporaries for the largest weights)."""
+    channels = w.shape[:num_leading]
+    rows = w.reshape(math.prod(channels), -1)          # [channels, inputs]
+    step = max(1, QUANTIZE_CHUNK // rows.shape[1])
+    parts = [_quantize_rows(rows[start:start + step]) for start in range(0, rows.shape[0], step)]
+    return QuantizedWeight(q=jnp.concatenate([p.q for p in parts]).reshape(w.shape),
+                           scale=jnp.concatenate([p.scale for p in parts]).reshape(channels),
+                           order=order)

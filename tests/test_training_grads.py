@@ -1,0 +1,128 @@
+"""Fine-tuning gradients equal transformers' autograd: loss and every weight's gradient.
+
+Small random float32 configs with KV-shared and sparse layers; a packed batch of several
+examples per row (attention kept inside each example, per-example positions, padding), so the
+mask, the positions and the loss mask all take part. The same weights are mapped into
+`Gemma3nForCausalLM` (tests/hf_oracle.py); its loss is written out in torch from its logits.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from gemma3n.checkpoints.hf_mapping import params_to_hf
+from gemma3n.transformer import Gemma3nTransformer
+from gemma3n.training.data import Example
+from gemma3n.training.packing import Rows, TooLong
+from gemma3n.training.param_split import FullFineTuning
+from gemma3n.training.step import TrainSteps
+from hf_oracle import HF_PREFIX, make_hf_causal_lm, random_params, small_configs
+
+SEQ_LEN = 24
+ROWS = 2
+# Relative bound of the loss and of each weight's gradient (its max |difference| over its max
+# |value|). Float32 rounding in a different order, amplified through 10-15 layers of norms,
+# gives ~1e-5 on these models (logits agree to ~5e-5, tests/test_model.py); a wrong mask,
+# position or missing term changes gradients by 1e-2 and more.
+GRAD_RTOL = 1e-4
+
+
+def packed_batch(num_embed: int, seed: int) -> dict[str, np.ndarray]:
+    """Two rows, each packing examples of 5-13 tokens (loss on a random part), then padding."""
+    rng = np.random.default_rng(seed)
+    examples = []
+    for length in (9, 13, 7, 11, 5):
+        tokens = rng.integers(3, num_embed, size=length).astype(np.int32)
+        mask = rng.random(length) < 0.7
+        examples.append(Example(tokens=tokens, loss_mask=mask))
+    rows = Rows.from_examples(examples, SEQ_LEN, pack=True, too_long=TooLong.TRUNCATE)
+    assert rows.num_rows == ROWS and (rows.fields['segment'] == 0).any()
+    return rows.batch(np.arange(ROWS))
+
+
+def hf_masks(batch: dict[str, np.ndarray], window: int) -> dict[str, torch.Tensor]:
+    """HF's per-layer-type additive masks [B, 1, L, L] for our packed batch."""
+    allowed = batch['attention_mask']
+    positions = batch['positions']
+    near = (positions[:, :, None] - positions[:, None, :]) < window
+    minimum = torch.finfo(torch.float32).min
+
+    def additive(mask):
+        return torch.where(torch.from_numpy(mask)[:, None], 0.0, minimum)
+    return {'full_attention': additive(allowed), 'sliding_attention': additive(allowed & near)}
+
+
+def hf_loss_and_grads(cfg, params, batch):
+    hf = make_hf_causal_lm(cfg, params)
+    logits = hf(input_ids=torch.from_numpy(batch['input']).long(),
+                position_ids=torch.from_numpy(batch['positions']).long(),
+                attention_mask=hf_masks(batch, cfg.sliding_window_size)).logits
+    losses = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), torch.from_numpy(batch['target']).long().reshape(-1),
+        reduction='none')
+    mask = torch.from_numpy(batch['loss_mask']).reshape(-1).float()
+    loss = (losses * mask).sum() / mask.sum()
+    loss.backward()
+    grads = {name: (np.zeros(p.shape, np.float32) if p.grad is None else p.grad.numpy())
+             for name, p in hf.named_parameters()}
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize('config_index', [0, 2])
+def test_loss_and_every_gradient_equal_transformers(config_index):
+    cfg = small_configs()[config_index]
+    params = random_params(cfg, seed=config_index)
+    batch = packed_batch(cfg.num_embed, seed=config_index)
+    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32,
+                               tokens='batch.input', positions='batch.positions',
+                               attention_mask='batch.attention_mask')
+    split = FullFineTuning()
+    steps = TrainSteps(model, split, optax.sgd(0.0))
+    trainable, frozen = split.split(params)
+    micro = jax.tree.map(lambda x: x[None], batch)           # one micro-batch
+    grads, loss, count = steps.gradients(trainable, frozen, micro,
+                                         jax.random.key_data(jax.random.key(0)))
+    hf_loss, hf_grads = hf_loss_and_grads(cfg, params, batch)
+
+    assert int(count) == int(batch['loss_mask'].sum())
+    assert abs(float(loss) - hf_loss) <= GRAD_RTOL * abs(hf_loss)
+    ours = params_to_hf(jax.tree.map(np.asarray, grads), cfg, prefix=HF_PREFIX,
+                        hf_vocab_size=cfg.num_embed)
+    assert set(ours) <= set(hf_grads)
+    # What HF has beyond our tree is the tied head: it holds no gradient of its own.
+    assert all(not np.any(hf_grads[name]) for name in set(hf_grads) - set(ours)
+               if name != 'lm_head.weight')
+    worst = {}
+    for name, ours_grad in ours.items():
+        scale = np.max(np.abs(hf_grads[name]))
+        assert scale > 0, f'{name}: transformers gives no gradient'
+        worst[name] = float(np.max(np.abs(ours_grad - hf_grads[name])) / scale)
+    name = max(worst, key=worst.get)
+    print(f'loss {float(loss):.6f} vs {hf_loss:.6f}; worst gradient {name}: {worst[name]:.2e}')
+    assert worst[name] <= GRAD_RTOL, (name, worst[name])
+
+
+def test_accumulated_rematerialised_gradients_equal_the_plain_ones():
+    # Two micro-batches of one row, blocks rematerialised, against one batch of two rows: the
+    # same sums in another order, float32 rounding amplified as in the parity test (~2e-5 of a
+    # weight's largest gradient, measured). The rows hold different numbers of target tokens, so
+    # a mean taken per micro-batch instead of over the batch would be off by 10% and more.
+    cfg = small_configs()[0]
+    params = random_params(cfg, seed=5)
+    batch = packed_batch(cfg.num_embed, seed=5)
+    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32,
+                               tokens='batch.input', positions='batch.positions',
+                               attention_mask='batch.attention_mask')
+    split = FullFineTuning()
+    trainable, frozen = split.split(params)
+    rng = jax.random.key_data(jax.random.key(0))
+    plain = TrainSteps(model, split, optax.sgd(0.0)).gradients(
+        trainable, frozen, jax.tree.map(lambda x: x[None], batch), rng)
+    accumulated = TrainSteps(model.clone(remat=True), split, optax.sgd(0.0)).gradients(
+        trainable, frozen, jax.tree.map(lambda x: x[:, None], batch), rng)
+    assert int(batch['loss_mask'][0].sum()) != int(batch['loss_mask'][1].sum())
+    for ours, reference in zip(jax.tree.leaves(accumulated), jax.tree.leaves(plain)):
+        assert np.max(np.abs(ours - reference)) <= GRAD_RTOL * np.max(np.abs(reference))
