@@ -196,8 +196,8 @@ class Gemma3nTransformer(nn.Module):
         if isinstance(soft_tokens, multimodal.SoftTokens):
             soft_tokens = (soft_tokens,)
         inputs = self._prepare_inputs(
-            tokens, images=images, audio=audio, positions=positions, positions_offset=positions_offset,
-            cache=cache, attention_mask=attention_mask,
+            tokens, images=images, audio=audio, positions=positions,
+            positions_offset=positions_offset, cache=cache, attention_mask=attention_mask,
             per_layer_embeddings=per_layer_embeddings, soft_tokens=soft_tokens)
         streams, new_cache = self._run_blocks(inputs, cache, return_last_only)
         logits, hidden = self._head(streams, inputs, return_last_only)
