@@ -87,9 +87,8 @@ def test_info_lists_the_towers_and_their_sizes(env, files):
                              for key in stored.keys() if key.startswith(prefix))
                  for prefix in TOWER_PREFIXES}
     lines = result.stdout.splitlines()
-    for title, prefix in (('vision tower (MobileNet-V5)', 'model.vision_tower.'),
-                          ('vision embedder', 'model.embed_vision.'),
-                          ('audio tower (conformer)', 'model.audio_tower.'),
-                          ('audio embedder', 'model.embed_audio.')):
+    titles = ('vision tower (MobileNet-V5)', 'vision embedder', 'audio tower (conformer)',
+              'audio embedder')                     # in the order of TOWER_PREFIXES
+    for title, prefix in zip(titles, TOWER_PREFIXES):
         line = next(line for line in lines if line.strip().startswith(title))
         assert line.split()[-1] == f'{sizes[prefix]:,}', line
