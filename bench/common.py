@@ -91,11 +91,12 @@ def decode_weights_read(config: Any) -> dict[str, int]:
     the output head (the input side gathers one row). K/V-shared layers have no K/V weights.
     """
     from gemma3n.checkpoints import hf_mapping
+    from gemma3n.embedder import PER_LAYER_TABLE_PATH
     parts = {'layers (owning K/V)': 0, 'layers (K/V-shared)': 0, 'output head': 0,
              'per-layer table row': 0, 'other': 0}
     for entry in hf_mapping.mapping_entries(config, hf_vocab_size=config.num_embed):
         count = math.prod(entry.shape)
-        if entry.path == 'embedder/per_layer_input_embedding':
+        if entry.path == PER_LAYER_TABLE_PATH:
             parts['per-layer table row'] += config.num_layers * config.per_layer_input_dim
         elif entry.path == 'embedder/input_embedding':
             parts['output head'] += count
@@ -139,15 +140,16 @@ def ensure_weights(size: str, directory: Path | None = None) -> Path:
 
 
 def write_random_safetensors(path: Path, tensors: Sequence[tuple[str, tuple[int, ...], float, bool]],
-                             seed: int) -> None:
+                             seed: int, metadata: dict[str, str] | None = None) -> None:
     """Streams random bfloat16 tensors into one safetensors file.
 
     tensors: (name, shape, std, is_scale) each; scales are 1 + std * N(0, 1), weights std * N(0, 1).
+    metadata: the file's metadata (default: that of a PyTorch-written file).
     The header is written first (the format is: u64 header length, JSON header, raw data), then
     each tensor's data chunk by chunk, each tensor from its own seed-derived generator.
     """
     import ml_dtypes
-    header: dict[str, Any] = {'__metadata__': {'format': 'pt'}}
+    header: dict[str, Any] = {'__metadata__': metadata or {'format': 'pt'}}
     offset = 0
     for name, shape, _, _ in tensors:
         size = math.prod(shape) * BF16_BYTES

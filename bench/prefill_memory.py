@@ -23,7 +23,7 @@ from bench import common
 from gemma3n import memory
 from gemma3n.models import demo_config
 from gemma3n.text import special_tokens
-from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK
+from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK
 from gemma3n.text.sampler import Sampler
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer

@@ -38,7 +38,7 @@ import numpy as np
 
 from bench import common
 from bench.side_ours import load_to_device
-from gemma3n.embedder import PER_LAYER_TABLE
+from gemma3n.embedder import split_per_layer_table
 from gemma3n.layers import contract
 from gemma3n.layout import quantize, to_serving
 from gemma3n.transformer import Gemma3nTransformer
@@ -435,7 +435,7 @@ def main() -> None:
     if 'host_table' not in skip:
         table = mapped_table(weights)
         n, p = config.num_layers, config.per_layer_input_dim
-        lean = {**params, 'embedder': {k: v for k, v in params['embedder'].items() if k != PER_LAYER_TABLE}}
+        lean, _ = split_per_layer_table(params)
         rows_shape = (1, 1, n, p)      # [B, L, num_layers, P]
         gather_s = common.best_of(lambda: np.asarray(table[[1]]).reshape(rows_shape), STEP_REPEATS)
         host_s, cache = time_steps(step, lean, cache, lambda t: (

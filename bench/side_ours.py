@@ -2,9 +2,10 @@
 
 Variants (`--variant`), so each optimisation is measured on its own:
   plain:   the checkpoint layout, the per-layer table inside the compiled steps;
-  serving: weights re-laid out [out, in] while loading (`gemma3n.layout.load_serving`), the per-layer
-           table read lazily from the checkpoint file, only the rows the tokens need;
+  serving: `gemma3n.load`: weights re-laid out [out, in] while loading, the per-layer table read
+           lazily from the checkpoint file, only the rows the tokens need;
   int8:    serving, with the large weights quantized to int8 per output channel.
+  int4:    serving, with the large weights in int4 (groups of 32 with a float16 scale).
 
 Run by `bench.run`; by hand:
     python -m bench.side_ours --size reduced --weights bench/results/weights/reduced --out ours.json
@@ -19,16 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import gemma3n
 from bench import common
-from gemma3n.checkpoints import load_params, open_per_layer_table
+from gemma3n.checkpoints import load_params
 from gemma3n.host_arrays import to_device
-from gemma3n.layout import load_serving
 from gemma3n.text.sampler import Sampler
 from gemma3n.transformer import Gemma3nTransformer
 
 # Positions the KV cache holds: the 512-token prompt plus the decoded tokens fit.
 CACHE_LENGTH = 1024
-VARIANTS = ('plain', 'serving', 'int8')
+VARIANTS = ('plain', 'serving', 'int8', 'int4')
 
 
 def load_to_device(weights: Path, model: Gemma3nTransformer) -> dict[str, Any]:
@@ -58,15 +59,13 @@ class OursRunner(common.GreedyRunner):
 def build(weights: Path, size: str, variant: str) -> tuple[common.GreedyRunner, dict[str, Any]]:
     model = Gemma3nTransformer(config=common.bench_config(size), text_only=True, dtype=jnp.bfloat16)
     if variant == 'plain':
-        params = load_to_device(weights, model)
+        sampler = Sampler(model=model, params=load_to_device(weights, model), cache_length=CACHE_LENGTH,
+                          cache_dtype=jnp.bfloat16)
     else:
-        # The per-layer table stays in the checkpoint file: rows are read as tokens need them.
-        # Each weight is converted to the serving layout (and int8) as it is read.
-        table = open_per_layer_table(weights, model=model)
-        model, params = load_serving(weights, model, dtype=jnp.bfloat16, progress=False,
-                                     quantize_int8=variant == 'int8', skip_per_layer_table=True)
-    sampler = Sampler(model=model, params=params, cache_length=CACHE_LENGTH, cache_dtype=jnp.bfloat16,
-                      per_layer_table=None if variant == 'plain' else table)
+        # The weights have no tokenizer beside them: the bench feeds token ids.
+        loaded = gemma3n.load(weights, model=model, quantize=variant if variant in ('int8', 'int4') else None,
+                              tokenizer=False, progress=False)
+        sampler = loaded.sampler(cache_length=CACHE_LENGTH, cache_dtype=jnp.bfloat16)
     return OursRunner(sampler), {'name': f'ours {variant}', 'variant': variant, 'jax': jax.__version__,
                                  'backend': jax.default_backend(), 'cache_length': CACHE_LENGTH}
 

@@ -20,9 +20,15 @@ import jax
 import jax.numpy as jnp
 
 from gemma3n.config import AttentionType, TransformerConfig
+from gemma3n.layers import axes
 
 Cache = dict[str, Any]
 END_INDEX = 'end_index'
+# Logical axes of a buffer [B, S, K, H] (slots are never split: a step writes anywhere in them).
+BUFFER_AXES = (axes.BATCH, None, axes.KV_HEADS, axes.HEAD_DIM)
+# end_index [B] stays whole on every device: the host reads it (every process, on a mesh that
+# spans several), and each device computes it from the tokens alone.
+END_INDEX_AXES = (None,)
 
 
 def layer_key(i: int) -> str:
@@ -53,6 +59,12 @@ def init_cache(
         cache[layer_key(owner)] = {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
     cache[END_INDEX] = jnp.zeros((batch_size,), jnp.int32)
     return cache
+
+
+def cache_axes(cache: Cache) -> dict[str, Any]:
+    """The logical axes of every array of `cache`, in a tree of the same keys."""
+    return {key: END_INDEX_AXES if key == END_INDEX else {name: BUFFER_AXES for name in entry}
+            for key, entry in cache.items()}
 
 
 def cache_length(cache: Cache) -> int:
@@ -94,8 +106,10 @@ def write(buffer: jax.Array, new: jax.Array, positions: jax.Array, write_mask: j
     slots = buffer.shape[1]
     slot = jnp.mod(positions, slots) if ring else positions
     slot = jnp.where(write_mask, slot, slots)
-    batch = jnp.arange(buffer.shape[0])[:, None]
-    return buffer.at[batch, slot].set(new.astype(buffer.dtype), mode='drop')
+    # Mapped over the batch, the scatter names its batch axis, so on a mesh each device writes
+    # its own rows (with rows picked by an index array, every row's write went to every device).
+    return jax.vmap(lambda buf, row, at: buf.at[at].set(row, mode='drop'))(
+        buffer, new.astype(buffer.dtype), slot)
 
 
 def is_deleted(cache: Cache) -> bool:

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from gemma3n import cache as kv_cache
-from gemma3n.checkpoints.loader import PER_LAYER_TABLE_PATH, SIGLIP_PREFIXES, TOWERS_PREFIX
+from gemma3n.checkpoints.loader import SIGLIP_PREFIXES, TOWERS_PREFIX
 from gemma3n.config import AttentionType
+from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from gemma3n.layout import serving_nbytes
-from gemma3n.loading import DTYPES
 from gemma3n.transformer import Gemma3nTransformer
 
 
@@ -58,10 +58,11 @@ def _bytes(n: int) -> str:
 
 
 def describe_model(model: Gemma3nTransformer, title: str, dtype_name: str,
-                   cache_length: int, int8_label: str = 'int8') -> str:
+                   cache_length: int, int8_label: str = 'int8', int4_label: str = 'int4') -> str:
     """A text summary: layers (kind, K/V source, cache buffer), parameter counts, memory.
 
-    `int8_label` names the int8 weights in the memory lines (the command names its option).
+    `int8_label` and `int4_label` name the quantized weights in the memory lines (the command
+    names its options).
 
     Example:
         >>> print(describe_model(Gemma3n_E4B(text_only=True), 'Gemma 3n E4B', 'bfloat16', 4096))
@@ -92,9 +93,10 @@ def describe_model(model: Gemma3nTransformer, title: str, dtype_name: str,
     total = sum(n for key, n in counts.items() if key != 'per_layer_table')
     towers = [f'  {title:<27}{counts[part]:>15,}' for part, title in TOWER_TITLES.items()
               if part in counts]
-    itemsize = jnp.dtype(DTYPES[dtype_name]).itemsize
+    dtype = jnp.dtype(dtype_name)
+    itemsize = dtype.itemsize
     cache = jax.eval_shape(functools.partial(
-        model.init_cache, batch_size=1, dtype=DTYPES[dtype_name], cache_length=cache_length))
+        model.init_cache, batch_size=1, dtype=dtype, cache_length=cache_length))
     buffers = collections.Counter(slots.values())
     lines += [
         '',
@@ -110,8 +112,9 @@ def describe_model(model: Gemma3nTransformer, title: str, dtype_name: str,
         f'    text decoder             {_bytes(counts["text"] * itemsize)}',
         f'    per-layer embedding table {_bytes(counts["per_layer_table"] * itemsize)}',
         '  held by generate/chat from a checkpoint (per-layer table left in the file):',
-        f'    {dtype_name:<24} {_bytes(serving_nbytes(model, DTYPES[dtype_name]))}',
-        f'    {int8_label:<24} {_bytes(serving_nbytes(model, DTYPES[dtype_name], quantize_int8=True))}',
+        f'    {dtype_name:<24} {_bytes(serving_nbytes(model, dtype))}',
+        f'    {int8_label:<24} {_bytes(serving_nbytes(model, dtype, quantize_int8=True))}',
+        f'    {int4_label:<24} {_bytes(serving_nbytes(model, dtype, quantize_int4=True))}',
         f'  KV cache, 1 sequence of {cache_length:,} positions: '
         f'{_bytes(kv_cache.cache_nbytes(cache))}',
         f'    {len(slots)} layers hold K/V: '

@@ -11,7 +11,10 @@ from gemma3n.layers import Einsum, RMSNorm, contract, declare, lookup, projectio
 from gemma3n.layers.axes import EMBED, LAYERS, PER_LAYER, VISION_EMBED, VOCAB
 
 INV_SQRT2 = 2 ** -0.5   # token-derived and table per-layer inputs are averaged in RMS
-PER_LAYER_TABLE = 'per_layer_input_embedding'
+# Where the per-layer table lives in a model's params (the transformer names its Embedder
+# `embedder`), declared once: the loaders, the layouts and the sampler all refer to it.
+PER_LAYER_TABLE_PATH = 'embedder/per_layer_input_embedding'
+EMBEDDER_SCOPE, PER_LAYER_TABLE = PER_LAYER_TABLE_PATH.split('/')
 # The tied table [V, D] read as the output head: V is its output axis, D its input axis. Stored
 # [out, in] already, so the serving layout keeps its order; int8 serving quantizes it per row,
 # which also serves the input side (`lookup`: a row's scale multiplies the gathered row).
@@ -23,6 +26,18 @@ def per_layer_token_ids(tokens, vocab_size: int):
     row 0 (image tokens and placeholders)."""
     where = np.where if isinstance(tokens, np.ndarray) else jnp.where
     return where((tokens >= 0) & (tokens < vocab_size), tokens, 0)
+
+
+def holds_per_layer_table(params: dict) -> bool:
+    """Whether the nested `params` of a model hold its per-layer table."""
+    return PER_LAYER_TABLE in params.get(EMBEDDER_SCOPE, {})
+
+
+def split_per_layer_table(params: dict) -> tuple[dict, jax.Array]:
+    """(`params` less the per-layer table, the table): shallow copies, `params` is unchanged."""
+    embedder = dict(params[EMBEDDER_SCOPE])
+    table = embedder.pop(PER_LAYER_TABLE)
+    return {**params, EMBEDDER_SCOPE: embedder}, table
 
 
 class Embedder(nn.Module):

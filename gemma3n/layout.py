@@ -1,10 +1,11 @@
-"""Inference layouts of a parameter tree: weights re-laid out [out, in], optionally int8.
+"""Inference layouts of a parameter tree: weights re-laid out [out, in], optionally int8 or int4.
 
 Checkpoints keep the reference layout. For decoding on CPU, XLA multiplies bfloat16 weights
 far faster when the contracted (input) axes come last, so every projection (the weights the
 schema declares with output axes, `gemma3n.schema`) is re-laid out once, at load, into a
 `ServingWeight` leaf, and the large ones can instead become `QuantizedWeight` leaves, int8 with
-one scale per output channel (half the bytes a decode step reads; `gemma3n.layers.int8`). The
+one scale per output channel (half the bytes a decode step reads; `gemma3n.layers.int8`), or
+`Int4Weight` leaves, int4 in groups of 32 inputs (`gemma3n.layers.int4`). The
 leaf says how a weight is stored, so the same model reads either tree. `load_serving` converts
 each weight as it is read from the checkpoint, so memory never holds the whole model twice;
 `to_serving` converts a tree already in memory. Both return the model with the tree (the same
@@ -25,14 +26,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from gemma3n.checkpoints import load_params
-from gemma3n.checkpoints.loader import PER_LAYER_TABLE_PATH
+from gemma3n.checkpoints.placement import load_sharded
 from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
+from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from gemma3n.host_arrays import to_device
 from gemma3n.layers import ServingWeight, StoredWeight
+from gemma3n.layers.int4 import INT4_GROUP, fits_int4, quantize_int4_in_chunks
 from gemma3n.layers.int8 import quantize, quantize_in_chunks
 from gemma3n.schema import model_schema
+from gemma3n.sharding import ShardingRules
 from gemma3n.transformer import Gemma3nTransformer
 
 # Weights smaller than this stay in their dtype: quantizing them saves nothing measurable.
@@ -61,7 +66,8 @@ def _relayout(w: Any, order: tuple[int, ...]) -> jax.Array:
 class ServingConverter:
     """Converts one parameter at a time from the reference layout to the serving layout of
     `model`, on the device: projection weights transposed to [batch..., out..., in...] (the
-    large ones int8 with `quantize_int8`), everything else moved as it is.
+    large ones int8 with `quantize_int8`; int4 with `quantize_int4` where their inputs hold a
+    multiple of 32 values, else int8), everything else moved as it is.
 
     Usable as the `transform` of `gemma3n.checkpoints.load_params`.
 
@@ -70,15 +76,24 @@ class ServingConverter:
         >>> leaf = convert('layer_0/mlp/linear', np_array)        # a QuantizedWeight
     """
 
-    def __init__(self, model: Gemma3nTransformer, *, quantize_int8: bool = False):
+    def __init__(self, model: Gemma3nTransformer, *, quantize_int8: bool = False,
+                 quantize_int4: bool = False):
+        if quantize_int8 and quantize_int4:
+            raise ValueError('choose int8 or int4 weights, not both.')
         self.quantize_int8 = quantize_int8
+        self.quantize_int4 = quantize_int4
         # {path: (serving order, number of input axes)} of every projection weight.
         self.orders = {path: (info.serving_order, len(info.in_axes))
                        for path, info in model_schema(model).items() if info.is_projection}
 
-    def quantizes(self, path: str, size: int) -> bool:
-        """Whether the parameter at `path` with `size` values becomes a QuantizedWeight."""
-        return self.quantize_int8 and path in self.orders and size >= MIN_QUANTIZED_SIZE
+    def quantization(self, path: str, shape: tuple[int, ...]) -> str | None:
+        """'int8' or 'int4' if the parameter at `path` of (checkpoint) `shape` is quantized."""
+        if (not (self.quantize_int8 or self.quantize_int4) or path not in self.orders
+                or math.prod(shape) < MIN_QUANTIZED_SIZE):
+            return None
+        order, num_in = self.orders[path]
+        inputs = math.prod(shape[i] for i in order[len(order) - num_in:])
+        return 'int4' if self.quantize_int4 and fits_int4(inputs) else 'int8'
 
     def __call__(self, path: str, w: Any) -> jax.Array | StoredWeight:
         if isinstance(w, StoredWeight):
@@ -90,24 +105,29 @@ class ServingConverter:
         if np.ndim(w) != len(order):
             raise ValueError(f'{path} has rank {np.ndim(w)}, expected {len(order)}.')
         moved = _relayout(w, order)
-        if self.quantizes(path, np.size(w)):
-            return jax.block_until_ready(quantize_in_chunks(moved, len(order) - num_in, order))
+        fmt = self.quantization(path, np.shape(w))
+        if fmt is not None:
+            quantizer = quantize_int4_in_chunks if fmt == 'int4' else quantize_in_chunks
+            return jax.block_until_ready(quantizer(moved, len(order) - num_in, order))
         return jax.block_until_ready(ServingWeight(moved, order))
 
 
 def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool = False,
-                   per_layer_table: bool = False) -> int:
+                   quantize_int4: bool = False, per_layer_table: bool = False) -> int:
     """Bytes of the parameters a serving load of `model` in `dtype` holds (jax.eval_shape: no
     memory used); the per-layer table only with `per_layer_table` (it is usually read lazily
     from the checkpoint file)."""
-    convert = ServingConverter(model, quantize_int8=quantize_int8)
+    convert = ServingConverter(model, quantize_int8=quantize_int8, quantize_int4=quantize_int4)
     itemsize = np.dtype(dtype).itemsize
     total = 0
     for path, leaf in model_schema(model).items():
         if path == PER_LAYER_TABLE_PATH and not per_layer_table:
             continue
         size = math.prod(leaf.shape)
-        if convert.quantizes(path, size):
+        fmt = convert.quantization(path, leaf.shape)
+        if fmt == 'int4':     # two values a byte, a float16 scale per group
+            total += size // 2 + size // INT4_GROUP * np.dtype(np.float16).itemsize
+        elif fmt == 'int8':
             order, num_in = convert.orders[path]
             channels = math.prod(leaf.shape[i] for i in order[:len(order) - num_in])
             total += size * np.dtype(np.int8).itemsize + channels * np.dtype(np.float32).itemsize
@@ -117,14 +137,15 @@ def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool
 
 
 def to_serving(model: Gemma3nTransformer, params: Any, *, quantize_int8: bool = False,
-               consume: bool = False) -> tuple[Gemma3nTransformer, Any]:
+               quantize_int4: bool = False, consume: bool = False
+               ) -> tuple[Gemma3nTransformer, Any]:
     """`model` and a serving copy of `params` (reference layout in, serving layout out, on the
     device).
 
     With `consume=True` the input tree is emptied as its weights are converted, so a full-size
     model needs memory for one extra weight, not a second copy of the model.
     """
-    convert = ServingConverter(model, quantize_int8=quantize_int8)
+    convert = ServingConverter(model, quantize_int8=quantize_int8, quantize_int4=quantize_int4)
     flat = flatten_params(params)
     if consume:
         params.clear()
@@ -137,14 +158,24 @@ def to_serving(model: Gemma3nTransformer, params: Any, *, quantize_int8: bool = 
 
 
 def load_serving(path: str | os.PathLike, model: Gemma3nTransformer, *, dtype: Any = None,
-                 quantize_int8: bool = False, progress: bool = True,
-                 skip_per_layer_table: bool = False) -> tuple[Gemma3nTransformer, Any]:
+                 quantize_int8: bool = False, quantize_int4: bool = False, progress: bool = True,
+                 skip_per_layer_table: bool = False, mesh: Mesh | None = None,
+                 sharding_rules: ShardingRules = ShardingRules()) -> tuple[Gemma3nTransformer, Any]:
     """`model` and the checkpoint at `path` in the serving layout, converted weight by weight
     while loading (peak memory: the converted model plus the largest weight).
 
-    Args are those of `gemma3n.checkpoints.load_params`; `quantize_int8` as for `to_serving`.
+    Args are those of `gemma3n.checkpoints.load_params`; `quantize_int8` and `quantize_int4` as
+    for `to_serving`. With a `mesh`, each weight goes straight into its shards by
+    `sharding_rules` (`gemma3n.checkpoints.placement`).
     """
-    convert = ServingConverter(model, quantize_int8=quantize_int8)
-    params = load_params(path, model=model, dtype=dtype, progress=progress,
-                         skip_per_layer_table=skip_per_layer_table, transform=convert)
+    convert = ServingConverter(model, quantize_int8=quantize_int8, quantize_int4=quantize_int4)
+    if mesh is None:
+        params = load_params(path, model=model, dtype=dtype, progress=progress,
+                             skip_per_layer_table=skip_per_layer_table, transform=convert)
+    else:
+        params = load_sharded(path, model=model, mesh=mesh, schema=model_schema(model),
+                              dtype=dtype, rules=sharding_rules, orders=convert.orders,
+                              convert=convert, progress=progress,
+                              blockwise=not (quantize_int8 or quantize_int4),
+                              skip_per_layer_table=skip_per_layer_table)
     return model, params

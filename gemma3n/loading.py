@@ -1,74 +1,144 @@
-"""Building a Gemma 3n model by name, and its weights: a checkpoint's, or the demo's random ones.
+"""`gemma3n.load`: one call from a checkpoint (or none: the demo model) to a model ready to run.
 
-The command (`gemma3n.cli`) turns its options into these calls.
+Loading is two steps, so that every mistake is reported before any weight is read:
+`prepare(path, ...)` checks the arguments, recognises the checkpoint (its format detected and
+its config.json parsed once, `gemma3n.checkpoints.open_checkpoint`), picks the model config,
+finds the tokenizer and checks that the weights fit the memory; `LoadPlan.load()` then reads
+the weights straight into the serving layout (`gemma3n.layout`), leaving the per-layer table in
+the file to be read row by row where the format allows. `load(...)` is both steps.
+
+Example:
+    >>> loaded = gemma3n.load('gemma-3n-E4B-it', quantize='int8')
+    >>> loaded.sampler(cache_length=4096).sample('Why is the sky blue?')
+    >>> loaded.apply(jnp.array([[2, 651, 1234]])).logits          # [1, 3, V]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
-from gemma3n.checkpoints import open_per_layer_table
-from gemma3n.checkpoints.loader import ORBAX_FORMAT, checkpoint_format
+from gemma3n import memory
+from gemma3n.checkpoints import hf_mapping, load_params, open_per_layer_table
+from gemma3n.checkpoints.hf_towers import model_config_from_hf
+from gemma3n.checkpoints.loader import ORBAX_FORMAT, Checkpoint, has_vision_encoder, open_checkpoint
+from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE, HFSoftcapWarning, config_file
 from gemma3n.config import TransformerConfig
-from gemma3n.layout import load_serving
-from gemma3n.models import (DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config, e2b_config,
-                            e4b_config)
+from gemma3n.layout import load_serving, serving_nbytes, to_serving
+from gemma3n.load_error import PATH, LoadError
+from gemma3n.loaded_model import CONFIG_JSON_MODEL, CUSTOM_MODEL, DEMO, MODEL_NAMES, LoadedModel
+from gemma3n.schema import model_schema
+from gemma3n.sharding import shard_params
+from gemma3n.models import DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config, e2b_config, e4b_config
 from gemma3n.text import special_tokens
-from gemma3n.text.tokenizer import Tokenizer
+from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
 
-DEMO = 'demo'
 MODEL_CLASSES = {'e4b': Gemma3n_E4B, 'e2b': Gemma3n_E2B}
-CONFIG_JSON_MODEL = 'config.json'    # a checkpoint's own size, neither E4B nor E2B
 PRESET_CONFIGS = {'e4b': e4b_config, 'e2b': e2b_config}
+DEFAULT_CHECKPOINT_MODEL = 'e4b'       # a checkpoint without a config.json to say its size
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
+DEMO_DTYPE = 'float32'
+CHECKPOINT_DTYPE = 'bfloat16'          # halves the weights' memory; checkpoints are stored in it
+QUANTIZE_FORMATS = ('int8', 'int4')
 TOKENIZER_FILE = 'tokenizer.model'
 DEMO_IS_TEXT_ONLY = ('the demo model is text-only: images need a real checkpoint with a vision '
                      'encoder')
+USE_INT8 = "quantize='int8'"           # the memory error's advice, as Python spells it
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class LoadedModel:
-    """A model ready to sample from.
+class LoadPlan:
+    """What `load` will do, every argument checked: `load()` does it.
 
-    Example:
-        >>> model = build_model('e4b', dtype=jnp.bfloat16, with_vision=False)
-        >>> model, params, table = load_checkpoint(path, model, dtype=jnp.bfloat16)
-        >>> loaded = LoadedModel('e4b', model, params, Tokenizer(path / TOKENIZER_FILE), table)
-        >>> Sampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,
-        ...         per_layer_table=loaded.per_layer_table)
+    Attributes:
+        name: the model's name, a key of `gemma3n.loaded_model.MODEL_NAMES`.
+        model: the module the weights load into (checkpoint layout).
+        tokenizer: the tokenizer (already read: the demo's size depends on it); None: none
+            was asked for (token ids only).
+        checkpoint: the checkpoint recognised; None: the demo's random weights.
+        quantize: None, 'int8' or 'int4'.
+        weights_nbytes: the bytes the loaded weights will hold.
+        unused_softcap: the final logit softcap the checkpoint's config.json asks for that the
+            model does not apply (None: none; see `hf_softcap`).
     """
     name: str
     model: Gemma3nTransformer
-    params: Any
-    tokenizer: Tokenizer
-    per_layer_table: Any = None      # read lazily from the checkpoint; None: inside params
+    tokenizer: Tokenizer | None
+    checkpoint: Checkpoint | None
+    quantize: str | None
+    weights_nbytes: int
+    unused_softcap: float | None = None
 
     @property
-    def is_demo(self) -> bool:
-        return self.name == DEMO
+    def per_layer_table_in_file(self) -> bool:
+        """Whether the per-layer table stays in the checkpoint file, read row by row (Orbax
+        checkpoints and the demo hold it in memory)."""
+        return self.checkpoint is not None and self.checkpoint.format != ORBAX_FORMAT
 
+    def load(self, *, progress: bool = True, mesh: Mesh | None = None) -> LoadedModel:
+        """The weights read (a checkpoint's, or the demo's random ones) into a LoadedModel.
 
-def build_model(name: str, *, dtype: Any, with_vision: bool,
-                vocab_size: int | None = None) -> Gemma3nTransformer:
-    """The module of model `name` ('e4b', 'e2b' or 'demo'; the demo needs the `vocab_size`)."""
-    if name == DEMO:
-        if with_vision:
-            raise ValueError(DEMO_IS_TEXT_ONLY)
-        return Gemma3nTransformer(config=demo_config(vocab_size), text_only=True, dtype=dtype)
-    # The presets' configs hold the vision encoder; text_only leaves it out of the module.
-    return MODEL_CLASSES[name](text_only=not with_vision, dtype=dtype)
+        `progress`: show a progress bar while a checkpoint is read. `mesh`: place every weight
+        in its shards on this device mesh (`gemma3n.sharding`), straight from the checkpoint;
+        the LoadedModel's sampler and chat then run on it.
+        """
+        start = time.perf_counter()
+        dtype = self.model.dtype
+        if self.checkpoint is None:
+            model, params = self.model, demo_params(self.model)
+            if self.quantize:
+                model, params = to_serving(model, params, quantize_int8=self.quantize == 'int8',
+                                           quantize_int4=self.quantize == 'int4', consume=True)
+            if mesh is not None:
+                params = shard_params(params, model_schema(model), mesh)
+            logger.info('random demo weights made in %.2f s (compilation included)',
+                        time.perf_counter() - start)
+            return LoadedModel(self.name, model, params, self.tokenizer, quantize=self.quantize)
+        table = None
+        if self.per_layer_table_in_file:
+            table = open_per_layer_table(self.checkpoint, model=self.model, dtype=dtype)
+        try:
+            with warnings.catch_warnings():
+                # prepare() warned already, naming load's own remedy (hf_softcap=True).
+                warnings.simplefilter('ignore', HFSoftcapWarning)
+                model, params = load_serving(
+                    self.checkpoint, self.model, dtype=dtype, progress=progress,
+                    quantize_int8=self.quantize == 'int8', quantize_int4=self.quantize == 'int4',
+                    skip_per_layer_table=table is not None, mesh=mesh)
+        except BaseException:
+            if table is not None:
+                table.close()
+            raise
+        logger.info('checkpoint %s loaded in %.2f s', self.checkpoint.path,
+                    time.perf_counter() - start)
+        return LoadedModel(self.name, model, params, self.tokenizer, per_layer_table=table,
+                           checkpoint=self.checkpoint, quantize=self.quantize)
 
+    def tree(self, *, dtype: Any = 'model', progress: bool = True) -> dict[str, Any]:
+        """The weights as a plain parameter tree in the checkpoint layout, the per-layer table
+        included and `quantize` not applied: the demo's random ones, or `load_params` of the
+        checkpoint (what `gemma3n export` writes and `gemma3n finetune` starts from).
 
-def preset_name(config: TransformerConfig) -> str:
-    """The preset ('e4b', 'e2b') whose text-only config `config` is, else CONFIG_JSON_MODEL."""
-    return next((preset for preset, make_config in PRESET_CONFIGS.items()
-                 if make_config(with_vision=False) == config), CONFIG_JSON_MODEL)
+        `dtype`: of a checkpoint's leaves; 'model': the model's, None: as stored.
+        """
+        if self.checkpoint is None:
+            return demo_params(self.model)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', HFSoftcapWarning)     # as in load()
+            return load_params(self.checkpoint, model=self.model, progress=progress,
+                               dtype=self.model.dtype if dtype == 'model' else dtype)
 
 
 def demo_params(model: Gemma3nTransformer) -> Any:
@@ -77,17 +147,307 @@ def demo_params(model: Gemma3nTransformer) -> Any:
     return jax.jit(model.init)(jax.random.key(DEMO_SEED), tokens)['params']
 
 
-def load_checkpoint(checkpoint: Path, model: Gemma3nTransformer, *, dtype: Any,
-                    quantize_int8: bool = False) -> tuple[Gemma3nTransformer, Any, Any]:
-    """The weights of `checkpoint` for `model`: (serving model, params, per-layer table or None).
+def load(
+        path: str | os.PathLike | Checkpoint | None = None,
+        *,
+        model: str | Gemma3nTransformer | TransformerConfig | None = None,
+        dtype: Any = None,
+        quantize: str | None = None,
+        tokenizer: str | os.PathLike | Tokenizer | bool | None = None,
+        with_vision: bool = False,
+        with_audio: bool = False,
+        towers: bool = True,
+        hf_softcap: bool = False,
+        progress: bool = True,
+        mesh: Mesh | None = None,
+) -> LoadedModel:
+    """A Gemma 3n model, its weights and its tokenizer, ready to run: `prepare` then
+    `LoadPlan.load`.
 
-    The per-layer table stays in the file (rows are read per token) where the format allows
-    (None: it is inside params); the weights are re-laid out for fast decoding (gemma3n.layout)
-    one by one as they are read, straight onto the device.
+    Args:
+        path: a Hugging Face checkpoint (directory or `.safetensors` file), an Orbax checkpoint
+            directory or a file written by `save_params`; None: the built-in demo model (the
+            Gemma 3n architecture at a small size, random weights, the packaged tokenizer).
+        model, dtype, quantize, tokenizer, with_vision, with_audio, towers, hf_softcap: see
+            `prepare`.
+        progress: show a progress bar while the checkpoint is read.
+        mesh: a `jax.sharding.Mesh` (`gemma3n.sharding.make_mesh('data=2,tensor=4')`): every
+            weight goes straight into its shards on it, and `.sampler`/`.chat` run on it.
+
+    Every check (a missing path or tokenizer, an unknown format, a config.json that does not
+    fit `model`, weights larger than the memory) raises before any weight is read.
+
+    Example:
+        >>> loaded = gemma3n.load()                         # the demo model
+        >>> loaded.chat().chat('Hello!')
     """
-    table = None
-    if checkpoint_format(checkpoint) != ORBAX_FORMAT:
-        table = open_per_layer_table(checkpoint, model=model, dtype=dtype)
-    model, params = load_serving(checkpoint, model, dtype=dtype, quantize_int8=quantize_int8,
-                                 skip_per_layer_table=table is not None)
-    return model, params, table
+    plan = prepare(path, model=model, dtype=dtype, quantize=quantize, tokenizer=tokenizer,
+                   with_vision=with_vision, with_audio=with_audio, towers=towers,
+                   hf_softcap=hf_softcap)
+    return plan.load(progress=progress, mesh=mesh)
+
+
+def check_vision(path: str | os.PathLike | Checkpoint | None,
+                 model: str | Gemma3nTransformer | TransformerConfig | None = None
+                 ) -> Checkpoint | None:
+    """LoadError unless the checkpoint at `path` (None: the demo) holds the vision encoder that
+    `with_vision=True` asks for, judged from its headers and config.json alone: SigLIP, or (a
+    Hugging Face checkpoint loaded as its config.json describes) the released MobileNet-V5
+    tower. Returns the checkpoint opened (None without `path`), for `prepare`.
+
+    A caller with images checks this before decoding them (the command does).
+    """
+    if model == DEMO or (path is None and model is None):
+        raise LoadError(DEMO_IS_TEXT_ONLY + ' ({path})', {'path': PATH})
+    if path is None:
+        return None
+    checkpoint = open_checkpoint(_existing(path))
+    released = _released_towers(checkpoint, model)
+    if released is not None and released.vision is not None:
+        return checkpoint
+    if not has_vision_encoder(checkpoint):
+        raise LoadError('{with_vision} needs a checkpoint with a vision encoder (SigLIP, or the '
+                        'released MobileNet-V5 tower); {path} ({format} format) holds none',
+                        {'with_vision': True}, path=checkpoint.path, format=checkpoint.format)
+    return checkpoint
+
+
+def check_audio(path: str | os.PathLike | Checkpoint | None,
+                model: str | Gemma3nTransformer | TransformerConfig | None = None
+                ) -> Checkpoint:
+    """LoadError unless the checkpoint at `path` is a Hugging Face one whose config.json has the
+    released audio tower that `with_audio=True` asks for (and `model` is left to it); returns
+    the checkpoint opened, for `prepare`."""
+    if model == DEMO or path is None:
+        raise LoadError('the demo model is text-only: {with_audio} needs a Gemma 3n checkpoint '
+                        'with the audio tower ({path})', {'with_audio': True, 'path': PATH})
+    checkpoint = open_checkpoint(_existing(path))
+    released = _released_towers(checkpoint, model)
+    if released is None or released.audio is None:
+        leave_out = (': the towers come with the model its config.json describes, leave '
+                     '{model:name} out') if model is not None else ''
+        raise LoadError('{with_audio} needs a Hugging Face Gemma 3n checkpoint whose config.json '
+                        'has an audio_config (the released ones do); {path} has none' + leave_out,
+                        {'with_audio': True, **({'model': model} if model is not None else {})},
+                        path=checkpoint.path)
+    return checkpoint
+
+
+def _released_towers(checkpoint: Checkpoint, model: Any) -> Any:
+    """The released towers (`TowersConfig`) the checkpoint's config.json describes, when the
+    model is left to it; else None."""
+    if model is not None or checkpoint.hf_config is None:
+        return None
+    return model_config_from_hf(checkpoint.path, checkpoint.hf_config).towers
+
+
+def _existing(path: str | os.PathLike | Checkpoint) -> Path | Checkpoint:
+    if isinstance(path, Checkpoint):
+        return path
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    return path
+
+
+def default_dtype(name: str) -> str:
+    """The dtype model `name` runs in unless told: float32 for the demo, else bfloat16."""
+    return DEMO_DTYPE if name == DEMO else CHECKPOINT_DTYPE
+
+
+def prepare(
+        path: str | os.PathLike | Checkpoint | None = None,
+        *,
+        model: str | Gemma3nTransformer | TransformerConfig | None = None,
+        dtype: Any = None,
+        quantize: str | None = None,
+        tokenizer: str | os.PathLike | Tokenizer | bool | None = None,
+        with_vision: bool = False,
+        with_audio: bool = False,
+        towers: bool = True,
+        hf_softcap: bool = False,
+) -> LoadPlan:
+    """Checks `load`'s arguments and plans the load; nothing heavy is read.
+
+    Args:
+        path: as for `load`, or a `Checkpoint` already opened (`check_vision` returns one).
+        model: 'e4b', 'e2b' or 'demo', a `Gemma3nTransformer` or a `TransformerConfig`
+            (text-only); None: the demo without `path`, else the size a Hugging Face
+            config.json describes, else E4B. A config.json that does not fit is refused.
+        dtype: of the weights and computation ('bfloat16', 'float32' or a dtype); None: a given
+            module's own, else float32 for the demo and bfloat16 for a checkpoint.
+        quantize: 'int8' stores the large weights as int8 with one scale per output channel,
+            'int4' in int4 groups of 32 with a float16 scale each.
+        tokenizer: a `Tokenizer` or the path of a `tokenizer.model`; None: the one beside the
+            checkpoint (the packaged one for the demo); False: none (token ids only, as in
+            `Sampler.sample_tokens`; not for the demo, whose vocabulary is its tokenizer's).
+        with_vision: load the vision encoder too (a checkpoint holding SigLIP, or a Hugging
+            Face one whose config.json describes the released MobileNet-V5 tower).
+        with_audio: the model must take audio (a Hugging Face checkpoint whose config.json
+            describes the released audio tower).
+        towers: load the released towers (MobileNet-V5, audio) that a Hugging Face
+            config.json describes, with their embedders, when `model` is left to it; False:
+            text only, unless `with_vision` or `with_audio` asks for them.
+        hf_softcap: cap the final logits at the value config.json asks for, as transformers
+            does (the reference does not cap: only sampled answers differ).
+    """
+    if quantize is not None and quantize not in QUANTIZE_FORMATS:
+        raise LoadError('{quantize} is not a quantization format: use None or '
+                        f'{", ".join(map(repr, QUANTIZE_FORMATS))}', {'quantize': quantize})
+    if isinstance(model, str) and model not in (*MODEL_CLASSES, DEMO):
+        raise LoadError('{model} is no model name: use ' + ', '.join(map(repr, (*MODEL_CLASSES, DEMO)))
+                        + ', a Gemma3nTransformer or a TransformerConfig', {'model': model})
+    if not isinstance(model, (str, Gemma3nTransformer, TransformerConfig, type(None))):
+        raise TypeError(f'model must be a name, a Gemma3nTransformer or a TransformerConfig, '
+                        f'got {type(model).__name__}.')
+    # The vision encoder first: it needs the checkpoint's headers only.
+    source = check_vision(path, model) if with_vision else None
+    if with_audio:
+        source = check_audio(source or path, model)
+    if path is not None:
+        source = source or _existing(path)
+    if source is None and model not in (None, DEMO):
+        if not isinstance(model, str):
+            raise ValueError('a model module or config needs a checkpoint path: only the demo '
+                             'model runs with random weights')
+        raise LoadError('{model} needs {path}: only the demo model runs with random weights',
+                        {'model': model, 'path': PATH})
+    if tokenizer is False and (source is None or model == DEMO):
+        raise LoadError('the demo model takes its vocabulary from its tokenizer: leave '
+                        '{tokenizer:name} out', {'tokenizer': False})
+    tokenizer = None if tokenizer is False else _tokenizer(tokenizer, source)
+    if tokenizer is not None:
+        logger.info('tokenizer: %s (%d pieces)', tokenizer.path, tokenizer.vocab_size)
+    if source is None:
+        if hf_softcap:
+            raise LoadError('{hf_softcap} applies the softcap of a Hugging Face checkpoint: give '
+                            'one with {path}', {'hf_softcap': True, 'path': PATH})
+        module = _module(DEMO, _dtype(dtype, default_dtype(DEMO)), False, tokenizer.vocab_size)
+        return _plan(DEMO, module, tokenizer, None, quantize)
+
+    checkpoint = open_checkpoint(source)
+    name, module = checkpoint_model(checkpoint, model, dtype=dtype, with_vision=with_vision,
+                                    vocab_size=None if tokenizer is None else tokenizer.vocab_size,
+                                    towers=towers or with_vision or with_audio)
+    cap = None if checkpoint.hf_config is None else hf_mapping.hf_final_logit_softcap(
+        checkpoint.hf_config)
+    if hf_softcap:
+        if checkpoint.hf_config is None:
+            raise LoadError('{hf_softcap} takes the softcap from the ' + CONFIG_FILE + ' of a '
+                            'Hugging Face checkpoint, and {path} has none', {'hf_softcap': True},
+                            path=checkpoint.path)
+        module = module.clone(config=dataclasses.replace(module.config, final_logit_softcap=cap))
+    unused_softcap = cap if cap != module.config.final_logit_softcap else None
+    if unused_softcap is not None:
+        warnings.warn(f'{config_file(checkpoint.path)} caps the final logits at {cap}; like '
+                      'Google\'s reference implementation this model does not (only sampled '
+                      'answers differ from transformers\'): pass hf_softcap=True to cap them.',
+                      HFSoftcapWarning, stacklevel=3)
+    return _plan(name, module, tokenizer, checkpoint, quantize, unused_softcap)
+
+
+def _plan(name: str, module: Gemma3nTransformer, tokenizer: Tokenizer | None,
+          checkpoint: Checkpoint | None, quantize: str | None,
+          unused_softcap: float | None = None) -> LoadPlan:
+    """The plan, once the weights are known to fit the memory."""
+    table_in_memory = checkpoint is None or checkpoint.format == ORBAX_FORMAT
+    need = serving_nbytes(module, module.dtype, quantize_int8=quantize == 'int8',
+                          quantize_int4=quantize == 'int4',
+                          per_layer_table=table_in_memory)
+    memory.check_fits(f'the weights of {MODEL_NAMES[name]} in {jnp.dtype(module.dtype).name}'
+                      f'{f" ({quantize})" if quantize else ""}', need, () if quantize else (USE_INT8,),
+                      verb='use')
+    return LoadPlan(name, module, tokenizer, checkpoint, quantize, need, unused_softcap)
+
+
+def _dtype(dtype: Any, default: str) -> Any:
+    if dtype is None:
+        dtype = default
+    try:
+        return DTYPES[jnp.dtype(dtype).name]
+    except (TypeError, KeyError):
+        raise LoadError('{dtype} is not a dtype the model runs in: use '
+                        + ' or '.join(map(repr, DTYPES)), {'dtype': dtype}) from None
+
+
+def _tokenizer(tokenizer: Any, checkpoint: Path | Checkpoint | None) -> Tokenizer:
+    """The tokenizer given (or its path), else the one beside the checkpoint, else the demo's."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if tokenizer is not None:
+        return Tokenizer(Path(tokenizer).expanduser())
+    if checkpoint is None:
+        return Tokenizer(default_tokenizer_path())
+    if isinstance(checkpoint, Checkpoint):
+        checkpoint = checkpoint.path
+    directory = checkpoint if checkpoint.is_dir() else checkpoint.parent
+    if not (directory / TOKENIZER_FILE).is_file():
+        raise LoadError(f'no {TOKENIZER_FILE} in {{directory}}: pass {{tokenizer}} (the Gemma 3n '
+                        f'{TOKENIZER_FILE})', {'tokenizer': PATH}, directory=directory)
+    return Tokenizer(directory / TOKENIZER_FILE)
+
+
+def _module(name: str, dtype: Any, with_vision: bool, vocab_size: int) -> Gemma3nTransformer:
+    """The module of model `name` ('e4b', 'e2b' or 'demo', whose size is the `vocab_size`)."""
+    if name == DEMO:
+        return Gemma3nTransformer(config=demo_config(vocab_size), text_only=True, dtype=dtype)
+    # The presets' configs hold the vision encoder; text_only leaves it out of the module.
+    return MODEL_CLASSES[name](text_only=not with_vision, dtype=dtype)
+
+
+def build_model(name: str, *, dtype: Any, with_vision: bool,
+                vocab_size: int | None = None) -> Gemma3nTransformer:
+    """The module of model `name` ('e4b', 'e2b' or 'demo'; the demo needs the `vocab_size`),
+    without weights (e.g. to describe it)."""
+    if name == DEMO and with_vision:
+        raise ValueError(DEMO_IS_TEXT_ONLY)
+    return _module(name, dtype, with_vision, vocab_size)
+
+
+def preset_name(config: TransformerConfig, default: str = CONFIG_JSON_MODEL) -> str:
+    """The preset ('e4b', 'e2b') whose text-only config `config` is, else `default`."""
+    return next((preset for preset, make_config in PRESET_CONFIGS.items()
+                 if make_config(with_vision=False) == config), default)
+
+
+def checkpoint_model(checkpoint: Checkpoint, model: Any = None, *, dtype: Any = None,
+                     with_vision: bool = False, vocab_size: int | None = None,
+                     towers: bool = True) -> tuple[str, Gemma3nTransformer]:
+    """The model `checkpoint` loads into, and its name: `model` (as for `prepare`) when given,
+    checked against a config.json, else the one config.json describes (with the released towers
+    it describes unless not `towers`), else E4B. Only shapes are built: nothing is read but
+    config.json (already, by `open_checkpoint`).
+
+    `vocab_size`: the demo's (its tokenizer's), when `model` is 'demo'.
+    """
+    hf_config = checkpoint.hf_config
+    if isinstance(model, (Gemma3nTransformer, TransformerConfig)):
+        module = model if isinstance(model, Gemma3nTransformer) else Gemma3nTransformer(
+            config=model, text_only=True)
+        module = module.clone(dtype=_dtype(dtype, jnp.dtype(module.dtype).name))
+        name = preset_name(module.config, CUSTOM_MODEL)
+        if with_vision and (module.text_only or module.config.vision_encoder is None):
+            raise ValueError('with_vision=True needs a model with a vision encoder; the model '
+                             'given has none (text_only=True or no vision_encoder in its config)')
+    elif model is None and hf_config is not None:
+        try:
+            config = model_config_from_hf(checkpoint.path, hf_config)
+        except ValueError as err:
+            raise ValueError(f'{config_file(checkpoint.path)}: {err}') from err
+        name = preset_name(dataclasses.replace(config, towers=None))
+        # (prepare has refused with_vision without the released vision tower: Hugging Face
+        # checkpoints hold no SigLIP encoder.)
+        module = Gemma3nTransformer(config=config, text_only=not towers or config.towers is None,
+                                    dtype=_dtype(dtype, CHECKPOINT_DTYPE))
+    else:
+        name = model or DEFAULT_CHECKPOINT_MODEL
+        module = _module(name, _dtype(dtype, default_dtype(name)), with_vision, vocab_size)
+    problems = [] if hf_config is None else hf_mapping.check_hf_config(hf_config, module.config)
+    if problems:
+        described = {'model': model} if isinstance(model, str) else {}
+        raise LoadError(('{model}' if described else 'the model given') + ' does not fit '
+                        '{config_path}: {problems}. Leave '
+                        + ('{model:name}' if described else 'model') + ' out to load the model '
+                        f'{CONFIG_FILE} describes', described,
+                        config_path=config_file(checkpoint.path), problems='; '.join(problems))
+    return name, module

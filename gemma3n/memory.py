@@ -48,21 +48,23 @@ class InsufficientMemoryError(MemoryError):
         what: the request in words ('a KV cache of 100,000,000 positions for 1 sequence').
         need: its estimated size in bytes.
         available: the bytes available for it when it was checked.
-        options: names of the parameters that shrink it ('cache_length', ...).
+        options: names of the parameters that shrink it ('cache_length', ...; none: nothing does).
+        verb: what to do with them ('lower'; the weights: 'use' quantize='int8').
     """
 
-    def __init__(self, what: str, need: int, available: int, options: Sequence[str]):
+    def __init__(self, what: str, need: int, available: int, options: Sequence[str],
+                 verb: str = 'lower'):
         self.what, self.need, self.available = what, need, available
-        self.options = tuple(options)
+        self.options, self.verb = tuple(options), verb
         super().__init__(self.describe())
 
     def describe(self, option_names: Mapping[str, str] | None = None) -> str:
-        """One line: the estimate, the memory available, the options to lower (renamed by
+        """One line: the estimate, the memory available, the options to change (renamed by
         `option_names`, e.g. to command-line flags)."""
         names = [(option_names or {}).get(o, o) for o in self.options]
+        advice = f': {self.verb} {" or ".join(names)}' if names else ''
         return (f'{self.what} needs about {format_bytes(self.need)} but only '
-                f'{format_bytes(self.available)} of memory is available: lower '
-                f'{" or ".join(names)}.')
+                f'{format_bytes(self.available)} of memory is available{advice}.')
 
 
 def format_bytes(n: int) -> str:
@@ -135,9 +137,9 @@ def available_bytes(device: jax.Device | None = None) -> int | None:
 
 
 def check_fits(what: str, need: int, options: Sequence[str],
-               device: jax.Device | None = None) -> None:
+               device: jax.Device | None = None, verb: str = 'lower') -> None:
     """Raises InsufficientMemoryError when `need` bytes exceed the memory available (no check
     where that is unknown)."""
     available = available_bytes(device)
     if available is not None and need > available:
-        raise InsufficientMemoryError(what, need, available, options)
+        raise InsufficientMemoryError(what, need, available, options, verb)

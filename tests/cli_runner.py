@@ -11,14 +11,10 @@ import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
-
+import gemma3n
 from gemma3n import cli
-from gemma3n.models import DEMO_SEED, demo_config
-from gemma3n.text import special_tokens
 from gemma3n.text.chat import ChatSampler
-from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
+from gemma3n.text.tokenizer import Tokenizer
 from gemma3n.transformer import Gemma3nTransformer
 
 # A cold run of the demo model compiles for up to ~35 s on a busy 2-core machine.
@@ -53,17 +49,11 @@ def without_compile_notices(stderr: str) -> str:
 
 
 def demo_model() -> tuple[Gemma3nTransformer, dict, Tokenizer]:
-    """The demo model, its weights and the shipped tokenizer, exactly as the command builds them."""
-    tokenizer = Tokenizer(default_tokenizer_path())
-    model = Gemma3nTransformer(config=demo_config(tokenizer.vocab_size), text_only=True,
-                               dtype=jnp.float32)
-    tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
-    params = jax.jit(model.init)(jax.random.key(DEMO_SEED), tokens)['params']
-    return model, params, tokenizer
+    """The demo model, its weights and the shipped tokenizer, as the command loads them."""
+    loaded = gemma3n.load()
+    return loaded.model, loaded.params, loaded.tokenizer
 
 
 def demo_chat_sampler(cache_length: int, max_new_tokens: int) -> ChatSampler:
     """A ChatSampler of the demo model as the command builds it."""
-    model, params, tokenizer = demo_model()
-    return ChatSampler(model=model, params=params, tokenizer=tokenizer,
-                       cache_length=cache_length, max_new_tokens=max_new_tokens)
+    return gemma3n.load().chat(cache_length=cache_length, max_new_tokens=max_new_tokens)

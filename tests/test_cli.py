@@ -14,12 +14,12 @@ import pytest
 from PIL import Image
 
 from gemma3n import cli, save_params
-from gemma3n.layers import QuantizedWeight
+from gemma3n.layers import Int4Weight, QuantizedWeight
 from gemma3n.layout import to_serving
 from gemma3n.text import special_tokens
 from gemma3n.text.chat_format import add_image_markers, format_user_turn
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, Sampler
-from gemma3n.text.sampling import Greedy, RandomSampling, TopkSampling, TopPSampling
+from gemma3n.engine.sampling import Greedy, RandomSampling, TopkSampling, TopPSampling
 from gemma3n.text.tokenizer import default_tokenizer_path
 from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 from gemma3n.vision.preprocess import load_images
@@ -259,17 +259,20 @@ def test_generate_from_a_checkpoint(env, demo_chat, tmp_path, dtype):
     assert result.stdout == expected + '\n'
 
 
-def test_generate_int8(env, demo_chat, tmp_path):
-    # --int8 quantizes while loading (gemma3n.layout.load_serving); the answer must be the one
-    # the library gives with the same weights quantized in memory.
+@pytest.mark.parametrize('option,leaf_type', [('--int8', QuantizedWeight),
+                                               ('--int4', Int4Weight)])
+def test_generate_quantized(env, demo_chat, tmp_path, option, leaf_type):
+    # --int8 and --int4 quantize while loading (gemma3n.layout.load_serving); the answer must
+    # be the one the library gives with the same weights quantized in memory.
     save_params(demo_chat.sampler.params, tmp_path / 'model.safetensors')
     shutil.copy(default_tokenizer_path(), tmp_path / 'tokenizer.model')
-    result = run_cli(env, 'generate', '--model', 'demo', '--dtype', 'float32', '--int8', '--checkpoint',
+    result = run_cli(env, 'generate', '--model', 'demo', '--dtype', 'float32', option, '--checkpoint',
                      str(tmp_path / 'model.safetensors'), '--max-new-tokens', '12', 'Hello')
     assert result.returncode == 0, result.stderr
-    model, params = to_serving(demo_chat.sampler.model, demo_chat.sampler.params, quantize_int8=True)
-    assert any(isinstance(leaf, QuantizedWeight) for leaf in jax.tree_util.tree_leaves(
-        params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
+    model, params = to_serving(demo_chat.sampler.model, demo_chat.sampler.params,
+                               quantize_int8=option == '--int8', quantize_int4=option == '--int4')
+    assert any(isinstance(leaf, leaf_type) for leaf in jax.tree_util.tree_leaves(
+        params, is_leaf=lambda x: isinstance(x, leaf_type)))
     expected = Sampler(model=model, params=params, tokenizer=demo_chat.tokenizer).sample(
         format_user_turn('Hello'), max_new_tokens=12)
     assert result.stdout == expected + '\n'

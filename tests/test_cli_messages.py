@@ -8,7 +8,6 @@ import dataclasses
 import json
 import shutil
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -16,11 +15,12 @@ from safetensors.numpy import save_file
 
 from gemma3n import cli
 from gemma3n.checkpoints import hf_mapping
-from gemma3n.cli import model as cli_model
+from gemma3n import loading
+from gemma3n.checkpoints import open_checkpoint
 from gemma3n.models import e2b_config, e4b_config
 from gemma3n.text.chat_format import format_user_turn
 from gemma3n.text.sampler import Sampler
-from gemma3n.text.sampling import RandomSampling
+from gemma3n.engine.sampling import RandomSampling
 from gemma3n.text.tokenizer import default_tokenizer_path
 from test_cli import assert_one_line_error, demo_chat, env, run_cli  # noqa: F401 (fixtures)
 
@@ -90,16 +90,11 @@ def hf_directory(path, config, params=None):
     return path
 
 
-def options(*argv):
-    return cli.parse_arguments(['generate', *argv, 'Hi'])
-
-
 @pytest.mark.parametrize('make_config, name', [(e4b_config, 'e4b'), (e2b_config, 'e2b')])
 def test_the_size_comes_from_config_json(tmp_path, make_config, name):
     # Shapes only: the weights are not read to choose the model.
     path = hf_directory(tmp_path / name, make_config(with_vision=False))
-    chosen, model = cli_model._checkpoint_model(options('--checkpoint', str(path)), path,
-                                                dtype=jnp.bfloat16, with_vision=False, vocab_size=None)
+    chosen, model = loading.checkpoint_model(open_checkpoint(path))
     assert chosen == name
     assert model.config == make_config(with_vision=False) and model.text_only
 

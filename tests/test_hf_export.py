@@ -48,7 +48,7 @@ def test_transformers_loads_the_export_and_computes_our_logits(params, exported)
     hf = transformers.Gemma3nForCausalLM.from_pretrained(
         directory, attn_implementation='eager', dtype=torch.float32).eval()
     assert hf.config.final_logit_softcapping == hf_config.HF_NO_SOFTCAP
-    assert hf_mapping.hf_final_logit_softcap(hf.config.to_dict()) is None     # ours reads no cap
+    assert hf_config.hf_final_logit_softcap(hf.config.to_dict()) is None     # ours reads no cap
 
     tokens = np.random.default_rng(0).integers(1, CONFIG.num_embed, (2, 24))   # 3 windows
     with torch.no_grad():

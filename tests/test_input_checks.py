@@ -15,7 +15,7 @@ from gemma3n.text import special_tokens
 from gemma3n.text.chat import ChatSampler
 from gemma3n.text.chat_format import format_user_turn
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, DEFAULT_TEXT_STOP_TOKENS, Sampler
-from gemma3n.text.sampling import RandomSampling, TopkSampling, TopPSampling
+from gemma3n.engine.sampling import RandomSampling, TopkSampling, TopPSampling
 from cli_runner import assert_usage_error, cli_env, demo_model, run_cli
 
 HUGE_SEED = 1180591620717411303424          # 2**70: the seed of the issue

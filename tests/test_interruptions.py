@@ -102,7 +102,7 @@ def test_reset_during_a_stream_is_not_undone_by_the_stream(fresh):
 def interrupt_at_step(monkeypatch, sampler, call, exception=None):
     """Makes the `call`-th compiled decode step end with Ctrl-C (or `exception`) just after it
     returned: the step has taken over the cache, and its result is still to be stored."""
-    step = sampler._step
+    step = sampler.engine.step
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -114,7 +114,7 @@ def interrupt_at_step(monkeypatch, sampler, call, exception=None):
             signal.raise_signal(signal.SIGINT)
         return out
 
-    monkeypatch.setattr(sampler, '_step', interrupted)
+    monkeypatch.setattr(sampler.engine, 'step', interrupted)
 
 
 def test_ctrl_c_as_a_step_returns_keeps_the_conversation(fresh, monkeypatch):

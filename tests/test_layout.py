@@ -9,6 +9,7 @@ from gemma3n import Gemma3n_E4B, Gemma3nTransformer, Sampler, load_params, save_
 from gemma3n.checkpoints import open_per_layer_table
 from gemma3n.layers import QuantizedWeight, ServingWeight, contract, lookup, serving_order
 from gemma3n import layout
+from gemma3n.embedder import split_per_layer_table
 from gemma3n.layers import int8
 from gemma3n.layout import load_serving, quantize, to_serving
 from gemma3n.schema import model_schema
@@ -162,13 +163,11 @@ def test_int8_conversion_in_chunks_equals_one_piece(ref, monkeypatch):
 @pytest.mark.parametrize('quantize_int8', [False, True], ids=['bf16', 'int8'])
 def test_serving_nbytes_counts_what_a_serving_load_holds(ref, quantize_int8):
     model, params, _, _ = ref
-    lean = {**params, 'embedder': {k: v for k, v in params['embedder'].items()
-                                   if k != 'per_layer_input_embedding'}}
+    lean, table = split_per_layer_table(params)
     as_bf16 = jax.tree.map(lambda x: np.asarray(x, jnp.bfloat16), lean)
     _, converted = to_serving(model, as_bf16, quantize_int8=quantize_int8)
     held = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(converted))
     assert layout.serving_nbytes(model, jnp.bfloat16, quantize_int8=quantize_int8) == held
-    table = params['embedder']['per_layer_input_embedding']
     assert layout.serving_nbytes(model, jnp.bfloat16, quantize_int8=quantize_int8,
                                  per_layer_table=True) == held + table.size * 2
 

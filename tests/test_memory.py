@@ -8,7 +8,7 @@ from gemma3n import Gemma3nTransformer, Sampler, cli, memory
 from gemma3n.cache import cache_nbytes, init_cache
 from gemma3n.cli import generate as cli_generate
 from gemma3n.models import e4b_config
-from gemma3n.text.prefill import MIN_PREFILL_BUCKET
+from gemma3n.engine.prefill import MIN_PREFILL_BUCKET
 from hf_oracle import random_params, small_configs
 
 PROMPTS = [[2, 17, 33], [2, 91]]

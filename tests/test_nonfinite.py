@@ -16,6 +16,7 @@ from safetensors.numpy import save_file
 
 from gemma3n import cli, save_params
 from gemma3n.checkpoints import hf_mapping, load_params, open_per_layer_table
+from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from gemma3n.layout import load_serving
 from gemma3n.models import DEMO_SEED, demo_config
 from gemma3n.text import special_tokens
@@ -29,7 +30,6 @@ from hf_oracle import random_params, small_configs
 CONFIG = small_configs()[0]
 DAMAGED = 'layer_3/mlp/linear'                # any weight: the one the tests break
 EMBEDDING = 'embedder/input_embedding'
-PER_LAYER = 'embedder/per_layer_input_embedding'
 # Finite, but the embedding scale (sqrt(width)) takes it past float32's range: the activations
 # overflow to Inf, then NaN, inside the model.
 HUGE = 1e38
@@ -110,10 +110,10 @@ def test_values_beyond_the_target_dtype_are_refused(tmp_path):
 
 def test_lazy_per_layer_table_checks_the_rows_it_reads(tmp_path):
     path = tmp_path / 'model.safetensors'
-    save_params(hf_mapping.unflatten_params(damaged(flat_params(), PER_LAYER, (POISON_TOKEN, 1, 2))), path)
+    save_params(hf_mapping.unflatten_params(damaged(flat_params(), PER_LAYER_TABLE_PATH, (POISON_TOKEN, 1, 2))), path)
     with open_per_layer_table(path, model=CONFIG) as table:
         assert np.isfinite(table[np.array([[2, 3]])].astype(np.float32)).all()
-        with pytest.raises(ValueError, match=f'Tensor {PER_LAYER} in .*model.safetensors \\(rows '
+        with pytest.raises(ValueError, match=f'Tensor {PER_LAYER_TABLE_PATH} in .*model.safetensors \\(rows '
                                              f'\\[2, {POISON_TOKEN}\\]\\) holds 1 non-finite'):
             table[np.array([[2, POISON_TOKEN]])]
 
@@ -126,8 +126,8 @@ def poisoned_sampler():
     the model: only sequences fed that token break (the input embedding, tied to the output
     layer, would make that token's logit Inf everywhere)."""
     flat = flat_params()
-    flat[PER_LAYER] = flat[PER_LAYER].copy()
-    flat[PER_LAYER][POISON_TOKEN] = HUGE
+    flat[PER_LAYER_TABLE_PATH] = flat[PER_LAYER_TABLE_PATH].copy()
+    flat[PER_LAYER_TABLE_PATH][POISON_TOKEN] = HUGE
     model = Gemma3nTransformer(config=CONFIG, text_only=True, dtype=jnp.float32)
     return Sampler(model=model, params=hf_mapping.unflatten_params(flat), cache_length=32)
 
@@ -184,7 +184,7 @@ def assert_one_line_error(result, status, *fragments):
         assert fragment in error, result.stderr
 
 
-@pytest.mark.parametrize('path', ['layer_2/attn/q_einsum/w', PER_LAYER])
+@pytest.mark.parametrize('path', ['layer_2/attn/q_einsum/w', PER_LAYER_TABLE_PATH])
 def test_command_refuses_a_checkpoint_with_nan(env, demo_flat, tmp_path, path):
     # The per-layer table is read row by row while generating: its rows are checked as read.
     index = (special_tokens.BOS, 0, 0)

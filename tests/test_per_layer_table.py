@@ -20,10 +20,11 @@ from gemma3n.checkpoints import LazyPerLayerTable, hf_mapping, load_params, open
 from gemma3n.checkpoints import loader, per_layer_table
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.config import TransformerConfig
+from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from hf_oracle import HF_PREFIX, make_hf_causal_lm, random_params, small_configs
 
 CONFIG = small_configs()[0]
-TABLE = 'embedder/per_layer_input_embedding'
+TABLE = PER_LAYER_TABLE_PATH
 HF_TABLE_KEY = 'embed_tokens_per_layer.weight'
 ROW_SHAPE = (CONFIG.num_layers, CONFIG.per_layer_input_dim)
 

@@ -11,7 +11,7 @@ import pytest
 from gemma3n import Gemma3nTransformer, Sampler
 from gemma3n.layers import special_ids as sid
 from gemma3n.text import special_tokens as st
-from gemma3n.text.prefill import MIN_PREFILL_BUCKET, chunk_width, cut_points, plan_chunks
+from gemma3n.engine.prefill import MIN_PREFILL_BUCKET, chunk_width, cut_points, plan_chunks
 from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 from hf_oracle import random_params, small_configs
 

@@ -14,10 +14,10 @@ Example:
 """
 
 from gemma3n.checkpoints.hf_export import save_hf
-from gemma3n.checkpoints.loader import load_params
+from gemma3n.checkpoints.loader import Checkpoint, load_params, open_checkpoint
 from gemma3n.checkpoints.native import save_checkpoint_folder, save_params
 from gemma3n.checkpoints.per_layer_table import LazyPerLayerTable, open_per_layer_table
 from gemma3n.checkpoints.safetensors_hf import apply_hf_softcap
 
-__all__ = ['LazyPerLayerTable', 'apply_hf_softcap', 'load_params', 'open_per_layer_table',
-           'save_checkpoint_folder', 'save_hf', 'save_params']
+__all__ = ['Checkpoint', 'LazyPerLayerTable', 'apply_hf_softcap', 'load_params', 'open_checkpoint',
+           'open_per_layer_table', 'save_checkpoint_folder', 'save_hf', 'save_params']

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import math
 import os
@@ -29,9 +30,10 @@ from gemma3n.checkpoints.flat_params import unflatten_params
 from gemma3n.checkpoints.native import is_native, native_catalog, native_file, native_read
 from gemma3n.checkpoints.orbax_io import ORBAX_MARKERS, is_orbax_checkpoint, orbax_catalog, orbax_restore
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
-from gemma3n.checkpoints.safetensors_hf import INDEX_FILE, SINGLE_FILE, is_hf_directory, load_hf_params
+from gemma3n.checkpoints.safetensors_hf import (INDEX_FILE, SINGLE_FILE, is_hf_directory, load_hf_params,
+                                               read_hf_config)
 from gemma3n.config import TransformerConfig
-from gemma3n.embedder import PER_LAYER_TABLE
+from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from gemma3n.schema import text_schema
 from gemma3n.validation import check_finite
 
@@ -40,7 +42,6 @@ SIGLIP_PREFIXES = ('vision_encoder/', 'embedder/mm_')
 # The released towers (MobileNet-V5, audio) and their embedders: `Gemma3nTransformer.towers`.
 TOWERS_PREFIX = 'towers/'
 VISION_PREFIXES = SIGLIP_PREFIXES + (TOWERS_PREFIX,)
-PER_LAYER_TABLE_PATH = f'embedder/{PER_LAYER_TABLE}'
 # What `checkpoint_format` recognises.
 HF_FORMAT, ORBAX_FORMAT, NATIVE_FORMAT = 'Hugging Face', 'Orbax', 'gemma3n native'
 # What to do with a checkpoint that lacks the SigLIP encoder a model asks for, for users of the
@@ -54,8 +55,39 @@ WITHOUT_SIGLIP_ADVICE = ('On the command line, --image needs a checkpoint that h
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint recognised once: where it is, its format and, for Hugging Face, its config.json.
+
+    Every loader takes one wherever it takes a path, so a caller that opens a checkpoint once
+    (`gemma3n.load`) has its format detected and its config.json parsed once, however many
+    loaders read it.
+
+    Example:
+        >>> checkpoint = open_checkpoint('gemma-3n-E4B-it')
+        >>> checkpoint.format, checkpoint.hf_config['text_config']['num_hidden_layers']
+        ('Hugging Face', 35)
+    """
+    path: Path
+    format: str                                  # HF_FORMAT, ORBAX_FORMAT or NATIVE_FORMAT
+    # config.json beside a Hugging Face checkpoint or in a checkpoint folder of ours (None: none)
+    hf_config: dict[str, Any] | None = None
+
+
+def open_checkpoint(path: str | os.PathLike | Checkpoint) -> Checkpoint:
+    """The checkpoint at `path` recognised (a `Checkpoint` is returned as it is); raises
+    FileNotFoundError / ValueError naming `path` when there is none or its format is unknown."""
+    if isinstance(path, Checkpoint):
+        return path
+    path = native_file(Path(path).expanduser())
+    checkpoint = checkpoint_format(path)
+    # A checkpoint folder of our format (what fine-tuning writes) has a config.json too.
+    hf_config = read_hf_config(path) if checkpoint in (HF_FORMAT, NATIVE_FORMAT) else None
+    return Checkpoint(path, checkpoint, hf_config)
+
+
 def load_params(
-        path: str | os.PathLike,
+        path: str | os.PathLike | Checkpoint,
         *,
         model: Any = None,
         dtype: Any = None,
@@ -67,7 +99,7 @@ def load_params(
 
     Args:
         path: HF directory / `.safetensors` file, Orbax checkpoint directory, or a file written by
-            `save_params`.
+            `save_params`; or a `Checkpoint` already opened.
         model: a `Gemma3nTransformer` (its `config` and `text_only` are used: it has tower parameters
             unless `text_only=True` or its config has neither `vision_encoder` (SigLIP) nor `towers`
             (the released MobileNet-V5 and audio towers, read from HF checkpoints under `towers/`))
@@ -85,8 +117,8 @@ def load_params(
             never holds the checkpoint's layout of the whole model. Orbax checkpoints are restored
             whole first, then converted leaf by leaf.
     """
-    path = native_file(Path(path).expanduser())
-    checkpoint = checkpoint_format(path)
+    opened = open_checkpoint(path)
+    path, checkpoint = opened.path, opened.format
     config, text_only = model_config(model)
     dtype = None if dtype is None else np.dtype(dtype)
     skip = {PER_LAYER_TABLE_PATH} if skip_per_layer_table else set()
@@ -95,8 +127,9 @@ def load_params(
         if not text_only and config.vision_encoder is not None:
             raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder (their '
                              f'vision tower is MobileNet-V5, a different network). {WITHOUT_SIGLIP_ADVICE}')
-        return load_hf_params(path, config=config, dtype=dtype, progress=progress, skip=skip,
-                              transform=transform, towers=None if text_only else config.towers)
+        return load_hf_params(path, config=config, hf_config=opened.hf_config, dtype=dtype,
+                              progress=progress, skip=skip, transform=transform,
+                              towers=None if text_only else config.towers)
     if checkpoint == ORBAX_FORMAT:
         names = _select(orbax_catalog(path), config, text_only, path, skip)
         flat = orbax_restore(path, names, dtype)
@@ -132,14 +165,14 @@ def checkpoint_format(path: Path) -> str:
     return NATIVE_FORMAT if is_native(SafetensorsFiles([path]), path) else HF_FORMAT
 
 
-def has_vision_encoder(path: str | os.PathLike) -> bool:
+def has_vision_encoder(path: str | os.PathLike | Checkpoint) -> bool:
     """Whether the checkpoint at `path` holds vision encoder parameters, from its headers alone
     (nothing is read). Hugging Face checkpoints never do (their vision tower is not SigLIP)."""
-    path = native_file(Path(path).expanduser())
-    checkpoint = checkpoint_format(path)
-    if checkpoint == HF_FORMAT:
+    checkpoint = open_checkpoint(path)
+    if checkpoint.format == HF_FORMAT:
         return False
-    names = orbax_catalog(path) if checkpoint == ORBAX_FORMAT else SafetensorsFiles([path]).keys()
+    path = checkpoint.path
+    names = orbax_catalog(path) if checkpoint.format == ORBAX_FORMAT else SafetensorsFiles([path]).keys()
     return any(name.startswith(SIGLIP_PREFIXES) for name in names)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from gemma3n.checkpoints.flat_params import flatten_params
+from gemma3n.checkpoints.hf_config import hf_text_config
 from gemma3n.checkpoints.hf_mapping import Transform
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE
@@ -170,13 +171,14 @@ def save_checkpoint_folder(params: Mapping[str, Any], config: TransformerConfig,
     """Writes a checkpoint folder: `params` (`save_params`), `config` as config.json, and a copy
     of `tokenizer_file`; `gemma3n generate --checkpoint FOLDER` then runs it.
 
-    config.json is the Hugging Face text config of `config` (`hf_mapping.config_from_hf` reads it
-    back); its final logit softcap is `config`'s own, null for none.
+    config.json is the Hugging Face text config of `config` (`hf_config.config_from_hf` reads it
+    back); its final logit softcap is `config`'s own, null for none. A config HF cannot describe
+    is refused (`hf_config.check_representable`) before anything is written.
     """
+    hf_config = hf_text_config(config)
+    hf_config['final_logit_softcapping'] = config.final_logit_softcap
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
-    hf_config = hf_mapping.hf_text_config(config)
-    hf_config['final_logit_softcapping'] = config.final_logit_softcap
     save_params(params, folder / FOLDER_PARAMS_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + '\n')
     tokenizer_copy = folder / FOLDER_TOKENIZER_FILE

@@ -24,12 +24,11 @@ import ml_dtypes
 import numpy as np
 
 from gemma3n.checkpoints import hf_mapping
-from gemma3n.checkpoints.loader import (HF_FORMAT, ORBAX_FORMAT, PER_LAYER_TABLE_PATH, checkpoint_format,
-                                        model_config)
-from gemma3n.checkpoints.native import native_file
+from gemma3n.checkpoints.loader import HF_FORMAT, ORBAX_FORMAT, Checkpoint, model_config, open_checkpoint
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles, read_into
 from gemma3n.checkpoints.safetensors_hf import hf_checkpoint_config, hf_prefix, open_hf_files
 from gemma3n.config import TransformerConfig
+from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from gemma3n.schema import text_schema
 from gemma3n.validation import check_finite
 
@@ -146,7 +145,7 @@ class LazyPerLayerTable:
 
 
 def open_per_layer_table(
-        path: str | os.PathLike,
+        path: str | os.PathLike | Checkpoint,
         *,
         model: Any = None,
         dtype: Any = DEFAULT_DTYPE,
@@ -155,7 +154,8 @@ def open_per_layer_table(
 
     Args:
         path: a Hugging Face directory (sharded or not) / `.safetensors` file, or a file written by
-            `save_params`. Orbax checkpoints are not supported (use `load_params`).
+            `save_params`, or a `Checkpoint` of one. Orbax checkpoints are not supported (use
+            `load_params`).
         model: a `Gemma3nTransformer` or `TransformerConfig` the stored table is checked against.
             None: HF checkpoints derive the config from config.json; our files give the shape.
         dtype: of the rows returned (default bfloat16).
@@ -164,14 +164,14 @@ def open_per_layer_table(
         >>> params = load_params(path, model=model, dtype=jnp.bfloat16, skip_per_layer_table=True)
         >>> table = open_per_layer_table(path, model=model)
     """
-    path = native_file(Path(path).expanduser())
-    checkpoint = checkpoint_format(path)
+    opened = open_checkpoint(path)
+    path, checkpoint = opened.path, opened.format
     config, _ = model_config(model)
     if checkpoint == ORBAX_FORMAT:
         raise ValueError(f'{path} is an Orbax checkpoint, whose per-layer table cannot be read row by row: '
                          'load it with load_params (or save_params it to a safetensors file first).')
     if checkpoint == HF_FORMAT:
-        config = hf_checkpoint_config(path, config)
+        config = hf_checkpoint_config(path, config, opened.hf_config)
         files = open_hf_files(path)
         entry = _table_entry(config)
         key = hf_prefix(path, files) + entry.hf_keys[0]

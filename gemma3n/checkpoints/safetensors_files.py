@@ -115,6 +115,31 @@ class SafetensorsFiles:
             read_into(reader, out, span.position, f'{span.file}, inside tensor {key},')
         return out
 
+    def read_block(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """The block `index` (one slice of step 1 per leading dimension) of one tensor, reading
+        only its bytes: one positioned read per run of it that is contiguous in the file."""
+        shape, dtype = self.shape_and_dtype(key)
+        span = self._spans[key]
+        bounds = [s.indices(n) for s, n in zip(index, shape)]
+        if any(step != 1 for _, _, step in bounds):
+            raise ValueError(f'{key}: a block is read with slices of step 1, got {index}.')
+        bounds = [(start, stop) for start, stop, _ in bounds] + [(0, n) for n in shape[len(bounds):]]
+        out = aligned_empty(tuple(stop - start for start, stop in bounds), dtype)
+        if not out.size:
+            return out
+        # Dimensions after the last one cut are whole: each combination of indices before it
+        # starts one contiguous run.
+        cut = max((i for i, (start, stop) in enumerate(bounds) if (start, stop) != (0, shape[i])),
+                  default=0)
+        strides = [math.prod(shape[i + 1:]) * dtype.itemsize for i in range(len(shape))]
+        runs = out.reshape(-1, math.prod(out.shape[cut:]))
+        with open(span.file, 'rb', buffering=0) as reader:
+            for row, outer in enumerate(np.ndindex(*out.shape[:cut])):
+                first = (bounds[i][0] + (outer[i] if i < cut else 0) for i in range(cut + 1))
+                position = span.position + sum(i * stride for i, stride in zip(first, strides))
+                read_into(reader, runs[row], position, f'{span.file}, inside tensor {key},')
+        return out
+
     def describe(self, key: str) -> str:
         span = self._spans.get(key)
         return f'{key} (in {span.file if span else "no file"})'

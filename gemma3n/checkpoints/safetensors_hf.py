@@ -50,7 +50,7 @@ def is_hf_directory(path: Path) -> bool:
 
 def read_hf_config(path: Path) -> dict[str, Any] | None:
     """The config.json of a HF checkpoint (directory or file inside it); None when there is none."""
-    config_path = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    config_path = config_file(path)
     if not config_path.is_file():
         return None
     try:
@@ -88,14 +88,20 @@ def open_hf_files(path: Path) -> SafetensorsFiles:
     return files
 
 
-def hf_checkpoint_config(path: Path, config: TransformerConfig | None) -> TransformerConfig:
-    """The model config of the HF checkpoint at `path`.
+def config_file(path: Path) -> Path:
+    """Where the config.json of the HF checkpoint at `path` (a directory or a file in one) is."""
+    return (path if path.is_dir() else path.parent) / CONFIG_FILE
 
-    `config` None: derived from the checkpoint's config.json. Otherwise config.json (when present) is
-    checked against it and mismatches raise ValueError listing every field by name.
+
+def hf_checkpoint_config(path: Path, config: TransformerConfig | None,
+                         hf_config: dict[str, Any] | None) -> TransformerConfig:
+    """The model config of the HF checkpoint at `path`, whose config.json `read_hf_config` gave
+    as `hf_config` (None: it has none).
+
+    `config` None: derived from `hf_config`. Otherwise `hf_config` (when present) is checked
+    against it and mismatches raise ValueError listing every field by name.
     """
-    hf_config = read_hf_config(path)
-    config_path = (path if path.is_dir() else path.parent) / CONFIG_FILE
+    config_path = config_file(path)
     if hf_config is None:
         if config is None:
             raise ValueError(f'No {CONFIG_FILE} next to {path}: pass model= to say which Gemma 3n size it holds.')
@@ -123,6 +129,7 @@ def load_hf_params(
         path: Path,
         *,
         config: TransformerConfig | None,
+        hf_config: dict[str, Any] | None,
         dtype: Any = None,
         progress: bool = True,
         skip: Collection[str] = (),
@@ -131,15 +138,14 @@ def load_hf_params(
 ) -> dict[str, Any]:
     """Our nested params (np.ndarray leaves) from a HF Gemma 3n checkpoint at `path`.
 
-    `config`: as for `hf_checkpoint_config`. `skip`: paths of our tree left out of the result; their
+    `config`, `hf_config`: as for `hf_checkpoint_config`. `skip`: paths of our tree left out of the result; their
     tensors are not read. `transform`: as for `hf_mapping.hf_to_params`. `towers`: the released
     towers to keep (config.json must describe the same), under `towers/` (float32 unless
     `dtype`); without it their tensors are dropped.
     """
-    config = hf_checkpoint_config(path, config)
-    hf_config = read_hf_config(path)
+    config = hf_checkpoint_config(path, config, hf_config)
     if hf_config is not None:
-        _note_softcap(hf_config, config, (path if path.is_dir() else path.parent) / CONFIG_FILE)
+        _note_softcap(hf_config, config, config_file(path))
     if towers is not None:
         hf_towers.check_towers_config(path, hf_config, towers)
 

@@ -5,6 +5,7 @@ Usage:
     gemma3n generate --checkpoint ~/gemma-3n-E4B-it "Why is the sky blue?"
     gemma3n chat --checkpoint ~/gemma-3n-E4B-it      # /help lists the chat commands
     gemma3n info --model e4b --context 32768         # layers, parameter counts, memory
+    gemma3n serve --checkpoint ~/gemma-3n-E4B-it     # OpenAI-compatible server on 127.0.0.1:8000
 
 User mistakes (a missing file, a bad option value, a prompt longer than the cache, a damaged
 checkpoint, ...) end the command with one line `gemma3n: error: ...` on stderr and exit status 2;
@@ -31,18 +32,22 @@ from gemma3n.cli.chat import CHAT_COMMANDS, CHAT_HELP
 from gemma3n.cli.console import (COMPILING_DEMO, COMPILING_PROMPT, INTERRUPTED, NUMERICAL_FAILURE,
                                  PROG, USAGE_ERROR, logger)
 from gemma3n.cli.generate import default_cache_length
-from gemma3n.cli.model import DEMO_MAX_NEW_TOKENS, DEMO_NOTICE, read_images
+from gemma3n.cli.model import DEMO_MAX_NEW_TOKENS, DEMO_NOTICE, LOAD_OPTION_FLAGS, read_images
 from gemma3n.cli.parser import build_parser, parse_arguments
 from gemma3n.cli.sampling import sampling_method
 from gemma3n.compilation import use_compilation_cache
+from gemma3n.load_error import LoadError
+from gemma3n.loading import USE_INT8
 from gemma3n.memory import InsufficientMemoryError
+from gemma3n.sharding import initialize, process_group
 
 __all__ = ['CHAT_COMMANDS', 'CHAT_HELP', 'COMPILING_DEMO', 'COMPILING_PROMPT', 'DEMO_MAX_NEW_TOKENS',
            'DEMO_NOTICE', 'INTERRUPTED', 'NUMERICAL_FAILURE', 'USAGE_ERROR', 'build_parser',
            'default_cache_length', 'main', 'parse_arguments', 'read_images', 'sampling_method']
 
 # The library's names of the sizes a memory error suggests lowering, as this command spells them.
-MEMORY_OPTION_FLAGS = {'cache_length': '--cache-length', 'prefill_chunk': '--prefill-chunk'}
+MEMORY_OPTION_FLAGS = {'cache_length': '--cache-length', 'prefill_chunk': '--prefill-chunk',
+                       USE_INT8: '--int8'}
 XLA_OUT_OF_MEMORY = 'RESOURCE_EXHAUSTED'
 
 
@@ -53,11 +58,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hasattr(sys.stdout, 'reconfigure'):
         sys.stdout.reconfigure(errors='replace')
     _setup_logging(args.verbose)
-    # _checkpoint_model reports a softcap mismatch itself, naming the option that settles it.
+    # load_model reports a softcap mismatch itself, naming the option that settles it.
     warnings.filterwarnings('ignore', category=HFSoftcapWarning)
     _use_compilation_cache()
     _cpu_without_checkpoint(args)
     try:
+        _join_processes(args)
         return args.run(args)
     except KeyboardInterrupt:
         sys.stdout.write('\n')
@@ -67,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InsufficientMemoryError as error:
         sys.stderr.write(f'{PROG}: error: {error.describe(MEMORY_OPTION_FLAGS)}\n')
         return USAGE_ERROR
+    except LoadError as error:
+        sys.stderr.write(f'{PROG}: error: {error.describe(LOAD_OPTION_FLAGS)}\n')
+        return USAGE_ERROR
     except (MemoryError, jax.errors.JaxRuntimeError) as error:
         # The last line of defence: what the estimates in gemma3n.memory did not foresee.
         if isinstance(error, jax.errors.JaxRuntimeError) and XLA_OUT_OF_MEMORY not in str(error):
@@ -74,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         sys.stderr.write(f'{PROG}: error: out of memory ({_first_line(error)}): lower '
-                         '--cache-length or --prefill-chunk, or use --int8\n')
+                         '--cache-length or --prefill-chunk, or use --int8 or --int4\n')
         return USAGE_ERROR
     except (ValueError, OSError, FloatingPointError) as error:
         if args.verbose:
@@ -107,6 +116,13 @@ def _use_compilation_cache() -> None:
     """
     base = os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache'
     use_compilation_cache(Path(base) / PROG / 'jax')
+
+
+def _join_processes(args: argparse.Namespace) -> None:
+    """Starts `jax.distributed` when the options or the environment name several processes
+    (before anything uses JAX's devices)."""
+    if hasattr(args, 'coordinator'):
+        initialize(process_group(args.coordinator, args.num_processes, args.process_id))
 
 
 def _cpu_without_checkpoint(args: argparse.Namespace) -> None:

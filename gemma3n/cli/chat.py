@@ -9,8 +9,7 @@ import jax
 import numpy as np
 
 from gemma3n.cli.console import COMPILING_PROMPT, PROG, Timer, compiling, write
-from gemma3n.cli.model import (MODEL_NAMES, audio_options, image_options, load_model,
-                               max_new_tokens_of)
+from gemma3n.cli.model import audio_options, image_options, load_model, max_new_tokens_of
 from gemma3n.cli.sampling import sampling_method
 from gemma3n.text.chat import ChatSampler, ConversationFull
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH
@@ -32,13 +31,12 @@ CHAT_HELP = ''.join(f'{PROG}: {line}\n' for line in (
 
 def run_chat(args: argparse.Namespace) -> int:
     sampling = sampling_method(args.temperature, args.top_k, args.top_p)
-    pictures = image_options(args)
-    clips = audio_options(args)
-    loaded = load_model(args, with_vision=bool(pictures), with_audio=bool(clips))
+    pictures, checkpoint = image_options(args)
+    clips, checkpoint = audio_options(args, checkpoint)
+    loaded = load_model(args, checkpoint=checkpoint, with_vision=bool(pictures),
+                        with_audio=bool(clips))
     images, audio = pictures or None, clips or None
-    chat = ChatSampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,
-                       per_layer_table=loaded.per_layer_table,
-                       sampling=sampling, cache_length=args.cache_length or DEFAULT_CACHE_LENGTH,
+    chat = loaded.chat(sampling=sampling, cache_length=args.cache_length or DEFAULT_CACHE_LENGTH,
                        max_new_tokens=max_new_tokens_of(args, loaded),
                        prefill_chunk=args.prefill_chunk)
     interactive = sys.stdin.isatty()
@@ -47,7 +45,7 @@ def run_chat(args: argparse.Namespace) -> int:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-    sys.stderr.write(f'{PROG}: chatting with {MODEL_NAMES[loaded.name]}. {RESET_COMMAND} starts '
+    sys.stderr.write(f'{PROG}: chatting with {loaded.title}. {RESET_COMMAND} starts '
                      f'over; {QUIT_COMMAND} or end of input (Ctrl-D) ends; {HELP_COMMAND} lists '
                      'the commands.\n')
     key = jax.random.key(args.seed)

@@ -6,12 +6,11 @@ import argparse
 import shutil
 import sys
 
-from gemma3n.checkpoints import load_params
 from gemma3n.checkpoints.hf_export import check_export_directory, save_hf
 from gemma3n.cli.console import COMPILING_DEMO, compiling, logger
-from gemma3n.cli.model import MODEL_NAMES, checkpoint_path, choose_model, tokenizer_path
-from gemma3n.loading import DTYPES, TOKENIZER_FILE, demo_params
-from gemma3n.text.tokenizer import Tokenizer
+from gemma3n.cli.model import plan_model
+from gemma3n.loaded_model import MODEL_NAMES
+from gemma3n.loading import DTYPES, TOKENIZER_FILE
 
 GIGABYTE = 1e9
 
@@ -20,21 +19,18 @@ def run_export(args: argparse.Namespace) -> int:
     """Exports the text decoder of --checkpoint (the demo model without one) to --out, with the
     tokenizer beside it, and prints what was written."""
     out = check_export_directory(args.out)      # before any weights are read
-    checkpoint = checkpoint_path(args)
-    tokenizer = tokenizer_path(args, checkpoint)
-    name, model = choose_model(args, checkpoint, vocab_size=Tokenizer(tokenizer).vocab_size,
-                               with_vision=False)
+    plan = plan_model(args)
     # An export keeps the weights' own dtype unless --dtype asks: it is no place to lose bits.
     dtype = None if args.dtype is None else DTYPES[args.dtype]
-    if checkpoint is None:
+    if plan.checkpoint is None:
         with compiling(COMPILING_DEMO):
-            params = demo_params(model)
+            params = plan.tree()
     else:
-        params = load_params(checkpoint, model=model, dtype=dtype)
-    files = save_hf(out, params, model.config, dtype=dtype)
-    shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
+        params = plan.tree(dtype=dtype)
+    files = save_hf(out, params, plan.model.config, dtype=dtype)
+    shutil.copyfile(plan.tokenizer.path, out / TOKENIZER_FILE)
     size = sum(path.stat().st_size for path in files)
-    logger.info('tokenizer %s copied', tokenizer)
-    sys.stdout.write(f'{MODEL_NAMES[name]}: {len(files)} files, {size / GIGABYTE:.2f} GB in '
+    logger.info('tokenizer %s copied', plan.tokenizer.path)
+    sys.stdout.write(f'{MODEL_NAMES[plan.name]}: {len(files)} files, {size / GIGABYTE:.2f} GB in '
                      f'{out} (Hugging Face Gemma3nForCausalLM)\n')
     return 0

@@ -13,11 +13,8 @@ from typing import Any
 
 import tqdm
 
-from gemma3n.checkpoints import load_params
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
-from gemma3n.cli.model import DEMO_NOTICE, checkpoint_path, choose_model, tokenizer_path
-from gemma3n.loading import demo_params
-from gemma3n.text.tokenizer import Tokenizer
+from gemma3n.cli.model import DEMO_NOTICE, plan_model
 from gemma3n.training.data import LossOn
 from gemma3n.training.finetune import FinetuneOptions, FinetuneRun
 from gemma3n.training.packing import TooLong
@@ -100,16 +97,18 @@ def finetune_options(args: argparse.Namespace) -> FinetuneOptions:
 
 def run_finetune(args: argparse.Namespace) -> int:
     options = finetune_options(args)
-    model, tokenizer, checkpoint = _training_model(args)
+    # The model (its dtype: the compute dtype), the tokenizer and the checkpoint to start from
+    # (None: the demo's random weights); no weights read yet.
+    plan = plan_model(args)
     out = Path(args.out).expanduser()
-    run = FinetuneRun(model, tokenizer, options, out, resume=args.resume)
-    if checkpoint is None:
+    run = FinetuneRun(plan.model, plan.tokenizer, options, out, resume=args.resume)
+    if plan.checkpoint is None:
         sys.stderr.write(DEMO_NOTICE + '\n')
         with compiling(COMPILING_DEMO):
-            params = demo_params(model)
+            params = plan.tree()
     else:
-        logger.info('loading %s for fine-tuning', checkpoint)
-        params = load_params(checkpoint, model=model, dtype=model.dtype)
+        logger.info('loading %s for fine-tuning', plan.checkpoint.path)
+        params = plan.tree()
     bar = tqdm.tqdm(total=options.steps, desc='fine-tuning', unit='step', file=sys.stderr,
                     dynamic_ncols=True)
 
@@ -134,12 +133,3 @@ def run_finetune(args: argparse.Namespace) -> int:
                      f'--checkpoint {out}`\n')
     return 0
 
-
-def _training_model(args: argparse.Namespace) -> tuple[Any, Tokenizer, Path | None]:
-    """The model (its dtype: the compute dtype), the tokenizer and the checkpoint to start
-    from (None: the demo's random weights), as --checkpoint/--model/--dtype/--tokenizer say.
-    Reads no weights."""
-    checkpoint = checkpoint_path(args)
-    tokenizer = Tokenizer(tokenizer_path(args, checkpoint))
-    _, model = choose_model(args, checkpoint, vocab_size=tokenizer.vocab_size, with_vision=False)
-    return model, tokenizer, checkpoint

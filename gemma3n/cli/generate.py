@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from gemma3n import multimodal
 from gemma3n.cli.console import COMPILING_PROMPT, Timer, compiling, write
 from gemma3n.cli.model import audio_options, image_options, load_model, max_new_tokens_of
 from gemma3n.cli.sampling import sampling_method
 from gemma3n.text.chat_format import format_user_turn
-from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, Sampler
+from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH
 
 
 def default_cache_length(positions: int) -> int:
@@ -22,24 +21,19 @@ def default_cache_length(positions: int) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     sampling = sampling_method(args.temperature, args.top_k, args.top_p)
-    pictures = image_options(args)
-    clips = audio_options(args)
-    loaded = load_model(args, with_vision=bool(pictures), with_audio=bool(clips))
+    pictures, checkpoint = image_options(args)
+    clips, checkpoint = audio_options(args, checkpoint)
+    loaded = load_model(args, checkpoint=checkpoint, with_vision=bool(pictures),
+                        with_audio=bool(clips))
     max_new_tokens = max_new_tokens_of(args, loaded)
-    sampler = Sampler(model=loaded.model, params=loaded.params, tokenizer=loaded.tokenizer,
-                      per_layer_table=loaded.per_layer_table,
-                      sampling=sampling, prefill_chunk=args.prefill_chunk)
+    sampler = loaded.sampler(sampling=sampling, prefill_chunk=args.prefill_chunk)
     [prompt], images = sampler.prompt_images([args.prompt], pictures or None, single=True)
     [prompt], audio = sampler.prompt_audio([prompt], clips or None, single=True)
     text = prompt if args.raw else format_user_turn(prompt)
     ids = sampler.encode(text, add_bos=True)
-    positions = len(ids) + max_new_tokens
-    for count, block in ((0 if images is None else images.shape[1],
-                          multimodal.image_block(loaded.model.config)),
-                         (0 if audio is None else audio.num_clips,
-                          multimodal.audio_block(loaded.model.config))):
-        if count:
-            positions += count * (multimodal.block_length(block[1]) - 1)
+    positions = int(sampler.engine.prompt_positions(
+        [len(ids)], 0 if images is None else images.shape[1],
+        0 if audio is None else audio.num_clips)[0]) + max_new_tokens
     sampler.cache_length = args.cache_length or default_cache_length(positions)
     run = sampler.generation([ids], max_new_tokens, rng=args.seed, images=images, audio=audio,
                              stop_tokens=sampler.text_stop_tokens())

@@ -13,13 +13,19 @@ from gemma3n.cli.export import run_export
 from gemma3n.cli.finetune import add_finetune_options, run_finetune
 from gemma3n.cli.generate import run_generate
 from gemma3n.cli.info import run_info
-from gemma3n.cli.model import CHECKPOINT_DTYPE, DEMO_DTYPE, DEMO_MAX_NEW_TOKENS
-from gemma3n.loading import DEMO, DTYPES, MODEL_CLASSES, TOKENIZER_FILE
-from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK
+from gemma3n.cli.serve import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_WAITING, DEFAULT_PORT,
+                               DEFAULT_SHUTDOWN_S, run_serve)
+from gemma3n.cli.model import DEMO_MAX_NEW_TOKENS
+from gemma3n.loaded_model import DEMO
+from gemma3n.loading import CHECKPOINT_DTYPE, DEMO_DTYPE, DTYPES, MODEL_CLASSES, TOKENIZER_FILE
+from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK
+from gemma3n.sharding.distributed import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
+from gemma3n.sharding.mesh import SPEC_EXAMPLE, parse_mesh_spec
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH, DEFAULT_MAX_OUT_LENGTH
 from gemma3n.validation import INT32_MAX, check_int, max_seed
 
 HELP_OPTIONS = ('-h', '--help')
+MAX_PORT = 65535
 SUGGESTION_CUTOFF = 0.8          # how alike a mistyped option and a known one must be (difflib ratio)
 
 
@@ -48,6 +54,16 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
 
 
 _positive_int = _whole_number(1, INT32_MAX)
+
+
+def _mesh_spec(text: str) -> str:
+    """An argparse type: a mesh spec, checked before anything starts (devices are counted
+    once they are known)."""
+    try:
+        parse_mesh_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).rstrip('.')) from None
+    return text
 
 
 def _model_options(*, running: bool) -> argparse.ArgumentParser:
@@ -93,10 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     run_options = _Parser(add_help=False)
     group = run_options.add_argument_group('weights and sampling')
     _add_checkpoint_options(group)
-    group.add_argument('--int8', action='store_true',
-                       help='quantize the large weights to int8 (one scale per output channel) '
-                            'at load: about half the memory and faster decoding, slightly less '
-                            'accurate')
+    quantization = group.add_mutually_exclusive_group()
+    quantization.add_argument('--int8', action='store_true',
+                              help='quantize the large weights to int8 (one scale per output '
+                                   'channel) at load: about half the memory and faster '
+                                   'decoding, slightly less accurate')
+    quantization.add_argument('--int4', action='store_true',
+                              help='quantize the large weights to int4 (groups of 32 with a '
+                                   'scale each) at load: about a quarter of the memory and the '
+                                   'fastest decoding, noticeably less accurate than --int8')
     group.add_argument('--max-new-tokens', type=_positive_int, metavar='N',
                        help=f'most tokens to generate per answer (default: {DEMO_MAX_NEW_TOKENS} '
                             f'for the demo, {DEFAULT_MAX_OUT_LENGTH} otherwise)')
@@ -122,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
                             'most 30 s are heard), for checkpoints with the released audio '
                             'tower; each `<start_of_audio>` in the prompt takes one, else they '
                             'go before the text. In chat they belong to the first message')
+    group = run_options.add_argument_group('devices and processes')
+    group.add_argument('--mesh', type=_mesh_spec, metavar='SPEC',
+                       help=f'split the model over the devices as a mesh with axes data, fsdp '
+                            f'and tensor, e.g. {SPEC_EXAMPLE} (sizes multiply to the device '
+                            'count; with several processes, all of theirs)')
+    group.add_argument('--coordinator', metavar='HOST:PORT',
+                       help=f'several processes: process 0\'s address (or {COORDINATOR_ENV})')
+    group.add_argument('--num-processes', type=_positive_int, metavar='N',
+                       help=f'several processes: how many (or {NUM_PROCESSES_ENV})')
+    group.add_argument('--process-id', type=_whole_number(0, INT32_MAX), metavar='I',
+                       help=f'several processes: this one\'s rank, 0 to N-1 (or {PROCESS_ID_ENV})')
 
     parser = _Parser(prog=PROG, description='Run Google\'s Gemma 3n in JAX.')
     commands = parser.add_subparsers(dest='command', metavar='COMMAND', required=True)
@@ -143,6 +175,29 @@ def build_parser() -> argparse.ArgumentParser:
                     f'over, {QUIT_COMMAND} or end of input (Ctrl-D) ends it, {HELP_COMMAND} lists '
                     'the commands.')
     chat.set_defaults(run=run_chat)
+
+    serve = commands.add_parser(
+        'serve', parents=[run_options, model_options],
+        help='an OpenAI-compatible HTTP server (chat completions, completions)',
+        description='Serve the model over HTTP with OpenAI\'s chat-completions protocol: '
+                    'requests decode together (continuous batching). Sampling settings come '
+                    'with each request; --max-new-tokens is the answer length of requests that '
+                    'give no max_tokens. SIGTERM or Ctrl-C stops it gracefully.')
+    serve.add_argument('--host', default=DEFAULT_HOST,
+                       help=f'address to listen on (default: {DEFAULT_HOST}, this machine only)')
+    serve.add_argument('--port', type=_whole_number(0, MAX_PORT), default=DEFAULT_PORT,
+                       help=f'port to listen on (default: {DEFAULT_PORT})')
+    serve.add_argument('--max-batch', type=_positive_int, default=DEFAULT_MAX_BATCH, metavar='N',
+                       help=f'sequences decoded together (default: {DEFAULT_MAX_BATCH}); each '
+                            'holds a KV cache of --cache-length positions')
+    serve.add_argument('--max-queue', type=_positive_int, default=DEFAULT_MAX_WAITING,
+                       metavar='N',
+                       help='requests that may wait for a free sequence; more are answered 429 '
+                            f'(default: {DEFAULT_MAX_WAITING})')
+    serve.add_argument('--shutdown-timeout', type=float, default=DEFAULT_SHUTDOWN_S, metavar='S',
+                       help='on SIGTERM, seconds running answers get to end before they are '
+                            f'cancelled (default: {DEFAULT_SHUTDOWN_S:g})')
+    serve.set_defaults(run=run_serve)
 
     info = commands.add_parser(
         'info', parents=[model_options],

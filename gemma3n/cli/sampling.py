@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gemma3n.text.sampling import Greedy, RandomSampling, SamplingMethod, TopkSampling, TopPSampling
+from gemma3n.engine.sampling import Greedy, RandomSampling, SamplingMethod, TopkSampling, TopPSampling
 
 
 def sampling_method(temperature: float | None, top_k: int | None,

@@ -24,3 +24,4 @@ VISION_EMBED = 'vision_embed'  # the vision encoder's output width
 # rule cannot map two axes of one weight to the same mesh axis.
 EMBED_PROJECTED = 'embed_projected'
 ALTUP_SOURCE = 'altup_source'  # the stream an AltUp prediction coefficient reads
+BATCH = 'batch'                # rows of a batch of sequences (activations and the KV cache)

@@ -28,6 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gemma3n.layers import decode_kernels
 from gemma3n.layers.weights import batch_axes, declare
 
 Initializer = Callable[..., jax.Array]
@@ -117,7 +118,14 @@ def projection_param(module: nn.Module, name: str, shape: tuple[int, ...], axes:
 
 
 def dot(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """jnp.einsum(eqn, x, w) accumulated in float32, returned in x's dtype.
+    """jnp.einsum(eqn, x, w) accumulated in float32, returned in x's dtype (int8 operands: in
+    int32). A decode-sized product with a weight stored [out..., in...] runs on our own CPU
+    kernels (`gemma3n.layers.decode_kernels`), any other on XLA's (`_xla_dot`)."""
+    return decode_kernels.dot(eqn, x, w, _xla_dot)
+
+
+def _xla_dot(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`dot` by XLA's own products.
 
     Asking for a float32 result lets XLA's CPU backend call its bf16 matrix kernels instead of
     converting the whole weight to float32 on every call (measured: 4-13x faster). A product

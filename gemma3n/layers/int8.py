@@ -57,6 +57,15 @@ class QuantizedWeight(StoredWeight):
         return (rows * scales[..., None]).astype(dtype)
 
 
+def quantize_rows(x: jax.Array, contracted: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """x as int8 with one absmax scale per row (per combination of the axes not `contracted`):
+    (int8 values, float32 scales with the contracted axes kept as size 1)."""
+    x32 = x.astype(jnp.float32)
+    x_scale = jnp.max(jnp.abs(x32), axis=contracted, keepdims=True) / INT8_MAX
+    x_scale = jnp.where(x_scale == 0, 1.0, x_scale)
+    return jnp.round(x32 / x_scale).astype(jnp.int8), x_scale
+
+
 def _int8_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     """x · (q · scale) with x quantized too: int8 x int8 products are the only int8 form XLA's
     CPU backend runs fast (a mixed int8 x bf16 product converts the weight every call).
@@ -67,10 +76,7 @@ def _int8_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Arr
     inputs, out_spec = eqn.split('->')
     x_spec, w_spec = inputs.split(',')
     contracted = [i for i, a in enumerate(x_spec) if a in w_spec and a not in out_spec]
-    x32 = x.astype(jnp.float32)
-    x_scale = jnp.max(jnp.abs(x32), axis=tuple(contracted), keepdims=True) / INT8_MAX
-    x_scale = jnp.where(x_scale == 0, 1.0, x_scale)
-    xq = jnp.round(x32 / x_scale).astype(jnp.int8)
+    xq, x_scale = quantize_rows(x, tuple(contracted))
     y = dot(eqn, xq, q).astype(jnp.float32)
     scale_spec = w_spec[:scale.ndim]
     y = jnp.einsum(f'{out_spec},{scale_spec}->{out_spec}', y, scale.astype(jnp.float32))
@@ -95,14 +101,18 @@ def quantize(w: jax.Array, num_leading: int, order: tuple[int, ...] | None = Non
 _quantize_rows = jax.jit(functools.partial(quantize, num_leading=1))
 
 
+def by_row_chunks(fn: Any, rows: jax.Array) -> list[Any]:
+    """fn applied to [channels, inputs] `rows` QUANTIZE_CHUNK values at a time."""
+    step = max(1, QUANTIZE_CHUNK // rows.shape[1])
+    return [fn(rows[start:start + step]) for start in range(0, rows.shape[0], step)]
+
+
 def quantize_in_chunks(w: jax.Array, num_leading: int, order: tuple[int, ...] | None = None
                        ) -> QuantizedWeight:
     """`quantize(w, num_leading, order)`, a chunk of output channels at a time (bounded
     temporaries for the largest weights)."""
     channels = w.shape[:num_leading]
-    rows = w.reshape(math.prod(channels), -1)          # [channels, inputs]
-    step = max(1, QUANTIZE_CHUNK // rows.shape[1])
-    parts = [_quantize_rows(rows[start:start + step]) for start in range(0, rows.shape[0], step)]
+    parts = by_row_chunks(_quantize_rows, w.reshape(math.prod(channels), -1))
     return QuantizedWeight(q=jnp.concatenate([p.q for p in parts]).reshape(w.shape),
                            scale=jnp.concatenate([p.scale for p in parts]).reshape(channels),
                            order=order)

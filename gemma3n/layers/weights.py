@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import flax.struct
 import jax
+import numpy as np
 from flax import traverse_util
 
 Initializer = Callable[..., jax.Array]
@@ -107,9 +108,15 @@ def weight_schema(module: nn.Module, *inputs: Any, **kwargs: Any) -> dict[str, W
     Weights created by flax's own layers (the seed's SigLIP encoder) are not declared: their
     `axes` is None.
     """
-    # Inputs go in as traced arguments: modules that check concrete values skip tracers.
-    shapes = jax.eval_shape(lambda *args: module.init(jax.random.key(0), *args, **kwargs),
-                            *inputs)
+    # Array inputs (or their ShapeDtypeStructs) are traced; anything else stays a Python value.
+    is_array = [isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)) for x in inputs]
+
+    def init(key, *arrays):
+        given = iter(arrays)
+        args = [next(given) if traced else x for x, traced in zip(inputs, is_array)]
+        return module.init(key, *args, **kwargs)
+
+    shapes = jax.eval_shape(init, jax.random.key(0), *(x for x, t in zip(inputs, is_array) if t))
     params = traverse_util.flatten_dict(shapes['params'], sep='/')
     declared = traverse_util.flatten_dict(shapes.get(WEIGHT_INFO, {}), sep='/',
                                           is_leaf=lambda _, x: isinstance(x, Declaration))

@@ -8,7 +8,7 @@ from gemma3n.text.chat_format import format_user_turn
 from gemma3n.text.tokenizer import StreamDecoder
 from gemma3n.text.tokenizer import Tokenizer
 from gemma3n.text.tokenizer import default_tokenizer_path
-from gemma3n.text.sampling import Greedy, RandomSampling, TopkSampling, TopPSampling
+from gemma3n.engine.sampling import Greedy, RandomSampling, TopkSampling, TopPSampling
 from gemma3n.text.sampler import Sampler, SamplerOutput, SamplerState
 from gemma3n.text.chat import ChatSampler
 

@@ -12,10 +12,10 @@ import numpy as np
 from gemma3n import cache as kv_cache
 from gemma3n.text import special_tokens
 from gemma3n.text.chat_format import format_continuation, format_user_turn
-from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK
+from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK
 from gemma3n.text.sampler import (DEFAULT_CACHE_LENGTH, DEFAULT_MAX_OUT_LENGTH, Sampler,
                                   SamplerState)
-from gemma3n.text.sampling import Greedy, SamplingMethod
+from gemma3n.engine.sampling import Greedy, SamplingMethod
 from gemma3n.text.tokenizer import Tokenizer
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Autoregressive generation with the compact KV cache: one compiled prefill, one compiled step."""
+"""Token and text generation for a batch of prompts, on the generation engine (`gemma3n.engine`)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n import multimodal, validation
-from gemma3n.embedder import PER_LAYER_TABLE, per_layer_token_ids
+from gemma3n import validation
+from gemma3n.engine.engine import Engine
+from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK
+from gemma3n.engine.sampling import Greedy, SamplingMethod
+from gemma3n.sharding import ShardingRules
 from gemma3n.text import media, special_tokens
 from gemma3n.text.chat_format import add_image_markers
-from gemma3n.text.generation import NON_FINITE_LOGITS, Generation, SamplerOutput, SamplerState
-from gemma3n.text.prefill import DEFAULT_PREFILL_CHUNK, expand_rows, plan_chunks
-from gemma3n.text.sampling import Greedy, SamplingMethod
+from gemma3n.text.generation import Generation, SamplerOutput, SamplerState
 from gemma3n.text.tokenizer import StreamDecoder, Tokenizer
 from gemma3n.vision.preprocess import load_images
 
@@ -64,110 +65,28 @@ class Sampler:
         per_layer_table: Any = None,
         keep_default_stop_tokens: bool = True,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        mesh: Any = None,
+        sharding_rules: ShardingRules = ShardingRules(),
     ):
         cache_length = validation.check_int('cache_length', cache_length, low=MIN_CACHE_LENGTH)
         max_out_length = validation.check_int('max_out_length', max_out_length, low=1)
-        prefill_chunk = validation.check_int('prefill_chunk', prefill_chunk, low=1)
-        vocab_size = model.config.num_embed
-        stop_tokens = validation.token_ids('stop_tokens', stop_tokens, vocab_size)
-        forbidden_tokens = validation.token_ids('forbidden_tokens', forbidden_tokens, vocab_size)
+        self.engine = Engine(model, params, per_layer_table=per_layer_table,
+                             per_layer_table_on_host=per_layer_table_on_host,
+                             forbidden_tokens=forbidden_tokens, prefill_chunk=prefill_chunk,
+                             cache_dtype=cache_dtype, mesh=mesh, sharding_rules=sharding_rules)
+        stop_tokens = self.engine.token_ids('stop_tokens', stop_tokens)
         self.model = model
-        self.params = params
-        # The per-layer table (E4B: 2.35B of its 6.8B text parameters) is only ever gathered
-        # from: kept on the host, out of the compiled functions' arguments. `per_layer_table`
-        # may be any `table[ids] -> rows` object, such as a `LazyPerLayerTable` that reads
-        # only the rows it is asked for from the checkpoint file.
-        self.host_table = per_layer_table
-        if per_layer_table is not None and PER_LAYER_TABLE in params.get('embedder', {}):
-            raise ValueError('per_layer_table was given but params also hold the table: load '
-                             'them with skip_per_layer_table=True.')
-        if per_layer_table_on_host:
-            embedder = dict(params['embedder'])
-            self.host_table = np.asarray(embedder.pop(PER_LAYER_TABLE))
-            self.params = {**params, 'embedder': embedder}
+        self.params = self.engine.params      # without the per-layer table when on the host
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.cache_length = cache_length
         self.max_out_length = max_out_length
         self.stop_tokens = tuple(stop_tokens.tolist())
-        self.forbidden_tokens = tuple(forbidden_tokens.tolist())
+        self.forbidden_tokens = self.engine.forbidden_tokens
         self.keep_default_stop_tokens = keep_default_stop_tokens
-        self.cache_dtype = cache_dtype or model.dtype
-        # Prompts go through the cache this many tokens at a time (see gemma3n.text.prefill).
-        self.prefill_chunk = prefill_chunk
-        self.num_traces = {'prefill': 0, 'step': 0}   # how often each function compiled
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=('sampling',),
-                                donate_argnames=('cache', 'logits'))
-        self._encode_images = jax.jit(lambda params, images: model.apply(
-            {'params': params}, images, method=model.encode_images))
-        self._encode_audio = jax.jit(lambda params, audio: model.apply(
-            {'params': params}, audio, method=model.encode_audio))
-        self._step = jax.jit(self._step_fn, static_argnames=('sampling',),
-                             donate_argnames=('cache',))
-
-    # ---- compiled pieces -------------------------------------------------------------------
-
-    def _choose(self, logits: jax.Array, rng: jax.Array, sampling: SamplingMethod) -> jax.Array:
-        """[B, V] -> [B] tokens; NON_FINITE_LOGITS where a row holds NaN/Inf (checked before
-        forbidden tokens get their -inf)."""
-        finite = jnp.isfinite(logits).all(axis=-1)
-        if self.forbidden_tokens:
-            logits = logits.at[:, jnp.asarray(self.forbidden_tokens)].set(-jnp.inf)
-        return jnp.where(finite, sampling(logits, rng), NON_FINITE_LOGITS)
-
-    def _prefill_fn(self, params, tokens, cache, rng, soft_tokens, per_layer_rows, logits,
-                    holds_last, sampling):
-        """One prefill chunk; `logits` [B, V] keeps each sequence's from the chunk holding its
-        last token (holds_last [B])."""
-        self.num_traces['prefill'] += 1
-        out = self.model.apply({'params': params}, tokens, cache=cache, return_last_only=True,
-                               soft_tokens=soft_tokens, per_layer_embeddings=per_layer_rows)
-        logits = jnp.where(holds_last[:, None], out.logits, logits)
-        return self._choose(logits, rng, sampling), logits, out.cache
-
-    def _step_fn(self, params, tokens, cache, rng, per_layer_rows, sampling):
-        self.num_traces['step'] += 1
-        out = self.model.apply({'params': params}, tokens[:, None], cache=cache,
-                               return_last_only=True, per_layer_embeddings=per_layer_rows)
-        return self._choose(out.logits, rng, sampling), out.logits, out.cache
-
-    def per_layer_rows(self, tokens: np.ndarray) -> np.ndarray | None:
-        """Host-gathered per-layer table rows for tokens [B, L] (images expanded), or None
-        without a host table."""
-        if self.host_table is None:
-            return None
-        return self.host_table[per_layer_token_ids(tokens, self.model.config.num_embed)]
-
-    def prefill(self, rows: list[np.ndarray], cache: dict[str, Any], rng: jax.Array,
-                images: jax.Array | None, sampling: SamplingMethod, audio: Any = None
-                ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
-        """Feeds the prompts `rows` through the cache `prefill_chunk` tokens at a time.
-
-        Returns the first sampled token [B], the logits it was chosen from [B, V] and the cache.
-        """
-        config, kinds, encoded = self.model.config, [], []
-        if images is not None:
-            ids, num_soft = multimodal.image_block(config)
-            kinds.append((images.shape[1], num_soft, ids))
-            encoded.append(self._encode_images(self.params, images))
-        if audio is not None:
-            ids, num_soft = multimodal.audio_block(config)
-            kinds.append((audio.num_clips, num_soft, ids))
-            encoded.append(self._encode_audio(self.params, audio))
-        starts = []
-        if kinds:
-            rows, starts = expand_rows(rows, kinds)
-        chunks = plan_chunks(rows, self.prefill_chunk)
-        logits = jnp.zeros((len(rows), config.num_embed), jnp.float32)
-        for chunk in chunks:
-            soft_tokens = tuple(
-                multimodal.SoftTokens(soft, jnp.asarray(start - chunk.starts[:, None]))
-                for soft, start in zip(encoded, starts)) or None
-            token, logits, cache = self._prefill(
-                self.params, jnp.asarray(chunk.tokens), cache, rng, soft_tokens,
-                self.per_layer_rows(chunk.tokens), logits, jnp.asarray(chunk.holds_last),
-                sampling=sampling)
-        return token, logits, cache
+        self.cache_dtype = self.engine.cache_dtype
+        self.prefill_chunk = self.engine.prefill_chunk
+        self.num_traces = self.engine.num_traces   # how often each compiled function traced
 
     # ---- token level -----------------------------------------------------------------------
 
@@ -206,10 +125,7 @@ class Sampler:
 
     def vision_encoder(self) -> Any:
         """The model's vision encoder; a ValueError when the model has none."""
-        encoder = self.model.config.vision_encoder
-        if self.model.text_only or encoder is None:
-            raise ValueError('This model does not have vision encoder: images cannot be passed.')
-        return encoder
+        return self.engine.vision_encoder()
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -304,9 +220,7 @@ class Sampler:
         """Audio for text prompts as an `AudioInput`, and the prompts with their markers."""
         if audio is None:
             return prompts, None
-        if not self.model.has_audio:
-            raise ValueError('This model has no audio tower: audio cannot be passed (the '
-                             'released Gemma 3n checkpoints have one).')
+        self.engine.audio_block()               # raises: no audio tower
         lists = [audio] if single else list(audio)
         lists = [[items] if isinstance(items, (str, os.PathLike, np.ndarray, tuple)) else
                  list(items) for items in lists]

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma3n.checkpoints.hf_config import check_representable
 from gemma3n.checkpoints.native import save_checkpoint_folder
 from gemma3n.layers import special_ids
 from gemma3n.text.tokenizer import Tokenizer
@@ -140,6 +141,9 @@ class FinetuneRun:
         self.split = FullFineTuning(freeze=options.freeze) if split is None else split
         self.split.split(jax.eval_shape(self.model.init, jax.random.key(0),
                                         jnp.ones((1, 1), jnp.int32))['params'])
+        # The result's config.json is HF's text config: a model it cannot describe is refused
+        # now, not after the training.
+        check_representable(self.model.config)
         self.run_config = {**options.run_config(self.model), 'split': repr(self.split)}
         check_run_config(self.out, self.run_config, resume)
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from gemma3n.checkpoints.hf_mapping import flatten_params, unflatten_params
+from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
 
 # Freeze patterns users reach for most: the two vocabulary-sized tables (E4B: 5.4 of its 7.8
 # billion weights), which a small data set cannot teach much.

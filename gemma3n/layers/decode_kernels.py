@@ -1,0 +1,174 @@
+"""Our own CPU kernels for the products a decode step is made of: a few rows of activations
+times a weight stored [out..., in...], read once at the memory's speed (XLA's CPU matrix-vector
+products stream well below it). `dot(eqn, x, w, xla_dot)` takes them when they apply and calls
+`xla_dot` otherwise, so the numbers are the same either way up to float32 summation order:
+
+- bf16 x bf16 -> float32: products exact, sums in float32 in another order (AVX-512 BF16
+  `vdpbf16ps`, AVX2 FMA, or scalar);
+- int8 x int8 -> int32: exact, equal to XLA's bit for bit (AVX-512 VNNI, AVX2, scalar).
+
+They apply on the CPU backend, with at most `MAX_ROWS` rows of x (decode; a prefill chunk keeps
+XLA's matrix kernels, which are faster there), and to a weight whose every axis is either
+contracted (last, in x's order) or an output axis x lacks. Under `jit` for another platform the
+XLA product is lowered instead (`jax.lax.platform_dependent`).
+
+The C++ source is compiled on first use (`gemma3n.layers.kernel_build`). `$GEMMA3N_KERNELS`
+chooses: unset or `auto` the best the CPU has, `avx2` or `scalar` at most that instruction set,
+`off` the XLA path. It is read when a function is traced, so a cached `jit` keeps its choice.
+If the kernels cannot be built, one line says so and everything runs on the XLA path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma3n.layers.kernel_build import KernelBuildError, build_kernels
+
+ENV = 'GEMMA3N_KERNELS'
+OFF_VALUES = ('0', 'off', 'xla')
+# Instruction-set codes of the C++ `Isa` enum; a request is capped at what the CPU has.
+ISA_CODES = {'auto': 0, 'scalar': 1, 'avx2': 2, 'avx512': 3}
+ISA_NAMES = {code: name for name, code in ISA_CODES.items()}
+# Rows of x the kernels take at once (the C++ side's kMaxRows).
+MAX_ROWS = 8
+TARGETS = {'bf16': 'gemma3n_matvec_bf16', 'int8': 'gemma3n_matvec_int8',
+           'int4': 'gemma3n_matvec_int4'}
+_SYMBOLS = {'bf16': 'Gemma3nMatvecBf16', 'int8': 'Gemma3nMatvecInt8', 'int4': 'Gemma3nMatvecInt4'}
+
+logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """Builds (or finds) and registers the kernels once per process; None if they cannot be."""
+    try:
+        library = ctypes.CDLL(str(build_kernels()))
+    except (KernelBuildError, OSError) as e:
+        logger.warning('gemma3n: decode kernels unavailable (%s); using XLA matrix products.', e)
+        return None
+    for kind, symbol in _SYMBOLS.items():
+        jax.ffi.register_ffi_target(TARGETS[kind], jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform='cpu')
+    return library
+
+
+def requested_isa() -> int | None:
+    """The instruction-set code `$GEMMA3N_KERNELS` asks for; None when it turns them off."""
+    value = os.environ.get(ENV, 'auto').strip().lower()
+    if value in OFF_VALUES:
+        return None
+    if value not in ISA_CODES:
+        raise ValueError(f'${ENV}={value!r}: expected one of {sorted(ISA_CODES)} or "off".')
+    return ISA_CODES[value]
+
+
+def active_isa() -> str | None:
+    """The instruction set the kernels run with here ('avx512', 'avx2', 'scalar'), or None when
+    they are off, not built, or the default device is not a CPU."""
+    requested = requested_isa()
+    if requested is None or jax.default_backend() != 'cpu' or _library() is None:
+        return None
+    best = _library().Gemma3nKernelIsa()
+    return ISA_NAMES[best if requested == ISA_CODES['auto'] else min(requested, best)]
+
+
+def call(kind: str, result: jax.ShapeDtypeStruct, *operands: jax.Array) -> jax.Array:
+    """The raw kernel `kind` on 2-D operands (see the C++ source for their layouts)."""
+    if _library() is None:
+        raise RuntimeError('the decode kernels are not built (see the warning logged above).')
+    return jax.ffi.ffi_call(TARGETS[kind], result, vmap_method='sequential')(
+        *operands, isa=np.int32(requested_isa() or 0))
+
+
+@jax.custom_jvp
+def _bf16_rows(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] · w [N, K]ᵀ -> [M, N] float32, both bfloat16."""
+    return call('bf16', jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32), x, w)
+
+
+@_bf16_rows.defjvp
+def _bf16_rows_jvp(primals, tangents):
+    # The product is bilinear: its derivative is two products, left to XLA.
+    (x, w), (dx, dw) = primals, tangents
+    tangent = (jnp.einsum('mk,nk->mn', dx, w, preferred_element_type=jnp.float32)
+               + jnp.einsum('mk,nk->mn', x, dw, preferred_element_type=jnp.float32))
+    return _bf16_rows(x, w), tangent
+
+
+def _int8_rows(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] · w [N, K]ᵀ -> [M, N] int32, both int8."""
+    return call('int8', jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.int32), x, w)
+
+
+def _kind(x: jax.Array, w: jax.Array) -> str | None:
+    if x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16:
+        return 'bf16'
+    if x.dtype == jnp.int8 and w.dtype == jnp.int8:
+        return 'int8'
+    return None
+
+
+def row_plan(x_spec: str, w_spec: str, out_spec: str, x_shape: tuple[int, ...],
+             rows_limit: int = MAX_ROWS) -> tuple[str, str, str] | None:
+    """(x's free axes, w's output axes, the contracted axes) when `x_spec,w_spec->out_spec` is
+    a product of at most `rows_limit` rows of x with a weight stored [out..., contracted...]
+    that has no batch axis; None otherwise."""
+    contracted = ''.join(a for a in w_spec if a not in out_spec)
+    w_out = w_spec[:len(w_spec) - len(contracted)]
+    x_free = ''.join(a for a in x_spec if a not in w_spec)
+    if (not contracted or not w_spec.endswith(contracted) or any(a in x_spec for a in w_out)
+            or any(a not in x_spec for a in contracted)
+            or sorted(out_spec) != sorted(x_free + w_out)):
+        return None
+    rows = math.prod(x_shape[x_spec.index(a)] for a in x_free)
+    return (x_free, w_out, contracted) if 1 <= rows <= rows_limit else None
+
+
+def as_rows(x: jax.Array, x_spec: str, x_free: str, contracted: str) -> jax.Array:
+    """x -> [rows, contracted size], its free axes first in `x_free` order."""
+    moved = jnp.transpose(x, [x_spec.index(a) for a in x_free + contracted])
+    rows = math.prod(moved.shape[:len(x_free)])
+    return moved.reshape(rows, -1)
+
+
+def from_rows(y: jax.Array, shape: tuple[int, ...], spec: str, out_spec: str) -> jax.Array:
+    """y [rows, N] -> `shape` (axes `spec`, x's free ones then w's output ones), in `out_spec`."""
+    return jnp.transpose(y.reshape(shape), [spec.index(a) for a in out_spec])
+
+
+def enabled() -> bool:
+    """Whether traced products take the kernels (see the module docstring)."""
+    return active_isa() is not None
+
+
+def dot(eqn: str, x: jax.Array, w: jax.Array,
+        xla_dot: Callable[[str, jax.Array, jax.Array], jax.Array]) -> jax.Array:
+    """xla_dot(eqn, x, w) (bf16 products returned in x's dtype, int8 ones in int32), computed by
+    the decode kernels where they apply."""
+    inputs, out_spec = eqn.split('->')
+    x_spec, w_spec = inputs.split(',')
+    kind = _kind(x, w)
+    plan = row_plan(x_spec, w_spec, out_spec, x.shape) if kind else None
+    if plan is None or not enabled():
+        return xla_dot(eqn, x, w)
+    x_free, w_out, contracted = plan
+
+    def kernel(x, w):
+        rows = as_rows(x, x_spec, x_free, contracted)
+        flat_w = w.reshape(-1, rows.shape[1])
+        y = _bf16_rows(rows, flat_w) if kind == 'bf16' else _int8_rows(rows, flat_w)
+        shape = tuple(x.shape[x_spec.index(a)] for a in x_free) + w.shape[:len(w_out)]
+        y = from_rows(y, shape, x_free + w_out, out_spec)
+        return y.astype(x.dtype) if kind == 'bf16' else y
+
+    return jax.lax.platform_dependent(x, w, cpu=kernel,
+                                      default=functools.partial(xla_dot, eqn))

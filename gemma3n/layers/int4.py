@@ -1,0 +1,148 @@
+"""int4 weights: groups of `INT4_GROUP` values along the contracted axes share one float16
+scale (llama.cpp's Q4_0 rule: the value of largest magnitude in a group maps to -8 exactly).
+The leaf type (`Int4Weight`) and its converter (`quantize_int4_in_chunks`, called by
+`gemma3n.layout` while loading).
+
+A weight in serving order [channels..., in...] is stored with its input axes flattened to K,
+two values per byte. Products take the activation rows quantized to int8 (as the int8 weights
+do, `gemma3n.layers.int8`), so every product of an activation, a 4-bit value and its scale is
+exact in float32 (8 + 4 + 11 significant bits): our decode kernel (per-group sums in int32) and
+the XLA path (the weight dequantized to float32) differ only in summation order.
+
+Example:
+    >>> w4 = quantize_int4(w, num_leading=1)          # w: [N, K], K a multiple of 32
+    >>> contract('BK,NK->BN', x, w4)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from gemma3n.layers import decode_kernels
+from gemma3n.layers.einsum import StoredWeight, checkpoint_shape, rows_first
+from gemma3n.layers.int8 import by_row_chunks, quantize_rows
+
+INT4_GROUP = 32
+# Stored nibbles are value + INT4_OFFSET, values in [INT4_MIN, INT4_MAX].
+INT4_OFFSET = 8
+INT4_MIN, INT4_MAX = -8, 7
+_HALF = INT4_GROUP // 2
+_LOW_NIBBLE = 0x0F
+
+
+@flax.struct.dataclass
+class Int4Weight(StoredWeight):
+    """A weight in int4 groups.
+
+    q: uint8 [channels..., K / 2]; in each group of INT4_GROUP values (INT4_GROUP / 2 bytes),
+       byte j holds value j + INT4_OFFSET in its low nibble and value j + INT4_GROUP / 2 in its
+       high one (the layout the decode kernel unpacks with two instructions).
+    scale: float16 [channels..., K / INT4_GROUP].
+    order: the permutation from the checkpoint's axes to the serving order (None: the same).
+    serving_shape: the weight's shape in serving order (K is the product of its input axes).
+    """
+    q: jax.Array
+    scale: jax.Array
+    order: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
+    serving_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return checkpoint_shape(self.serving_shape, self.order)
+
+    def contract(self, eqn: str, x: jax.Array) -> jax.Array:
+        inputs, out_spec = eqn.split('->')
+        x_spec, w_spec = inputs.split(',')
+        if self.order is not None:
+            w_spec = ''.join(w_spec[i] for i in self.order)
+        plan = decode_kernels.row_plan(x_spec, w_spec, out_spec, x.shape, rows_limit=x.size)
+        if plan is None:
+            raise ValueError(f'An int4 weight cannot be contracted as {x_spec},{w_spec}->'
+                             f'{out_spec}: it needs its input axes last, none shared with x.')
+        x_free, channels, contracted = plan
+        xq, x_scale = quantize_rows(decode_kernels.as_rows(x, x_spec, x_free, contracted), (1,))
+        y = rows_dot(xq, self.q.reshape(-1, self.q.shape[-1]),
+                     self.scale.reshape(-1, self.scale.shape[-1])) * x_scale
+        shape = tuple(x.shape[x_spec.index(a)] for a in x_free) + self.q.shape[:-1]
+        return decode_kernels.from_rows(y, shape, x_free + channels, out_spec).astype(x.dtype)
+
+    def take(self, ids: jax.Array, dtype: Any) -> jax.Array:
+        rows_first(self.order)
+        rows = dequantize(jnp.take(self.q, ids, axis=0, mode='clip'),
+                          jnp.take(self.scale, ids, axis=0, mode='clip'))
+        return rows.reshape(ids.shape + tuple(self.serving_shape[1:])).astype(dtype)
+
+
+def fits_int4(contracted_size: int) -> bool:
+    """Whether a weight whose input axes hold `contracted_size` values can be stored in int4."""
+    return contracted_size % INT4_GROUP == 0
+
+
+def quantize_int4(w: jax.Array, num_leading: int, order: tuple[int, ...] | None = None
+                  ) -> Int4Weight:
+    """w in serving order (reached from the checkpoint's by `order`), its first `num_leading`
+    axes the channels, the rest flattened to K."""
+    channels = w.shape[:num_leading]
+    k = math.prod(w.shape[num_leading:])
+    if not fits_int4(k):
+        raise ValueError(f'int4 needs the input axes to hold a multiple of {INT4_GROUP} values; '
+                         f'shape {w.shape} has {k}.')
+    groups = jnp.asarray(w, jnp.float32).reshape(channels + (k // INT4_GROUP, INT4_GROUP))
+    extreme = jnp.take_along_axis(groups, jnp.argmax(jnp.abs(groups), -1)[..., None], -1)
+    scale = (extreme / INT4_MIN).astype(jnp.float16)
+    # Quantized with the scale as stored, so the rounding is against the grid actually used.
+    step = scale.astype(jnp.float32)
+    step = jnp.where(step == 0, 1.0, step)
+    nibbles = (jnp.clip(jnp.round(groups / step), INT4_MIN, INT4_MAX) + INT4_OFFSET
+               ).astype(jnp.uint8)
+    packed = nibbles[..., :_HALF] | (nibbles[..., _HALF:] << 4)
+    return Int4Weight(q=packed.reshape(channels + (k // 2,)), scale=scale[..., 0], order=order,
+                      serving_shape=tuple(w.shape))
+
+
+_quantize_rows = jax.jit(functools.partial(quantize_int4, num_leading=1))
+
+
+def quantize_int4_in_chunks(w: jax.Array, num_leading: int,
+                            order: tuple[int, ...] | None = None) -> Int4Weight:
+    """`quantize_int4(w, num_leading, order)`, a chunk of channels at a time (bounded
+    temporaries for the largest weights)."""
+    channels = w.shape[:num_leading]
+    parts = by_row_chunks(_quantize_rows, w.reshape(math.prod(channels), -1))
+    return Int4Weight(
+        q=jnp.concatenate([p.q for p in parts]).reshape(channels + parts[0].q.shape[1:]),
+        scale=jnp.concatenate([p.scale for p in parts]).reshape(channels + parts[0].scale.shape[1:]),
+        order=order, serving_shape=tuple(w.shape))
+
+
+def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
+    """Packed values [..., K / 2] and their scales [..., K / 32] -> float32 [..., K] (each
+    value times its scale: exact in float32)."""
+    grouped = q.reshape(q.shape[:-1] + (-1, _HALF))
+    nibbles = jnp.concatenate([grouped & _LOW_NIBBLE, grouped >> 4], axis=-1)
+    values = nibbles.astype(jnp.float32) - INT4_OFFSET
+    return (values * scale[..., None].astype(jnp.float32)).reshape(q.shape[:-1] + (-1,))
+
+
+def _xla_rows_dot(xq: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    return jnp.einsum('mk,nk->mn', xq.astype(jnp.float32), dequantize(q, scale),
+                      preferred_element_type=jnp.float32)
+
+
+def rows_dot(xq: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """int8 rows xq [M, K] times the int4 weight (q [N, K / 2], scale [N, K / 32]) -> [M, N]
+    float32, on the decode kernel for up to `decode_kernels.MAX_ROWS` rows on a CPU."""
+    if xq.shape[0] > decode_kernels.MAX_ROWS or not decode_kernels.enabled():
+        return _xla_rows_dot(xq, q, scale)
+
+    def kernel(xq, q, scale):
+        result = jax.ShapeDtypeStruct((xq.shape[0], q.shape[0]), jnp.float32)
+        return decode_kernels.call('int4', result, xq, q, scale)
+
+    return jax.lax.platform_dependent(xq, q, scale, cpu=kernel, default=_xla_rows_dot)

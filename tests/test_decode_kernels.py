@@ -1,0 +1,168 @@
+"""Our CPU decode kernels against XLA's products: every instruction-set variant, odd sizes,
+several rows, the fallback when they are off or cannot be built, and a decoding model."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma3n import Gemma3nTransformer, Sampler
+from gemma3n.layers import decode_kernels
+from gemma3n.layers.einsum import _xla_dot, contract
+from gemma3n.layout import to_serving
+from hf_oracle import random_params, small_configs
+
+# The variants this CPU can run ('auto' is the best it has: AVX-512 here).
+ISAS = ['auto', 'avx2', 'scalar']
+F32_EPS = 2.0 ** -24        # float32 unit roundoff
+# (rows, K, N): K and N off every vector width (32 bf16, 64 int8 per AVX-512 step).
+SHAPES = [(1, 1, 1), (1, 2048, 96), (3, 77, 45), (8, 1000, 33), (2, 63, 130)]
+
+
+pytestmark = pytest.mark.skipif(decode_kernels._library() is None,
+                                reason='the decode kernels could not be built here')
+
+
+@pytest.fixture
+def isa(request, monkeypatch):
+    monkeypatch.setenv(decode_kernels.ENV, request.param)
+    return request.param
+
+
+def _operands(rows, k, n, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    if dtype == jnp.int8:
+        # The full int8 range, -128 included: the kernels are exact for any int8 input.
+        return (jnp.asarray(rng.integers(-128, 128, (rows, k)), jnp.int8),
+                jnp.asarray(rng.integers(-128, 128, (n, k)), jnp.int8))
+    return (jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16),
+            jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16))
+
+
+def _kernel_and_xla(eqn, x, w):
+    # Fresh functions: the kernels' switch is read when a function is traced.
+    kernel = jax.jit(lambda x, w: decode_kernels.dot(eqn, x, w, _xla_dot))
+    return kernel(x, w), jax.jit(lambda x, w: _xla_dot(eqn, x, w))(x, w)
+
+
+def _f32_dot(eqn, x, w):
+    return jnp.einsum(eqn, x, w, preferred_element_type=jnp.float32)
+
+
+@pytest.mark.parametrize('isa', ISAS, indirect=True)
+@pytest.mark.parametrize('rows,k,n', SHAPES)
+def test_bf16_rows_equal_xla_within_summation_noise(isa, rows, k, n):
+    x, w = _operands(rows, k, n, jnp.bfloat16)
+    got = decode_kernels._bf16_rows(x, w)
+    want = _f32_dot('mk,nk->mn', x, w)
+    # Products of bf16 values are exact in float32; only the order of the k-1 additions
+    # differs, each sum being within (k-1)·eps·Σ|x·w| of the exact one.
+    magnitude = _f32_dot('mk,nk->mn', jnp.abs(x), jnp.abs(w))
+    bound = 2 * max(k - 1, 1) * F32_EPS * np.asarray(magnitude)
+    assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= bound)
+
+
+@pytest.mark.parametrize('isa', ISAS, indirect=True)
+@pytest.mark.parametrize('rows,k,n', SHAPES)
+def test_int8_rows_equal_xla_exactly(isa, rows, k, n):
+    x, w = _operands(rows, k, n, jnp.int8)
+    got = decode_kernels._int8_rows(x, w)
+    want = jnp.einsum('mk,nk->mn', x, w, preferred_element_type=jnp.int32)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('eqn,x_shape,w_shape', [
+    ('BTD,CFD->CBTF', (1, 1, 40), (2, 33, 40)),      # a gating weight: two outputs, batch 1
+    ('BTZ,DZ->DBT', (2, 3, 70), (5, 70)),           # six rows
+    ('BTNH,DNH->DBT', (1, 2, 3, 5), (9, 3, 5)),     # two contracted axes
+])
+def test_einsum_forms_go_through_the_kernels(eqn, x_shape, w_shape):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.integers(-127, 128, x_shape), jnp.int8)
+    w = jnp.asarray(rng.integers(-127, 128, w_shape), jnp.int8)
+    lowered = jax.jit(lambda x, w: decode_kernels.dot(eqn, x, w, _xla_dot)).lower(x, w)
+    assert decode_kernels.TARGETS['int8'] in lowered.as_text()
+    got, want = _kernel_and_xla(eqn, x, w)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_products_the_kernels_do_not_take_stay_on_xla():
+    x = jnp.ones((1, 9, 16), jnp.bfloat16)        # nine rows: a prefill chunk
+    w = jnp.ones((4, 16), jnp.bfloat16)
+    text = jax.jit(lambda x, w: decode_kernels.dot('BTD,FD->FBT', x, w, _xla_dot)).lower(
+        x, w).as_text()
+    assert 'gemma3n_matvec' not in text
+    # A weight stored [in, out] (the reference layout) is not read as rows either.
+    assert decode_kernels.row_plan('BTD', 'DF', 'BTF', (1, 1, 16)) is None
+    # Nor one sharing an axis with x (attention's keys: batch and heads).
+    assert decode_kernels.row_plan('BTKGH', 'BSKH', 'BKGTS', (1, 1, 2, 2, 8)) is None
+
+
+def test_off_switch_keeps_xla(monkeypatch):
+    monkeypatch.setenv(decode_kernels.ENV, 'off')
+    x, w = _operands(1, 64, 8, jnp.bfloat16)
+    text = jax.jit(lambda x, w: contract('BD,FD->BF', x, w)).lower(x, w).as_text()
+    assert 'gemma3n_matvec' not in text
+    monkeypatch.setenv(decode_kernels.ENV, 'sse9')
+    with pytest.raises(ValueError, match='GEMMA3N_KERNELS'):
+        decode_kernels.requested_isa()
+
+
+def test_without_a_compiler_xla_does_the_work_and_says_so(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv('GEMMA3N_KERNEL_CACHE', str(tmp_path))
+    monkeypatch.setenv('CXX', 'no-such-compiler')
+    decode_kernels._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=decode_kernels.__name__):
+            assert decode_kernels.active_isa() is None
+            assert decode_kernels.active_isa() is None          # said once, not per call
+        assert [r.getMessage() for r in caplog.records] == [
+            "gemma3n: decode kernels unavailable (no C++ compiler found (looked for "
+            "'no-such-compiler'; set $CXX)); using XLA matrix products."]
+        x, w = _operands(2, 50, 7, jnp.int8)
+        got = jax.jit(lambda x, w: contract('BD,FD->BF', x, w))(x, w)
+        np.testing.assert_array_equal(got, jnp.einsum('bd,fd->bf', x, w,
+                                                      preferred_element_type=jnp.int32))
+    finally:
+        decode_kernels._library.cache_clear()
+    assert not list(tmp_path.iterdir())
+
+
+def test_bf16_products_have_a_derivative():
+    x, w = _operands(2, 40, 6, jnp.bfloat16)
+    x, w = x.astype(jnp.float32), w.astype(jnp.float32)
+
+    def loss(x, w, dtype):
+        return jnp.sum(contract('BD,FD->BF', x.astype(dtype), w.astype(dtype))
+                       .astype(jnp.float32) ** 2)
+
+    got = jax.grad(loss, argnums=(0, 1))(x, w, jnp.bfloat16)
+    want = jax.grad(lambda x, w: jnp.sum(_f32_dot('bd,fd->bf', x.astype(jnp.bfloat16),
+                                                  w.astype(jnp.bfloat16)).astype(
+        jnp.bfloat16).astype(jnp.float32) ** 2), argnums=(0, 1))(x, w)
+    for g, h in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32),
+                                   rtol=1e-2, atol=1e-2)
+
+
+@pytest.fixture(scope='module')
+def int8_model():
+    cfg = small_configs()[0]
+    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32)
+    return to_serving(model, random_params(cfg, seed=0), quantize_int8=True)
+
+
+def test_int8_decoding_is_unchanged_by_the_kernels(int8_model, monkeypatch):
+    model, params = int8_model
+    prompts = [[2, 3, 4, 5], [6, 7]]
+    runs = {}
+    for switch in ('auto', 'off'):
+        monkeypatch.setenv(decode_kernels.ENV, switch)
+        sampler = Sampler(model=model, params=params, cache_length=32)
+        runs[switch] = sampler.sample_tokens(prompts, 6, return_logits=True)
+    # int8 products are exact both ways and the rest of the step is the same program: the
+    # tokens agree and the logits to float32 rounding.
+    assert (runs['auto'].tokens == runs['off'].tokens).all()
+    np.testing.assert_allclose(runs['auto'].logits, runs['off'].logits, rtol=0, atol=1e-5)
