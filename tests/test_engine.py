@@ -11,6 +11,7 @@ from gemma3n.cache import END_INDEX
 from gemma3n.engine.batch import Batch
 from gemma3n.engine.engine import Engine
 from gemma3n.engine.sampling import Greedy, SlotSampling
+from gemma3n.layers import special_ids
 from gemma3n.text import special_tokens as st
 from hf_oracle import random_params, small_configs
 
@@ -64,7 +65,7 @@ def test_sequences_joining_and_leaving_give_their_tokens_alone(setup):
         if not running:
             break
         tokens, logits = batch.step(KEY, Greedy())
-        assert (tokens[~batch.active] == st.PAD).all()
+        assert (tokens[~batch.active] == special_ids.PAD).all()
         for slot, (index, left) in list(running.items()):
             got[index][0].append(int(tokens[slot]))
             got[index][1].append(np.asarray(logits[slot]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from gemma3n.cli.console import PROG
@@ -38,6 +39,9 @@ def run_serve(args: argparse.Namespace) -> int:
                          shutdown_s=args.shutdown_timeout)
     sys.stderr.write(f'{PROG}: serving {loaded.name} on http://{args.host}:{args.port}/v1 '
                      f'({args.max_batch} sequences at a time); Ctrl-C or SIGTERM stops\n')
+    # uvicorn stops gracefully on SIGTERM, then raises it again under the handler it found:
+    # under the default one the process would die of it. A stop asked for is a success here.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     if not server.started:
         raise OSError(f'cannot serve on {args.host}:{args.port} (see the message above)')
