@@ -101,6 +101,8 @@ class TransformerConfig:
     local_scale_factor: float = 1.0
     global_scale_factor: float = 1.0
     vision_encoder: Any = None
+    # The released checkpoints' towers (MobileNet-V5, audio): a `gemma3n.towers_config.TowersConfig`.
+    towers: Any = None
     use_qk_norm: bool = False
     qk_norm_with_scale: bool = True
     use_value_norm: bool = False
@@ -132,6 +134,9 @@ class TransformerConfig:
             raise ValueError('AltUp needs num_altup_inputs >= 2.')
         if self.use_altup and not self.per_layer_input_dim:
             raise ValueError('Gemma 3n blocks with AltUp need per_layer_input_dim > 0.')
+        if self.vision_encoder is not None and self.towers is not None and self.towers.vision:
+            raise ValueError('A model has one vision tower: the SigLIP vision_encoder or the '
+                             'released towers\' MobileNet-V5 (towers.vision), not both.')
         if self.kv_cache_sharing_config is not None and self.num_shared_layers:
             if self.num_unshared_layers < 2:
                 raise ValueError('KV sharing needs at least two layers that compute their own K/V.')

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from gemma3n import cache as kv_cache
-from gemma3n.checkpoints.loader import VISION_PREFIXES
+from gemma3n.checkpoints.loader import SIGLIP_PREFIXES, TOWERS_PREFIX
 from gemma3n.config import AttentionType
 from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from gemma3n.layout import serving_nbytes
@@ -28,17 +28,26 @@ def _count(shapes: Any, keep: Callable[[str], bool] = lambda path: True) -> int:
 def parameter_counts(model: Gemma3nTransformer) -> dict[str, int]:
     """Parameter counts of `model` from its shapes alone (jax.eval_shape: no memory used).
 
-    Keys: 'text' (the decoder), 'per_layer_table' (its per-layer embedding table) and, for a
-    model with a vision encoder, 'vision' (encoder and projection into the text width).
+    Keys: 'text' (the decoder), 'per_layer_table' (its per-layer embedding table); for a
+    model with the SigLIP encoder 'vision' (encoder and projection into the text width); for
+    one with the released towers each part of them (TOWER_TITLES).
     """
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
-    vision = _count(shapes, lambda path: path.startswith(VISION_PREFIXES))
-    counts = {'text': _count(shapes) - vision,
+    # The towers declare their weights with logical axes (boxed): counted by their shapes.
+    shapes = flax.linen.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)['params'])
+    vision = _count(shapes, lambda path: path.startswith(SIGLIP_PREFIXES))
+    towers = {part: _count(tree) for part, tree in shapes.get(TOWERS_PREFIX.rstrip('/'), {}).items()}
+    counts = {'text': _count(shapes) - vision - sum(towers.values()),
               'per_layer_table': _count(shapes, lambda path: path == PER_LAYER_TABLE_PATH)}
     if vision:
         counts['vision'] = vision
+    counts.update(towers)
     return counts
+
+
+# The released towers' parts, as `gemma3n info` names them.
+TOWER_TITLES = {'vision_tower': 'vision tower (MobileNet-V5)', 'embed_vision': 'vision embedder',
+                'audio_tower': 'audio tower (conformer)', 'embed_audio': 'audio embedder'}
 
 
 def _bytes(n: int) -> str:
@@ -81,7 +90,9 @@ def describe_model(model: Gemma3nTransformer, title: str, dtype_name: str,
         lines.append(f'  {i:5d}  {attention:<13}  {source:<9}  {sparsity:<12}  {buffer}')
 
     counts = parameter_counts(model)
-    total = counts['text'] + counts.get('vision', 0)
+    total = sum(n for key, n in counts.items() if key != 'per_layer_table')
+    towers = [f'  {title:<27}{counts[part]:>15,}' for part, title in TOWER_TITLES.items()
+              if part in counts]
     dtype = jnp.dtype(dtype_name)
     itemsize = dtype.itemsize
     cache = jax.eval_shape(functools.partial(
@@ -92,8 +103,8 @@ def describe_model(model: Gemma3nTransformer, title: str, dtype_name: str,
         'parameters',
         f'  text decoder               {counts["text"]:>15,}',
         f'    per-layer embedding table {counts["per_layer_table"]:>14,}',
-        (f'  vision encoder + projection {counts["vision"]:>14,}' if 'vision' in counts
-         else '  vision encoder             none (text-only)'),
+        *([f'  vision encoder + projection {counts["vision"]:>14,}'] if 'vision' in counts
+          else towers or ['  vision encoder             none (text-only)']),
         f'  total                      {total:>15,}',
         '',
         f'memory in {dtype_name} (the loader casts every weight to it)',

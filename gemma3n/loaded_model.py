@@ -81,19 +81,25 @@ class LoadedModel:
         """Bytes the weights hold in memory (a lazily read per-layer table not included)."""
         return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(self.params))
 
-    def per_layer_rows(self, tokens: Any, images: Any = None) -> np.ndarray | None:
+    def per_layer_rows(self, tokens: Any, images: Any = None, audio: Any = None
+                       ) -> np.ndarray | None:
         """Rows [*B, L', num_layers, P] of the lazily read per-layer table for tokens [*B, L]
-        (L': the length once `images` expand their markers); None when params hold the table."""
+        (L': the length once `images` and `audio` expand their markers); None when params hold
+        the table."""
         if self.per_layer_table is None:
             return None
         tokens = np.asarray(tokens)
-        encoder = self.config.vision_encoder
-        if images is not None and not self.model.text_only and encoder is not None:
+        kinds = []
+        if images is not None and self.model.has_vision:
             images = np.asarray(images)
-            num_images = 1 if images.ndim == 4 else images.shape[1]
+            ids, num_soft = multimodal.image_block(self.config)
+            kinds.append((1 if images.ndim == 4 else images.shape[1], num_soft, ids))
+        if audio is not None and self.model.has_audio:
+            ids, num_soft = multimodal.audio_block(self.config)
+            kinds.append((audio.num_clips, num_soft, ids))
+        if kinds:
             flat = jnp.asarray(tokens.reshape(-1, tokens.shape[-1]))
-            expanded, _, _ = multimodal.expand_tokens(flat, num_images,
-                                                      encoder.num_mm_tokens_per_image)
+            expanded, _, _ = multimodal.expand_blocks(flat, kinds)
             tokens = np.asarray(expanded).reshape(*tokens.shape[:-1], -1)
         return self.per_layer_table[per_layer_token_ids(tokens, self.config.num_embed)]
 
@@ -105,7 +111,8 @@ class LoadedModel:
         return_last_only, ...).
         """
         if self.per_layer_table is not None and kwargs.get('per_layer_embeddings') is None:
-            kwargs['per_layer_embeddings'] = self.per_layer_rows(tokens, kwargs.get('images'))
+            kwargs['per_layer_embeddings'] = self.per_layer_rows(tokens, kwargs.get('images'),
+                                                                 kwargs.get('audio'))
         return self.model.apply({'params': self.params}, jnp.asarray(tokens), **kwargs)
 
     def sampler(self, **kwargs: Any) -> Sampler:

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from gemma3n import memory
 from gemma3n.checkpoints import hf_mapping, load_params, open_per_layer_table
+from gemma3n.checkpoints.hf_towers import model_config_from_hf
 from gemma3n.checkpoints.loader import ORBAX_FORMAT, Checkpoint, has_vision_encoder, open_checkpoint
 from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE, HFSoftcapWarning, config_file
 from gemma3n.config import TransformerConfig
@@ -154,6 +155,8 @@ def load(
         quantize: str | None = None,
         tokenizer: str | os.PathLike | Tokenizer | bool | None = None,
         with_vision: bool = False,
+        with_audio: bool = False,
+        towers: bool = True,
         hf_softcap: bool = False,
         progress: bool = True,
         mesh: Mesh | None = None,
@@ -165,7 +168,8 @@ def load(
         path: a Hugging Face checkpoint (directory or `.safetensors` file), an Orbax checkpoint
             directory or a file written by `save_params`; None: the built-in demo model (the
             Gemma 3n architecture at a small size, random weights, the packaged tokenizer).
-        model, dtype, quantize, tokenizer, with_vision, hf_softcap: see `prepare`.
+        model, dtype, quantize, tokenizer, with_vision, with_audio, towers, hf_softcap: see
+            `prepare`.
         progress: show a progress bar while the checkpoint is read.
         mesh: a `jax.sharding.Mesh` (`gemma3n.sharding.make_mesh('data=2,tensor=4')`): every
             weight goes straight into its shards on it, and `.sampler`/`.chat` run on it.
@@ -178,16 +182,18 @@ def load(
         >>> loaded.chat().chat('Hello!')
     """
     plan = prepare(path, model=model, dtype=dtype, quantize=quantize, tokenizer=tokenizer,
-                   with_vision=with_vision, hf_softcap=hf_softcap)
+                   with_vision=with_vision, with_audio=with_audio, towers=towers,
+                   hf_softcap=hf_softcap)
     return plan.load(progress=progress, mesh=mesh)
 
 
 def check_vision(path: str | os.PathLike | Checkpoint | None,
                  model: str | Gemma3nTransformer | TransformerConfig | None = None
                  ) -> Checkpoint | None:
-    """LoadError unless the checkpoint at `path` (None: the demo) holds the SigLIP vision
-    encoder that `with_vision=True` asks for, judged from its headers alone; returns the
-    checkpoint opened (None without `path`), for `prepare`.
+    """LoadError unless the checkpoint at `path` (None: the demo) holds the vision encoder that
+    `with_vision=True` asks for, judged from its headers and config.json alone: SigLIP, or (a
+    Hugging Face checkpoint loaded as its config.json describes) the released MobileNet-V5
+    tower. Returns the checkpoint opened (None without `path`), for `prepare`.
 
     A caller with images checks this before decoding them (the command does).
     """
@@ -196,11 +202,43 @@ def check_vision(path: str | os.PathLike | Checkpoint | None,
     if path is None:
         return None
     checkpoint = open_checkpoint(_existing(path))
+    released = _released_towers(checkpoint, model)
+    if released is not None and released.vision is not None:
+        return checkpoint
     if not has_vision_encoder(checkpoint):
-        raise LoadError('{with_vision} needs a checkpoint with the SigLIP vision encoder; {path} '
-                        '({format} format) holds none', {'with_vision': True},
-                        path=checkpoint.path, format=checkpoint.format)
+        raise LoadError('{with_vision} needs a checkpoint with a vision encoder (SigLIP, or the '
+                        'released MobileNet-V5 tower); {path} ({format} format) holds none',
+                        {'with_vision': True}, path=checkpoint.path, format=checkpoint.format)
     return checkpoint
+
+
+def check_audio(path: str | os.PathLike | Checkpoint | None,
+                model: str | Gemma3nTransformer | TransformerConfig | None = None
+                ) -> Checkpoint:
+    """LoadError unless the checkpoint at `path` is a Hugging Face one whose config.json has the
+    released audio tower that `with_audio=True` asks for (and `model` is left to it); returns
+    the checkpoint opened, for `prepare`."""
+    if model == DEMO or path is None:
+        raise LoadError('the demo model is text-only: {with_audio} needs a Gemma 3n checkpoint '
+                        'with the audio tower ({path})', {'with_audio': True, 'path': PATH})
+    checkpoint = open_checkpoint(_existing(path))
+    released = _released_towers(checkpoint, model)
+    if released is None or released.audio is None:
+        leave_out = (': the towers come with the model its config.json describes, leave '
+                     '{model:name} out') if model is not None else ''
+        raise LoadError('{with_audio} needs a Hugging Face Gemma 3n checkpoint whose config.json '
+                        'has an audio_config (the released ones do); {path} has none' + leave_out,
+                        {'with_audio': True, **({'model': model} if model is not None else {})},
+                        path=checkpoint.path)
+    return checkpoint
+
+
+def _released_towers(checkpoint: Checkpoint, model: Any) -> Any:
+    """The released towers (`TowersConfig`) the checkpoint's config.json describes, when the
+    model is left to it; else None."""
+    if model is not None or checkpoint.hf_config is None:
+        return None
+    return model_config_from_hf(checkpoint.path, checkpoint.hf_config).towers
 
 
 def _existing(path: str | os.PathLike | Checkpoint) -> Path | Checkpoint:
@@ -225,6 +263,8 @@ def prepare(
         quantize: str | None = None,
         tokenizer: str | os.PathLike | Tokenizer | bool | None = None,
         with_vision: bool = False,
+        with_audio: bool = False,
+        towers: bool = True,
         hf_softcap: bool = False,
 ) -> LoadPlan:
     """Checks `load`'s arguments and plans the load; nothing heavy is read.
@@ -241,12 +281,16 @@ def prepare(
         tokenizer: a `Tokenizer` or the path of a `tokenizer.model`; None: the one beside the
             checkpoint (the packaged one for the demo); False: none (token ids only, as in
             `Sampler.sample_tokens`; not for the demo, whose vocabulary is its tokenizer's).
-        with_vision: load the SigLIP vision encoder too (a checkpoint holding it).
+        with_vision: load the vision encoder too (a checkpoint holding SigLIP, or a Hugging
+            Face one whose config.json describes the released MobileNet-V5 tower).
+        with_audio: the model must take audio (a Hugging Face checkpoint whose config.json
+            describes the released audio tower).
+        towers: load the released towers (MobileNet-V5, audio) that a Hugging Face
+            config.json describes, with their embedders, when `model` is left to it; False:
+            text only, unless `with_vision` or `with_audio` asks for them.
         hf_softcap: cap the final logits at the value config.json asks for, as transformers
             does (the reference does not cap: only sampled answers differ).
     """
-    # Later options (a device mesh for sharding, the released audio and MobileNet towers) join
-    # these keyword arguments and the plan: see docs/architecture.md §11.
     if quantize is not None and quantize not in QUANTIZE_FORMATS:
         raise LoadError('{quantize} is not a quantization format: use None or '
                         f'{", ".join(map(repr, QUANTIZE_FORMATS))}', {'quantize': quantize})
@@ -258,6 +302,8 @@ def prepare(
                         f'got {type(model).__name__}.')
     # The vision encoder first: it needs the checkpoint's headers only.
     source = check_vision(path, model) if with_vision else None
+    if with_audio:
+        source = check_audio(source or path, model)
     if path is not None:
         source = source or _existing(path)
     if source is None and model not in (None, DEMO):
@@ -281,7 +327,8 @@ def prepare(
 
     checkpoint = open_checkpoint(source)
     name, module = checkpoint_model(checkpoint, model, dtype=dtype, with_vision=with_vision,
-                                    vocab_size=None if tokenizer is None else tokenizer.vocab_size)
+                                    vocab_size=None if tokenizer is None else tokenizer.vocab_size,
+                                    towers=towers or with_vision or with_audio)
     cap = None if checkpoint.hf_config is None else hf_mapping.hf_final_logit_softcap(
         checkpoint.hf_config)
     if hf_softcap:
@@ -364,11 +411,12 @@ def preset_name(config: TransformerConfig, default: str = CONFIG_JSON_MODEL) -> 
 
 
 def checkpoint_model(checkpoint: Checkpoint, model: Any = None, *, dtype: Any = None,
-                     with_vision: bool = False, vocab_size: int | None = None
-                     ) -> tuple[str, Gemma3nTransformer]:
+                     with_vision: bool = False, vocab_size: int | None = None,
+                     towers: bool = True) -> tuple[str, Gemma3nTransformer]:
     """The model `checkpoint` loads into, and its name: `model` (as for `prepare`) when given,
-    checked against a config.json, else the one config.json describes, else E4B. Only shapes
-    are built: nothing is read but config.json (already, by `open_checkpoint`).
+    checked against a config.json, else the one config.json describes (with the released towers
+    it describes unless not `towers`), else E4B. Only shapes are built: nothing is read but
+    config.json (already, by `open_checkpoint`).
 
     `vocab_size`: the demo's (its tokenizer's), when `model` is 'demo'.
     """
@@ -383,12 +431,13 @@ def checkpoint_model(checkpoint: Checkpoint, model: Any = None, *, dtype: Any = 
                              'given has none (text_only=True or no vision_encoder in its config)')
     elif model is None and hf_config is not None:
         try:
-            config = hf_mapping.config_from_hf(hf_config)
+            config = model_config_from_hf(checkpoint.path, hf_config)
         except ValueError as err:
             raise ValueError(f'{config_file(checkpoint.path)}: {err}') from err
-        name = preset_name(config)
-        # (prepare has refused with_vision: Hugging Face checkpoints hold no SigLIP encoder.)
-        module = Gemma3nTransformer(config=config, text_only=True,
+        name = preset_name(dataclasses.replace(config, towers=None))
+        # (prepare has refused with_vision without the released vision tower: Hugging Face
+        # checkpoints hold no SigLIP encoder.)
+        module = Gemma3nTransformer(config=config, text_only=not towers or config.towers is None,
                                     dtype=_dtype(dtype, CHECKPOINT_DTYPE))
     else:
         name = model or DEFAULT_CHECKPOINT_MODEL

@@ -18,6 +18,7 @@ from gemma3n.config import TransformerConfig
 from gemma3n.embedder import Embedder
 from gemma3n.layers import Einsum, RMSNorm, guard, special_ids
 from gemma3n.layers.axes import EMBED, EMBED_PROJECTED
+from gemma3n.towers import AudioInput, ReleasedTowers, check_audio
 from gemma3n.validation import token_ids
 
 KEY_REQUIRED = '__KEY_REQUIRED__'
@@ -117,6 +118,8 @@ class Gemma3nTransformer(nn.Module):
         if not cfg.use_altup or not cfg.per_layer_input_dim:
             raise ValueError('Gemma3nTransformer needs use_altup=True and per_layer_input_dim > 0.')
         self.vision_encoder = None if self.text_only else cfg.vision_encoder
+        self.towers = (None if self.text_only or cfg.towers is None
+                       else ReleasedTowers(cfg.towers, cfg.embed_dim))
         self.embedder = Embedder(
             vocab_size=cfg.num_embed, embed_dim=cfg.embed_dim, num_layers=cfg.num_layers,
             per_layer_dim=cfg.per_layer_input_dim,
@@ -151,6 +154,7 @@ class Gemma3nTransformer(nn.Module):
         tokens: jax.Array,
         *,
         images: jax.Array | None = None,
+        audio: AudioInput | None = None,
         positions: jax.Array | None = None,
         positions_offset: jax.Array | None = None,
         cache: dict[str, Any] | None = None,
@@ -165,7 +169,11 @@ class Gemma3nTransformer(nn.Module):
         Args:
             tokens: int [*B, L]; 0 is padding (masked, not counted in positions).
             images: uint8 [B, H, W, C] (one per sequence) or [B, N, H, W, C], one image per
-                `<start_of_image>` marker of each sequence (B = the flattened token batch).
+                `<start_of_image>` marker of each sequence (B = the flattened token batch). For
+                the released towers' MobileNet-V5 they are already resized to its input size
+                (`gemma3n.vision.mobilenet.preprocess.resize_image`).
+            audio: log-mel frames of M clips per sequence, one per `<start_of_audio>` marker
+                (models with the released audio tower; see `gemma3n.towers.AudioInput`).
             positions: optional [*B, L] positions (default: running count of non-padding
                 tokens minus one); not with a cache, whose positions continue its own.
             positions_offset: optional [*B] added to the default positions (no cache).
@@ -177,43 +185,40 @@ class Gemma3nTransformer(nn.Module):
             per_layer_embeddings: optional [*B, L, num_layers, P] rows of the per-layer
                 table for these tokens (after image expansion), gathered by the caller; then
                 params may omit `embedder/per_layer_input_embedding`.
-            soft_tokens: instead of images, images encoded by `encode_images` for tokens
-                [B, L] that are already expanded (see `multimodal.SoftTokens`): how a prompt
-                is fed in chunks. The caller keeps each run of placeholders within one call,
-                since attention inside it is bidirectional.
+            soft_tokens: instead of images (and audio), their soft tokens from `encode_images`
+                (`encode_audio`) for tokens [B, L] that are already expanded (see
+                `multimodal.SoftTokens`; a tuple of them for several kinds): how a prompt is fed
+                in chunks. With SigLIP the caller keeps each run of placeholders within one
+                call, since attention inside it is bidirectional.
         """
         if return_last_only is None:
             return_last_only = bool(self.return_last_only)
+        if isinstance(soft_tokens, multimodal.SoftTokens):
+            soft_tokens = (soft_tokens,)
         inputs = self._prepare_inputs(
-            tokens, images=images, positions=positions, positions_offset=positions_offset,
-            cache=cache, attention_mask=attention_mask,
+            tokens, images=images, audio=audio, positions=positions,
+            positions_offset=positions_offset, cache=cache, attention_mask=attention_mask,
             per_layer_embeddings=per_layer_embeddings, soft_tokens=soft_tokens)
         streams, new_cache = self._run_blocks(inputs, cache, return_last_only)
         logits, hidden = self._head(streams, inputs, return_last_only)
         return Output(logits=logits, cache=new_cache,
                       hidden_states=hidden if return_hidden_states else None)
 
-    def _prepare_inputs(self, tokens: Any, *, images: Any, positions: Any, positions_offset: Any,
-                        cache: dict[str, Any] | None, attention_mask: Any,
-                        per_layer_embeddings: Any, soft_tokens: multimodal.SoftTokens | None
-                        ) -> Inputs:
+    def _prepare_inputs(self, tokens: Any, *, images: Any, audio: Any, positions: Any,
+                        positions_offset: Any, cache: dict[str, Any] | None, attention_mask: Any,
+                        per_layer_embeddings: Any, soft_tokens: tuple[multimodal.SoftTokens, ...]
+                        | None) -> Inputs:
         """Checks the arguments of `__call__` (before anything heavy runs), expands the image
-        blocks and embeds the tokens: everything the blocks need, with the batch flattened."""
-        self._check_combinations(images, positions, positions_offset, cache, attention_mask,
-                                 soft_tokens)
-        tokens = _check_tokens(tokens, self.config.num_embed, special_ids.IMAGE_MARKER_IDS + (
-            () if soft_tokens is None else (special_ids.IMAGE_PLACEHOLDER,)))
+        and audio blocks and embeds the tokens: everything the blocks need, with the batch
+        flattened."""
+        self._check_combinations(images, audio, positions, positions_offset, cache,
+                                 attention_mask, soft_tokens)
+        tokens = _check_tokens(tokens, self.config.num_embed, multimodal.ids_beyond_vocabulary(
+            self.config, self.text_only, expanded=bool(soft_tokens)))
         batch_shape = tuple(tokens.shape[:-1])
         tokens = tokens.reshape(-1, tokens.shape[-1])                         # [B, L]
         batch = tokens.shape[0]
-        text_index = block_start = None
-        if images is not None:
-            counts = (None if isinstance(tokens, jax.core.Tracer)
-                      else multimodal.count_image_markers(tokens))
-            images = multimodal.check_images(images, counts, batch,
-                                             self.vision_encoder.image_channels)
-            tokens, text_index, block_start = multimodal.expand_tokens(
-                tokens, images.shape[1], self.vision_encoder.num_mm_tokens_per_image)
+        tokens, text_index, blocks = self._expand_blocks(tokens, images, audio)
         if cache is not None and cache[kv_cache.END_INDEX].shape != (batch,):
             raise ValueError(f'cache is for batch {cache[kv_cache.END_INDEX].shape}, tokens '
                              f'have batch {batch}.')
@@ -227,7 +232,8 @@ class Gemma3nTransformer(nn.Module):
                                  f'{batch_shape + (length, length)}, got {attention_mask.shape}.')
             attention_mask = jnp.reshape(attention_mask, (batch, length, length)).astype(bool)
         visible_until = positions
-        if images is not None or soft_tokens is not None:
+        # Only the seed's SigLIP blocks are bidirectional; the released towers' are causal.
+        if self.vision_encoder is not None and (images is not None or soft_tokens):
             visible_until = multimodal.bidirectional_visible_until(tokens, positions)
         if per_layer_embeddings is not None:
             expected = (batch, length, self.config.num_layers, self.config.per_layer_input_dim)
@@ -239,12 +245,17 @@ class Gemma3nTransformer(nn.Module):
                                  f'{per_layer_embeddings.shape}.')
 
         x = self.embedder.encode(tokens)                                      # [B, L, D]
-        if images is not None:
-            soft = self.encode_images(images)                                 # [B, N, T, D]
+        if self.towers is not None:
+            x = self.towers.embed_ids(tokens, x)
+        for media, block_start in blocks:
+            soft = (self.encode_audio(media) if isinstance(media, AudioInput)
+                    else self.encode_images(media))                           # [B, N, T, D]
             x = multimodal.merge_soft_tokens(x, soft, block_start)
-        elif soft_tokens is not None:
-            x = multimodal.merge_soft_tokens(x, soft_tokens.embeddings, soft_tokens.block_start)
-        elif self.is_initializing() and self.vision_encoder is not None:
+        for soft in soft_tokens or ():
+            x = multimodal.merge_soft_tokens(x, soft.embeddings, soft.block_start)
+        if self.is_initializing() and self.towers is not None:
+            self.towers.init_all(tokens)
+        elif self.is_initializing() and self.vision_encoder is not None and not blocks:
             self._init_vision()
         return Inputs(
             embeddings=x,
@@ -253,25 +264,53 @@ class Gemma3nTransformer(nn.Module):
             attention_mask=attention_mask, end_index=end_index, text_index=text_index,
             batch_shape=batch_shape)
 
-    def _check_combinations(self, images: Any, positions: Any, positions_offset: Any,
-                            cache: Any, attention_mask: Any, soft_tokens: Any) -> None:
+    def _check_combinations(self, images: Any, audio: Any, positions: Any,
+                            positions_offset: Any, cache: Any, attention_mask: Any,
+                            soft_tokens: Any) -> None:
         """Refuses arguments of `__call__` that cannot be given together."""
-        if images is not None and self.vision_encoder is None:
+        if images is not None and not self.has_vision:
             raise ValueError('This model does not have vision encoder (text_only=True or no '
-                             'vision_encoder in its config): images cannot be passed.')
-        if soft_tokens is not None:
-            if images is not None or self.vision_encoder is None:
-                raise ValueError('soft_tokens need a model with a vision encoder and no images.')
+                             'vision tower in its config): images cannot be passed.')
+        if audio is not None and not self.has_audio:
+            raise ValueError('This model has no audio tower (text_only=True or none in its '
+                             'config): audio cannot be passed.')
+        if soft_tokens:
+            if images is not None or audio is not None or not (self.has_vision or self.has_audio):
+                raise ValueError('soft_tokens need a model with a vision or audio tower, and no '
+                                 'images or audio.')
             if positions is not None or attention_mask is not None:
                 raise ValueError('positions and attention_mask cannot be combined with '
                                  'soft_tokens.')
-        if images is not None and (positions is not None or attention_mask is not None):
-            raise ValueError('positions and attention_mask cannot be combined with images: '
-                             'the image blocks change the sequence.')
+        if (images is not None or audio is not None) and (
+                positions is not None or attention_mask is not None):
+            raise ValueError('positions and attention_mask cannot be combined with images or '
+                             'audio: their blocks change the sequence.')
         if cache is not None and (positions is not None or positions_offset is not None
                                   or attention_mask is not None):
             raise ValueError('positions, positions_offset and attention_mask cannot be given '
                              'with a cache: cached calls continue the positions it holds.')
+
+    def _expand_blocks(self, tokens: jax.Array, images: Any, audio: Any
+                       ) -> tuple[jax.Array, jax.Array | None, list[tuple[Any, jax.Array]]]:
+        """tokens [B, L] with their image, then audio, markers expanded into blocks (each
+        checked against its markers first): (tokens, text_index [B, L] or None,
+        [(images or audio, block_start [B, N])])."""
+        cfg, batch = self.config, tokens.shape[0]
+        counts = lambda ids: (None if isinstance(tokens, jax.core.Tracer)
+                              else multimodal.count_image_markers(tokens, ids.marker))
+        media, kinds = [], []
+        if images is not None:
+            ids, num_soft = multimodal.image_block(cfg)
+            images = multimodal.check_images(images, counts(ids), batch, self.image_channels())
+            media.append(images)
+            kinds.append((images.shape[1], num_soft, ids))
+        if audio is not None:
+            ids, num_soft = multimodal.audio_block(cfg)
+            audio = check_audio(audio, counts(ids), batch, cfg.towers)
+            media.append(audio)
+            kinds.append((audio.num_clips, num_soft, ids))
+        tokens, text_index, starts = multimodal.expand_blocks(tokens, kinds)
+        return tokens, text_index, list(zip(media, starts))
 
     @staticmethod
     def _positions(valid: jax.Array, batch_shape: tuple[int, ...], positions: Any,
@@ -351,11 +390,34 @@ class Gemma3nTransformer(nn.Module):
         return (logits.reshape(inputs.batch_shape + logits.shape[1:]),
                 hidden.reshape(inputs.batch_shape + hidden.shape[1:]))
 
+    @property
+    def has_vision(self) -> bool:
+        """Whether the model takes images (SigLIP, or the released towers' MobileNet-V5)."""
+        return not self.text_only and multimodal.image_block(self.config) is not None
+
+    @property
+    def has_audio(self) -> bool:
+        return not self.text_only and multimodal.audio_block(self.config) is not None
+
+    def image_channels(self) -> int:
+        towers = self.config.towers
+        if towers is not None and towers.vision is not None:
+            return towers.vision.in_channels
+        return self.config.vision_encoder.image_channels
+
     def encode_images(self, images: jax.Array) -> jax.Array:
         """images uint8 [B, N, H, W, C] -> soft tokens in the text width [B, N, T, D] (float32)."""
+        if self.towers is not None and self.config.towers.vision is not None:
+            return self.towers.encode_images(images)
         if self.vision_encoder is None:
             raise ValueError('This model does not have vision encoder: images cannot be passed.')
         return self.embedder.encode_vision(self.vision_encoder(images))
+
+    def encode_audio(self, audio: AudioInput) -> jax.Array:
+        """Clips [B, M, T, F] -> soft tokens in the text width [B, M, audio_soft_tokens, D]."""
+        if not self.has_audio:
+            raise ValueError('This model has no audio tower: audio cannot be passed.')
+        return self.towers.encode_audio(audio)
 
     def _init_vision(self) -> None:
         """Creates the vision parameters during `init` from a blank image."""

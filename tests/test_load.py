@@ -190,7 +190,7 @@ def test_bad_inputs_are_refused_before_any_weight_is_read(hf_checkpoint, tmp_pat
     assert "model='e2b' does not fit" in str(mismatch.value) and 'num_hidden_layers=10, expected 30' in str(
         mismatch.value)
     assert mismatch.value.describe(LOAD_OPTION_FLAGS).startswith('--model e2b does not fit')
-    for options, fragment in [({'quantize': 'int4'}, "quantize='int4' is not a quantization format"),
+    for options, fragment in [({'quantize': 'int2'}, "quantize='int2' is not a quantization format"),
                               ({'dtype': 'int8'}, "dtype='int8' is not a dtype"),
                               ({'model': 'e9b'}, "model='e9b' is no model name"),
                               ({'with_vision': True}, 'holds none'),

@@ -43,6 +43,13 @@ SMALL = mnv5.MobileNetConfig(
             (_UIB(32, 5, 5, 2, 3.0), _MQA(32, 4, 8, kv_stride=2), _UIB(32, 0, 0, 1, 2.0)),
             (_UIB(48, 5, 5, 2, 3.0), _MQA(48, 2, 16), _UIB(48, 0, 0, 1, 2.0))),
     stem_channels=16, msfa_resolution=2, image_size=64)
+# SMALL in timm's block notation (what a HF vision_config's model_args give for it).
+SMALL_ARCH = [
+    ["er_r1_k3_s2_e4_c16", "er_r1_k3_s1_e4_c16"],
+    ["uir_r1_a3_k5_s2_e4_c24", "uir_r1_a5_k0_s1_e2_c24", "uir_r1_a0_k0_s1_e1_c24"],
+    ["uir_r1_a5_k5_s2_e3_c32", "mqa_r1_k3_h4_v2_s1_d8_c32", "uir_r1_a0_k0_s1_e2_c32"],
+    ["uir_r1_a5_k5_s2_e3_c48", "mqa_r1_k3_h2_s1_d16_c48", "uir_r1_a0_k0_s1_e2_c48"],
+]
 HIDDEN = 2048                  # timm's MobileNetV5Encoder output width, fixed
 TEXT_WIDTH = 64
 BATCH = 2
@@ -121,9 +128,16 @@ def test_mapping_converts_layouts(hf_state, params):
 def test_vision_config_from_hf():
     assert hf_mobilenet.vision_config_from_hf(
         Gemma3nVisionConfig().to_dict()) == mnv5.MOBILENET_V5_300M
-    custom = Gemma3nVisionConfig(model_args={"stem_size": 16}).to_dict()
-    with pytest.raises(ValueError, match="model_args=.*supported: None"):
+    small = Gemma3nVisionConfig(model_args=dict(
+        block_args=SMALL_ARCH, stem_size=SMALL.stem_channels,
+        msfa_output_resolution=SMALL.msfa_resolution)).to_dict()
+    assert hf_mobilenet.vision_config_from_hf(small, image_size=SMALL.image_size) == SMALL
+    custom = Gemma3nVisionConfig(model_args={"drop_rate": 0.1}).to_dict()
+    with pytest.raises(ValueError, match=r"model_args \['drop_rate'\]"):
         hf_mobilenet.vision_config_from_hf(custom)
+    bad = Gemma3nVisionConfig(model_args={"block_args": [["zz_r1_c8"]]}).to_dict()
+    with pytest.raises(ValueError, match="cannot read timm block 'zz_r1_c8'"):
+        hf_mobilenet.vision_config_from_hf(bad)
     other = Gemma3nVisionConfig(architecture="resnet50").to_dict()
     with pytest.raises(ValueError, match="architecture='resnet50'"):
         hf_mobilenet.vision_config_from_hf(other)

@@ -39,16 +39,9 @@ from gemma3n.vision.mobilenet.attention import MultiQueryAttentionBlock
 from gemma3n.vision.mobilenet.blocks import EdgeResidualBlock, InvertedBottleneckBlock
 from gemma3n.vision.mobilenet.encoder import MobileNetV5
 from gemma3n.vision.mobilenet.msfa import MultiScaleFusionAdapter
-from test_mobilenet import (BATCH, HIDDEN, SMALL, TEXT_WIDTH, embed_state,  # noqa: F401 (fixtures)
-                            hf_embedder, hf_layout, randomise)
+from test_mobilenet import (BATCH, HIDDEN, SMALL, SMALL_ARCH, TEXT_WIDTH,  # noqa: F401 (fixtures)
+                            embed_state, hf_embedder, hf_layout, randomise)
 
-# test_mobilenet.SMALL in timm's block notation.
-SMALL_ARCH = [
-    ["er_r1_k3_s2_e4_c16", "er_r1_k3_s1_e4_c16"],
-    ["uir_r1_a3_k5_s2_e4_c24", "uir_r1_a5_k0_s1_e2_c24", "uir_r1_a0_k0_s1_e1_c24"],
-    ["uir_r1_a5_k5_s2_e3_c32", "mqa_r1_k3_h4_v2_s1_d8_c32", "uir_r1_a0_k0_s1_e2_c32"],
-    ["uir_r1_a5_k5_s2_e3_c48", "mqa_r1_k3_h2_s1_d16_c48", "uir_r1_a0_k0_s1_e2_c48"],
-]
 SMALL_ODD = dataclasses.replace(SMALL, image_size=80)
 # float32 bound against torch. Both compute the same function in float32 and differ only in
 # summation order (XLA vs oneDNN convolutions, fused vs eager attention): measured max

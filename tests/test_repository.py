@@ -27,7 +27,7 @@ LAYERS = (
     ('the model', ('config', 'attention', 'ffn', 'altup', 'laurel', 'per_layer', 'block',
                    'embedder', 'multimodal', 'multimodal_embedder', 'transformer', 'cache',
                    'models', 'schema', 'memory', 'validation', 'host_arrays', 'compilation', 'vision',
-                   'audio')),
+                   'audio', 'towers', 'towers_config')),
     ('checkpoints', ('checkpoints', 'layout')),
     ('the generation engine', ('engine',)),
     ('text and generation', ('text',)),

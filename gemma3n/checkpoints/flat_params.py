@@ -11,15 +11,18 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import flax.linen as nn
+
 
 def flatten_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested dict -> {'a/b/c': leaf}."""
+    """Nested dict -> {'a/b/c': leaf}; leaves declared with logical axes (the towers', boxed by
+    `init`) are unboxed."""
     flat = {}
     for name, value in params.items():
         if isinstance(value, Mapping):
             flat.update({f'{name}/{sub}': leaf for sub, leaf in flatten_params(value).items()})
         else:
-            flat[name] = value
+            flat[name] = value.unbox() if isinstance(value, nn.meta.AxisMetadata) else value
     return flat
 
 

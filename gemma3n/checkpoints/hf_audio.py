@@ -26,11 +26,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
 from gemma3n.audio.config import AudioConfig
 from gemma3n.checkpoints.hf_tensors import Stored, read_params
 from gemma3n.layers.weights import WeightInfo
-from gemma3n.multimodal_embedder import MultimodalEmbedder
+from gemma3n.towers import audio_embedder  # noqa: F401 (where users of this module found it)
 
 AUDIO_TOWER_PREFIX = 'model.audio_tower.'
 EMBED_AUDIO_PREFIX = 'model.embed_audio.'
@@ -73,14 +72,6 @@ def audio_config_from_hf(hf_config: Mapping[str, Any]) -> AudioConfig:
     it leaves out keep the released values."""
     return AudioConfig(**{ours: _tuples(hf_config[theirs])
                           for ours, theirs in CONFIG_FIELDS.items() if theirs in hf_config})
-
-
-def audio_embedder(config: AudioConfig, text_width: int,
-                   dtype: Any = jnp.float32) -> MultimodalEmbedder:
-    """The `embed_audio` embedder of an audio tower of `config` for a text model of `text_width`
-    (HF builds it from `audio_config`: its vocabulary, width and eps)."""
-    return MultimodalEmbedder(config.vocab_size, config.vocab_offset, config.hidden_size,
-                              text_width, eps=config.rms_norm_eps, dtype=dtype)
 
 
 def hf_name(path: str) -> str:

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -37,10 +38,12 @@ import numpy as np
 
 from gemma3n.checkpoints.flat_params import flatten_params
 from gemma3n.checkpoints.hf_tensors import Stored, read_params
-from gemma3n.checkpoints.safetensors_hf import open_hf_files
 from gemma3n.layers.weights import weight_schema
+from gemma3n.layers.norm import RMS_NORM_EPS
 from gemma3n.multimodal_embedder import MultimodalEmbedder
-from gemma3n.vision.mobilenet.config import MOBILENET_V5_300M, MobileNetConfig
+from gemma3n.towers import vision_embedder as _vision_embedder
+from gemma3n.vision.mobilenet import config as mnv5
+from gemma3n.vision.mobilenet.config import MOBILENET_V5_300M, BlockSpec, MobileNetConfig
 from gemma3n.vision.mobilenet.encoder import MobileNetV5
 
 HF_VISION_TOWER_PREFIX = "model.vision_tower.timm_model."
@@ -50,6 +53,9 @@ VISION_VOCAB_SIZE = 128
 VISION_VOCAB_OFFSET = 262_144
 # The one timm architecture whose block list we carry (HF `vision_config.architecture`).
 HF_ARCHITECTURE = "mobilenetv5_300m_enc"
+# model_args of a smaller tower -> our MobileNetConfig fields.
+_MODEL_ARGS = {"block_args": "stages", "stem_size": "stem_channels",
+               "msfa_output_resolution": "msfa_resolution"}
 _BLOCK = re.compile(r"^blocks_(\d+)_(\d+)$")
 Shape = tuple[int, ...]
 
@@ -96,29 +102,63 @@ def vision_tower_shapes(config: MobileNetConfig) -> dict[str, Shape]:
     return {path: leaf.shape for path, leaf in flatten_params(tree).items()}
 
 
-def vision_config_from_hf(hf_vision: Mapping[str, Any]) -> MobileNetConfig:
-    """Our tower config from a HF `vision_config` (config.json); ValueError naming the field
-    for a tower other than the released one."""
+def parse_timm_block(text: str) -> tuple[BlockSpec, ...]:
+    """One entry of timm's block notation (`er_r1_k3_s2_e4_c128`, `uir_r2_a5_k0_s1_e4_c256`,
+    `mqa_r1_k3_h4_v2_s1_d64_c640`) -> its `r` repeated blocks; ValueError naming `text`."""
+    kind, *options = text.split("_")
+    try:
+        values = {option[0]: float(option[1:]) for option in options}
+        make = {"er": lambda v: mnv5.EdgeResidual(int(v["c"]), int(v["k"]), int(v["s"]), v["e"]),
+                "uir": lambda v: mnv5.InvertedBottleneck(int(v["c"]), int(v["a"]), int(v["k"]),
+                                                         int(v["s"]), v["e"]),
+                "mqa": lambda v: mnv5.MultiQueryAttention(int(v["c"]), int(v["h"]), int(v["d"]),
+                                                          int(v.get("v", 1)), int(v["k"]))}[kind]
+        block = make(values)
+    except (KeyError, ValueError, IndexError) as error:
+        raise ValueError(f"cannot read timm block {text!r} (kinds er, uir, mqa): {error}"
+                         ) from None
+    if kind == "mqa" and values.get("s", 1) != 1:
+        raise ValueError(f"timm block {text!r}: strided attention blocks are not supported")
+    return (block,) * int(values.get("r", 1))
+
+
+def vision_config_from_hf(hf_vision: Mapping[str, Any],
+                          image_size: int = MOBILENET_V5_300M.image_size) -> MobileNetConfig:
+    """Our tower config from a HF `vision_config` (config.json) and the processor's image size;
+    ValueError naming the field for a tower we cannot build.
+
+    The released tower has no `model_args`. A smaller tower of the same architecture may give
+    `model_args` = {"block_args": [[timm block strings] per stage], "stem_size": ...,
+    "msfa_output_resolution": ...} (timm's notation, see `parse_timm_block`).
+    """
     config = MOBILENET_V5_300M
     got = {"architecture": hf_vision.get("architecture"),
-           "model_args": hf_vision.get("model_args"),
            "hidden_size": hf_vision.get("hidden_size", config.hidden_size)}
-    want = {"architecture": HF_ARCHITECTURE, "model_args": None,
-            "hidden_size": config.hidden_size}
+    want = {"architecture": HF_ARCHITECTURE, "hidden_size": config.hidden_size}
     wrong = [f"{key}={got[key]!r} (supported: {want[key]!r})" for key in want
              if got[key] != want[key]]
+    args = dict(hf_vision.get("model_args") or {})
+    unknown = sorted(set(args) - set(_MODEL_ARGS))
+    if unknown:
+        wrong.append(f"model_args {unknown} (supported: {sorted(_MODEL_ARGS)})")
     if wrong:
         raise ValueError(f"unsupported vision tower in vision_config: {', '.join(wrong)}")
-    return config
+    changes = {ours: args[theirs] for theirs, ours in _MODEL_ARGS.items() if theirs in args}
+    if "stages" in changes:
+        changes["stages"] = tuple(sum((parse_timm_block(text) for text in stage), ())
+                                  for stage in changes["stages"])
+    return dataclasses.replace(config, image_size=image_size, **changes)
 
 
 def vision_embedder(config: MobileNetConfig, text_width: int, *,
                     vocab_size: int = VISION_VOCAB_SIZE,
-                    vocab_offset: int = VISION_VOCAB_OFFSET) -> MultimodalEmbedder:
+                    vocab_offset: int = VISION_VOCAB_OFFSET,
+                    eps: float = RMS_NORM_EPS) -> MultimodalEmbedder:
     """Gemma 3n's vision embedder for a tower of `config` and a text model of `text_width`
-    (`vocab_size` / `vocab_offset`: HF `vision_config.vocab_size` / `.vocab_offset`)."""
-    return MultimodalEmbedder(vocab_size, vocab_offset, config.hidden_size, text_width,
-                              scale_soft_tokens=True)
+    (`vocab_size` / `vocab_offset` / `eps`: HF `vision_config.vocab_size` / `.vocab_offset` /
+    `.rms_norm_eps`)."""
+    return _vision_embedder(config, text_width, vocab_size=vocab_size, vocab_offset=vocab_offset,
+                            eps=eps)
 
 
 def vision_tower_from_hf(state: Mapping[str, Any], config: MobileNetConfig, *,
@@ -133,12 +173,12 @@ def vision_tower_from_hf(state: Mapping[str, Any], config: MobileNetConfig, *,
 
 
 def embed_vision_from_hf(state: Mapping[str, Any], config: MobileNetConfig, text_width: int, *,
-                         prefix: str = HF_EMBED_VISION_PREFIX,
-                         dtype: Any = np.float32) -> dict[str, Any]:
-    """`vision_embedder(config, text_width)` params from HF tensors `state`."""
+                         prefix: str = HF_EMBED_VISION_PREFIX, dtype: Any = np.float32,
+                         **embedder: Any) -> dict[str, Any]:
+    """`vision_embedder(config, text_width, **embedder)` params from HF tensors `state`."""
     ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     soft = jax.ShapeDtypeStruct((1, 1, config.hidden_size), jnp.float32)
-    schema = weight_schema(vision_embedder(config, text_width), ids, soft)
+    schema = weight_schema(vision_embedder(config, text_width, **embedder), ids, soft)
     shapes = {path: info.shape for path, info in schema.items()}
     return read_params(state, _stored(shapes, dtype), prefix=prefix, what="vision embedder")
 
@@ -147,6 +187,8 @@ def load_vision(path: str | os.PathLike, config: MobileNetConfig, text_width: in
                 dtype: Any = np.float32) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tower params, embedder params) from a HF safetensors file or checkpoint directory,
     reading only the vision tensors."""
+    # safetensors_hf reads whole checkpoints through this module (hf_towers): imported here.
+    from gemma3n.checkpoints.safetensors_hf import open_hf_files
     files = open_hf_files(Path(path))
     prefixes = (HF_VISION_TOWER_PREFIX, HF_EMBED_VISION_PREFIX)
     state = {key: files.read(key) for key in files.keys() if key.startswith(prefixes)}

@@ -38,7 +38,10 @@ from gemma3n.schema import text_schema
 from gemma3n.validation import check_finite
 
 # Parameters of the vision path (docs/architecture.md §5); a text-only model has none of them.
-VISION_PREFIXES = ('vision_encoder/', 'embedder/mm_')
+SIGLIP_PREFIXES = ('vision_encoder/', 'embedder/mm_')
+# The released towers (MobileNet-V5, audio) and their embedders: `Gemma3nTransformer.towers`.
+TOWERS_PREFIX = 'towers/'
+VISION_PREFIXES = SIGLIP_PREFIXES + (TOWERS_PREFIX,)
 # What `checkpoint_format` recognises.
 HF_FORMAT, ORBAX_FORMAT, NATIVE_FORMAT = 'Hugging Face', 'Orbax', 'gemma3n native'
 # What to do with a checkpoint that lacks the SigLIP encoder a model asks for, for users of the
@@ -97,9 +100,10 @@ def load_params(
     Args:
         path: HF directory / `.safetensors` file, Orbax checkpoint directory, or a file written by
             `save_params`; or a `Checkpoint` already opened.
-        model: a `Gemma3nTransformer` (its `config` and `text_only` are used: it has vision parameters
-            unless `text_only=True` or `config.vision_encoder is None`) or a `TransformerConfig`
-            (text-only). Needed for HF files without a config.json beside them; when given, every
+        model: a `Gemma3nTransformer` (its `config` and `text_only` are used: it has tower parameters
+            unless `text_only=True` or its config has neither `vision_encoder` (SigLIP) nor `towers`
+            (the released MobileNet-V5 and audio towers, read from HF checkpoints under `towers/`))
+            or a `TransformerConfig` (text-only). Needed for HF files without a config.json beside them; when given, every
             kept tensor's path, shape and dtype are checked against it. None: HF checkpoints derive
             the config from config.json, other formats are returned as stored.
         dtype: target dtype of every leaf (e.g. `jnp.bfloat16`); None keeps the stored dtypes.
@@ -120,11 +124,12 @@ def load_params(
     skip = {PER_LAYER_TABLE_PATH} if skip_per_layer_table else set()
 
     if checkpoint == HF_FORMAT:
-        if not text_only:
+        if not text_only and config.vision_encoder is not None:
             raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder (their '
                              f'vision tower is MobileNet-V5, a different network). {WITHOUT_SIGLIP_ADVICE}')
         return load_hf_params(path, config=config, hf_config=opened.hf_config, dtype=dtype,
-                              progress=progress, skip=skip, transform=transform)
+                              progress=progress, skip=skip, transform=transform,
+                              towers=None if text_only else config.towers)
     if checkpoint == ORBAX_FORMAT:
         names = _select(orbax_catalog(path), config, text_only, path, skip)
         flat = orbax_restore(path, names, dtype)
@@ -168,13 +173,14 @@ def has_vision_encoder(path: str | os.PathLike | Checkpoint) -> bool:
         return False
     path = checkpoint.path
     names = orbax_catalog(path) if checkpoint.format == ORBAX_FORMAT else SafetensorsFiles([path]).keys()
-    return any(name.startswith(VISION_PREFIXES) for name in names)
+    return any(name.startswith(SIGLIP_PREFIXES) for name in names)
 
 
 def model_config(model: Any) -> tuple[TransformerConfig | None, bool]:
     """(config, text_only) of a `model` argument: a Gemma3nTransformer, a TransformerConfig or None.
 
-    text_only: the model has no vision parameters (`text_only=True`, or no vision encoder in its config).
+    text_only: the model has no tower parameters (`text_only=True`, or neither a vision encoder nor
+    the released towers in its config).
     """
     if model is None:
         return None, True
@@ -183,7 +189,8 @@ def model_config(model: Any) -> tuple[TransformerConfig | None, bool]:
     config = getattr(model, 'config', None)
     if not isinstance(config, TransformerConfig):
         raise TypeError(f'model must be a Gemma3nTransformer or a TransformerConfig, got {type(model).__name__}.')
-    return config, bool(getattr(model, 'text_only', False)) or config.vision_encoder is None
+    return config, bool(getattr(model, 'text_only', False)) or (
+        config.vision_encoder is None and config.towers is None)
 
 
 def _select(

@@ -23,10 +23,11 @@ from typing import Any, Collection
 
 import tqdm
 
-from gemma3n.checkpoints import hf_mapping
+from gemma3n.checkpoints import hf_mapping, hf_towers
 from gemma3n.checkpoints.hf_config import check_hf_config, config_from_hf, hf_final_logit_softcap
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.config import TransformerConfig
+from gemma3n.towers_config import TowersConfig
 
 INDEX_FILE = 'model.safetensors.index.json'
 SINGLE_FILE = 'model.safetensors'
@@ -133,28 +134,43 @@ def load_hf_params(
         progress: bool = True,
         skip: Collection[str] = (),
         transform: hf_mapping.Transform | None = None,
+        towers: TowersConfig | None = None,
 ) -> dict[str, Any]:
     """Our nested params (np.ndarray leaves) from a HF Gemma 3n checkpoint at `path`.
 
     `config`, `hf_config`: as for `hf_checkpoint_config`. `skip`: paths of our tree left out of the result; their
-    tensors are not read. `transform`: as for `hf_mapping.hf_to_params`.
+    tensors are not read. `transform`: as for `hf_mapping.hf_to_params`. `towers`: the released
+    towers to keep (config.json must describe the same), under `towers/` (float32 unless
+    `dtype`); without it their tensors are dropped.
     """
     config = hf_checkpoint_config(path, config, hf_config)
     if hf_config is not None:
         _note_softcap(hf_config, config, config_file(path))
+    if towers is not None:
+        hf_towers.check_towers_config(path, hf_config, towers)
 
     files = open_hf_files(path)
     prefix = hf_prefix(path, files)
+    keys = files.keys()
     total = sum(math.prod(e.shape) for e in hf_mapping.mapping_entries(config) if e.path not in skip)
+    if towers is not None:
+        tower_keys = [key for key in keys if key.startswith(hf_towers.TOWER_PREFIXES)]
+        keys = [key for key in keys if not key.startswith(hf_towers.TOWER_PREFIXES)]
+        total += sum(math.prod(files.shape_and_dtype(key)[0]) for key in tower_keys)
     with tqdm.tqdm(total=total, desc=f'Loading {path.name}', unit='param', unit_scale=True,
                    disable=not progress) as bar:
         try:
-            params, dropped = hf_mapping.hf_to_params(files.read, files.keys(), config, prefix=prefix, dtype=dtype,
+            params, dropped = hf_mapping.hf_to_params(files.read, keys, config, prefix=prefix, dtype=dtype,
                                                       progress=bar.update, describe=files.describe, skip=skip,
                                                       transform=transform)
+            if towers is not None:
+                params[hf_towers.TOWERS] = hf_towers.read_towers(
+                    files, towers, config.embed_dim, dtype=dtype, progress=bar.update,
+                    transform=transform)
         except ValueError as err:
             raise ValueError(f'{path}: {err}') from err
-    logger.info('Loaded %s: %s.', path, dropped.summary())
+    logger.info('Loaded %s: %s%s.', path, dropped.summary(),
+                '' if towers is None else f'; kept the towers ({", ".join(params["towers"])})')
     return params
 
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from gemma3n.cli.console import COMPILING_PROMPT, PROG, Timer, compiling, write
-from gemma3n.cli.model import image_options, load_model, max_new_tokens_of
+from gemma3n.cli.model import audio_options, image_options, load_model, max_new_tokens_of
 from gemma3n.cli.sampling import sampling_method
 from gemma3n.text.chat import ChatSampler, ConversationFull
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH
@@ -32,8 +32,10 @@ CHAT_HELP = ''.join(f'{PROG}: {line}\n' for line in (
 def run_chat(args: argparse.Namespace) -> int:
     sampling = sampling_method(args.temperature, args.top_k, args.top_p)
     pictures, checkpoint = image_options(args)
-    loaded = load_model(args, checkpoint=checkpoint, with_vision=bool(pictures))
-    images = pictures or None
+    clips, checkpoint = audio_options(args, checkpoint)
+    loaded = load_model(args, checkpoint=checkpoint, with_vision=bool(pictures),
+                        with_audio=bool(clips))
+    images, audio = pictures or None, clips or None
     chat = loaded.chat(sampling=sampling, cache_length=args.cache_length or DEFAULT_CACHE_LENGTH,
                        max_new_tokens=max_new_tokens_of(args, loaded),
                        prefill_chunk=args.prefill_chunk)
@@ -75,16 +77,17 @@ def run_chat(args: argparse.Namespace) -> int:
                 sys.stderr.write(f'{PROG}: {word} {problem}\n')
                 continue
             message = message[len(COMMAND_PREFIX):]
-        _chat_turn(chat, message, images, jax.random.fold_in(key, turn))
-        images = None      # the images belong to the first message only
+        _chat_turn(chat, message, images, audio, jax.random.fold_in(key, turn))
+        images = audio = None      # the images and audio belong to the first message only
         turn += 1
 
 
 def _chat_turn(chat: ChatSampler, message: str, images: list[np.ndarray] | None,
+               audio: list[np.ndarray] | None,
                rng: jax.Array) -> None:
     """Streams one answer to stdout; a turn the cache cannot hold is reported, not fatal."""
     try:
-        pieces = chat.chat(message, images=images, rng=rng, stream=True)
+        pieces = chat.chat(message, images=images, audio=audio, rng=rng, stream=True)
     except ConversationFull as error:
         sys.stderr.write(f'{PROG}: error: the conversation no longer fits the cache '
                          f'({error.positions_used} of {error.cache_length} positions used): '

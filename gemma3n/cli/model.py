@@ -9,20 +9,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gemma3n.audio.audio_file import AudioTruncatedWarning, load_audio
 from gemma3n.checkpoints.loader import Checkpoint
 from gemma3n.checkpoints.peft_adapter import Adapter, load_adapter
 from gemma3n.checkpoints.safetensors_hf import config_file
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
 from gemma3n.cli.sampling import sampling_method
 from gemma3n.loaded_model import LoadedModel
-from gemma3n.loading import (DEMO, QUANTIZE_FORMATS, LoadPlan, check_vision, default_dtype,
-                             prepare)
+from gemma3n.loading import (DEMO, QUANTIZE_FORMATS, LoadPlan, check_audio, check_vision,
+                             default_dtype, prepare)
 from gemma3n.sharding import make_mesh
 from gemma3n.text.sampler import DEFAULT_MAX_OUT_LENGTH
 from gemma3n.engine.sampling import Greedy
@@ -34,7 +36,7 @@ DEMO_MAX_NEW_TOKENS = 32          # the demo only shows that the pipeline runs: 
 # `gemma3n.load`'s parameters as this command spells them, for the errors that name them.
 LOAD_OPTION_FLAGS = {'path': '--checkpoint', 'model': '--model', 'tokenizer': '--tokenizer',
                      'dtype': '--dtype', 'quantize': '--int8/--int4', 'hf_softcap': '--hf-softcap',
-                     'with_vision': '--image'}
+                     'with_vision': '--image', 'with_audio': '--audio'}
 
 DEMO_NOTICE = (
     f'{PROG}: no --checkpoint given: running the built-in demo model (the Gemma 3n architecture '
@@ -59,15 +61,17 @@ def tokenizer_path(args: argparse.Namespace) -> Path:
 
 
 def plan_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None,
-               with_vision: bool = False) -> LoadPlan:
-    """The load the options ask for, checked (nothing is read yet).
+               with_vision: bool = False, with_audio: bool = False) -> LoadPlan:
+    """The load the options ask for, checked (nothing is read yet). A released checkpoint's
+    towers are loaded only for images or audio (`with_vision`, `with_audio`): text needs none.
 
-    `checkpoint`: --checkpoint already opened (by `image_options`).
+    `checkpoint`: --checkpoint already opened (by `image_options`, `audio_options`).
     """
     plan = prepare(checkpoint or args.checkpoint, model=args.model, dtype=args.dtype,
                    quantize=next((fmt for fmt in QUANTIZE_FORMATS if getattr(args, fmt, False)),
                                  None),
-                   tokenizer=args.tokenizer, with_vision=with_vision, hf_softcap=args.hf_softcap)
+                   tokenizer=args.tokenizer, with_vision=with_vision, with_audio=with_audio,
+                   towers=False, hf_softcap=args.hf_softcap)
     if plan.unused_softcap is not None:
         # Capping is monotone: only sampling sees it. A command without sampling options
         # (export, finetune) passes the choice on to whoever samples its output, so it warns too.
@@ -81,10 +85,11 @@ def plan_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None
 
 
 def load_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None,
-               with_vision: bool = False) -> LoadedModel:
+               with_vision: bool = False, with_audio: bool = False) -> LoadedModel:
     """The model, weights and tokenizer the options ask for (random weights for the demo);
     arguments as for `plan_model`."""
-    plan = plan_model(args, checkpoint=checkpoint, with_vision=with_vision)
+    plan = plan_model(args, checkpoint=checkpoint, with_vision=with_vision,
+                      with_audio=with_audio)
     adapter = read_adapter(args, plan.model.config)
     mesh = make_mesh(args.mesh) if getattr(args, 'mesh', None) else None
     if plan.checkpoint is not None:
@@ -108,6 +113,27 @@ def read_adapter(args: argparse.Namespace, config: Any) -> Adapter | None:
                 adapter.rank, adapter.alpha, ','.join(adapter.targets),
                 adapter.base or 'the demo model')
     return adapter
+
+
+def audio_options(args: argparse.Namespace, checkpoint: Checkpoint | None
+                  ) -> tuple[list[np.ndarray], Checkpoint | None]:
+    """The `--audio` files as 16 kHz samples, once the model is known to take audio (from the
+    checkpoint's config.json), read before any weights to fail early; a clip longer than the
+    tower takes is noted in one line, naming what is kept. Returns them and the checkpoint
+    opened (`checkpoint`, from `image_options`, when given)."""
+    if not args.audio:
+        return [], checkpoint
+    if args.text_only:
+        raise ValueError('--audio needs the audio tower, which --text-only leaves out')
+    checkpoint = check_audio(checkpoint or args.checkpoint, args.model)
+    clips = []
+    for path in args.audio:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', AudioTruncatedWarning)
+            clips.append(load_audio(Path(path).expanduser()))
+        for warning in caught:
+            sys.stderr.write(f'{PROG}: note: {warning.message}\n')
+    return clips, checkpoint
 
 
 def read_images(paths: Sequence[str]) -> list[np.ndarray]:

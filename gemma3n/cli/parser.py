@@ -82,7 +82,7 @@ def _model_options(*, running: bool) -> argparse.ArgumentParser:
                             'dtype of the exported weights (default: as stored)')
     if running:
         group.add_argument('--text-only', action='store_true',
-                           help='leave out the vision encoder')
+                           help='leave out the vision and audio towers')
         group.add_argument('--cache-length', '--context', type=_positive_int, metavar='N',
                            help=f'KV cache positions (default: {DEFAULT_CACHE_LENGTH}; generate '
                                 'takes more for a longer prompt)')
@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help='an image for the prompt (repeatable); each `<start_of_image>` in the '
                             'prompt takes one, else they go before the text. In chat they '
                             'belong to the first message')
+    group.add_argument('--audio', action='append', default=[], metavar='FILE',
+                       help='an audio clip for the prompt (repeatable; WAV, FLAC, OGG, MP3, at '
+                            'most 30 s are heard), for checkpoints with the released audio '
+                            'tower; each `<start_of_audio>` in the prompt takes one, else they '
+                            'go before the text. In chat they belong to the first message')
     group = run_options.add_argument_group('devices and processes')
     group.add_argument('--mesh', type=_mesh_spec, metavar='SPEC',
                        help=f'split the model over the devices as a mesh with axes data, fsdp '
@@ -207,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         help='layers, parameter counts and memory of a model',
         description='Describe a model: its layers, parameter counts, the memory of its weights '
                     'in --dtype and of its KV cache for --context positions.')
+    info.add_argument('--checkpoint', metavar='PATH',
+                      help='describe the model a Hugging Face checkpoint\'s config.json describes '
+                           '(its released vision and audio towers included); no weights are read')
     info.set_defaults(run=run_info)
 
     export = commands.add_parser(

@@ -56,12 +56,13 @@ class Batch:
         return np.asarray(self.cache[kv_cache.END_INDEX])
 
     def fill(self, rows: list[np.ndarray], rng: jax.Array, sampling: SamplingMethod,
-             images: jax.Array | None = None) -> tuple[np.ndarray, jax.Array]:
+             images: jax.Array | None = None, audio: Any = None) -> tuple[np.ndarray, jax.Array]:
         """Prefills rows[b] into slot b for every slot at once; all become active.
 
         Returns the first tokens [S] and the logits they came from [S, V].
         """
-        token, logits, self.cache = self.engine.prefill(rows, self.cache, rng, images, sampling)
+        token, logits, self.cache = self.engine.prefill(rows, self.cache, rng, images, sampling,
+                                                        audio=audio)
         self.active[:] = True
         return self._sampled(token), logits
 

@@ -5,8 +5,10 @@ decoded in lock-step), the `ChatSampler`, the server (sequences joining and leav
 slots, see `gemma3n.engine.batch`). The engine owns
 - the compiled functions: a prefill chunk for the whole batch, a prefill chunk for one slot of
   a batched cache, one decode step for every sequence, the image encoder;
-- the input checks: prompt token ids (the one check, image markers allowed), images against
-  their markers, and the one rule for how long a prompt is once its images are expanded;
+- the input checks: prompt token ids (the one check, image markers allowed), images and audio
+  (models with the released towers) against their markers, and the one rule for how long a
+  prompt is once its image and audio blocks are expanded (`multimodal.image_block`,
+  `multimodal.audio_block`);
 - how a sampling method is applied: logits holding NaN/Inf give NON_FINITE_LOGITS instead of a
   token; forbidden tokens get -inf.
 
@@ -34,6 +36,7 @@ from gemma3n.layers import axes, special_ids
 from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK, check_memory, expand_rows, plan_chunks
 from gemma3n.engine.sampling import SamplingMethod
 from gemma3n.sharding import MeshConstraints, ShardingRules, mesh_of
+from gemma3n.towers import check_audio
 
 if TYPE_CHECKING:
     from gemma3n.transformer import Gemma3nTransformer
@@ -83,6 +86,8 @@ class Engine:
         self._step = jax.jit(self._step_fn, donate_argnames=('cache',))
         self._encode_images = jax.jit(lambda params, images: model.apply(
             {'params': params}, images, method=model.encode_images))
+        self._encode_audio = jax.jit(lambda params, audio: model.apply(
+            {'params': params}, audio, method=model.encode_audio))
 
     # ---- checks ----------------------------------------------------------------------------
 
@@ -96,45 +101,67 @@ class Engine:
                                       special_ids.IMAGE_MARKER_IDS)
 
     def vision_encoder(self) -> Any:
-        """The model's vision encoder; a ValueError when the model has none."""
+        """The model's SigLIP vision encoder; a ValueError when the model has none."""
         encoder = self.model.config.vision_encoder
         if self.model.text_only or encoder is None:
             raise ValueError('This model does not have vision encoder: images cannot be passed.')
         return encoder
 
+    def image_block(self) -> tuple[multimodal.BlockIds, int]:
+        """(ids, soft tokens per image) of the model's image blocks; a ValueError without vision."""
+        if not self.model.has_vision:
+            self.vision_encoder()             # raises: no vision
+        return multimodal.image_block(self.model.config)
+
+    def audio_block(self) -> tuple[multimodal.BlockIds, int]:
+        """(ids, soft tokens per clip) of the model's audio blocks; a ValueError without audio."""
+        if not self.model.has_audio:
+            raise ValueError('This model has no audio tower: audio cannot be passed (the '
+                             'released Gemma 3n checkpoints have one).')
+        return multimodal.audio_block(self.model.config)
+
     def check_images(self, images: Any, rows: list[np.ndarray]) -> jax.Array:
         """Images for the prompts `rows`, one per marker, as [B, N, H, W, C]."""
-        encoder = self.vision_encoder()
-        counts = np.array([multimodal.count_image_markers(row) for row in rows])
-        images = multimodal.check_images(images, counts, len(rows), encoder.image_channels)
-        if self.prefill_chunk < encoder.num_mm_tokens_per_image:
+        ids, num_soft = self.image_block()
+        counts = np.array([multimodal.count_image_markers(row, ids.marker) for row in rows])
+        images = multimodal.check_images(images, counts, len(rows), self.model.image_channels())
+        # SigLIP's placeholders attend to each other: a chunk must hold a whole run (the
+        # released towers' are causal and may be cut).
+        if ids == multimodal.SIGLIP_IMAGE_IDS and self.prefill_chunk < num_soft:
             raise ValueError(f'prefill_chunk {self.prefill_chunk} cannot hold an image\'s '
-                             f'{encoder.num_mm_tokens_per_image} soft tokens (attended to '
-                             'together): use a larger one.')
+                             f'{num_soft} soft tokens (attended to together): use a larger one.')
         return images
 
-    def prompt_positions(self, lengths: Any, num_images: int) -> np.ndarray:
-        """Cache positions of prompts of `lengths` tokens [B] with `num_images` images each:
-        every image marker becomes a block (`multimodal.block_length`)."""
+    def check_audio(self, audio: Any, rows: list[np.ndarray]) -> Any:
+        """Audio (an `AudioInput`) for the prompts `rows`, one clip per marker."""
+        ids, _ = self.audio_block()
+        counts = np.array([multimodal.count_image_markers(row, ids.marker) for row in rows])
+        return check_audio(audio, counts, len(rows), self.model.config.towers)
+
+    def prompt_positions(self, lengths: Any, num_images: int, num_clips: int = 0) -> np.ndarray:
+        """Cache positions of prompts of `lengths` tokens [B] with `num_images` images and
+        `num_clips` audio clips each: every marker becomes a block (`multimodal.block_length`)."""
         lengths = np.asarray(lengths)
-        if not num_images:
-            return lengths
-        soft = self.vision_encoder().num_mm_tokens_per_image
-        return lengths + num_images * (multimodal.block_length(soft) - 1)
+        for count, block in ((num_images, self.image_block), (num_clips, self.audio_block)):
+            if count:
+                lengths = lengths + count * (multimodal.block_length(block()[1]) - 1)
+        return lengths
 
     def check_room(self, start: np.ndarray, rows: list[np.ndarray], images: jax.Array | None,
-                   max_new_tokens: int, cache_length: int, *, new_cache: bool) -> None:
+                   max_new_tokens: int, cache_length: int, *, new_cache: bool,
+                   audio: Any = None) -> None:
         """Refuses prompts `rows` (after `start` [B] positions already cached) that would not
         fit `cache_length` with `max_new_tokens` tokens each, or the memory available."""
         num_images = 0 if images is None else images.shape[1]
-        lengths = self.prompt_positions([len(row) for row in rows], num_images)
+        num_clips = 0 if audio is None else audio.num_clips
+        lengths = self.prompt_positions([len(row) for row in rows], num_images, num_clips)
         needed = start + lengths + max_new_tokens - 1
         if needed.max() > cache_length:
             b = int(needed.argmax())
             raise ValueError(
                 f'sequence {b} needs {int(needed[b])} positions (cache already holding '
                 f'{int(start[b])}, prompt {int(lengths[b])}'
-                f'{" with image blocks" if num_images else ""}, '
+                f'{" with image/audio blocks" if num_images or num_clips else ""}, '
                 f'max_new_tokens {max_new_tokens}) but cache_length is {cache_length}.')
         check_memory(self.model.config, batch_size=len(rows), longest_prompt=int(lengths.max()),
                      prefill_chunk=self.prefill_chunk, cache_length=cache_length,
@@ -213,25 +240,33 @@ class Engine:
     # ---- generation ------------------------------------------------------------------------
 
     def prefill(self, rows: list[np.ndarray], cache: kv_cache.Cache, rng: jax.Array,
-                images: jax.Array | None, sampling: SamplingMethod, *, slot: int | None = None
-                ) -> tuple[jax.Array, jax.Array, kv_cache.Cache]:
+                images: jax.Array | None, sampling: SamplingMethod, *, slot: int | None = None,
+                audio: Any = None) -> tuple[jax.Array, jax.Array, kv_cache.Cache]:
         """Feeds the prompts `rows` (checked) through the cache `prefill_chunk` tokens at a time.
 
+        images [B, N, H, W, C] and audio (an `AudioInput`) checked against `rows`: each kind's
+        markers are expanded into blocks (images first) whose placeholders take its soft tokens.
         Without `slot`, row b of the cache takes rows[b]; with it, `rows` is one prompt and goes
         into that slot of the (larger) cache, the other slots untouched.
         Returns the first sampled token [B], the logits it was chosen from [B, V] and the cache.
         """
-        soft = block_start = None
+        kinds, encoded, starts = [], [], []
         if images is not None:
-            rows, block_start = expand_rows(
-                rows, images.shape[1], self.vision_encoder().num_mm_tokens_per_image)
+            ids, num_soft = self.image_block()
+            kinds.append((images.shape[1], num_soft, ids))
+            encoded.append(self._encode_images(self.params, images))
+        if audio is not None:
+            ids, num_soft = self.audio_block()
+            kinds.append((audio.num_clips, num_soft, ids))
+            encoded.append(self._encode_audio(self.params, audio))
+        if kinds:
+            rows, starts = expand_rows(rows, kinds)
         chunks = plan_chunks(rows, self.prefill_chunk)
-        if images is not None:
-            soft = self._encode_images(self.params, images)
         logits = jnp.zeros((len(rows), self.vocab_size), jnp.float32)
         for chunk in chunks:
-            soft_tokens = None if soft is None else multimodal.SoftTokens(
-                soft, jnp.asarray(block_start - chunk.starts[:, None]))
+            soft_tokens = tuple(
+                multimodal.SoftTokens(soft, jnp.asarray(start - chunk.starts[:, None]))
+                for soft, start in zip(encoded, starts)) or None
             args = (jnp.asarray(chunk.tokens), cache)
             if slot is not None:
                 args += (jnp.int32(slot),)

@@ -98,21 +98,22 @@ def plan_chunks(rows: list[np.ndarray], chunk_length: int) -> list[Chunk]:
     return chunks
 
 
-def expand_rows(rows: list[np.ndarray], num_images: int, num_soft_tokens: int
-                ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Each sequence with its `<start_of_image>` markers expanded into image blocks.
+def expand_rows(rows: list[np.ndarray], kinds: list[tuple[int, int, multimodal.BlockIds]]
+                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each sequence with its markers expanded into blocks, one kind after the other.
 
-    Returns the expanded rows and block_start [B, num_images], where each block begins.
+    kinds: (blocks per sequence, soft tokens per block, ids) of each kind (images, audio).
+    Returns the expanded rows and, per kind, block_start [B, count]: where each block begins in
+    the fully expanded rows.
     """
     padded = np.zeros((len(rows), max(len(r) for r in rows)), np.int32)
     for b, row in enumerate(rows):
         padded[b, :len(row)] = row
-    expanded, _, block_start = multimodal.expand_tokens(jnp.asarray(padded), num_images,
-                                                        num_soft_tokens)
-    extra = num_images * (multimodal.block_length(num_soft_tokens) - 1)
-    expanded = np.asarray(expanded)
+    tokens, _, starts = multimodal.expand_blocks(jnp.asarray(padded), kinds)
+    extra = sum(count * (multimodal.block_length(num_soft) - 1) for count, num_soft, _ in kinds)
+    expanded = np.asarray(tokens)
     return ([expanded[b, :len(row) + extra] for b, row in enumerate(rows)],
-            np.asarray(block_start))
+            [np.asarray(start) for start in starts])
 
 
 def check_memory(config: TransformerConfig, *, batch_size: int, longest_prompt: int,

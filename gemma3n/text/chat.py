@@ -101,8 +101,8 @@ class ChatSampler:
     def turn_tokens(self, message: str) -> list[int]:
         """The token ids this turn feeds, given the conversation so far (pending token excluded)."""
         if self.state is None:
-            return self.tokenizer.encode(format_user_turn(message), add_bos=True)
-        ids = self.tokenizer.encode(format_continuation(message))
+            return self.sampler.encode(format_user_turn(message), add_bos=True)
+        ids = self.sampler.encode(format_continuation(message))
         if int(self.state.pending[0]) != special_tokens.END_OF_TURN:
             ids = [special_tokens.END_OF_TURN] + ids   # close an answer cut by max_new_tokens
         return ids
@@ -112,6 +112,7 @@ class ChatSampler:
         message: str,
         *,
         images: Any = None,
+        audio: Any = None,
         max_new_tokens: int | None = None,
         rng: jax.Array | int | None = None,
         stream: bool = False,
@@ -120,6 +121,8 @@ class ChatSampler:
 
         images: image files or [H, W, C] arrays shown with this message (markers are added in
         front of the message unless it has its own `<start_of_image>` markers).
+        audio: audio files or 16 kHz sample arrays heard with this message (models with the
+        released audio tower; `<start_of_audio>` markers as for images).
         """
         self._end_streaming()
         if not self.multi_turn:
@@ -129,13 +132,15 @@ class ChatSampler:
                                'taken over its KV cache. Call reset() to start over.')
         if images is not None:
             [message], images = self.sampler.prompt_images([message], images, single=True)
+        if audio is not None:
+            [message], audio = self.sampler.prompt_audio([message], audio, single=True)
         ids = self.turn_tokens(message)
         if max_new_tokens is None:
             max_new_tokens = self.max_new_tokens
         try:
             run = self.sampler.generation(
                 [ids], max_new_tokens, rng=rng, state=self.state,
-                images=images, stop_tokens=CHAT_STOP_TOKENS)
+                images=images, audio=audio, stop_tokens=CHAT_STOP_TOKENS)
         except ValueError as err:
             if self.state is not None and 'cache_length' in str(err):
                 raise ConversationFull(self.positions_used, self.sampler.cache_length,

@@ -65,14 +65,16 @@ def format_continuation(text: str) -> str:
     return TURN_SEPARATOR + format_user_turn(text)
 
 
-def add_image_markers(text: str, num_images: int) -> str:
-    """`text` with one `<start_of_image>` per image: the user's own markers, else put in front."""
-    markers = text.count(START_OF_IMAGE_PIECE)
+def add_image_markers(text: str, num_images: int, piece: str = START_OF_IMAGE_PIECE,
+                      what: str = 'images') -> str:
+    """`text` with one `piece` (`<start_of_image>`, or `<start_of_audio>` with `what='audio
+    clips'`) per item: the user's own markers, else put in front."""
+    markers = text.count(piece)
     if markers == 0:
-        return START_OF_IMAGE_PIECE * num_images + text
+        return piece * num_images + text
     if markers != num_images:
-        raise ValueError(f'the prompt has {markers} {START_OF_IMAGE_PIECE} markers but '
-                         f'{num_images} images were given')
+        raise ValueError(f'the prompt has {markers} {piece} markers but '
+                         f'{num_images} {what} were given')
     return text
 
 

@@ -88,7 +88,7 @@ class Generation:
 
     def __init__(self, sampler: Sampler, prompt_tokens: Any, max_new_tokens: int, *,
                  rng: jax.Array | int | None = None, state: SamplerState | None = None,
-                 sampling: SamplingMethod | None = None, images: Any = None,
+                 sampling: SamplingMethod | None = None, images: Any = None, audio: Any = None,
                  stop_tokens: Sequence[int] = (), keep_logits: bool = False):
         max_new_tokens = validation.check_int('max_new_tokens', max_new_tokens, low=1)
         self.rng = validation.as_rng(rng)
@@ -114,14 +114,17 @@ class Generation:
             start = np.zeros(batch, np.int32)
         if images is not None:
             images = engine.check_images(images, rows)
+        if audio is not None:
+            audio = engine.check_audio(audio, rows)
         engine.check_room(start, rows, images, max_new_tokens, sampler.cache_length,
-                          new_cache=state is None)
+                          new_cache=state is None, audio=audio)
         self.batch = Batch(engine, state.cache if state is not None else engine.new_cache(
             batch, sampler.cache_length))
         self.rows = rows
         self.max_new_tokens = max_new_tokens
         self.sampling = sampler.sampling if sampling is None else sampling
         self.images = images
+        self.audio = audio
         self.keep_logits = keep_logits
         self.tokens = np.zeros((batch, 0), np.int32)
         self.lengths = np.zeros(batch, np.int32)
@@ -140,7 +143,8 @@ class Generation:
                 else:
                     # Every chunk of the prompt writes into the cache (sliding layers' rings
                     # cannot be rolled back), so an interrupt waits for the whole prefill.
-                    token, logits = self.batch.fill(self.rows, rng, self.sampling, self.images)
+                    token, logits = self.batch.fill(self.rows, rng, self.sampling, self.images,
+                                                   self.audio)
                 new = self._record(token, logits, step)
             self.delivered += 1
             yield new

@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gemma3n import validation
 from gemma3n.engine.engine import Engine
 from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK
 from gemma3n.engine.sampling import Greedy, SamplingMethod
 from gemma3n.sharding import ShardingRules
-from gemma3n.text import special_tokens
+from gemma3n.text import media, special_tokens
 from gemma3n.text.chat_format import add_image_markers
 from gemma3n.text.generation import Generation, SamplerOutput, SamplerState
 from gemma3n.text.tokenizer import StreamDecoder, Tokenizer
@@ -142,6 +143,7 @@ class Sampler:
         prompt: str | Sequence[str],
         *,
         images: Any = None,
+        audio: Any = None,
         max_new_tokens: int | None = None,
         sampling: SamplingMethod | None = None,
         rng: jax.Array | int | None = None,
@@ -154,16 +156,20 @@ class Sampler:
             [B, N, H, W, C]. A prompt without `<start_of_image>` markers gets one per image in
             front. With `stream=True` (a single prompt only) returns an iterator of text pieces
             as the tokens arrive; their concatenation equals the non-streaming result.
+        audio: (models with the released audio tower) like images: audio files, 16 kHz sample
+            arrays or (samples, sample_rate) pairs; a prompt without `<start_of_audio>`
+            markers gets one per clip in front.
         """
         tokenizer = self._require_tokenizer()
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         prompts, images = self.prompt_images(prompts, images, single)
-        rows = [tokenizer.encode(p, add_bos=True) for p in prompts]
+        prompts, audio = self.prompt_audio(prompts, audio, single)
+        rows = [self.encode(p, add_bos=True) for p in prompts]
         if max_new_tokens is None:
             max_new_tokens = self.max_out_length
         run = Generation(self, rows, max_new_tokens, rng=rng,
-                          state=None, sampling=sampling, images=images,
+                          state=None, sampling=sampling, images=images, audio=audio,
                           stop_tokens=self.text_stop_tokens(), keep_logits=False)
         if stream:
             if len(rows) != 1:
@@ -188,8 +194,10 @@ class Sampler:
                   for items in images] if lists else None
         if lists and len(images) == len(prompts) and not any(counts):
             return prompts, None            # empty image lists: no images, on any model
-        encoder = self.vision_encoder()
-        if not self._require_tokenizer().has_image_tokens:
+        towers = self.model.config.towers
+        released = self.model.has_vision and towers is not None
+        encoder = None if released else self.vision_encoder()
+        if not released and not self._require_tokenizer().has_image_tokens:
             raise ValueError(f'tokenizer {self.tokenizer.path} has no <start_of_image> piece: '
                              'it cannot take images.')
         if lists:
@@ -198,12 +206,40 @@ class Sampler:
             if len(set(counts)) > 1:
                 raise ValueError(f'the prompts have {counts} images: every prompt of a batch '
                                  'takes the same number of images.')
-            images = jnp.stack([load_images(items, encoder.image_height, encoder.image_width)
-                                for items in images])
+            images = jnp.stack([
+                media.load_images(items, towers.vision.image_size) if released
+                else load_images(items, encoder.image_height, encoder.image_width)
+                for items in images])
         images = jnp.asarray(images)
         if images.ndim == 4:
             images = images[:, None]
         return [add_image_markers(p, images.shape[1]) for p in prompts], images
+
+    def prompt_audio(self, prompts: list[str], audio: Any, single: bool
+                     ) -> tuple[list[str], Any]:
+        """Audio for text prompts as an `AudioInput`, and the prompts with their markers."""
+        if audio is None:
+            return prompts, None
+        self.engine.audio_block()               # raises: no audio tower
+        lists = [audio] if single else list(audio)
+        lists = [[items] if isinstance(items, (str, os.PathLike, np.ndarray, tuple)) else
+                 list(items) for items in lists]
+        if len(lists) != len(prompts):
+            raise ValueError(f'{len(lists)} audio lists for {len(prompts)} prompts.')
+        if not any(lists):
+            return prompts, None
+        clips = media.audio_input(lists)
+        return [add_image_markers(p, clips.num_clips, special_tokens.START_OF_AUDIO_PIECE,
+                                  'audio clips') for p in prompts], clips
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """Token ids of `text`; with the released towers its `<start_of_image>` and
+        `<start_of_audio>` markers become the model's marker ids (`gemma3n.text.media`)."""
+        tokenizer = self._require_tokenizer()
+        towers = None if self.model.text_only else self.model.config.towers
+        if towers is None:
+            return tokenizer.encode(text, add_bos=add_bos)
+        return media.encode_prompt(tokenizer, text, towers, add_bos=add_bos)
 
     def strip_stop(self, ids: Sequence[int]) -> list[int]:
         """The ids without a final text stop token."""
@@ -230,7 +266,7 @@ class Sampler:
     def generation(self, rows: Any, max_new_tokens: int, **kwargs: Any) -> 'Generation':
         """A step-by-step generation (iterate it for each step's tokens; then `.output()`).
 
-        Takes the keyword arguments of `Generation`: rng, state, sampling, images,
+        Takes the keyword arguments of `Generation`: rng, state, sampling, images, audio,
         stop_tokens, keep_logits.
         """
         return Generation(self, rows, max_new_tokens, **kwargs)

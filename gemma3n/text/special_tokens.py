@@ -31,6 +31,9 @@ START_OF_TURN_PIECE = "<start_of_turn>"
 END_OF_TURN_PIECE = "<end_of_turn>"
 DOUBLE_NEWLINE_PIECE = "\n\n"
 START_OF_IMAGE_PIECE = "<start_of_image>"
+# Where a clip goes in a prompt for a model with the released audio tower; the model's own id for
+# it comes from its config (`TowersConfig.audio_ids.marker`), whatever the tokenizer holds.
+START_OF_AUDIO_PIECE = "<start_of_audio>"
 END_OF_IMAGE_PIECE = "<end_of_image>"
 
 # Pieces every usable tokenizer must have, with the Gemma id each must be spoken as.

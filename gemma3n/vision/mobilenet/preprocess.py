@@ -64,10 +64,15 @@ def _as_pil(image: ImageLike, where: str) -> Image.Image:
                            _MODES[channels])
 
 
+def resize_image(image: ImageLike, size: int = IMAGE_SIZE) -> np.ndarray:
+    """One image (path, PIL image or uint8 array) -> RGB uint8 `[size, size, 3]` (steps 1-2),
+    what the model takes as `images` (it rescales them itself)."""
+    return resize_uint8(to_rgb(_as_pil(image, "image")), size, size)
+
+
 def preprocess_image(image: ImageLike, size: int = IMAGE_SIZE) -> np.ndarray:
     """One image (path, PIL image or uint8 array) -> float32 `[size, size, 3]` in [0, 1]."""
-    rgb = to_rgb(_as_pil(image, "image"))
-    return resize_uint8(rgb, size, size).astype(np.float32) * RESCALE_FACTOR
+    return resize_image(image, size).astype(np.float32) * RESCALE_FACTOR
 
 
 def preprocess_images(images: Sequence[ImageLike], size: int = IMAGE_SIZE) -> np.ndarray:
