@@ -156,5 +156,5 @@ def test_an_image_for_a_checkpoint_without_vision_names_the_option(env, demo_hf_
     Image.new('RGB', (8, 8), 'red').save(image)
     result = run_cli(env, 'generate', '--checkpoint', str(demo_hf_checkpoint),
                      '--image', str(image), 'Describe it.')
-    assert_one_line_error(result, '--image needs a checkpoint with the SigLIP vision encoder')
+    assert_one_line_error(result, '--image needs a checkpoint with a vision encoder (SigLIP, or the released MobileNet-V5 tower)')
     assert_no_python_call(result.stderr)

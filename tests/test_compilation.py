@@ -5,6 +5,8 @@ the tests run in order (the first fills the cache).
 """
 
 import os
+import subprocess
+import sys
 import zlib
 
 import pytest
@@ -92,3 +94,13 @@ def test_a_cache_folder_that_cannot_be_made_is_reported_in_one_line(tmp_path):
                             f'([Errno 20] Not a directory: {str(blocker / "jax")!r}): every run '
                             'compiles them again; set JAX_COMPILATION_CACHE_DIR to a folder '
                             'that can be written']
+
+
+def test_importing_the_command_starts_no_backend():
+    # The cache folder is chosen, and `jax.distributed` joined, after import: a JAX computation
+    # at import time (a module-level `jax.random.key`, once) would come before both.
+    code = ('import gemma3n, gemma3n.cli, gemma3n.serving.app; from jax._src import xla_bridge; '
+            'print(sorted(xla_bridge._backends))')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS='cpu'), check=True)
+    assert result.stdout.strip() == '[]', result.stdout

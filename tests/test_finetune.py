@@ -101,7 +101,10 @@ def test_a_killed_run_resumes_exactly(env, trained, tmp_path):
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     try:
-        while _steps_done(out / METRICS_FILE) < KILL_AFTER_STEP:
+        # Checkpoints are written in the background: the kill comes once step SAVE_EVERY's is
+        # complete (Orbax renames its folder into place last) and later steps have run.
+        while (_steps_done(out / METRICS_FILE) < KILL_AFTER_STEP
+               or not (out / STATE_FOLDER / str(SAVE_EVERY)).is_dir()):
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)

@@ -167,4 +167,4 @@ def test_command_refuses_images_for_a_model_without_vision(env, files, vision_ch
     hf.mkdir()
     (hf / 'model.safetensors').write_bytes(b'')                        # recognised by name only
     assert_usage_error(run_cli(env, 'generate', '--checkpoint', str(hf), *image, 'Hi'),
-                       'SigLIP vision encoder', 'Hugging Face format')
+                       'a vision encoder (SigLIP, or the released MobileNet-V5 tower)', 'Hugging Face format')

@@ -254,7 +254,7 @@ def test_ctrl_c_in_the_command_keeps_the_conversation(fresh, monkeypatch, capsys
         written.append(piece)
 
     monkeypatch.setattr(cli_chat, 'write', write_two_then_ctrl_c)
-    cli_chat._chat_turn(fresh, FIRST, None, jax.random.key(0))
+    cli_chat._chat_turn(fresh, FIRST, None, None, jax.random.key(0))
     monkeypatch.undo()
     # Today: "answer interrupted; conversation reset".
     kept = int(INTERRUPTED.search(capsys.readouterr().err).group(1))

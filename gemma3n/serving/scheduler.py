@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_WAITING = 64
 # What a free slot's row of SlotSampling holds: greedy, so an all-greedy batch skips sorting.
 IDLE_SETTING = (GREEDY_TEMPERATURE, NO_TOP_K, 1.0, 0)
-# The key of the step call; SlotSampling draws with each request's own key instead.
-UNUSED_KEY = jax.random.key(0)
+# The seed of the step call's key; SlotSampling draws with each request's own key instead.
+UNUSED_SEED = 0
 
 
 class QueueFull(Exception):
@@ -92,6 +92,9 @@ class Scheduler:
         self.batch = Batch(engine, engine.new_cache(slots, cache_length))
         self.jobs: list[Job | None] = [None] * slots
         self.sampling_rows = SlotSampling.of([IDLE_SETTING] * slots, counts=[0] * slots)
+        # Made here, not at import: importing the command must not start JAX's backend (which
+        # `jax.distributed` has to join first) nor its compilation cache.
+        self.unused_key = jax.random.key(UNUSED_SEED)
         self.waiting: collections.deque[Job] = collections.deque()
         self.max_waiting = max_waiting
         self.wake = threading.Condition()
@@ -159,7 +162,7 @@ class Scheduler:
             self._set_sampling(slot, job.setting, 0)
             self.jobs[slot] = job
             try:
-                token, _ = self.batch.admit(slot, job.row, UNUSED_KEY, self._row_sampling(slot),
+                token, _ = self.batch.admit(slot, job.row, self.unused_key, self._row_sampling(slot),
                                             job.images)
             except Exception as error:      # one request's failure must not stop the server
                 logger.exception('prefill failed')
@@ -170,7 +173,7 @@ class Scheduler:
     def _step(self) -> None:
         try:
             # A copy: the rows change on this thread while the step may still read them.
-            tokens, _ = self.batch.step(UNUSED_KEY, jax.tree.map(np.copy, self.sampling_rows))
+            tokens, _ = self.batch.step(self.unused_key, jax.tree.map(np.copy, self.sampling_rows))
         except Exception as error:
             logger.exception('decode step failed')
             self._recover(error)
