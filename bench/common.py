@@ -220,6 +220,41 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+STATUS_FILE = Path('/proc/self/status')
+CLEAR_REFS_FILE = Path('/proc/self/clear_refs')
+RESET_PEAK = '5'            # clear_refs: reset the peak resident set size (VmHWM)
+
+
+def reset_peak_rss() -> None:
+    """Starts a new peak resident memory measurement (`peak_rss_since_reset_bytes`), so that
+    a phase (a training step) is measured without the peaks of the setup before it."""
+    CLEAR_REFS_FILE.write_text(RESET_PEAK)
+
+
+def peak_rss_since_reset_bytes() -> int:
+    """Peak resident memory since the last `reset_peak_rss` (Linux's VmHWM)."""
+    for line in STATUS_FILE.read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f'no VmHWM in {STATUS_FILE}')
+
+
+def leafwise_random_params(model: Any, dtype: Any, scale: float) -> Any:
+    """Random weights N(0, scale^2) of `model`'s tree in `dtype`, made leaf by leaf: one
+    `model.init` program would hold every float32 weight and its temporaries at once (over
+    20 GB at the reduced size), which would then be the process's peak memory."""
+    import jax
+    import jax.numpy as jnp
+    tokens = jnp.ones((1, 1), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
+    leaves, tree = jax.tree_util.tree_flatten(shapes)
+    normal = jax.jit(lambda key, shape: (scale * jax.random.normal(key, shape, jnp.float32)
+                                         ).astype(dtype), static_argnums=1)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    return tree.unflatten([jax.block_until_ready(normal(key, leaf.shape))
+                           for key, leaf in zip(keys, leaves)])
+
+
 def current_rss_bytes() -> int:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')

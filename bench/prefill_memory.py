@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,38 +27,18 @@ from gemma3n.text.sampler import Sampler
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
 
-STATUS = Path('/proc/self/status')
-CLEAR_REFS = Path('/proc/self/clear_refs')
-RESET_PEAK = '5'            # clear_refs: reset the peak resident set size (VmHWM)
 SHORT_PROMPT = 1024
 NEW_TOKENS = 4
 DTYPES = {'demo': jnp.float32, 'reduced': jnp.bfloat16}   # as the command runs each
 WEIGHT_SCALE = 0.02         # any finite weights do: only memory is measured
 
 
-def peak_rss() -> int:
-    for line in STATUS.read_text().splitlines():
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError('no VmHWM in /proc/self/status')
-
-
 def build(size: str) -> tuple[Gemma3nTransformer, dict]:
-    """The model and random weights, made leaf by leaf (one `model.init` program would hold
-    every float32 weight and its temporaries at once: over 20 GB at the reduced size)."""
+    """The model and random weights in the dtype the command runs it in."""
     config = (demo_config(Tokenizer(default_tokenizer_path()).vocab_size) if size == 'demo'
               else common.bench_config(size))
     model = Gemma3nTransformer(config=config, text_only=True, dtype=DTYPES[size])
-    tokens = jnp.full((1, 1), special_tokens.BOS, jnp.int32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
-    leaves, tree = jax.tree_util.tree_flatten(shapes)
-    normal = jax.jit(lambda key, shape, dtype: (WEIGHT_SCALE * jax.random.normal(
-        key, shape, jnp.float32)).astype(dtype), static_argnums=(1, 2))
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    # init makes float32 leaves; the command's loader casts every weight to the model's dtype.
-    params = tree.unflatten([jax.block_until_ready(normal(key, leaf.shape, model.dtype))
-                             for key, leaf in zip(keys, leaves)])
-    return model, params
+    return model, common.leafwise_random_params(model, model.dtype, WEIGHT_SCALE)
 
 
 def main() -> None:
@@ -70,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     model, params = build(args.size)
     print(f'weights made: resident {common.current_rss_bytes() / common.GB:.2f} GB, peak so far '
-          f'{peak_rss() / common.GB:.2f} GB', flush=True)
+          f'{common.peak_rss_since_reset_bytes() / common.GB:.2f} GB', flush=True)
     dtype = DTYPES[args.size]
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     cache = memory.cache_bytes(model.config, 1, dtype, args.length)
@@ -82,14 +61,15 @@ def main() -> None:
     for length in (SHORT_PROMPT, args.length - NEW_TOKENS):
         prompt = [special_tokens.BOS] + rng.integers(3, model.config.num_embed,
                                                      length - 1).tolist()
-        CLEAR_REFS.write_text(RESET_PEAK)
-        base = peak_rss()
+        common.reset_peak_rss()
+        base = common.peak_rss_since_reset_bytes()
         start = time.perf_counter()
         out = sampler.sample_tokens([prompt], NEW_TOKENS)
         jax.block_until_ready(out.state.cache)
         seconds = time.perf_counter() - start
         rows.append([length, -(-length // args.chunk), round(seconds, 1), base / common.GB,
-                     peak_rss() / common.GB, (peak_rss() - base) / common.GB])
+                     common.peak_rss_since_reset_bytes() / common.GB,
+                     (common.peak_rss_since_reset_bytes() - base) / common.GB])
     print(f'{args.size}: weights {weights / common.GB:.3f} GB ({dtype.__name__}), cache of '
           f'{args.length} positions {cache / common.GB:.3f} GB, estimated chunk activations '
           f'{estimate / common.GB:.3f} GB (chunk {args.chunk}); compiled prefill programs: '

@@ -1,6 +1,8 @@
 """Fine-tuning speed and memory: ours (JAX) against `transformers` (torch), same config; full
 or, with `--lora-rank R`, LoRA (ours: `gemma3n.training.lora.LoRA`; torch: `peft`, the same
-seven targets, rank and alpha 2R, the float32 base frozen).
+seven targets, rank and alpha 2R, float32 adapters over a frozen base held in `--base-dtype`:
+bfloat16 by default, the compute dtype, as `gemma3n finetune` holds a checkpoint's weights
+and as peft users load theirs; float32 as a run from float32 weights would).
 
 Both sides train every weight of the same Gemma 3n config (E4B widths, fewer layers) with
 AdamW, float32 parameters and bfloat16 compute (ours: the model's bfloat16 dtype over float32
@@ -12,6 +14,8 @@ resident memory (`ru_maxrss`) is its own and the two never share the CPUs.
     python -m bench.train_speed --layers 5 --vocab 16384 --seq-len 128 --batch-size 2 --steps 2
     python -m bench.train_speed --widths tiny --vocab 4096     # a smoke test, seconds a step
     python -m bench.train_speed --lora-rank 16                 # LoRA against transformers+peft
+    python -m bench.train_speed --lora-rank 16 --layers 5 --vocab 16384 --seq-len 128 \
+        --batch-size 1 --steps 2                               # the same, a minute or two
 
 Memory: E4B widths put ~110M parameters in each layer; full fine-tuning keeps 16 bytes per
 parameter (float32 weight, gradient, two Adam moments) besides the activations: 10 layers at
@@ -39,6 +43,7 @@ PATTERN = 5                 # LLLLG: KV sharing starts at a multiple of it (HF's
 SPARSE_LAYERS = 3
 LEARNING_RATE = 1e-5
 DATA_SEED = 3
+WEIGHT_SCALE = 0.02         # our random weights (torch's: its own init); only speed matters
 
 
 def bench_config(layers: int, vocab: int, widths: str) -> Any:
@@ -64,6 +69,7 @@ def rows(args: argparse.Namespace) -> np.ndarray:
 def side_ours(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
+    from bench.train_memory import step_memory
     from gemma3n.training.lora import LoRA
     from gemma3n.training.optimizer import OptimizerConfig
     from gemma3n.training.param_split import FullFineTuning
@@ -73,8 +79,9 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
     config = bench_config(args.layers, args.vocab, args.widths)
     model = Gemma3nTransformer(config=config, text_only=True, dtype=jnp.bfloat16,
                                tokens='batch.input', remat=args.remat)
-    params = jax.jit(model.clone(dtype=jnp.float32).init)(
-        jax.random.key(0), jnp.ones((1, 1), jnp.int32))['params']
+    # The frozen base in --base-dtype, as `finetune` holds a checkpoint read in it.
+    base_dtype = jnp.float32 if args.lora_rank is None else getattr(jnp, args.base_dtype)
+    params = common.leafwise_random_params(model, base_dtype, WEIGHT_SCALE)
     split = FullFineTuning() if args.lora_rank is None else LoRA(
         config, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
     trainable, frozen = split.split(params)
@@ -82,15 +89,20 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
     steps = TrainSteps(model, split, OptimizerConfig(LEARNING_RATE, args.steps + 1).make())
     state = steps.init(trainable, seed=0)
     del trainable
-    times, losses = [], []
+    common.reset_peak_rss()
+    times, losses, compiled = [], [], None
     for tokens in rows(args):
         batch = {'input': tokens[None, :, :-1], 'target': tokens[None, :, 1:],
                  'loss_mask': np.ones((1,) + tokens[:, 1:].shape, bool)}
         start = time.perf_counter()
-        state, metrics = steps.train(state, frozen, batch)
+        if compiled is None:        # compiled here, so that XLA's memory accounting is at hand
+            compiled = steps.train.lower(state, frozen, batch).compile()
+        state, metrics = compiled(state, frozen, batch)
         losses.append(float(metrics['loss']))
         times.append(time.perf_counter() - start)
-    return {'name': 'ours (JAX)', 'jax': jax.__version__, 'times_s': times, 'losses': losses}
+    return {'name': 'ours (JAX)', 'jax': jax.__version__, 'times_s': times, 'losses': losses,
+            'xla_bytes': step_memory(compiled),
+            'train_peak_rss_gb': common.peak_rss_since_reset_bytes() / common.GB}
 
 
 def side_hf(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,16 +115,21 @@ def side_hf(args: argparse.Namespace) -> dict[str, Any]:
     hf_config = transformers.Gemma3nTextConfig(**hf_text_config(config, hf_vocab_size=args.vocab),
                                                attn_implementation='sdpa')
     object.__setattr__(hf_config, 'final_logit_softcapping', None)   # ours has none
-    model = transformers.Gemma3nForCausalLM(hf_config).to(torch.float32).train()
+    # Made in the base's dtype: made in float32 and cast, its peak would be float32's.
+    base_dtype = torch.float32 if args.lora_rank is None else getattr(torch, args.base_dtype)
+    model = transformers.Gemma3nForCausalLM._from_config(hf_config, torch_dtype=base_dtype)
+    model.train()
     if args.remat:
         model.gradient_checkpointing_enable()
     if args.lora_rank is not None:
         import peft
+        # peft keeps the adapters in float32 over a bfloat16 base (autocast_adapter_dtype).
         from gemma3n.checkpoints.peft_adapter import LORA_TARGETS
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=list(LORA_TARGETS)))
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=LEARNING_RATE, weight_decay=0.0)
+    common.reset_peak_rss()
     times, losses = [], []
     for tokens in rows(args):
         tokens = torch.from_numpy(tokens).long()
@@ -129,17 +146,20 @@ def side_hf(args: argparse.Namespace) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     return {'name': 'transformers (torch, sdpa)', 'torch': torch.__version__,
             'transformers': transformers.__version__, 'torch_threads': torch.get_num_threads(),
-            'times_s': times, 'losses': losses}
+            'times_s': times, 'losses': losses,
+            'train_peak_rss_gb': common.peak_rss_since_reset_bytes() / common.GB}
 
 
 SIDES = {'ours': side_ours, 'hf': side_hf}
 
 
 def summary(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """tokens/s of the steps after the first (which compiles), first step s, peak memory."""
+    """tokens/s of the steps after the first (which compiles), first step s, peak memory
+    while training and over the whole process (weight making included)."""
     steady = float(np.median(result['times_s'][1:]))
     return {'tokens_per_s': args.batch_size * args.seq_len / steady,
-            'first_step_s': result['times_s'][0], 'peak_rss_gb': result['peak_rss_gb']}
+            'first_step_s': result['times_s'][0], 'peak_rss_gb': result['peak_rss_gb'],
+            'train_peak_rss_gb': result['train_peak_rss_gb']}
 
 
 def main() -> None:
@@ -154,6 +174,8 @@ def main() -> None:
     parser.add_argument('--remat', action='store_true', help='rematerialise blocks (both sides)')
     parser.add_argument('--lora-rank', type=int, help='train LoRA adapters of this rank, not '
                         'every weight (both sides)')
+    parser.add_argument('--base-dtype', choices=('bfloat16', 'float32'), default='bfloat16',
+                        help='LoRA: the dtype of the frozen base (both sides; default bfloat16)')
     parser.add_argument('--side', choices=tuple(SIDES), help=argparse.SUPPRESS)
     parser.add_argument('--out', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -167,7 +189,8 @@ def main() -> None:
     options = [f'--{name.replace("_", "-")}={getattr(args, name)}'
                for name in ('layers', 'vocab', 'widths', 'seq_len', 'batch_size', 'steps')]
     options += ['--remat'] if args.remat else []
-    options += [f'--lora-rank={args.lora_rank}'] if args.lora_rank else []
+    options += ([f'--lora-rank={args.lora_rank}', f'--base-dtype={args.base_dtype}']
+                if args.lora_rank else [])
     results = {}
     for side in SIDES:
         out = common.results_path(f'train-{side}')
@@ -182,10 +205,16 @@ def main() -> None:
         [['tokens/s', ours['tokens_per_s'], hf['tokens_per_s'],
           common.ratio(ours['tokens_per_s'], hf['tokens_per_s'])],
          ['first step s (ours: compile)', ours['first_step_s'], hf['first_step_s'], None],
-         ['peak resident memory GB', ours['peak_rss_gb'], hf['peak_rss_gb'],
+         ['peak resident memory while training GB', ours['train_peak_rss_gb'],
+          hf['train_peak_rss_gb'], common.ratio(ours['train_peak_rss_gb'],
+                                                hf['train_peak_rss_gb'])],
+         ['peak resident memory, whole process GB', ours['peak_rss_gb'], hf['peak_rss_gb'],
           common.ratio(ours['peak_rss_gb'], hf['peak_rss_gb'])],
+         ['XLA temporaries of the step GB', results['ours']['xla_bytes']['temp'] / common.GB,
+          None, None],
          ['loss, first step', results['ours']['losses'][0], results['hf']['losses'][0], None]])
-    kind = 'Full fine-tuning' if args.lora_rank is None else f'LoRA rank {args.lora_rank}'
+    kind = ('Full fine-tuning' if args.lora_rank is None
+            else f'LoRA rank {args.lora_rank} over a {args.base_dtype} base')
     print(f'{kind}, {config.num_layers} layers at {args.widths} widths '
           f'({common.param_count(config) / 1e6:.0f}M parameters, vocabulary {args.vocab}), '
           f'batch {args.batch_size} x {args.seq_len} tokens, {machine["cpus"]} CPUs, load '

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gemma3n.checkpoints.hf_mapping import params_to_hf
+from gemma3n.layers.einsum import contract
 from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.training.data import Example
 from gemma3n.training.packing import Rows, TooLong
@@ -131,3 +132,27 @@ def test_accumulated_rematerialised_gradients_equal_the_plain_ones():
     assert int(batch['loss_mask'][0].sum()) != int(batch['loss_mask'][1].sum())
     for ours, reference in zip(jax.tree.leaves(accumulated), jax.tree.leaves(plain)):
         assert np.max(np.abs(ours - reference)) <= GRAD_RTOL * np.max(np.abs(reference))
+
+
+@pytest.mark.parametrize('eqn, x_shape, w_shape', [
+    ('BTD,CFD->CBTF', (2, 5, 16), (2, 24, 16)),       # the FFN's stacked gate and up
+    ('BTNH,NHD->BTD', (2, 5, 4, 8), (4, 8, 16)),      # the attention output, two axes read
+])
+def test_bfloat16_products_differentiate_as_the_float32_product(eqn, x_shape, w_shape):
+    # bfloat16 training computes each product's backward in bfloat16 x bfloat16 with float32
+    # accumulation (gemma3n.layers.einsum's _bf16_dot). On bfloat16-valued inputs its
+    # gradients must equal float32 autodiff's up to the one rounding of each result to
+    # bfloat16 (2^-8 relative); a wrong axis or operand gives O(1) differences.
+    rng = np.random.default_rng(0)
+    x, w, r = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+               for s in (x_shape, w_shape, jnp.einsum(eqn, np.ones(x_shape), np.ones(w_shape)).shape))
+
+    def loss(x, w):
+        return jnp.sum(contract(eqn, x, w).astype(jnp.float32) * r.astype(jnp.float32))
+
+    ours = jax.grad(loss, argnums=(0, 1))(x, w)
+    reference = jax.grad(loss, argnums=(0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+    for got, expected in zip(ours, reference):
+        assert got.dtype == jnp.bfloat16
+        error = np.max(np.abs(np.asarray(got, np.float32) - expected)) / np.max(np.abs(expected))
+        assert error <= 2 ** -8, error

@@ -20,6 +20,7 @@ tied embedding) the same way. `gemma3n.layout` converts a checkpoint-order tree.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -146,9 +147,55 @@ def _xla_dot(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
         doubled = jnp.concatenate([x, x], axis=axis)
         y = jnp.einsum(eqn, doubled, w, preferred_element_type=accumulate)
         y = jax.lax.slice_in_dim(y, 0, 1, axis=out_spec.index(x_spec[axis]))
+    elif x.dtype == w.dtype == jnp.bfloat16 and _transposable(x_spec, w_spec, out_spec):
+        return _bf16_dot(eqn, x, w)
     else:
         y = jnp.einsum(eqn, x, w, preferred_element_type=accumulate)
     return y if accumulate == jnp.int32 else y.astype(x.dtype)
+
+
+def _transposable(x_spec: str, w_spec: str, out_spec: str) -> bool:
+    """Whether each operand's axes are named by the other two specs (no axis summed away
+    inside one operand), so that both backward products are einsums of the same letters."""
+    return (all(a in w_spec or a in out_spec for a in x_spec)
+            and all(a in x_spec or a in out_spec for a in w_spec))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bf16_dot(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """bfloat16 einsum accumulated in float32, returned in bfloat16, whose backward products
+    are bfloat16 x bfloat16 as well.
+
+    Differentiated as a plain einsum, the backward multiplies the float32 cotangent by the
+    bfloat16 weight: XLA's CPU backend converts the whole weight to float32 for it (slow
+    kernels), and schedules those conversions, which depend on the weights alone, early: a
+    training step then holds a float32 copy of every weight (measured: twice the frozen base
+    of a LoRA step). The cotangent of a bfloat16 output holds bfloat16 values, so taking it as
+    bfloat16 loses nothing.
+    """
+    return jnp.einsum(eqn, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _bf16_dot_fwd(eqn, x, w):
+    # Each operand is kept only for the other's gradient: a frozen weight's input is not.
+    residuals = (x.value if w.perturbed else None, w.value if x.perturbed else None)
+    return _bf16_dot(eqn, x.value, w.value), residuals
+
+
+def _bf16_dot_bwd(eqn, residuals, g):
+    x, w = residuals
+    inputs, out_spec = eqn.split('->')
+    x_spec, w_spec = inputs.split(',')
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    dx = None if w is None else jnp.einsum(f'{out_spec},{w_spec}->{x_spec}', g, w,
+                                           preferred_element_type=jnp.float32)
+    dw = None if x is None else jnp.einsum(f'{x_spec},{out_spec}->{w_spec}', x, g,
+                                           preferred_element_type=jnp.float32)
+    return tuple(None if d is None else d.astype(jnp.bfloat16) for d in (dx, dw))
+
+
+_bf16_dot.defvjp(_bf16_dot_fwd, _bf16_dot_bwd, symbolic_zeros=True)
 
 
 def _merge_contracted(x, w, x_spec: str, w_spec: str, out_spec: str):

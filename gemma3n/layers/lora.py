@@ -25,7 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gemma3n.layers.einsum import StoredWeight, contract
+from gemma3n.layers.einsum import StoredWeight, contract, dot
 
 
 def _fresh_letter(used: str) -> str:
@@ -68,9 +68,10 @@ class LoRAWeight(StoredWeight):
         # x·a keeps x's free axes, the stacked axes and the rank: [x free..., stacked..., r].
         h_spec = ''.join(c for c in x_spec if c not in read) + ''.join(
             c for c in w_spec[:self.stacked] if c not in x_spec) + r
-        h = jnp.einsum(f'{x_spec},{a_spec}->{h_spec}', x, self.a.astype(x.dtype),
-                       preferred_element_type=jnp.float32)
-        update = jnp.einsum(f'{h_spec},{b_spec}->{out_spec}', h, self.b.astype(jnp.float32))
+        # Both products in x's dtype, accumulated in float32 (`dot`), as peft under autocast
+        # computes them (a float32 update [..., out]: 9% more temporaries in a LoRA step).
+        h = dot(f'{x_spec},{a_spec}->{h_spec}', x, self.a.astype(x.dtype))
+        update = dot(f'{h_spec},{b_spec}->{out_spec}', h, self.b.astype(x.dtype))
         return contract(eqn, x, self.base) + (self.scale * update).astype(x.dtype)
 
     def delta(self) -> jax.Array:
