@@ -1,6 +1,7 @@
 """Fine-tuning gradients equal transformers' autograd: loss and every weight's gradient.
 
-Small random float32 configs with KV-shared and sparse layers; a packed batch of several
+A small random float32 config with KV-shared and sparse layers (tests/hf_oracle.py's first;
+tests/test_model.py compares the forward pass of the others); a packed batch of several
 examples per row (attention kept inside each example, per-example positions, padding), so the
 mask, the positions and the loss mask all take part. The same weights are mapped into
 `Gemma3nForCausalLM` (tests/hf_oracle.py); its loss is written out in torch from its logits.
@@ -29,6 +30,7 @@ ROWS = 2
 # gives ~1e-5 on these models (logits agree to ~5e-5, tests/test_model.py); a wrong mask,
 # position or missing term changes gradients by 1e-2 and more.
 GRAD_RTOL = 1e-4
+RNG = np.asarray(jax.random.key_data(jax.random.key(0)))     # the step's (unused) dropout key
 
 
 def packed_batch(num_embed: int, seed: int) -> dict[str, np.ndarray]:
@@ -77,20 +79,26 @@ def hf_loss_and_grads(cfg, params, batch):
     return float(loss.detach()), grads
 
 
-@pytest.mark.parametrize('config_index', [0, 2])
-def test_loss_and_every_gradient_equal_transformers(config_index):
-    cfg = small_configs()[config_index]
-    params = random_params(cfg, seed=config_index)
-    batch = packed_batch(cfg.num_embed, seed=config_index)
+@pytest.fixture(scope='module')
+def setup():
+    """Config 0 (KV-shared and sparse layers), its weights, a packed batch, the model reading
+    the batch by keys, and our gradients of that batch in one micro-batch: one compiled
+    program, which both tests below compare against."""
+    cfg = small_configs()[0]
+    params = random_params(cfg, seed=0)
+    batch = packed_batch(cfg.num_embed, seed=0)
     model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32,
                                tokens='batch.input', positions='batch.positions',
                                attention_mask='batch.attention_mask')
     split = FullFineTuning()
-    steps = TrainSteps(model, split, optax.sgd(0.0))
     trainable, frozen = split.split(params)
-    micro = jax.tree.map(lambda x: x[None], batch)           # one micro-batch
-    grads, loss, count = steps.gradients(trainable, frozen, micro,
-                                         jax.random.key_data(jax.random.key(0)))
+    gradients = TrainSteps(model, split, optax.sgd(0.0)).gradients(
+        trainable, frozen, jax.tree.map(lambda x: x[None], batch), RNG)
+    return cfg, params, batch, model, gradients
+
+
+def test_loss_and_every_gradient_equal_transformers(setup):
+    cfg, params, batch, _, (grads, loss, count) = setup
     hf_loss, hf_grads = hf_loss_and_grads(cfg, params, batch)
 
     assert int(count) == int(batch['loss_mask'].sum())
@@ -111,24 +119,16 @@ def test_loss_and_every_gradient_equal_transformers(config_index):
     assert worst[name] <= GRAD_RTOL, (name, worst[name])
 
 
-def test_accumulated_rematerialised_gradients_equal_the_plain_ones():
+def test_accumulated_rematerialised_gradients_equal_the_plain_ones(setup):
     # Two micro-batches of one row, blocks rematerialised, against one batch of two rows: the
     # same sums in another order, float32 rounding amplified as in the parity test (~2e-5 of a
     # weight's largest gradient, measured). The rows hold different numbers of target tokens, so
     # a mean taken per micro-batch instead of over the batch would be off by 10% and more.
-    cfg = small_configs()[0]
-    params = random_params(cfg, seed=5)
-    batch = packed_batch(cfg.num_embed, seed=5)
-    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32,
-                               tokens='batch.input', positions='batch.positions',
-                               attention_mask='batch.attention_mask')
+    _, params, batch, model, plain = setup
     split = FullFineTuning()
     trainable, frozen = split.split(params)
-    rng = jax.random.key_data(jax.random.key(0))
-    plain = TrainSteps(model, split, optax.sgd(0.0)).gradients(
-        trainable, frozen, jax.tree.map(lambda x: x[None], batch), rng)
     accumulated = TrainSteps(model.clone(remat=True), split, optax.sgd(0.0)).gradients(
-        trainable, frozen, jax.tree.map(lambda x: x[:, None], batch), rng)
+        trainable, frozen, jax.tree.map(lambda x: x[:, None], batch), RNG)
     assert int(batch['loss_mask'][0].sum()) != int(batch['loss_mask'][1].sum())
     for ours, reference in zip(jax.tree.leaves(accumulated), jax.tree.leaves(plain)):
         assert np.max(np.abs(ours - reference)) <= GRAD_RTOL * np.max(np.abs(reference))
