@@ -96,7 +96,20 @@ def test_chat_command_answers_from_the_fine_tuned_folder(env, trained):
 def test_a_killed_run_resumes_exactly(env, trained, tmp_path):
     finished, _ = trained
     out = tmp_path / 'out'
-    command = [sys.executable, '-m', 'gemma3n', *RUN, '--out', str(out)]
+    kill_and_resume(env, RUN, out, final_file='params.safetensors')
+    ours = flatten_params(load_params(out, progress=False))
+    reference = flatten_params(load_params(finished, progress=False))
+    assert ours.keys() == reference.keys()
+    worst = max(float(np.max(np.abs(ours[k] - reference[k]))) for k in ours)
+    assert worst <= RESUME_TOL
+
+
+def kill_and_resume(env, run: tuple[str, ...], out: Path, final_file: str) -> None:
+    """Runs `gemma3n RUN --out OUT`, kills it (SIGKILL) between its checkpoints of steps
+    SAVE_EVERY and 2 * SAVE_EVERY, then resumes it to the end (RUN: --steps 30, --save-every
+    SAVE_EVERY); checks that it was killed before writing `final_file` and that the metrics
+    of the redone steps replace those the killed run had written."""
+    command = [sys.executable, '-m', 'gemma3n', *run, '--out', str(out)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -111,19 +124,14 @@ def test_a_killed_run_resumes_exactly(env, trained, tmp_path):
     finally:
         process.kill()
         process.wait()
-    assert not (out / 'params.safetensors').exists(), 'the run ended before it was killed'
+    assert not (out / final_file).exists(), 'the run ended before it was killed'
     assert (out / STATE_FOLDER / str(SAVE_EVERY)).is_dir()
 
-    result = run_finetune(env, *RUN, '--out', str(out), '--resume')
+    result = run_finetune(env, *run, '--out', str(out), '--resume')
     assert result.returncode == 0, result.stderr
-    ours = flatten_params(load_params(out, progress=False))
-    reference = flatten_params(load_params(finished, progress=False))
-    assert ours.keys() == reference.keys()
-    worst = max(float(np.max(np.abs(ours[k] - reference[k]))) for k in ours)
-    assert worst <= RESUME_TOL
-    # The metrics of the redone steps replace those the killed run had written.
     steps = [json.loads(line)['step'] for line in (out / METRICS_FILE).read_text().splitlines()]
-    assert steps == list(range(1, 31)) + [30]
+    evaluated = [30] if '--eval' in run else []
+    assert steps == list(range(1, 31)) + evaluated
 
 
 def _steps_done(metrics: Path) -> int:
