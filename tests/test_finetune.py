@@ -31,14 +31,16 @@ TRAIN, EVAL = DATA / 'velmora_chat.jsonl', DATA / 'velmora_eval.jsonl'
 # Small steps: 30 steps of 8 rows of 64 tokens (~2.5 conversations a row) see each
 # conversation ~25 times, which the demo model needs to repeat every answer (measured: training
 # loss 0.02 at step 30, from 8.6).
-SAVE_EVERY = 10
 RUN = ('finetune', '--data', str(TRAIN), '--eval', str(EVAL), '--steps', '30', '--batch-size',
-       '8', '--seq-len', '64', '--lr', '3e-3', '--warmup-steps', '3', '--save-every',
-       str(SAVE_EVERY))
+       '8', '--seq-len', '64', '--lr', '3e-3', '--warmup-steps', '3', '--save-every', '10')
+# The resume check's own short run (a step is a quarter of RUN's): checkpoints at steps 2 and 4,
+# killed after step 3, so that work is lost and redone.
+RESUME_STEPS, RESUME_SAVE_EVERY = 4, 2
+RESUME_RUN = ('finetune', '--data', str(TRAIN), '--steps', str(RESUME_STEPS), '--batch-size',
+              '2', '--seq-len', '64', '--lr', '3e-3', '--save-every', str(RESUME_SAVE_EVERY))
 # A resumed run redoes the same float32 operations on the same values: bitwise equal is
 # expected, 1e-6 allows for nothing but a reordering inside XLA.
 RESUME_TOL = 1e-6
-KILL_AFTER_STEP = SAVE_EVERY + 2      # between two checkpoints: work is lost and redone
 # A run compiles its train step for up to ~2 minutes on a 2-core machine shared with other work.
 RUN_TIMEOUT_S = 900
 
@@ -93,10 +95,11 @@ def test_chat_command_answers_from_the_fine_tuned_folder(env, trained):
     assert result.stdout.strip() == answer
 
 
-def test_a_killed_run_resumes_exactly(env, trained, tmp_path):
-    finished, _ = trained
-    out = tmp_path / 'out'
-    kill_and_resume(env, RUN, out, final_file='params.safetensors')
+def test_a_killed_run_resumes_exactly(env, tmp_path):
+    finished, out = tmp_path / 'finished', tmp_path / 'out'
+    result = run_finetune(env, *RESUME_RUN, '--out', str(finished))
+    assert result.returncode == 0, result.stderr
+    kill_and_resume(env, RESUME_RUN, out, final_file='params.safetensors')
     ours = flatten_params(load_params(out, progress=False))
     reference = flatten_params(load_params(finished, progress=False))
     assert ours.keys() == reference.keys()
@@ -105,19 +108,19 @@ def test_a_killed_run_resumes_exactly(env, trained, tmp_path):
 
 
 def kill_and_resume(env, run: tuple[str, ...], out: Path, final_file: str) -> None:
-    """Runs `gemma3n RUN --out OUT`, kills it (SIGKILL) between its checkpoints of steps
-    SAVE_EVERY and 2 * SAVE_EVERY, then resumes it to the end (RUN: --steps 30, --save-every
-    SAVE_EVERY); checks that it was killed before writing `final_file` and that the metrics
-    of the redone steps replace those the killed run had written."""
+    """Runs `gemma3n RUN --out OUT` (RUN: RESUME_RUN and options), kills it (SIGKILL) between
+    its two checkpoints, then resumes it to the end; checks that it was killed before writing
+    `final_file` and that the metrics of the redone steps replace those it had written."""
     command = [sys.executable, '-m', 'gemma3n', *run, '--out', str(out)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + RUN_TIMEOUT_S
+    first_checkpoint = out / STATE_FOLDER / str(RESUME_SAVE_EVERY)
     try:
-        # Checkpoints are written in the background: the kill comes once step SAVE_EVERY's is
-        # complete (Orbax renames its folder into place last) and later steps have run.
-        while (_steps_done(out / METRICS_FILE) < KILL_AFTER_STEP
-               or not (out / STATE_FOLDER / str(SAVE_EVERY)).is_dir()):
+        # Checkpoints are written in the background: the kill comes once the first one is
+        # complete (Orbax renames its folder into place last) and a later step has run.
+        while (_steps_done(out / METRICS_FILE) <= RESUME_SAVE_EVERY
+               or not first_checkpoint.is_dir()):
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
@@ -125,13 +128,12 @@ def kill_and_resume(env, run: tuple[str, ...], out: Path, final_file: str) -> No
         process.kill()
         process.wait()
     assert not (out / final_file).exists(), 'the run ended before it was killed'
-    assert (out / STATE_FOLDER / str(SAVE_EVERY)).is_dir()
+    assert first_checkpoint.is_dir()
 
     result = run_finetune(env, *run, '--out', str(out), '--resume')
     assert result.returncode == 0, result.stderr
     steps = [json.loads(line)['step'] for line in (out / METRICS_FILE).read_text().splitlines()]
-    evaluated = [30] if '--eval' in run else []
-    assert steps == list(range(1, 31)) + evaluated
+    assert steps == list(range(1, RESUME_STEPS + 1))
 
 
 def _steps_done(metrics: Path) -> int:

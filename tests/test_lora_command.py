@@ -10,14 +10,13 @@ from safetensors.numpy import load_file
 
 from cli_runner import assert_usage_error, cli_env, run_cli
 from gemma3n.checkpoints.peft_adapter import CONFIG_FILE, WEIGHTS_FILE
-from test_finetune import (RESUME_TOL, SAVE_EVERY, TRAIN, conversations, kill_and_resume,
+from test_finetune import (RESUME_RUN, RESUME_TOL, TRAIN, conversations, kill_and_resume,
                            run_finetune)
 
 # 30 steps of 8 rows of 64 tokens at lr 1e-2, rank 16 on all seven targets: the training loss
 # falls from 8.6 to ~0.7 (measured) and the first answer comes out right.
 RUN = ('finetune', '--data', str(TRAIN), '--steps', '30', '--batch-size', '8', '--seq-len', '64',
-       '--lr', '1e-2', '--warmup-steps', '3', '--save-every', str(SAVE_EVERY),
-       '--lora-rank', '16')
+       '--lr', '1e-2', '--warmup-steps', '3', '--save-every', '30', '--lora-rank', '16')
 
 
 @pytest.fixture(scope='module')
@@ -54,10 +53,13 @@ def test_lora_adapter_learns_and_runs_merged_or_not(env, adapter, tmp_path):
     assert merged.stdout == adapted.stdout
 
 
-def test_a_killed_lora_run_resumes_exactly(env, adapter, tmp_path):
-    out = tmp_path / 'adapter'
-    kill_and_resume(env, RUN, out, final_file=WEIGHTS_FILE)
-    ours, reference = load_file(str(out / WEIGHTS_FILE)), load_file(str(adapter / WEIGHTS_FILE))
+def test_a_killed_lora_run_resumes_exactly(env, tmp_path):
+    run = (*RESUME_RUN, '--lora-rank', '16')
+    finished, out = tmp_path / 'finished', tmp_path / 'out'
+    result = run_finetune(env, *run, '--out', str(finished))
+    assert result.returncode == 0, result.stderr
+    kill_and_resume(env, run, out, final_file=WEIGHTS_FILE)
+    ours, reference = load_file(str(out / WEIGHTS_FILE)), load_file(str(finished / WEIGHTS_FILE))
     assert ours.keys() == reference.keys()
     worst = max(float(np.max(np.abs(ours[k] - reference[k]))) for k in ours)
     assert worst <= RESUME_TOL
