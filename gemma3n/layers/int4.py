@@ -63,14 +63,34 @@ class Int4Weight(StoredWeight):
             w_spec = ''.join(w_spec[i] for i in self.order)
         plan = decode_kernels.row_plan(x_spec, w_spec, out_spec, x.shape, rows_limit=x.size)
         if plan is None:
-            raise ValueError(f'An int4 weight cannot be contracted as {x_spec},{w_spec}->'
-                             f'{out_spec}: it needs its input axes last, none shared with x.')
+            return self._contract_any(f'{x_spec},{w_spec}->{out_spec}', x)
         x_free, channels, contracted = plan
         xq, x_scale = quantize_rows(decode_kernels.as_rows(x, x_spec, x_free, contracted), (1,))
         y = rows_dot(xq, self.q.reshape(-1, self.q.shape[-1]),
                      self.scale.reshape(-1, self.scale.shape[-1])) * x_scale
         shape = tuple(x.shape[x_spec.index(a)] for a in x_free) + self.q.shape[:-1]
         return decode_kernels.from_rows(y, shape, x_free + channels, out_spec).astype(x.dtype)
+
+    def _contract_any(self, eqn: str, x: jax.Array) -> jax.Array:
+        """Any other contraction (eqn naming the stored order): the weight stored [in, out] or
+        gathered rows sharing an axis with x (`gemma3n.sparse_rows`), on XLA, x quantized per
+        row as the row products do, so every product stays exact."""
+        inputs, out_spec = eqn.split('->')
+        x_spec, w_spec = inputs.split(',')
+        contracted = tuple(i for i, a in enumerate(x_spec) if a in w_spec and a not in out_spec)
+        xq, x_scale = quantize_rows(x, contracted)
+        w = dequantize(self.q, self.scale).reshape(self.serving_shape)
+        y = jnp.einsum(eqn, xq.astype(jnp.float32), w, preferred_element_type=jnp.float32)
+        row_spec = ''.join(a for i, a in enumerate(x_spec) if i not in contracted)
+        y = jnp.einsum(f'{out_spec},{row_spec}->{out_spec}', y,
+                       jnp.squeeze(x_scale, axis=contracted))
+        return y.astype(x.dtype)
+
+    def rows(self, ids: jax.Array) -> Int4Weight:
+        # The first stored axis is a channel axis: its groups run along the input axes.
+        return Int4Weight(q=jnp.take(self.q, ids, axis=0, mode='clip'),
+                          scale=jnp.take(self.scale, ids, axis=0, mode='clip'), order=None,
+                          serving_shape=tuple(jnp.shape(ids)) + tuple(self.serving_shape[1:]))
 
     def take(self, ids: jax.Array, dtype: Any) -> jax.Array:
         rows_first(self.order)
