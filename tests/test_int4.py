@@ -71,7 +71,7 @@ def test_int4_model_computes_with_its_dequantized_weights(ref, monkeypatch):
     monkeypatch.setattr(layout, 'MIN_QUANTIZED_SIZE', 4096)
     tokens = np.random.default_rng(5).integers(1, model.config.num_embed, (2, 24))
     qmodel, qparams = to_serving(model, params, quantize_int4=True)
-    assert isinstance(qparams['layer_0']['mlp']['gating_einsum'], Int4Weight)
+    assert isinstance(qparams['layer_3']['mlp']['gating_einsum'], Int4Weight)
     assert isinstance(qparams['embedder']['input_embedding'], Int4Weight)
     out = np.asarray(jax.jit(qmodel.apply)({'params': qparams}, tokens).logits)
     want = np.asarray(jax.jit(qmodel.apply)({'params': _dequantized(qparams)}, tokens).logits)
