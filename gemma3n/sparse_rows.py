@@ -73,10 +73,17 @@ def sparse_ffn(x: jax.Array, gate_top: jax.Array, up: StoredWeight, up_eqn: str,
 
     def rows() -> jax.Array:
         ids, valid = kept_units(top, size)
-        kept_up = contract('TD,TCD->TC', xt, up.rows(ids))
-        hidden = nn.gelu(jnp.take_along_axis(top, ids, axis=-1), approximate=True) * kept_up
-        hidden = jnp.where(valid, hidden, jnp.zeros((), hidden.dtype))
-        return contract('TC,TCD->TD', hidden, linear.rows(ids))
+        out = []
+        # Token by token: the up product is then one row times gathered rows stored [C, D],
+        # which the decode kernels take (`gemma3n.layers.decode_kernels`); the down product
+        # (rows [C, D] = [in, out]) is XLA's x @ w, ~1 ms at E4B widths, where re-laying the
+        # rows out [D, C] for the kernels costs 8.
+        for t in range(xt.shape[0]):
+            kept_up = contract('D,CD->C', xt[t], up.rows(ids[t]))
+            hidden = nn.gelu(top[t, ids[t]], approximate=True) * kept_up
+            hidden = jnp.where(valid[t], hidden, jnp.zeros((), hidden.dtype))
+            out.append(contract('C,CD->D', hidden, linear.rows(ids[t])))
+        return jnp.stack(out)
 
     def dense() -> jax.Array:
         hidden = nn.gelu(top, approximate=True) * contract(up_eqn, xt, up)

@@ -8,7 +8,8 @@ import pytest
 
 from gemma3n import Gemma3nTransformer, sparse_rows
 from gemma3n.ffn import FeedForward, gaussian_topk
-from gemma3n.layers import Int4Weight, QuantizedWeight, ServingWeight, StackedWeight
+from gemma3n.layers import (Int4Weight, QuantizedWeight, ServingWeight, StackedWeight,
+                            decode_kernels)
 from gemma3n import layout
 from gemma3n.layout import to_serving
 from hf_oracle import random_params, small_configs
@@ -61,6 +62,9 @@ def test_sparse_rows_equal_dense(model_and_params, fmt):
     apply = jax.jit(lambda p, x: ffn.apply({'params': p}, x))
     lowered = apply.lower(rows_params, x).as_text()
     assert 'gather' in lowered                         # the rows path, not the dense one
+    if fmt in ('bf16', 'int8') and decode_kernels.enabled():
+        # The gathered up rows go through our decode kernel (the gate too).
+        assert lowered.count(decode_kernels.TARGETS[fmt]) >= 2
     got = np.asarray(apply(rows_params, x), np.float32)
     want = np.asarray(apply(dense_params, x), np.float32)
     # The same weights as a prefill reads them (many tokens: the dense product of the rows
