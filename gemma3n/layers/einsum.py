@@ -10,7 +10,9 @@ its params leaf, not by a module flag:
   in...] (contracted axes last), which XLA's CPU backend multiplies many times faster in
   bfloat16;
 - `gemma3n.layers.int8.QuantizedWeight`: int8 in serving order with one scale per output
-  channel.
+  channel;
+- `StackedWeight`: a weight whose first axis is one leaf per index (the sparse layers' gate and
+  up, `gemma3n.sparse_rows`).
 
 `contract(eqn, x, w)` dispatches on the leaf: a `StoredWeight` subclass contracts itself (most
 by calling `contract_stored` with their own product), so a new format is one leaf class plus

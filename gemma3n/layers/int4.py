@@ -7,7 +7,10 @@ A weight in serving order [channels..., in...] is stored with its input axes fla
 two values per byte. Products take the activation rows quantized to int8 (as the int8 weights
 do, `gemma3n.layers.int8`), so every product of an activation, a 4-bit value and its scale is
 exact in float32 (8 + 4 + 11 significant bits): our decode kernel (per-group sums in int32) and
-the XLA path (the weight dequantized to float32) differ only in summation order.
+the XLA path (the weight dequantized to float32 a block of rows at a time) differ only in
+summation order. A weight may also be stored [in, out] with its groups along the outputs (the
+sparse layers' down projection, read row by row: `gemma3n.sparse_rows`); it is then
+contracted on XLA.
 
 Example:
     >>> w4 = quantize_int4(w, num_leading=1)          # w: [N, K], K a multiple of 32
