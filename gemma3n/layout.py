@@ -103,12 +103,11 @@ class ServingConverter:
                 or math.prod(shape) < MIN_QUANTIZED_SIZE):
             return None
         order, num_in = self.orders[path]
-        # int4 groups run along the stored last axis: the outputs of a down projection kept
-        # rows first, the inputs of any other weight.
-        grouped = order[:len(order) - num_in] if path in self.sparse_down else \
-            order[len(order) - num_in:]
-        inputs = math.prod(shape[i] for i in grouped)
-        return 'int4' if self.quantize_int4 and fits_int4(inputs) else 'int8'
+        inputs = math.prod(shape[i] for i in order[len(order) - num_in:])
+        # A down projection kept rows first stays int8: int4 groups along its rows could not
+        # be gathered row by row, groups along D no kernel reads (measured: slower than dense).
+        return ('int4' if self.quantize_int4 and fits_int4(inputs)
+                and path not in self.sparse_down else 'int8')
 
     def __call__(self, path: str, w: Any) -> jax.Array | StoredWeight:
         if isinstance(w, StoredWeight):
@@ -150,17 +149,15 @@ def _convert(moved: jax.Array, order: tuple[int, ...], num_leading: int, fmt: st
 def _rows_first(w: Any, moved: jax.Array, order: tuple[int, ...], fmt: str | None
                 ) -> StoredWeight:
     """A down projection [F, D] kept in its checkpoint order, rows first, so the rows of the
-    kept FFN units are contiguous (`gemma3n.sparse_rows`). int8 has the same values and
-    per-output scales as in serving order; int4 groups run along D."""
+    kept FFN units are contiguous (`gemma3n.sparse_rows`); int8 (never int4, see
+    `ServingConverter.quantization`) has the same values and per-output scales as in serving
+    order."""
     identity = tuple(range(len(order)))
-    if fmt == 'int8':
-        by_output = quantize_in_chunks(moved, len(order) - 1, order)
-        return QuantizedWeight(_transpose(by_output.q, tuple(int(a) for a in np.argsort(order))),
-                               by_output.scale, identity, scale_last=True)
-    stored = _relayout(w, identity)
-    if fmt == 'int4':
-        return quantize_int4_in_chunks(stored, 1, identity)
-    return ServingWeight(stored, identity)
+    if fmt is None:
+        return ServingWeight(_relayout(w, identity), identity)
+    by_output = quantize_in_chunks(moved, len(order) - 1, order)
+    return QuantizedWeight(_transpose(by_output.q, tuple(int(a) for a in np.argsort(order))),
+                           by_output.scale, identity, scale_last=True)
 
 
 def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool = False,

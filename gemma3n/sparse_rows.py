@@ -46,9 +46,9 @@ def capacity(hidden_dim: int, sparsity: float) -> int:
 def applies(gating: object, linear: object, tokens: int) -> bool:
     """Whether the FFN of `tokens` tokens with these weight leaves reads rows: a decode-sized
     call with weights in the sparse rows layout (`gemma3n.layout`)."""
+    # A wrapper leaf (LoRA) has no `order`: it takes the dense products.
     return (tokens <= MAX_TOKENS and isinstance(gating, StackedWeight)
-            and isinstance(linear, StoredWeight) and getattr(linear, 'order', None) in
-            (None, (0, 1)))
+            and isinstance(linear, StoredWeight) and getattr(linear, 'order', None) == (0, 1))
 
 
 def kept_units(top: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:

@@ -47,23 +47,17 @@ def test_kernel_equals_xla_within_summation_noise(monkeypatch, isa, rows, k, n):
     assert np.all(np.abs(np.asarray(got - want)) <= 2 * k * F32_EPS * np.asarray(magnitude))
 
 
-@pytest.mark.parametrize('inputs_first', [False, True])
-def test_xla_path_dequantizes_block_by_block(monkeypatch, inputs_first):
+def test_xla_path_dequantizes_block_by_block(monkeypatch):
     # Blocks of 3 rows (of 37: a ragged last block), as the whole weight would give them.
     monkeypatch.setattr(int4, 'DEQUANTIZE_BLOCK_BYTES', 3 * 4 * 96)
     rng = np.random.default_rng(1)
     w4 = quantize_int4(jnp.asarray(rng.standard_normal((37, 96)), jnp.float32), 1)
     w = dequantize(w4.q, w4.scale)                                 # [37, 96]
-    if inputs_first:        # the weight stored [F=37, D=96], x [M, F]
-        xq = jnp.asarray(rng.integers(-128, 128, (5, 37)), jnp.int8)
-        got = jax.jit(int4._inputs_first_dot)(xq, w4.q, w4.scale)
-        want, magnitude = xq.astype(jnp.float32) @ w, jnp.abs(xq.astype(jnp.float32)) @ jnp.abs(w)
-    else:
-        xq = jnp.asarray(rng.integers(-128, 128, (5, 96)), jnp.int8)
-        got = jax.jit(int4._xla_rows_dot)(xq, w4.q, w4.scale)
-        want = xq.astype(jnp.float32) @ w.T
-        magnitude = jnp.abs(xq.astype(jnp.float32)) @ jnp.abs(w).T
-    # Exact products; the block sums only reorder the float32 summation.
+    xq = jnp.asarray(rng.integers(-128, 128, (5, 96)), jnp.int8)
+    got = jax.jit(int4._xla_rows_dot)(xq, w4.q, w4.scale)
+    want = xq.astype(jnp.float32) @ w.T
+    magnitude = jnp.abs(xq.astype(jnp.float32)) @ jnp.abs(w).T
+    # Exact products; the blocks only reorder the float32 summation.
     assert np.all(np.abs(np.asarray(got - want)) <= 2 * 96 * F32_EPS * np.asarray(magnitude))
 
 

@@ -11,6 +11,7 @@ from gemma3n.ffn import FeedForward, gaussian_topk
 from gemma3n.layers import (Int4Weight, QuantizedWeight, ServingWeight, StackedWeight,
                             decode_kernels)
 from gemma3n import layout
+from gemma3n.layers.lora import LoRAWeight
 from gemma3n.layout import to_serving
 from hf_oracle import random_params, small_configs
 
@@ -54,8 +55,10 @@ def test_sparse_rows_equal_dense(model_and_params, fmt):
     (rows_params, dense_params), dtype = _layouts(model, params, fmt)
     leaf_type = {'int8': QuantizedWeight, 'int4': Int4Weight}.get(fmt, ServingWeight)
     assert isinstance(rows_params['gating_einsum'], StackedWeight)
-    assert all(isinstance(leaf, leaf_type)
-               for leaf in rows_params['gating_einsum'].parts + (rows_params['linear'],))
+    assert all(isinstance(leaf, leaf_type) for leaf in rows_params['gating_einsum'].parts)
+    # int4 keeps the rows-first down projection in int8 (gemma3n/layout.py says why).
+    down_type = QuantizedWeight if fmt == 'int4' else leaf_type
+    assert isinstance(rows_params['linear'], down_type)
     ffn = _ffn(model)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((TOKENS, 1, model.config.embed_dim)),
                     dtype)
@@ -71,8 +74,8 @@ def test_sparse_rows_equal_dense(model_and_params, fmt):
     # layout) give the same numbers too.
     prefill = np.asarray(apply(rows_params, jnp.tile(x, (1, 9, 1))), np.float32)[:, :1]
     if fmt == 'int4':
-        # Rows first, the down projection's int4 groups run along D, not F: other weights than
-        # the [D, F] layout's, so the reference is the dense product of these same weights.
+        # The rows layout's down projection is int8, the [D, F] layout's int4: other weights,
+        # so the reference is the dense product of these same weights.
         want = prefill
     # The kept units' terms are the dense ones. Float formats and int4 (exact products in
     # float32): only the float32 summation order differs. int8: gate and up are bit for bit
@@ -127,3 +130,20 @@ def test_layout_stores_sparse_layers_rows_first(model_and_params):
     assert model.config.sparsity(model.config.num_layers - 1) == 0.0
     assert tree[dense_layer]['mlp']['linear'].q.shape == (d, f)
     assert not isinstance(tree[dense_layer]['mlp']['gating_einsum'], StackedWeight)
+
+
+def test_lora_wrapped_down_projection_takes_the_dense_products(model_and_params):
+    model, params = model_and_params
+    (rows_params, dense_params), _ = _layouts(model, params, 'float32')
+    f, d = model.config.hidden_dim, model.config.embed_dim
+    rng = np.random.default_rng(4)
+    a = jnp.asarray(rng.standard_normal((f, 2)), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((2, d)), jnp.float32)
+    ffn = _ffn(model)
+    x = jnp.asarray(rng.standard_normal((2, 1, d)), jnp.float32)
+    outs = []
+    for tree in (rows_params, dense_params):
+        wrapped = dict(tree, linear=LoRAWeight(tree['linear'], a, b, 0.5, (0,), 0))
+        outs.append(np.asarray(jax.jit(lambda p: ffn.apply({'params': p}, x))(wrapped)))
+    bound = 2 * f * F32_EPS * 4 * np.max(np.abs(outs[1]))
+    assert np.max(np.abs(outs[0] - outs[1])) <= bound
