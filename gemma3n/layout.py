@@ -118,16 +118,16 @@ class ServingConverter:
         order, num_in = layout
         if np.ndim(w) != len(order):
             raise ValueError(f'{path} has rank {np.ndim(w)}, expected {len(order)}.')
-        moved = _relayout(w, order)
         fmt = self.quantization(path, np.shape(w))
+        if path in self.sparse_down:
+            return jax.block_until_ready(_rows_first(w, order, fmt))
+        moved = _relayout(w, order)
         if path in self.sparse_gating:
             # One leaf per stacked index (gate, up), each a [F, D] weight in serving order.
             part_order = tuple(axis - 1 for axis in order[1:])
             parts = tuple(_convert(moved[i], part_order, len(order) - num_in - 1, fmt)
                           for i in range(moved.shape[0]))
             return jax.block_until_ready(StackedWeight(parts))
-        if path in self.sparse_down:
-            return jax.block_until_ready(_rows_first(w, moved, order, fmt))
         return jax.block_until_ready(_convert(moved, order, len(order) - num_in, fmt))
 
 
@@ -146,8 +146,7 @@ def _convert(moved: jax.Array, order: tuple[int, ...], num_leading: int, fmt: st
     return quantizer(moved, num_leading, order)
 
 
-def _rows_first(w: Any, moved: jax.Array, order: tuple[int, ...], fmt: str | None
-                ) -> StoredWeight:
+def _rows_first(w: Any, order: tuple[int, ...], fmt: str | None) -> StoredWeight:
     """A down projection [F, D] kept in its checkpoint order, rows first, so the rows of the
     kept FFN units are contiguous (`gemma3n.sparse_rows`); int8 (never int4, see
     `ServingConverter.quantization`) has the same values and per-output scales as in serving
@@ -155,7 +154,7 @@ def _rows_first(w: Any, moved: jax.Array, order: tuple[int, ...], fmt: str | Non
     identity = tuple(range(len(order)))
     if fmt is None:
         return ServingWeight(_relayout(w, identity), identity)
-    by_output = quantize_in_chunks(moved, len(order) - 1, order)
+    by_output = quantize_in_chunks(_relayout(w, order), len(order) - 1, order)
     return QuantizedWeight(_transpose(by_output.q, tuple(int(a) for a in np.argsort(order))),
                            by_output.scale, identity, scale_last=True)
 

@@ -1,6 +1,8 @@
 """Sparse FFN rows in decode (gemma3n/sparse_rows.py): the layers with activation sparsity read
 only the kept units' rows and give the dense computation's numbers, for every leaf type."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +149,18 @@ def test_lora_wrapped_down_projection_takes_the_dense_products(model_and_params)
         outs.append(np.asarray(jax.jit(lambda p: ffn.apply({'params': p}, x))(wrapped)))
     bound = 2 * f * F32_EPS * 4 * np.max(np.abs(outs[1]))
     assert np.max(np.abs(outs[0] - outs[1])) <= bound
+
+
+def test_gating_stored_d_first_reads_rows_too(model_and_params):
+    # A checkpoint whose gating is [2, D, F] (transpose_gating_einsum False): the parts are
+    # [F, D] in serving order all the same.
+    model, _ = model_and_params
+    cfg = dataclasses.replace(model.config, transpose_gating_einsum=False)
+    model = Gemma3nTransformer(config=cfg, text_only=True)
+    (rows_params, dense_params), _ = _layouts(model, random_params(cfg, seed=0), 'float32')
+    ffn = _ffn(model)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((2, 1, cfg.embed_dim)), jnp.float32)
+    apply = jax.jit(lambda p: ffn.apply({'params': p}, x))
+    assert 'gather' in apply.lower(rows_params).as_text()
+    got, want = np.asarray(apply(rows_params)), np.asarray(apply(dense_params))
+    assert np.max(np.abs(got - want)) <= 2 * cfg.hidden_dim * F32_EPS * 4 * np.max(np.abs(want))

@@ -1,8 +1,8 @@
 """Building blocks shared by the decoder: norms, projection weights and their stored
 representations, rotary embeddings, precision guards, weight declarations."""
 
-from gemma3n.layers.einsum import (Einsum, ServingWeight, StackedWeight, StoredWeight, contract, dot, lookup,
-                                   project, projection_param, weight_init)
+from gemma3n.layers.einsum import (Einsum, ServingWeight, StackedWeight, StoredWeight, contract,
+                                   dot, lookup, project, projection_param, weight_init)
 from gemma3n.layers.int4 import Int4Weight
 from gemma3n.layers.int8 import QuantizedWeight
 from gemma3n.layers.norm import RMSNorm, rms_norm
