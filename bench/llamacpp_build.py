@@ -1,9 +1,11 @@
 """Build llama.cpp for the bench from the `llama-cpp-python` source distribution's vendored tree.
 
 `python -m bench.llamacpp_build` downloads the sdist with pip (once), unpacks its
-`vendor/llama.cpp` and builds the tools the bench runs into `bench/results/llamacpp/build/bin`
-(git-ignored), Release with `GGML_NATIVE=ON` so ggml uses this CPU's vector extensions. Every step
-is skipped when its output exists, so running it again is cheap; `--jobs` defaults to 2 and the
+`vendor/llama.cpp`, patches it (`PATCHES`) and builds the tools the bench runs into
+`bench/results/llamacpp/build/bin` (git-ignored), Release with `GGML_NATIVE=ON` so ggml uses this
+CPU's vector extensions. Every step is skipped when its output exists (the programs too:
+`--rebuild` builds them again), so running it again is cheap, and a copy of, or a link to,
+another checkout's `bench/results/llamacpp` serves as it is. `--jobs` defaults to 2 and the
 compiler runs under `nice -n 19`, as the machine is shared. Needs cmake and a C/C++ compiler
 (`pip install cmake ninja` where the system has none: the `bench` extra). Bench-only: nothing in
 the package or its tests uses it.
@@ -152,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", help=f"{PACKAGE} version (default: the newest on the index)")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
+    parser.add_argument("--rebuild", action="store_true", help="run the build although the programs exist")
     args = parser.parse_args(argv)
+    if not args.rebuild and all((BIN / t).exists() for t in TARGETS):
+        print(f"llama.cpp tools already in {BIN} (--rebuild to build them again)")
+        return 0
     if not shutil.which("cmake"):
         raise SystemExit("cmake not found: pip install cmake ninja (the bench extra)")
     source = unpack(sdist(args.version))

@@ -101,18 +101,20 @@ class Server:
         self.cmd = [BIN / 'llama-server', '-m', model, '-t', _threads(), '-c', cache_length * slots,
                     '--parallel', slots, '--host', '127.0.0.1', '--port', self.port, *extra]
         self.process: subprocess.Popen | None = None
+        self.log = common.RESULTS_DIR / 'scratch' / f'llama-server-{self.port}.log'
 
     def start(self) -> float:
         """Starts the server; returns the seconds until `/health` answers."""
         if not (BIN / 'llama-server').exists():
             raise SystemExit(f'{BIN / "llama-server"} is missing: run `python -m bench.llamacpp_build` first')
-        with common.Stopwatch() as watch:
-            self.process = subprocess.Popen([str(c) for c in self.cmd], stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with common.Stopwatch() as watch, open(self.log, 'w') as log:
+            self.process = subprocess.Popen([str(c) for c in self.cmd], stdout=log, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + START_TIMEOUT_S
             while not self._healthy():
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f'llama-server did not start: {" ".join(map(str, self.cmd))}')
+                    raise RuntimeError(f'llama-server did not start (its output: {self.log}): '
+                                       f'{" ".join(map(str, self.cmd))}')
                 time.sleep(HEALTH_POLL_S)
         return watch.seconds
 
