@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent / "results" / "llamacpp"
 SDIST_DIR = ROOT / "sdist"
 SOURCE = ROOT / "src"  # the vendored llama.cpp tree, unpacked
+SOURCE_STAMP = ".from-sdist"  # in SOURCE: the sdist it came from
 BUILD = ROOT / "build"
 BIN = BUILD / "bin"
 PACKAGE = "llama-cpp-python"
@@ -32,12 +33,14 @@ PACKAGE = "llama-cpp-python"
 TARGETS = ("llama-quantize", "llama-bench", "llama-server")
 VENDORED = "vendor/llama.cpp"
 
-# llama.cpp's Gemma 3n hard-codes E4B/E2B's two layer counts: K/V is computed by the first 20
-# layers and the FFN is sparse in the first 10. The bench's tiny and reduced sizes (10 layers,
-# 5 computing K/V, 3 sparse) would be a different model there, so this patch reads both counts
-# from the GGUF, which the converter writes (`shared_kv_layers`; `activation_sparsity_scale`, finite
-# for a sparse layer, -inf for a dense one). For E4B and E2B the GGUF says 20 and 10: the patched
-# build computes exactly what the unpatched one does, so full-size figures are upstream's.
+# llama.cpp's Gemma 3n hard-codes E4B/E2B's sizes: K/V is computed by the first 20 layers, the
+# FFN is sparse in the first 10, per-layer inputs are 256 wide, LAuReL's rank is 64. The bench's
+# reduced size (10 layers, 5 computing K/V, 3 sparse) would be a different model there and the
+# tiny size (widths 16) would not load, so this patch reads them from the GGUF: what the
+# converter writes (`shared_kv_layers`; `activation_sparsity_scale`, finite for a sparse layer,
+# -inf for a dense one; `embedding_length_per_layer_input`) and LAuReL's weight shape. For E4B
+# and E2B these say 20, 10, 256 and 64: the patched build computes exactly what the unpatched
+# one does, so full-size figures are upstream's.
 PATCH_MARK = "bench patch (bench/llamacpp_build.py)"
 PATCHES = {  # file -> (anchor, replacement): each anchor must occur exactly once
     "src/models/models.h": (
@@ -62,15 +65,22 @@ PATCHES = {  # file -> (anchor, replacement): each anchor must occur exactly onc
     "src/models/gemma3n.cpp": (
         "    hparams.n_layer_kv_from_start = 20;\n",
         "    hparams.n_layer_kv_from_start = 20;\n"
-        f"    {{ // {PATCH_MARK}: the layer counts the GGUF states\n"
+        f"    {{ // {PATCH_MARK}: the sizes the GGUF states\n"
         "        uint32_t n_kv_shared = 0;\n"
         "        if (ml.get_key(LLM_KV_ATTENTION_SHARED_KV_LAYERS, n_kv_shared, false)) {\n"
         "            hparams.n_layer_kv_from_start = hparams.n_layer() - n_kv_shared;\n"
         "        }\n"
-        "        std::vector<float> sparsity;\n"
-        "        if (ml.get_arr(std::string(\"gemma3n.activation_sparsity_scale\"), sparsity, false)) {\n"
+        "        ml.get_key(LLM_KV_EMBEDDING_LENGTH_PER_LAYER, hparams.n_embd_altup, false);\n"
+        "        if (const ggml_tensor * laurel = ml.get_tensor_meta(\"blk.0.laurel_l.weight\")) {\n"
+        "            hparams.laurel_rank = (uint32_t) laurel->ne[1];\n"
+        "        }\n"
+        # llama.cpp has no key for it: read through the GGUF API.
+        "        const int64_t kid = gguf_find_key(ml.metadata, \"gemma3n.activation_sparsity_scale\");\n"
+        "        if (kid >= 0 && gguf_get_arr_type(ml.metadata, kid) == GGUF_TYPE_FLOAT32) {\n"
+        "            const float * scale = (const float *) gguf_get_arr_data(ml.metadata, kid);\n"
+        "            const int n = (int) gguf_get_arr_n(ml.metadata, kid);\n"
         "            n_layer_sparse = 0;\n"
-        "            while (n_layer_sparse < (int) sparsity.size() && std::isfinite(sparsity[n_layer_sparse])) {\n"
+        "            while (n_layer_sparse < n && std::isfinite(scale[n_layer_sparse])) {\n"
         "                ++n_layer_sparse;\n"
         "            }\n"
         "        }\n"
@@ -108,7 +118,7 @@ def sdist(version: str | None) -> Path:
 
 def unpack(archive: Path) -> Path:
     """`SOURCE`: the sdist's vendored llama.cpp (unpacked once per sdist)."""
-    stamp = SOURCE / ".from-sdist"
+    stamp = SOURCE / SOURCE_STAMP
     if stamp.exists() and stamp.read_text() == archive.name:
         return SOURCE
     if SOURCE.exists():

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from bench.llamacpp_build import BIN
+from bench.llamacpp_build import BIN, SOURCE, SOURCE_STAMP
 from bench.llamacpp_gguf import FORMATS, ensure_gguf
 
 CACHE_LENGTH = 1024          # as ours (bench/side_ours.py): the 512-token prompt plus decoding fit
@@ -72,8 +72,8 @@ def llama_bench(model: Path, decode_tokens: int, repeats: int) -> dict[str, Any]
     result.update(decode_tok_s=decode['avg_ts'], decode_samples_tok_s=decode['samples_ts'],
                   prefill_samples_tok_s={n: prefill[n]['samples_ts'] for n in (short, long)},
                   llama_bench_peak_rss_gb=max(prefill_rss, decode_rss) / common.GB,
-                  build_commit=decode.get('build_commit'), cpu_info=decode.get('cpu_info'),
-                  threads=decode.get('n_threads'))
+                  cpu_info=decode.get('cpu_info'), threads=decode.get('n_threads'),
+                  source=(SOURCE / SOURCE_STAMP).read_text())
     return result
 
 
