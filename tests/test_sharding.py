@@ -1,6 +1,7 @@
 """Sharding over a device mesh: the rules, meshes, process groups, block reads, and a small model
-on 8 simulated CPU devices (one subprocess, tests/sharding_worker.py) and on 2 processes x 2
-devices against 1 process x 4 devices."""
+on 8 simulated CPU devices (one subprocess, tests/sharding_worker.py: generation, the train step
+of full fine-tuning and LoRA, gemma3n.load of a Hugging Face folder and of our file, each mesh
+against one device) and on 2 processes x 2 devices against 1 process x 4 devices."""
 
 from __future__ import annotations
 

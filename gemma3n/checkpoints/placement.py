@@ -77,8 +77,8 @@ def _read_native(files: SafetensorsFiles, name: str, sharding: NamedSharding,
     return place_blocks(stored, sharding, read)
 
 
-def load_sharded(path: str | os.PathLike | Checkpoint, *, model: Any, mesh: Mesh, schema: Mapping[str, Any],
-                 dtype: Any = None, rules: ShardingRules = ShardingRules(),
+def load_sharded(path: str | os.PathLike | Checkpoint, *, model: Any, mesh: Mesh,
+                 schema: Mapping[str, Any], dtype: Any = None, rules: ShardingRules = ShardingRules(),
                  orders: Orders | None = None, convert: Any = None, blockwise: bool = True,
                  progress: bool = True, skip_per_layer_table: bool = False) -> dict[str, Any]:
     """The parameter tree of the checkpoint at `path`, every weight in its sharding on `mesh`.
