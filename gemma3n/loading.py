@@ -37,7 +37,7 @@ from gemma3n.layout import load_serving, serving_nbytes, to_serving
 from gemma3n.load_error import PATH, LoadError
 from gemma3n.loaded_model import CONFIG_JSON_MODEL, CUSTOM_MODEL, DEMO, MODEL_NAMES, LoadedModel
 from gemma3n.schema import model_schema
-from gemma3n.sharding import shard_params
+from gemma3n.sharding import ShardingRules, shard_params
 from gemma3n.models import DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config, e2b_config, e4b_config
 from gemma3n.text import special_tokens
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
@@ -87,12 +87,13 @@ class LoadPlan:
         checkpoints and the demo hold it in memory)."""
         return self.checkpoint is not None and self.checkpoint.format != ORBAX_FORMAT
 
-    def load(self, *, progress: bool = True, mesh: Mesh | None = None) -> LoadedModel:
+    def load(self, *, progress: bool = True, mesh: Mesh | None = None,
+             sharding_rules: ShardingRules = ShardingRules()) -> LoadedModel:
         """The weights read (a checkpoint's, or the demo's random ones) into a LoadedModel.
 
         `progress`: show a progress bar while a checkpoint is read. `mesh`: place every weight
-        in its shards on this device mesh (`gemma3n.sharding`), straight from the checkpoint;
-        the LoadedModel's sampler and chat then run on it.
+        in its shards on this device mesh (`gemma3n.sharding`), straight from the checkpoint,
+        as `sharding_rules` say; the LoadedModel's sampler and chat then run on it.
         """
         start = time.perf_counter()
         dtype = self.model.dtype
@@ -102,7 +103,7 @@ class LoadPlan:
                 model, params = to_serving(model, params, quantize_int8=self.quantize == 'int8',
                                            quantize_int4=self.quantize == 'int4', consume=True)
             if mesh is not None:
-                params = shard_params(params, model_schema(model), mesh)
+                params = shard_params(params, model_schema(model), mesh, sharding_rules)
             logger.info('random demo weights made in %.2f s (compilation included)',
                         time.perf_counter() - start)
             return LoadedModel(self.name, model, params, self.tokenizer, quantize=self.quantize)
@@ -116,7 +117,8 @@ class LoadPlan:
                 model, params = load_serving(
                     self.checkpoint, self.model, dtype=dtype, progress=progress,
                     quantize_int8=self.quantize == 'int8', quantize_int4=self.quantize == 'int4',
-                    skip_per_layer_table=table is not None, mesh=mesh)
+                    skip_per_layer_table=table is not None, mesh=mesh,
+                    sharding_rules=sharding_rules)
         except BaseException:
             if table is not None:
                 table.close()
@@ -160,6 +162,7 @@ def load(
         hf_softcap: bool = False,
         progress: bool = True,
         mesh: Mesh | None = None,
+        sharding_rules: ShardingRules = ShardingRules(),
 ) -> LoadedModel:
     """A Gemma 3n model, its weights and its tokenizer, ready to run: `prepare` then
     `LoadPlan.load`.
@@ -173,6 +176,8 @@ def load(
         progress: show a progress bar while the checkpoint is read.
         mesh: a `jax.sharding.Mesh` (`gemma3n.sharding.make_mesh('data=2,tensor=4')`): every
             weight goes straight into its shards on it, and `.sampler`/`.chat` run on it.
+        sharding_rules: which mesh axes split which logical axes (`gemma3n.sharding.ShardingRules`;
+            default: the rules of docs/architecture.md §14).
 
     Every check (a missing path or tokenizer, an unknown format, a config.json that does not
     fit `model`, weights larger than the memory) raises before any weight is read.
@@ -184,7 +189,7 @@ def load(
     plan = prepare(path, model=model, dtype=dtype, quantize=quantize, tokenizer=tokenizer,
                    with_vision=with_vision, with_audio=with_audio, towers=towers,
                    hf_softcap=hf_softcap)
-    return plan.load(progress=progress, mesh=mesh)
+    return plan.load(progress=progress, mesh=mesh, sharding_rules=sharding_rules)
 
 
 def check_vision(path: str | os.PathLike | Checkpoint | None,
