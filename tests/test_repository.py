@@ -32,7 +32,8 @@ LAYERS = (
     ('the generation engine', ('engine',)),
     ('text and generation', ('text',)),
     ('serving', ('serving',)),
-    ('loading and description', ('loading', 'loaded_model', 'load_error', 'describe')),
+    ('loading and description', ('loading', 'loaded_model', 'load_error', 'model_choice',
+                                  'tower_checks', 'describe')),
     ('training', ('training',)),
     ('the command and the package', ('cli', '__init__', '__main__')),
 )

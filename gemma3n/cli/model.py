@@ -23,12 +23,13 @@ from gemma3n.checkpoints.safetensors_hf import config_file
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
 from gemma3n.cli.sampling import sampling_method
 from gemma3n.loaded_model import LoadedModel
-from gemma3n.loading import (DEMO, QUANTIZE_FORMATS, LoadPlan, check_audio, check_vision,
-                             default_dtype, prepare)
+from gemma3n.loading import DEMO, QUANTIZE_FORMATS, LoadPlan, prepare
+from gemma3n.model_choice import default_dtype
 from gemma3n.sharding import make_mesh
 from gemma3n.text.sampler import DEFAULT_MAX_OUT_LENGTH
 from gemma3n.engine.sampling import Greedy
 from gemma3n.text.tokenizer import default_tokenizer_path
+from gemma3n.tower_checks import check_audio, check_vision
 from gemma3n.training.lora import apply_adapter
 from gemma3n.vision.preprocess import image_file_size, load_image
 

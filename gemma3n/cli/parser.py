@@ -17,7 +17,8 @@ from gemma3n.cli.serve import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT
                                DEFAULT_SHUTDOWN_S, run_serve)
 from gemma3n.cli.model import DEMO_MAX_NEW_TOKENS
 from gemma3n.loaded_model import DEMO
-from gemma3n.loading import CHECKPOINT_DTYPE, DEMO_DTYPE, DTYPES, MODEL_CLASSES, TOKENIZER_FILE
+from gemma3n.loading import TOKENIZER_FILE
+from gemma3n.model_choice import CHECKPOINT_DTYPE, DEMO_DTYPE, DTYPES, MODEL_CLASSES
 from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK
 from gemma3n.sharding.distributed import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
 from gemma3n.sharding.mesh import SPEC_EXAMPLE, parse_mesh_spec
