@@ -25,7 +25,7 @@ def test_ci_runs_the_readme_test_command_on_an_isolated_copy():
 LAYERS = (
     ('building blocks', ('layers', 'sharding')),
     ('the model', ('config', 'attention', 'ffn', 'altup', 'laurel', 'per_layer', 'block',
-                   'embedder', 'multimodal', 'multimodal_embedder', 'transformer', 'cache',
+                   'embedder', 'multimodal', 'multimodal_embedder', 'model_inputs', 'transformer', 'cache',
                    'models', 'schema', 'memory', 'validation', 'host_arrays', 'compilation', 'vision',
                    'audio', 'towers', 'towers_config')),
     ('checkpoints', ('checkpoints', 'layout')),
