@@ -104,6 +104,18 @@ def load_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None
     return loaded
 
 
+def load_with_media(args: argparse.Namespace
+                    ) -> tuple[LoadedModel, list[np.ndarray], list[np.ndarray]]:
+    """The `--image` and `--audio` files, each kind read once the checkpoint is known to take it,
+    and then the model loaded with the towers they need: (model, images as uint8 [H, W, 3],
+    clips as 16 kHz samples [T])."""
+    pictures, checkpoint = image_options(args)
+    clips, checkpoint = audio_options(args, checkpoint)
+    loaded = load_model(args, checkpoint=checkpoint, with_vision=bool(pictures),
+                        with_audio=bool(clips))
+    return loaded, pictures, clips
+
+
 def read_adapter(args: argparse.Namespace, config: Any) -> Adapter | None:
     """The --adapter of the options, checked against `config` (before any weights are read);
     None without one."""
