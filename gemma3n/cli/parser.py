@@ -111,6 +111,17 @@ def _add_adapter_option(group: argparse._ArgumentGroup, action: str) -> None:
                             f'for --checkpoint: {action}')
 
 
+def _add_unsampled_command(commands: argparse._SubParsersAction, name: str,
+                           run: Callable[[argparse.Namespace], int],
+                           **texts: str) -> argparse.ArgumentParser:
+    """A command that loads a model but samples nothing (export, finetune); `texts`: its help
+    and description."""
+    command = commands.add_parser(name, parents=[_model_options(running=False)], **texts)
+    # Nothing is sampled: a checkpoint's softcap note is then informational (shown with -v).
+    command.set_defaults(run=run, temperature=None, top_k=None, top_p=None)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the `gemma3n` command (its subcommands set `args.run`)."""
     model_options = _model_options(running=True)
@@ -218,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                            '(its released vision and audio towers included); no weights are read')
     info.set_defaults(run=run_info)
 
-    export = commands.add_parser(
-        'export', parents=[_model_options(running=False)],
+    export = _add_unsampled_command(
+        commands, 'export', run_export,
         help='write a model as a Hugging Face checkpoint',
         description='Write the text decoder of --checkpoint (without one: the demo model) as a '
                     'Hugging Face checkpoint that transformers.Gemma3nForCausalLM loads and '
@@ -229,11 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_option(group, 'exported merged into the weights')
     group.add_argument('--out', required=True, metavar='DIR',
                        help='a new or empty directory for config.json and the safetensors files')
-    # Nothing is sampled: a checkpoint's softcap note is then informational (shown with -v).
-    export.set_defaults(run=run_export, temperature=None, top_k=None, top_p=None)
 
-    finetune = commands.add_parser(
-        'finetune', parents=[_model_options(running=False)],
+    finetune = _add_unsampled_command(
+        commands, 'finetune', run_finetune,
         help='fine-tune all weights (or a LoRA adapter) on JSONL chat data',
         description='Fine-tune a checkpoint (without --checkpoint: the demo model) on chat data; '
                     'the result is a checkpoint folder that `generate` and `chat` run (with '
@@ -241,8 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_options(finetune.add_argument_group('weights'))
     add_finetune_options(finetune, {'positive': _positive_int,
                                     'whole': _whole_number(0, INT32_MAX)})
-    # Nothing is sampled: a checkpoint's softcap note is then informational (shown with -v).
-    finetune.set_defaults(run=run_finetune, temperature=None, top_k=None, top_p=None)
     parser.commands = commands.choices
     return parser
 
