@@ -16,6 +16,7 @@ import torch
 from gemma3n.checkpoints.hf_mapping import params_to_hf
 from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.training.data import Example
+from gemma3n.training.finetune import MODEL_KEYS
 from gemma3n.training.packing import Rows, TooLong
 from gemma3n.training.param_split import FullFineTuning
 from gemma3n.training.step import TrainSteps
@@ -41,6 +42,14 @@ def packed_batch(num_embed: int, seed: int) -> dict[str, np.ndarray]:
     rows = Rows.from_examples(examples, SEQ_LEN, pack=True, too_long=TooLong.TRUNCATE)
     assert rows.num_rows == ROWS and (rows.fields['segment'] == 0).any()
     return rows.batch(np.arange(ROWS))
+
+
+def training_case(config_index: int, seed: int):
+    """(config, random weights, packed batch, the float32 model reading the batch by key) of
+    small config `config_index`, weights and batch drawn with `seed`."""
+    cfg = small_configs()[config_index]
+    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32, **MODEL_KEYS)
+    return cfg, random_params(cfg, seed=seed), packed_batch(cfg.num_embed, seed=seed), model
 
 
 def hf_masks(batch: dict[str, np.ndarray], window: int) -> dict[str, torch.Tensor]:
@@ -78,12 +87,7 @@ def hf_loss_and_grads(cfg, params, batch):
 
 @pytest.mark.parametrize('config_index', [0, 2])
 def test_loss_and_every_gradient_equal_transformers(config_index):
-    cfg = small_configs()[config_index]
-    params = random_params(cfg, seed=config_index)
-    batch = packed_batch(cfg.num_embed, seed=config_index)
-    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32,
-                               tokens='batch.input', positions='batch.positions',
-                               attention_mask='batch.attention_mask')
+    cfg, params, batch, model = training_case(config_index, seed=config_index)
     split = FullFineTuning()
     steps = TrainSteps(model, split, optax.sgd(0.0))
     trainable, frozen = split.split(params)
@@ -115,12 +119,7 @@ def test_accumulated_rematerialised_gradients_equal_the_plain_ones():
     # same sums in another order, float32 rounding amplified as in the parity test (~2e-5 of a
     # weight's largest gradient, measured). The rows hold different numbers of target tokens, so
     # a mean taken per micro-batch instead of over the batch would be off by 10% and more.
-    cfg = small_configs()[0]
-    params = random_params(cfg, seed=5)
-    batch = packed_batch(cfg.num_embed, seed=5)
-    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32,
-                               tokens='batch.input', positions='batch.positions',
-                               attention_mask='batch.attention_mask')
+    cfg, params, batch, model = training_case(0, seed=5)
     split = FullFineTuning()
     trainable, frozen = split.split(params)
     rng = jax.random.key_data(jax.random.key(0))
