@@ -26,8 +26,11 @@ from gemma3n import multimodal
 from gemma3n.audio import log_mel_features
 from gemma3n.audio.audio_file import AudioInputError
 from gemma3n.checkpoints import load_params
+from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
+from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from gemma3n.checkpoints.hf_towers import model_config_from_hf, towers_config_from_hf
 from gemma3n.checkpoints.safetensors_hf import HFSoftcapWarning
+from gemma3n.layout import to_serving
 from gemma3n.models import e4b_config
 from gemma3n.multimodal import BlockIds
 from gemma3n.text.sampler import Sampler
@@ -69,6 +72,13 @@ def ours(checkpoint):
     return model, params
 
 
+@pytest.fixture(scope='module')
+def forward(ours):
+    """The model's logits for every text token, compiled once for the tests' inputs."""
+    model, _ = ours
+    return jax.jit(lambda p, t, i, a: model.apply({'params': p}, t, images=i, audio=a).logits)
+
+
 def inputs(seed: int = 0):
     """Two prompts, each with one image and one clip (of different lengths)."""
     rng = np.random.default_rng(seed)
@@ -106,12 +116,11 @@ def test_config_and_towers_load(checkpoint, ours):
     assert towers_config_from_hf({'text_config': {}}) is None
 
 
-def test_logits_match_transformers(checkpoint, ours):
+def test_logits_match_transformers(checkpoint, ours, forward):
     hf, _ = checkpoint
     model, params = ours
     tokens, images, audio = inputs()
-    out = jax.jit(lambda p, t, i, a: model.apply({'params': p}, t, images=i, audio=a).logits)(
-        params, tokens, images, audio)
+    out = forward(params, tokens, images, audio)
     ids = hf_input_ids(tokens, model.config.towers)
     pixels = (images[:, 0].astype(np.float32) * np.float32(1 / 255)).transpose(0, 3, 1, 2)
     with torch.no_grad():
@@ -136,15 +145,13 @@ def _text_index(model, tokens):
                                              (1, towers.audio_soft_tokens, towers.audio_ids)])
 
 
-def test_sampler_prefill_in_chunks_matches_one_forward(ours):
+def test_sampler_prefill_in_chunks_matches_one_forward(ours, forward):
     """The sampler's chunked prefill (blocks cut across chunks; images and audio encoded once
     and merged chunk by chunk) gives the logits of one full forward. Same float32 weights and
     code on both sides, other shapes: measured ~2e-6 apart."""
     model, params = ours
     tokens, images, audio = inputs(seed=1)
-    whole = jax.jit(lambda p, t, i, a: model.apply(
-        {'params': p}, t, images=i, audio=a, return_last_only=True).logits)(
-            params, tokens, images, audio)
+    whole = forward(params, tokens, images, audio)[:, -1]     # the last text token's
     sampler = Sampler(model=model, params=params, cache_length=64, prefill_chunk=16)
     run = sampler.generation(list(tokens), 2, images=images, audio=audio, keep_logits=True)
     for _ in run:
@@ -152,29 +159,13 @@ def test_sampler_prefill_in_chunks_matches_one_forward(ours):
     np.testing.assert_allclose(run.output().logits[:, 0], np.asarray(whole), rtol=0, atol=TOL)
 
 
-def test_sample_takes_image_and_audio_files(ours, tmp_path):
-    model, params = ours
-    sampler = Sampler(model=model, params=params, tokenizer=Tokenizer(default_tokenizer_path()),
-                      cache_length=128)
-    image = tmp_path / 'photo.png'
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 70, 3), np.uint8)).save(image)
-    clip = tmp_path / 'tone.wav'
-    soundfile.write(clip, tone_and_noise(0.7, 44_100, channels=2), 44_100)
-    answer = sampler.sample('Describe both.', images=[image], audio=[clip], max_new_tokens=3)
-    assert isinstance(answer, str)
-    ids = sampler.encode('<start_of_image><start_of_audio>Describe both.', add_bos=True)
-    assert ids[:3] == [BOS, BOI, BOA]
-    with pytest.raises(AudioInputError, match='not an audio file'):
-        sampler.sample('Hi', audio=[image], max_new_tokens=1)
-
-
-def test_load_gives_the_released_model_with_its_towers(checkpoint, ours):
-    """`gemma3n.load` builds the model config.json describes, towers included, and its sampler
-    takes images and audio: the same logits as the model built and loaded by hand (same float32
-    weights; the per-layer table read row by row instead: measured ~1e-6 apart)."""
+def test_load_gives_the_released_model_with_its_towers(checkpoint, ours, tmp_path):
+    """`gemma3n.load` builds the model config.json describes, towers included, with the weights
+    loaded by hand (the per-layer table read row by row instead), and its sampler takes image
+    and audio files. The loaded weights are compared here; the lazily read table's logits are
+    test_load's, the towers' are test_logits_match_transformers'."""
     _, directory = checkpoint
     model, params = ours
-    tokens, images, audio = inputs(seed=2)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', HFSoftcapWarning)
         loaded = gemma3n.load(directory, dtype='float32', tokenizer=default_tokenizer_path(),
@@ -184,18 +175,26 @@ def test_load_gives_the_released_model_with_its_towers(checkpoint, ours):
     assert loaded.model.has_vision and loaded.model.has_audio
     assert loaded.model.config == model.config
     assert not (text_only.model.has_vision or text_only.model.has_audio)
-    runs = []
-    for sampler in (loaded.sampler(cache_length=64), Sampler(model=model, params=params,
-                                                             cache_length=64)):
-        run = sampler.generation(list(tokens), 2, images=images, audio=audio, keep_logits=True)
-        for _ in run:
-            pass
-        runs.append(run.output())
-    np.testing.assert_allclose(runs[0].logits, runs[1].logits, rtol=0, atol=TOL)
-    answer = loaded.sampler(cache_length=128).sample(
-        'Describe both.', images=images[0, 0][None], audio=[tone_and_noise(0.5, SAMPLE_RATE)],
-        max_new_tokens=2)
+    # The weights in the serving layout, the table left in the file.
+    flat = flatten_params(params)
+    table = flat.pop(PER_LAYER_TABLE_PATH)
+    _, expected = to_serving(model, unflatten_params(flat))
+    assert jax.tree.structure(loaded.params) == jax.tree.structure(expected)
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, expected)
+    ids = np.array([[0, BOI, TEXT_VOCAB - 1]])
+    np.testing.assert_array_equal(loaded.per_layer_table[ids], table[ids])
+
+    image = tmp_path / 'photo.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 70, 3), np.uint8)).save(image)
+    clip = tmp_path / 'tone.wav'
+    soundfile.write(clip, tone_and_noise(0.7, 44_100, channels=2), 44_100)
+    sampler = loaded.sampler(cache_length=128)
+    answer = sampler.sample('Describe both.', images=[image], audio=[clip], max_new_tokens=2)
     assert isinstance(answer, str)
+    ids = sampler.encode('<start_of_image><start_of_audio>Describe both.', add_bos=True)
+    assert ids[:3] == [BOS, BOI, BOA]
+    with pytest.raises(AudioInputError, match='not an audio file'):
+        sampler.sample('Hi', audio=[image], max_new_tokens=1)
 
 
 def test_released_config_from_hf_defaults():
