@@ -3,10 +3,12 @@
     python -m bench.run --size reduced      # E4B widths, 10 layers (~2.4B params, 4.7 GB)
     python -m bench.run --size full         # E4B text model (6.9B params, 13.7 GB; needs ~20 GB free)
     python -m bench.run --size reduced --sides ours,ours-serving,ours-int8,hf
+    python -m bench.run --size tiny --sides ours-serving,ours-int8,ours-int4,llamacpp-bf16,llamacpp-q8_0,llamacpp-q4_0
 
 Each part runs in its own process, one after the other: the machine's bandwidth, each of our
-variants (see bench/side_ours.py), the transformers side; so each side's peak resident memory is
-its own. Prints one table (ratios against transformers) and writes everything to
+variants (see bench/side_ours.py), the transformers side, llama.cpp at each GGUF format (see
+bench/side_llamacpp.py; build it first: `python -m bench.llamacpp_build`); so each side's peak
+resident memory is its own. Prints one table (ratios against transformers) and writes everything to
 bench/results/<size>-<time>.json.
 """
 
@@ -21,12 +23,17 @@ import numpy as np
 from bench import common
 
 THEIRS = 'hf'
-SERVING, INT8 = 'ours-serving', 'ours-int8'
+SERVING, INT8, INT4 = 'ours-serving', 'ours-int8', 'ours-int4'
+# llama.cpp's formats and the variant of ours each is set against.
+LLAMACPP = {'llamacpp-bf16': SERVING, 'llamacpp-q8_0': INT8, 'llamacpp-q4_0': INT4}
+LLAMACPP_BF16 = 'llamacpp-bf16'
 SIDES = {  # name -> python arguments
     'ours': ['-m', 'bench.side_ours', '--variant', 'plain'],
     SERVING: ['-m', 'bench.side_ours', '--variant', 'serving'],
     INT8: ['-m', 'bench.side_ours', '--variant', 'int8'],
+    INT4: ['-m', 'bench.side_ours', '--variant', 'int4'],
     THEIRS: ['-m', 'bench.side_hf'],
+    **{side: ['-m', 'bench.side_llamacpp', '--format', side.split('-')[1]] for side in LLAMACPP},
 }
 DEFAULT_SIDES = 'ours,ours-serving,hf'
 # The full size holds the model plus its largest tensor (the per-layer table) while loading.
@@ -62,16 +69,51 @@ def compare_outputs(paths: dict[str, Any], results: dict[str, dict[str, Any]], s
     }
 
 
+def _first_logprobs(paths: dict[str, Any], results: dict[str, dict[str, Any]],
+                    side: str) -> dict[int, float]:
+    """{token id: log-probability} of the first generated token: all ids for a side that wrote
+    its logits, the top ids llama.cpp's server returned for a llama.cpp side."""
+    top = results[side].get('first_top_logprobs')
+    if top:
+        return dict(zip(top['ids'], top['logprobs']))
+    logits = np.load(paths[side].with_suffix('.logits.npy')).astype(np.float64)
+    shifted = logits - logits.max()
+    return dict(enumerate(shifted - np.log(np.exp(shifted).sum())))
+
+
+def compare_logprobs(paths: dict[str, Any], results: dict[str, dict[str, Any]], side: str,
+                     reference: str) -> dict[str, Any]:
+    """How closely `side` agrees with `reference` where one is llama.cpp, whose server gives
+    log-probabilities, not logits: compared on the ids both have, centred (a log-probability is
+    the logit less a constant, so centred log-probabilities over all ids are centred logits)."""
+    ours, theirs = (_first_logprobs(paths, results, s) for s in (side, reference))
+    ids = sorted(ours.keys() & theirs.keys())
+    a, b = (np.array([values[i] for i in ids]) for values in (ours, theirs))
+    a_centred, b_centred = a - a.mean(), b - b.mean()
+    tokens = [results[s]['decode_tokens'] for s in (side, reference)]
+    same = next((i for i, (x, y) in enumerate(zip(*tokens)) if x != y), min(map(len, tokens)))
+    return {
+        'first_logprobs_compared': len(ids),
+        'first_logprobs_max_abs_diff': float(np.max(np.abs(a - b))),
+        'first_logprobs_centred_rel_l2': float(np.linalg.norm(a_centred - b_centred) / np.linalg.norm(b_centred)),
+        'first_token_equal': max(ours, key=ours.get) == max(theirs, key=theirs.get),
+        'decode_tokens_equal_prefix': same,
+        'decode_tokens_compared': min(map(len, tokens)),
+    }
+
+
 def report(size: str, machine: dict[str, Any], bandwidth: dict[str, Any],
            results: dict[str, dict[str, Any]], agreement: dict[str, dict[str, Any]]) -> str:
-    ours = [side for side in results if side != THEIRS]
-    compared = ours if THEIRS in results else []
+    # Ratio columns: every side against transformers, ours against llama.cpp at the same format.
+    compared = [(side, THEIRS) for side in results if side != THEIRS and THEIRS in results]
+    compared += [(ours, side) for side, ours in LLAMACPP.items() if side in results and ours in results]
     header = ['metric', *(results[side]['name'] for side in results),
-              *(f'{side}/hf' for side in compared)]
+              *(f'{side}/{reference}' for side, reference in compared)]
     rows = []
     for label, key, _ in ROWS:
         values = [results[side].get(key) for side in results]
-        ratios = [common.ratio(results[side].get(key), results[THEIRS].get(key)) for side in compared]
+        ratios = [common.ratio(results[side].get(key), results[reference].get(key))
+                  for side, reference in compared]
         rows.append([label, *values, *ratios])
     read = bandwidth['read_gb_s']
     lines = [
@@ -89,6 +131,13 @@ def report(size: str, machine: dict[str, Any], bandwidth: dict[str, Any],
         share = results[side]['decode_tok_s'] / bandwidth['ceiling_tok_s_bf16']
         lines.append(f'  {results[side]["name"]} decodes at {100 * share:.0f}% of the bfloat16 ceiling')
     for pair, check in agreement.items():
+        if 'first_logprobs_compared' in check:
+            lines.append(
+                f'{pair}, first-token log-probabilities of {check["first_logprobs_compared"]} ids: max |diff| '
+                f'{check["first_logprobs_max_abs_diff"]:.3g} (centred, rel L2 {check["first_logprobs_centred_rel_l2"]:.3g}); '
+                f'same first token: {check["first_token_equal"]}; greedy tokens equal for the first '
+                f'{check["decode_tokens_equal_prefix"]} of {check["decode_tokens_compared"]}')
+            continue
         lines.append(
             f'{pair}, first-token logits: max |diff| {check["first_logits_max_abs_diff"]:.3g} '
             f'(max |logit| {check["first_logits_max_abs"]:.3g}, rel L2 {check["first_logits_rel_l2"]:.3g}); '
@@ -129,9 +178,16 @@ def main() -> None:
         results[side] = json.loads(paths[side].read_text())
     machine['load_average_end'] = common.machine_info()['load_average']
     pairs = [(side, THEIRS) for side in results if side != THEIRS and THEIRS in results]
-    if INT8 in results and SERVING in results:
-        pairs.append((INT8, SERVING))     # the int8 error against the same code in bfloat16
-    agreement = {f'{side} vs {reference}': compare_outputs(paths, results, side, reference)
+    for quantized in (INT8, INT4):
+        if quantized in results and SERVING in results:
+            pairs.append((quantized, SERVING))   # the quantization error against the same code in bfloat16
+    for side, ours in LLAMACPP.items():
+        if side in results and ours in results:
+            pairs.append((side, ours))
+        if side != LLAMACPP_BF16 and side in results and LLAMACPP_BF16 in results:
+            pairs.append((side, LLAMACPP_BF16))  # llama.cpp's own quantization error
+    agreement = {f'{side} vs {reference}': (compare_logprobs if side in LLAMACPP else compare_outputs)(
+                     paths, results, side, reference)
                  for side, reference in pairs}
     text = report(args.size, machine, bandwidth, results, agreement)
     print(text)

@@ -14,8 +14,16 @@ cannot decode, and stop tokens at random: those ids are forbidden, so every answ
     python -m bench.serve_throughput --size demo                  # the demo model: a smoke test
     python -m bench.serve_throughput --size reduced               # E4B widths, 10 layers
     python -m bench.serve_throughput --size full --int8           # the E4B text model in int8
+    python -m bench.serve_throughput --size full --llamacpp q8_0  # llama.cpp's server, same weights
 
-Writes bench/results/serve-<size>-<UTC time>.json and a .png plot beside it.
+`--llamacpp FORMAT` measures llama.cpp's `llama-server` instead (`--parallel` max(N) slots,
+continuous batching, its OpenAI endpoint) on the GGUF of the same random weights
+(bench/llamacpp_gguf.py; build it first: `python -m bench.llamacpp_build`). Each prompt is sent
+as the token ids our server prefills for its text (BOS included), so both prefill the same
+tokens; `ignore_eos` keeps it from stopping early, as the forbidden ids do ours. The tiny size
+(1024 ids: the ids wrap) is its smoke test.
+
+Writes bench/results/serve-<size>[-<variant>]-<UTC time>.json and a .png plot beside it.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ PERCENTILES = (50, 90, 99)
 START_TIMEOUT_S = 600
 WARMUP_TOKENS = 4
 WARMUP_PROMPT = 10 ** 6         # a prompt index no measured stream uses
+CACHE_LENGTH = 256              # positions per slot
 
 
 def build_service(size: str, int8: bool, slots: int, cache_length: int, max_tokens: int) -> Any:
@@ -59,6 +68,36 @@ def build_service(size: str, int8: bool, slots: int, cache_length: int, max_toke
                    max_tokens=max_tokens)
 
 
+class Requests:
+    """What one side's requests carry: the prompt of stream `index` (text for ours, the same
+    text's token ids for llama.cpp) and extra request fields."""
+
+    def __init__(self, llamacpp_vocab: int | None = None):
+        self.extra_body: dict[str, Any] = {}
+        self._encode = None
+        if llamacpp_vocab is not None:
+            from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
+            tokenizer = Tokenizer(default_tokenizer_path())
+            self._encode = lambda text: [i % llamacpp_vocab for i in tokenizer.encode(text, add_bos=True)]
+            self.extra_body = {'ignore_eos': True, 'cache_prompt': False}
+
+    def prompt(self, index: int) -> str | list[int]:
+        text = prompt(index)
+        return self._encode(text) if self._encode else text
+
+
+def start_llamacpp(size: str, fmt: str, slots: int, cache_length: int) -> tuple[Any, str, int]:
+    """A `llama-server` on the GGUF of the bench weights: (server, base URL, vocabulary)."""
+    import json
+    from bench.llamacpp_gguf import ensure_gguf
+    from bench.side_llamacpp import Server
+    model = ensure_gguf(size, (fmt,))[fmt]
+    server = Server(model, slots=slots, cache_length=cache_length, extra=('--cont-batching',))
+    server.start()
+    vocab = json.loads((common.ensure_weights(size) / common.CONFIG_FILE).read_text())['vocab_size']
+    return server, f'{server.url}/v1', vocab
+
+
 def start_server(service: Any) -> tuple[Any, str]:
     from gemma3n.serving.app import make_server
     server = make_server(service, host='127.0.0.1', port=0, shutdown_s=5)
@@ -79,13 +118,14 @@ def prompt(index: int) -> str:
     return ' '.join(words[i] for i in rng.integers(0, len(words), PROMPT_WORDS))
 
 
-def one_stream(client: Any, index: int, max_tokens: int) -> dict[str, Any]:
+def one_stream(client: Any, requests: Requests, index: int, max_tokens: int) -> dict[str, Any]:
     """One streaming request: arrival times of its text chunks, its completion token count."""
     start = time.perf_counter()
     arrivals, tokens = [], 0
-    stream = client.completions.create(model='bench', prompt=prompt(index), max_tokens=max_tokens,
+    stream = client.completions.create(model='bench', prompt=requests.prompt(index), max_tokens=max_tokens,
                                        temperature=0, stream=True,
-                                       stream_options={'include_usage': True})
+                                       stream_options={'include_usage': True},
+                                       extra_body=requests.extra_body)
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             arrivals.append(time.perf_counter())
@@ -94,9 +134,9 @@ def one_stream(client: Any, index: int, max_tokens: int) -> dict[str, Any]:
     return {'start': start, 'arrivals': arrivals, 'end': time.perf_counter(), 'tokens': tokens}
 
 
-def measure(client: Any, streams: int, max_tokens: int, offset: int) -> dict[str, Any]:
+def measure(client: Any, requests: Requests, streams: int, max_tokens: int, offset: int) -> dict[str, Any]:
     with ThreadPoolExecutor(streams) as pool:
-        runs = list(pool.map(lambda i: one_stream(client, offset + i, max_tokens),
+        runs = list(pool.map(lambda i: one_stream(client, requests, offset + i, max_tokens),
                              range(streams)))
     wall = max(r['end'] for r in runs) - min(r['start'] for r in runs)
     tokens = sum(r['tokens'] for r in runs)
@@ -135,37 +175,52 @@ def plot(rows: list[dict[str, Any]], title: str, path: Any) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     # The bench's tiny size has a vocabulary smaller than the packaged tokenizer's: the demo
-    # model (the command's, same widths) stands in for it.
-    parser.add_argument('--size', choices=('demo', 'reduced', 'full'), default='demo')
+    # model (the command's, same widths) stands in for it on our side.
+    parser.add_argument('--size', choices=('demo', 'tiny', 'reduced', 'full'), default='demo')
     parser.add_argument('--int8', action='store_true')
+    parser.add_argument('--llamacpp', choices=('bf16', 'q8_0', 'q4_0'),
+                        help="measure llama.cpp's llama-server on this GGUF format instead of ours")
     parser.add_argument('--streams', default=','.join(map(str, STREAMS)),
                         help='concurrencies to measure, comma-separated')
     parser.add_argument('--max-tokens', type=int, default=32)
     args = parser.parse_args()
     import openai
 
+    if args.size == ('demo' if args.llamacpp else 'tiny') or (args.llamacpp and args.int8):
+        parser.error('--llamacpp needs --size tiny, reduced or full and no --int8; ours runs demo, '
+                     'reduced or full')
     streams = [int(s) for s in args.streams.split(',')]
     machine = common.machine_info()
-    service = build_service(args.size, args.int8, max(streams), cache_length=256,
-                            max_tokens=args.max_tokens)
-    server, url = start_server(service)
+    if args.llamacpp:
+        server, url, vocab = start_llamacpp(args.size, args.llamacpp, max(streams), cache_length=CACHE_LENGTH)
+        requests = Requests(llamacpp_vocab=vocab)
+    else:
+        service = build_service(args.size, args.int8, max(streams), cache_length=CACHE_LENGTH,
+                                max_tokens=args.max_tokens)
+        server, url = start_server(service)
+        requests = Requests()
     client = openai.OpenAI(base_url=url, api_key='unused', max_retries=0, timeout=3600)
     # Compiles the slot prefill and the step for the batch before anything is timed.
-    one_stream(client, WARMUP_PROMPT, WARMUP_TOKENS)
+    one_stream(client, requests, WARMUP_PROMPT, WARMUP_TOKENS)
     rows, offset = [], 0
     for n in streams:
-        rows.append(measure(client, n, args.max_tokens, offset))
+        rows.append(measure(client, requests, n, args.max_tokens, offset))
         offset += n
-    server.should_exit = True
+    if args.llamacpp:
+        server.stop()
+    else:
+        server.should_exit = True
     header = ['streams', 'tokens/s', 'x 1 stream', 'TTFT p50 ms', 'TTFT p90 ms', 'ITL p50 ms',
               'ITL p90 ms', 'ITL p99 ms']
     table = common.format_table(header, [
         [r['streams'], r['tokens_per_s'], r['tokens_per_s'] / rows[0]['tokens_per_s'],
          r['ttft_p50_ms'], r['ttft_p90_ms'], r['itl_p50_ms'], r['itl_p90_ms'], r['itl_p99_ms']]
         for r in rows])
-    title = (f'gemma3n serve, {args.size}{" int8" if args.int8 else ""}, {args.max_tokens} tokens'
+    variant = f'llamacpp-{args.llamacpp}' if args.llamacpp else 'int8' if args.int8 else ''
+    system = f'llama-server {args.llamacpp}' if args.llamacpp else f'gemma3n serve{" int8" if args.int8 else ""}'
+    title = (f'{system}, {args.size}, {args.max_tokens} tokens'
              f' per stream, {os.cpu_count()} CPUs, load {machine["load_average"][0]:.1f}')
-    path = common.results_path(f'serve-{args.size}{"-int8" if args.int8 else ""}')
+    path = common.results_path(f'serve-{args.size}{"-" + variant if variant else ""}')
     common.write_json({'machine': machine, 'end_load_average': os.getloadavg(), 'args': vars(args),
                        'rows': rows, 'table': table}, path)
     plot(rows, title, path.with_suffix('.png'))

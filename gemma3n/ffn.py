@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.stats
 
-from gemma3n.layers import project
+from gemma3n import sparse_rows
+from gemma3n.layers import contract, projection_param
 from gemma3n.layers.axes import EMBED, GATE, MLP
 
 
@@ -47,15 +48,24 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [B, L, D] -> [B, L, D]."""
         f, d = self.hidden_dim, self.features
+        # The gate and up weights stacked along C, in checkpoint order.
         if self.transpose_gating_einsum:
-            gate_up = project(self, 'gating_einsum', (2, f, d), (GATE, MLP, EMBED), 2, 1,
-                              self.dtype, 'BTD,CFD->CBTF', x)
+            w_spec, shape, axes = 'CFD', (2, f, d), (GATE, MLP, EMBED)
         else:
-            gate_up = project(self, 'gating_einsum', (2, d, f), (GATE, EMBED, MLP), 1, 2,
-                              self.dtype, 'BTD,CDF->CBTF', x)
+            w_spec, shape, axes = 'CDF', (2, d, f), (GATE, EMBED, MLP)
+        gating = projection_param(self, 'gating_einsum', shape, axes, w_spec.index('D'),
+                                  w_spec.index('F'), self.dtype)
+        gating_eqn = f'BTD,{w_spec}->CBTF'
+        linear = projection_param(self, 'linear', (f, d), (MLP, EMBED), 0, 1, self.dtype)
+        if self.sparsity > 0.0 and sparse_rows.applies(gating, linear, x.shape[0] * x.shape[1]):
+            # Decode: the gate alone, then only the kept units' rows (gemma3n.sparse_rows).
+            gate = contract(f'BTD,{w_spec[1:]}->BTF', x, gating.parts[0])
+            return sparse_rows.sparse_ffn(x, gaussian_topk(gate, self.sparsity),
+                                          gating.parts[1], f'TD,{w_spec[1:]}->TF', linear,
+                                          self.sparsity)
+        gate_up = contract(gating_eqn, x, gating)
         gate, up = gate_up[0], gate_up[1]                     # [B, L, F] each
         if self.sparsity > 0.0:
             gate = gaussian_topk(gate, self.sparsity)
         hidden = nn.gelu(gate, approximate=True) * up
-        return project(self, 'linear', (f, d), (MLP, EMBED), 0, 1, self.dtype,
-                       'BTF,FD->BTD', hidden)
+        return contract('BTF,FD->BTD', hidden, linear)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -33,7 +34,7 @@ from gemma3n.checkpoints.placement import load_sharded
 from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
 from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from gemma3n.host_arrays import to_device
-from gemma3n.layers import ServingWeight, StoredWeight
+from gemma3n.layers import QuantizedWeight, ServingWeight, StackedWeight, StoredWeight
 from gemma3n.layers.int4 import INT4_GROUP, fits_int4, quantize_int4_in_chunks
 from gemma3n.layers.int8 import quantize, quantize_in_chunks
 from gemma3n.schema import model_schema
@@ -42,6 +43,8 @@ from gemma3n.transformer import Gemma3nTransformer
 
 # Weights smaller than this stay in their dtype: quantizing them saves nothing measurable.
 MIN_QUANTIZED_SIZE = 1 << 16
+# The FFN's stacked gate-and-up projection and its down projection (`gemma3n.ffn`).
+GATING, DOWN = 'gating_einsum', 'linear'
 __all__ = ['MIN_QUANTIZED_SIZE', 'ServingConverter', 'load_serving', 'quantize', 'serving_nbytes',
            'to_serving']
 
@@ -67,7 +70,9 @@ class ServingConverter:
     """Converts one parameter at a time from the reference layout to the serving layout of
     `model`, on the device: projection weights transposed to [batch..., out..., in...] (the
     large ones int8 with `quantize_int8`; int4 with `quantize_int4` where their inputs hold a
-    multiple of 32 values, else int8), everything else moved as it is.
+    multiple of 32 values, else int8), everything else moved as it is. With `sparse_rows` the
+    FFN weights of the sparse layers are stored for `gemma3n.sparse_rows`: the gating as a
+    `StackedWeight` (gate, up), the down projection [F, D] rows first.
 
     Usable as the `transform` of `gemma3n.checkpoints.load_params`.
 
@@ -77,7 +82,7 @@ class ServingConverter:
     """
 
     def __init__(self, model: Gemma3nTransformer, *, quantize_int8: bool = False,
-                 quantize_int4: bool = False):
+                 quantize_int4: bool = False, sparse_rows: bool = True):
         if quantize_int8 and quantize_int4:
             raise ValueError('choose int8 or int4 weights, not both.')
         self.quantize_int8 = quantize_int8
@@ -85,6 +90,12 @@ class ServingConverter:
         # {path: (serving order, number of input axes)} of every projection weight.
         self.orders = {path: (info.serving_order, len(info.in_axes))
                        for path, info in model_schema(model).items() if info.is_projection}
+        # The FFN weights of the sparse layers, stored for reading the kept units' rows.
+        self.sparse_gating, self.sparse_down = set(), set()
+        if sparse_rows:
+            for path, info in model_schema(model).items():
+                if info.is_projection and is_sparse_ffn_weight(model.config, path):
+                    (self.sparse_gating if path.endswith(GATING) else self.sparse_down).add(path)
 
     def quantization(self, path: str, shape: tuple[int, ...]) -> str | None:
         """'int8' or 'int4' if the parameter at `path` of (checkpoint) `shape` is quantized."""
@@ -93,7 +104,10 @@ class ServingConverter:
             return None
         order, num_in = self.orders[path]
         inputs = math.prod(shape[i] for i in order[len(order) - num_in:])
-        return 'int4' if self.quantize_int4 and fits_int4(inputs) else 'int8'
+        # A down projection kept rows first stays int8: int4 groups along its rows could not
+        # be gathered row by row, groups along D no kernel reads (measured: slower than dense).
+        return ('int4' if self.quantize_int4 and fits_int4(inputs)
+                and path not in self.sparse_down else 'int8')
 
     def __call__(self, path: str, w: Any) -> jax.Array | StoredWeight:
         if isinstance(w, StoredWeight):
@@ -104,12 +118,45 @@ class ServingConverter:
         order, num_in = layout
         if np.ndim(w) != len(order):
             raise ValueError(f'{path} has rank {np.ndim(w)}, expected {len(order)}.')
-        moved = _relayout(w, order)
         fmt = self.quantization(path, np.shape(w))
-        if fmt is not None:
-            quantizer = quantize_int4_in_chunks if fmt == 'int4' else quantize_in_chunks
-            return jax.block_until_ready(quantizer(moved, len(order) - num_in, order))
-        return jax.block_until_ready(ServingWeight(moved, order))
+        if path in self.sparse_down:
+            return jax.block_until_ready(_rows_first(w, order, fmt))
+        moved = _relayout(w, order)
+        if path in self.sparse_gating:
+            # One leaf per stacked index (gate, up), each a [F, D] weight in serving order.
+            part_order = tuple(axis - 1 for axis in order[1:])
+            parts = tuple(_convert(moved[i], part_order, len(order) - num_in - 1, fmt)
+                          for i in range(moved.shape[0]))
+            return jax.block_until_ready(StackedWeight(parts))
+        return jax.block_until_ready(_convert(moved, order, len(order) - num_in, fmt))
+
+
+def is_sparse_ffn_weight(config: Any, path: str) -> bool:
+    """Whether `path` is a FFN projection of a layer with activation sparsity."""
+    match = re.fullmatch(r'layer_(\d+)/mlp/(\w+)', path)
+    return bool(match) and match[2] in (GATING, DOWN) and config.sparsity(int(match[1])) > 0.0
+
+
+def _convert(moved: jax.Array, order: tuple[int, ...], num_leading: int, fmt: str | None
+             ) -> jax.Array | StoredWeight:
+    """A weight already in serving order as the leaf of format `fmt` (None: unquantized)."""
+    if fmt is None:
+        return ServingWeight(moved, order)
+    quantizer = quantize_int4_in_chunks if fmt == 'int4' else quantize_in_chunks
+    return quantizer(moved, num_leading, order)
+
+
+def _rows_first(w: Any, order: tuple[int, ...], fmt: str | None) -> StoredWeight:
+    """A down projection [F, D] kept in its checkpoint order, rows first, so the rows of the
+    kept FFN units are contiguous (`gemma3n.sparse_rows`); int8 (never int4, see
+    `ServingConverter.quantization`) has the same values and per-output scales as in serving
+    order."""
+    identity = tuple(range(len(order)))
+    if fmt is None:
+        return ServingWeight(_relayout(w, identity), identity)
+    by_output = quantize_in_chunks(_relayout(w, order), len(order) - 1, order)
+    return QuantizedWeight(_transpose(by_output.q, tuple(int(a) for a in np.argsort(order))),
+                           by_output.scale, identity, scale_last=True)
 
 
 def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool = False,
@@ -137,15 +184,19 @@ def serving_nbytes(model: Gemma3nTransformer, dtype: Any, *, quantize_int8: bool
 
 
 def to_serving(model: Gemma3nTransformer, params: Any, *, quantize_int8: bool = False,
-               quantize_int4: bool = False, consume: bool = False
+               quantize_int4: bool = False, consume: bool = False, sparse_rows: bool = True
                ) -> tuple[Gemma3nTransformer, Any]:
     """`model` and a serving copy of `params` (reference layout in, serving layout out, on the
     device).
 
     With `consume=True` the input tree is emptied as its weights are converted, so a full-size
-    model needs memory for one extra weight, not a second copy of the model.
+    model needs memory for one extra weight, not a second copy of the model. With `sparse_rows`
+    the FFN weights of layers with activation sparsity are stored for decoding only the kept
+    units' rows (`gemma3n.sparse_rows`): gate and up as separate leaves, the down projection
+    rows first.
     """
-    convert = ServingConverter(model, quantize_int8=quantize_int8, quantize_int4=quantize_int4)
+    convert = ServingConverter(model, quantize_int8=quantize_int8, quantize_int4=quantize_int4,
+                               sparse_rows=sparse_rows)
     flat = flatten_params(params)
     if consume:
         params.clear()
@@ -168,7 +219,9 @@ def load_serving(path: str | os.PathLike, model: Gemma3nTransformer, *, dtype: A
     for `to_serving`. With a `mesh`, each weight goes straight into its shards by
     `sharding_rules` (`gemma3n.checkpoints.placement`).
     """
-    convert = ServingConverter(model, quantize_int8=quantize_int8, quantize_int4=quantize_int4)
+    # The sparse layers' FFN leaves have no sharding yet: on a mesh they keep the serving order.
+    convert = ServingConverter(model, quantize_int8=quantize_int8, quantize_int4=quantize_int4,
+                               sparse_rows=mesh is None)
     if mesh is None:
         params = load_params(path, model=model, dtype=dtype, progress=progress,
                              skip_per_layer_table=skip_per_layer_table, transform=convert)

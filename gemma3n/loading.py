@@ -39,7 +39,7 @@ from gemma3n.loaded_model import DEMO, MODEL_NAMES, LoadedModel
 from gemma3n.model_choice import DEMO_DTYPE, MODEL_CLASSES, build_model, checkpoint_model, model_dtype
 from gemma3n.models import DEMO_SEED
 from gemma3n.schema import model_schema
-from gemma3n.sharding import shard_params
+from gemma3n.sharding import ShardingRules, shard_params
 from gemma3n.text import special_tokens
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.tower_checks import check_audio, check_vision
@@ -81,12 +81,13 @@ class LoadPlan:
         checkpoints and the demo hold it in memory)."""
         return self.checkpoint is not None and self.checkpoint.format != ORBAX_FORMAT
 
-    def load(self, *, progress: bool = True, mesh: Mesh | None = None) -> LoadedModel:
+    def load(self, *, progress: bool = True, mesh: Mesh | None = None,
+             sharding_rules: ShardingRules = ShardingRules()) -> LoadedModel:
         """The weights read (a checkpoint's, or the demo's random ones) into a LoadedModel.
 
         `progress`: show a progress bar while a checkpoint is read. `mesh`: place every weight
-        in its shards on this device mesh (`gemma3n.sharding`), straight from the checkpoint;
-        the LoadedModel's sampler and chat then run on it.
+        in its shards on this device mesh (`gemma3n.sharding`), straight from the checkpoint,
+        as `sharding_rules` say; the LoadedModel's sampler and chat then run on it.
         """
         start = time.perf_counter()
         dtype = self.model.dtype
@@ -96,7 +97,7 @@ class LoadPlan:
                 model, params = to_serving(model, params, quantize_int8=self.quantize == 'int8',
                                            quantize_int4=self.quantize == 'int4', consume=True)
             if mesh is not None:
-                params = shard_params(params, model_schema(model), mesh)
+                params = shard_params(params, model_schema(model), mesh, sharding_rules)
             logger.info('random demo weights made in %.2f s (compilation included)',
                         time.perf_counter() - start)
             return LoadedModel(self.name, model, params, self.tokenizer, quantize=self.quantize)
@@ -110,7 +111,8 @@ class LoadPlan:
                 model, params = load_serving(
                     self.checkpoint, self.model, dtype=dtype, progress=progress,
                     quantize_int8=self.quantize == 'int8', quantize_int4=self.quantize == 'int4',
-                    skip_per_layer_table=table is not None, mesh=mesh)
+                    skip_per_layer_table=table is not None, mesh=mesh,
+                    sharding_rules=sharding_rules)
         except BaseException:
             if table is not None:
                 table.close()
@@ -142,7 +144,8 @@ def demo_params(model: Gemma3nTransformer) -> Any:
 
 
 def load(path: str | os.PathLike | Checkpoint | None = None, *, progress: bool = True,
-         mesh: Mesh | None = None, **options: Any) -> LoadedModel:
+         mesh: Mesh | None = None, sharding_rules: ShardingRules = ShardingRules(),
+         **options: Any) -> LoadedModel:
     """A Gemma 3n model, its weights and its tokenizer, ready to run: `prepare` then
     `LoadPlan.load`.
 
@@ -153,6 +156,8 @@ def load(path: str | os.PathLike | Checkpoint | None = None, *, progress: bool =
         progress: show a progress bar while the checkpoint is read.
         mesh: a `jax.sharding.Mesh` (`gemma3n.sharding.make_mesh('data=2,tensor=4')`): every
             weight goes straight into its shards on it, and `.sampler`/`.chat` run on it.
+        sharding_rules: which mesh axes split which logical axes (`gemma3n.sharding.ShardingRules`;
+            default: the rules of docs/architecture.md §14).
         options: `prepare`'s keywords: model, dtype, quantize, tokenizer, with_vision,
             with_audio, towers, hf_softcap.
 
@@ -163,7 +168,8 @@ def load(path: str | os.PathLike | Checkpoint | None = None, *, progress: bool =
         >>> loaded = gemma3n.load()                         # the demo model
         >>> loaded.chat().chat('Hello!')
     """
-    return prepare(path, **options).load(progress=progress, mesh=mesh)
+    return prepare(path, **options).load(progress=progress, mesh=mesh,
+                                         sharding_rules=sharding_rules)
 
 
 def prepare(

@@ -1,7 +1,7 @@
 """Test helper: running the `gemma3n` command in a subprocess and checking its one-line errors.
 
-Not a test module. Each test module that runs the command defines its own module-scoped `env`
-fixture with `cli_env(tmp_path_factory)`, so its runs share one compilation cache.
+Not a test module. Each test module that runs the command defines a module-scoped `env` fixture
+with `cli_env(tmp_path_factory)`: every run of a worker shares its compilation cache.
 Command output may hold first-run compile notices: `without_compile_notices` drops them.
 """
 
@@ -17,14 +17,19 @@ from gemma3n.text.chat import ChatSampler
 from gemma3n.text.tokenizer import Tokenizer
 from gemma3n.transformer import Gemma3nTransformer
 
+JAX_CACHE_FOLDER = 'jax_cache'     # in the worker's base folder
+
 # A cold run of the demo model compiles for up to ~35 s on a busy 2-core machine.
 TIMEOUT_S = 300
 
 
 def cli_env(tmp_path_factory) -> dict[str, str]:
-    """The environment of a command run: CPU, and a compilation cache of the test module's own."""
-    return dict(os.environ, JAX_PLATFORMS='cpu',
-                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')))
+    """The environment of a command run: CPU, and the worker's compilation cache (conftest's),
+    so that the demo model's programs compile once. test_compilation.py, which needs fresh
+    caches, makes its own."""
+    cache = tmp_path_factory.getbasetemp() / JAX_CACHE_FOLDER
+    cache.mkdir(exist_ok=True)
+    return dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(cache))
 
 
 def run_cli(env: dict[str, str], *args: str, stdin: str = '') -> subprocess.CompletedProcess:

@@ -47,6 +47,20 @@ def test_kernel_equals_xla_within_summation_noise(monkeypatch, isa, rows, k, n):
     assert np.all(np.abs(np.asarray(got - want)) <= 2 * k * F32_EPS * np.asarray(magnitude))
 
 
+def test_xla_path_dequantizes_block_by_block(monkeypatch):
+    # Blocks of 3 rows (of 37: a ragged last block), as the whole weight would give them.
+    monkeypatch.setattr(int4, 'DEQUANTIZE_BLOCK_BYTES', 3 * 4 * 96)
+    rng = np.random.default_rng(1)
+    w4 = quantize_int4(jnp.asarray(rng.standard_normal((37, 96)), jnp.float32), 1)
+    w = dequantize(w4.q, w4.scale)                                 # [37, 96]
+    xq = jnp.asarray(rng.integers(-128, 128, (5, 96)), jnp.int8)
+    got = jax.jit(int4._xla_rows_dot)(xq, w4.q, w4.scale)
+    want = xq.astype(jnp.float32) @ w.T
+    magnitude = jnp.abs(xq.astype(jnp.float32)) @ jnp.abs(w).T
+    # Exact products; the blocks only reorder the float32 summation.
+    assert np.all(np.abs(np.asarray(got - want)) <= 2 * 96 * F32_EPS * np.asarray(magnitude))
+
+
 @pytest.fixture(scope='module')
 def ref():
     cfg = small_configs()[0]
@@ -71,7 +85,7 @@ def test_int4_model_computes_with_its_dequantized_weights(ref, monkeypatch):
     monkeypatch.setattr(layout, 'MIN_QUANTIZED_SIZE', 4096)
     tokens = np.random.default_rng(5).integers(1, model.config.num_embed, (2, 24))
     qmodel, qparams = to_serving(model, params, quantize_int4=True)
-    assert isinstance(qparams['layer_0']['mlp']['gating_einsum'], Int4Weight)
+    assert isinstance(qparams['layer_3']['mlp']['gating_einsum'], Int4Weight)
     assert isinstance(qparams['embedder']['input_embedding'], Int4Weight)
     out = np.asarray(jax.jit(qmodel.apply)({'params': qparams}, tokens).logits)
     want = np.asarray(jax.jit(qmodel.apply)({'params': _dequantized(qparams)}, tokens).logits)

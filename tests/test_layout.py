@@ -48,9 +48,9 @@ def test_serving_layout_shapes_for_e4b():
 def test_serving_layout_gives_the_same_logits(ref):
     model, params, tokens, logits = ref
     serving_model, serving_params = to_serving(model, params)
-    linear = serving_params['layer_0']['mlp']['linear']
+    linear = serving_params['layer_3']['mlp']['linear']
     assert isinstance(linear, ServingWeight) and linear.order == (1, 0)
-    assert linear.value.shape == linear.shape[::-1] == params['layer_0']['mlp']['linear'].shape[::-1]
+    assert linear.value.shape == linear.shape[::-1] == params['layer_3']['mlp']['linear'].shape[::-1]
     out = np.asarray(jax.jit(serving_model.apply)({'params': serving_params}, tokens).logits)
     np.testing.assert_allclose(out, logits, atol=F32_LOGIT_TOL, rtol=0)
     with pytest.raises(ValueError, match='already'):
@@ -67,7 +67,7 @@ def test_quantize_round_trip_by_hand():
 def test_int8_stays_close(ref):
     model, params, tokens, logits = ref
     qmodel, qparams = to_serving(model, params, quantize_int8=True)
-    assert isinstance(qparams['layer_0']['mlp']['gating_einsum'], QuantizedWeight)
+    assert isinstance(qparams['layer_3']['mlp']['gating_einsum'], QuantizedWeight)
     assert not isinstance(qparams['layer_0']['laurel']['linear_left']['w'], QuantizedWeight)
     out = np.asarray(jax.jit(qmodel.apply)({'params': qparams}, tokens).logits)
     diff = np.abs(out - logits)
@@ -150,9 +150,9 @@ def test_int8_conversion_in_chunks_equals_one_piece(ref, monkeypatch):
     # Large weights are quantized a chunk of output channels at a time (bounded temporaries);
     # a chunk of a few rows must give exactly what quantizing the whole weight gives.
     model, params, _, _ = ref
-    path = 'layer_0/mlp/gating_einsum'
+    path = 'layer_3/mlp/gating_einsum'
     info = model_schema(model)[path]
-    weight = params['layer_0']['mlp']['gating_einsum']
+    weight = params['layer_3']['mlp']['gating_einsum']
     whole = quantize(jnp.transpose(weight, info.serving_order), weight.ndim - len(info.in_axes))
     monkeypatch.setattr(int8, 'QUANTIZE_CHUNK', 3 * weight.shape[-1] + 1)     # 3 rows, ragged end
     chunked = layout.ServingConverter(model, quantize_int8=True)(path, weight)

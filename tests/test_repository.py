@@ -24,7 +24,7 @@ def test_ci_runs_the_readme_test_command_on_an_isolated_copy():
 # so a new one is placed deliberately.
 LAYERS = (
     ('building blocks', ('layers', 'sharding')),
-    ('the model', ('config', 'attention', 'ffn', 'altup', 'laurel', 'per_layer', 'block',
+    ('the model', ('config', 'attention', 'ffn', 'sparse_rows', 'altup', 'laurel', 'per_layer', 'block',
                    'embedder', 'multimodal', 'multimodal_embedder', 'model_inputs', 'transformer', 'cache',
                    'models', 'schema', 'memory', 'validation', 'host_arrays', 'compilation', 'vision',
                    'audio', 'towers', 'towers_config')),

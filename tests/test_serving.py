@@ -226,17 +226,19 @@ def test_64_concurrent_streams_each_get_their_own_answer(served):
     assert got == [expected[m] for m in prompts]
 
 
-def test_sigterm_ends_running_answers_and_exits_0(tmp_path_factory):
-    """`gemma3n serve` as a process: on SIGTERM it refuses new connections, ends the running
-    answer (finished, or cut at the shutdown deadline) and exits with 0."""
-    env = cli_env(tmp_path_factory)
+def test_sigterm_ends_running_answers_and_exits_0(tmp_path_factory, served):
+    """`gemma3n serve` as a process, on a mesh of 2 simulated devices (`--mesh data=2`: the
+    weights, the cache and the slots split): a greedy answer is the Sampler's; on SIGTERM it
+    refuses new connections, ends the running answer (finished, or cut at the shutdown
+    deadline) and exits with 0."""
+    env = dict(cli_env(tmp_path_factory), XLA_FLAGS='--xla_force_host_platform_device_count=2')
     with socket.socket() as probe:
         probe.bind(('127.0.0.1', 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, '-m', 'gemma3n', 'serve', '--port', str(port), '--cache-length', '128',
-         '--max-batch', '2', '--shutdown-timeout', '2'], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True)
+         '--max-batch', '2', '--shutdown-timeout', '2', '--mesh', 'data=2'], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f'http://127.0.0.1:{port}'
         deadline = time.monotonic() + TIMEOUT_S
@@ -247,6 +249,9 @@ def test_sigterm_ends_running_answers_and_exits_0(tmp_path_factory):
                 break
             except httpx.TransportError:
                 time.sleep(0.2)
+        mesh_client = openai.OpenAI(base_url=f'{url}/v1', api_key='unused', max_retries=0,
+                                    timeout=TIMEOUT_S)
+        assert chat(mesh_client, 'Hi', 8).choices[0].message.content == alone(served[3], 'Hi', 8)
         body = {'messages': [{'role': 'user', 'content': 'Hi'}], 'max_tokens': 100,
                 'temperature': 0, 'stream': True}
         with httpx.stream('POST', f'{url}/v1/chat/completions', json=body,

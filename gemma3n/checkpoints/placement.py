@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,9 +29,9 @@ import tqdm
 from jax.sharding import Mesh, NamedSharding
 
 from gemma3n.checkpoints.flat_params import unflatten_params
-from gemma3n.checkpoints.loader import (NATIVE_FORMAT, PER_LAYER_TABLE_PATH, _select,
-                                        checkpoint_format, load_params, model_config)
-from gemma3n.checkpoints.native import native_catalog, native_file
+from gemma3n.checkpoints.loader import (NATIVE_FORMAT, PER_LAYER_TABLE_PATH, Checkpoint, _select,
+                                        load_params, model_config, open_checkpoint)
+from gemma3n.checkpoints.native import native_catalog
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
 from gemma3n.layers import ServingWeight
 from gemma3n.sharding import ShardingRules
@@ -78,24 +77,26 @@ def _read_native(files: SafetensorsFiles, name: str, sharding: NamedSharding,
     return place_blocks(stored, sharding, read)
 
 
-def load_sharded(path: str | os.PathLike, *, model: Any, mesh: Mesh, schema: Mapping[str, Any],
-                 dtype: Any = None, rules: ShardingRules = ShardingRules(),
+def load_sharded(path: str | os.PathLike | Checkpoint, *, model: Any, mesh: Mesh,
+                 schema: Mapping[str, Any], dtype: Any = None, rules: ShardingRules = ShardingRules(),
                  orders: Orders | None = None, convert: Any = None, blockwise: bool = True,
                  progress: bool = True, skip_per_layer_table: bool = False) -> dict[str, Any]:
     """The parameter tree of the checkpoint at `path`, every weight in its sharding on `mesh`.
 
-    Args are those of `gemma3n.checkpoints.load_params`, and: `schema` the weights' logical
+    Args are those of `gemma3n.checkpoints.load_params` (`path` may be a `Checkpoint` already
+    opened, as `gemma3n.load` passes it), and: `schema` the weights' logical
     axes (`gemma3n.schema.model_schema`), `rules` the sharding rules, `orders` the weights to
     store in serving order (`ServingWeight`), `convert` the conversion a whole tensor goes
     through (`gemma3n.layout.ServingConverter`), `blockwise` whether that conversion is only
     the re-ordering by `orders` (int8 needs whole rows: False). Our own format is then read
     block by block; otherwise tensor by tensor.
     """
-    path = native_file(Path(path).expanduser())
-    if checkpoint_format(path) != NATIVE_FORMAT or not blockwise:
+    checkpoint = open_checkpoint(path)
+    if checkpoint.format != NATIVE_FORMAT or not blockwise:
         placement = MeshPlacement(mesh, schema, rules=rules, convert=convert)
-        return load_params(path, model=model, dtype=dtype, progress=progress,
+        return load_params(checkpoint, model=model, dtype=dtype, progress=progress,
                            skip_per_layer_table=skip_per_layer_table, transform=placement)
+    path = checkpoint.path
     files = SafetensorsFiles([path])
     catalog = native_catalog(files)
     config, text_only = model_config(model)

@@ -17,6 +17,7 @@ import tqdm
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
 from gemma3n.checkpoints.peft_adapter import LORA_TARGETS
 from gemma3n.cli.model import DEMO_NOTICE, plan_model
+from gemma3n.sharding import make_mesh
 from gemma3n.training.data import LossOn
 from gemma3n.training.finetune import FinetuneOptions, FinetuneRun
 from gemma3n.training.lora import LoRA
@@ -123,13 +124,15 @@ def lora_split(args: argparse.Namespace, config: Any) -> LoRA | None:
 
 def run_finetune(args: argparse.Namespace) -> int:
     options = finetune_options(args)
+    mesh = make_mesh(args.mesh) if args.mesh else None
     # The model (its dtype: the compute dtype), the tokenizer and the checkpoint to start from
     # (None: the demo's random weights); no weights read yet.
     plan = plan_model(args)
     out = Path(args.out).expanduser()
     run = FinetuneRun(plan.model, plan.tokenizer, options, out, resume=args.resume,
                       split=lora_split(args, plan.model.config),
-                      base=None if plan.checkpoint is None else str(Path(plan.checkpoint.path).resolve()))
+                      base=None if plan.checkpoint is None else str(Path(plan.checkpoint.path).resolve()),
+                      mesh=mesh)
     if plan.checkpoint is None:
         sys.stderr.write(DEMO_NOTICE + '\n')
         with compiling(COMPILING_DEMO):

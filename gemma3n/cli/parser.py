@@ -122,6 +122,13 @@ def _add_unsampled_command(commands: argparse._SubParsersAction, name: str,
     return command
 
 
+def _add_mesh_option(group: argparse._ArgumentGroup, devices: str) -> None:
+    group.add_argument('--mesh', type=_mesh_spec, metavar='SPEC',
+                       help=f'split the model over the devices as a mesh with axes data, fsdp '
+                            f'and tensor, e.g. {SPEC_EXAMPLE} (sizes multiply to the device '
+                            f'count{devices})')
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of the `gemma3n` command (its subcommands set `args.run`)."""
     model_options = _model_options(running=True)
@@ -164,10 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                             'tower; each `<start_of_audio>` in the prompt takes one, else they '
                             'go before the text. In chat they belong to the first message')
     group = run_options.add_argument_group('devices and processes')
-    group.add_argument('--mesh', type=_mesh_spec, metavar='SPEC',
-                       help=f'split the model over the devices as a mesh with axes data, fsdp '
-                            f'and tensor, e.g. {SPEC_EXAMPLE} (sizes multiply to the device '
-                            'count; with several processes, all of theirs)')
+    _add_mesh_option(group, '; with several processes, all of theirs')
     group.add_argument('--coordinator', metavar='HOST:PORT',
                        help=f'several processes: process 0\'s address (or {COORDINATOR_ENV})')
     group.add_argument('--num-processes', type=_positive_int, metavar='N',
@@ -248,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                     'the result is a checkpoint folder that `generate` and `chat` run (with '
                     '--lora-rank: an adapter folder they run with --adapter).')
     _add_checkpoint_options(finetune.add_argument_group('weights'))
+    # One process: the weights, optimizer state and batch split over this process's devices.
+    _add_mesh_option(finetune.add_argument_group('devices'), ' of this process; the batch rows '
+                     'of each micro-batch are split over data x fsdp')
     add_finetune_options(finetune, {'positive': _positive_int,
                                     'whole': _whole_number(0, INT32_MAX)})
     parser.commands = commands.choices

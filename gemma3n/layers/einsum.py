@@ -10,7 +10,9 @@ its params leaf, not by a module flag:
   in...] (contracted axes last), which XLA's CPU backend multiplies many times faster in
   bfloat16;
 - `gemma3n.layers.int8.QuantizedWeight`: int8 in serving order with one scale per output
-  channel.
+  channel;
+- `StackedWeight`: a weight whose first axis is one leaf per index (the sparse layers' gate and
+  up, `gemma3n.sparse_rows`).
 
 `contract(eqn, x, w)` dispatches on the leaf: a `StoredWeight` subclass contracts itself (most
 by calling `contract_stored` with their own product), so a new format is one leaf class plus
@@ -43,7 +45,10 @@ class StoredWeight:
 
     - `shape`: the weight's checkpoint-order shape (what the module declares);
     - `contract(eqn, x)`: `jnp.einsum(eqn, x, weight)`, eqn naming the checkpoint order;
-    - `take(ids, dtype)`: rows `ids` of a [rows, ...] table, for the embedding lookup.
+    - `take(ids, dtype)`: rows `ids` of a [rows, ...] table, for the embedding lookup;
+    - `rows(ids)`: the same kind of leaf holding rows `ids` (any shape of indices) of the first
+      *stored* axis, its checkpoint order being that stored order (sparse FFN rows, `gemma3n.
+      sparse_rows`).
     """
 
     @property
@@ -55,6 +60,9 @@ class StoredWeight:
 
     def take(self, ids: jax.Array, dtype: Any) -> jax.Array:
         raise NotImplementedError(f'{type(self).__name__} cannot be read row by row.')
+
+    def rows(self, ids: jax.Array) -> StoredWeight:
+        raise NotImplementedError(f'{type(self).__name__} cannot be gathered row by row.')
 
 
 def checkpoint_shape(stored_shape: Sequence[int], order: tuple[int, ...] | None
@@ -95,6 +103,29 @@ class ServingWeight(StoredWeight):
     def take(self, ids: jax.Array, dtype: Any) -> jax.Array:
         rows_first(self.order)
         return jnp.take(self.value, ids, axis=0, mode='clip')
+
+    def rows(self, ids: jax.Array) -> ServingWeight:
+        return ServingWeight(jnp.take(self.value, ids, axis=0, mode='clip'), None)
+
+
+@flax.struct.dataclass
+class StackedWeight(StoredWeight):
+    """A weight whose first checkpoint axis (a batch axis: the FFN's stacked gate and up) is
+    held as one leaf per index, so one of them is read without slicing (a slice of a stacked
+    array is a copy on XLA's CPU backend). `parts[i]` is the weight at index i, any leaf."""
+    parts: tuple[Any, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.parts),) + tuple(self.parts[0].shape)
+
+    def contract(self, eqn: str, x: jax.Array) -> jax.Array:
+        inputs, out_spec = eqn.split('->')
+        x_spec, w_spec = inputs.split(',')
+        stacked = w_spec[0]
+        part_eqn = f'{x_spec},{w_spec[1:]}->{out_spec.replace(stacked, "")}'
+        return jnp.stack([contract(part_eqn, x, part) for part in self.parts],
+                         axis=out_spec.index(stacked))
 
 
 def _axes(axes: Axes) -> tuple[int, ...]:

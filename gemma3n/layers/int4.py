@@ -7,7 +7,8 @@ A weight in serving order [channels..., in...] is stored with its input axes fla
 two values per byte. Products take the activation rows quantized to int8 (as the int8 weights
 do, `gemma3n.layers.int8`), so every product of an activation, a 4-bit value and its scale is
 exact in float32 (8 + 4 + 11 significant bits): our decode kernel (per-group sums in int32) and
-the XLA path (the weight dequantized to float32) differ only in summation order.
+the XLA path (the weight dequantized to float32 a block of rows at a time) differ only in
+summation order.
 
 Example:
     >>> w4 = quantize_int4(w, num_leading=1)          # w: [N, K], K a multiple of 32
@@ -23,6 +24,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gemma3n.layers import decode_kernels
 from gemma3n.layers.einsum import StoredWeight, checkpoint_shape, rows_first
@@ -34,6 +36,8 @@ INT4_OFFSET = 8
 INT4_MIN, INT4_MAX = -8, 7
 _HALF = INT4_GROUP // 2
 _LOW_NIBBLE = 0x0F
+# Float32 bytes of weight rows the XLA path dequantizes at a time: they stay in the cache.
+DEQUANTIZE_BLOCK_BYTES = 1 << 20
 
 
 @flax.struct.dataclass
@@ -71,6 +75,12 @@ class Int4Weight(StoredWeight):
                      self.scale.reshape(-1, self.scale.shape[-1])) * x_scale
         shape = tuple(x.shape[x_spec.index(a)] for a in x_free) + self.q.shape[:-1]
         return decode_kernels.from_rows(y, shape, x_free + channels, out_spec).astype(x.dtype)
+
+    def rows(self, ids: jax.Array) -> Int4Weight:
+        # The first stored axis is an output channel: its groups run along the inputs.
+        return Int4Weight(q=jnp.take(self.q, ids, axis=0, mode='clip'),
+                          scale=jnp.take(self.scale, ids, axis=0, mode='clip'), order=None,
+                          serving_shape=tuple(jnp.shape(ids)) + tuple(self.serving_shape[1:]))
 
     def take(self, ids: jax.Array, dtype: Any) -> jax.Array:
         rows_first(self.order)
@@ -131,8 +141,25 @@ def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
 
 
 def _xla_rows_dot(xq: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
-    return jnp.einsum('mk,nk->mn', xq.astype(jnp.float32), dequantize(q, scale),
-                      preferred_element_type=jnp.float32)
+    """`rows_dot` on XLA: a block of weight rows (DEQUANTIZE_BLOCK_BYTES of float32) dequantized
+    at a time, every product exact as the kernel's, so no float32 copy of the whole weight is
+    written and read back on each call (measured at E4B widths, 128 rows, load average 10 on
+    2 cores: 1.1-3.9x faster per product, 1.25-1.35x on a whole FFN)."""
+    xf = xq.astype(jnp.float32)
+    n = q.shape[0]
+    r = max(1, min(n, DEQUANTIZE_BLOCK_BYTES // (np.dtype(np.float32).itemsize * xq.shape[1])))
+    full = n // r * r
+
+    def block(q, scale):                                  # [r, ...] -> [M, r]
+        return jnp.einsum('mk,nk->mn', xf, dequantize(q, scale),
+                          preferred_element_type=jnp.float32)
+
+    y = jax.lax.map(lambda b: block(*b), (q[:full].reshape(n // r, r, -1),
+                                          scale[:full].reshape(n // r, r, -1)))
+    y = jnp.transpose(y, (1, 0, 2)).reshape(xq.shape[0], full)       # [M, full]
+    if full < n:
+        y = jnp.concatenate([y, block(q[full:], scale[full:])], axis=1)
+    return y
 
 
 def rows_dot(xq: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:

@@ -37,10 +37,13 @@ class QuantizedWeight(StoredWeight):
     q: int8 weight in serving order [batch..., out..., in...] (`order` permutes the checkpoint's
         axes into it; None: the checkpoint order already is).
     scale: float32 [batch..., out...]; the weight is q · scale.
+    scale_last: the scale covers the last stored axes instead of the first: a weight stored
+        [in, out] (rows first; the sparse layers' FFN down projection, `gemma3n.sparse_rows`).
     """
     q: jax.Array
     scale: jax.Array
     order: tuple[int, ...] | None = flax.struct.field(pytree_node=False, default=None)
+    scale_last: bool = flax.struct.field(pytree_node=False, default=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -48,13 +51,20 @@ class QuantizedWeight(StoredWeight):
 
     def contract(self, eqn: str, x: jax.Array) -> jax.Array:
         return contract_stored(eqn, x, self.q, self.order,
-                               lambda spec, x, q: _int8_dot(spec, x, q, self.scale))
+                               lambda spec, x, q: _int8_dot(spec, x, q, self.scale,
+                                                            self.scale_last))
 
     def take(self, ids: jax.Array, dtype: Any) -> jax.Array:
         rows_first(self.order)
         rows = jnp.take(self.q, ids, axis=0, mode='clip').astype(jnp.float32)
         scales = jnp.take(self.scale, ids, axis=0, mode='clip')
         return (rows * scales[..., None]).astype(dtype)
+
+    def rows(self, ids: jax.Array) -> QuantizedWeight:
+        # A scale over the last axis belongs to every row; one over the first is gathered.
+        scale = self.scale if self.scale_last else jnp.take(self.scale, ids, axis=0, mode='clip')
+        return QuantizedWeight(jnp.take(self.q, ids, axis=0, mode='clip'), scale, None,
+                               self.scale_last)
 
 
 def quantize_rows(x: jax.Array, contracted: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
@@ -66,7 +76,8 @@ def quantize_rows(x: jax.Array, contracted: tuple[int, ...]) -> tuple[jax.Array,
     return jnp.round(x32 / x_scale).astype(jnp.int8), x_scale
 
 
-def _int8_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+def _int8_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array,
+              scale_last: bool = False) -> jax.Array:
     """x · (q · scale) with x quantized too: int8 x int8 products are the only int8 form XLA's
     CPU backend runs fast (a mixed int8 x bf16 product converts the weight every call).
 
@@ -78,7 +89,10 @@ def _int8_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Arr
     contracted = [i for i, a in enumerate(x_spec) if a in w_spec and a not in out_spec]
     xq, x_scale = quantize_rows(x, tuple(contracted))
     y = dot(eqn, xq, q).astype(jnp.float32)
-    scale_spec = w_spec[:scale.ndim]
+    # The scale covers the first (or, `scale_last`, the last) of the weight's axes the output
+    # keeps; an axis it shares with x (rows gathered per sequence) is one of those.
+    kept = ''.join(a for a in w_spec if a in out_spec)
+    scale_spec = kept[len(kept) - scale.ndim:] if scale_last else kept[:scale.ndim]
     y = jnp.einsum(f'{out_spec},{scale_spec}->{out_spec}', y, scale.astype(jnp.float32))
     row_spec = ''.join(a for i, a in enumerate(x_spec) if i not in contracted)
     y = jnp.einsum(f'{out_spec},{row_spec}->{out_spec}', y,

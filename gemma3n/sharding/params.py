@@ -25,6 +25,12 @@ from gemma3n.layers import QuantizedWeight, ServingWeight, StoredWeight
 from gemma3n.sharding.rules import ShardingRules, stored_spec
 
 
+def axis_names(info: Any) -> tuple[str | None, ...]:
+    """The logical axis names of a schema entry; a weight declared without names (flax's own
+    layers) gets None for each axis: kept whole."""
+    return info.axes if info.axes is not None else (None,) * len(info.shape)
+
+
 def leaf_sharding(path: str, leaf: Any, schema: Mapping[str, Any], mesh: Mesh,
                   rules: ShardingRules) -> Any:
     """The sharding of the leaf at `path` (an array or its shape; a StoredWeight gets one of
@@ -35,9 +41,7 @@ def leaf_sharding(path: str, leaf: Any, schema: Mapping[str, Any], mesh: Mesh,
                          'shard it.')
     if tuple(leaf.shape) != tuple(info.shape):
         raise ValueError(f'{path} has shape {tuple(leaf.shape)}; the schema says {info.shape}.')
-    # A weight declared without names (flax's own layers) is kept whole.
-    names = info.axes if info.axes is not None else (None,) * len(info.shape)
-    spec = rules.spec(names, info.shape, dict(mesh.shape))
+    spec = rules.spec(axis_names(info), info.shape, dict(mesh.shape))
     if isinstance(leaf, QuantizedWeight):
         stored = stored_spec(spec, leaf.order)
         return leaf.replace(q=NamedSharding(mesh, stored), scale=NamedSharding(

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from gemma3n.checkpoints.hf_config import check_representable
 from gemma3n.checkpoints.native import save_checkpoint_folder
@@ -114,7 +115,9 @@ class FinetuneRun:
     `resume`) and tokenises the data, before any weight is read or program compiled; `run`
     then trains from the given weights. `split` chooses what trains (default: every weight but
     `options.freeze`); with a `LoRA` split the result is a PEFT adapter folder naming `base`
-    (the checkpoint trained on; None: the demo model) instead of a checkpoint.
+    (the checkpoint trained on; None: the demo model) instead of a checkpoint. With a `mesh`
+    (`gemma3n.sharding.make_mesh`), the weights, the optimizer state and the batch are split
+    over its devices by the sharding rules (one process: it reads the whole result back).
 
     Example:
         >>> run = FinetuneRun(model, tokenizer, options, Path('out'))
@@ -123,8 +126,9 @@ class FinetuneRun:
 
     def __init__(self, model: Any, tokenizer: Tokenizer, options: FinetuneOptions, out: Path,
                  *, resume: bool = False, split: ParamSplit | None = None,
-                 base: str | None = None):
+                 base: str | None = None, mesh: Mesh | None = None):
         self.out, self.options, self.base = Path(out).expanduser(), options, base
+        self.mesh = mesh
         self.tokenizer, self.resume = tokenizer, resume
         pyplot()
         self.model = model.clone(remat=options.remat, **MODEL_KEYS)
@@ -161,11 +165,10 @@ class FinetuneRun:
         """
         options, stream, out = self.options, self.stream, self.out
         claim_run_folder(out, self.run_config)
-        trainable, frozen = self.split.split(params)
+        steps = TrainSteps(self.model, self.split, self.optimizer.make(), mesh=self.mesh)
+        trainable, frozen = steps.place(*self.split.split(params))
         del params
-        steps = TrainSteps(self.model, self.split, self.optimizer.make())
         state = steps.init(trainable, options.seed)
-        frozen = jax.device_put(frozen)
         store = StateStore(out / STATE_FOLDER, keep=options.keep)
         metrics_path = out / METRICS_FILE
         if self.resume and store.latest_step() is not None:

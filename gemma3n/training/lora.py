@@ -30,6 +30,8 @@ from gemma3n.checkpoints.peft_adapter import (LORA_TARGETS, Adapter, Slot, check
                                               target_slots)
 from gemma3n.config import TransformerConfig
 from gemma3n.layers.lora import LoRAWeight
+from gemma3n.layers.weights import WeightInfo
+from gemma3n.sharding.params import axis_names
 
 A_NAME, B_NAME = 'lora_a', 'lora_b'
 
@@ -99,6 +101,24 @@ class LoRA:
             raise ValueError(f'the initial adapter of {path} has shapes {a.shape}, {b.shape}, '
                              f'not those of rank {self.rank} on {slot.shape}.')
         return a, b
+
+    def trainable_schema(self, schema: Mapping[str, WeightInfo]) -> dict[str, WeightInfo]:
+        """Each factor's shape and axes: `a` [stacked..., in..., r] keeps the names of the
+        weight's stacked and input axes, `b` [stacked..., r, out...] those of its stacked and
+        output axes; the rank axis has none (never split)."""
+        trainable = {}
+        for path, slots in self.slots().items():
+            slot, names = slots[0], axis_names(schema[path])
+            stack = tuple(range(slot.stacked))
+            out = tuple(i for i in range(len(slot.shape))
+                        if i >= slot.stacked and i not in slot.in_axes)
+            for name, kept, rank_at in ((A_NAME, stack + slot.in_axes, len(slot.in_axes)),
+                                        (B_NAME, stack + out, 0)):
+                dims = [(slot.shape[i], names[i]) for i in kept]
+                dims.insert(slot.stacked + rank_at, (self.rank, None))
+                trainable[f'{path}/{name}'] = WeightInfo(
+                    tuple(n for n, _ in dims), jnp.float32, tuple(a for _, a in dims))
+        return trainable
 
     def combine(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
         flat = flatten_params(frozen)

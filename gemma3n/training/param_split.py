@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
+from gemma3n.layers.weights import WeightInfo
 
 # Freeze patterns users reach for most: the two vocabulary-sized tables (E4B: 5.4 of its 7.8
 # billion weights), which a small data set cannot teach much.
@@ -32,10 +34,14 @@ class ParamSplit(Protocol):
     """How a parameter tree becomes (trainable, frozen) and back.
 
     `combine` gives what the model's forward pass takes (for adapters: weights that carry
-    them); `export` gives a plain parameter tree to save (for adapters: merged weights).
+    them); `export` gives a plain parameter tree to save (for adapters: merged weights);
+    `trainable_schema` says, from the model's weight schema ({path: WeightInfo}), the shape and
+    logical axes of each trainable leaf (what shards it on a mesh).
     """
 
     def split(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]: ...
+
+    def trainable_schema(self, schema: Mapping[str, WeightInfo]) -> dict[str, WeightInfo]: ...
 
     def combine(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -66,6 +72,9 @@ class FullFineTuning:
 
     def combine(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
         return unflatten_params({**flatten_params(frozen), **flatten_params(trainable)})
+
+    def trainable_schema(self, schema: Mapping[str, WeightInfo]) -> dict[str, WeightInfo]:
+        return {path: info for path, info in schema.items() if not self.is_frozen(path)}
 
     def export(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
         return self.combine(trainable, frozen)

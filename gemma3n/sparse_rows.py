@@ -1,0 +1,93 @@
+"""Decoding a sparse layer's FFN by reading only the rows of the units it keeps.
+
+In a layer with activation sparsity the gaussian top-k (`gemma3n.ffn.gaussian_topk`) zeroes
+all gate units below mean + z·std (E4B: z = Φ⁻¹(0.95), ~5% kept), and a zeroed unit
+contributes exactly nothing: gelu(0) · up = 0. So for a few tokens (decode) the FFN computes
+the gate, finds the kept units of each token, and reads only their rows of the up projection
+and of the down projection, which the serving layout stores rows first for that
+(`gemma3n.layout`: gate and up as the two leaves of a `StackedWeight`, the down projection
+[F, D]). Every leaf type gathers its own rows (`StoredWeight.rows`), so bf16, float32, int8
+and int4 all take this path, and each product is the dense one minus its zero terms: int8
+equals the dense computation bit for bit, the float formats and int4 up to float32 summation
+order.
+
+The number kept varies per token, while shapes must be static: each token gathers
+`capacity(F, sparsity)` rows (twice the expected count), padded with row 0 whose activation
+is masked to 0; a step in which some token keeps more runs the dense product instead
+(`lax.cond`, one branch executed), so the result never depends on the capacity.
+
+Example:
+    >>> if applies(gating, linear, tokens=B * L):            # x: [B, L, D]
+    ...     y = sparse_ffn(x, top, gating.parts[1], 'TD,FD->TF', linear, 0.95)
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gemma3n.layers import StackedWeight, StoredWeight, contract
+
+# Tokens per call up to which the FFN reads rows: each token reads its own rows, so past a
+# few tokens the dense product, which reads every row once for all of them, is cheaper.
+MAX_TOKENS = 8
+# Rows gathered per token, in multiples of the expected count F · (1 - sparsity).
+CAPACITY_FACTOR = 2.0
+
+
+def capacity(hidden_dim: int, sparsity: float) -> int:
+    """Rows gathered per token (static), at most `hidden_dim`."""
+    return min(hidden_dim, math.ceil(hidden_dim * (1.0 - sparsity) * CAPACITY_FACTOR))
+
+
+def applies(gating: object, linear: object, tokens: int) -> bool:
+    """Whether the FFN of `tokens` tokens with these weight leaves reads rows: a decode-sized
+    call with weights in the sparse rows layout (`gemma3n.layout`)."""
+    # A wrapper leaf (LoRA) has no `order`: it takes the dense products.
+    return (tokens <= MAX_TOKENS and isinstance(gating, StackedWeight)
+            and isinstance(linear, StoredWeight) and getattr(linear, 'order', None) == (0, 1))
+
+
+def kept_units(top: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    """The units of each row of `top` [T, F] that are nonzero, as (ids [T, size], valid
+    [T, size]): ids in increasing order, padded with 0 where `valid` is False."""
+    mask = top != 0
+    ids = jax.vmap(lambda row: jnp.nonzero(row, size=size, fill_value=0)[0])(mask)
+    valid = jnp.arange(size) < jnp.sum(mask, axis=-1, keepdims=True)
+    return ids, valid
+
+
+def sparse_ffn(x: jax.Array, gate_top: jax.Array, up: StoredWeight, up_eqn: str,
+               linear: StoredWeight, sparsity: float) -> jax.Array:
+    """The FFN output [B, L, D] of x [B, L, D] whose gate after the top-k is `gate_top`
+    [B, L, F], reading only the kept units' rows of the up projection `up` (stored [F, D];
+    `up_eqn` contracts x [T, D] with it in its checkpoint order, 'TD,FD->TF' or 'TD,DF->TF')
+    and of the down projection `linear` (stored [F, D])."""
+    *lead, d = x.shape
+    f = gate_top.shape[-1]
+    xt, top = x.reshape(-1, d), gate_top.reshape(-1, f)       # [T, D], [T, F]
+    size = capacity(f, sparsity)
+
+    def rows() -> jax.Array:
+        ids, valid = kept_units(top, size)
+        out = []
+        # Token by token: the up product is then one row times gathered rows stored [C, D],
+        # which the decode kernels take (`gemma3n.layers.decode_kernels`); the down product
+        # (rows [C, D] = [in, out]) is XLA's x @ w, ~1 ms at E4B widths, where re-laying the
+        # rows out [D, C] for the kernels costs 8.
+        for t in range(xt.shape[0]):
+            kept_up = contract('D,CD->C', xt[t], up.rows(ids[t]))
+            hidden = nn.gelu(top[t, ids[t]], approximate=True) * kept_up
+            hidden = jnp.where(valid[t], hidden, jnp.zeros((), hidden.dtype))
+            out.append(contract('C,CD->D', hidden, linear.rows(ids[t])))
+        return jnp.stack(out)
+
+    def dense() -> jax.Array:
+        hidden = nn.gelu(top, approximate=True) * contract(up_eqn, xt, up)
+        return contract('TF,FD->TD', hidden, linear)
+
+    most = jnp.max(jnp.sum(top != 0, axis=-1))
+    return jax.lax.cond(most <= size, rows, dense).reshape(*lead, d)
