@@ -22,8 +22,6 @@ import numpy as np
 from bench import common
 
 CLIP_SECONDS = 30
-SCALE_NOISE = 0.1
-PER_DIM_NOISE = 0.3
 TONES_HZ = (440.0, 1250.0)
 NOISE_LEVEL = 0.05
 
@@ -36,20 +34,12 @@ def synthetic_clip(sample_rate: int, seed: int = 0) -> np.ndarray:
 
 
 def hf_encoder():
-    import torch
     import transformers
 
+    from tests.hf_random_weights import randomize
+
     model = transformers.Gemma3nAudioEncoder(transformers.Gemma3nAudioConfig()).eval()
-    generator = torch.Generator().manual_seed(common.WEIGHT_SEED)
-    with torch.no_grad():
-        for name, weight in model.state_dict().items():
-            noise = torch.randn(weight.shape, generator=generator)
-            if name.endswith('per_dim_scale'):
-                weight.copy_(PER_DIM_NOISE * noise)
-            elif weight.ndim == 1:
-                weight.copy_(1 + SCALE_NOISE * noise)
-            else:
-                weight.copy_(noise / float(np.sqrt(np.prod(weight.shape[1:]))))
+    randomize(model, common.WEIGHT_SEED)
     return model
 
 

@@ -28,31 +28,25 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from gemma3n import memory
-from gemma3n.checkpoints import hf_mapping, load_params, open_per_layer_table
-from gemma3n.checkpoints.hf_towers import model_config_from_hf
-from gemma3n.checkpoints.loader import ORBAX_FORMAT, Checkpoint, has_vision_encoder, open_checkpoint
+from gemma3n.checkpoints import load_params, open_per_layer_table
+from gemma3n.checkpoints.hf_config import hf_final_logit_softcap
+from gemma3n.checkpoints.loader import ORBAX_FORMAT, Checkpoint, existing_checkpoint, open_checkpoint
 from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE, HFSoftcapWarning, config_file
 from gemma3n.config import TransformerConfig
 from gemma3n.layout import load_serving, serving_nbytes, to_serving
 from gemma3n.load_error import PATH, LoadError
-from gemma3n.loaded_model import CONFIG_JSON_MODEL, CUSTOM_MODEL, DEMO, MODEL_NAMES, LoadedModel
+from gemma3n.loaded_model import DEMO, MODEL_NAMES, LoadedModel
+from gemma3n.model_choice import DEMO_DTYPE, MODEL_CLASSES, build_model, checkpoint_model, model_dtype
+from gemma3n.models import DEMO_SEED
 from gemma3n.schema import model_schema
 from gemma3n.sharding import ShardingRules, shard_params
-from gemma3n.models import DEMO_SEED, Gemma3n_E2B, Gemma3n_E4B, demo_config, e2b_config, e4b_config
 from gemma3n.text import special_tokens
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
+from gemma3n.tower_checks import check_audio, check_vision
 from gemma3n.transformer import Gemma3nTransformer
 
-MODEL_CLASSES = {'e4b': Gemma3n_E4B, 'e2b': Gemma3n_E2B}
-PRESET_CONFIGS = {'e4b': e4b_config, 'e2b': e2b_config}
-DEFAULT_CHECKPOINT_MODEL = 'e4b'       # a checkpoint without a config.json to say its size
-DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
-DEMO_DTYPE = 'float32'
-CHECKPOINT_DTYPE = 'bfloat16'          # halves the weights' memory; checkpoints are stored in it
 QUANTIZE_FORMATS = ('int8', 'int4')
 TOKENIZER_FILE = 'tokenizer.model'
-DEMO_IS_TEXT_ONLY = ('the demo model is text-only: images need a real checkpoint with a vision '
-                     'encoder')
 USE_INT8 = "quantize='int8'"           # the memory error's advice, as Python spells it
 
 logger = logging.getLogger(__name__)
@@ -149,21 +143,9 @@ def demo_params(model: Gemma3nTransformer) -> Any:
     return jax.jit(model.init)(jax.random.key(DEMO_SEED), tokens)['params']
 
 
-def load(
-        path: str | os.PathLike | Checkpoint | None = None,
-        *,
-        model: str | Gemma3nTransformer | TransformerConfig | None = None,
-        dtype: Any = None,
-        quantize: str | None = None,
-        tokenizer: str | os.PathLike | Tokenizer | bool | None = None,
-        with_vision: bool = False,
-        with_audio: bool = False,
-        towers: bool = True,
-        hf_softcap: bool = False,
-        progress: bool = True,
-        mesh: Mesh | None = None,
-        sharding_rules: ShardingRules = ShardingRules(),
-) -> LoadedModel:
+def load(path: str | os.PathLike | Checkpoint | None = None, *, progress: bool = True,
+         mesh: Mesh | None = None, sharding_rules: ShardingRules = ShardingRules(),
+         **options: Any) -> LoadedModel:
     """A Gemma 3n model, its weights and its tokenizer, ready to run: `prepare` then
     `LoadPlan.load`.
 
@@ -171,13 +153,13 @@ def load(
         path: a Hugging Face checkpoint (directory or `.safetensors` file), an Orbax checkpoint
             directory or a file written by `save_params`; None: the built-in demo model (the
             Gemma 3n architecture at a small size, random weights, the packaged tokenizer).
-        model, dtype, quantize, tokenizer, with_vision, with_audio, towers, hf_softcap: see
-            `prepare`.
         progress: show a progress bar while the checkpoint is read.
         mesh: a `jax.sharding.Mesh` (`gemma3n.sharding.make_mesh('data=2,tensor=4')`): every
             weight goes straight into its shards on it, and `.sampler`/`.chat` run on it.
         sharding_rules: which mesh axes split which logical axes (`gemma3n.sharding.ShardingRules`;
             default: the rules of docs/architecture.md §14).
+        options: `prepare`'s keywords: model, dtype, quantize, tokenizer, with_vision,
+            with_audio, towers, hf_softcap.
 
     Every check (a missing path or tokenizer, an unknown format, a config.json that does not
     fit `model`, weights larger than the memory) raises before any weight is read.
@@ -186,78 +168,8 @@ def load(
         >>> loaded = gemma3n.load()                         # the demo model
         >>> loaded.chat().chat('Hello!')
     """
-    plan = prepare(path, model=model, dtype=dtype, quantize=quantize, tokenizer=tokenizer,
-                   with_vision=with_vision, with_audio=with_audio, towers=towers,
-                   hf_softcap=hf_softcap)
-    return plan.load(progress=progress, mesh=mesh, sharding_rules=sharding_rules)
-
-
-def check_vision(path: str | os.PathLike | Checkpoint | None,
-                 model: str | Gemma3nTransformer | TransformerConfig | None = None
-                 ) -> Checkpoint | None:
-    """LoadError unless the checkpoint at `path` (None: the demo) holds the vision encoder that
-    `with_vision=True` asks for, judged from its headers and config.json alone: SigLIP, or (a
-    Hugging Face checkpoint loaded as its config.json describes) the released MobileNet-V5
-    tower. Returns the checkpoint opened (None without `path`), for `prepare`.
-
-    A caller with images checks this before decoding them (the command does).
-    """
-    if model == DEMO or (path is None and model is None):
-        raise LoadError(DEMO_IS_TEXT_ONLY + ' ({path})', {'path': PATH})
-    if path is None:
-        return None
-    checkpoint = open_checkpoint(_existing(path))
-    released = _released_towers(checkpoint, model)
-    if released is not None and released.vision is not None:
-        return checkpoint
-    if not has_vision_encoder(checkpoint):
-        raise LoadError('{with_vision} needs a checkpoint with a vision encoder (SigLIP, or the '
-                        'released MobileNet-V5 tower); {path} ({format} format) holds none',
-                        {'with_vision': True}, path=checkpoint.path, format=checkpoint.format)
-    return checkpoint
-
-
-def check_audio(path: str | os.PathLike | Checkpoint | None,
-                model: str | Gemma3nTransformer | TransformerConfig | None = None
-                ) -> Checkpoint:
-    """LoadError unless the checkpoint at `path` is a Hugging Face one whose config.json has the
-    released audio tower that `with_audio=True` asks for (and `model` is left to it); returns
-    the checkpoint opened, for `prepare`."""
-    if model == DEMO or path is None:
-        raise LoadError('the demo model is text-only: {with_audio} needs a Gemma 3n checkpoint '
-                        'with the audio tower ({path})', {'with_audio': True, 'path': PATH})
-    checkpoint = open_checkpoint(_existing(path))
-    released = _released_towers(checkpoint, model)
-    if released is None or released.audio is None:
-        leave_out = (': the towers come with the model its config.json describes, leave '
-                     '{model:name} out') if model is not None else ''
-        raise LoadError('{with_audio} needs a Hugging Face Gemma 3n checkpoint whose config.json '
-                        'has an audio_config (the released ones do); {path} has none' + leave_out,
-                        {'with_audio': True, **({'model': model} if model is not None else {})},
-                        path=checkpoint.path)
-    return checkpoint
-
-
-def _released_towers(checkpoint: Checkpoint, model: Any) -> Any:
-    """The released towers (`TowersConfig`) the checkpoint's config.json describes, when the
-    model is left to it; else None."""
-    if model is not None or checkpoint.hf_config is None:
-        return None
-    return model_config_from_hf(checkpoint.path, checkpoint.hf_config).towers
-
-
-def _existing(path: str | os.PathLike | Checkpoint) -> Path | Checkpoint:
-    if isinstance(path, Checkpoint):
-        return path
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f'checkpoint not found: {path}')
-    return path
-
-
-def default_dtype(name: str) -> str:
-    """The dtype model `name` runs in unless told: float32 for the demo, else bfloat16."""
-    return DEMO_DTYPE if name == DEMO else CHECKPOINT_DTYPE
+    return prepare(path, **options).load(progress=progress, mesh=mesh,
+                                         sharding_rules=sharding_rules)
 
 
 def prepare(
@@ -310,7 +222,7 @@ def prepare(
     if with_audio:
         source = check_audio(source or path, model)
     if path is not None:
-        source = source or _existing(path)
+        source = source or existing_checkpoint(path)
     if source is None and model not in (None, DEMO):
         if not isinstance(model, str):
             raise ValueError('a model module or config needs a checkpoint path: only the demo '
@@ -327,14 +239,15 @@ def prepare(
         if hf_softcap:
             raise LoadError('{hf_softcap} applies the softcap of a Hugging Face checkpoint: give '
                             'one with {path}', {'hf_softcap': True, 'path': PATH})
-        module = _module(DEMO, _dtype(dtype, default_dtype(DEMO)), False, tokenizer.vocab_size)
+        module = build_model(DEMO, dtype=model_dtype(dtype, DEMO_DTYPE), with_vision=False,
+                             vocab_size=tokenizer.vocab_size)
         return _plan(DEMO, module, tokenizer, None, quantize)
 
     checkpoint = open_checkpoint(source)
     name, module = checkpoint_model(checkpoint, model, dtype=dtype, with_vision=with_vision,
                                     vocab_size=None if tokenizer is None else tokenizer.vocab_size,
                                     towers=towers or with_vision or with_audio)
-    cap = None if checkpoint.hf_config is None else hf_mapping.hf_final_logit_softcap(
+    cap = None if checkpoint.hf_config is None else hf_final_logit_softcap(
         checkpoint.hf_config)
     if hf_softcap:
         if checkpoint.hf_config is None:
@@ -365,16 +278,6 @@ def _plan(name: str, module: Gemma3nTransformer, tokenizer: Tokenizer | None,
     return LoadPlan(name, module, tokenizer, checkpoint, quantize, need, unused_softcap)
 
 
-def _dtype(dtype: Any, default: str) -> Any:
-    if dtype is None:
-        dtype = default
-    try:
-        return DTYPES[jnp.dtype(dtype).name]
-    except (TypeError, KeyError):
-        raise LoadError('{dtype} is not a dtype the model runs in: use '
-                        + ' or '.join(map(repr, DTYPES)), {'dtype': dtype}) from None
-
-
 def _tokenizer(tokenizer: Any, checkpoint: Path | Checkpoint | None) -> Tokenizer:
     """The tokenizer given (or its path), else the one beside the checkpoint, else the demo's."""
     if isinstance(tokenizer, Tokenizer):
@@ -390,69 +293,3 @@ def _tokenizer(tokenizer: Any, checkpoint: Path | Checkpoint | None) -> Tokenize
         raise LoadError(f'no {TOKENIZER_FILE} in {{directory}}: pass {{tokenizer}} (the Gemma 3n '
                         f'{TOKENIZER_FILE})', {'tokenizer': PATH}, directory=directory)
     return Tokenizer(directory / TOKENIZER_FILE)
-
-
-def _module(name: str, dtype: Any, with_vision: bool, vocab_size: int) -> Gemma3nTransformer:
-    """The module of model `name` ('e4b', 'e2b' or 'demo', whose size is the `vocab_size`)."""
-    if name == DEMO:
-        return Gemma3nTransformer(config=demo_config(vocab_size), text_only=True, dtype=dtype)
-    # The presets' configs hold the vision encoder; text_only leaves it out of the module.
-    return MODEL_CLASSES[name](text_only=not with_vision, dtype=dtype)
-
-
-def build_model(name: str, *, dtype: Any, with_vision: bool,
-                vocab_size: int | None = None) -> Gemma3nTransformer:
-    """The module of model `name` ('e4b', 'e2b' or 'demo'; the demo needs the `vocab_size`),
-    without weights (e.g. to describe it)."""
-    if name == DEMO and with_vision:
-        raise ValueError(DEMO_IS_TEXT_ONLY)
-    return _module(name, dtype, with_vision, vocab_size)
-
-
-def preset_name(config: TransformerConfig, default: str = CONFIG_JSON_MODEL) -> str:
-    """The preset ('e4b', 'e2b') whose text-only config `config` is, else `default`."""
-    return next((preset for preset, make_config in PRESET_CONFIGS.items()
-                 if make_config(with_vision=False) == config), default)
-
-
-def checkpoint_model(checkpoint: Checkpoint, model: Any = None, *, dtype: Any = None,
-                     with_vision: bool = False, vocab_size: int | None = None,
-                     towers: bool = True) -> tuple[str, Gemma3nTransformer]:
-    """The model `checkpoint` loads into, and its name: `model` (as for `prepare`) when given,
-    checked against a config.json, else the one config.json describes (with the released towers
-    it describes unless not `towers`), else E4B. Only shapes are built: nothing is read but
-    config.json (already, by `open_checkpoint`).
-
-    `vocab_size`: the demo's (its tokenizer's), when `model` is 'demo'.
-    """
-    hf_config = checkpoint.hf_config
-    if isinstance(model, (Gemma3nTransformer, TransformerConfig)):
-        module = model if isinstance(model, Gemma3nTransformer) else Gemma3nTransformer(
-            config=model, text_only=True)
-        module = module.clone(dtype=_dtype(dtype, jnp.dtype(module.dtype).name))
-        name = preset_name(module.config, CUSTOM_MODEL)
-        if with_vision and (module.text_only or module.config.vision_encoder is None):
-            raise ValueError('with_vision=True needs a model with a vision encoder; the model '
-                             'given has none (text_only=True or no vision_encoder in its config)')
-    elif model is None and hf_config is not None:
-        try:
-            config = model_config_from_hf(checkpoint.path, hf_config)
-        except ValueError as err:
-            raise ValueError(f'{config_file(checkpoint.path)}: {err}') from err
-        name = preset_name(dataclasses.replace(config, towers=None))
-        # (prepare has refused with_vision without the released vision tower: Hugging Face
-        # checkpoints hold no SigLIP encoder.)
-        module = Gemma3nTransformer(config=config, text_only=not towers or config.towers is None,
-                                    dtype=_dtype(dtype, CHECKPOINT_DTYPE))
-    else:
-        name = model or DEFAULT_CHECKPOINT_MODEL
-        module = _module(name, _dtype(dtype, default_dtype(name)), with_vision, vocab_size)
-    problems = [] if hf_config is None else hf_mapping.check_hf_config(hf_config, module.config)
-    if problems:
-        described = {'model': model} if isinstance(model, str) else {}
-        raise LoadError(('{model}' if described else 'the model given') + ' does not fit '
-                        '{config_path}: {problems}. Leave '
-                        + ('{model:name}' if described else 'model') + ' out to load the model '
-                        f'{CONFIG_FILE} describes', described,
-                        config_path=config_file(checkpoint.path), problems='; '.join(problems))
-    return name, module

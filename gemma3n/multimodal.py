@@ -92,17 +92,27 @@ def check_images(images: Any, marker_counts: np.ndarray | None, num_sequences: i
         images = images[:, None]
     if not (images.dtype == jnp.uint8 or jnp.issubdtype(images.dtype, jnp.floating)):
         raise ValueError(f'images must be uint8 (or float in [0, 255]), got {images.dtype}.')
-    if images.shape[0] != num_sequences:
-        raise ValueError(f'images are for a batch of {images.shape[0]} sequences, the tokens '
-                         f'have {num_sequences}.')
     if images.shape[-1] != channels:
         raise ValueError(f'images must have {channels} channels, got shape '
                          f'{tuple(images.shape)}.')
-    if marker_counts is not None and (np.asarray(marker_counts) != images.shape[1]).any():
-        raise ValueError(
-            f'each sequence needs one <start_of_image> token per image: got {images.shape[1]} '
-            f'image(s) per sequence but marker counts {np.asarray(marker_counts).tolist()}.')
+    check_per_sequence('images are', images.shape[:2], num_sequences, marker_counts,
+                       '<start_of_image>', 'image')
     return jnp.asarray(images)
+
+
+def check_per_sequence(what: str, batch_shape: tuple[int, int], num_sequences: int,
+                       marker_counts: np.ndarray | None, marker: str, item: str) -> None:
+    """Media of `batch_shape` [B, N] (N items per sequence) against the tokens: B must be their
+    `num_sequences`, and each sequence needs N `marker`s (`marker_counts` [B]; None: the tokens
+    are not known yet). `what` is the media's name with its verb ('images are')."""
+    batch, per_sequence = batch_shape
+    if batch != num_sequences:
+        raise ValueError(f'{what} for a batch of {batch} sequences, the tokens have '
+                         f'{num_sequences}.')
+    if marker_counts is not None and (np.asarray(marker_counts) != per_sequence).any():
+        raise ValueError(
+            f'each sequence needs one {marker} token per {item}: got {per_sequence} '
+            f'{item}(s) per sequence but marker counts {np.asarray(marker_counts).tolist()}.')
 
 
 def expand_tokens(tokens: jax.Array, num_images: int, num_soft_tokens: int,

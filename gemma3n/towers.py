@@ -32,6 +32,7 @@ import numpy as np
 
 from gemma3n.audio.config import AudioConfig
 from gemma3n.audio.encoder import AudioEncoder
+from gemma3n.multimodal import check_per_sequence
 from gemma3n.multimodal_embedder import MultimodalEmbedder
 from gemma3n.towers_config import TowersConfig
 from gemma3n.vision.mobilenet.config import MobileNetConfig
@@ -82,17 +83,12 @@ def check_audio(audio: Any, marker_counts: np.ndarray | None, num_sequences: int
     if tuple(valid.shape) != tuple(mel.shape[:3]):
         raise ValueError(f'audio.valid must be [B, M, T] = {tuple(mel.shape[:3])}, got shape '
                          f'{tuple(valid.shape)}.')
-    if mel.shape[0] != num_sequences:
-        raise ValueError(f'audio is for a batch of {mel.shape[0]} sequences, the tokens have '
-                         f'{num_sequences}.')
+    check_per_sequence('audio is', mel.shape[:2], num_sequences, marker_counts,
+                       '<start_of_audio>', 'clip')
     made = config.soft_tokens(mel.shape[2])
     if made > towers.audio_soft_tokens:
         raise ValueError(f'{mel.shape[2]} log-mel frames give {made} audio soft tokens; the model '
                          f'takes {towers.audio_soft_tokens} per clip: cut the clip.')
-    if marker_counts is not None and (np.asarray(marker_counts) != mel.shape[1]).any():
-        raise ValueError(
-            f'each sequence needs one <start_of_audio> token per clip: got {mel.shape[1]} '
-            f'clip(s) per sequence but marker counts {np.asarray(marker_counts).tolist()}.')
     return AudioInput(jnp.asarray(mel, jnp.float32), jnp.asarray(valid, bool))
 
 

@@ -18,8 +18,9 @@ from gemma3n.config import TransformerConfig
 from gemma3n.embedder import Embedder
 from gemma3n.layers import Einsum, RMSNorm, guard, special_ids
 from gemma3n.layers.axes import EMBED, EMBED_PROJECTED
+from gemma3n.model_inputs import (Inputs, check_combinations, check_tokens, flat_attention_mask,
+                                  flat_per_layer_embeddings, token_positions)
 from gemma3n.towers import AudioInput, ReleasedTowers, check_audio
-from gemma3n.validation import token_ids
 
 KEY_REQUIRED = '__KEY_REQUIRED__'
 
@@ -43,43 +44,6 @@ class ModelInfo:
     """Which tokenizer and default checkpoint go with a model class."""
     tokenizer_version: str | None = None
     default_ckpt: str | None = None
-
-
-def _check_tokens(tokens: Any, num_embed: int, extra_ids: tuple[int, ...]) -> jax.Array:
-    """Validates token ids before anything is traced; returns them as an int32 array."""
-    if isinstance(tokens, jax.core.Tracer):
-        if not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise TypeError(f'tokens must hold integer token ids, got dtype {tokens.dtype}.')
-    else:
-        tokens = token_ids('tokens', tokens, num_embed, extra_ids)
-    if tokens.ndim < 1:
-        raise ValueError(f'tokens must have shape [*B, L], got a scalar of shape {tokens.shape}.')
-    if tokens.shape[-1] == 0:
-        raise ValueError('tokens must hold at least one token (shape [*B, L] with L >= 1).')
-    return jnp.asarray(tokens, jnp.int32)
-
-
-@flax.struct.dataclass
-class Inputs:
-    """A call's inputs made ready for the block stack (`Gemma3nTransformer._prepare_inputs`),
-    the batch flattened to B and the image blocks expanded (L counts their tokens).
-
-    embeddings: [B, L, D] token embeddings, images' soft tokens merged in.
-    per_layer: [B, L, num_layers, P] each layer's per-layer input.
-    query: positions, visibility and validity of the tokens.
-    attention_mask: bool [B, L, L] replacing the default mask, or None.
-    end_index: [B] the cache's positions written before this call, or None without a cache.
-    text_index: [B, L_text] the expanded row each input token's output is read from, or None
-        without images.
-    batch_shape: the caller's batch dimensions *B, restored on the outputs.
-    """
-    embeddings: jax.Array
-    per_layer: jax.Array
-    query: QueryInfo
-    attention_mask: jax.Array | None
-    end_index: jax.Array | None
-    text_index: jax.Array | None
-    batch_shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
 
 
 def last_valid_index(valid: jax.Array) -> jax.Array:
@@ -211,9 +175,10 @@ class Gemma3nTransformer(nn.Module):
         """Checks the arguments of `__call__` (before anything heavy runs), expands the image
         and audio blocks and embeds the tokens: everything the blocks need, with the batch
         flattened."""
-        self._check_combinations(images, audio, positions, positions_offset, cache,
-                                 attention_mask, soft_tokens)
-        tokens = _check_tokens(tokens, self.config.num_embed, multimodal.ids_beyond_vocabulary(
+        check_combinations(has_vision=self.has_vision, has_audio=self.has_audio, images=images,
+                           audio=audio, positions=positions, positions_offset=positions_offset,
+                           cache=cache, attention_mask=attention_mask, soft_tokens=soft_tokens)
+        tokens = check_tokens(tokens, self.config.num_embed, multimodal.ids_beyond_vocabulary(
             self.config, self.text_only, expanded=bool(soft_tokens)))
         batch_shape = tuple(tokens.shape[:-1])
         tokens = tokens.reshape(-1, tokens.shape[-1])                         # [B, L]
@@ -225,24 +190,15 @@ class Gemma3nTransformer(nn.Module):
         end_index = None if cache is None else cache[kv_cache.END_INDEX]
         length = tokens.shape[-1]
         valid = tokens != special_ids.PAD
-        positions = self._positions(valid, batch_shape, positions, positions_offset, end_index)
-        if attention_mask is not None:
-            if tuple(attention_mask.shape) != batch_shape + (length, length):
-                raise ValueError(f'attention_mask must have shape [*B, L, L] = '
-                                 f'{batch_shape + (length, length)}, got {attention_mask.shape}.')
-            attention_mask = jnp.reshape(attention_mask, (batch, length, length)).astype(bool)
+        positions = token_positions(valid, batch_shape, positions, positions_offset, end_index)
+        attention_mask = flat_attention_mask(attention_mask, batch_shape, batch, length)
         visible_until = positions
         # Only the seed's SigLIP blocks are bidirectional; the released towers' are causal.
         if self.vision_encoder is not None and (images is not None or soft_tokens):
             visible_until = multimodal.bidirectional_visible_until(tokens, positions)
-        if per_layer_embeddings is not None:
-            expected = (batch, length, self.config.num_layers, self.config.per_layer_input_dim)
-            per_layer_embeddings = jnp.reshape(
-                per_layer_embeddings, (-1,) + tuple(per_layer_embeddings.shape[len(batch_shape):]))
-            if per_layer_embeddings.shape != expected:
-                raise ValueError(f'per_layer_embeddings must have shape [*B, L, num_layers, P] = '
-                                 f'{expected} (L after image expansion), got '
-                                 f'{per_layer_embeddings.shape}.')
+        per_layer_embeddings = flat_per_layer_embeddings(
+            per_layer_embeddings, batch_shape,
+            (batch, length, self.config.num_layers, self.config.per_layer_input_dim))
 
         x = self.embedder.encode(tokens)                                      # [B, L, D]
         if self.towers is not None:
@@ -263,32 +219,6 @@ class Gemma3nTransformer(nn.Module):
             query=QueryInfo(positions=positions, visible_until=visible_until, valid=valid),
             attention_mask=attention_mask, end_index=end_index, text_index=text_index,
             batch_shape=batch_shape)
-
-    def _check_combinations(self, images: Any, audio: Any, positions: Any,
-                            positions_offset: Any, cache: Any, attention_mask: Any,
-                            soft_tokens: Any) -> None:
-        """Refuses arguments of `__call__` that cannot be given together."""
-        if images is not None and not self.has_vision:
-            raise ValueError('This model does not have vision encoder (text_only=True or no '
-                             'vision tower in its config): images cannot be passed.')
-        if audio is not None and not self.has_audio:
-            raise ValueError('This model has no audio tower (text_only=True or none in its '
-                             'config): audio cannot be passed.')
-        if soft_tokens:
-            if images is not None or audio is not None or not (self.has_vision or self.has_audio):
-                raise ValueError('soft_tokens need a model with a vision or audio tower, and no '
-                                 'images or audio.')
-            if positions is not None or attention_mask is not None:
-                raise ValueError('positions and attention_mask cannot be combined with '
-                                 'soft_tokens.')
-        if (images is not None or audio is not None) and (
-                positions is not None or attention_mask is not None):
-            raise ValueError('positions and attention_mask cannot be combined with images or '
-                             'audio: their blocks change the sequence.')
-        if cache is not None and (positions is not None or positions_offset is not None
-                                  or attention_mask is not None):
-            raise ValueError('positions, positions_offset and attention_mask cannot be given '
-                             'with a cache: cached calls continue the positions it holds.')
 
     def _expand_blocks(self, tokens: jax.Array, images: Any, audio: Any
                        ) -> tuple[jax.Array, jax.Array | None, list[tuple[Any, jax.Array]]]:
@@ -311,24 +241,6 @@ class Gemma3nTransformer(nn.Module):
             kinds.append((audio.num_clips, num_soft, ids))
         tokens, text_index, starts = multimodal.expand_blocks(tokens, kinds)
         return tokens, text_index, list(zip(media, starts))
-
-    @staticmethod
-    def _positions(valid: jax.Array, batch_shape: tuple[int, ...], positions: Any,
-                   positions_offset: Any, end_index: jax.Array | None) -> jax.Array:
-        """[B, L] int32 positions: the given ones, or the running count of valid tokens (minus
-        one) after the cache's `end_index` or `positions_offset`."""
-        batch, length = valid.shape
-        count = jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1
-        if end_index is not None:
-            return end_index[:, None] + count
-        if positions is None:
-            if positions_offset is None:
-                return count
-            return count + jnp.reshape(jnp.asarray(positions_offset, jnp.int32), (batch, 1))
-        if tuple(positions.shape) != batch_shape + (length,):
-            raise ValueError(f'positions must have the shape of tokens {batch_shape + (length,)}, '
-                             f'got {positions.shape}.')
-        return jnp.reshape(positions, (batch, length)).astype(jnp.int32)
 
     def _run_blocks(self, inputs: Inputs, cache: dict[str, Any] | None, last_only: bool
                     ) -> tuple[jax.Array, dict[str, Any] | None]:

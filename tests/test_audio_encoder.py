@@ -26,6 +26,7 @@ from gemma3n.checkpoints.hf_audio import (AUDIO_TOWER_PREFIX, audio_config_from_
                                           audio_embedder, hf_name, params_from_hf)
 from gemma3n.layers.weights import init_params, weight_schema
 from gemma3n.multimodal_embedder import MultimodalEmbedder
+from hf_random_weights import randomize
 from test_audio_features import CD_RATE, tone_and_noise
 
 SMALL_HF_CONFIGS = {
@@ -42,10 +43,6 @@ SMALL_HF_CONFIGS = {
 }
 # Mel frames of each clip of the test batch: the longest, one ending mid-chunk, a short one.
 CLIP_FRAMES = (61, 44, 21)
-# Random weights: norm scales 1 + 0.1 N(0, 1), per_dim_scale 0.3 N(0, 1), other weights
-# N(0, 1 / fan_in), so activations stay O(1) and no weight is a no-op.
-SCALE_NOISE = 0.1
-PER_DIM_NOISE = 0.3
 # float32 agreement bound. Both sides compute the same function in float32 and differ in
 # summation order only (einsum vs bmm, direct conv vs torch's, gathered vs shifted relative
 # logits); soft tokens are RMS-normalised (values up to ~3.1) and the measured max difference
@@ -55,19 +52,6 @@ TOL = 1e-4
 # The embedder ends in an RMS norm (values up to ~3.4) after two float32 ops: measured 9.5e-7.
 EMBED_TOL = 1e-5
 TEXT_HIDDEN = 48
-
-
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, weight in module.state_dict().items():
-            noise = torch.randn(weight.shape, generator=generator)
-            if name.endswith('per_dim_scale'):
-                weight.copy_(PER_DIM_NOISE * noise)
-            elif weight.ndim == 1:
-                weight.copy_(1 + SCALE_NOISE * noise)
-            else:
-                weight.copy_(noise / np.sqrt(np.prod(weight.shape[1:])))
 
 
 def state_of(module: torch.nn.Module) -> dict[str, np.ndarray]:

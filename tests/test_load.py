@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gemma3n
-from gemma3n import layout, loading, memory
+from gemma3n import layout, loaded_model, loading, memory
 from gemma3n.checkpoints import LazyPerLayerTable, hf_mapping, load_params, loader, save_params
 from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE, HFSoftcapWarning
 from gemma3n.cli.model import LOAD_OPTION_FLAGS
@@ -96,7 +96,7 @@ def test_lazy_table_formats_give_the_logits_of_load_params(kind, hf_checkpoint, 
         loaded = gemma3n.load(path, model=CONFIG, dtype='float32', tokenizer=False, progress=False)
     with loaded:
         assert loaded.config == CONFIG and loaded.name == (
-            loading.CONFIG_JSON_MODEL if kind == 'hf' else loading.CUSTOM_MODEL)
+            loaded_model.CONFIG_JSON_MODEL if kind == 'hf' else loaded_model.CUSTOM_MODEL)
         assert isinstance(loaded.per_layer_table, LazyPerLayerTable)
         assert 'embedder/per_layer_input_embedding' not in hf_mapping.flatten_params(loaded.params)
         np.testing.assert_allclose(np.asarray(loaded.apply(tokens).logits),

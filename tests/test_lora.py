@@ -19,12 +19,11 @@ from gemma3n.layers.einsum import contract
 from gemma3n.layers.int8 import quantize
 from gemma3n.layers.lora import LoRAWeight
 from gemma3n.layout import to_serving
-from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.training.keys import model_inputs
 from gemma3n.training.lora import B_NAME, LoRA
 from gemma3n.training.step import TrainSteps
-from hf_oracle import make_hf_causal_lm, random_params, small_configs
-from test_training_grads import GRAD_RTOL, hf_loss, hf_masks, packed_batch
+from hf_oracle import make_hf_causal_lm, small_configs
+from test_training_grads import GRAD_RTOL, hf_loss, hf_masks, training_case
 
 RANK, ALPHA = 4, 8.0
 # What peft calls the decoder inside a Gemma3nForCausalLM.
@@ -36,13 +35,7 @@ LOGIT_RTOL = 1e-4
 
 @pytest.fixture(scope='module')
 def setup():
-    cfg = small_configs()[0]
-    params = random_params(cfg, seed=3)
-    batch = packed_batch(cfg.num_embed, seed=3)
-    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32,
-                               tokens='batch.input', positions='batch.positions',
-                               attention_mask='batch.attention_mask')
-    return cfg, params, batch, model
+    return training_case(0, seed=3)
 
 
 def nonzero_b(split, trainable, seed):

@@ -25,14 +25,15 @@ def test_ci_runs_the_readme_test_command_on_an_isolated_copy():
 LAYERS = (
     ('building blocks', ('layers', 'sharding')),
     ('the model', ('config', 'attention', 'ffn', 'sparse_rows', 'altup', 'laurel', 'per_layer', 'block',
-                   'embedder', 'multimodal', 'multimodal_embedder', 'transformer', 'cache',
+                   'embedder', 'multimodal', 'multimodal_embedder', 'model_inputs', 'transformer', 'cache',
                    'models', 'schema', 'memory', 'validation', 'host_arrays', 'compilation', 'vision',
                    'audio', 'towers', 'towers_config')),
     ('checkpoints', ('checkpoints', 'layout')),
     ('the generation engine', ('engine',)),
     ('text and generation', ('text',)),
     ('serving', ('serving',)),
-    ('loading and description', ('loading', 'loaded_model', 'load_error', 'describe')),
+    ('loading and description', ('loading', 'loaded_model', 'load_error', 'model_choice',
+                                  'tower_checks', 'describe')),
     ('training', ('training',)),
     ('the command and the package', ('cli', '__init__', '__main__')),
 )
@@ -103,3 +104,15 @@ def test_the_import_check_sees_upward_imports(tmp_path):
                                          'checkpoints.loader', 'cli'}
     assert [_layer_of(m) for m in ('layers.einsum', 'transformer', 'checkpoints.loader', 'text',
                                    'training.step', 'cli.parser')] == [0, 1, 2, 4, 7, 8]
+
+
+# One concept per module (docs/architecture.md §7): a module past this many lines holds more than
+# one, and is split along its seams.
+MAX_MODULE_LINES = 400
+
+
+def test_no_module_is_over_the_line_limit():
+    long = {str(path.relative_to(ROOT)): lines for path in sorted(PACKAGE.rglob('*.py'))
+            if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, (f'modules over {MAX_MODULE_LINES} lines, to split along their seams (one '
+                      f'concept per module): {long}')

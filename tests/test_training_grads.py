@@ -18,6 +18,7 @@ from gemma3n.checkpoints.hf_mapping import params_to_hf
 from gemma3n.layers.einsum import contract
 from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.training.data import Example
+from gemma3n.training.finetune import MODEL_KEYS
 from gemma3n.training.packing import Rows, TooLong
 from gemma3n.training.param_split import FullFineTuning
 from gemma3n.training.step import TrainSteps
@@ -44,6 +45,14 @@ def packed_batch(num_embed: int, seed: int) -> dict[str, np.ndarray]:
     rows = Rows.from_examples(examples, SEQ_LEN, pack=True, too_long=TooLong.TRUNCATE)
     assert rows.num_rows == ROWS and (rows.fields['segment'] == 0).any()
     return rows.batch(np.arange(ROWS))
+
+
+def training_case(config_index: int, seed: int):
+    """(config, random weights, packed batch, the float32 model reading the batch by key) of
+    small config `config_index`, weights and batch drawn with `seed`."""
+    cfg = small_configs()[config_index]
+    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32, **MODEL_KEYS)
+    return cfg, random_params(cfg, seed=seed), packed_batch(cfg.num_embed, seed=seed), model
 
 
 def hf_masks(batch: dict[str, np.ndarray], window: int) -> dict[str, torch.Tensor]:
@@ -84,12 +93,7 @@ def setup():
     """Config 0 (KV-shared and sparse layers), its weights, a packed batch, the model reading
     the batch by keys, and our gradients of that batch in one micro-batch: one compiled
     program, which both tests below compare against."""
-    cfg = small_configs()[0]
-    params = random_params(cfg, seed=0)
-    batch = packed_batch(cfg.num_embed, seed=0)
-    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.float32,
-                               tokens='batch.input', positions='batch.positions',
-                               attention_mask='batch.attention_mask')
+    cfg, params, batch, model = training_case(0, seed=0)
     split = FullFineTuning()
     trainable, frozen = split.split(params)
     gradients = TrainSteps(model, split, optax.sgd(0.0)).gradients(

@@ -9,8 +9,8 @@ hub checkpoints (`Gemma3nForConditionalGeneration`).
 Everything is driven by `mapping_entries(config)`, one `ParamMapping` per parameter of our tree:
 paths, shapes and fan-in axes are the weight schema's (`gemma3n.schema.text_schema`, from shapes
 alone, so full-size models are described cheaply); this module only adds HF key names and
-conversions. Conversions are plain numpy array operations (transposes and reshapes), bit-exact
-in both directions.
+the name of the layout conversion each needs (`hf_layouts`: plain numpy transposes and reshapes,
+bit-exact in both directions).
 
 Example:
     >>> cfg = TransformerConfig.gemma3n(num_layers=10, num_shared_layers=5, embed_dim=32,
@@ -35,6 +35,7 @@ from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
 from gemma3n.checkpoints.hf_config import (HF_DEFAULT_FINAL_LOGIT_SOFTCAP, HF_EXTRA_VOCAB,
                                            check_hf_config, check_representable, config_from_hf,
                                            hf_final_logit_softcap, hf_text_config)
+from gemma3n.checkpoints.hf_layouts import CONVERSIONS
 from gemma3n.config import TransformerConfig
 from gemma3n.host_arrays import aligned_empty
 from gemma3n.layers.weights import WeightInfo
@@ -49,7 +50,6 @@ __all__ = ['DroppedWeights', 'FLOAT_DTYPES', 'HF_DEFAULT_FINAL_LOGIT_SOFTCAP', '
            'hf_to_params', 'mapping_entries', 'params_to_hf', 'unflatten_params']
 # A per-parameter conversion applied while loading: (our '/'-joined path, array) -> stored leaf.
 Transform = Callable[[str, np.ndarray], Any]
-PAD_TOKEN_ID = 0
 FLOAT_DTYPES = frozenset(np.dtype(t) for t in ('float16', 'float32', 'float64', ml_dtypes.bfloat16))
 
 
@@ -57,7 +57,7 @@ FLOAT_DTYPES = frozenset(np.dtype(t) for t in ('float16', 'float32', 'float64', 
 class ParamMapping:
     """One parameter of our tree and the Hugging Face tensor(s) holding the same numbers.
 
-    `conversion` names the layout change (see `_CONVERSIONS`); `in_axes` are the axes of our array
+    `conversion` names the layout change (`hf_layouts.CONVERSIONS`); `in_axes` are the axes of our array
     that are contracted with the layer input (its fan-in), empty for norm scales.
 
     Example:
@@ -110,50 +110,6 @@ class DroppedWeights:
 _KV_SHARED_KEY = re.compile(r'layers\.(\d+)\.self_attn\.(?:k_proj|v_proj|k_norm)\.weight')
 
 
-# --- conversions: our array <-> HF arrays -----------------------------------------------------------
-# `to_hf(x, entry)` returns one array per HF key; `from_hf(xs, entry)` returns our layout, as views
-# of the inputs where the layout allows (the caller materialises once, in the target dtype).
-
-def _heads_in_to_hf(x: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
-    # [N, D, H] contracts D in the middle: go through [N, H, D] so rows are heads-major (n*H + h).
-    return x.transpose(0, 2, 1).reshape(hf_shape)
-
-
-def _heads_in_from_hf(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    n, d, h = shape
-    return x.reshape(n, h, d).transpose(0, 2, 1)
-
-
-def _pad_vocab_to_hf(x: np.ndarray, e: ParamMapping) -> tuple[np.ndarray, ...]:
-    extra = e.hf_shapes[0][0] - e.shape[0]
-    # The released checkpoints fill the extra rows with copies of the pad row.
-    return (np.concatenate([x, np.broadcast_to(x[PAD_TOKEN_ID], (extra,) + x.shape[1:])]),)
-
-
-_Conversion = collections.namedtuple('_Conversion', ['to_hf', 'from_hf'])
-_CONVERSIONS: dict[str, _Conversion] = {
-        'identity': _Conversion(lambda x, e: (x,), lambda xs, e: xs[0]),
-        'transpose': _Conversion(lambda x, e: (x.T,), lambda xs, e: xs[0].T),
-        'reshape': _Conversion(lambda x, e: (x.reshape(e.hf_shapes[0]),), lambda xs, e: xs[0].reshape(e.shape)),
-        # [a, b, c] -> [b*c, a]: per-layer input projection [D, L, P], AltUp prediction coefs [M, A, A].
-        'flatten_transpose': _Conversion(
-                lambda x, e: (x.reshape(e.shape[0], -1).T,), lambda xs, e: xs[0].T.reshape(e.shape)),
-        # [a, b, c] -> [c, a*b]: attention output [N, H, D] -> o_proj [D, N*H].
-        'transpose_flatten': _Conversion(
-                lambda x, e: (x.reshape(-1, e.shape[-1]).T,), lambda xs, e: xs[0].T.reshape(e.shape)),
-        'heads_in': _Conversion(
-                lambda x, e: (_heads_in_to_hf(x, e.hf_shapes[0]),),
-                lambda xs, e: _heads_in_from_hf(xs[0], e.shape)),
-        # Stacked pairs: kv_einsum [2, K, D, H] -> k_proj, v_proj; gating_einsum [2, F, D] -> gate, up.
-        'stacked_heads_in': _Conversion(
-                lambda x, e: tuple(_heads_in_to_hf(x[i], s) for i, s in enumerate(e.hf_shapes)),
-                lambda xs, e: [_heads_in_from_hf(x, e.shape[1:]) for x in xs]),
-        'stacked': _Conversion(lambda x, e: tuple(x), lambda xs, e: list(xs)),
-        'stacked_transpose': _Conversion(lambda x, e: tuple(y.T for y in x), lambda xs, e: [x.T for x in xs]),
-        'pad_vocab': _Conversion(_pad_vocab_to_hf, lambda xs, e: xs[0][:e.shape[0]]),
-}
-
-
 # --- the entries ------------------------------------------------------------------------------------
 
 def mapping_entries(config: TransformerConfig, *, hf_vocab_size: int | None = None) -> list[ParamMapping]:
@@ -173,53 +129,55 @@ def mapping_entries(config: TransformerConfig, *, hf_vocab_size: int | None = No
         hf_keys, conversion, order = _hf_names(path, info)
         if conversion == 'pad_vocab' and hf_vocab_size == v:
             conversion = 'identity'
-        hf_shapes = _HF_SHAPES[conversion](info.shape, len(hf_keys), hf_vocab_size)
+        hf_shapes = CONVERSIONS[conversion].hf_shapes(info.shape, len(hf_keys), hf_vocab_size)
         entries[order] = ParamMapping(path, info.shape, hf_keys, hf_shapes, conversion, info.in_axes)
     return [entries[order] for order in sorted(entries)]
 
 
-# Our path (layer and AltUp indices as groups) -> HF key(s) relative to `Gemma3nTextModel`, and
-# the conversion between our layout and HF's.
+# Our path (AltUp indices as groups) -> HF key(s) relative to `Gemma3nTextModel`, and the
+# conversion between our layout and HF's: the weights outside the layers, then (`_LAYER_NAMES`,
+# relative to `layer_N/` and `layers.N.`) those of every layer.
+_MODEL_NAMES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ('embedder/input_embedding', ('embed_tokens.weight',), 'pad_vocab'),
+    ('embedder/per_layer_input_embedding', ('embed_tokens_per_layer.weight',), 'reshape'),
+    ('embedder/per_layer_input_projection/w', ('per_layer_model_projection.weight',),
+     'flatten_transpose'),
+    ('embedder/per_layer_projection_norm/scale', ('per_layer_projection_norm.weight',), 'identity'),
+    (r'altup_projection_(\d+)/altup_projection_\1', ('altup_projections.{0}.weight',), 'transpose'),
+    (r'altup_unembed_projection_(\d+)/altup_unembed_projection_\1',
+     ('altup_unembed_projections.{0}.weight',), 'transpose'),
+    ('final_norm/scale', ('norm.weight',), 'identity'),
+)
+_LAYER_NAMES: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ('attn/q_einsum/w', ('self_attn.q_proj.weight',), 'heads_in'),
+    ('attn/kv_einsum/w', ('self_attn.k_proj.weight', 'self_attn.v_proj.weight'), 'stacked_heads_in'),
+    ('attn/key_norm/scale', ('self_attn.k_norm.weight',), 'identity'),
+    ('attn/attn_vec_einsum/w', ('self_attn.o_proj.weight',), 'transpose_flatten'),
+    ('attn/query_norm/scale', ('self_attn.q_norm.weight',), 'identity'),
+    ('pre_attention_norm/scale', ('input_layernorm.weight',), 'identity'),
+    ('post_attention_norm/scale', ('post_attention_layernorm.weight',), 'identity'),
+    ('pre_ffw_norm/scale', ('pre_feedforward_layernorm.weight',), 'identity'),
+    ('post_ffw_norm/scale', ('post_feedforward_layernorm.weight',), 'identity'),
+    # Stored [2, F, D] it already is torch's [out, in]; [2, D, F] is transposed (see `_hf_names`).
+    ('mlp/gating_einsum', ('mlp.gate_proj.weight', 'mlp.up_proj.weight'), 'stacked'),
+    ('mlp/linear', ('mlp.down_proj.weight',), 'transpose'),
+    ('laurel/linear_left/w', ('laurel.linear_left.weight',), 'transpose'),
+    ('laurel/linear_right/w', ('laurel.linear_right.weight',), 'transpose'),
+    ('post_laurel_norm/scale', ('laurel.post_laurel_norm.weight',), 'identity'),
+    ('altup/correct_output_scale', ('altup.correct_output_scale',), 'identity'),
+    ('altup/correction_coefs', ('altup.correction_coefs.weight',), 'transpose'),
+    ('altup/prediction_coefs', ('altup.prediction_coefs.weight',), 'flatten_transpose'),
+    ('altup/modality_router/w', ('altup.modality_router.weight',), 'transpose'),
+    ('altup/router_norm_layer/scale', ('altup.router_norm.weight',), 'identity'),
+    ('per_layer_mapping/per_layer_input_gate/w', ('per_layer_input_gate.weight',), 'transpose'),
+    ('per_layer_mapping/per_layer_projection/w', ('per_layer_projection.weight',), 'transpose'),
+    ('per_layer_mapping/post_per_layer_input_norm/scale', ('post_per_layer_input_norm.weight',),
+     'identity'),
+)
 _LAYER = r'layer_(\d+)/'
 _HF_LAYER = 'layers.{0}.'
-_NAME_RULES: tuple[tuple[str, tuple[str, ...], str], ...] = (
-        ('embedder/input_embedding', ('embed_tokens.weight',), 'pad_vocab'),
-        ('embedder/per_layer_input_embedding', ('embed_tokens_per_layer.weight',), 'reshape'),
-        ('embedder/per_layer_input_projection/w', ('per_layer_model_projection.weight',), 'flatten_transpose'),
-        ('embedder/per_layer_projection_norm/scale', ('per_layer_projection_norm.weight',), 'identity'),
-        (r'altup_projection_(\d+)/altup_projection_\1', ('altup_projections.{0}.weight',), 'transpose'),
-        (r'altup_unembed_projection_(\d+)/altup_unembed_projection_\1',
-         ('altup_unembed_projections.{0}.weight',), 'transpose'),
-        ('final_norm/scale', ('norm.weight',), 'identity'),
-        (_LAYER + 'attn/q_einsum/w', (_HF_LAYER + 'self_attn.q_proj.weight',), 'heads_in'),
-        (_LAYER + 'attn/kv_einsum/w', (_HF_LAYER + 'self_attn.k_proj.weight', _HF_LAYER + 'self_attn.v_proj.weight'),
-         'stacked_heads_in'),
-        (_LAYER + 'attn/key_norm/scale', (_HF_LAYER + 'self_attn.k_norm.weight',), 'identity'),
-        (_LAYER + 'attn/attn_vec_einsum/w', (_HF_LAYER + 'self_attn.o_proj.weight',), 'transpose_flatten'),
-        (_LAYER + 'attn/query_norm/scale', (_HF_LAYER + 'self_attn.q_norm.weight',), 'identity'),
-        (_LAYER + 'pre_attention_norm/scale', (_HF_LAYER + 'input_layernorm.weight',), 'identity'),
-        (_LAYER + 'post_attention_norm/scale', (_HF_LAYER + 'post_attention_layernorm.weight',), 'identity'),
-        (_LAYER + 'pre_ffw_norm/scale', (_HF_LAYER + 'pre_feedforward_layernorm.weight',), 'identity'),
-        (_LAYER + 'post_ffw_norm/scale', (_HF_LAYER + 'post_feedforward_layernorm.weight',), 'identity'),
-        # Stored [2, F, D] it already is torch's [out, in]; [2, D, F] is transposed (see `_hf_names`).
-        (_LAYER + 'mlp/gating_einsum', (_HF_LAYER + 'mlp.gate_proj.weight', _HF_LAYER + 'mlp.up_proj.weight'),
-         'stacked'),
-        (_LAYER + 'mlp/linear', (_HF_LAYER + 'mlp.down_proj.weight',), 'transpose'),
-        (_LAYER + 'laurel/linear_left/w', (_HF_LAYER + 'laurel.linear_left.weight',), 'transpose'),
-        (_LAYER + 'laurel/linear_right/w', (_HF_LAYER + 'laurel.linear_right.weight',), 'transpose'),
-        (_LAYER + 'post_laurel_norm/scale', (_HF_LAYER + 'laurel.post_laurel_norm.weight',), 'identity'),
-        (_LAYER + 'altup/correct_output_scale', (_HF_LAYER + 'altup.correct_output_scale',), 'identity'),
-        (_LAYER + 'altup/correction_coefs', (_HF_LAYER + 'altup.correction_coefs.weight',), 'transpose'),
-        (_LAYER + 'altup/prediction_coefs', (_HF_LAYER + 'altup.prediction_coefs.weight',), 'flatten_transpose'),
-        (_LAYER + 'altup/modality_router/w', (_HF_LAYER + 'altup.modality_router.weight',), 'transpose'),
-        (_LAYER + 'altup/router_norm_layer/scale', (_HF_LAYER + 'altup.router_norm.weight',), 'identity'),
-        (_LAYER + 'per_layer_mapping/per_layer_input_gate/w', (_HF_LAYER + 'per_layer_input_gate.weight',),
-         'transpose'),
-        (_LAYER + 'per_layer_mapping/per_layer_projection/w', (_HF_LAYER + 'per_layer_projection.weight',),
-         'transpose'),
-        (_LAYER + 'per_layer_mapping/post_per_layer_input_norm/scale',
-         (_HF_LAYER + 'post_per_layer_input_norm.weight',), 'identity'),
-)
+_NAME_RULES = _MODEL_NAMES + tuple((_LAYER + path, tuple(_HF_LAYER + key for key in keys), conversion)
+                                   for path, keys, conversion in _LAYER_NAMES)
 _COMPILED_RULES = tuple((re.compile(pattern), keys, conversion) for pattern, keys, conversion in _NAME_RULES)
 GATING_PATH = 'mlp/gating_einsum'
 
@@ -246,21 +204,6 @@ def _hf_names(path: str, info: WeightInfo) -> tuple[tuple[str, ...], str, tuple[
     raise ValueError(f'{path}: no Hugging Face name for this parameter.')
 
 
-# Our shape, number of HF keys, HF vocabulary size -> the HF tensors' shapes.
-_HF_SHAPES: dict[str, Callable[[tuple[int, ...], int, int], tuple[tuple[int, ...], ...]]] = {
-        'identity': lambda s, n, vocab: (s,),
-        'transpose': lambda s, n, vocab: (s[::-1],),
-        'reshape': lambda s, n, vocab: ((s[0], math.prod(s[1:])),),
-        'flatten_transpose': lambda s, n, vocab: ((math.prod(s[1:]), s[0]),),
-        'transpose_flatten': lambda s, n, vocab: ((s[-1], math.prod(s[:-1])),),
-        'heads_in': lambda s, n, vocab: ((s[0] * s[2], s[1]),),
-        'stacked_heads_in': lambda s, n, vocab: ((s[1] * s[3], s[2]),) * n,
-        'stacked': lambda s, n, vocab: (s[1:],) * n,
-        'stacked_transpose': lambda s, n, vocab: (s[:0:-1],) * n,
-        'pad_vocab': lambda s, n, vocab: ((vocab,) + s[1:],),
-}
-
-
 # --- both directions --------------------------------------------------------------------------------
 
 def params_to_hf(
@@ -285,7 +228,7 @@ def params_to_hf(
         x = flat[e.path]
         if x.shape != e.shape:
             raise ValueError(f'Parameter {e.path} has shape {x.shape}, expected {e.shape} for this config.')
-        for key, y in zip(e.hf_keys, _CONVERSIONS[e.conversion].to_hf(x, e)):
+        for key, y in zip(e.hf_keys, CONVERSIONS[e.conversion].to_hf(x, e.shape, e.hf_shapes)):
             out[prefix + key] = np.ascontiguousarray(y)
     return out
 
@@ -362,7 +305,7 @@ def hf_to_params(
         # A transform gets the layout change as a view where possible: it makes the one copy it
         # needs (for our serving layout often none: HF's [out, in] weights already are).
         with np.errstate(over='ignore'):      # check_finite reports it, naming the tensor
-            value = _materialise(_CONVERSIONS[e.conversion].from_hf(sources, e), e.shape, dtype,
+            value = _materialise(CONVERSIONS[e.conversion].from_hf(sources, e.shape), e.shape, dtype,
                                  contiguous=transform is None)
         del sources
         check_finite(f'Tensor {describe(prefix + e.hf_keys[0])}', value)

@@ -86,6 +86,17 @@ def open_checkpoint(path: str | os.PathLike | Checkpoint) -> Checkpoint:
     return Checkpoint(path, checkpoint, hf_config)
 
 
+def existing_checkpoint(path: str | os.PathLike | Checkpoint) -> Path | Checkpoint:
+    """`path` as a Path, FileNotFoundError unless something is there (a `Checkpoint` is returned
+    as it is): the first check of a path a caller gives, before its format is looked at."""
+    if isinstance(path, Checkpoint):
+        return path
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f'checkpoint not found: {path}')
+    return path
+
+
 def load_params(
         path: str | os.PathLike | Checkpoint,
         *,

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from gemma3n.cli.console import COMPILING_PROMPT, PROG, Timer, compiling, write
-from gemma3n.cli.model import audio_options, image_options, load_model, max_new_tokens_of
+from gemma3n.cli.model import load_with_media, max_new_tokens_of
 from gemma3n.cli.sampling import sampling_method
 from gemma3n.text.chat import ChatSampler, ConversationFull
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH
@@ -31,10 +31,7 @@ CHAT_HELP = ''.join(f'{PROG}: {line}\n' for line in (
 
 def run_chat(args: argparse.Namespace) -> int:
     sampling = sampling_method(args.temperature, args.top_k, args.top_p)
-    pictures, checkpoint = image_options(args)
-    clips, checkpoint = audio_options(args, checkpoint)
-    loaded = load_model(args, checkpoint=checkpoint, with_vision=bool(pictures),
-                        with_audio=bool(clips))
+    loaded, pictures, clips = load_with_media(args)
     images, audio = pictures or None, clips or None
     chat = loaded.chat(sampling=sampling, cache_length=args.cache_length or DEFAULT_CACHE_LENGTH,
                        max_new_tokens=max_new_tokens_of(args, loaded),

@@ -11,7 +11,8 @@ from gemma3n.cli.console import COMPILING_DEMO, compiling, logger
 from gemma3n.cli.model import plan_model, read_adapter
 from gemma3n.training.lora import apply_adapter
 from gemma3n.loaded_model import MODEL_NAMES
-from gemma3n.loading import DTYPES, TOKENIZER_FILE
+from gemma3n.loading import TOKENIZER_FILE
+from gemma3n.model_choice import DTYPES
 
 GIGABYTE = 1e9
 

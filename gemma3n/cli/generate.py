@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from gemma3n.cli.console import COMPILING_PROMPT, Timer, compiling, write
-from gemma3n.cli.model import audio_options, image_options, load_model, max_new_tokens_of
+from gemma3n.cli.model import load_with_media, max_new_tokens_of
 from gemma3n.cli.sampling import sampling_method
 from gemma3n.text.chat_format import format_user_turn
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH
@@ -21,10 +21,7 @@ def default_cache_length(positions: int) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     sampling = sampling_method(args.temperature, args.top_k, args.top_p)
-    pictures, checkpoint = image_options(args)
-    clips, checkpoint = audio_options(args, checkpoint)
-    loaded = load_model(args, checkpoint=checkpoint, with_vision=bool(pictures),
-                        with_audio=bool(clips))
+    loaded, pictures, clips = load_with_media(args)
     max_new_tokens = max_new_tokens_of(args, loaded)
     sampler = loaded.sampler(sampling=sampling, prefill_chunk=args.prefill_chunk)
     [prompt], images = sampler.prompt_images([args.prompt], pictures or None, single=True)

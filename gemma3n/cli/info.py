@@ -11,7 +11,7 @@ from gemma3n.checkpoints.loader import open_checkpoint
 from gemma3n.cli.model import dtype_choice, model_choice, tokenizer_path
 from gemma3n.describe import describe_model
 from gemma3n.loaded_model import DEMO, MODEL_NAMES
-from gemma3n.loading import DTYPES, build_model, checkpoint_model
+from gemma3n.model_choice import DTYPES, build_model, checkpoint_model
 from gemma3n.transformer import Gemma3nTransformer
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH
 from gemma3n.text.tokenizer import Tokenizer

@@ -23,12 +23,13 @@ from gemma3n.checkpoints.safetensors_hf import config_file
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
 from gemma3n.cli.sampling import sampling_method
 from gemma3n.loaded_model import LoadedModel
-from gemma3n.loading import (DEMO, QUANTIZE_FORMATS, LoadPlan, check_audio, check_vision,
-                             default_dtype, prepare)
+from gemma3n.loading import DEMO, QUANTIZE_FORMATS, LoadPlan, prepare
+from gemma3n.model_choice import default_dtype
 from gemma3n.sharding import make_mesh
 from gemma3n.text.sampler import DEFAULT_MAX_OUT_LENGTH
 from gemma3n.engine.sampling import Greedy
 from gemma3n.text.tokenizer import default_tokenizer_path
+from gemma3n.tower_checks import check_audio, check_vision
 from gemma3n.training.lora import apply_adapter
 from gemma3n.vision.preprocess import image_file_size, load_image
 
@@ -101,6 +102,18 @@ def load_model(args: argparse.Namespace, *, checkpoint: Checkpoint | None = None
     if adapter is not None:
         loaded.params = apply_adapter(adapter, loaded.config, loaded.params)
     return loaded
+
+
+def load_with_media(args: argparse.Namespace
+                    ) -> tuple[LoadedModel, list[np.ndarray], list[np.ndarray]]:
+    """The `--image` and `--audio` files, each kind read once the checkpoint is known to take it,
+    and then the model loaded with the towers they need: (model, images as uint8 [H, W, 3],
+    clips as 16 kHz samples [T])."""
+    pictures, checkpoint = image_options(args)
+    clips, checkpoint = audio_options(args, checkpoint)
+    loaded = load_model(args, checkpoint=checkpoint, with_vision=bool(pictures),
+                        with_audio=bool(clips))
+    return loaded, pictures, clips
 
 
 def read_adapter(args: argparse.Namespace, config: Any) -> Adapter | None:

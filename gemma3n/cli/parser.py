@@ -17,7 +17,8 @@ from gemma3n.cli.serve import (DEFAULT_HOST, DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT
                                DEFAULT_SHUTDOWN_S, run_serve)
 from gemma3n.cli.model import DEMO_MAX_NEW_TOKENS
 from gemma3n.loaded_model import DEMO
-from gemma3n.loading import CHECKPOINT_DTYPE, DEMO_DTYPE, DTYPES, MODEL_CLASSES, TOKENIZER_FILE
+from gemma3n.loading import TOKENIZER_FILE
+from gemma3n.model_choice import CHECKPOINT_DTYPE, DEMO_DTYPE, DTYPES, MODEL_CLASSES
 from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK
 from gemma3n.sharding.distributed import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV
 from gemma3n.sharding.mesh import SPEC_EXAMPLE, parse_mesh_spec
@@ -108,6 +109,17 @@ def _add_adapter_option(group: argparse._ArgumentGroup, action: str) -> None:
                        help=f'a LoRA adapter in the PEFT format (adapter_config.json and '
                             f'adapter_model.safetensors, as `finetune --lora-rank` writes) '
                             f'for --checkpoint: {action}')
+
+
+def _add_unsampled_command(commands: argparse._SubParsersAction, name: str,
+                           run: Callable[[argparse.Namespace], int],
+                           **texts: str) -> argparse.ArgumentParser:
+    """A command that loads a model but samples nothing (export, finetune); `texts`: its help
+    and description."""
+    command = commands.add_parser(name, parents=[_model_options(running=False)], **texts)
+    # Nothing is sampled: a checkpoint's softcap note is then informational (shown with -v).
+    command.set_defaults(run=run, temperature=None, top_k=None, top_p=None)
+    return command
 
 
 def _add_mesh_option(group: argparse._ArgumentGroup, devices: str) -> None:
@@ -221,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                            '(its released vision and audio towers included); no weights are read')
     info.set_defaults(run=run_info)
 
-    export = commands.add_parser(
-        'export', parents=[_model_options(running=False)],
+    export = _add_unsampled_command(
+        commands, 'export', run_export,
         help='write a model as a Hugging Face checkpoint',
         description='Write the text decoder of --checkpoint (without one: the demo model) as a '
                     'Hugging Face checkpoint that transformers.Gemma3nForCausalLM loads and '
@@ -232,11 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_option(group, 'exported merged into the weights')
     group.add_argument('--out', required=True, metavar='DIR',
                        help='a new or empty directory for config.json and the safetensors files')
-    # Nothing is sampled: a checkpoint's softcap note is then informational (shown with -v).
-    export.set_defaults(run=run_export, temperature=None, top_k=None, top_p=None)
 
-    finetune = commands.add_parser(
-        'finetune', parents=[_model_options(running=False)],
+    finetune = _add_unsampled_command(
+        commands, 'finetune', run_finetune,
         help='fine-tune all weights (or a LoRA adapter) on JSONL chat data',
         description='Fine-tune a checkpoint (without --checkpoint: the demo model) on chat data; '
                     'the result is a checkpoint folder that `generate` and `chat` run (with '
@@ -247,8 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
                      'of each micro-batch are split over data x fsdp')
     add_finetune_options(finetune, {'positive': _positive_int,
                                     'whole': _whole_number(0, INT32_MAX)})
-    # Nothing is sampled: a checkpoint's softcap note is then informational (shown with -v).
-    finetune.set_defaults(run=run_finetune, temperature=None, top_k=None, top_p=None)
     parser.commands = commands.choices
     return parser
 

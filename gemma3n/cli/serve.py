@@ -9,9 +9,9 @@ import sys
 from gemma3n.cli.console import PROG
 from gemma3n.cli.model import load_model, max_new_tokens_of
 from gemma3n.engine.engine import Engine
-from gemma3n.loading import check_vision
 from gemma3n.serving.scheduler import DEFAULT_MAX_WAITING
 from gemma3n.text.sampler import DEFAULT_CACHE_LENGTH
+from gemma3n.tower_checks import check_vision
 
 DEFAULT_HOST = '127.0.0.1'
 DEFAULT_PORT = 8000

@@ -30,6 +30,24 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f'temperature must be > 0 and finite, got {temperature}.')
 
 
+def _check_top_p(name: str, p: float) -> None:
+    validation.check_real(name, p)
+    if not 0 < p <= 1:
+        raise ValueError(f'{name} must be in (0, 1], got {p}.')
+
+
+def _nucleus(scaled: jax.Array, sorted_logits: jax.Array, candidates: jax.Array | bool,
+             p: jax.Array | float) -> jax.Array:
+    """scaled [B, V] with -inf outside the nucleus: the most likely of the `candidates` (by rank:
+    [B, V] over `sorted_logits` [B, V], `scaled` sorted descending) whose probabilities among
+    the candidates add up to `p` ([B, 1] or a number)."""
+    probs = jax.nn.softmax(jnp.where(candidates, sorted_logits, -jnp.inf), axis=-1)
+    # Keep a token if the mass strictly before it is below p (the top token always stays).
+    keep = candidates & (jnp.cumsum(probs, axis=-1) - probs < p)
+    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+
+
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class Greedy:
@@ -97,19 +115,11 @@ class TopPSampling:
 
     def __post_init__(self):
         _check_temperature(self.temperature)
-        validation.check_real('p', self.p)
-        if not 0 < self.p <= 1:
-            raise ValueError(f'p must be in (0, 1], got {self.p}.')
+        _check_top_p('p', self.p)
 
     def __call__(self, logits: jax.Array, rng: jax.Array) -> jax.Array:
         scaled = logits / self.temperature
-        sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep a token if the mass strictly before it is below p (the top token always stays).
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = mass_before < self.p
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+        masked = _nucleus(scaled, jnp.sort(scaled, axis=-1)[:, ::-1], True, self.p)
         return jax.random.categorical(rng, masked, axis=-1).astype(jnp.int32)
 
 
@@ -143,9 +153,7 @@ class SlotSampling:
             if temperature != GREEDY_TEMPERATURE:
                 _check_temperature(temperature)
             validation.check_int('top_k', top_k, low=NO_TOP_K)
-            validation.check_real('top_p', top_p)
-            if not 0 < top_p <= 1:
-                raise ValueError(f'top_p must be in (0, 1], got {top_p}.')
+            _check_top_p('top_p', top_p)
             validation.check_int('seed', seed, low=0, high=validation.MAX_SEED_32)
         temperature, top_k, top_p, seeds = (np.array(column) for column in zip(*settings))
         keys = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
@@ -167,11 +175,7 @@ class SlotSampling:
         sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]
         rank = jnp.arange(logits.shape[-1])[None, :]
         in_top_k = (self.top_k[:, None] == NO_TOP_K) | (rank < self.top_k[:, None])
-        probs = jax.nn.softmax(jnp.where(in_top_k, sorted_logits, -jnp.inf), axis=-1)
-        # As TopPSampling: keep a token if the mass strictly before it is below p.
-        keep = in_top_k & (jnp.cumsum(probs, axis=-1) - probs < self.top_p[:, None])
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        masked = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+        masked = _nucleus(scaled, sorted_logits, in_top_k, self.top_p[:, None])
         keys = jax.vmap(lambda key, count: jax.random.fold_in(
             jax.random.wrap_key_data(key), count))(self.keys, self.counts)
         drawn = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, masked)
