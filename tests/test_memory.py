@@ -6,7 +6,7 @@ import pytest
 
 from gemma3n import Gemma3nTransformer, Sampler, cli, memory
 from gemma3n.cache import cache_nbytes, init_cache
-from gemma3n.cli import generate as cli_generate
+from gemma3n.cli import model as cli_model
 from gemma3n.models import e4b_config
 from gemma3n.engine.prefill import MIN_PREFILL_BUCKET
 from hf_oracle import random_params, small_configs
@@ -109,7 +109,7 @@ def test_host_memory_is_bounded_by_the_container(limit, expected, tmp_path, monk
 def test_the_command_reports_out_of_memory_in_one_line(error, monkeypatch, capsys):
     def load_model(*args, **kwargs):
         raise error
-    monkeypatch.setattr(cli_generate, 'load_model', load_model)
+    monkeypatch.setattr(cli_model, 'load_model', load_model)
     monkeypatch.setattr(cli, '_use_compilation_cache', lambda: None)
     assert cli.main(['generate', 'Hi']) == cli.USAGE_ERROR
     lines = capsys.readouterr().err.splitlines()
@@ -120,7 +120,7 @@ def test_the_command_reports_out_of_memory_in_one_line(error, monkeypatch, capsy
 def test_the_command_lets_other_runtime_errors_through(monkeypatch):
     def load_model(*args, **kwargs):
         raise jax.errors.JaxRuntimeError('INTERNAL: a bug')
-    monkeypatch.setattr(cli_generate, 'load_model', load_model)
+    monkeypatch.setattr(cli_model, 'load_model', load_model)
     monkeypatch.setattr(cli, '_use_compilation_cache', lambda: None)
     with pytest.raises(jax.errors.JaxRuntimeError, match='a bug'):
         cli.main(['generate', 'Hi'])
