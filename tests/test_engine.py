@@ -112,6 +112,33 @@ def test_the_lock_step_batch_compiles_once_per_shape(setup):
     assert engine.num_traces == {'prefill': 1, 'step': 1}
 
 
+def test_an_occupied_only_step_computes_the_rows_covering_the_active_slots(setup):
+    """Rows computed (the logits' rows): the power of two covering the last active slot, at
+    most the slots; a moved sequence goes on with its own tokens; a move onto a held slot and
+    a step with more tokens than the cache has rows are refused."""
+    sampler, prompts = setup
+    engine = sampler.engine
+    batch = Batch(engine, engine.new_cache(SLOTS, CACHE_LENGTH), occupied_only=True)
+    batch.admit(0, np.array(prompts[0], np.int32), KEY, Greedy())
+    assert batch.step(KEY, Greedy())[1].shape[0] == 1
+    first, _ = batch.admit(2, np.array(prompts[1], np.int32), KEY, Greedy())
+    tokens, logits = batch.step(KEY, Greedy())
+    assert logits.shape[0] == SLOTS                 # 4 rows covering slot 2, at most 3
+    batch.finish(0)
+    assert batch.step_rows() == SLOTS
+    with pytest.raises(ValueError, match='slot 0 holds a sequence'):
+        batch.move(2, 0)
+    batch.free(0)
+    batch.move(2, 0)
+    assert batch.active.tolist() == [True, False, False] and batch.step_rows() == 1
+    moved = [first, int(tokens[2])]
+    for _ in range(3):
+        moved.append(int(batch.step(KEY, Greedy())[0][0]))
+    assert moved == alone(sampler, prompts[1], len(moved))[0].tolist()
+    with pytest.raises(ValueError, match='a step takes 1 to 3 tokens'):
+        engine.step(np.zeros(SLOTS + 1, np.int32), batch.cache, KEY, Greedy())
+
+
 def logits_rows(batch, vocab, seed=3):
     return jax.random.normal(jax.random.key(seed), (batch, vocab))
 

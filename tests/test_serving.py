@@ -15,11 +15,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
 from gemma3n.engine.engine import Engine
 from gemma3n.serving.app import Service, make_server
+from gemma3n.serving.scheduler import Job, Scheduler
 from gemma3n.text.chat_format import format_user_turn
 from gemma3n.text.sampler import Sampler
 from cli_runner import TIMEOUT_S, cli_env, demo_model
@@ -134,6 +136,49 @@ def test_concurrent_requests_give_their_answers_alone(served):
     assert service.scheduler.steps - steps_before < sum(lengths)
     for message, n, text in zip(MESSAGES, lengths, got):
         assert text == alone(sampler, message, n), message
+
+
+def test_leaving_and_joining_keep_the_slots_packed_and_the_answers_exact(served):
+    """A scheduler driven turn by turn: requests leave from the bottom, the middle and the top
+    of the batch, holes are filled by moving the last request down or by a request joining, and
+    the longest request is moved twice, the second time past the sliding window. Each gets
+    exactly its tokens alone, and every step computes the power of two of rows covering the
+    requests running (so at most log2(slots) + 1 step programs)."""
+    service, _, _, sampler = served
+    loop = Scheduler(sampler.engine, slots=SLOTS, cache_length=CACHE_LENGTH, max_waiting=8)
+    # turn -> (message, max_tokens) submitted before it. Slots: A0 B1 C2 D3; B leaves (turn 7),
+    # D moves 3 -> 1; E joins slot 3 (turn 10); C leaves (turn 12), F joins its slot 2 (turn 13);
+    # E and F leave from the top (turn 16); A leaves (turn 54): D moves 1 -> 0, past the window.
+    plan = {0: [(MESSAGES[0], 56), (MESSAGES[1], 9), (MESSAGES[2], 14), (MESSAGES[4], 80)],
+            10: [(MESSAGES[5], 8)], 13: [(MESSAGES[3], 5)]}
+    window = sampler.model.config.sliding_window_size
+    jobs, slots_held = [], {}                      # slots_held: job index -> slots it was in
+    for turn in range(100):
+        for message, max_tokens in plan.get(turn, []):
+            row = np.array(service.tokenizer.encode(format_user_turn(message), add_bos=True),
+                           np.int32)
+            jobs.append(Job(row=row, max_tokens=max_tokens, setting=(0.0, 0, 1.0, 0),
+                            stop_tokens=(), deliver=[].append))
+            loop.submit(jobs[-1])
+        # No request is cancelled: all waiting ones that fit are admitted before the step.
+        stepping = min(SLOTS, loop.running + len(loop.waiting))
+        before = loop.steps_by_rows.copy()
+        loop.turn()
+        assert loop.steps_by_rows - before == {min(SLOTS, 1 << (stepping - 1).bit_length()): 1}
+        for slot, job in enumerate(loop.jobs):
+            if job is not None:
+                slots_held.setdefault(jobs.index(job), set()).add(slot)
+        if not loop.running and not loop.waiting:
+            break
+    assert set(loop.steps_by_rows) == {1, 2, 4}
+    assert slots_held[3] == {3, 1, 0}              # the longest moved down twice
+    assert slots_held[4] == {3} and slots_held[5] == {2}    # F joined the hole C left
+    assert len(jobs[3].row) + plan[0][0][1] > window  # when it moved the second time
+    for job in jobs:
+        events = job.deliver.__self__
+        assert events[-1].finish == 'length'
+        expected = sampler.sample_tokens([job.row], job.max_tokens).tokens[0].tolist()
+        assert [e.token for e in events[:-1]] == expected
 
 
 def test_models_and_health(served):

@@ -10,12 +10,20 @@ The `Sampler`'s lock-step batch is the same thing with every slot filled at once
 slots leaving as their sequences stop (`finish`); the server admits and frees slots between
 steps (continuous batching).
 
+With `occupied_only` a step computes only the first rows of the cache, as many as cover the
+last active slot, rounded up to a power of two (`Engine.step_rows`): a step's cost follows the
+number of sequences, not the number of slots, and the batch compiles at most log2(S) + 1 step
+programs, each when first needed. Its user keeps the sequences at the low slots: a free slot is
+filled lowest first, and a hole left below others is filled by moving the last one down
+(`move`), which copies one slot's buffers once instead of stepping the extra rows at every step.
+
 Example:
     >>> batch = Batch(engine, engine.new_cache(4, cache_length=256))
     >>> token, _ = batch.admit(0, rows[0], key, Greedy())      # slot 0 starts
     >>> tokens, _ = batch.step(key, Greedy())                   # [4]: PAD for empty slots
     >>> token, _ = batch.admit(1, rows[1], key, Greedy())      # joins between steps
     >>> batch.free(0)                                           # slot 0 is free again
+    >>> batch.move(1, 0)                                        # slot 1's sequence now in 0
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import numpy as np
 
 from gemma3n import cache as kv_cache
 from gemma3n.engine.engine import Engine
-from gemma3n.engine.sampling import SamplingMethod
+from gemma3n.engine.sampling import SamplingMethod, first_rows
 from gemma3n.layers.special_ids import PAD
 
 
@@ -37,11 +45,14 @@ class Batch:
     cache: the KV cache, batch S.
     pending: [S] each slot's last sampled token, fed at the next step (not in the cache yet).
     active: [S] the slots that decode at the next step.
+    occupied_only: a step computes only the rows that cover the active slots (else all S).
     """
 
-    def __init__(self, engine: Engine, cache: kv_cache.Cache, pending: Any = None):
+    def __init__(self, engine: Engine, cache: kv_cache.Cache, pending: Any = None, *,
+                 occupied_only: bool = False):
         self.engine = engine
         self.cache = cache
+        self.occupied_only = occupied_only
         size = cache[kv_cache.END_INDEX].shape[0]
         self.pending = (np.zeros(size, np.int32) if pending is None
                         else np.array(pending, np.int32))
@@ -79,17 +90,32 @@ class Batch:
         self.active[slot] = True
         return token, logits[0]
 
+    def step_rows(self) -> int:
+        """The number of rows R the next step computes: all S, or with `occupied_only` the
+        power of two covering the last active slot (`Engine.step_rows`)."""
+        if not self.occupied_only:
+            return self.size
+        active = np.flatnonzero(self.active)
+        return self.engine.step_rows(int(active[-1]) + 1 if active.size else 1, self.size)
+
     def step(self, rng: jax.Array, sampling: SamplingMethod) -> tuple[np.ndarray, jax.Array]:
         """Feeds each active slot its pending token and samples the next one.
 
-        Returns tokens [S] (PAD for inactive slots, whose cache is unchanged) and logits [S, V].
+        sampling: a method for all S slots (a `SlotSampling` of S rows).
+        Returns tokens [S] (PAD for inactive slots, whose cache is unchanged) and logits [R, V]
+        of the first R = `step_rows()` slots.
         """
-        fed = np.where(self.active, self.pending, PAD).astype(np.int32)
-        token, logits, self.cache = self.engine.step(fed, self.cache, rng, sampling)
+        rows = self.step_rows()
+        fed = np.where(self.active, self.pending, PAD).astype(np.int32)[:rows]
+        token, logits, self.cache = self.engine.step(fed, self.cache, rng,
+                                                     first_rows(sampling, rows))
         return self._sampled(token), logits
 
     def _sampled(self, token: jax.Array) -> np.ndarray:
-        new = np.where(self.active, np.asarray(token), PAD).astype(np.int32)
+        """Tokens [S] from a call's tokens for the first R <= S slots."""
+        computed = np.full(self.size, PAD, np.int32)
+        computed[:len(token)] = np.asarray(token)
+        new = np.where(self.active, computed, PAD).astype(np.int32)
         self.pending = np.where(self.active, new, self.pending)
         return new
 
@@ -102,3 +128,12 @@ class Batch:
         self.active[slot] = False
         self.pending[slot] = PAD
         self.cache = self.engine.free_slot(self.cache, slot)
+
+    def move(self, source: int, target: int) -> None:
+        """Moves the sequence of slot `source` (its cache, pending token and state) into the
+        free slot `target`; `source` is then free."""
+        if self.active[target] or self.lengths()[target]:
+            raise ValueError(f'slot {target} holds a sequence: free it first.')
+        self.cache = self.engine.move_slot(self.cache, source, target)
+        self.active[target], self.pending[target] = self.active[source], self.pending[source]
+        self.active[source], self.pending[source] = False, PAD

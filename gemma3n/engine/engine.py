@@ -4,7 +4,9 @@ Everything that runs the model to generate goes through one `Engine`: the `Sampl
 decoded in lock-step), the `ChatSampler`, the server (sequences joining and leaving a batch of
 slots, see `gemma3n.engine.batch`). The engine owns
 - the compiled functions: a prefill chunk for the whole batch, a prefill chunk for one slot of
-  a batched cache, one decode step for every sequence, the image encoder;
+  a batched cache, one decode step for the first rows of a batched cache (one program per
+  number of rows, compiled when first asked for), a slot's sequence moved to another slot,
+  the image encoder;
 - the input checks: prompt token ids (the one check, image markers allowed), images and audio
   (models with the released towers) against their markers, and the one rule for how long a
   prompt is once its image and audio blocks are expanded (`multimodal.image_block`,
@@ -84,6 +86,7 @@ class Engine:
         self._prefill = jax.jit(self._prefill_fn, donate_argnames=('cache', 'logits'))
         self._prefill_slot = jax.jit(self._prefill_slot_fn, donate_argnames=('cache', 'logits'))
         self._step = jax.jit(self._step_fn, donate_argnames=('cache',))
+        self._move_slot = jax.jit(self._move_slot_fn, donate_argnames=('cache',))
         self._encode_images = jax.jit(lambda params, images: model.apply(
             {'params': params}, images, method=model.encode_images))
         self._encode_audio = jax.jit(lambda params, audio: model.apply(
@@ -183,6 +186,21 @@ class Engine:
         """The cache with slot `slot` empty: its length set to 0 (its buffers are then unread)."""
         return {**cache, kv_cache.END_INDEX: cache[kv_cache.END_INDEX].at[slot].set(0)}
 
+    def move_slot(self, cache: kv_cache.Cache, source: int, target: int) -> kv_cache.Cache:
+        """The cache (donated) with slot `source`'s sequence in slot `target` and `source`
+        empty: one slot's buffers copied in place, whatever the slots."""
+        return self._move_slot(cache, jnp.int32(source), jnp.int32(target))
+
+    def step_rows(self, needed: int, slots: int) -> int:
+        """How many rows of a `slots`-row cache a decode step computes when its first `needed`
+        rows hold the active sequences: the power of two at least `needed` (so that few programs
+        compile), at most `slots`. On a mesh that splits the rows, all of them: the first rows
+        alone would sit on the first devices."""
+        mesh = self.on_mesh
+        if mesh.mesh is not None and mesh.sharding((axes.BATCH,), (slots,)).spec[0] is not None:
+            return slots
+        return min(slots, 1 << max(needed - 1, 0).bit_length())
+
     # ---- compiled pieces -------------------------------------------------------------------
 
     def _choose(self, logits: jax.Array, rng: jax.Array, sampling: SamplingMethod) -> jax.Array:
@@ -216,10 +234,25 @@ class Engine:
         return token, logits, self.on_mesh.constrain(cache, kv_cache.cache_axes(cache))
 
     def _step_fn(self, params, tokens, cache, rng, per_layer_rows, sampling):
+        """One decode step of tokens [R] through the first R rows of the cache [S, ...]; the
+        other rows are neither computed nor copied (the cache is donated and the R rows are
+        written back in place)."""
         self.num_traces['step'] += 1
-        out = self.model.apply({'params': params}, self._rows(tokens[:, None]), cache=cache,
+        rows = tokens.shape[0]
+        part = jax.tree.map(lambda x: x[:rows], cache)
+        out = self.model.apply({'params': params}, self._rows(tokens[:, None]), cache=part,
                                return_last_only=True, per_layer_embeddings=per_layer_rows)
-        return self._finish(self._choose(out.logits, rng, sampling), out.logits, out.cache)
+        cache = jax.tree.map(lambda x, new: jax.lax.dynamic_update_slice_in_dim(x, new, 0, 0),
+                             cache, out.cache)
+        return self._finish(self._choose(out.logits, rng, sampling), out.logits, cache)
+
+    def _move_slot_fn(self, cache, source, target):
+        def move(x):
+            return jax.lax.dynamic_update_slice_in_dim(
+                x, jax.lax.dynamic_slice_in_dim(x, source, 1), target, 0)
+        cache = jax.tree.map(move, cache)
+        cache[kv_cache.END_INDEX] = cache[kv_cache.END_INDEX].at[source].set(0)
+        return self.on_mesh.constrain(cache, kv_cache.cache_axes(cache))
 
     def _rows(self, tokens: jax.Array) -> jax.Array:
         """tokens [B, L] split by rows over the mesh, as the cache is."""
@@ -277,8 +310,13 @@ class Engine:
 
     def step(self, tokens: np.ndarray, cache: kv_cache.Cache, rng: jax.Array,
              sampling: SamplingMethod) -> tuple[jax.Array, jax.Array, kv_cache.Cache]:
-        """One decode step: tokens [B] (PAD for a sequence that must not change) go into the
-        cache; returns the next tokens [B], their logits [B, V] and the cache."""
+        """One decode step: tokens [R] (PAD for a sequence that must not change) go into the
+        first R rows of the cache (R at most its batch); returns the next tokens [R], their
+        logits [R, V] and the cache (all its rows)."""
         tokens = np.asarray(tokens, np.int32)
+        slots = cache[kv_cache.END_INDEX].shape[0]
+        if not 1 <= len(tokens) <= slots:
+            raise ValueError(f'a step takes 1 to {slots} tokens (the cache\'s rows), '
+                             f'got {len(tokens)}.')
         return self._step(self.params, jnp.asarray(tokens), cache, rng,
                           self.per_layer_rows(tokens[:, None]), sampling)

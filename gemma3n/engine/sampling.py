@@ -183,3 +183,11 @@ class SlotSampling:
 
 
 SamplingMethod = Greedy | RandomSampling | TopkSampling | TopPSampling | SlotSampling
+
+
+def first_rows(method: SamplingMethod, rows: int) -> SamplingMethod:
+    """The method for the first `rows` sequences of a batch: a `SlotSampling`'s first rows; a
+    method with fixed settings applies to any rows as it is."""
+    if isinstance(method, SlotSampling):
+        return jax.tree.map(lambda x: x[:rows], method)
+    return method

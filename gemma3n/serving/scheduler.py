@@ -7,6 +7,12 @@ waits for the others to finish; then one step decodes all running requests at on
 has its own sampling settings and seed (`SlotSampling`), so what it gets does not depend on which
 others share the batch.
 
+The running requests are kept in the lowest slots, so that a step computes only as many rows as
+there are requests (rounded up to a power of two: `Batch(occupied_only=True)`): a request takes
+the lowest free slot, and a slot left empty below running ones, when no waiting request takes it,
+receives the last running request (`Batch.move`: one slot's buffers copied once, against the
+extra rows every later step would compute).
+
 Tokens reach the request's owner through `Job.deliver`, called on this thread: it must only hand
 them over (the server puts them on an asyncio queue).
 
@@ -89,7 +95,7 @@ class Scheduler:
     def __init__(self, engine: Engine, *, slots: int, cache_length: int, max_waiting: int):
         self.engine = engine
         self.cache_length = cache_length
-        self.batch = Batch(engine, engine.new_cache(slots, cache_length))
+        self.batch = self._new_batch(slots)
         self.jobs: list[Job | None] = [None] * slots
         self.sampling_rows = SlotSampling.of([IDLE_SETTING] * slots, counts=[0] * slots)
         # Made here, not at import: importing the command must not start JAX's backend (which
@@ -100,6 +106,8 @@ class Scheduler:
         self.wake = threading.Condition()
         self.stopping = False
         self.steps = 0                      # decode steps run, for the tests and benches
+        # decode steps run by the number of cache rows they computed
+        self.steps_by_rows: collections.Counter[int] = collections.Counter()
         self.thread = threading.Thread(target=self._run, name='gemma3n-engine', daemon=True)
 
     def start(self) -> None:
@@ -134,14 +142,21 @@ class Scheduler:
                     self.wake.wait()
                 if self.stopping:
                     break
-            self._drop_cancelled()
-            self._admit_waiting()
-            if self.running:
-                self._step()
+            self.turn()
         for slot in range(len(self.jobs)):
             self._end(slot, 'cancelled')
         while self.waiting:
             self.waiting.popleft().deliver(Event(finish='cancelled'))
+
+    def turn(self) -> None:
+        """One turn of the loop (the loop's thread, or a test without one): frees the slots of
+        cancelled jobs, admits waiting ones, packs the running ones into the lowest slots and
+        runs one decode step when any runs."""
+        self._drop_cancelled()
+        self._admit_waiting()
+        self._pack()
+        if self.running:
+            self._step()
 
     def _drop_cancelled(self) -> None:
         for slot, job in enumerate(self.jobs):
@@ -170,7 +185,27 @@ class Scheduler:
                 return
             self._deliver(slot, token)
 
+    def _pack(self) -> None:
+        """Moves the last running jobs down into the free slots below them."""
+        while True:
+            running = [slot for slot, job in enumerate(self.jobs) if job is not None]
+            free = [slot for slot, job in enumerate(self.jobs) if job is None]
+            if not running or not free or free[0] > running[-1]:
+                return
+            source, target = running[-1], free[0]
+            try:
+                self.batch.move(source, target)
+            except Exception as error:
+                logger.exception('moving a slot failed')
+                self._recover(error)
+                return
+            self.jobs[target], self.jobs[source] = self.jobs[source], None
+            for column in jax.tree.leaves(self.sampling_rows):
+                column[target] = column[source]
+            self._set_sampling(source, IDLE_SETTING, 0)
+
     def _step(self) -> None:
+        rows = self.batch.step_rows()
         try:
             # A copy: the rows change on this thread while the step may still read them.
             tokens, _ = self.batch.step(self.unused_key, jax.tree.map(np.copy, self.sampling_rows))
@@ -179,6 +214,7 @@ class Scheduler:
             self._recover(error)
             return
         self.steps += 1
+        self.steps_by_rows[rows] += 1
         for slot, job in enumerate(self.jobs):
             if job is not None:
                 self._deliver(slot, int(tokens[slot]))
@@ -210,12 +246,16 @@ class Scheduler:
         ends with the error and the batch starts over with an empty cache."""
         for slot in range(len(self.jobs)):
             self._end(slot, 'error', f'{type(error).__name__}: {error}')
-        self.batch = Batch(self.engine, self.engine.new_cache(len(self.jobs), self.cache_length))
+        self.batch = self._new_batch(len(self.jobs))
+
+    def _new_batch(self, slots: int) -> Batch:
+        return Batch(self.engine, self.engine.new_cache(slots, self.cache_length),
+                     occupied_only=True)
 
     def _set_sampling(self, slot: int, setting: tuple, count: int) -> None:
         row = SlotSampling.of([setting], counts=[count])
-        for name in ('temperature', 'top_k', 'top_p', 'keys', 'counts'):
-            getattr(self.sampling_rows, name)[slot] = getattr(row, name)[0]
+        for column, value in zip(jax.tree.leaves(self.sampling_rows), jax.tree.leaves(row)):
+            column[slot] = value[0]
 
     def _row_sampling(self, slot: int) -> SlotSampling:
         return jax.tree.map(lambda x: x[slot:slot + 1].copy(), self.sampling_rows)
