@@ -44,7 +44,7 @@ PROMPT_WORDS = 24                   # each prompt: a distinct run of words, ~30 
 PERCENTILES = (50, 90, 99)
 START_TIMEOUT_S = 600
 WARMUP_TOKENS = 4
-WARMUP_PROMPT = 10 ** 6         # a prompt index no measured stream uses
+WARMUP_PROMPT = 10 ** 6         # prompt indices from here on: none a measured stream uses
 CACHE_LENGTH = 256              # positions per slot
 
 
@@ -200,8 +200,10 @@ def main() -> None:
         server, url = start_server(service)
         requests = Requests()
     client = openai.OpenAI(base_url=url, api_key='unused', max_retries=0, timeout=3600)
-    # Compiles the slot prefill and the step for the batch before anything is timed.
-    one_stream(client, requests, WARMUP_PROMPT, WARMUP_TOKENS)
+    # Compiles the slot prefill and, stream count by stream count, every number of rows a step
+    # computes (ours steps the power of two covering the running requests) before any timing.
+    for n in streams:
+        measure(client, requests, n, WARMUP_TOKENS, WARMUP_PROMPT)
     rows, offset = [], 0
     for n in streams:
         rows.append(measure(client, requests, n, args.max_tokens, offset))
