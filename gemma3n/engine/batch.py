@@ -15,7 +15,7 @@ last active slot, rounded up to a power of two (`Engine.step_rows`): a step's co
 number of sequences, not the number of slots, and the batch compiles at most log2(S) + 1 step
 programs, each when first needed. Its user keeps the sequences at the low slots: a free slot is
 filled lowest first, and a hole left below others is filled by moving the last one down
-(`move`), which copies one slot's buffers once instead of stepping the extra rows at every step.
+(`move`), which costs one call once instead of the extra rows at every later step.
 
 Example:
     >>> batch = Batch(engine, engine.new_cache(4, cache_length=256))

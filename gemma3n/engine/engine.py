@@ -188,7 +188,7 @@ class Engine:
 
     def move_slot(self, cache: kv_cache.Cache, source: int, target: int) -> kv_cache.Cache:
         """The cache (donated) with slot `source`'s sequence in slot `target` and `source`
-        empty: one slot's buffers copied in place, whatever the slots."""
+        empty: one program whatever the slots."""
         return self._move_slot(cache, jnp.int32(source), jnp.int32(target))
 
     def step_rows(self, needed: int, slots: int) -> int:
@@ -234,9 +234,10 @@ class Engine:
         return token, logits, self.on_mesh.constrain(cache, kv_cache.cache_axes(cache))
 
     def _step_fn(self, params, tokens, cache, rng, per_layer_rows, sampling):
-        """One decode step of tokens [R] through the first R rows of the cache [S, ...]; the
-        other rows are neither computed nor copied (the cache is donated and the R rows are
-        written back in place)."""
+        """One decode step of tokens [R] through the first R rows of the cache [S, ...], which
+        is donated; the other rows are not computed. (XLA's CPU backend still passes over a
+        bfloat16 buffer whole when it writes part of it, as it does for every step's K/V write:
+        it widens the buffer to float32 around the update.)"""
         self.num_traces['step'] += 1
         rows = tokens.shape[0]
         part = jax.tree.map(lambda x: x[:rows], cache)

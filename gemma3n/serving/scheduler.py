@@ -10,8 +10,8 @@ others share the batch.
 The running requests are kept in the lowest slots, so that a step computes only as many rows as
 there are requests (rounded up to a power of two: `Batch(occupied_only=True)`): a request takes
 the lowest free slot, and a slot left empty below running ones, when no waiting request takes it,
-receives the last running request (`Batch.move`: one slot's buffers copied once, against the
-extra rows every later step would compute).
+receives the last running request (`Batch.move`: one call once, against the extra rows every
+later step would compute; bench/step_rows.py times both).
 
 Tokens reach the request's owner through `Job.deliver`, called on this thread: it must only hand
 them over (the server puts them on an asyncio queue).
