@@ -7,6 +7,8 @@
 //   s8 x s8 -> s32       AVX-512 VNNI vpdpbusd  | AVX2 vpmaddwd | scalar    (exact)
 //   s8 x int4 -> f32     int4 in groups of kInt4Group along K, one f16 scale per group;
 //                        group sums exact in int32, then scaled and summed in float32.
+//   s8 x gathered s8 rows -> s32   x [M, C] times rows ids[C] of a weight stored [F, D]
+//                        (not [N, K]: a sparse FFN's down projection), exact.
 // int4 packing: group g of row n is kInt4Group / 2 bytes; byte j holds element j in its low
 // nibble and element j + kInt4Group / 2 in its high one, each stored as value + 8.
 
@@ -239,6 +241,41 @@ struct Int4Tail {
   uint16_t scales[kInt4ChunkGroups] = {};
 };
 
+// Gathered rows: y[M, D] = x[M, C] · w[ids[C], D], w int8 stored rows first [F, D] (a sparse
+// layer's FFN down projection, of which only the kept units' rows are read), exact in int32.
+// Columns [begin, end) of y.
+void RowsInt8Scalar(const int8_t* x, const int32_t* ids, const int8_t* w, int32_t* y, int64_t m,
+                    int64_t c, int64_t d, int64_t begin, int64_t end) {
+  for (int64_t i = 0; i < m; ++i) {
+    std::fill(y + i * d + begin, y + i * d + end, 0);
+    for (int64_t j = 0; j < c; ++j) {
+      const int8_t* row = w + int64_t{ids[j]} * d;
+      for (int64_t col = begin; col < end; ++col) y[i * d + col] += int32_t{x[i * c + j]} * row[col];
+    }
+  }
+}
+
+// x of the gathered-rows kernels as int16 pairs (x[j], x[j + 1]) in int32 [M, ceil(C / 2)]:
+// one vpmaddwd / vpdpwssd factor for two rows; an odd C's last pair ends in zero.
+std::vector<int32_t> XPairs(const int8_t* x, int64_t m, int64_t c) {
+  int64_t pairs = (c + 1) / 2;
+  std::vector<int32_t> out(m * pairs);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t p = 0; p < pairs; ++p) {
+      int16_t lo = x[i * c + 2 * p], hi = 2 * p + 1 < c ? x[i * c + 2 * p + 1] : 0;
+      out[i * pairs + p] = static_cast<int32_t>(static_cast<uint16_t>(lo) |
+                                                (static_cast<uint32_t>(static_cast<uint16_t>(hi)) << 16));
+    }
+  return out;
+}
+
+// Column of y that int32 lane l of the t-th vector of a gathered-rows strip holds: interleaving
+// two rows' int16 values 128 bits at a time (vpunpck[lh]wd) puts columns 8L + 0..3 of each
+// 128-bit lane L in the low vector, 8L + 4..7 in the high one.
+constexpr int64_t StripColumn(int64_t t, int64_t l) {
+  return 32 * (t / 2) + 8 * (l / 4) + 4 * (t % 2) + l % 4;
+}
+
 #ifdef GEMMA3N_X86
 // ---------------------------------------------------------------------------------------------
 // AVX2 kernels. Activations are widened once per call (x is a few rows; the weight is large).
@@ -359,6 +396,42 @@ AVX2_TARGET void Int4Avx2(const Int4Operands& op, int64_t begin, int64_t end) {
   }
 }
 
+// Gathered rows, 16 columns per strip: two rows' int8 widened to int16, interleaved, and
+// multiplied by the pair (x[j], x[j + 1]) with vpmaddwd: each int32 lane sums two products.
+// Strips [begin, end) of kStrip2 columns.
+constexpr int64_t kStrip2 = 16;
+
+template <int M>
+AVX2_TARGET void RowsInt8Avx2(const int32_t* xp, const int32_t* ids, const int8_t* w, int32_t* y,
+                              int64_t c, int64_t d, int64_t begin, int64_t end) {
+  int64_t pairs = (c + 1) / 2;
+  for (int64_t strip = begin; strip < end; ++strip) {
+    int64_t col = strip * kStrip2;
+    __m256i acc[M][2];
+    for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int8_t* r0 = w + int64_t{ids[2 * p]} * d + col;
+      // An odd C's last row pairs with itself, times x's zero.
+      const int8_t* r1 = 2 * p + 1 < c ? w + int64_t{ids[2 * p + 1]} * d + col : r0;
+      __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0)));
+      __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r1)));
+      __m256i lo = _mm256_unpacklo_epi16(a, b), hi = _mm256_unpackhi_epi16(a, b);
+      for (int i = 0; i < M; ++i) {
+        __m256i f = _mm256_set1_epi32(xp[i * pairs + p]);
+        acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(lo, f));
+        acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(hi, f));
+      }
+    }
+    for (int i = 0; i < M; ++i) {
+      alignas(32) int32_t lanes[2][8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), acc[i][0]);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), acc[i][1]);
+      for (int t = 0; t < 2; ++t)
+        for (int l = 0; l < 8; ++l) y[i * d + col + StripColumn(t, l)] = lanes[t][l];
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // AVX-512 kernels (BF16 and VNNI extensions). Tails are masked loads: zeros add nothing.
 
@@ -457,6 +530,44 @@ AVX512_TARGET void Int4Avx512(const Int4Operands& op, int64_t begin, int64_t end
                          op.neg_row, acc);
     }
     for (int i = 0; i < M; ++i) op.y[i * op.n + r] = _mm512_reduce_add_ps(acc[i]);
+  }
+}
+
+// Gathered rows, 64 columns (one cache line of each row) per strip, as RowsInt8Avx2 with
+// vpdpwssd. Strips [begin, end) of kStrip512 columns.
+constexpr int64_t kStrip512 = 64;
+
+template <int M>
+AVX512_TARGET void RowsInt8Avx512(const int32_t* xp, const int32_t* ids, const int8_t* w,
+                                  int32_t* y, int64_t c, int64_t d, int64_t begin, int64_t end) {
+  constexpr int kVectors = 4;
+  int64_t pairs = (c + 1) / 2;
+  for (int64_t strip = begin; strip < end; ++strip) {
+    int64_t col = strip * kStrip512;
+    __m512i acc[M][kVectors];
+    for (int i = 0; i < M; ++i)
+      for (int t = 0; t < kVectors; ++t) acc[i][t] = _mm512_setzero_si512();
+    for (int64_t p = 0; p < pairs; ++p) {
+      const int8_t* r0 = w + int64_t{ids[2 * p]} * d + col;
+      const int8_t* r1 = 2 * p + 1 < c ? w + int64_t{ids[2 * p + 1]} * d + col : r0;
+      __m512i v[kVectors];
+      for (int h = 0; h < 2; ++h) {
+        __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + 32 * h)));
+        __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + 32 * h)));
+        v[2 * h] = _mm512_unpacklo_epi16(a, b);
+        v[2 * h + 1] = _mm512_unpackhi_epi16(a, b);
+      }
+      for (int i = 0; i < M; ++i) {
+        __m512i f = _mm512_set1_epi32(xp[i * pairs + p]);
+        for (int t = 0; t < kVectors; ++t) acc[i][t] = _mm512_dpwssd_epi32(acc[i][t], v[t], f);
+      }
+    }
+    for (int i = 0; i < M; ++i) {
+      alignas(64) int32_t lanes[kVectors][16];
+      for (int t = 0; t < kVectors; ++t) _mm512_store_si512(lanes[t], acc[i][t]);
+      for (int t = 0; t < kVectors; ++t)
+        for (int l = 0; l < 16; ++l) y[i * d + col + StripColumn(t, l)] = lanes[t][l];
+    }
   }
 }
 #endif  // GEMMA3N_X86
@@ -587,6 +698,45 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+ffi::Error RowsInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> ids,
+                        ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y, int32_t isa) {
+  auto xd = x.dimensions(), idd = ids.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || idd.size() != 1 || wd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("the gathered-rows kernel takes x [M, C], ids [C], "
+                                       "w [F, D] and gives y [M, D]");
+  if (xd[0] < 1 || xd[0] > kMaxRows)
+    return ffi::Error::InvalidArgument("decode kernels take 1 to 8 rows of x");
+  if (idd[0] != xd[1] || yd[0] != xd[0] || yd[1] != wd[1] || wd[0] < 1)
+    return ffi::Error::InvalidArgument("gathered-rows kernel operand shapes do not match");
+  int64_t m = xd[0], c = xd[1], f = wd[0], d = wd[1];
+  // Out-of-range ids read the nearest row, as jnp.take(..., mode='clip') does.
+  std::vector<int32_t> rows(ids.typed_data(), ids.typed_data() + c);
+  for (int32_t& r : rows) r = static_cast<int32_t>(std::clamp<int64_t>(r, 0, f - 1));
+  const int8_t* xp = x.typed_data();
+  const int8_t* wp = w.typed_data();
+  int32_t* yp = y->typed_data();
+  Isa chosen = Choose(isa);
+  int64_t strip = chosen == kAvx512 ? kStrip512 : kStrip2;
+  int64_t strips = chosen == kScalar ? 0 : d / strip;
+#ifdef GEMMA3N_X86
+  if (strips > 0) {
+    std::vector<int32_t> pairs = XPairs(xp, m, c);
+    WithRows(m, [&]<int M>() {
+      ParallelFor(pool, strips, Grain(c * strip), [&](int64_t b, int64_t e) {
+        if (chosen == kAvx512) RowsInt8Avx512<M>(pairs.data(), rows.data(), wp, yp, c, d, b, e);
+        else RowsInt8Avx2<M>(pairs.data(), rows.data(), wp, yp, c, d, b, e);
+      });
+    });
+  }
+#endif
+  // The columns past the last whole strip (all of them on the scalar path).
+  int64_t done = strips * strip;
+  ParallelFor(pool, d - done, Grain(c), [&](int64_t b, int64_t e) {
+    RowsInt8Scalar(xp, rows.data(), wp, yp, m, c, d, done + b, done + e);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMatvecBf16, Bf16Impl,
@@ -612,6 +762,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMatvecInt4, Int4Impl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nRowsInt8, RowsInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int32_t>("isa"));
 
 // The instruction set the kernels use on this CPU (an Isa value), for the Python side to report.
