@@ -108,8 +108,10 @@ def sdist(version: str | None) -> Path:
         return found[-1]
     SDIST_DIR.mkdir(parents=True, exist_ok=True)
     spec = f"{PACKAGE}=={version}" if version else PACKAGE
+    # pip prepares the sdist's metadata, in an isolated environment with its build backend
+    # (scikit-build-core, from the index): a plain venv does not have it.
     _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
-          "--no-build-isolation", "-d", SDIST_DIR, spec])
+          "-d", SDIST_DIR, spec])
     found = sorted(SDIST_DIR.glob("llama_cpp_python-*.tar.gz"))
     if not found:
         raise SystemExit(f"pip download left no llama_cpp_python sdist in {SDIST_DIR}")

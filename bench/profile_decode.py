@@ -1,9 +1,9 @@
 """Where our decode step and prefill spend their time, and what the planned optimisations would buy.
 
-    python -m bench.profile_decode --size reduced [--serving | --int8] [--skip PARTS]
+    python -m bench.profile_decode --size reduced [--serving | --int8 | --int4] [--skip PARTS]
 
 Measures, on the benchmark's random bfloat16 weights (in the checkpoint layout, the serving
-layout or int8):
+layout, int8 or int4):
   1. the decode step as the Sampler compiles it, and a per-operation breakdown from a JAX profiler
      trace, grouped by module (the XLA op names are mapped back through the compiled HLO); also
      which weights the compiled step converts to float32 on every call; the same breakdown of a
@@ -14,7 +14,7 @@ layout or int8):
      against running every layer on every prompt token;
   4. each weight's contraction alone, as stored and re-laid out [out, in] (contracted over its
      last axis), for one token and for 128, plus int8 [out, in] weights converted in the step
-     (checkpoint layout only: skipped with --serving and --int8).
+     (checkpoint layout only: skipped with --serving, --int8 and --int4).
 Prints tables and writes bench/results/profile-<size>-<time>.json.
 """
 
@@ -53,6 +53,8 @@ TABLE_KEY = 'model.embed_tokens_per_layer.weight'
 _LAYER_INDEX = re.compile(r'layer_\d+')
 _OPERAND = re.compile(r'%([\w.\-]+)')
 PARAM_PREFIX = 'params__'
+# Bytes a decode step reads per weight value, roughly (int4 adds a float16 scale per 32).
+BYTES_PER_VALUE = {'bfloat16': common.BF16_BYTES, 'int8': 1, 'int4': 0.5 + 2 / 32}
 WEIGHT_SEARCH_DEPTH = 2     # a dot reads a weight through at most a convert and a bitcast/copy
 
 
@@ -372,6 +374,8 @@ def main() -> None:
                         help='profile the serving layout (gemma3n.layout.to_serving)')
     parser.add_argument('--int8', action='store_true',
                         help='the serving layout with int8 weights (implies --serving)')
+    parser.add_argument('--int4', action='store_true',
+                        help='the serving layout with int4 weights (implies --serving)')
     parser.add_argument('--skip', default='', help='comma-separated parts to skip: trace,prefill_trace,host_table,prefill,layout')
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(',')))
@@ -379,19 +383,22 @@ def main() -> None:
     weights = common.ensure_weights(args.size)
     model = Gemma3nTransformer(config=config, text_only=True, dtype=jnp.bfloat16)
     params = load_to_device(weights, model)
-    if args.serving or args.int8:
-        model, params = to_serving(model, params, quantize_int8=args.int8)
+    if args.int8 and args.int4:
+        parser.error('choose --int8 or --int4, not both')
+    fmt = 'int8' if args.int8 else 'int4' if args.int4 else 'bfloat16'
+    if args.serving or args.int8 or args.int4:
+        model, params = to_serving(model, params, quantize_int8=args.int8, quantize_int4=args.int4)
         # The layout table compares layouts of the checkpoint's own weights, which are gone now.
         skip.add('layout')
     vocab = config.num_embed
     report: dict[str, Any] = {'size': args.size, 'machine': common.machine_info()}
     lines = [f'== profile of our decode step, {args.size} ({common.param_count(config) / 1e9:.2f}B params, '
-             f'{"int8" if args.int8 else "bfloat16"}), load average {report["machine"]["load_average"][0]:.2f}']
+             f'{fmt}), load average {report["machine"]["load_average"][0]:.2f}']
 
     step = make_step(model)
     cache = prefilled_cache(model, params, vocab)
     baseline_s, cache = time_steps(step, params, cache, lambda t: (jnp.full((1, 1), t, jnp.int32), None))
-    weights_read = common.decode_weights_read(config)["total"] * (1 if args.int8 else common.BF16_BYTES)
+    weights_read = common.decode_weights_read(config)["total"] * BYTES_PER_VALUE[fmt]
     report['step_s'] = baseline_s
     lines.append(f'decode step (Sampler\'s path, table inside the step): {1e3 * baseline_s:.1f} ms '
                  f'= {1 / baseline_s:.2f} tok/s; weights read {weights_read / common.GB:.2f} GB '

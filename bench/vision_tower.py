@@ -9,7 +9,8 @@ resize that ours reproduces), the tower (both on our pixels) and the vision embe
 E4B's text width). Prints times (first call: our compilation included; warm: best of `--repeats`)
 and the largest differences, and writes them as JSON to `bench/results/vision-<UTC time>.json`.
 
-Needs timm and a torchvision built for the installed torch (neither is a test dependency).
+Needs timm (installed as the README's test command does); torchvision, which timm imports but
+this tower never calls, stands in as tests/torchvision_standin.py arranges where it is missing.
 Slow on a small machine (minutes); run by hand from the repository root:
     python -m bench.vision_tower [--repeats 2]
 """
@@ -37,6 +38,7 @@ from gemma3n.multimodal_embedder import MultimodalEmbedder
 from gemma3n.vision.mobilenet.config import MOBILENET_V5_300M
 from gemma3n.vision.mobilenet.encoder import MobileNetV5
 from gemma3n.vision.mobilenet.preprocess import preprocess_images
+from tests.torchvision_standin import import_timm, timm_in_transformers
 
 TEXT_WIDTH = 2048            # E4B's hidden size (E2B: 2048 as well)
 IMAGE_SHAPE = (683, 1024)    # a landscape photo's shape, resized to 768 x 768
@@ -82,10 +84,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     try:
-        import timm  # noqa: F401  (transformers builds the tower through timm)
-    except (ImportError, RuntimeError) as error:
-        sys.exit(f"bench.vision_tower needs timm and a torchvision matching torch "
-                 f"{torch.__version__}: {type(error).__name__}: {error}")
+        import_timm()     # transformers builds the tower through timm
+    except ImportError as error:
+        sys.exit(f"bench.vision_tower needs timm (pip install --no-deps 'timm>=1.0.16'): {error}")
     torch.set_grad_enabled(False)
     report: dict[str, object] = {"torch_threads": torch.get_num_threads(),
                                  "jax_devices": [str(d) for d in jax.devices()]}
@@ -100,7 +101,8 @@ def main() -> None:
     report["preprocess"] = {"ours_s": ours_pre, "hf_pil_s": hf_pre, "max_abs_diff": float(
         np.abs(ours_pixels - hf_pixels.transpose(0, 2, 3, 1)).max())}
 
-    tower = AutoModel.from_config(Gemma3nVisionConfig()).eval()
+    with timm_in_transformers():
+        tower = AutoModel.from_config(Gemma3nVisionConfig()).eval()
     randomise(tower)
     embedder = Gemma3nMultimodalEmbedder(Gemma3nVisionConfig(),
                                          Gemma3nTextConfig(hidden_size=TEXT_WIDTH)).eval()

@@ -76,13 +76,13 @@ def sparse_ffn(x: jax.Array, gate_top: jax.Array, up: StoredWeight, up_eqn: str,
         out = []
         # Token by token: the up product is then one row times gathered rows stored [C, D],
         # which the decode kernels take (`gemma3n.layers.decode_kernels`); the down product
-        # (rows [C, D] = [in, out]) is XLA's x @ w, ~1 ms at E4B widths, where re-laying the
-        # rows out [D, C] for the kernels costs 8.
+        # (rows [C, D] = [in, out]) reads the kept rows in place where the format can
+        # (`StoredWeight.rows_contract`: int8), else XLA's x @ w of the gathered rows.
         for t in range(xt.shape[0]):
             kept_up = contract('D,CD->C', xt[t], up.rows(ids[t]))
             hidden = nn.gelu(top[t, ids[t]], approximate=True) * kept_up
             hidden = jnp.where(valid[t], hidden, jnp.zeros((), hidden.dtype))
-            out.append(contract('C,CD->D', hidden, linear.rows(ids[t])))
+            out.append(linear.rows_contract(hidden, ids[t]))
         return jnp.stack(out)
 
     def dense() -> jax.Array:

@@ -73,6 +73,24 @@ def test_int8_rows_equal_xla_exactly(isa, rows, k, n):
     np.testing.assert_array_equal(got, want)
 
 
+# (rows, C, F, D): D off the strips (64 columns AVX-512, 16 AVX2) and C odd (rows in pairs).
+@pytest.mark.parametrize('isa', ISAS, indirect=True)
+@pytest.mark.parametrize('rows,c,f,d', [(1, 7, 20, 200), (3, 64, 100, 64), (8, 33, 40, 17),
+                                        (1, 1, 3, 130)])
+def test_gathered_rows_equal_xla_exactly(isa, rows, c, f, d):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.integers(-128, 128, (rows, c)), jnp.int8)
+    w = jnp.asarray(rng.integers(-128, 128, (f, d)), jnp.int8)
+    # Repeated ids, and two out of range, clipped to the nearest row as jnp.take(mode='clip').
+    ids = jnp.asarray(np.concatenate([rng.integers(0, f, c - min(c, 2)), [-5, f + 3][:c]]),
+                      jnp.int32)
+    kernel = jax.jit(decode_kernels.gathered_rows)
+    assert decode_kernels.TARGETS['int8_rows'] in kernel.lower(x, ids, w).as_text()
+    want = jnp.einsum('mc,cd->md', x, w[jnp.clip(ids, 0, f - 1)],
+                      preferred_element_type=jnp.int32)
+    np.testing.assert_array_equal(kernel(x, ids, w), want)
+
+
 @pytest.mark.parametrize('eqn,x_shape,w_shape', [
     ('BTD,CFD->CBTF', (1, 1, 40), (2, 33, 40)),      # a gating weight: two outputs, batch 1
     ('BTZ,DZ->DBT', (2, 3, 70), (5, 70)),           # six rows

@@ -23,6 +23,7 @@ from gemma3n.vision import SigLiPFromPatches, ViTModel, VisionExit
 from gemma3n.vision.preprocess import MAX_IMAGE_PIXELS, image_file_size, load_image, load_images
 from cli_runner import cli_env, run_cli, assert_usage_error
 from hf_oracle import small_configs
+from tokenizer_files import released_layout
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 RGB_8BIT = (8, 2, 0, 0, 0)         # IHDR: bit depth, colour type (RGB), compression, filter, interlace
@@ -94,7 +95,7 @@ def test_good_files_still_load(files):
     assert load_images(str(files['good']), 28, 28).shape == (1, 28, 28, 3)   # one path alone
 
 
-def vision_sampler():
+def vision_sampler(tokenizer_path=None):
     """A sampler of a small model with a vision encoder; no weights are needed to refuse files."""
     encoder = SigLiPFromPatches(siglip_encoder=ViTModel(width=32, depth=2, mlp_dim=64, num_heads=4),
                                 siglip_exit=VisionExit(output_length=4),
@@ -102,7 +103,7 @@ def vision_sampler():
                                 image_height=112, image_width=112)
     config = dataclasses.replace(small_configs()[0], vision_encoder=encoder)
     return Sampler(model=Gemma3nTransformer(config=config, dtype=jnp.float32), params={},
-                   tokenizer=Tokenizer(default_tokenizer_path()))
+                   tokenizer=Tokenizer(tokenizer_path or default_tokenizer_path()))
 
 
 def test_the_sampler_checks_every_header_first(files):
@@ -122,6 +123,14 @@ def test_a_text_only_model_refuses_images_before_decoding(files):
     for image in (files['garbage'], files['bomb_30k']):
         with pytest.raises(ValueError, match='does not have vision encoder'):
             sampler.sample('Describe it.', images=[image])
+
+
+def test_a_tokenizer_without_the_siglip_image_ids_refuses_images_before_decoding(files, tmp_path):
+    # The released vocabulary gives 256000 to <start_of_audio>: SigLIP image blocks cannot be said.
+    sampler = vision_sampler(released_layout(tmp_path / 'released.model'))
+    with pytest.raises(ValueError, match='does not speak <start_of_image> and <end_of_image> as '
+                                         '255999 and 256000'):
+        sampler.sample('Describe it.', images=[files['garbage']])
 
 
 # ---- the command line ------------------------------------------------------------------------

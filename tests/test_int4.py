@@ -32,12 +32,15 @@ def test_quantize_by_hand():
 
 @pytest.mark.skipif(decode_kernels._library() is None, reason='decode kernels not built here')
 @pytest.mark.parametrize('isa', ['auto', 'avx2', 'scalar'])
-@pytest.mark.parametrize('rows,k,n', [(1, 32, 1), (3, 96, 17), (8, 2048, 37), (2, 160, 130)])
+# The vector kernels read 4 groups (128 values) at a time: K of 1 to 7 groups covers a row that
+# is only a partial chunk, whole chunks, and whole chunks plus 1 or 3 groups.
+@pytest.mark.parametrize('rows,k,n', [(1, 32, 1), (3, 96, 17), (8, 2048, 37), (2, 160, 130),
+                                      (1, 224, 7), (4, 128, 5), (5, 2080, 3)])
 def test_kernel_equals_xla_within_summation_noise(monkeypatch, isa, rows, k, n):
     monkeypatch.setenv(decode_kernels.ENV, isa)
     rng = np.random.default_rng(0)
     w4 = quantize_int4(jnp.asarray(rng.standard_normal((n, k)), jnp.float32), 1)
-    xq = jnp.asarray(rng.integers(-128, 128, (rows, k)), jnp.int8)   # odd group counts: 3, 5
+    xq = jnp.asarray(rng.integers(-128, 128, (rows, k)), jnp.int8)   # -128 included
     got = jax.jit(lambda *a: int4.rows_dot(*a))(xq, w4.q, w4.scale)
     lowered = jax.jit(lambda *a: int4.rows_dot(*a)).lower(xq, w4.q, w4.scale)
     assert decode_kernels.TARGETS['int4'] in lowered.as_text()

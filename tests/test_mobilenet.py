@@ -5,7 +5,7 @@ embedder against transformers, and the preprocessing.
 The HF tensors here are built from our own declared shapes (`hf_mobilenet.vision_tower_shapes`)
 in PyTorch's layout (convolutions [out, in, kh, kw]), so the mapping is checked without timm; that
 timm's `mobilenetv5_300m_enc` has exactly these names and shapes, and that the tower computes what
-timm's does, is checked in test_mobilenet_timm.py (skipped where timm cannot be imported).
+timm's does, is checked in test_mobilenet_timm.py.
 
 The preprocessing oracles are torch's uint8 antialiased bilinear resize (what torchvision's
 `resize` runs for uint8 images, so what transformers' default torchvision image processor

@@ -8,8 +8,9 @@ test_mobilenet.py. timm fixes the adapter's output at 2048 channels, so the smal
 that width. Images of 64 x 64 go through the average-pooling adapter path; 80 x 80 images give
 odd feature sizes (asymmetric 'SAME' padding, 3 -> 5 nearest upsampling) and the bilinear path.
 
-timm imports torchvision, and PyPI's torchvision wheels for our pinned CPU torch do not load
-beside it, so neither is a test dependency: this module is skipped where timm cannot be imported.
+timm imports torchvision, whose PyPI wheels for our pinned CPU torch do not load beside it: timm
+is imported with an import-only stand-in for torchvision (torchvision_standin.py), which the
+tower never calls.
 """
 
 from __future__ import annotations
@@ -22,13 +23,10 @@ import numpy as np
 import pytest
 import torch
 
-try:
-    import timm
-    from timm.models._efficientnet_builder import decode_arch_def
-except (ImportError, RuntimeError) as error:    # torchvision missing, or built for another torch
-    pytest.skip(f"timm cannot be imported ({type(error).__name__}: {error}); the MobileNet-V5 "
-                f"parity tests against timm need timm and a torchvision matching torch "
-                f"{torch.__version__}", allow_module_level=True)
+from torchvision_standin import import_timm, timm_in_transformers
+
+timm = import_timm()
+from timm.models._efficientnet_builder import decode_arch_def  # noqa: E402 (after timm's import)
 from transformers import AutoModel, Gemma3nVisionConfig
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nModel
 
@@ -56,7 +54,8 @@ def hf_tower():
     config = Gemma3nVisionConfig(model_args=dict(
         block_args=decode_arch_def(SMALL_ARCH), stem_size=SMALL.stem_channels,
         msfa_output_resolution=SMALL.msfa_resolution))
-    tower = AutoModel.from_config(config).eval()
+    with timm_in_transformers():
+        tower = AutoModel.from_config(config).eval()
     randomise(tower, seed=0)
     return tower
 

@@ -13,8 +13,8 @@ from safetensors import safe_open
 
 from cli_runner import assert_usage_error, cli_env, run_cli
 from gemma3n.checkpoints.hf_towers import TOWER_PREFIXES
-from gemma3n.text.tokenizer import default_tokenizer_path
 from released_oracle import make_hf_model, save_checkpoint
+from tokenizer_files import released_layout
 from test_audio_features import tone_and_noise
 
 CD_RATE = 44_100
@@ -40,13 +40,15 @@ def files(tmp_path_factory):
     not_audio.write_text('not audio at all')
     empty = directory / 'empty.wav'
     empty.write_bytes(b'')
+    # A tokenizer laid out like the released one (256000 is <start_of_audio>, not <end_of_image>).
+    tokenizer = released_layout(directory / 'tokenizer.model')
     return dict(checkpoint=checkpoint, image=image, clip=clip, long=long_clip,
-                not_audio=not_audio, empty=empty)
+                not_audio=not_audio, empty=empty, tokenizer=tokenizer)
 
 
 def _run(env, files, *extra):
     return run_cli(env, 'generate', '--checkpoint', str(files['checkpoint']), '--tokenizer',
-                   str(default_tokenizer_path()), '--dtype', 'float32', '--max-new-tokens', '3',
+                   str(files['tokenizer']), '--dtype', 'float32', '--max-new-tokens', '3',
                    *extra, 'Describe what you see and hear.')
 
 

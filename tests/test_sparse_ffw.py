@@ -70,6 +70,9 @@ def test_sparse_rows_equal_dense(model_and_params, fmt):
     if fmt in ('bf16', 'int8') and decode_kernels.enabled():
         # The gathered up rows go through our decode kernel (the gate too).
         assert lowered.count(decode_kernels.TARGETS[fmt]) >= 2
+    if fmt in ('int8', 'int4') and decode_kernels.enabled():
+        # The int8 down projection's kept rows are read in place.
+        assert decode_kernels.TARGETS['int8_rows'] in lowered
     got = np.asarray(apply(rows_params, x), np.float32)
     want = np.asarray(apply(dense_params, x), np.float32)
     # The same weights as a prefill reads them (many tokens: the dense product of the rows

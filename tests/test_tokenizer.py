@@ -11,6 +11,7 @@ import sentencepiece as spm
 from gemma3n.layers import special_ids as sid
 from gemma3n.text import special_tokens as st
 from gemma3n.text.tokenizer import StreamDecoder, Tokenizer, default_tokenizer_path
+from tokenizer_files import RELEASED_PIECES, RELEASED_VOCAB_SIZE, released_layout
 
 TOOL_PATH = Path(__file__).resolve().parents[1] / "tools" / "train_tiny_tokenizer.py"
 # Small enough to train in ~0.1 s, large enough for real merges besides the 256 byte pieces.
@@ -172,10 +173,26 @@ def test_text_only_tokenizer(model_dir):
         tokenizer.decode([sid.START_OF_IMAGE])
 
 
-def test_half_of_the_image_pieces(model_dir):
+def test_half_of_the_image_pieces_is_text_only(model_dir):
     without_end = [s for s in TOOL.USER_DEFINED_SYMBOLS if s != st.END_OF_IMAGE_PIECE]
-    with pytest.raises(ValueError, match="has '<start_of_image>' but not '<end_of_image>'"):
-        Tokenizer(_train(model_dir, "half_image", without_end))
+    tokenizer = Tokenizer(_train(model_dir, "half_image", without_end))
+    assert not tokenizer.has_image_tokens
+    with pytest.raises(ValueError, match="token id 255999"):
+        tokenizer.decode([sid.START_OF_IMAGE])
+
+
+def test_the_released_vocabulary_layout_loads(model_dir):
+    tokenizer = Tokenizer(released_layout(model_dir / "released_layout.model"))
+    assert tokenizer.vocab_size == RELEASED_VOCAB_SIZE
+    # The seed's pair is not there (256000 is <start_of_audio>): text-only for SigLIP, no error.
+    assert not tokenizer.has_image_tokens
+    assert {tokenizer.id_to_piece(i): i for i in RELEASED_PIECES} == {
+        piece: i for i, piece in RELEASED_PIECES.items()}
+    text = "Hi<start_of_audio>there<end_of_image>"
+    ids = tokenizer.encode(text)
+    assert 256000 in ids and 262144 in ids and tokenizer.decode(ids) == text
+    for required, gemma_id in st.REQUIRED_SPECIAL_TOKENS.items():
+        assert tokenizer.piece_to_id(required) == gemma_id
 
 
 def test_missing_file(tmp_path):

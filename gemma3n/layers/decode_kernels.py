@@ -7,6 +7,10 @@ products stream well below it). `dot(eqn, x, w, xla_dot)` takes them when they a
   `vdpbf16ps`, AVX2 FMA, or scalar);
 - int8 x int8 -> int32: exact, equal to XLA's bit for bit (AVX-512 VNNI, AVX2, scalar).
 
+`gathered_rows(x, ids, w)` is the product of x with rows `ids` of an int8 weight stored rows
+first [F, D] (a sparse layer's FFN down projection, `gemma3n.sparse_rows`), read in place:
+exact in int32 too, without XLA's gather and its int32 copy of the rows.
+
 They apply on the CPU backend, with at most `MAX_ROWS` rows of x (decode; a prefill chunk keeps
 XLA's matrix kernels, which are faster there), and to a weight whose every axis is either
 contracted (last, in x's order) or an output axis x lacks. Under `jit` for another platform the
@@ -41,8 +45,9 @@ ISA_NAMES = {code: name for name, code in ISA_CODES.items()}
 # Rows of x the kernels take at once (the C++ side's kMaxRows).
 MAX_ROWS = 8
 TARGETS = {'bf16': 'gemma3n_matvec_bf16', 'int8': 'gemma3n_matvec_int8',
-           'int4': 'gemma3n_matvec_int4'}
-_SYMBOLS = {'bf16': 'Gemma3nMatvecBf16', 'int8': 'Gemma3nMatvecInt8', 'int4': 'Gemma3nMatvecInt4'}
+           'int4': 'gemma3n_matvec_int4', 'int8_rows': 'gemma3n_rows_int8'}
+_SYMBOLS = {'bf16': 'Gemma3nMatvecBf16', 'int8': 'Gemma3nMatvecInt8', 'int4': 'Gemma3nMatvecInt4',
+            'int8_rows': 'Gemma3nRowsInt8'}
 
 logger = logging.getLogger(__name__)
 
@@ -172,3 +177,24 @@ def dot(eqn: str, x: jax.Array, w: jax.Array,
 
     return jax.lax.platform_dependent(x, w, cpu=kernel,
                                       default=functools.partial(xla_dot, eqn))
+
+
+def _xla_gathered_rows(x: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum('...c,cd->...d', x, jnp.take(w, ids, axis=0, mode='clip'),
+                      preferred_element_type=jnp.int32)
+
+
+def gathered_rows(x: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., C] int8 times rows `ids` [C] (clipped into range) of w [F, D] int8 -> [..., D]
+    int32, exact; on the kernel for at most `MAX_ROWS` rows of x on a CPU."""
+    lead = x.shape[:-1]
+    rows = math.prod(lead)
+    if not 1 <= rows <= MAX_ROWS or not enabled():
+        return _xla_gathered_rows(x, ids, w)
+
+    def kernel(x, ids, w):
+        flat = x.reshape(rows, x.shape[-1])
+        result = jax.ShapeDtypeStruct((rows, w.shape[1]), jnp.int32)
+        return call('int8_rows', result, flat, ids.astype(jnp.int32), w).reshape(lead + (-1,))
+
+    return jax.lax.platform_dependent(x, ids, w, cpu=kernel, default=_xla_gathered_rows)

@@ -49,7 +49,9 @@ class StoredWeight:
     - `take(ids, dtype)`: rows `ids` of a [rows, ...] table, for the embedding lookup;
     - `rows(ids)`: the same kind of leaf holding rows `ids` (any shape of indices) of the first
       *stored* axis, its checkpoint order being that stored order (sparse FFN rows, `gemma3n.
-      sparse_rows`).
+      sparse_rows`);
+    - optionally `rows_contract(x, ids)`: x [C] times those rows [C, ...] of a weight stored
+      rows first, `contract` of `rows(ids)` unless a format reads them in place.
     """
 
     @property
@@ -64,6 +66,10 @@ class StoredWeight:
 
     def rows(self, ids: jax.Array) -> StoredWeight:
         raise NotImplementedError(f'{type(self).__name__} cannot be gathered row by row.')
+
+    def rows_contract(self, x: jax.Array, ids: jax.Array) -> jax.Array:
+        """x [C] · rows `ids` [C] of this weight stored [F, D] -> [D]."""
+        return contract('C,CD->D', x, self.rows(ids))
 
 
 def checkpoint_shape(stored_shape: Sequence[int], order: tuple[int, ...] | None

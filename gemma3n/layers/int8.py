@@ -21,6 +21,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from gemma3n.layers import decode_kernels
 from gemma3n.layers.einsum import StoredWeight, checkpoint_shape, contract_stored, dot, rows_first
 
 INT8_MAX = 127
@@ -60,6 +61,14 @@ class QuantizedWeight(StoredWeight):
         scales = jnp.take(self.scale, ids, axis=0, mode='clip')
         return (rows * scales[..., None]).astype(dtype)
 
+    def rows_contract(self, x: jax.Array, ids: jax.Array) -> jax.Array:
+        if not self.scale_last or self.order != (0, 1):
+            return super().rows_contract(x, ids)
+        # Read in place (`decode_kernels.gathered_rows`): the same int32 sums as the product of
+        # the gathered rows, scaled the same way.
+        return _int8_dot('C,CD->D', x, self.q, self.scale, scale_last=True,
+                         product=lambda eqn, xq, q: decode_kernels.gathered_rows(xq, ids, q))
+
     def rows(self, ids: jax.Array) -> QuantizedWeight:
         # A scale over the last axis belongs to every row; one over the first is gathered.
         scale = self.scale if self.scale_last else jnp.take(self.scale, ids, axis=0, mode='clip')
@@ -77,9 +86,10 @@ def quantize_rows(x: jax.Array, contracted: tuple[int, ...]) -> tuple[jax.Array,
 
 
 def _int8_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array,
-              scale_last: bool = False) -> jax.Array:
+              scale_last: bool = False, product: Any = dot) -> jax.Array:
     """x · (q · scale) with x quantized too: int8 x int8 products are the only int8 form XLA's
     CPU backend runs fast (a mixed int8 x bf16 product converts the weight every call).
+    `product(eqn, xq, q)` computes the int8 product (default: `einsum.dot`).
 
     Each row of x (each combination of its free axes) gets its own absmax scale, so the
     activation rounding is at most half a step of 1/127 of that row's largest value.
@@ -88,7 +98,7 @@ def _int8_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array,
     x_spec, w_spec = inputs.split(',')
     contracted = [i for i, a in enumerate(x_spec) if a in w_spec and a not in out_spec]
     xq, x_scale = quantize_rows(x, tuple(contracted))
-    y = dot(eqn, xq, q).astype(jnp.float32)
+    y = product(eqn, xq, q).astype(jnp.float32)
     # The scale covers the first (or, `scale_last`, the last) of the weight's axes the output
     # keeps; an axis it shares with x (rows gathered per sequence) is one of those.
     kept = ''.join(a for a in w_spec if a in out_spec)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma3n import validation
+from gemma3n.layers import special_ids
 from gemma3n.engine.engine import Engine
 from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK
 from gemma3n.engine.sampling import Greedy, SamplingMethod
@@ -198,8 +199,10 @@ class Sampler:
         released = self.model.has_vision and towers is not None
         encoder = None if released else self.vision_encoder()
         if not released and not self._require_tokenizer().has_image_tokens:
-            raise ValueError(f'tokenizer {self.tokenizer.path} has no <start_of_image> piece: '
-                             'it cannot take images.')
+            raise ValueError(f'tokenizer {self.tokenizer.path} does not speak <start_of_image> '
+                             f'and <end_of_image> as {special_ids.START_OF_IMAGE} and '
+                             f'{special_ids.END_OF_IMAGE}, which '
+                             'the SigLIP image blocks need: it cannot take images.')
         if lists:
             if len(images) != len(prompts):
                 raise ValueError(f'{len(images)} image lists for {len(prompts)} prompts.')

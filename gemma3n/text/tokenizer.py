@@ -49,7 +49,8 @@ class Tokenizer:
     Every id that goes in or comes out is a Gemma id: the special pieces always have the ids of
     `gemma3n.text.special_tokens`, whatever their ids inside the SentencePiece file (see the
     module docstring). `<pad>`, `<eos>`, `<bos>`, `<unk>`, `<start_of_turn>` and `<end_of_turn>`
-    are required; `<start_of_image>`/`<end_of_image>` are optional (`has_image_tokens`).
+    are required; `<start_of_image>`/`<end_of_image>` at the seed's ids are optional
+    (`has_image_tokens`).
 
     `decode` also accepts the SentencePiece ids that a translated special piece leaves unused
     (they decode to that piece), so sampling from a model whose vocabulary is the SentencePiece
@@ -82,17 +83,25 @@ class Tokenizer:
                 raise ValueError(
                     f"tokenizer {self._path} has no {piece!r} piece, which Gemma 3n needs")
             self._translate(piece, sp_id, gemma_id)
-        image_ids = {piece: self._find_piece(piece)
-                     for piece in special_tokens.IMAGE_SPECIAL_TOKENS}
-        present = [piece for piece, sp_id in image_ids.items() if sp_id is not None]
-        if present and len(present) != len(image_ids):
-            missing = [piece for piece in image_ids if piece not in present]
-            raise ValueError(
-                f"tokenizer {self._path} has {present[0]!r} but not {missing[0]!r}: "
-                "images need both")
-        for piece in present:
-            self._translate(piece, image_ids[piece], special_tokens.IMAGE_SPECIAL_TOKENS[piece])
-        self._has_image_tokens = bool(present)
+        self._has_image_tokens = self._speak_image_pieces()
+
+    def _speak_image_pieces(self) -> bool:
+        """Speaks `<start_of_image>`/`<end_of_image>` at the seed's ids (255999, 256000) when this
+        vocabulary lets it; returns whether it does.
+
+        They are optional: only the seed's SigLIP image blocks use them. The released Gemma 3n
+        vocabulary gives 256000 to `<start_of_audio>` and `<end_of_image>` 262144; its towers take
+        their ids from the model's config (`TowersConfig`), so such a tokenizer is valid and simply
+        does not speak the seed's pair.
+        """
+        found = {piece: self._find_piece(piece) for piece in special_tokens.IMAGE_SPECIAL_TOKENS}
+        for piece, sp_id in found.items():
+            gemma_id = special_tokens.IMAGE_SPECIAL_TOKENS[piece]
+            if sp_id is None or (sp_id != gemma_id and gemma_id < self._vocab_size):
+                return False
+        for piece, sp_id in found.items():
+            self._translate(piece, sp_id, special_tokens.IMAGE_SPECIAL_TOKENS[piece])
+        return True
 
     def _find_piece(self, piece: str) -> int | None:
         """Returns the SentencePiece id of `piece`, or None when the vocabulary lacks it."""
@@ -127,7 +136,8 @@ class Tokenizer:
 
     @property
     def has_image_tokens(self) -> bool:
-        """Whether `<start_of_image>` and `<end_of_image>` exist, i.e. images can be used."""
+        """Whether `<start_of_image>` and `<end_of_image>` are spoken as 255999 and 256000, the ids
+        the seed's SigLIP image blocks use."""
         return self._has_image_tokens
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:

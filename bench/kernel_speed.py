@@ -1,0 +1,89 @@
+"""Our decode kernels alone, per weight shape of a decode step at E4B widths: milliseconds and
+GB/s of weight read per call (best of `--repeats`, random operands, one row of x unless
+`--rows`), beside the machine's memory bandwidth and load. Each weight is larger than the
+caches only for the biggest shapes; the smaller ones show the kernels' compute speed.
+
+    python -m bench.kernel_speed [--kinds bf16,int8,int4,int8_rows] [--rows 1] [--repeats 20]
+
+Runs the kernels of whatever `gemma3n` is imported, so `PYTHONPATH=<other checkout>` times that
+checkout's kernels with this script (its `int8_rows` rows are skipped if it has none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common, machine
+from gemma3n.layers import decode_kernels
+
+# (name, N, K) of the products a decode step makes, at E4B widths: y [1, N] = x [1, K] · w[N, K]ᵀ.
+SHAPES = [('attention q / o', 2048, 2048), ('FFN gate + up', 32768, 2048),
+          ('FFN down', 2048, 16384), ('LM head / 4', 65536, 2048)]
+# The sparse FFN's down rows: C kept rows of [F, D] (E4B: 2 · 5% of 16384).
+KEPT_ROWS, FFN_DIM, MODEL_DIM = 1639, 16384, 2048
+# Bytes read per weight value.
+BYTES_PER_VALUE = {'bf16': 2.0, 'int8': 1.0, 'int4': 0.5 + 2 / 32, 'int8_rows': 1.0}
+
+
+def _operands(kind: str, rows: int, n: int, k: int, rng: np.random.Generator) -> tuple:
+    """The kernel's operands and its result type."""
+    def s8(shape):
+        return jnp.asarray(rng.integers(-128, 128, shape), jnp.int8)
+    if kind == 'bf16':
+        return (jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16),
+                jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)), jnp.float32
+    if kind == 'int8':
+        return (s8((rows, k)), s8((n, k))), jnp.int32
+    scale = jnp.asarray(rng.standard_normal((n, k // 32)) * 0.01, jnp.float16)
+    return (s8((rows, k)), jnp.asarray(rng.integers(0, 256, (n, k // 2)), jnp.uint8),
+            scale), jnp.float32
+
+
+def time_call(fn, operands: tuple, repeats: int) -> float:
+    fn(*operands).block_until_ready()
+    return common.best_of(lambda: fn(*operands).block_until_ready(), repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--kinds', default='bf16,int8,int4,int8_rows')
+    parser.add_argument('--rows', type=int, default=1)
+    parser.add_argument('--repeats', type=int, default=20)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    bandwidth = machine.threaded_read_bandwidth(np.ones(machine.ARRAY_BYTES // 4, np.float32))
+    print(f'kernels: {decode_kernels.active_isa()}, {args.rows} row(s) of x; load average '
+          f'{os.getloadavg()[0]:.2f}; memory read bandwidth {bandwidth["threaded_gb_s"]:.1f} GB/s')
+    table = []
+    for kind in args.kinds.split(','):
+        if kind == 'int8_rows':
+            if kind not in decode_kernels.TARGETS:
+                continue
+            w = jnp.asarray(rng.integers(-128, 128, (FFN_DIM, MODEL_DIM)), jnp.int8)
+            ids = jnp.asarray(np.sort(rng.choice(FFN_DIM, KEPT_ROWS, replace=False)), jnp.int32)
+            x = jnp.asarray(rng.integers(-128, 128, (args.rows, KEPT_ROWS)), jnp.int8)
+            shapes = [(f'sparse FFN down rows ({KEPT_ROWS} of {FFN_DIM})', KEPT_ROWS, MODEL_DIM,
+                       jax.jit(decode_kernels.gathered_rows), (x, ids, w))]
+        else:
+            shapes = []
+            for name, n, k in SHAPES:
+                operands, out = _operands(kind, args.rows, n, k, rng)
+                result = jax.ShapeDtypeStruct((args.rows, n), out)
+                fn = jax.jit(lambda *o, kind=kind, result=result: decode_kernels.call(kind, result, *o))
+                shapes.append((name, n, k, fn, operands))
+        for name, n, k, fn, operands in shapes:
+            seconds = time_call(fn, operands, args.repeats)
+            gb = n * k * BYTES_PER_VALUE[kind] / common.GB
+            table.append([kind, name, f'{n} x {k}', f'{1e3 * seconds:.3f}', f'{gb / seconds:.1f}'])
+    print(common.format_table(['kernel', 'weight', 'N x K', 'ms', 'GB/s'], table))
+    print(f'load average at the end {os.getloadavg()[0]:.2f}')
+
+
+if __name__ == '__main__':
+    main()
