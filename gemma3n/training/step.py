@@ -73,8 +73,11 @@ class TrainSteps:
         self._init = jax.jit(self._initial_state)
 
     def place(self, trainable: Any, frozen: Any) -> tuple[Any, Any]:
-        """The trees `split` gave, on the device: each weight in its shards on the mesh (read
-        from host memory block by block), or whole on the default device without one."""
+        """The trees `split` gave, on the device: the frozen one as the split holds it
+        (`ParamSplit.hold_frozen`, which may consume it: LoRA's base is re-laid out), each
+        weight in its shards on the mesh (read from host memory block by block), or whole on
+        the default device without one."""
+        frozen = self.split.hold_frozen(self.model, frozen)
         if self.on_mesh.mesh is None:
             return trainable, jax.device_put(frozen)
         rules, mesh = self.on_mesh.rules, self.on_mesh.mesh
