@@ -168,6 +168,9 @@ def test_peft_adapter_loads_with_peft_logits(setup, tmp_path):
     assert relative(int8_lora, ours) < relative(int8_base, ours) / 3
     with pytest.raises(ValueError, match='merge into the checkpoint-order'):
         split.export(trainable, int8_params)
+    # Training over it is refused before any step: the rounded activations have no gradient.
+    with pytest.raises(ValueError, match='int8/int4 base is not supported'):
+        TrainSteps(model, split, optax.sgd(0.0)).place(trainable, int8_params)
 
 
 def test_bad_adapters_and_targets_are_refused(setup, tmp_path):
