@@ -7,8 +7,10 @@ full E4B text decoder, and XLA's own accounting of the compiled program
 (`compiled.memory_analysis()`) gives its device bytes: arguments (frozen base, train state,
 batch), outputs, temporaries (activations, gradients, XLA's buffers), minus what the donated
 state shares with the outputs. The frozen base is held as `finetune` holds it: every weight,
-the per-layer table included, in the compute dtype bfloat16 (`load_params(dtype=bfloat16)`), or
-int8 (`--base int8`: the projections quantized as `to_serving(quantize_int8=True)` makes them).
+the per-layer table included, in the compute dtype bfloat16 (`load_params(dtype=bfloat16)`) and
+the serving layout (`LoRA.hold_frozen`), or int8 (`--base int8`: the projections quantized as
+`to_serving(quantize_int8=True)` makes them; a run refuses to train over it, its gradients
+being wrong, so that figure is only what such a step would hold).
 The host side adds what the process holds besides the arrays: the runtime and the compiled
 program (its resident memory after compiling, every array being abstract).
 
@@ -71,6 +73,8 @@ def lora_step_inputs(model: Any, split: Any, *, base: str, batch: dict[str, Any]
             lambda p: to_serving(model, p, quantize_int8=True)[1], params)
     trainable, frozen = jax.eval_shape(split.split, params)
     steps = TrainSteps(model, split, OptimizerConfig(LEARNING_RATE, total_steps=100).make())
+    if base != 'int8':      # as a run holds it; an int8 base (training refused) stays as made
+        frozen = jax.eval_shape(lambda tree: split.hold_frozen(model, dict(tree)), frozen)
     state = jax.eval_shape(functools.partial(steps.init, seed=0), trainable)
     return steps, state, frozen, batch
 

@@ -70,7 +70,6 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     from bench.train_memory import step_memory
-    from gemma3n.layout import to_serving
     from gemma3n.training.lora import LoRA
     from gemma3n.training.optimizer import OptimizerConfig
     from gemma3n.training.param_split import FullFineTuning
@@ -85,11 +84,10 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
     params = common.leafwise_random_params(model, base_dtype, WEIGHT_SCALE)
     split = FullFineTuning() if args.lora_rank is None else LoRA(
         config, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
-    trainable, frozen = split.split(params)
-    del params
-    if args.serving_layout:
-        _, frozen = to_serving(model, frozen, consume=True)
     steps = TrainSteps(model, split, OptimizerConfig(LEARNING_RATE, args.steps + 1).make())
+    # As `finetune` places them: a LoRA base re-laid out [out, in] (`LoRA.hold_frozen`).
+    trainable, frozen = steps.place(*split.split(params))
+    del params
     state = steps.init(trainable, seed=0)
     del trainable
     common.reset_peak_rss()
@@ -179,8 +177,6 @@ def main() -> None:
                         'every weight (both sides)')
     parser.add_argument('--base-dtype', choices=('bfloat16', 'float32'), default='bfloat16',
                         help='LoRA: the dtype of the frozen base (both sides; default bfloat16)')
-    parser.add_argument('--serving-layout', action='store_true',
-                        help='ours: the frozen base in the serving layout (weights [out, in])')
     parser.add_argument('--side', choices=tuple(SIDES), help=argparse.SUPPRESS)
     parser.add_argument('--out', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,7 +190,6 @@ def main() -> None:
     options = [f'--{name.replace("_", "-")}={getattr(args, name)}'
                for name in ('layers', 'vocab', 'widths', 'seq_len', 'batch_size', 'steps')]
     options += ['--remat'] if args.remat else []
-    options += ['--serving-layout'] if args.serving_layout else []
     options += ([f'--lora-rank={args.lora_rank}', f'--base-dtype={args.base_dtype}']
                 if args.lora_rank else [])
     results = {}

@@ -115,7 +115,8 @@ def train(model, params, split, mesh=None):
     (trainable and optimizer state), whether the state kept the trainable tree's shardings)."""
     steps = TrainSteps(model.clone(**MODEL_KEYS), split, OPTIMIZER.make(), mesh=mesh,
                        rules=RULES)
-    trainable, frozen = steps.place(*split.split(params))
+    # A copy: placing consumes a LoRA base (re-laid out weight by weight); `params` serves again.
+    trainable, frozen = steps.place(*split.split(dict(params)))
     shardings = jax.tree.map(lambda x: x.sharding, trainable)
     state = steps.init(trainable, SEED)
     state, metrics = steps.train(state, frozen, train_batch())

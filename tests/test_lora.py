@@ -15,7 +15,7 @@ import torch
 
 from gemma3n.checkpoints import peft_adapter
 from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
-from gemma3n.layers.einsum import contract
+from gemma3n.layers.einsum import ServingWeight, contract
 from gemma3n.layers.int8 import quantize
 from gemma3n.layers.lora import LoRAWeight
 from gemma3n.layout import to_serving
@@ -83,8 +83,10 @@ def test_adapter_gradients_equal_peft(setup):
     targets = ('q_proj', 'k_proj', 'o_proj', 'up_proj', 'down_proj')    # halves: k, up only
     split = LoRA(cfg, rank=RANK, alpha=ALPHA, targets=targets)
     trainable, frozen = split.split(params)
-    trainable = nonzero_b(split, trainable, seed=1)
     steps = TrainSteps(model, split, optax.sgd(0.0))
+    # As a run holds it: the base re-laid out [out, in] (placing consumes it, hence a copy).
+    trainable, frozen = steps.place(nonzero_b(split, trainable, seed=1), dict(frozen))
+    assert isinstance(frozen['layer_0']['attn']['q_einsum']['w'], ServingWeight)
     grads, loss, _ = steps.gradients(trainable, frozen, jax.tree.map(lambda x: x[None], batch),
                                      jax.random.key_data(jax.random.key(0)))
     tensors = save_tensors(split, trainable, cfg)
@@ -166,6 +168,9 @@ def test_peft_adapter_loads_with_peft_logits(setup, tmp_path):
     assert relative(int8_lora, ours) < relative(int8_base, ours) / 3
     with pytest.raises(ValueError, match='merge into the checkpoint-order'):
         split.export(trainable, int8_params)
+    # Training over it is refused before any step: the rounded activations have no gradient.
+    with pytest.raises(ValueError, match='int8/int4 base is not supported'):
+        TrainSteps(model, split, optax.sgd(0.0)).place(trainable, int8_params)
 
 
 def test_bad_adapters_and_targets_are_refused(setup, tmp_path):

@@ -157,7 +157,9 @@ class FinetuneRun:
 
     def run(self, params: Any, on_step: Callable[[int, dict[str, float]], None] | None = None
             ) -> FinetuneResult:
-        """Trains from `params` (or from the last checkpoint, resuming); saves the model.
+        """Trains from `params` (or from the last checkpoint, resuming); saves the model. A
+        LoRA run consumes `params`: its frozen base is re-laid out weight by weight
+        (`LoRA.hold_frozen`), the tree given emptied so that memory never holds two bases.
 
         `on_step(step, metrics)` is called after every step (metrics: loss (mean over the
         target tokens), tokens (targets counted), tokens_per_s (non-padding input tokens per

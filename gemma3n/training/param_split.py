@@ -35,6 +35,7 @@ class ParamSplit(Protocol):
 
     `combine` gives what the model's forward pass takes (for adapters: weights that carry
     them); `export` gives a plain parameter tree to save (for adapters: merged weights);
+    `hold_frozen` gives the frozen tree as the train step holds it (`TrainSteps.place`);
     `trainable_schema` says, from the model's weight schema ({path: WeightInfo}), the shape and
     logical axes of each trainable leaf (what shards it on a mesh).
     """
@@ -44,6 +45,8 @@ class ParamSplit(Protocol):
     def trainable_schema(self, schema: Mapping[str, WeightInfo]) -> dict[str, WeightInfo]: ...
 
     def combine(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]: ...
+
+    def hold_frozen(self, model: Any, frozen: dict[str, Any]) -> dict[str, Any]: ...
 
     def export(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -75,6 +78,11 @@ class FullFineTuning:
 
     def trainable_schema(self, schema: Mapping[str, WeightInfo]) -> dict[str, WeightInfo]:
         return {path: info for path, info in schema.items() if not self.is_frozen(path)}
+
+    def hold_frozen(self, model: Any, frozen: dict[str, Any]) -> dict[str, Any]:
+        """As it is: `export` saves the frozen weights with the trained ones, in the
+        checkpoint layout."""
+        return frozen
 
     def export(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
         return self.combine(trainable, frozen)

@@ -43,6 +43,17 @@ from gemma3n.training.param_split import ParamSplit, cast_floating
 # Where the loss finds its targets and mask in the context (the data pipeline's names).
 TARGET_KEY, LOSS_MASK_KEY = 'batch.target', 'batch.loss_mask'
 DROPOUT_RNG = 'dropout'
+# XLA's CPU backend hands a reduction fused with its operands (the backward of a broadcast
+# product: AltUp's correction, the norms) to YNNPACK by default, where it runs 10-100x slower
+# than XLA's own loops ([4, 1, 128, 2048] summed over its first axis: 33 ms instead of 0.2 ms).
+# The steps send only the matrix products there: a LoRA step at E4B widths (5 layers, 1 x 512,
+# 2 CPUs) ran 6% faster and held 30% less temporary memory (1.47 -> 1.04 GB).
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
+def compiler_options() -> dict[str, str]:
+    """XLA options of the train and eval steps on the default backend."""
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else {}
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -67,14 +78,18 @@ class TrainSteps:
         self.on_mesh = MeshConstraints(mesh, rules)
         self.schema = model_schema(model) if mesh is not None else None
         self.trainable_schema = None if mesh is None else split.trainable_schema(self.schema)
-        self.train = jax.jit(self._train, donate_argnums=0)
-        self.eval = jax.jit(self._loss_sums)
-        self.gradients = jax.jit(self._gradients)
+        options = compiler_options()
+        self.train = jax.jit(self._train, donate_argnums=0, compiler_options=options)
+        self.eval = jax.jit(self._loss_sums, compiler_options=options)
+        self.gradients = jax.jit(self._gradients, compiler_options=options)
         self._init = jax.jit(self._initial_state)
 
     def place(self, trainable: Any, frozen: Any) -> tuple[Any, Any]:
-        """The trees `split` gave, on the device: each weight in its shards on the mesh (read
-        from host memory block by block), or whole on the default device without one."""
+        """The trees `split` gave, on the device: the frozen one as the split holds it
+        (`ParamSplit.hold_frozen`, which may consume it: LoRA's base is re-laid out), each
+        weight in its shards on the mesh (read from host memory block by block), or whole on
+        the default device without one."""
+        frozen = self.split.hold_frozen(self.model, frozen)
         if self.on_mesh.mesh is None:
             return trainable, jax.device_put(frozen)
         rules, mesh = self.on_mesh.rules, self.on_mesh.mesh
