@@ -18,6 +18,13 @@ from gemma3n.text.tokenizer import Tokenizer
 from gemma3n.transformer import Gemma3nTransformer
 
 JAX_CACHE_FOLDER = 'jax_cache'     # in the worker's base folder
+# The suite's small models spend far more time in XLA's compiler than running; LLVM's
+# optimisations off cut that (measured: one 10-layer sampler test 288 s -> 183 s on a loaded
+# machine; tests/sharding_worker.py, which has always compiled this way, nearly 2x). It only
+# changes how fast the machine code runs: HLO passes, fusion and float semantics (no fast math at
+# any level) stay the same, so every numeric check holds as at the default level. conftest sets
+# it for the tests and the commands they run; subprocesses that set XLA_FLAGS add to it.
+XLA_TEST_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 # A cold run of the demo model compiles for up to ~35 s on a busy 2-core machine.
 TIMEOUT_S = 300

@@ -1,6 +1,7 @@
 """Shared test setup: float32 numerics on CPU, the decode kernels compiled inside the repository
 (once, shared by every worker and command run: nothing is read from the user's cache), a
-compilation cache per worker, and the test helpers' directory on sys.path."""
+compilation cache per worker, XLA's backend compiling without LLVM's optimisations, and the test
+helpers' directory on sys.path."""
 
 import os
 import sys
@@ -14,7 +15,10 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('GEMMA3N_KERNEL_CACHE', os.path.join(REPO_ROOT, '.cache', 'kernels'))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from cli_runner import JAX_CACHE_FOLDER  # noqa: E402  (after the path and environment above)
+from cli_runner import JAX_CACHE_FOLDER, XLA_TEST_FLAGS  # noqa: E402  (after the path above)
+
+# Read when JAX first starts its backend, which importing does not do.
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_TEST_FLAGS}".strip()
 
 
 @pytest.fixture(scope='session', autouse=True)

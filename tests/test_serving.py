@@ -276,7 +276,8 @@ def test_sigterm_ends_running_answers_and_exits_0(tmp_path_factory, served):
     weights, the cache and the slots split): a greedy answer is the Sampler's; on SIGTERM it
     refuses new connections, ends the running answer (finished, or cut at the shutdown
     deadline) and exits with 0."""
-    env = dict(cli_env(tmp_path_factory), XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    env = cli_env(tmp_path_factory)
+    env['XLA_FLAGS'] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
     with socket.socket() as probe:
         probe.bind(('127.0.0.1', 0))
         port = probe.getsockname()[1]
