@@ -17,8 +17,12 @@ from hf_oracle import random_params, small_configs
 # The variants this CPU can run ('auto' is the best it has: AVX-512 here).
 ISAS = ['auto', 'avx2', 'scalar']
 F32_EPS = 2.0 ** -24        # float32 unit roundoff
-# (rows, K, N): K and N off every vector width (32 bf16, 64 int8 per AVX-512 step).
-SHAPES = [(1, 1, 1), (1, 2048, 96), (3, 77, 45), (8, 1000, 33), (2, 63, 130)]
+# (rows, K, N): K and N off every vector width (32 bf16, 64 int8 per AVX-512 step); every row
+# count of the register tiles (M >= 2: one tile up to 4 rows, two of 2-4 rows beyond), N off
+# their 4 weight rows; the last shape's weight is split across threads in chunks of rows
+# that are not whole tiles either (ParallelFor's grain: 65536 bytes of the weight).
+SHAPES = [(1, 1, 1), (1, 2048, 96), (3, 77, 45), (8, 1000, 33), (2, 63, 130), (4, 129, 7),
+          (5, 64, 9), (6, 31, 5), (7, 2049, 37)]
 
 
 pytestmark = pytest.mark.skipif(decode_kernels._library() is None,
