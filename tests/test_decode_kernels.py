@@ -2,6 +2,7 @@
 several rows, the fallback when they are off or cannot be built, and a decoding model."""
 
 import logging
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from gemma3n import Gemma3nTransformer, Sampler
-from gemma3n.layers import decode_kernels
+from gemma3n.layers import decode_kernels, kernel_build
 from gemma3n.layers.einsum import _xla_dot, contract
 from gemma3n.layout import to_serving
 from hf_oracle import random_params, small_configs
@@ -188,3 +189,14 @@ def test_int8_decoding_is_unchanged_by_the_kernels(int8_model, monkeypatch):
     # tokens agree and the logits to float32 rounding.
     assert (runs['auto'].tokens == runs['off'].tokens).all()
     np.testing.assert_allclose(runs['auto'].logits, runs['off'].logits, rtol=0, atol=1e-5)
+
+
+def test_editing_any_kernel_source_changes_the_build_key(monkeypatch, tmp_path):
+    sources = tmp_path / 'kernels'
+    shutil.copytree(kernel_build.SOURCE_DIR, sources)
+    monkeypatch.setattr(kernel_build, 'SOURCE_DIR', sources)
+    keys = {kernel_build.build_key('c++')}
+    for header in sorted(sources.glob('*.h')):      # a header only decode_kernels.cc includes
+        header.write_text(header.read_text() + '// edited\n')
+        keys.add(kernel_build.build_key('c++'))
+    assert len(keys) == 1 + len(list(sources.glob('*.h'))) > 2

@@ -53,16 +53,20 @@ def _compiler() -> str:
     return found
 
 
+def build_key(compiler: str) -> str:
+    """The cache key of a build: every source file (named, in a fixed order, so editing a header
+    rebuilds too), the jaxlib version, the compiler and its flags."""
+    sources = [part for path in sorted(SOURCE_DIR.iterdir()) if path.is_file()
+               for part in (path.name.encode(), path.read_bytes())]
+    return hashlib.sha256(b'\0'.join([
+        *sources, jaxlib.__version__.encode(), compiler.encode(),
+        ' '.join(COMPILE_FLAGS).encode()])).hexdigest()[:16]
+
+
 def build_kernels() -> Path:
     """The compiled library's path, compiling it first if the cache lacks it."""
     compiler = _compiler()
-    # Every source file, named and in a fixed order: editing a header rebuilds too.
-    sources = [part for path in sorted(SOURCE_DIR.iterdir()) if path.is_file()
-               for part in (path.name.encode(), path.read_bytes())]
-    key = hashlib.sha256(b'\0'.join([
-        *sources, jaxlib.__version__.encode(), compiler.encode(),
-        ' '.join(COMPILE_FLAGS).encode()])).hexdigest()[:16]
-    target = cache_dir() / f'decode_kernels-{key}.so'
+    target = cache_dir() / f'decode_kernels-{build_key(compiler)}.so'
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
