@@ -153,8 +153,8 @@ AVX2_TARGET inline int32_t Hsum256i(__m256i v) {
 // go in at most two tiles of at most kTileRows: 4 x 4 accumulators, 4 weight vectors and one of
 // x fill 21 of AVX-512's 32 registers.
 // Reading kTileWeightRows rows at once is a stream the hardware prefetchers follow badly (the
-// tiles ran 2x slower than one row at a time from memory, as Int4ChunkAvx512 notes), so each
-// tile prefetches the next block of weight rows into L2 itself, in address order, as it goes.
+// tiles ran up to 2x slower than one row at a time from memory, as Int4ChunkAvx512 notes), so
+// each tile prefetches the next block of weight rows into L2 itself, in address order.
 constexpr int kTileRows = 4;
 constexpr int kTileWeightRows = 4;
 constexpr int64_t kCacheLine = 64;
