@@ -2,6 +2,7 @@
 several rows, the fallback when they are off or cannot be built, and a decoding model."""
 
 import logging
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from gemma3n import Gemma3nTransformer, Sampler
-from gemma3n.layers import decode_kernels
+from gemma3n.layers import decode_kernels, kernel_build
 from gemma3n.layers.einsum import _xla_dot, contract
 from gemma3n.layout import to_serving
 from hf_oracle import random_params, small_configs
@@ -17,8 +18,12 @@ from hf_oracle import random_params, small_configs
 # The variants this CPU can run ('auto' is the best it has: AVX-512 here).
 ISAS = ['auto', 'avx2', 'scalar']
 F32_EPS = 2.0 ** -24        # float32 unit roundoff
-# (rows, K, N): K and N off every vector width (32 bf16, 64 int8 per AVX-512 step).
-SHAPES = [(1, 1, 1), (1, 2048, 96), (3, 77, 45), (8, 1000, 33), (2, 63, 130)]
+# (rows, K, N): K and N off every vector width (32 bf16, 64 int8 per AVX-512 step); every row
+# count of the register tiles (M >= 2: one tile up to 4 rows, two of 2-4 rows beyond), N off
+# their 4 weight rows; the last shape's weight is split across threads in chunks of rows
+# that are not whole tiles either (ParallelFor's grain: 65536 bytes of the weight).
+SHAPES = [(1, 1, 1), (1, 2048, 96), (3, 77, 45), (8, 1000, 33), (2, 63, 130), (4, 129, 7),
+          (5, 64, 9), (6, 31, 5), (7, 2049, 37)]
 
 
 pytestmark = pytest.mark.skipif(decode_kernels._library() is None,
@@ -184,3 +189,14 @@ def test_int8_decoding_is_unchanged_by_the_kernels(int8_model, monkeypatch):
     # tokens agree and the logits to float32 rounding.
     assert (runs['auto'].tokens == runs['off'].tokens).all()
     np.testing.assert_allclose(runs['auto'].logits, runs['off'].logits, rtol=0, atol=1e-5)
+
+
+def test_editing_any_kernel_source_changes_the_build_key(monkeypatch, tmp_path):
+    sources = tmp_path / 'kernels'
+    shutil.copytree(kernel_build.SOURCE_DIR, sources)
+    monkeypatch.setattr(kernel_build, 'SOURCE_DIR', sources)
+    keys = {kernel_build.build_key('c++')}
+    for header in sorted(sources.glob('*.h')):      # a header only decode_kernels.cc includes
+        header.write_text(header.read_text() + '// edited\n')
+        keys.add(kernel_build.build_key('c++'))
+    assert len(keys) == 1 + len(list(sources.glob('*.h'))) > 2

@@ -1,9 +1,10 @@
-"""Compiles the decode kernels (`kernels/decode_kernels.cc`) once per machine, on first use.
+"""Compiles the decode kernels (`kernels/decode_kernels.cc` and the headers it includes) once per
+machine, on first use.
 
 The shared library is built against the FFI headers of the jaxlib that is running (so the
 handlers always match the XLA that calls them, whatever jaxlib a build environment would have
-fetched) and kept in a cache folder keyed by the source, the jaxlib version and the compiler:
-later processes load it in milliseconds. The compiler is `$CXX`, else `c++`; the folder
+fetched) and kept in a cache folder keyed by the sources (every file in `kernels/`), the jaxlib
+version and the compiler: later processes load it in milliseconds. The compiler is `$CXX`, else `c++`; the folder
 `$GEMMA3N_KERNEL_CACHE`, else `$XDG_CACHE_HOME/gemma3n/kernels` (default `~/.cache/...`).
 
 Example:
@@ -22,7 +23,9 @@ from pathlib import Path
 import jax
 import jaxlib
 
-SOURCE = Path(__file__).parent / 'kernels' / 'decode_kernels.cc'
+SOURCE_DIR = Path(__file__).parent / 'kernels'
+# The one translation unit; it includes the other files of SOURCE_DIR.
+SOURCE = SOURCE_DIR / 'decode_kernels.cc'
 CACHE_ENV = 'GEMMA3N_KERNEL_CACHE'
 # -march is deliberately absent: the source picks AVX-512 or AVX2 per function at run time, so
 # one library serves every x86 CPU the cache folder may be shared with.
@@ -50,13 +53,20 @@ def _compiler() -> str:
     return found
 
 
+def build_key(compiler: str) -> str:
+    """The cache key of a build: every source file (named, in a fixed order, so editing a header
+    rebuilds too), the jaxlib version, the compiler and its flags."""
+    sources = [part for path in sorted(SOURCE_DIR.iterdir()) if path.is_file()
+               for part in (path.name.encode(), path.read_bytes())]
+    return hashlib.sha256(b'\0'.join([
+        *sources, jaxlib.__version__.encode(), compiler.encode(),
+        ' '.join(COMPILE_FLAGS).encode()])).hexdigest()[:16]
+
+
 def build_kernels() -> Path:
     """The compiled library's path, compiling it first if the cache lacks it."""
     compiler = _compiler()
-    key = hashlib.sha256(b'\0'.join([
-        SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
-        ' '.join(COMPILE_FLAGS).encode()])).hexdigest()[:16]
-    target = cache_dir() / f'decode_kernels-{key}.so'
+    target = cache_dir() / f'decode_kernels-{build_key(compiler)}.so'
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

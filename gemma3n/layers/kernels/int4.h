@@ -1,0 +1,194 @@
+// s8 x int4 -> f32 kernels: int4 weights in groups of kInt4Group along K, one f16 scale each.
+// A header of the one translation unit decode_kernels.cc.
+
+#ifndef GEMMA3N_KERNELS_INT4_H_
+#define GEMMA3N_KERNELS_INT4_H_
+
+#include "common.h"
+
+namespace gemma3n_kernels {
+
+constexpr int64_t kInt4Group = 32;
+constexpr int kInt4Offset = 8;
+// The vector int4 kernels take a row kInt4ChunkGroups groups (64 bytes) at a time: one
+// AVX-512 register, whose kInt4Lanes int32 lanes of vpdpbusd each sum 8 products of a group.
+constexpr int64_t kInt4ChunkGroups = 4;
+constexpr int64_t kInt4Chunk = kInt4ChunkGroups * kInt4Group;
+constexpr int64_t kInt4Lanes = 16;
+
+inline int Int4At(const uint8_t* row, int64_t j) {
+  int64_t g = j / kInt4Group, e = j % kInt4Group, half = kInt4Group / 2;
+  uint8_t byte = row[g * half + e % half];
+  return (e < half ? (byte & 0xf) : (byte >> 4)) - kInt4Offset;
+}
+
+inline void Int4Scalar(const int8_t* x, const uint8_t* w, const uint16_t* scale, float* y,
+                       int64_t m, int64_t k, int64_t n, int64_t begin, int64_t end) {
+  int64_t groups = k / kInt4Group;
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* row = w + r * (k / 2);
+    for (int64_t i = 0; i < m; ++i) {
+      float acc = 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t dot = 0;
+        for (int64_t e = 0; e < kInt4Group; ++e) {
+          int64_t j = g * kInt4Group + e;
+          dot += int32_t{x[i * k + j]} * Int4At(row, j);
+        }
+        acc += F16ToF32(scale[r * groups + g]) * static_cast<float>(dot);
+      }
+      y[i * n + r] = acc;
+    }
+  }
+}
+
+// The operands of the vector int4 kernels, with x rearranged once per call to match the
+// chunks' unpacked nibbles: per chunk and row of x, xs holds the 4 groups' elements 0-15 (64
+// bytes, the low nibbles' partners) then their elements 16-31; neg holds, per int32 lane of a
+// chunk, minus kInt4Offset times the sum of the 8 x values the lane multiplies (so starting a
+// lane's sum from it undoes the stored offset exactly). A last, partial chunk is zero-padded.
+struct Int4Operands {
+  Int4Operands(const int8_t* x, int64_t m, const uint8_t* w, const uint16_t* scale, float* y,
+               int64_t k, int64_t n)
+      : w(w), scale(scale), y(y), k(k), n(n), groups(k / kInt4Group),
+        chunks((groups + kInt4ChunkGroups - 1) / kInt4ChunkGroups),
+        xs_row(chunks * kInt4Chunk), neg_row(chunks * kInt4Lanes),
+        xs(m * xs_row, 0), neg(m * neg_row, 0) {
+    constexpr int64_t half = kInt4Group / 2, per_lane = 4;
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t g = 0; g < groups; ++g) {
+        int64_t c = g / kInt4ChunkGroups, q = g % kInt4ChunkGroups;
+        int8_t* to = xs.data() + i * xs_row + c * kInt4Chunk + q * half;
+        int32_t* lane = neg.data() + i * neg_row + c * kInt4Lanes + q * (half / per_lane);
+        for (int64_t h = 0; h < 2; ++h) {
+          const int8_t* from = x + i * k + g * kInt4Group + h * half;
+          std::memcpy(to + h * (kInt4Chunk / 2), from, half);
+          for (int64_t e = 0; e < half; ++e) lane[e / per_lane] -= kInt4Offset * from[e];
+        }
+      }
+  }
+  int64_t FullChunks() const { return groups / kInt4ChunkGroups; }
+  int64_t TailGroups() const { return groups - FullChunks() * kInt4ChunkGroups; }
+  const uint8_t* Bytes(int64_t r, int64_t c) const {
+    return w + r * (k / 2) + c * (kInt4Chunk / 2);
+  }
+  const uint16_t* Scales(int64_t r, int64_t c) const {
+    return scale + r * groups + c * kInt4ChunkGroups;
+  }
+  const int8_t* XsAt(int64_t c) const { return xs.data() + c * kInt4Chunk; }
+  const int32_t* NegAt(int64_t c) const { return neg.data() + c * kInt4Lanes; }
+
+  const uint8_t* w;
+  const uint16_t* scale;
+  float* y;
+  int64_t k, n, groups, chunks, xs_row, neg_row;
+  std::vector<int8_t> xs;
+  std::vector<int32_t> neg;
+};
+
+// A row's last, partial chunk copied into zeros: a zero nibble meets a zero x (and scale).
+struct Int4Tail {
+  Int4Tail(const Int4Operands& op, int64_t r) {
+    int64_t c = op.FullChunks(), t = op.TailGroups();
+    std::memcpy(bytes, op.Bytes(r, c), t * (kInt4Group / 2));
+    std::memcpy(scales, op.Scales(r, c), t * sizeof(uint16_t));
+  }
+  uint8_t bytes[kInt4Chunk / 2] = {};
+  uint16_t scales[kInt4ChunkGroups] = {};
+};
+
+#ifdef GEMMA3N_X86
+// One chunk of kInt4Chunk values (4 groups, 64 bytes) of an int4 row, in halves of two groups:
+// the low nibbles of a half's 32 bytes are elements 0-15 of its two groups, the high ones
+// elements 16-31, as bytes; xs holds x in that order (Int4Operands), so each int32 lane sums 8
+// products of one group. neg: minus the offset's share per lane; s: the 4 groups' scales.
+template <int M>
+AVX2_TARGET INLINE void Int4ChunkAvx2(const uint8_t* bytes, const uint16_t* s, const int8_t* xs,
+                                      const int32_t* neg, int64_t xs_row, int64_t neg_row,
+                                      __m256 (&acc)[M]) {
+  const __m256i mask = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  __m256 s4 = _mm256_castps128_ps256(
+      _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))));
+  for (int h = 0; h < 2; ++h) {
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 32 * h));
+    __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
+    // Lanes 0-3 group 2h, lanes 4-7 group 2h + 1.
+    __m256 sv = _mm256_permutevar8x32_ps(s4, _mm256_set_epi32(2 * h + 1, 2 * h + 1, 2 * h + 1,
+                                                              2 * h + 1, 2 * h, 2 * h, 2 * h, 2 * h));
+    for (int i = 0; i < M; ++i) {
+      const int8_t* xi = xs + i * xs_row + 32 * h;
+      // Pair sums of at most 2 x 15 x 128 in magnitude, low plus high: no int16 saturation.
+      __m256i pairs = _mm256_add_epi16(
+          _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi))),
+          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(
+                                       reinterpret_cast<const __m256i*>(xi + kInt4Chunk / 2))));
+      __m256i d = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(neg + i * neg_row + 8 * h)));
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sv, acc[i]);
+    }
+  }
+}
+
+template <int M>
+AVX2_TARGET void Int4Avx2(const Int4Operands& op, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    __m256 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c < op.FullChunks(); ++c)
+      Int4ChunkAvx2<M>(op.Bytes(r, c), op.Scales(r, c), op.XsAt(c), op.NegAt(c), op.xs_row,
+                       op.neg_row, acc);
+    if (c < op.chunks) {
+      Int4Tail tail(op, r);
+      Int4ChunkAvx2<M>(tail.bytes, tail.scales, op.XsAt(c), op.NegAt(c), op.xs_row, op.neg_row,
+                       acc);
+    }
+    for (int i = 0; i < M; ++i) op.y[i * op.n + r] = Hsum256(acc[i]);
+  }
+}
+
+// One chunk (see Int4ChunkAvx2) in one step: the 64 bytes' low nibbles are elements 0-15 of
+// the 4 groups, the high ones elements 16-31, so lane l of vpdpbusd sums products of group l / 4.
+// (Reading 2 or 4 rows at once, to share the loads of x, ran ~1.3x faster on a weight in the
+// cache, but 2x slower streaming one from memory: rows 1 KB apart defeat the prefetchers.)
+template <int M>
+AVX512_TARGET INLINE void Int4ChunkAvx512(const uint8_t* bytes, const uint16_t* s,
+                                          const int8_t* xs, const int32_t* neg, int64_t xs_row,
+                                          int64_t neg_row, __m512 (&acc)[M]) {
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512i b = _mm512_loadu_si512(bytes);
+  __m512i lo = _mm512_and_si512(b, mask), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
+  __m512 sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
+      _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)))));
+  for (int i = 0; i < M; ++i) {
+    const int8_t* xi = xs + i * xs_row;
+    __m512i d = _mm512_loadu_si512(neg + i * neg_row);
+    d = _mm512_dpbusd_epi32(d, lo, _mm512_loadu_si512(xi));
+    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xi + kInt4Chunk / 2));
+    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[i]);
+  }
+}
+
+template <int M>
+AVX512_TARGET void Int4Avx512(const Int4Operands& op, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    __m512 acc[M];
+    for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c < op.FullChunks(); ++c)
+      Int4ChunkAvx512<M>(op.Bytes(r, c), op.Scales(r, c), op.XsAt(c), op.NegAt(c), op.xs_row,
+                         op.neg_row, acc);
+    if (c < op.chunks) {
+      Int4Tail tail(op, r);
+      Int4ChunkAvx512<M>(tail.bytes, tail.scales, op.XsAt(c), op.NegAt(c), op.xs_row,
+                         op.neg_row, acc);
+    }
+    for (int i = 0; i < M; ++i) op.y[i * op.n + r] = _mm512_reduce_add_ps(acc[i]);
+  }
+}
+#endif  // GEMMA3N_X86
+
+}  // namespace gemma3n_kernels
+
+#endif  // GEMMA3N_KERNELS_INT4_H_
