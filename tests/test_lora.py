@@ -23,6 +23,7 @@ from gemma3n.layers.lora import LoRAWeight
 from gemma3n.layout import to_serving
 from gemma3n.training.keys import model_inputs
 from gemma3n.training.lora import B_NAME, LoRA
+from gemma3n.training.param_split import FullFineTuning
 from gemma3n.training.step import TrainSteps
 from hf_oracle import make_hf_causal_lm, small_configs
 from test_layout import dequantized
@@ -296,3 +297,12 @@ def test_leaf_is_base_plus_low_rank_product(quantized):
     assert np.array_equal(got[0], contract(eqn, x, base)[0])    # the K half: no adapter
     if not quantized:
         assert np.allclose(leaf.merge(), w + leaf.delta(), rtol=0, atol=1e-6)
+
+
+def test_full_fine_tuning_refuses_quantized_weights():
+    # Rounded values have no gradient: only a frozen base can be int8; frozen, it is accepted.
+    params = {'mlp': {'w': quantize(jnp.ones((4, 8)), num_leading=1), 'scale': jnp.ones(4)}}
+    with pytest.raises(ValueError, match='1 int8/int4 weights .*mlp/w.* cannot be fine-tuned'):
+        FullFineTuning().split(params)
+    trainable, frozen = FullFineTuning(freeze=('mlp/w',)).split(params)
+    assert isinstance(frozen['mlp']['w'], QuantizedWeight) and 'w' not in trainable['mlp']
