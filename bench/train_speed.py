@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -83,9 +84,10 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
     base_dtype = jnp.float32 if args.lora_rank is None else getattr(jnp, args.base_dtype)
     params = common.leafwise_random_params(model, base_dtype, WEIGHT_SCALE)
     split = FullFineTuning() if args.lora_rank is None else LoRA(
-        config, rank=args.lora_rank, alpha=2.0 * args.lora_rank)
+        config, rank=args.lora_rank, alpha=2.0 * args.lora_rank, quantize=args.quantize)
     steps = TrainSteps(model, split, OptimizerConfig(LEARNING_RATE, args.steps + 1).make())
-    # As `finetune` places them: a LoRA base re-laid out [out, in] (`LoRA.hold_frozen`).
+    # As `finetune` places them: a LoRA base re-laid out [out, in], int8 or int4 with
+    # --quantize (`LoRA.hold_frozen`).
     trainable, frozen = steps.place(*split.split(params))
     del params
     state = steps.init(trainable, seed=0)
@@ -177,6 +179,12 @@ def main() -> None:
                         'every weight (both sides)')
     parser.add_argument('--base-dtype', choices=('bfloat16', 'float32'), default='bfloat16',
                         help='LoRA: the dtype of the frozen base (both sides; default bfloat16)')
+    parser.add_argument('--quantize', choices=('int8', 'int4'),
+                        help='LoRA: ours holds the base\'s large weights int8 or int4 '
+                             '(`finetune --int8`), quantized from --base-dtype; peft\'s stays '
+                             'in --base-dtype')
+    parser.add_argument('--ours-only', action='store_true',
+                        help='run only our side (A/B runs of our changes)')
     parser.add_argument('--side', choices=tuple(SIDES), help=argparse.SUPPRESS)
     parser.add_argument('--out', help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -192,13 +200,18 @@ def main() -> None:
     options += ['--remat'] if args.remat else []
     options += ([f'--lora-rank={args.lora_rank}', f'--base-dtype={args.base_dtype}']
                 if args.lora_rank else [])
+    options += [f'--quantize={args.quantize}'] if args.quantize else []
     results = {}
-    for side in SIDES:
+    for side in ('ours',) if args.ours_only else SIDES:
         out = common.results_path(f'train-{side}')
         out.parent.mkdir(parents=True, exist_ok=True)
         common.run_python(['-m', 'bench.train_speed', f'--side={side}', f'--out={out}', *options])
         results[side] = json.loads(out.read_text())
         out.unlink()
+    if args.ours_only:
+        results['hf'] = {'name': 'transformers (not run)', 'times_s': [math.nan] * 2,
+                         'losses': [math.nan], 'peak_rss_gb': math.nan,
+                         'train_peak_rss_gb': math.nan}
     ours, hf = (summary(results[side], args) for side in SIDES)
     config = bench_config(args.layers, args.vocab, args.widths)
     table = common.format_table(
@@ -215,7 +228,8 @@ def main() -> None:
           None, None],
          ['loss, first step', results['ours']['losses'][0], results['hf']['losses'][0], None]])
     kind = ('Full fine-tuning' if args.lora_rank is None
-            else f'LoRA rank {args.lora_rank} over a {args.base_dtype} base')
+            else f'LoRA rank {args.lora_rank} over a {args.base_dtype} base'
+            + (f' (ours: {args.quantize})' if args.quantize else ''))
     print(f'{kind}, {config.num_layers} layers at {args.widths} widths '
           f'({common.param_count(config) / 1e6:.0f}M parameters, vocabulary {args.vocab}), '
           f'batch {args.batch_size} x {args.seq_len} tokens, {machine["cpus"]} CPUs, load '

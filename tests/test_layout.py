@@ -10,7 +10,7 @@ from gemma3n.checkpoints import open_per_layer_table
 from gemma3n.layers import QuantizedWeight, ServingWeight, contract, lookup, serving_order
 from gemma3n import layout
 from gemma3n.embedder import split_per_layer_table
-from gemma3n.layers import int8
+from gemma3n.layers import int4, int8
 from gemma3n.layout import load_serving, quantize, to_serving
 from gemma3n.schema import model_schema
 from hf_oracle import random_params, small_configs
@@ -206,6 +206,47 @@ def test_each_leaf_type_contracts_as_the_plain_einsum(eqn, shape, in_axes, out_a
     # scale or axis gives errors of the size of the outputs.
     error = np.abs(np.asarray(contract(eqn, x, quantized)) - want).max()
     assert error < 0.03 * np.abs(want).max()
+
+
+def dequantized(leaf):
+    """The checkpoint-order float32 weight an int8 or int4 leaf stores."""
+    if isinstance(leaf, QuantizedWeight):
+        stored = leaf.q.astype(jnp.float32) * leaf.scale.reshape(
+            leaf.scale.shape + (1,) * (leaf.q.ndim - leaf.scale.ndim))
+    else:
+        stored = int4.dequantize(leaf.q, leaf.scale).reshape(leaf.serving_shape)
+    return stored if leaf.order is None else jnp.transpose(stored, np.argsort(leaf.order))
+
+
+@pytest.mark.parametrize('eqn, shape, in_axes, out_axes', CONTRACTIONS,
+                         ids=[c[0] for c in CONTRACTIONS])
+@pytest.mark.parametrize('fmt', ['int8', 'int4'])
+def test_quantized_products_pass_the_gradient_straight_through(monkeypatch, eqn, shape, in_axes,
+                                                                out_axes, fmt):
+    # The activations are rounded to int8 inside the product, a step with zero derivative: the
+    # gradient in x must instead be that of the product with the dequantized weight (what LoRA
+    # needs to reach the adapters of earlier layers), equal up to float32 summation order
+    # (~1e-6 of sums of 32-64 unit terms). The frozen weight's scales get none. int4 blocks of
+    # 7 weight rows: the backward's scan over blocks and its remainder both run.
+    monkeypatch.setattr(int4, 'DEQUANTIZE_BLOCK_BYTES', 7 * 4 * 64)
+    rng = np.random.default_rng(6)
+    w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    inputs, out_spec = eqn.split('->')
+    x_spec, w_spec = inputs.split(',')
+    sizes = dict(zip(w_spec, shape)) | {'B': 2, 'T': 5, 'S': 5}
+    x = jnp.asarray(rng.standard_normal([sizes[a] for a in x_spec]), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal([sizes[a] for a in out_spec]), jnp.float32)
+    order = serving_order(len(shape), in_axes, out_axes)
+    num_leading = len(shape) - len(in_axes)
+    leaf = (quantize(jnp.transpose(w, order), num_leading, order) if fmt == 'int8' else
+            int4.quantize_int4(jnp.transpose(w, order), num_leading, order))
+    grad = jax.grad(lambda x: jnp.sum(cotangent * contract(eqn, x, leaf)))(x)
+    want = jnp.einsum(f'{out_spec},{w_spec}->{x_spec}', cotangent, dequantized(leaf),
+                      precision='highest')
+    np.testing.assert_allclose(grad, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
+    scale_grad = jax.grad(lambda s: jnp.sum(contract(eqn, x, leaf.replace(scale=s)).astype(
+        jnp.float32)))(leaf.scale.astype(jnp.float32))
+    assert not np.any(scale_grad)
 
 
 def test_lookup_reads_rows_of_every_leaf_type():

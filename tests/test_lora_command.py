@@ -53,6 +53,23 @@ def test_lora_adapter_learns_and_runs_merged_or_not(env, adapter, tmp_path):
     assert merged.stdout == adapted.stdout
 
 
+def test_lora_over_an_int8_base_learns_and_runs(env, tmp_path):
+    # The demo's FFN weights and its tied embedding (the head) are held int8: the gradient
+    # reaches every adapter through their products by the straight-through rule.
+    out = tmp_path / 'int8'
+    result = run_finetune(env, *RUN, '--int8', '--out', str(out))
+    assert result.returncode == 0, result.stderr
+    losses = [json.loads(line)['loss']
+              for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    print(f'int8 base: loss {losses[0]:.3f} -> {losses[-1]:.3f}')
+    assert losses[0] > 8 and losses[-1] < 1.0
+    question, answer = conversations()[0]
+    adapted = run_cli(env, 'generate', '--int8', '--adapter', str(out), '--max-new-tokens', '16',
+                      question)
+    assert adapted.returncode == 0, adapted.stderr
+    assert adapted.stdout.strip() == answer
+
+
 def test_a_killed_lora_run_resumes_exactly(env, tmp_path):
     run = (*RESUME_RUN, '--lora-rank', '16')
     finished, out = tmp_path / 'finished', tmp_path / 'out'
@@ -69,5 +86,10 @@ def test_bad_lora_options_are_refused(env, tmp_path):
     result = run_cli(env, *RUN[:-1], '4', '--lora-targets', 'q_proj,qkv', '--out',
                      str(tmp_path / 'a'))
     assert_usage_error(result, 'unknown LoRA target', 'qkv', 'down_proj')
+    # Full fine-tuning trains the weights themselves: an int8 or int4 base cannot be trained.
+    result = run_cli(env, *RUN[:-2], '--int8', '--out', str(tmp_path / 'b'))
+    assert_usage_error(result, '--int8 needs --lora-rank', 'no gradient')
+    result = run_cli(env, *RUN, '--int8', '--int4', '--out', str(tmp_path / 'c'))
+    assert_usage_error(result, 'choose --int8 or --int4')
     result = run_cli(env, 'generate', '--adapter', str(tmp_path), 'hi')
     assert_usage_error(result, 'not a PEFT adapter', 'adapter_config.json')

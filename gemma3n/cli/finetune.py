@@ -17,6 +17,7 @@ import tqdm
 from gemma3n.cli.console import COMPILING_DEMO, PROG, compiling, logger
 from gemma3n.checkpoints.peft_adapter import LORA_TARGETS
 from gemma3n.cli.model import DEMO_NOTICE, plan_model
+from gemma3n.loading import QUANTIZE_FORMATS
 from gemma3n.sharding import make_mesh
 from gemma3n.training.data import LossOn
 from gemma3n.training.finetune import FinetuneOptions, FinetuneRun
@@ -75,6 +76,13 @@ FINETUNE_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (('--lora-targets',), dict(metavar='NAMES', default=','.join(LORA_TARGETS),
                                help='comma-separated modules to adapt, named as PEFT names them '
                                     f'(default: all of {",".join(LORA_TARGETS)})')),
+    (('--int8',), dict(action='store_true',
+                       help='with --lora-rank: hold the frozen base\'s large weights as int8 '
+                            '(one scale per output channel), about half the memory of '
+                            'bfloat16')),
+    (('--int4',), dict(action='store_true',
+                       help='with --lora-rank: hold them as int4 (groups of 32 with a scale '
+                            'each), about a quarter of the memory, less accurate')),
     (('--remat',), dict(action='store_true',
                         help='recompute each layer\'s activations in the backward pass: less '
                              'memory, ~1/3 more compute')),
@@ -111,15 +119,23 @@ def finetune_options(args: argparse.Namespace) -> FinetuneOptions:
 
 def lora_split(args: argparse.Namespace, config: Any) -> LoRA | None:
     """The LoRA the options ask for (None: full fine-tuning); ValueError naming a bad option."""
+    quantize = next((fmt for fmt in QUANTIZE_FORMATS if getattr(args, fmt)), None)
+    if args.int8 and args.int4:
+        raise ValueError('choose --int8 or --int4, not both.')
     if args.lora_rank is None:
         if args.lora_alpha is not None:
             raise ValueError('--lora-alpha needs --lora-rank.')
+        if quantize is not None:
+            raise ValueError(f'--{quantize} needs --lora-rank: full fine-tuning trains the '
+                             f'weights themselves, and {quantize} values have no gradient '
+                             '(only a frozen base can be quantized).')
         return None
     if args.freeze:
         raise ValueError('--freeze applies to full fine-tuning; LoRA trains only its adapters.')
     alpha = 2.0 * args.lora_rank if args.lora_alpha is None else args.lora_alpha
     targets = tuple(name.strip() for name in args.lora_targets.split(',') if name.strip())
-    return LoRA(config, rank=args.lora_rank, alpha=alpha, targets=targets, seed=args.seed)
+    return LoRA(config, rank=args.lora_rank, alpha=alpha, targets=targets, seed=args.seed,
+                quantize=quantize)
 
 
 def run_finetune(args: argparse.Namespace) -> int:

@@ -52,8 +52,8 @@ class QuantizedWeight(StoredWeight):
 
     def contract(self, eqn: str, x: jax.Array) -> jax.Array:
         return contract_stored(eqn, x, self.q, self.order,
-                               lambda spec, x, q: _int8_dot(spec, x, q, self.scale,
-                                                            self.scale_last))
+                               lambda spec, x, q: _trainable_int8_dot(spec, x, q, self.scale,
+                                                                      self.scale_last))
 
     def take(self, ids: jax.Array, dtype: Any) -> jax.Array:
         rows_first(self.order)
@@ -99,15 +99,59 @@ def _int8_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array,
     contracted = [i for i, a in enumerate(x_spec) if a in w_spec and a not in out_spec]
     xq, x_scale = quantize_rows(x, tuple(contracted))
     y = product(eqn, xq, q).astype(jnp.float32)
-    # The scale covers the first (or, `scale_last`, the last) of the weight's axes the output
-    # keeps; an axis it shares with x (rows gathered per sequence) is one of those.
-    kept = ''.join(a for a in w_spec if a in out_spec)
-    scale_spec = kept[len(kept) - scale.ndim:] if scale_last else kept[:scale.ndim]
+    scale_spec = _scale_spec(w_spec, out_spec, scale.ndim, scale_last)
     y = jnp.einsum(f'{out_spec},{scale_spec}->{out_spec}', y, scale.astype(jnp.float32))
     row_spec = ''.join(a for i, a in enumerate(x_spec) if i not in contracted)
     y = jnp.einsum(f'{out_spec},{row_spec}->{out_spec}', y,
                    jnp.squeeze(x_scale, axis=tuple(contracted)))
     return y.astype(x.dtype)
+
+
+def _scale_spec(w_spec: str, out_spec: str, scale_ndim: int, scale_last: bool) -> str:
+    """The einsum letters of a weight's scale: the first (or, `scale_last`, the last) of the
+    weight's axes the output keeps; an axis it shares with x (rows gathered per sequence) is
+    one of those."""
+    kept = ''.join(a for a in w_spec if a in out_spec)
+    return kept[len(kept) - scale_ndim:] if scale_last else kept[:scale_ndim]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _trainable_int8_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array,
+                        scale_last: bool) -> jax.Array:
+    """`_int8_dot` differentiable in x by the straight-through rule: the rounding of x to
+    int8 counts as the identity, so dx = dy · (q · scale), the gradient of the product with
+    the dequantized weight. (Differentiated as written, the rounding has zero derivative: no
+    gradient would reach the layers before, nor their LoRA adapters.) The weight is frozen:
+    q and its scale get none."""
+    return _int8_dot(eqn, x, q, scale, scale_last)
+
+
+def _trainable_int8_dot_fwd(eqn, x, q, scale, scale_last):
+    # The residuals are the frozen weight's own buffers: no copy is kept.
+    return _int8_dot(eqn, x, q, scale, scale_last), (q, scale)
+
+
+def _trainable_int8_dot_bwd(eqn, scale_last, residuals, g):
+    q, scale = residuals
+    # The output is in x's dtype (the compute dtype), so is its cotangent.
+    x_dtype = g.dtype
+    inputs, out_spec = eqn.split('->')
+    x_spec, w_spec = inputs.split(',')
+    scale_spec = _scale_spec(w_spec, out_spec, scale.ndim, scale_last)
+    # dy · (q · scale) as (dy · scale) · q: the scale goes on the cotangent, not on a float
+    # copy of the weight; q converts exactly (|q| <= 127) into the compute dtype, whose
+    # products the matrix kernels run (`dot`). The barrier ties the conversion, which reads
+    # the weight alone, to dy (measured on a busy machine: a 4-layer FFN's gradient 2.6 s
+    # against 4.2 s without it); XLA still keeps the converted copies alive together
+    # (bench/README.md, "LoRA over an int8 base").
+    g = jnp.einsum(f'{out_spec},{scale_spec}->{out_spec}', g.astype(jnp.float32),
+                   scale.astype(jnp.float32)).astype(x_dtype)
+    g, q = jax.lax.optimization_barrier((g, q))
+    dx = dot(f'{out_spec},{w_spec}->{x_spec}', g, q.astype(x_dtype))
+    return dx, None, None
+
+
+_trainable_int8_dot.defvjp(_trainable_int8_dot_fwd, _trainable_int8_dot_bwd)
 
 
 def quantize(w: jax.Array, num_leading: int, order: tuple[int, ...] | None = None

@@ -5,8 +5,9 @@
 the base model exactly); `combine` wraps each targeted base leaf, whatever its representation
 (bfloat16, float32, int8), in a `LoRAWeight`; `export` merges the adapters into the base.
 A run holds its frozen base in the serving layout (`hold_frozen`: weights [out, in], whose
-bfloat16 products XLA's CPU backend runs fastest; an int8 base runs adapters but cannot train
-them); merging takes the checkpoint-order base.
+bfloat16 products XLA's CPU backend runs fastest), or with `quantize` int8 or int4 (half or a
+quarter of the memory; their products pass the gradient to the layers before by the
+straight-through rule, `gemma3n.layers.int8`); merging takes the checkpoint-order base.
 Targets are named as PEFT names them for Gemma (`gemma3n.checkpoints.peft_adapter.LORA_TARGETS`)
 and found through the Hugging Face mapping; a half of a stacked weight (k_proj of kv_einsum)
 that is not targeted holds zero factors, which get zero gradients and stay zero. Dropout on the
@@ -33,7 +34,7 @@ from gemma3n.checkpoints.peft_adapter import (LORA_TARGETS, Adapter, Slot, check
                                               target_slots)
 from gemma3n.config import TransformerConfig
 from gemma3n.layout import ServingConverter
-from gemma3n.layers import Int4Weight, QuantizedWeight, StoredWeight
+from gemma3n.layers import StoredWeight
 from gemma3n.layers.lora import LoRAWeight
 from gemma3n.layers.weights import WeightInfo
 from gemma3n.sharding.params import axis_names
@@ -44,17 +45,22 @@ A_NAME, B_NAME = 'lora_a', 'lora_b'
 @dataclasses.dataclass(frozen=True)
 class LoRA:
     """rank, alpha (scale alpha / rank), the PEFT targets, the seed of the factors;
-    `initial`: {path: (a, b)} to start from instead (a loaded adapter)."""
+    `initial`: {path: (a, b)} to start from instead (a loaded adapter); `quantize`: None,
+    'int8' or 'int4', how `hold_frozen` stores the large weights of the base."""
     config: TransformerConfig = dataclasses.field(repr=False)
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = LORA_TARGETS
     seed: int = 0
     initial: Mapping[str, tuple[Any, Any]] | None = dataclasses.field(default=None, repr=False)
+    quantize: str | None = None
 
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f'LoRA rank must be at least 1, got {self.rank}.')
+        if self.quantize not in (None, 'int8', 'int4'):
+            raise ValueError(f"LoRA's base is held as None, 'int8' or 'int4', not "
+                             f'{self.quantize!r}.')
         check_targets(tuple(self.targets))
 
     @property
@@ -138,22 +144,16 @@ class LoRA:
         """The frozen base with every plain projection weight in the serving layout
         (`gemma3n.layout`: [out, in], the layout whose bfloat16 products XLA's CPU backend runs
         fast; measured at E4B widths: a LoRA step twice as fast as over checkpoint-order
-        weights). `frozen` is consumed: emptied as its weights are converted, so memory holds
-        one weight more, not a second base.
+        weights), the large ones int8 or int4 as `quantize` says. `frozen` is consumed:
+        emptied as its weights are converted, so memory holds one weight more, not a second
+        base. Weights already stored otherwise (a tree loaded int8) are kept as they are.
 
         The sparse layers' FFN weights keep the serving layout too, not decoding's rows-first
-        down projection (`sparse_rows`): a training step multiplies whole sequences. An int8 or
-        int4 base is refused: its products round the activations too, which has no gradient,
-        so the gradients through it would be wrong (measured: 3.6x off on one product).
+        down projection (`sparse_rows`): a training step multiplies whole sequences.
         """
         flat = flatten_params(frozen)
-        quantized = [path for path, leaf in flat.items()
-                     if isinstance(leaf, (QuantizedWeight, Int4Weight))]
-        if quantized:
-            raise ValueError(f'LoRA training over an int8/int4 base is not supported '
-                             f'({len(quantized)} quantized weights, e.g. {quantized[0]}): its '
-                             'gradients would be wrong. Train over bfloat16 or float32 weights.')
-        convert = ServingConverter(model, sparse_rows=False)
+        convert = ServingConverter(model, sparse_rows=False, quantize_int8=self.quantize == 'int8',
+                                   quantize_int4=self.quantize == 'int4')
         frozen.clear()
         for path in convert.orders:
             if path in flat and not isinstance(flat[path], StoredWeight):

@@ -23,11 +23,14 @@ import jax
 import jax.numpy as jnp
 
 from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
+from gemma3n.layers import Int4Weight, QuantizedWeight
 from gemma3n.layers.weights import WeightInfo
 
 # Freeze patterns users reach for most: the two vocabulary-sized tables (E4B: 5.4 of its 7.8
 # billion weights), which a small data set cannot teach much.
 EMBEDDING_TABLES = ('embedder/input_embedding', 'embedder/per_layer_input_embedding')
+# Weight leaves holding rounded values: they can be frozen, never trained.
+QUANTIZED_LEAVES = (QuantizedWeight, Int4Weight)
 
 
 class ParamSplit(Protocol):
@@ -68,6 +71,12 @@ class FullFineTuning:
             raise ValueError(f'freeze pattern(s) {unused} match no weight of the model (paths look '
                              f'like {next(iter(flat))!r}).')
         trainable = {path: leaf for path, leaf in flat.items() if not self.is_frozen(path)}
+        quantized = [path for path, leaf in trainable.items()
+                     if isinstance(leaf, QUANTIZED_LEAVES)]
+        if quantized:
+            raise ValueError(f'{len(quantized)} int8/int4 weights (e.g. {quantized[0]}) cannot be '
+                             'fine-tuned: their rounded values have no gradient. Train a LoRA '
+                             'adapter over them, or load the weights unquantized.')
         if not trainable:
             raise ValueError(f'the freeze patterns {list(self.freeze)} leave no weight to train.')
         frozen = {path: leaf for path, leaf in flat.items() if self.is_frozen(path)}
@@ -89,7 +98,10 @@ class FullFineTuning:
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
-    """`tree` with every floating-point leaf cast to `dtype` (the compute dtype); integer
-    leaves (int8 weights) stay as they are."""
+    """`tree` with every floating-point leaf cast to `dtype` (the compute dtype); quantized
+    weights stay as they are (their float32 or float16 scales define the weight: rounded to
+    bfloat16 they would move it by up to 2^-9)."""
     return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+        lambda x: x.astype(dtype) if not isinstance(x, QUANTIZED_LEAVES)
+        and jnp.issubdtype(x.dtype, jnp.floating) else x,
+        tree, is_leaf=lambda x: isinstance(x, QUANTIZED_LEAVES))
