@@ -5,12 +5,6 @@ Layout (ours: the reference leaves it open; docs/architecture.md §4):
         'layer_{i}': {'k': [B, S_i, K, H], 'v': [B, S_i, K, H]},   # only for layers that own K/V
         'end_index': [B] int32,   # tokens written so far = the next position, per sequence
     }
-A buffer holds the bits of its K/V values as unsigned integers of their width (`BITS`: uint16
-for bfloat16, uint32 for float32), read back with `values`. XLA's CPU backend widens a bfloat16
-array to float32 around a scatter or a dynamic_update_slice and writes it whole: every decode
-step's write of one slot would pass over each layer's buffer (twice, with the copy into the
-donated buffer). On integers the same write updates the donated buffer in place. The bits are
-the values' own, so the cache holds exactly what a float buffer would.
 A buffer's slot for the token at position p is p (a full buffer, S_i = cache_length) or
 p mod W (a ring of W = sliding_window_size slots). Since each sequence's positions are
 0, 1, 2, ... without gaps, `end_index` alone tells which position every slot holds, so no
@@ -35,9 +29,6 @@ BUFFER_AXES = (axes.BATCH, None, axes.KV_HEADS, axes.HEAD_DIM)
 # end_index [B] stays whole on every device: the host reads it (every process, on a mesh that
 # spans several), and each device computes it from the tokens alone.
 END_INDEX_AXES = (None,)
-# The unsigned type each cache dtype's bits are stored as (its width picks the dtype back).
-BITS = {jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16), jnp.dtype(jnp.float32): jnp.dtype(jnp.uint32)}
-VALUES = {bits: dtype for dtype, bits in BITS.items()}
 
 
 def layer_key(i: int) -> str:
@@ -62,30 +53,12 @@ def init_cache(
     if batch_size < 1 or cache_length < 1:
         raise ValueError(
             f'batch_size and cache_length must be positive, got {batch_size} and {cache_length}.')
-    bits = bits_dtype(dtype)
     cache: Cache = {}
     for owner, slots in cache_slots(config, cache_length).items():
         shape = (batch_size, slots, config.num_kv_heads, config.head_dim)
-        cache[layer_key(owner)] = {'k': jnp.zeros(shape, bits), 'v': jnp.zeros(shape, bits)}
+        cache[layer_key(owner)] = {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
     cache[END_INDEX] = jnp.zeros((batch_size,), jnp.int32)
     return cache
-
-
-def bits_dtype(dtype: Any) -> jnp.dtype:
-    """The unsigned type a cache of `dtype` stores its values' bits as."""
-    if jnp.dtype(dtype) not in BITS:
-        raise ValueError(f'the KV cache dtype must be bfloat16 or float32, got {jnp.dtype(dtype)}.')
-    return BITS[jnp.dtype(dtype)]
-
-
-def values(buffer: jax.Array) -> jax.Array:
-    """A buffer's K or V [B, S, K, H] as the floats whose bits it holds."""
-    return jax.lax.bitcast_convert_type(buffer, VALUES[buffer.dtype])
-
-
-def cache_dtype(cache: Cache) -> jnp.dtype:
-    """The dtype of the values the cache holds."""
-    return next(VALUES[entry['k'].dtype] for key, entry in cache.items() if key != END_INDEX)
 
 
 def cache_axes(cache: Cache) -> dict[str, Any]:
@@ -124,7 +97,7 @@ def slot_positions(end_index: jax.Array, slots: int, ring: bool) -> tuple[jax.Ar
 
 def write(buffer: jax.Array, new: jax.Array, positions: jax.Array, write_mask: jax.Array,
           ring: bool) -> jax.Array:
-    """Writes new K or V [B, L, K, H] (floats) into buffer [B, S, K, H] (bits) at each token's slot.
+    """Writes new K or V [B, L, K, H] into buffer [B, S, K, H] at each token's slot.
 
     Tokens where write_mask [B, L] is False (padding, or tokens older than a ring keeps) are
     dropped: they get an out-of-range slot and `mode='drop'` discards them, so no two writes
@@ -135,8 +108,8 @@ def write(buffer: jax.Array, new: jax.Array, positions: jax.Array, write_mask: j
     slot = jnp.where(write_mask, slot, slots)
     # Mapped over the batch, the scatter names its batch axis, so on a mesh each device writes
     # its own rows (with rows picked by an index array, every row's write went to every device).
-    bits = jax.lax.bitcast_convert_type(new.astype(VALUES[buffer.dtype]), buffer.dtype)
-    return jax.vmap(lambda buf, row, at: buf.at[at].set(row, mode='drop'))(buffer, bits, slot)
+    return jax.vmap(lambda buf, row, at: buf.at[at].set(row, mode='drop'))(
+        buffer, new.astype(buffer.dtype), slot)
 
 
 def is_deleted(cache: Cache) -> bool:

@@ -235,9 +235,9 @@ class Engine:
 
     def _step_fn(self, params, tokens, cache, rng, per_layer_rows, sampling):
         """One decode step of tokens [R] through the first R rows of the cache [S, ...], which
-        is donated; the other rows are not computed. The buffers hold bits (`gemma3n.cache`):
-        with R = S the K/V writes update them in place; with R < S XLA still copies each
-        buffer, as integers (it repeats the rows' write inside the attention's read of them)."""
+        is donated; the other rows are not computed. (XLA's CPU backend still passes over a
+        bfloat16 buffer whole when it writes part of it, as it does for every step's K/V write:
+        it widens the buffer to float32 around the update.)"""
         self.num_traces['step'] += 1
         rows = tokens.shape[0]
         part = jax.tree.map(lambda x: x[:rows], cache)
