@@ -9,6 +9,8 @@ over them (logits, softmax, values), with the buffers stored
   around it and writes it whole, then copies it into the donated buffer (main before 2026-12-02);
 - `bits`: as their bits in uint16 (tried on 2026-12-02, branch step7's history): the write
   updates the buffer in place, and the attention reads it through a bitcast;
+- `select`: as bfloat16, the token's slot chosen by a select over the whole buffer (one pass,
+  elementwise, so XLA may write it in place);
 and each alone: the write (`write`), the attention over a buffer already written (`read`).
 Prints the median ms of `--repeats` runs of 100 calls each, alternating the variants, and the
 machine's load.
@@ -43,6 +45,10 @@ def variants() -> dict:
     def write_bits(buf, new, at):
         return write_bf16(buf, jax.lax.bitcast_convert_type(new, jnp.uint16), at)
 
+    def write_select(buf, new, at):
+        hit = jnp.arange(buf.shape[1])[None, :, None, None] == at[:, :, None, None]
+        return jnp.where(hit, new, buf)
+
     def step(write, read):
         def run(k_buf, v_buf, new, q, at):
             k_buf, v_buf = write(k_buf, new, at), write(v_buf, new, at)
@@ -53,6 +59,9 @@ def variants() -> dict:
     return {
         'bf16 write + attend': (step(write_bf16, bf16), jnp.bfloat16, True),
         'bits write + attend': (step(write_bits, bits), jnp.uint16, True),
+        'select write + attend': (step(write_select, bf16), jnp.bfloat16, True),
+        'select write': (lambda k, v, new, q, at: (write_select(k, new, at),
+                                                   write_select(v, new, at)), jnp.bfloat16, True),
         'bf16 write': (lambda k, v, new, q, at: (write_bf16(k, new, at), write_bf16(v, new, at)),
                        jnp.bfloat16, True),
         'bits write': (lambda k, v, new, q, at: (write_bits(k, new, at), write_bits(v, new, at)),
