@@ -198,15 +198,19 @@ def _attend_through_cache(
     A full buffer is written first and attended as a whole. A ring buffer cannot be written
     first (the chunk could overwrite keys its own first queries still need), so the queries
     attend to the old ring plus the new K/V, and only the newest ring-size tokens are stored.
+    One token (a decode step) is the exception: the slot it takes holds position p - W, which
+    its query at p does not see (the window is p - W < key <= p), so it writes first too; the
+    buffer is then read only after it is written, and XLA writes it in place (reading the old
+    ring too made it copy the ring).
     Returns the context to attend with and the updated entry.
     """
     slots = entry['k'].shape[1]
     positions, valid = new.key_positions, new.key_valid
     new_end = end_index + jnp.sum(valid, axis=-1, dtype=jnp.int32)
-    if not ring:
-        k_buf = kv_cache.write(entry['k'], new.keys, positions, valid, ring=False)
-        v_buf = kv_cache.write(entry['v'], new.values, positions, valid, ring=False)
-        slot_pos, slot_valid = kv_cache.slot_positions(new_end, slots, ring=False)
+    if not ring or positions.shape[1] == 1:
+        k_buf = kv_cache.write(entry['k'], new.keys, positions, valid, ring=ring)
+        v_buf = kv_cache.write(entry['v'], new.values, positions, valid, ring=ring)
+        slot_pos, slot_valid = kv_cache.slot_positions(new_end, slots, ring=ring)
         return KVContext(k_buf, v_buf, slot_pos, slot_valid), {'k': k_buf, 'v': v_buf}
     old_pos, old_valid = kv_cache.slot_positions(end_index, slots, ring=True)
     context = KVContext(

@@ -106,6 +106,13 @@ def write(buffer: jax.Array, new: jax.Array, positions: jax.Array, write_mask: j
     slots = buffer.shape[1]
     slot = jnp.mod(positions, slots) if ring else positions
     slot = jnp.where(write_mask, slot, slots)
+    if new.shape[1] == 1:
+        # One token (a decode step): a select over the slots. XLA's CPU backend widens a
+        # bfloat16 buffer to float32 around a scatter, writes it whole and copies it into the
+        # donated buffer (two passes); an elementwise select is one pass, in place, and stores
+        # the same values (bench/cache_write.py).
+        hit = jnp.arange(slots, dtype=slot.dtype)[None, :] == slot
+        return jnp.where(hit[:, :, None, None], new.astype(buffer.dtype), buffer)
     # Mapped over the batch, the scatter names its batch axis, so on a mesh each device writes
     # its own rows (with rows picked by an index array, every row's write went to every device).
     return jax.vmap(lambda buf, row, at: buf.at[at].set(row, mode='drop'))(

@@ -1,5 +1,7 @@
 """The compact KV cache: its size, and decoding through it against the full forward pass and HF."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,9 @@ import pytest
 import torch
 
 from gemma3n import Gemma3n_E4B, Gemma3nTransformer, Sampler
-from gemma3n.cache import cache_nbytes, cache_slots, init_cache
+from gemma3n.cache import END_INDEX, cache_nbytes, cache_slots, init_cache
+from gemma3n.engine.engine import Engine
+from gemma3n.engine.sampling import Greedy
 from hf_oracle import make_hf_causal_lm, random_params, small_configs
 
 MIB = 2 ** 20
@@ -125,3 +129,27 @@ def test_continuation_past_cache_raises(setup):
     first = sampler.sample_tokens([[2, 3, 4]], 10)
     with pytest.raises(ValueError, match='cache already holding 12'):
         sampler.sample_tokens([[5] * 5], 10, state=first.state)
+
+
+def buffer_ops(text, cache):
+    """The ops of compiled HLO `text` (fusions' insides included) making an array of a cache
+    buffer's shape."""
+    shapes = {','.join(map(str, x.shape)) for key, entry in cache.items()
+              if key != END_INDEX for x in entry.values()}
+    return {op for shape, op in re.findall(r'= \w+\[([\d,]+)\]\S* (\S+)\(', text)
+            if shape in shapes}
+
+
+def test_bf16_decode_step_writes_each_buffer_in_one_pass(setup):
+    """A decode step of a bfloat16 cache writes its token by a select, not a scatter or a
+    dynamic_update_slice (around which XLA's CPU backend widens the buffer to float32, writes it
+    whole and copies it into the donated buffer): no copy of a buffer, full or ring."""
+    cfg, params, _, _ = setup
+    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.bfloat16)
+    engine = Engine(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params))
+    cache = engine.new_cache(2, cache_length=32)
+    text = engine._step.lower(engine.params, jnp.zeros(2, jnp.int32), cache, jax.random.key(0),
+                              None, Greedy()).compile().as_text()
+    ops = buffer_ops(text, cache)
+    assert {'parameter', 'select'} <= ops                    # the buffers are found
+    assert not ops & {'copy', 'dynamic-update-slice', 'scatter'}

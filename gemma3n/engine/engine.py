@@ -235,9 +235,10 @@ class Engine:
 
     def _step_fn(self, params, tokens, cache, rng, per_layer_rows, sampling):
         """One decode step of tokens [R] through the first R rows of the cache [S, ...], which
-        is donated; the other rows are not computed. (XLA's CPU backend still passes over a
-        bfloat16 buffer whole when it writes part of it, as it does for every step's K/V write:
-        it widens the buffer to float32 around the update.)"""
+        is donated; the other rows are not computed. (The K/V writes are selects, one pass
+        over each buffer in place, `cache.write`; with R below the cache's rows, writing the
+        rows back still widens each buffer to float32 around the update, as XLA's CPU backend
+        does for any partial write of a bfloat16 array.)"""
         self.num_traces['step'] += 1
         rows = tokens.shape[0]
         part = jax.tree.map(lambda x: x[:rows], cache)
