@@ -102,15 +102,14 @@ def save_converted(folder: str | os.PathLike, loaded: LoadedModel) -> Path:
     """Writes `loaded` (as `gemma3n.load` returned it, any quantization) to the new or empty
     `folder` as a converted checkpoint; returns the weights file's path.
 
-    Only the text decoder is written (its towers are not). Its weights are written as they
+    Only the text decoder is written (its towers are not), with its tokenizer if it has one
+    (a model loaded with `tokenizer=False` is then loaded the same way). Weights are written as they
     are; the per-layer table is copied from its checkpoint a chunk of rows at a time. The demo
     model's random weights (held in the checkpoint layout unless quantized) are converted first.
     """
     folder = check_export_directory(folder)
     model = loaded.model
     hf_config = folder_config(model.config)         # refuses a config.json-less config early
-    if loaded.tokenizer is None:
-        raise ValueError('a converted checkpoint holds its tokenizer: load the model with one.')
     flat = flatten_params(loaded.params)
     table = flat.pop(PER_LAYER_TABLE_PATH, None)
     if not any(isinstance(leaf, StoredWeight) for leaf in flat.values()):
@@ -139,7 +138,8 @@ def save_converted(folder: str | os.PathLike, loaded: LoadedModel) -> Path:
     quantize = loaded.quantize or UNQUANTIZED
     write_serving_file(folder / SERVING_FILE, tensors,
                        {DTYPE_KEY: jnp.dtype(model.dtype).name, QUANTIZE_KEY: quantize})
-    write_folder_companions(folder, hf_config, loaded.tokenizer.path)
+    write_folder_companions(folder, hf_config,
+                            None if loaded.tokenizer is None else loaded.tokenizer.path)
     return folder / SERVING_FILE
 
 

@@ -196,9 +196,12 @@ def folder_config(config: TransformerConfig) -> dict[str, Any]:
 
 
 def write_folder_companions(folder: Path, hf_config: dict[str, Any],
-                            tokenizer_file: str | os.PathLike) -> None:
-    """config.json and a copy of `tokenizer_file` written into checkpoint folder `folder`."""
+                            tokenizer_file: str | os.PathLike | None) -> None:
+    """config.json and a copy of `tokenizer_file` (None: none) written into checkpoint folder
+    `folder`."""
     (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + '\n')
+    if tokenizer_file is None:
+        return
     tokenizer_copy = folder / FOLDER_TOKENIZER_FILE
     if Path(tokenizer_file).resolve() != tokenizer_copy.resolve():
         shutil.copyfile(tokenizer_file, tokenizer_copy)
