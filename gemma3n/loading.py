@@ -162,7 +162,8 @@ def load(path: str | os.PathLike | Checkpoint | None = None, *, progress: bool =
 
     Args:
         path: a Hugging Face checkpoint (directory or `.safetensors` file), an Orbax checkpoint
-            directory or a file written by `save_params`; None: the built-in demo model (the
+            directory, a file written by `save_params` or a folder of ours (fine-tuned, or
+            converted by `gemma3n convert`: loaded as stored, by mapping its file); None: the built-in demo model (the
             Gemma 3n architecture at a small size, random weights, the packaged tokenizer).
         progress: show a progress bar while the checkpoint is read.
         mesh: a `jax.sharding.Mesh` (`gemma3n.sharding.make_mesh('data=2,tensor=4')`): every
