@@ -105,7 +105,7 @@ def child(checkpoint: Path, size: str, quantize: str | None, cache: Path) -> dic
         result['ttft_s'] = watch.seconds
     result['first_token_misses'] = misses.names[len(result['load_misses']):]
     result['compile_notice_shown'] = bool(notices)
-    result['peak_rss_gb'] = common.peak_rss_bytes() / common.GB
+    result['peak_rss_gb'] = common.peak_rss_since_reset_bytes() / common.GB     # VmHWM: this process's own (ru_maxrss keeps the parent's across exec)
     return result
 
 
