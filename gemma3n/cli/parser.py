@@ -98,7 +98,8 @@ def _add_checkpoint_options(group: argparse._ArgumentGroup) -> None:
     """--checkpoint and --hf-softcap, which every command reading weights takes."""
     group.add_argument('--checkpoint', metavar='PATH',
                        help='Gemma 3n weights: a Hugging Face directory or .safetensors file, an '
-                            'Orbax checkpoint directory, or a file saved by gemma3n')
+                            'Orbax checkpoint directory, or a file or folder gemma3n wrote '
+                            '(finetune, convert)')
     group.add_argument('--hf-softcap', action='store_true',
                        help='cap the final logits as the Hugging Face checkpoint\'s config.json '
                             'says (30 for Gemma 3n), as transformers does; by default they are '
