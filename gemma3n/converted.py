@@ -189,7 +189,8 @@ def load_converted(checkpoint: Checkpoint, model: Gemma3nTransformer, quantize: 
     in the file), each array the mapped file's, adopted by the device without a copy (a few
     small unaligned ones are copied). Every tensor is checked against `serving_leaves` before
     any is used; float ones are checked for NaN/Inf as every loader does."""
-    _, arrays = map_serving_file(checkpoint.path)
+    # The per-layer table is read row by row, by positioned reads: not ahead.
+    _, arrays = map_serving_file(checkpoint.path, read_lazily=(PER_LAYER_TABLE_PATH,))
     expected = serving_leaves(model, quantize)
     wanted = {path: _file_keys(path, leaf) for path, leaf in expected.items()}
     keys = {key for entries in wanted.values() for key, _ in entries} | {PER_LAYER_TABLE_PATH}

@@ -25,7 +25,7 @@ import json
 import math
 import mmap
 import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -96,16 +96,23 @@ def write_serving_file(path: Path, tensors: Sequence[Tensor], metadata: dict[str
                                  f'{np.dtype(tensor.dtype).name} ({tensor.nbytes} bytes).')
 
 
-def map_serving_file(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+def map_serving_file(path: Path, *, read_lazily: Collection[str] = ()
+                     ) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     """(metadata, {key: array}) of the file at `path`, every array a view of one private
-    mapping of it (nothing is read). The file is validated first (`SafetensorsFiles`: a cut or
-    damaged file is refused, naming it)."""
+    mapping of it. The file is validated first (`SafetensorsFiles`: a cut or damaged file is
+    refused, naming it). Nothing is read here, but the kernel is asked to read every tensor
+    except those `read_lazily` ahead, in the background (MADV_WILLNEED): pages the page cache
+    lost are then on their way while the caller traces the model, not read one fault at a
+    time by the first prefill."""
     files = SafetensorsFiles([path])
     with open(path, 'rb') as f:
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     arrays = {}
     for key in files.keys():
         shape, dtype = files.shape_and_dtype(key)
-        arrays[key] = np.frombuffer(mapping, dtype, math.prod(shape),
-                                    files.span(key).position).reshape(shape)
+        start = files.span(key).position
+        arrays[key] = np.frombuffer(mapping, dtype, math.prod(shape), start).reshape(shape)
+        if key not in read_lazily and arrays[key].nbytes and hasattr(mapping, 'madvise'):
+            page_start = start - start % mmap.PAGESIZE
+            mapping.madvise(mmap.MADV_WILLNEED, page_start, start + arrays[key].nbytes - page_start)
     return files.metadata[path], arrays
