@@ -14,12 +14,10 @@ import pytest
 import gemma3n
 from gemma3n import converted, loading
 from gemma3n.checkpoints import save_checkpoint_folder
-from gemma3n.checkpoints.flat_params import flatten_params
 from gemma3n.checkpoints.loader import SERVING_FORMAT, load_params
 from gemma3n.checkpoints.safetensors_files import HEADER_LENGTH_FORMAT
 from gemma3n.checkpoints.serving_file import (SERVING_FILE, Tensor, map_serving_file,
                                               write_serving_file)
-from gemma3n.embedder import PER_LAYER_TABLE_PATH
 from gemma3n.host_arrays import DEVICE_ALIGNMENT
 from gemma3n.layers import Int4Weight, QuantizedWeight, ServingWeight, StackedWeight
 from gemma3n.load_error import LoadError
