@@ -4,6 +4,7 @@
     python -m bench.run --size full         # E4B text model (6.9B params, 13.7 GB; needs ~20 GB free)
     python -m bench.run --size reduced --sides ours,ours-serving,ours-int8,hf
     python -m bench.run --size tiny --sides ours-serving,ours-int8,ours-int4,llamacpp-bf16,llamacpp-q8_0,llamacpp-q4_0
+    python -m bench.run --size reduced --sides ours-int8,llamacpp-q8_0 --ours-weights bench/results/converted/reduced-int8
 
 Each part runs in its own process, one after the other: the machine's bandwidth, each of our
 variants (see bench/side_ours.py), the transformers side, llama.cpp at each GGUF format (see
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -153,6 +155,11 @@ def main() -> None:
     parser.add_argument('--decode-tokens', type=int, default=16, help='timed decode steps per side')
     parser.add_argument('--repeats', type=int, default=2, help='prefill timings take the best of these')
     parser.add_argument('--force', action='store_true', help='run even when little memory is available')
+    parser.add_argument('--ours-weights', type=Path, metavar='DIR',
+                        help='the checkpoint our sides load instead of the bench\'s random one: a folder '
+                             '`gemma3n convert` wrote from it (bench.load_speed writes them under '
+                             'bench/results/converted/), in the representation of the one ours-* side run '
+                             '(ours-int8: an --int8 folder)')
     args = parser.parse_args()
     sides = [s.strip() for s in args.sides.split(',') if s.strip()]
     unknown = sorted(set(sides) - SIDES.keys())
@@ -172,7 +179,8 @@ def main() -> None:
     results = {}
     for side in sides:
         print(f'running {side} ...', flush=True)
-        common.run_python([*SIDES[side], '--size', args.size, '--weights', str(weights),
+        ours_weights = args.ours_weights if side.startswith('ours') and args.ours_weights else weights
+        common.run_python([*SIDES[side], '--size', args.size, '--weights', str(ours_weights),
                            '--out', str(paths[side]), '--decode-tokens', str(args.decode_tokens),
                            '--repeats', str(args.repeats)])
         results[side] = json.loads(paths[side].read_text())

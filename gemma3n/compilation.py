@@ -5,8 +5,10 @@
   and compile again on every run, since it never overwrites an existing entry. The watcher
   deletes such an entry as soon as JAX reports the miss, so the program compiled then takes its
   place, and reports it once in a line of its own instead of JAX's warning.
-- Inside `compile_notice(...)`, a compile that runs longer than JAX's threshold for keeping
-  programs on disk is announced once: such a wait happens on the first run only.
+- Every program is kept on disk, however quickly it compiled (JAX keeps only those over 1 s by
+  default), so a warm run compiles nothing.
+- Inside `compile_notice(...)`, a compile that runs longer than NOTICE_AFTER_S is announced
+  once: such a wait happens on the first run only.
 
 Both hang on what JAX 0.10 logs (at DEBUG, unseen by default) right before it compiles a program
 the cache lacks: "PERSISTENT COMPILATION CACHE MISS for <name> with key <key>".
@@ -37,6 +39,14 @@ CACHE_MISS_MESSAGE = 'PERSISTENT COMPILATION CACHE MISS'
 ENTRY_FILE_SUFFIXES = ('-cache', '-atime')
 READ_ERROR_WARNING = 'Error reading persistent compilation cache entry'
 COMPILE_END_EVENT = '/jax/core/compile/backend_compile_duration'   # after a compile or cache hit
+# JAX keeps only programs that compiled for longer than this (default 1 s). Measured at E4B
+# widths (bench.load_speed): with it, a run whose prefill and step came from the cache still
+# compiled 6-13 small programs again (int8/int4 conversion's among them, on every load). Kept
+# all, unless the environment chose.
+MIN_COMPILE_TIME_ENV = 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'
+KEEP_EVERY_PROGRAM = 0.0
+# A compile longer than this is announced (`compile_notice`): shorter ones pass unnoticed.
+NOTICE_AFTER_S = 1.0
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +80,7 @@ class _CompilerWatch(logging.Filter):
         with self.lock:
             if self.notice is None or self.notice.shown:
                 return
-            # Compiles shorter than JAX's threshold are not kept on disk: they recur, unannounced.
-            delay = jax.config.jax_persistent_cache_min_compile_time_secs
-            self.timer = threading.Timer(delay, self._announce, (self.notice,))
+            self.timer = threading.Timer(NOTICE_AFTER_S, self._announce, (self.notice,))
             self.timer.daemon = True
             self.timer.start()
 
@@ -99,6 +107,8 @@ def use_compilation_cache(folder: Path) -> None:
     global _watch
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update('jax_compilation_cache_dir', str(folder))
+    if MIN_COMPILE_TIME_ENV not in os.environ:
+        jax.config.update('jax_persistent_cache_min_compile_time_secs', KEEP_EVERY_PROGRAM)
     try:
         Path(jax.config.jax_compilation_cache_dir).mkdir(parents=True, exist_ok=True)
         if not os.access(jax.config.jax_compilation_cache_dir, os.W_OK | os.X_OK):

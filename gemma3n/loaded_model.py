@@ -51,7 +51,7 @@ class LoadedModel:
         per_layer_table: `table[ids] -> rows` read lazily from the checkpoint; None: the table
             is inside `params`.
         checkpoint: where the weights came from; None: the demo's random weights.
-        quantize: None or 'int8'.
+        quantize: None, 'int8' or 'int4'.
 
     Close it (or use it as a context manager) to release a lazily read table's file.
     """
@@ -134,7 +134,7 @@ class LoadedModel:
 
     def _weights(self) -> str:
         dtype = jnp.dtype(self.model.dtype).name
-        return f'{dtype}{", int8 large weights" if self.quantize else ""}'
+        return f'{dtype}{f", {self.quantize} large weights" if self.quantize else ""}'
 
     def _table(self) -> str:
         if self.per_layer_table is None:

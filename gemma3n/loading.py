@@ -30,9 +30,11 @@ from jax.sharding import Mesh
 from gemma3n import memory
 from gemma3n.checkpoints import load_params, open_per_layer_table
 from gemma3n.checkpoints.hf_config import hf_final_logit_softcap
-from gemma3n.checkpoints.loader import ORBAX_FORMAT, Checkpoint, existing_checkpoint, open_checkpoint
+from gemma3n.checkpoints.loader import (ORBAX_FORMAT, SERVING_FORMAT, Checkpoint, existing_checkpoint,
+                                       open_checkpoint)
 from gemma3n.checkpoints.safetensors_hf import CONFIG_FILE, HFSoftcapWarning, config_file
 from gemma3n.config import TransformerConfig
+from gemma3n.converted import check_representation, load_converted
 from gemma3n.layout import load_serving, serving_nbytes, to_serving
 from gemma3n.load_error import PATH, LoadError
 from gemma3n.loaded_model import DEMO, MODEL_NAMES, LoadedModel
@@ -101,6 +103,10 @@ class LoadPlan:
             logger.info('random demo weights made in %.2f s (compilation included)',
                         time.perf_counter() - start)
             return LoadedModel(self.name, model, params, self.tokenizer, quantize=self.quantize)
+        converted = self.checkpoint.format == SERVING_FORMAT
+        if converted and mesh is not None:
+            raise ValueError(f'{self.checkpoint.path} is a converted checkpoint, which loads on '
+                             'one device: give the original checkpoint to load it on a mesh.')
         table = None
         if self.per_layer_table_in_file:
             table = open_per_layer_table(self.checkpoint, model=self.model, dtype=dtype)
@@ -108,11 +114,16 @@ class LoadPlan:
             with warnings.catch_warnings():
                 # prepare() warned already, naming load's own remedy (hf_softcap=True).
                 warnings.simplefilter('ignore', HFSoftcapWarning)
-                model, params = load_serving(
-                    self.checkpoint, self.model, dtype=dtype, progress=progress,
-                    quantize_int8=self.quantize == 'int8', quantize_int4=self.quantize == 'int4',
-                    skip_per_layer_table=table is not None, mesh=mesh,
-                    sharding_rules=sharding_rules)
+                if converted:
+                    model = self.model
+                    params = load_converted(self.checkpoint, model, self.quantize)
+                else:
+                    model, params = load_serving(
+                        self.checkpoint, self.model, dtype=dtype, progress=progress,
+                        quantize_int8=self.quantize == 'int8',
+                        quantize_int4=self.quantize == 'int4',
+                        skip_per_layer_table=table is not None, mesh=mesh,
+                        sharding_rules=sharding_rules)
         except BaseException:
             if table is not None:
                 table.close()
@@ -151,7 +162,8 @@ def load(path: str | os.PathLike | Checkpoint | None = None, *, progress: bool =
 
     Args:
         path: a Hugging Face checkpoint (directory or `.safetensors` file), an Orbax checkpoint
-            directory or a file written by `save_params`; None: the built-in demo model (the
+            directory, a file written by `save_params` or a folder of ours (fine-tuned, or
+            converted by `gemma3n convert`: loaded as stored, by mapping its file); None: the built-in demo model (the
             Gemma 3n architecture at a small size, random weights, the packaged tokenizer).
         progress: show a progress bar while the checkpoint is read.
         mesh: a `jax.sharding.Mesh` (`gemma3n.sharding.make_mesh('data=2,tensor=4')`): every
@@ -244,6 +256,8 @@ def prepare(
         return _plan(DEMO, module, tokenizer, None, quantize)
 
     checkpoint = open_checkpoint(source)
+    if checkpoint.format == SERVING_FORMAT:      # loaded as it was converted
+        dtype, quantize = check_representation(checkpoint, dtype, quantize)
     name, module = checkpoint_model(checkpoint, model, dtype=dtype, with_vision=with_vision,
                                     vocab_size=None if tokenizer is None else tokenizer.vocab_size,
                                     towers=towers or with_vision or with_audio)

@@ -32,7 +32,7 @@ LAYERS = (
     ('the generation engine', ('engine',)),
     ('text and generation', ('text',)),
     ('serving', ('serving',)),
-    ('loading and description', ('loading', 'loaded_model', 'load_error', 'model_choice',
+    ('loading and description', ('loading', 'loaded_model', 'load_error', 'model_choice', 'converted',
                                   'tower_checks', 'describe')),
     ('training', ('training',)),
     ('the command and the package', ('cli', '__init__', '__main__')),

@@ -54,11 +54,11 @@ SAFETENSORS_METADATA = {'format': 'pt'}
 
 
 def check_export_directory(directory: str | os.PathLike) -> Path:
-    """The directory an export may be written to (created by `save_hf` when missing); ValueError
-    when it already holds a checkpoint, whose files an export would mix with its own."""
+    """The directory a checkpoint may be written to (an export, a conversion; created when
+    missing); ValueError when it already holds a checkpoint, whose files would mix with the new."""
     directory = Path(directory).expanduser()
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f'{directory} is a file: an export is written to a directory.')
+        raise ValueError(f'{directory} is a file: the checkpoint is written to a directory.')
     if not directory.parent.is_dir():
         raise FileNotFoundError(f'Directory {directory.parent} does not exist.')
     if directory.is_dir():
@@ -66,7 +66,7 @@ def check_export_directory(directory: str | os.PathLike) -> Path:
                          if p.name in (CONFIG_FILE, INDEX_FILE) or p.suffix == '.safetensors')
         if present:
             raise ValueError(f'{directory} already holds a checkpoint ({", ".join(present)}): '
-                             'export to a new or empty directory.')
+                             'write to a new or empty directory.')
     return directory
 
 

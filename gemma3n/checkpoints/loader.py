@@ -27,9 +27,10 @@ import tqdm
 
 from gemma3n.checkpoints import hf_mapping
 from gemma3n.checkpoints.flat_params import unflatten_params
-from gemma3n.checkpoints.native import is_native, native_catalog, native_file, native_read
+from gemma3n.checkpoints.native import FOLDER_PARAMS_FILE, is_native, native_catalog, native_read
 from gemma3n.checkpoints.orbax_io import ORBAX_MARKERS, is_orbax_checkpoint, orbax_catalog, orbax_restore
 from gemma3n.checkpoints.safetensors_files import SafetensorsFiles
+from gemma3n.checkpoints.serving_file import SERVING_FILE, is_serving_file
 from gemma3n.checkpoints.safetensors_hf import (INDEX_FILE, SINGLE_FILE, is_hf_directory, load_hf_params,
                                                read_hf_config)
 from gemma3n.config import TransformerConfig
@@ -44,6 +45,9 @@ TOWERS_PREFIX = 'towers/'
 VISION_PREFIXES = SIGLIP_PREFIXES + (TOWERS_PREFIX,)
 # What `checkpoint_format` recognises.
 HF_FORMAT, ORBAX_FORMAT, NATIVE_FORMAT = 'Hugging Face', 'Orbax', 'gemma3n native'
+SERVING_FORMAT = 'gemma3n serving'           # converted by `gemma3n convert` (serving_file.py)
+# The weights file of a checkpoint folder of ours, which loaders take for the folder.
+FOLDER_FILES = (FOLDER_PARAMS_FILE, SERVING_FILE)
 # What to do with a checkpoint that lacks the SigLIP encoder a model asks for, for users of the
 # command line and of Python alike.
 WITHOUT_SIGLIP_ADVICE = ('On the command line, --image needs a checkpoint that has the SigLIP '
@@ -69,7 +73,7 @@ class Checkpoint:
         ('Hugging Face', 35)
     """
     path: Path
-    format: str                                  # HF_FORMAT, ORBAX_FORMAT or NATIVE_FORMAT
+    format: str                  # HF_FORMAT, ORBAX_FORMAT, NATIVE_FORMAT or SERVING_FORMAT
     # config.json beside a Hugging Face checkpoint or in a checkpoint folder of ours (None: none)
     hf_config: dict[str, Any] | None = None
 
@@ -79,10 +83,10 @@ def open_checkpoint(path: str | os.PathLike | Checkpoint) -> Checkpoint:
     FileNotFoundError / ValueError naming `path` when there is none or its format is unknown."""
     if isinstance(path, Checkpoint):
         return path
-    path = native_file(Path(path).expanduser())
+    path = folder_file(Path(path).expanduser())
     checkpoint = checkpoint_format(path)
-    # A checkpoint folder of our format (what fine-tuning writes) has a config.json too.
-    hf_config = read_hf_config(path) if checkpoint in (HF_FORMAT, NATIVE_FORMAT) else None
+    # A checkpoint folder of ours (what fine-tuning and `convert` write) has a config.json too.
+    hf_config = read_hf_config(path) if checkpoint != ORBAX_FORMAT else None
     return Checkpoint(path, checkpoint, hf_config)
 
 
@@ -134,6 +138,10 @@ def load_params(
     dtype = None if dtype is None else np.dtype(dtype)
     skip = {PER_LAYER_TABLE_PATH} if skip_per_layer_table else set()
 
+    if checkpoint == SERVING_FORMAT:
+        raise ValueError(f'{path} is a converted checkpoint (`gemma3n convert`): it holds the '
+                         'serving layout, which gemma3n.load and the commands that generate run; '
+                         'the checkpoint layout (export, finetune) needs the original checkpoint.')
     if checkpoint == HF_FORMAT:
         if not text_only and config.vision_encoder is not None:
             raise ValueError(f'{path}: Hugging Face Gemma 3n checkpoints hold no SigLIP vision encoder (their '
@@ -159,9 +167,15 @@ def load_params(
         return unflatten_params(native_read(files, largest_first, dtype, bar.update, transform))
 
 
+def folder_file(path: Path) -> Path:
+    """The weights file of checkpoint folder `path` of ours (FOLDER_FILES); any other path as it is."""
+    return next((path / name for name in FOLDER_FILES if (path / name).is_file()), path)
+
+
 def checkpoint_format(path: Path) -> str:
-    """HF_FORMAT, ORBAX_FORMAT or NATIVE_FORMAT; FileNotFoundError / ValueError naming `path` otherwise."""
-    path = native_file(path)
+    """HF_FORMAT, ORBAX_FORMAT, NATIVE_FORMAT or SERVING_FORMAT; FileNotFoundError / ValueError
+    naming `path` otherwise."""
+    path = folder_file(path)
     if not path.exists():
         raise FileNotFoundError(f'Checkpoint not found: {path}')
     if path.is_dir():
@@ -173,7 +187,10 @@ def checkpoint_format(path: Path) -> str:
         raise ValueError(f'{path} is not a recognised checkpoint directory: expected {INDEX_FILE} or '
                          f'{SINGLE_FILE} (Hugging Face) or Orbax files ({", ".join(ORBAX_MARKERS)}); '
                          f'it holds {found[:10]}{" ..." if len(found) > 10 else ""}.')
-    return NATIVE_FORMAT if is_native(SafetensorsFiles([path]), path) else HF_FORMAT
+    files = SafetensorsFiles([path])
+    if is_serving_file(files, path):
+        return SERVING_FORMAT
+    return NATIVE_FORMAT if is_native(files, path) else HF_FORMAT
 
 
 def has_vision_encoder(path: str | os.PathLike | Checkpoint) -> bool:

@@ -18,13 +18,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -61,11 +62,6 @@ def is_native(files: SafetensorsFiles, path: Path) -> bool:
         raise ValueError(f'{path} is a {FORMAT_NAME} checkpoint of format version {metadata.get(VERSION_KEY)!r}; '
                          f'this library reads version {FORMAT_VERSION}.')
     return True
-
-
-def native_file(path: Path) -> Path:
-    """The params file of checkpoint folder `path`; any other path as it is."""
-    return path / FOLDER_PARAMS_FILE if (path / FOLDER_PARAMS_FILE).is_file() else path
 
 
 def native_catalog(files: SafetensorsFiles) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -105,12 +101,21 @@ def save_params(params: Mapping[str, Any], path: str | os.PathLike) -> None:
     flat = {name: np.ascontiguousarray(np.asarray(leaf)) for name, leaf in flatten_params(params).items()}
     if not flat:
         raise ValueError('save_params got an empty parameter tree.')
+    with atomic_file(path) as tmp_name:
+        save_file(flat, tmp_name, metadata={FORMAT_KEY: FORMAT_NAME, VERSION_KEY: FORMAT_VERSION})
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path to write the file `path` to; when the block ends without an error it is
+    flushed to disk, made readable (CHECKPOINT_MODE) and renamed over `path` (module docstring:
+    an interrupted write leaves the previous file intact)."""
     _remove_stale_temporaries(path)
     folder, fd = _locked_temporary_folder(path)
     try:
         tmp_name = folder / path.name
-        save_file(flat, tmp_name, metadata={FORMAT_KEY: FORMAT_NAME, VERSION_KEY: FORMAT_VERSION})
-        os.chmod(tmp_name, CHECKPOINT_MODE)   # save_file writes a new file: set the mode afterwards
+        yield tmp_name
+        os.chmod(tmp_name, CHECKPOINT_MODE)   # writers create new files: set the mode afterwards
         with open(tmp_name, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
@@ -175,12 +180,28 @@ def save_checkpoint_folder(params: Mapping[str, Any], config: TransformerConfig,
     back); its final logit softcap is `config`'s own, null for none. A config HF cannot describe
     is refused (`hf_config.check_representable`) before anything is written.
     """
-    hf_config = hf_text_config(config)
-    hf_config['final_logit_softcapping'] = config.final_logit_softcap
+    hf_config = folder_config(config)
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     save_params(params, folder / FOLDER_PARAMS_FILE)
+    write_folder_companions(folder, hf_config, tokenizer_file)
+
+
+def folder_config(config: TransformerConfig) -> dict[str, Any]:
+    """The config.json of a checkpoint folder for `config` (its final logit softcap `config`'s
+    own, null for none); refuses a config HF cannot describe before anything is written."""
+    hf_config = hf_text_config(config)
+    hf_config['final_logit_softcapping'] = config.final_logit_softcap
+    return hf_config
+
+
+def write_folder_companions(folder: Path, hf_config: dict[str, Any],
+                            tokenizer_file: str | os.PathLike | None) -> None:
+    """config.json and a copy of `tokenizer_file` (None: none) written into checkpoint folder
+    `folder`."""
     (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + '\n')
+    if tokenizer_file is None:
+        return
     tokenizer_copy = folder / FOLDER_TOKENIZER_FILE
     if Path(tokenizer_file).resolve() != tokenizer_copy.resolve():
         shutil.copyfile(tokenizer_file, tokenizer_copy)

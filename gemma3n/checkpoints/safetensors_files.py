@@ -36,6 +36,7 @@ METADATA_KEY = '__metadata__'
 _DTYPES = {'BF16': np.dtype(ml_dtypes.bfloat16), 'F16': np.dtype(np.float16), 'F32': np.dtype(np.float32),
            'F64': np.dtype(np.float64), 'I8': np.dtype(np.int8), 'I16': np.dtype(np.int16),
            'I32': np.dtype(np.int32), 'I64': np.dtype(np.int64), 'U8': np.dtype(np.uint8), 'BOOL': np.dtype(bool)}
+DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}     # what a header calls a dtype
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ Usage:
     gemma3n chat --checkpoint ~/gemma-3n-E4B-it      # /help lists the chat commands
     gemma3n info --model e4b --context 32768         # layers, parameter counts, memory
     gemma3n serve --checkpoint ~/gemma-3n-E4B-it     # OpenAI-compatible server on 127.0.0.1:8000
+    gemma3n convert --checkpoint ~/gemma-3n-E4B-it --int8 --out ~/e4b-int8   # loads without conversion
 
 User mistakes (a missing file, a bad option value, a prompt longer than the cache, a damaged
 checkpoint, ...) end the command with one line `gemma3n: error: ...` on stderr and exit status 2;

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from gemma3n.cli.chat import HELP_COMMAND, QUIT_COMMAND, RESET_COMMAND, run_chat
 from gemma3n.cli.console import PROG, USAGE_ERROR
+from gemma3n.cli.convert import run_convert
 from gemma3n.cli.export import run_export
 from gemma3n.cli.finetune import add_finetune_options, run_finetune
 from gemma3n.cli.generate import run_generate
@@ -67,9 +68,11 @@ def _mesh_spec(text: str) -> str:
     return text
 
 
-def _model_options(*, running: bool) -> argparse.ArgumentParser:
+def _model_options(*, running: bool, dtype_help: str = 'dtype of the exported weights '
+                                                       '(default: as stored)'
+                   ) -> argparse.ArgumentParser:
     """The options choosing the model; `running`: also those of a model that runs (the vision
-    encoder, the cache)."""
+    encoder, the cache); `dtype_help`: --dtype's help where it does not run."""
     options = _Parser(add_help=False)
     group = options.add_argument_group('model')
     group.add_argument('--model', choices=(*MODEL_CLASSES, DEMO),
@@ -79,8 +82,7 @@ def _model_options(*, running: bool) -> argparse.ArgumentParser:
                             'checkpoint; without a checkpoint the small packaged one)')
     group.add_argument('--dtype', choices=tuple(DTYPES),
                        help=f'weights and KV cache dtype (default: {CHECKPOINT_DTYPE} for '
-                            f'e4b/e2b, {DEMO_DTYPE} for the demo)' if running else
-                            'dtype of the exported weights (default: as stored)')
+                            f'e4b/e2b, {DEMO_DTYPE} for the demo)' if running else dtype_help)
     if running:
         group.add_argument('--text-only', action='store_true',
                            help='leave out the vision and audio towers')
@@ -96,12 +98,26 @@ def _add_checkpoint_options(group: argparse._ArgumentGroup) -> None:
     """--checkpoint and --hf-softcap, which every command reading weights takes."""
     group.add_argument('--checkpoint', metavar='PATH',
                        help='Gemma 3n weights: a Hugging Face directory or .safetensors file, an '
-                            'Orbax checkpoint directory, or a file saved by gemma3n')
+                            'Orbax checkpoint directory, or a file or folder gemma3n wrote '
+                            '(finetune, convert)')
     group.add_argument('--hf-softcap', action='store_true',
                        help='cap the final logits as the Hugging Face checkpoint\'s config.json '
                             'says (30 for Gemma 3n), as transformers does; by default they are '
                             'not capped, as in Google\'s reference. Changes sampled answers, '
                             'not greedy ones')
+
+
+def _add_quantization_options(group: argparse._ArgumentGroup, when: str) -> None:
+    """--int8 and --int4 (one at most); `when`: when the weights are quantized."""
+    quantization = group.add_mutually_exclusive_group()
+    quantization.add_argument('--int8', action='store_true',
+                              help='quantize the large weights to int8 (one scale per output '
+                                   f'channel) {when}: about half the memory and faster '
+                                   'decoding, slightly less accurate')
+    quantization.add_argument('--int4', action='store_true',
+                              help='quantize the large weights to int4 (groups of 32 with a '
+                                   f'scale each) {when}: about a quarter of the memory and the '
+                                   'fastest decoding, noticeably less accurate than --int8')
 
 
 def _add_adapter_option(group: argparse._ArgumentGroup, action: str) -> None:
@@ -112,11 +128,12 @@ def _add_adapter_option(group: argparse._ArgumentGroup, action: str) -> None:
 
 
 def _add_unsampled_command(commands: argparse._SubParsersAction, name: str,
-                           run: Callable[[argparse.Namespace], int],
-                           **texts: str) -> argparse.ArgumentParser:
-    """A command that loads a model but samples nothing (export, finetune); `texts`: its help
-    and description."""
-    command = commands.add_parser(name, parents=[_model_options(running=False)], **texts)
+                           run: Callable[[argparse.Namespace], int], *,
+                           dtype_help: str | None = None, **texts: str) -> argparse.ArgumentParser:
+    """A command that loads a model but samples nothing (export, finetune, convert); `texts`:
+    its help and description; `dtype_help`: its --dtype's, if not an export's."""
+    options = _model_options(running=False, **({'dtype_help': dtype_help} if dtype_help else {}))
+    command = commands.add_parser(name, parents=[options], **texts)
     # Nothing is sampled: a checkpoint's softcap note is then informational (shown with -v).
     command.set_defaults(run=run, temperature=None, top_k=None, top_p=None)
     return command
@@ -136,15 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = run_options.add_argument_group('weights and sampling')
     _add_checkpoint_options(group)
     _add_adapter_option(group, 'run with it')
-    quantization = group.add_mutually_exclusive_group()
-    quantization.add_argument('--int8', action='store_true',
-                              help='quantize the large weights to int8 (one scale per output '
-                                   'channel) at load: about half the memory and faster '
-                                   'decoding, slightly less accurate')
-    quantization.add_argument('--int4', action='store_true',
-                              help='quantize the large weights to int4 (groups of 32 with a '
-                                   'scale each) at load: about a quarter of the memory and the '
-                                   'fastest decoding, noticeably less accurate than --int8')
+    _add_quantization_options(group, 'at load')
     group.add_argument('--max-new-tokens', type=_positive_int, metavar='N',
                        help=f'most tokens to generate per answer (default: {DEMO_MAX_NEW_TOKENS} '
                             f'for the demo, {DEFAULT_MAX_OUT_LENGTH} otherwise)')
@@ -244,6 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapter_option(group, 'exported merged into the weights')
     group.add_argument('--out', required=True, metavar='DIR',
                        help='a new or empty directory for config.json and the safetensors files')
+
+    convert = _add_unsampled_command(
+        commands, 'convert', run_convert,
+        dtype_help=f'dtype of the weights (default: {CHECKPOINT_DTYPE}, {DEMO_DTYPE} for the demo)',
+        help='write a checkpoint in the serving layout, which loads without conversion',
+        description='Write --checkpoint (without one: the demo model) as it runs: re-laid out, '
+                    'with --int8 or --int4 quantized, the per-layer table included, with '
+                    'config.json and the tokenizer. `--checkpoint DIR` of the other commands '
+                    'then loads it by mapping its file, converting nothing (in the stored '
+                    'representation: --int8/--int4/--dtype must match it or be left out). The '
+                    'text decoder only: images and audio need the original checkpoint.')
+    group = convert.add_argument_group('weights')
+    _add_checkpoint_options(group)
+    _add_quantization_options(group, 'once, as they are written')
+    group.add_argument('--out', required=True, metavar='DIR',
+                       help='a new or empty directory for config.json, tokenizer.model and '
+                            'serving.safetensors')
 
     finetune = _add_unsampled_command(
         commands, 'finetune', run_finetune,
