@@ -55,12 +55,20 @@ except ImportError:     # Windows: no advisory locks, so stale temporary folders
 
 def is_native(files: SafetensorsFiles, path: Path) -> bool:
     """Whether `path` (already opened as `files`) is in our format; a newer version is an error."""
+    return has_format(files, path, FORMAT_NAME, FORMAT_VERSION)
+
+
+def has_format(files: SafetensorsFiles, path: Path, name: str, version: str,
+               other_version_hint: str = '') -> bool:
+    """Whether `path` (opened as `files`) names format `name` in its metadata; another version
+    of it is an error (ending in `other_version_hint`, what to do about it)."""
     metadata = files.metadata[path]
-    if metadata.get(FORMAT_KEY) != FORMAT_NAME:
+    if metadata.get(FORMAT_KEY) != name:
         return False
-    if metadata.get(VERSION_KEY) != FORMAT_VERSION:
-        raise ValueError(f'{path} is a {FORMAT_NAME} checkpoint of format version {metadata.get(VERSION_KEY)!r}; '
-                         f'this library reads version {FORMAT_VERSION}.')
+    if metadata.get(VERSION_KEY) != version:
+        raise ValueError(f'{path} is a {name} checkpoint of format version '
+                         f'{metadata.get(VERSION_KEY)!r}; this library reads version '
+                         f'{version}{other_version_hint}.')
     return True
 
 

@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from gemma3n.checkpoints.native import FORMAT_KEY, VERSION_KEY, atomic_file
+from gemma3n.checkpoints.native import FORMAT_KEY, VERSION_KEY, atomic_file, has_format
 from gemma3n.checkpoints.safetensors_files import (DTYPE_NAMES, HEADER_LENGTH_FORMAT, METADATA_KEY,
                                                    SafetensorsFiles)
 from gemma3n.host_arrays import DEVICE_ALIGNMENT
@@ -56,14 +56,8 @@ class Tensor(NamedTuple):
 
 def is_serving_file(files: SafetensorsFiles, path: Path) -> bool:
     """Whether `path` (opened as `files`) is a converted checkpoint; a newer version is an error."""
-    metadata = files.metadata[path]
-    if metadata.get(FORMAT_KEY) != SERVING_FORMAT_NAME:
-        return False
-    if metadata.get(VERSION_KEY) != SERVING_FORMAT_VERSION:
-        raise ValueError(f'{path} is a {SERVING_FORMAT_NAME} checkpoint of format version '
-                         f'{metadata.get(VERSION_KEY)!r}; this library reads version '
-                         f'{SERVING_FORMAT_VERSION}: convert the original checkpoint again.')
-    return True
+    return has_format(files, path, SERVING_FORMAT_NAME, SERVING_FORMAT_VERSION,
+                      ': convert the original checkpoint again')
 
 
 def write_serving_file(path: Path, tensors: Sequence[Tensor], metadata: dict[str, str]) -> None:
