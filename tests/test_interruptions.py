@@ -41,6 +41,24 @@ def fresh(chat):
     chat.reset()
 
 
+def default_ctrl_c():
+    """Ctrl-C raising KeyboardInterrupt, as in a terminal: a shell starts a background job (a CI
+    run started with `&`, say) with SIGINT ignored, and its processes inherit that."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+CTRL_C_THEN_COMMAND = ('import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); '
+                       "runpy.run_module('gemma3n', run_name='__main__', alter_sys=True)")
+
+
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    previous = signal.getsignal(signal.SIGINT)
+    default_ctrl_c()
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def reference(chat, first_answer_tokens):
     """The first answer cut at `first_answer_tokens`, then SECOND answered in full."""
     chat.reset()
@@ -264,8 +282,9 @@ def test_ctrl_c_in_the_command_keeps_the_conversation(fresh, monkeypatch, capsys
 
 def test_sigint_to_the_command_keeps_the_conversation(fresh):
     env = dict(os.environ, JAX_PLATFORMS='cpu')
-    command = [sys.executable, '-m', 'gemma3n', 'chat', '--cache-length', str(CACHE_LENGTH),
-               '--max-new-tokens', str(LONG_ANSWER)]
+    # `python -m gemma3n chat ...`, with Ctrl-C restored first (see default_ctrl_c).
+    command = [sys.executable, '-c', CTRL_C_THEN_COMMAND, 'chat', '--cache-length',
+               str(CACHE_LENGTH), '--max-new-tokens', str(LONG_ANSWER)]
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env)
     process.stdin.write(FIRST + '\n')

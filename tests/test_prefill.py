@@ -21,8 +21,12 @@ from hf_oracle import random_params, small_configs
 # 2e-5 on logits of magnitude 1-5, i.e. 5e-6 of the largest. That is float32's floor for these
 # configs, not an error of the method: the one-shot prefill alone, of the same prompt in a batch
 # of 3 instead of 1, differs by 8e-6 (a wrong mask or position shows as 1e-2 or more). So the
-# bound is 1e-5 relative to the largest value compared (the logits, or one cache buffer).
+# bound is 1e-5 relative to the largest value compared (the logits, or one cache buffer), and
+# 2e-5 where an image's encoder output is prefilled too: the tests compile at XLA's optimisation
+# level 0 (conftest.py), which rounds float32 differently; with images measured 1.3e-5 there
+# (3.1-4.0e-6 at the default level).
 CHUNK_TOL = 1e-5
+CHUNK_TOL_IMAGES = 2e-5
 WINDOW = 8                                   # small_configs' sliding window
 NEW_TOKENS = 6                               # decode steps after the prefill, reading its cache
 ONE_SHOT = 128                               # a chunk longer than every prompt here
@@ -35,19 +39,19 @@ def ragged_prompts(vocab, lengths, seed=0):
     return [[st.BOS] + rng.integers(3, vocab, n - 1).tolist() for n in lengths]
 
 
-def assert_close(ours, reference):
+def assert_close(ours, reference, tol=CHUNK_TOL):
     reference = np.asarray(reference)
     np.testing.assert_allclose(np.asarray(ours), reference,
-                               atol=CHUNK_TOL * np.abs(reference).max(), rtol=0)
+                               atol=tol * np.abs(reference).max(), rtol=0)
 
 
-def assert_same_generation(ours, reference):
+def assert_same_generation(ours, reference, tol=CHUNK_TOL):
     """Same first token and logits, same cache after the prompt, same next steps."""
-    assert_close(ours.logits, reference.logits)
+    assert_close(ours.logits, reference.logits, tol)
     assert (ours.tokens == reference.tokens).all()
     for mine, theirs in zip(jax.tree_util.tree_leaves(ours.state.cache),
                             jax.tree_util.tree_leaves(reference.state.cache)):
-        assert_close(mine, theirs)
+        assert_close(mine, theirs, tol)
     diff = np.abs(ours.logits - reference.logits)
     return float(diff.max()), float(diff.max() / np.abs(reference.logits).max())
 
@@ -173,7 +177,7 @@ def test_chunked_prefill_with_images_equals_one_shot(mm):
     for chunk in (SOFT + 2, SOFT + 3):
         out = Sampler(model=model, params=params, cache_length=96, prefill_chunk=chunk
                       ).sample_tokens(prompts, NEW_TOKENS, images=images, return_logits=True)
-        diff, relative = assert_same_generation(out, reference)
+        diff, relative = assert_same_generation(out, reference, CHUNK_TOL_IMAGES)
         print(f'\nimages, chunk {chunk}: max |logit diff| {diff:.2e} ({relative:.1e} of the '
               'largest logit)')
 
