@@ -56,17 +56,21 @@ def _f32_dot(eqn, x, w):
     return jnp.einsum(eqn, x, w, preferred_element_type=jnp.float32)
 
 
+def _within_summation_noise(got, x, w, terms):
+    """got == x [M, K] · w [K, N] up to float32 summation order: products of bf16 values are
+    exact in float32, only the order of the K - 1 additions differs, each sum being within
+    (K - 1)·eps·Σ|x·w| of the exact one."""
+    want = _f32_dot('mk,kn->mn', x, w)
+    magnitude = np.asarray(_f32_dot('mk,kn->mn', jnp.abs(x), jnp.abs(w)))
+    bound = 2 * max(terms - 1, 1) * F32_EPS * magnitude
+    assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= bound)
+
+
 @pytest.mark.parametrize('isa', ISAS, indirect=True)
 @pytest.mark.parametrize('rows,k,n', SHAPES)
 def test_bf16_rows_equal_xla_within_summation_noise(isa, rows, k, n):
     x, w = _operands(rows, k, n, jnp.bfloat16)
-    got = decode_kernels._bf16_rows(x, w)
-    want = _f32_dot('mk,nk->mn', x, w)
-    # Products of bf16 values are exact in float32; only the order of the k-1 additions
-    # differs, each sum being within (k-1)·eps·Σ|x·w| of the exact one.
-    magnitude = _f32_dot('mk,nk->mn', jnp.abs(x), jnp.abs(w))
-    bound = 2 * max(k - 1, 1) * F32_EPS * np.asarray(magnitude)
-    assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= bound)
+    _within_summation_noise(decode_kernels._bf16_rows(x, w), x, w.T, k)
 
 
 @pytest.mark.parametrize('isa', ISAS, indirect=True)
@@ -94,6 +98,47 @@ def test_gathered_rows_equal_xla_exactly(isa, rows, c, f, d):
     want = jnp.einsum('mc,cd->md', x, w[jnp.clip(ids, 0, f - 1)],
                       preferred_element_type=jnp.int32)
     np.testing.assert_array_equal(kernel(x, ids, w), want)
+
+
+# (rows, K or D, C, F, count): K and D off the vector widths and strips (32 bf16 columns
+# AVX-512, 16 AVX2), odd counts (rows go in pairs), none used, all used, and row blocks of 64
+# crossed (the down kernel walks its rows in blocks).
+GATHERED = [(1, 70, 40, 300, 33), (3, 2048, 300, 1000, 257), (8, 32, 64, 64, 64),
+            (5, 17, 10, 50, 0), (2, 129, 150, 200, 149), (8, 2049, 7, 9, 7)]
+
+
+def _gathered_operands(rows, k, c, f, seed=4):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((f, k)), jnp.bfloat16)
+    # Repeated ids, and two out of range, clipped to the nearest row as jnp.take(mode='clip').
+    ids = jnp.asarray(np.concatenate([rng.integers(0, f, c - min(c, 2)), [-5, f + 3][:c]]),
+                      jnp.int32)
+    return x, w, ids
+
+
+@pytest.mark.parametrize('isa', ISAS, indirect=True)
+@pytest.mark.parametrize('rows,k,c,f,count', GATHERED)
+def test_gathered_bf16_dot_equals_xla_within_summation_noise(isa, rows, k, c, f, count):
+    x, w, ids = _gathered_operands(rows, k, c, f)
+    kernel = jax.jit(decode_kernels.gathered_dot)
+    assert decode_kernels.TARGETS['bf16_gathered'] in kernel.lower(x, ids, count, w).as_text()
+    got = np.asarray(kernel(x, ids, count, w))
+    assert not got[:, count:].any()                    # ids past the count: no product
+    rows_used = w[jnp.clip(ids[:count], 0, f - 1)]
+    _within_summation_noise(got[:, :count], x, rows_used.T, k)
+
+
+@pytest.mark.parametrize('isa', ISAS, indirect=True)
+@pytest.mark.parametrize('rows,d,c,f,count', GATHERED)
+def test_gathered_bf16_sum_equals_xla_within_summation_noise(isa, rows, d, c, f, count):
+    _, w, ids = _gathered_operands(rows, d, c, f)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((rows, c)), jnp.bfloat16)
+    kernel = jax.jit(decode_kernels.gathered_sum)
+    assert decode_kernels.TARGETS['bf16_rows'] in kernel.lower(x, ids, count, w).as_text()
+    # Only x's first `count` columns count: the others hold values that must not be read.
+    rows_used = w[jnp.clip(ids[:count], 0, f - 1)]
+    _within_summation_noise(kernel(x, ids, count, w), x[:, :count], rows_used, count)
 
 
 @pytest.mark.parametrize('eqn,x_shape,w_shape', [

@@ -9,7 +9,10 @@ products stream well below it). `dot(eqn, x, w, xla_dot)` takes them when they a
 
 `gathered_rows(x, ids, w)` is the product of x with rows `ids` of an int8 weight stored rows
 first [F, D] (a sparse layer's FFN down projection, `gemma3n.sparse_rows`), read in place:
-exact in int32 too, without XLA's gather and its int32 copy of the rows.
+exact in int32 too, without XLA's gather and its int32 copy of the rows. In bfloat16, for the
+units a decode step's tokens keep (`ids`, of which the first `count` are used),
+`gathered_dot(x, ids, count, w)` is x times those rows of the up projection and
+`gathered_sum(x, ids, count, w)` x times those rows of the down projection, read in place too.
 
 They apply on the CPU backend, with at most `MAX_ROWS` rows of x (decode; a prefill chunk keeps
 XLA's matrix kernels, which are faster there), and to a weight whose every axis is either
@@ -45,9 +48,11 @@ ISA_NAMES = {code: name for name, code in ISA_CODES.items()}
 # Rows of x the kernels take at once (the C++ side's kMaxRows).
 MAX_ROWS = 8
 TARGETS = {'bf16': 'gemma3n_matvec_bf16', 'int8': 'gemma3n_matvec_int8',
-           'int4': 'gemma3n_matvec_int4', 'int8_rows': 'gemma3n_rows_int8'}
+           'int4': 'gemma3n_matvec_int4', 'int8_rows': 'gemma3n_rows_int8',
+           'bf16_gathered': 'gemma3n_gathered_bf16', 'bf16_rows': 'gemma3n_rows_bf16'}
 _SYMBOLS = {'bf16': 'Gemma3nMatvecBf16', 'int8': 'Gemma3nMatvecInt8', 'int4': 'Gemma3nMatvecInt4',
-            'int8_rows': 'Gemma3nRowsInt8'}
+            'int8_rows': 'Gemma3nRowsInt8', 'bf16_gathered': 'Gemma3nGatheredBf16',
+            'bf16_rows': 'Gemma3nRowsBf16'}
 
 logger = logging.getLogger(__name__)
 
@@ -198,3 +203,46 @@ def gathered_rows(x: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
         return call('int8_rows', result, flat, ids.astype(jnp.int32), w).reshape(lead + (-1,))
 
     return jax.lax.platform_dependent(x, ids, w, cpu=kernel, default=_xla_gathered_rows)
+
+
+def _used(ids: jax.Array, count: jax.Array) -> jax.Array:
+    """[C] bool: the first `count` of `ids`."""
+    return jnp.arange(ids.shape[0]) < count
+
+
+def _xla_gathered_dot(x: jax.Array, ids: jax.Array, count: jax.Array, w: jax.Array) -> jax.Array:
+    y = jnp.einsum('mk,ck->mc', x, jnp.take(w, ids, axis=0, mode='clip'),
+                   preferred_element_type=jnp.float32)
+    return jnp.where(_used(ids, count), y, 0.0)
+
+
+def _xla_gathered_sum(x: jax.Array, ids: jax.Array, count: jax.Array, w: jax.Array) -> jax.Array:
+    x = jnp.where(_used(ids, count), x, jnp.zeros((), x.dtype))
+    return jnp.einsum('mc,cd->md', x, jnp.take(w, ids, axis=0, mode='clip'),
+                      preferred_element_type=jnp.float32)
+
+
+def _gathered(kind: str, xla: Callable, out_columns: Callable[[jax.Array], int],
+              x: jax.Array, ids: jax.Array, count: jax.Array, w: jax.Array) -> jax.Array:
+    """`kind`'s kernel on x [M, ...] (1 <= M <= MAX_ROWS, bfloat16), else `xla`."""
+    ids, count = ids.astype(jnp.int32), jnp.asarray(count, jnp.int32)
+    if not (1 <= x.shape[0] <= MAX_ROWS and x.dtype == w.dtype == jnp.bfloat16) or not enabled():
+        return xla(x, ids, count, w)
+
+    def kernel(x, ids, count, w):
+        result = jax.ShapeDtypeStruct((x.shape[0], out_columns(w)), jnp.float32)
+        return call(kind, result, x, ids, count, w)
+
+    return jax.lax.platform_dependent(x, ids, count, w, cpu=kernel, default=xla)
+
+
+def gathered_dot(x: jax.Array, ids: jax.Array, count: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] times rows ids[:count] (clipped into range) of w [F, K] -> [M, C] float32, C =
+    len(ids), columns from `count` on 0; bfloat16 operands."""
+    return _gathered('bf16_gathered', _xla_gathered_dot, lambda w: ids.shape[0], x, ids, count, w)
+
+
+def gathered_sum(x: jax.Array, ids: jax.Array, count: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, C] (its first `count` columns) times rows ids[:count] (clipped into range) of w
+    [F, D] -> [M, D] float32; bfloat16 operands."""
+    return _gathered('bf16_rows', _xla_gathered_sum, lambda w: w.shape[1], x, ids, count, w)

@@ -9,12 +9,16 @@
 //                        group sums exact in int32, then scaled and summed in float32.
 //   s8 x gathered s8 rows -> s32   x [M, C] times rows ids[C] of a weight stored [F, D]
 //                        (not [N, K]: a sparse FFN's down projection), exact.
+//   bf16 gathered, both ways, for the units a step's tokens keep in a sparse FFN (ids[C], of
+//                        which the first `count`): x [M, K] · rows ids of w [F, K] -> [M, C]
+//                        (the up projection; columns past count are 0), and x [M, C] times
+//                        rows ids of w [F, D] -> [M, D] (the down projection).
 // int4 packing: group g of row n is kInt4Group / 2 bytes; byte j holds element j in its low
 // nibble and element j + kInt4Group / 2 in its high one, each stored as value + 8.
 //
 // The kernels live in headers by concept, all compiled here as one unit: common.h (ISA choice,
-// ParallelFor, conversions), bf16.h, int8.h, rows.h (gathered rows), int4.h; this file checks
-// the operands and holds the FFI handlers.
+// ParallelFor, conversions), bf16.h, int8.h, rows.h and rows_bf16.h (gathered rows), int4.h;
+// this file checks the operands and holds the FFI handlers.
 
 #include <algorithm>
 #include <cstdint>
@@ -25,6 +29,7 @@
 #include "int4.h"
 #include "int8.h"
 #include "rows.h"
+#include "rows_bf16.h"
 
 namespace {
 
@@ -42,22 +47,18 @@ ffi::Error CheckShapes(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions
   return ffi::Error::Success();
 }
 
-ffi::Error Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                    ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
-  if (auto e = CheckShapes(x.dimensions(), w.dimensions(), y->dimensions(), 1, 1); e.failure())
-    return e;
-  int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = w.dimensions()[0];
-  const uint16_t* xp = x.typed_data();
-  const uint16_t* wp = w.typed_data();
-  float* yp = y->typed_data();
+// Columns [0, rows) of y [M, n] (row stride n): x [M, K] · w(r) for each weight row r < rows.
+template <typename Rows>
+void Bf16Rows(ffi::ThreadPool& pool, const uint16_t* xp, const Rows& w, float* yp, int64_t m,
+              int64_t k, int64_t rows, int64_t n, int32_t isa) {
   int64_t grain = Grain(k * 2);
   switch (Choose(isa)) {
 #ifdef GEMMA3N_X86
     case kAvx512:
       WithRows(m, [&]<int M>() {
-        ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) {
-          if constexpr (M == 1) Bf16RowAvx512(xp, wp, yp, k, b, e);
-          else Bf16TiledAvx512<M>(xp, wp, yp, k, n, b, e);
+        ParallelFor(pool, rows, grain, [&](int64_t b, int64_t e) {
+          if constexpr (M == 1) Bf16RowAvx512(xp, w, yp, k, b, e);
+          else Bf16TiledAvx512<M>(xp, w, yp, k, n, b, e);
         });
       });
       break;
@@ -65,14 +66,97 @@ ffi::Error Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
       std::vector<float> xf(m * k);
       for (int64_t i = 0; i < m * k; ++i) xf[i] = Bf16ToF32(xp[i]);
       WithRows(m, [&]<int M>() {
-        ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) { Bf16Avx2<M>(xf.data(), wp, yp, k, n, b, e); });
+        ParallelFor(pool, rows, grain, [&](int64_t b, int64_t e) { Bf16Avx2<M>(xf.data(), w, yp, k, n, b, e); });
       });
       break;
     }
 #endif
     default:
-      ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) { Bf16Scalar(xp, wp, yp, m, k, n, b, e); });
+      ParallelFor(pool, rows, grain, [&](int64_t b, int64_t e) { Bf16Scalar(xp, w, yp, m, k, n, b, e); });
   }
+}
+
+ffi::Error Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                    ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  if (auto e = CheckShapes(x.dimensions(), w.dimensions(), y->dimensions(), 1, 1); e.failure())
+    return e;
+  int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = w.dimensions()[0];
+  Bf16Rows(pool, x.typed_data(), DenseRows{w.typed_data(), k}, y->typed_data(), m, k, n, n, isa);
+  return ffi::Error::Success();
+}
+
+// The first `count` ids, each clamped into [0, f) (jnp.take(..., mode='clip') reads so too).
+std::vector<int32_t> ClampedIds(const int32_t* ids, int64_t count, int64_t f) {
+  std::vector<int32_t> rows(ids, ids + count);
+  for (int32_t& r : rows) r = static_cast<int32_t>(std::clamp<int64_t>(r, 0, f - 1));
+  return rows;
+}
+
+// `count`'s one value, clamped into [0, c]; -1 if the buffer does not hold one value.
+int64_t CountOf(ffi::Buffer<ffi::S32>& count, int64_t c) {
+  if (count.element_count() != 1) return -1;
+  return std::clamp<int64_t>(count.typed_data()[0], 0, c);
+}
+
+ffi::Error GatheredBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
+                            ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S32> count,
+                            ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  auto xd = x.dimensions(), idd = ids.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || idd.size() != 1 || wd.size() != 2 || yd.size() != 2 || xd[0] < 1 ||
+      xd[0] > kMaxRows || wd[1] != xd[1] || yd[0] != xd[0] || yd[1] != idd[0] || wd[0] < 1 ||
+      CountOf(count, idd[0]) < 0)
+    return ffi::Error::InvalidArgument("the gathered bf16 kernel takes x [M, K] (1 to 8 rows), "
+                                       "ids [C], a count and w [F, K], and gives y [M, C]");
+  int64_t m = xd[0], k = xd[1], f = wd[0], c = idd[0], used = CountOf(count, c);
+  std::vector<int32_t> rows = ClampedIds(ids.typed_data(), used, f);
+  float* yp = y->typed_data();
+  for (int64_t i = 0; i < m; ++i) std::fill(yp + i * c + used, yp + (i + 1) * c, 0.0f);
+  Bf16Rows(pool, x.typed_data(), GatheredRows{w.typed_data(), k, rows.data(), used}, yp, m, k,
+           used, c, isa);
+  return ffi::Error::Success();
+}
+
+ffi::Error RowsBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::S32> ids,
+                        ffi::Buffer<ffi::S32> count, ffi::Buffer<ffi::BF16> w,
+                        ffi::ResultBuffer<ffi::F32> y, int32_t isa) {
+  auto xd = x.dimensions(), idd = ids.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || idd.size() != 1 || wd.size() != 2 || yd.size() != 2 || xd[0] < 1 ||
+      xd[0] > kMaxRows || idd[0] != xd[1] || yd[0] != xd[0] || yd[1] != wd[1] || wd[0] < 1 ||
+      CountOf(count, xd[1]) < 0)
+    return ffi::Error::InvalidArgument("the gathered-rows bf16 kernel takes x [M, C] (1 to 8 rows), "
+                                       "ids [C], a count and w [F, D], and gives y [M, D]");
+  int64_t m = xd[0], c = xd[1], f = wd[0], d = wd[1], used = CountOf(count, c);
+  std::vector<int32_t> rows = ClampedIds(ids.typed_data(), used, f);
+  const GatheredRows gathered{w.typed_data(), d, rows.data(), used};
+  const uint16_t* xp = x.typed_data();
+  float* yp = y->typed_data();
+  Isa chosen = Choose(isa);
+  int64_t strip = chosen == kAvx512 ? kRowStrip512 : kRowStrip2;
+  int64_t strips = chosen == kScalar ? 0 : d / strip;
+  int64_t grain = Grain(used * strip * 2);
+#ifdef GEMMA3N_X86
+  if (strips > 0 && chosen == kAvx512) {
+    std::vector<uint32_t> pairs = XPairsBf16(xp, m, c, used);
+    WithRows(m, [&]<int M>() {
+      ParallelFor(pool, strips, grain, [&](int64_t b, int64_t e) {
+        RowsBf16Avx512<M>(pairs.data(), gathered, yp, d, b, e);
+      });
+    });
+  } else if (strips > 0) {
+    std::vector<float> xf(m * c);
+    for (int64_t i = 0; i < m * c; ++i) xf[i] = Bf16ToF32(xp[i]);
+    WithRows(m, [&]<int M>() {
+      ParallelFor(pool, strips, grain, [&](int64_t b, int64_t e) {
+        RowsBf16Avx2<M>(xf.data(), c, gathered, yp, d, b, e);
+      });
+    });
+  }
+#endif
+  // The columns past the last whole strip (all of them on the scalar path).
+  int64_t done = strips * strip;
+  ParallelFor(pool, d - done, Grain(used * 2), [&](int64_t b, int64_t e) {
+    RowsBf16Scalar(xp, c, gathered, yp, m, d, done + b, done + e);
+  });
   return ffi::Error::Success();
 }
 
@@ -197,6 +281,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMatvecBf16, Bf16Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGatheredBf16, GatheredBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nRowsBf16, RowsBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("isa"));

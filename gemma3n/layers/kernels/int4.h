@@ -109,12 +109,14 @@ AVX2_TARGET INLINE void Int4ChunkAvx2(const uint8_t* bytes, const uint16_t* s, c
   const __m256i mask = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
   __m256 s4 = _mm256_castps128_ps256(
       _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))));
+  UNROLL
   for (int h = 0; h < 2; ++h) {
     __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 32 * h));
     __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
     // Lanes 0-3 group 2h, lanes 4-7 group 2h + 1.
     __m256 sv = _mm256_permutevar8x32_ps(s4, _mm256_set_epi32(2 * h + 1, 2 * h + 1, 2 * h + 1,
                                                               2 * h + 1, 2 * h, 2 * h, 2 * h, 2 * h));
+    UNROLL
     for (int i = 0; i < M; ++i) {
       const int8_t* xi = xs + i * xs_row + 32 * h;
       // Pair sums of at most 2 x 15 x 128 in magnitude, low plus high: no int16 saturation.
@@ -133,6 +135,7 @@ template <int M>
 AVX2_TARGET void Int4Avx2(const Int4Operands& op, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     __m256 acc[M];
+    UNROLL
     for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_ps();
     int64_t c = 0;
     for (; c < op.FullChunks(); ++c)
@@ -143,6 +146,7 @@ AVX2_TARGET void Int4Avx2(const Int4Operands& op, int64_t begin, int64_t end) {
       Int4ChunkAvx2<M>(tail.bytes, tail.scales, op.XsAt(c), op.NegAt(c), op.xs_row, op.neg_row,
                        acc);
     }
+    UNROLL
     for (int i = 0; i < M; ++i) op.y[i * op.n + r] = Hsum256(acc[i]);
   }
 }
@@ -161,6 +165,7 @@ AVX512_TARGET INLINE void Int4ChunkAvx512(const uint8_t* bytes, const uint16_t* 
   __m512i lo = _mm512_and_si512(b, mask), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
   __m512 sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
       _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)))));
+  UNROLL
   for (int i = 0; i < M; ++i) {
     const int8_t* xi = xs + i * xs_row;
     __m512i d = _mm512_loadu_si512(neg + i * neg_row);
@@ -174,6 +179,7 @@ template <int M>
 AVX512_TARGET void Int4Avx512(const Int4Operands& op, int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r) {
     __m512 acc[M];
+    UNROLL
     for (int i = 0; i < M; ++i) acc[i] = _mm512_setzero_ps();
     int64_t c = 0;
     for (; c < op.FullChunks(); ++c)
@@ -184,6 +190,7 @@ AVX512_TARGET void Int4Avx512(const Int4Operands& op, int64_t begin, int64_t end
       Int4ChunkAvx512<M>(tail.bytes, tail.scales, op.XsAt(c), op.NegAt(c), op.xs_row,
                          op.neg_row, acc);
     }
+    UNROLL
     for (int i = 0; i < M; ++i) op.y[i * op.n + r] = _mm512_reduce_add_ps(acc[i]);
   }
 }

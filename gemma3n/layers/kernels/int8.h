@@ -30,15 +30,18 @@ AVX2_TARGET void Int8Avx2(const int16_t* x16, const int8_t* w, int32_t* y, int64
   for (int64_t r = begin; r < end; ++r) {
     const int8_t* row = w + r * k;
     __m256i acc[M];
+    UNROLL
     for (int i = 0; i < M; ++i) acc[i] = _mm256_setzero_si256();
     int64_t j = 0;
     for (; j + kStep <= k; j += kStep) {
       __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + j)));
+      UNROLL
       for (int i = 0; i < M; ++i) {
         __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + i * k + j));
         acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(xv, wv));
       }
     }
+    UNROLL
     for (int i = 0; i < M; ++i) {
       int32_t s = Hsum256i(acc[i]);
       for (int64_t t = j; t < k; ++t) s += int32_t{x16[i * k + t]} * int32_t{row[t]};
@@ -80,23 +83,30 @@ AVX512_TARGET void Int8TileAvx512(const int8_t* x, const int32_t* xsum, const in
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
   const int8_t* row = w + r * k;
   __m512i acc[MT][RW];
+  UNROLL
   for (int i = 0; i < MT; ++i)
+    UNROLL
     for (int t = 0; t < RW; ++t) acc[i][t] = _mm512_setzero_si512();
   for (int64_t j = 0; j < k; j += kStep) {
     // Past K, w + 128 meets x's zeros: nothing added.
     __mmask64 mask = k - j >= kStep ? ~__mmask64{0} : (__mmask64{1} << (k - j)) - 1;
     __m512i wu[RW];
     PrefetchNextBlock<RW>(row, k, j / kStep);
+    UNROLL
     for (int t = 0; t < RW; ++t)
       wu[t] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, row + t * k + j), sign);
+    UNROLL
     for (int i = 0; i < MT; ++i) {
       __m512i xv = _mm512_maskz_loadu_epi8(mask, x + i * k + j);
+      UNROLL
       for (int t = 0; t < RW; ++t) acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], wu[t], xv);
     }
   }
   // Modulo 2^32, like the vector sums: wrapped partial sums still give the exact result.
+  UNROLL
   for (int i = 0; i < MT; ++i) {
     uint32_t offset = 128u * static_cast<uint32_t>(xsum[i]);
+    UNROLL
     for (int t = 0; t < RW; ++t)
       y[i * n + r + t] = static_cast<int32_t>(
           static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][t])) - offset);

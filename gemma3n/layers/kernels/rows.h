@@ -56,6 +56,7 @@ AVX2_TARGET void RowsInt8Avx2(const int32_t* xp, const int32_t* ids, const int8_
   for (int64_t strip = begin; strip < end; ++strip) {
     int64_t col = strip * kStrip2;
     __m256i acc[M][2];
+    UNROLL
     for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
     for (int64_t p = 0; p < pairs; ++p) {
       const int8_t* r0 = w + int64_t{ids[2 * p]} * d + col;
@@ -64,16 +65,19 @@ AVX2_TARGET void RowsInt8Avx2(const int32_t* xp, const int32_t* ids, const int8_
       __m256i a = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r0)));
       __m256i b = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r1)));
       __m256i lo = _mm256_unpacklo_epi16(a, b), hi = _mm256_unpackhi_epi16(a, b);
+      UNROLL
       for (int i = 0; i < M; ++i) {
         __m256i f = _mm256_set1_epi32(xp[i * pairs + p]);
         acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(lo, f));
         acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(hi, f));
       }
     }
+    UNROLL
     for (int i = 0; i < M; ++i) {
       alignas(32) int32_t lanes[2][8];
       _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), acc[i][0]);
       _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), acc[i][1]);
+      UNROLL
       for (int t = 0; t < 2; ++t)
         for (int l = 0; l < 8; ++l) y[i * d + col + StripColumn(t, l)] = lanes[t][l];
     }
@@ -92,26 +96,34 @@ AVX512_TARGET void RowsInt8Avx512(const int32_t* xp, const int32_t* ids, const i
   for (int64_t strip = begin; strip < end; ++strip) {
     int64_t col = strip * kStrip512;
     __m512i acc[M][kVectors];
+    UNROLL
     for (int i = 0; i < M; ++i)
+      UNROLL
       for (int t = 0; t < kVectors; ++t) acc[i][t] = _mm512_setzero_si512();
     for (int64_t p = 0; p < pairs; ++p) {
       const int8_t* r0 = w + int64_t{ids[2 * p]} * d + col;
       const int8_t* r1 = 2 * p + 1 < c ? w + int64_t{ids[2 * p + 1]} * d + col : r0;
       __m512i v[kVectors];
+      UNROLL
       for (int h = 0; h < 2; ++h) {
         __m512i a = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + 32 * h)));
         __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + 32 * h)));
         v[2 * h] = _mm512_unpacklo_epi16(a, b);
         v[2 * h + 1] = _mm512_unpackhi_epi16(a, b);
       }
+      UNROLL
       for (int i = 0; i < M; ++i) {
         __m512i f = _mm512_set1_epi32(xp[i * pairs + p]);
+        UNROLL
         for (int t = 0; t < kVectors; ++t) acc[i][t] = _mm512_dpwssd_epi32(acc[i][t], v[t], f);
       }
     }
+    UNROLL
     for (int i = 0; i < M; ++i) {
       alignas(64) int32_t lanes[kVectors][16];
+      UNROLL
       for (int t = 0; t < kVectors; ++t) _mm512_store_si512(lanes[t], acc[i][t]);
+      UNROLL
       for (int t = 0; t < kVectors; ++t)
         for (int l = 0; l < 16; ++l) y[i * d + col + StripColumn(t, l)] = lanes[t][l];
     }
