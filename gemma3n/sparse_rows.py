@@ -11,7 +11,13 @@ and int4 all take this path, and each product is the dense one minus its zero te
 equals the dense computation bit for bit, the float formats and int4 up to float32 summation
 order.
 
-The number kept varies per token, while shapes must be static: each token gathers
+bfloat16 weights on the decode kernels read the rows in place, once for all the step's tokens:
+the units any token keeps (`union_ffn`; ~1 - 0.95^T of them for T unrelated tokens), whose
+count the kernels take at run time (`decode_kernels.gathered_dot` and `gathered_sum`), so
+nothing is copied and nothing depends on a capacity. A token's zero gate units contribute
+exactly nothing there too, so this is the dense product minus zero terms.
+
+Other formats gather copies of each token's rows, and shapes must be static: each token gathers
 `capacity(F, sparsity)` rows (twice the expected count), padded with row 0 whose activation
 is masked to 0; a step in which some token keeps more runs the dense product instead
 (`lax.cond`, one branch executed), so the result never depends on the capacity.
@@ -29,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma3n.layers import StackedWeight, StoredWeight, contract
+from gemma3n.layers import ServingWeight, StackedWeight, StoredWeight, contract, decode_kernels
 
 # Tokens per call up to which the FFN reads rows: each token reads its own rows, so past a
 # few tokens the dense product, which reads every row once for all of them, is cheaper.
@@ -60,6 +66,27 @@ def kept_units(top: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
     return ids, valid
 
 
+def read_in_place(x: jax.Array, leaf: StoredWeight) -> bool:
+    """Whether the decode kernels read rows of `leaf` (stored [F, D]) for x in place: both in
+    bfloat16, the kernels on."""
+    return (isinstance(leaf, ServingWeight) and leaf.value.ndim == 2
+            and x.dtype == leaf.value.dtype == jnp.bfloat16 and decode_kernels.enabled())
+
+
+def union_ffn(xt: jax.Array, top: jax.Array, up: jax.Array, linear: jax.Array) -> jax.Array:
+    """The FFN output [T, D] of tokens xt [T, D] (bfloat16) whose gates after the top-k are
+    `top` [T, F], reading once, in place, the rows of `up` and `linear` (both stored [F, D])
+    of the units some token keeps."""
+    f = top.shape[-1]
+    kept = jnp.any(top != 0, axis=0)                                   # [F]
+    count = jnp.sum(kept, dtype=jnp.int32)
+    ids = jnp.nonzero(kept, size=f, fill_value=0)[0]                   # [F], count of them used
+    # Rounded to the activations' dtype where the dense path's products are.
+    kept_up = decode_kernels.gathered_dot(xt, ids, count, up).astype(xt.dtype)   # [T, F]
+    hidden = nn.gelu(jnp.take(top, ids, axis=1), approximate=True) * kept_up
+    return decode_kernels.gathered_sum(hidden, ids, count, linear).astype(xt.dtype)
+
+
 def sparse_ffn(x: jax.Array, gate_top: jax.Array, up: StoredWeight, up_eqn: str,
                linear: StoredWeight, sparsity: float) -> jax.Array:
     """The FFN output [B, L, D] of x [B, L, D] whose gate after the top-k is `gate_top`
@@ -69,6 +96,8 @@ def sparse_ffn(x: jax.Array, gate_top: jax.Array, up: StoredWeight, up_eqn: str,
     *lead, d = x.shape
     f = gate_top.shape[-1]
     xt, top = x.reshape(-1, d), gate_top.reshape(-1, f)       # [T, D], [T, F]
+    if read_in_place(x, up) and read_in_place(x, linear):
+        return union_ffn(xt, top, up.value, linear.value).reshape(*lead, d)
     size = capacity(f, sparsity)
 
     def rows() -> jax.Array:

@@ -51,8 +51,9 @@ def _layouts(model, params, fmt: str):
     return [tree[LAYER]['mlp'] for tree in trees], cast
 
 
-@pytest.mark.parametrize('fmt', ['float32', 'bf16', 'int8', 'int4'])
-def test_sparse_rows_equal_dense(model_and_params, fmt):
+@pytest.mark.parametrize('fmt,tokens', [('float32', TOKENS), ('bf16', TOKENS), ('int8', TOKENS),
+                                        ('int4', TOKENS), ('bf16', 1), ('bf16', 8)])
+def test_sparse_rows_equal_dense(model_and_params, fmt, tokens):
     model, params = model_and_params
     (rows_params, dense_params), dtype = _layouts(model, params, fmt)
     leaf_type = {'int8': QuantizedWeight, 'int4': Int4Weight}.get(fmt, ServingWeight)
@@ -62,12 +63,16 @@ def test_sparse_rows_equal_dense(model_and_params, fmt):
     down_type = QuantizedWeight if fmt == 'int4' else leaf_type
     assert isinstance(rows_params['linear'], down_type)
     ffn = _ffn(model)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((TOKENS, 1, model.config.embed_dim)),
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((tokens, 1, model.config.embed_dim)),
                     dtype)
     apply = jax.jit(lambda p, x: ffn.apply({'params': p}, x))
     lowered = apply.lower(rows_params, x).as_text()
     assert 'gather' in lowered                         # the rows path, not the dense one
-    if fmt in ('bf16', 'int8') and decode_kernels.enabled():
+    if fmt == 'bf16' and decode_kernels.enabled():
+        # The kept units of all tokens, read in place by the gathered-rows kernels.
+        assert decode_kernels.TARGETS['bf16_gathered'] in lowered
+        assert decode_kernels.TARGETS['bf16_rows'] in lowered
+    if fmt == 'int8' and decode_kernels.enabled():
         # The gathered up rows go through our decode kernel (the gate too).
         assert lowered.count(decode_kernels.TARGETS[fmt]) >= 2
     if fmt in ('int8', 'int4') and decode_kernels.enabled():
