@@ -1,6 +1,6 @@
 """Our decode kernels alone, per weight shape of a decode step at E4B widths: milliseconds and
 GB/s of weight read per call (best of `--repeats`, random operands), for each count of x rows in
-`--rows` (the server's step runs 1, 2, 4 or 8), with each time's ratio to the one-row time, beside
+`--rows` (the server's step runs 1, 2, 4, 8 or 16), with each time's ratio to the one-row time, beside
 the machine's memory bandwidth and load. Each weight is larger than the caches only for the
 biggest shapes; the smaller ones show the kernels' compute speed.
 
@@ -73,12 +73,12 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--kinds', default='bf16,int8,int4,int8_rows')
     parser.add_argument('--rows', default='1,2,4,8',
-                        help='comma-separated counts of x rows, each 1 to 8')
+                        help=f'comma-separated counts of x rows, each 1 to {decode_kernels.MAX_ROWS}')
     parser.add_argument('--repeats', type=int, default=20)
     args = parser.parse_args()
     row_counts = sorted(int(r) for r in args.rows.split(','))
-    if not all(1 <= r <= 8 for r in row_counts):
-        parser.error(f'--rows takes counts from 1 to 8, got {args.rows!r}')
+    if not all(1 <= r <= decode_kernels.MAX_ROWS for r in row_counts):
+        parser.error(f'--rows takes counts from 1 to {decode_kernels.MAX_ROWS}, got {args.rows!r}')
     rng = np.random.default_rng(0)
     bandwidth = machine.threaded_read_bandwidth(np.ones(machine.ARRAY_BYTES // 4, np.float32))
     print(f'kernels: {decode_kernels.active_isa()}; load average {os.getloadavg()[0]:.2f}; '

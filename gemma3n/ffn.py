@@ -57,7 +57,7 @@ class FeedForward(nn.Module):
                                   w_spec.index('F'), self.dtype)
         gating_eqn = f'BTD,{w_spec}->CBTF'
         linear = projection_param(self, 'linear', (f, d), (MLP, EMBED), 0, 1, self.dtype)
-        if self.sparsity > 0.0 and sparse_rows.applies(gating, linear, x.shape[0] * x.shape[1]):
+        if self.sparsity > 0.0 and sparse_rows.applies(gating, linear, x):
             # Decode: the gate alone, then only the kept units' rows (gemma3n.sparse_rows).
             gate = contract(f'BTD,{w_spec[1:]}->BTF', x, gating.parts[0])
             return sparse_rows.sparse_ffn(x, gaussian_topk(gate, self.sparsity),

@@ -23,7 +23,7 @@ is masked to 0; a step in which some token keeps more runs the dense product ins
 (`lax.cond`, one branch executed), so the result never depends on the capacity.
 
 Example:
-    >>> if applies(gating, linear, tokens=B * L):            # x: [B, L, D]
+    >>> if applies(gating, linear, x):                       # x: [B, L, D]
     ...     y = sparse_ffn(x, top, gating.parts[1], 'TD,FD->TF', linear, 0.95)
 """
 
@@ -37,8 +37,9 @@ import jax.numpy as jnp
 
 from gemma3n.layers import ServingWeight, StackedWeight, StoredWeight, contract, decode_kernels
 
-# Tokens per call up to which the FFN reads rows: each token reads its own rows, so past a
-# few tokens the dense product, which reads every row once for all of them, is cheaper.
+# Tokens per call up to which the FFN gathers each token's rows: past a few tokens the dense
+# product, which reads every row once for all of them, is cheaper. The union of kept units
+# (bfloat16 on the kernels) reads each row once too: it takes as many tokens as the kernels.
 MAX_TOKENS = 8
 # Rows gathered per token, in multiples of the expected count F · (1 - sparsity).
 CAPACITY_FACTOR = 2.0
@@ -49,12 +50,15 @@ def capacity(hidden_dim: int, sparsity: float) -> int:
     return min(hidden_dim, math.ceil(hidden_dim * (1.0 - sparsity) * CAPACITY_FACTOR))
 
 
-def applies(gating: object, linear: object, tokens: int) -> bool:
-    """Whether the FFN of `tokens` tokens with these weight leaves reads rows: a decode-sized
-    call with weights in the sparse rows layout (`gemma3n.layout`)."""
+def applies(gating: object, linear: object, x: jax.Array) -> bool:
+    """Whether the FFN of x [..., D] with these weight leaves reads rows: a decode-sized call
+    with weights in the sparse rows layout (`gemma3n.layout`)."""
     # A wrapper leaf (LoRA) has no `order`: it takes the dense products.
-    return (tokens <= MAX_TOKENS and isinstance(gating, StackedWeight)
-            and isinstance(linear, StoredWeight) and getattr(linear, 'order', None) == (0, 1))
+    if not (isinstance(gating, StackedWeight) and isinstance(linear, StoredWeight)
+            and getattr(linear, 'order', None) == (0, 1)):
+        return False
+    union = read_in_place(x, gating.parts[1]) and read_in_place(x, linear)
+    return math.prod(x.shape[:-1]) <= (decode_kernels.MAX_ROWS if union else MAX_TOKENS)
 
 
 def kept_units(top: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:

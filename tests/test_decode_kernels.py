@@ -19,11 +19,12 @@ from hf_oracle import random_params, small_configs
 ISAS = ['auto', 'avx2', 'scalar']
 F32_EPS = 2.0 ** -24        # float32 unit roundoff
 # (rows, K, N): K and N off every vector width (32 bf16, 64 int8 per AVX-512 step); every row
-# count of the register tiles (M >= 2: one tile up to 4 rows, two of 2-4 rows beyond), N off
-# their 4 weight rows; the last shape's weight is split across threads in chunks of rows
-# that are not whole tiles either (ParallelFor's grain: 65536 bytes of the weight).
+# count of the register tiles (M >= 2: one tile up to 4 rows, two of 2-4 rows up to 8, then a
+# tile of 4 and the rest split so again: 9 = 4 + 3 + 2, 16 = 4 + 4 + 4 + 4), N off their 4
+# weight rows; the 2049 shapes' weights are split across threads in chunks of rows that are
+# not whole tiles either (ParallelFor's grain: 65536 bytes of the weight).
 SHAPES = [(1, 1, 1), (1, 2048, 96), (3, 77, 45), (8, 1000, 33), (2, 63, 130), (4, 129, 7),
-          (5, 64, 9), (6, 31, 5), (7, 2049, 37)]
+          (5, 64, 9), (6, 31, 5), (7, 2049, 37), (9, 95, 11), (13, 33, 6), (16, 2049, 21)]
 
 
 pytestmark = pytest.mark.skipif(decode_kernels._library() is None,
@@ -104,7 +105,7 @@ def test_gathered_rows_equal_xla_exactly(isa, rows, c, f, d):
 # AVX-512, 16 AVX2), odd counts (rows go in pairs), none used, all used, and row blocks of 64
 # crossed (the down kernel walks its rows in blocks).
 GATHERED = [(1, 70, 40, 300, 33), (3, 2048, 300, 1000, 257), (8, 32, 64, 64, 64),
-            (5, 17, 10, 50, 0), (2, 129, 150, 200, 149), (8, 2049, 7, 9, 7)]
+            (5, 17, 10, 50, 0), (2, 129, 150, 200, 149), (8, 2049, 7, 9, 7), (16, 40, 90, 120, 77)]
 
 
 def _gathered_operands(rows, k, c, f, seed=4):
@@ -157,7 +158,7 @@ def test_einsum_forms_go_through_the_kernels(eqn, x_shape, w_shape):
 
 
 def test_products_the_kernels_do_not_take_stay_on_xla():
-    x = jnp.ones((1, 9, 16), jnp.bfloat16)        # nine rows: a prefill chunk
+    x = jnp.ones((1, decode_kernels.MAX_ROWS + 1, 16), jnp.bfloat16)     # a prefill chunk
     w = jnp.ones((4, 16), jnp.bfloat16)
     text = jax.jit(lambda x, w: decode_kernels.dot('BTD,FD->FBT', x, w, _xla_dot)).lower(
         x, w).as_text()

@@ -52,7 +52,7 @@ def _layouts(model, params, fmt: str):
 
 
 @pytest.mark.parametrize('fmt,tokens', [('float32', TOKENS), ('bf16', TOKENS), ('int8', TOKENS),
-                                        ('int4', TOKENS), ('bf16', 1), ('bf16', 8)])
+                                        ('int4', TOKENS), ('bf16', 1), ('bf16', 16)])
 def test_sparse_rows_equal_dense(model_and_params, fmt, tokens):
     model, params = model_and_params
     (rows_params, dense_params), dtype = _layouts(model, params, fmt)
@@ -82,7 +82,8 @@ def test_sparse_rows_equal_dense(model_and_params, fmt, tokens):
     want = np.asarray(apply(dense_params, x), np.float32)
     # The same weights as a prefill reads them (many tokens: the dense product of the rows
     # layout) give the same numbers too.
-    prefill = np.asarray(apply(rows_params, jnp.tile(x, (1, 9, 1))), np.float32)[:, :1]
+    prefill = np.asarray(apply(rows_params, jnp.tile(x, (1, decode_kernels.MAX_ROWS + 1, 1))),
+                         np.float32)[:, :1]
     if fmt == 'int4':
         # The rows layout's down projection is int8, the [D, F] layout's int4: other weights,
         # so the reference is the dense product of these same weights.

@@ -46,7 +46,7 @@ OFF_VALUES = ('0', 'off', 'xla')
 ISA_CODES = {'auto': 0, 'scalar': 1, 'avx2': 2, 'avx512': 3}
 ISA_NAMES = {code: name for name, code in ISA_CODES.items()}
 # Rows of x the kernels take at once (the C++ side's kMaxRows).
-MAX_ROWS = 8
+MAX_ROWS = 16
 TARGETS = {'bf16': 'gemma3n_matvec_bf16', 'int8': 'gemma3n_matvec_int8',
            'int4': 'gemma3n_matvec_int4', 'int8_rows': 'gemma3n_rows_int8',
            'bf16_gathered': 'gemma3n_gathered_bf16', 'bf16_rows': 'gemma3n_rows_bf16'}

@@ -144,14 +144,14 @@ AVX512_TARGET void Bf16TileAvx512(const uint16_t* x, const Rows& w, float* y, in
     for (int t = 0; t < RW; ++t) y[i * n + r + t] = _mm512_reduce_add_ps(acc[i][t]);
 }
 
-// All M rows of x against weight rows [r, r + RW): one or two tiles.
+// All M rows of x against weight rows [r, r + RW): one to four tiles.
 template <int M, int RW, typename Rows>
 AVX512_TARGET void Bf16BlockAvx512(const uint16_t* x, const Rows& w, float* y, int64_t k,
                                    int64_t n, int64_t r) {
   constexpr int kFirst = FirstTileRows(M);
   Bf16TileAvx512<kFirst, RW>(x, w, y, k, n, r);
   if constexpr (M > kFirst)
-    Bf16TileAvx512<M - kFirst, RW>(x + kFirst * k, w, y + kFirst * n, k, n, r);
+    Bf16BlockAvx512<M - kFirst, RW>(x + kFirst * k, w, y + kFirst * n, k, n, r);
 }
 
 // M >= 2 rows of x (Bf16RowAvx512 takes M = 1), weight rows [begin, end).

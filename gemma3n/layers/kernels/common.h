@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -24,7 +25,7 @@ namespace ffi = xla::ffi;
 
 namespace gemma3n_kernels {
 
-constexpr int64_t kMaxRows = 8;
+constexpr int64_t kMaxRows = 16;
 // Rows of the weight per scheduled chunk, at least: fewer would cost more in scheduling than
 // they take to stream.
 constexpr int64_t kMinChunkBytes = 1 << 16;
@@ -155,15 +156,16 @@ AVX2_TARGET inline int32_t Hsum256i(__m256i v) {
 // accumulators in registers, so that one load of x serves every weight row of the tile and one
 // load of the weight every x row: the x rows a weight row meets per load, not the weight, bound
 // the untiled kernels at several rows (x is re-read from L1/L2 once per weight row). M rows of x
-// go in at most two tiles of at most kTileRows: 4 x 4 accumulators, 4 weight vectors and one of
-// x fill 21 of AVX-512's 32 registers.
+// go in up to four tiles of at most kTileRows over the same weight rows, which stay in L1 from
+// the first tile to the last: 4 x 4 accumulators, 4 weight vectors and one of x fill 21 of
+// AVX-512's 32 registers.
 // Reading kTileWeightRows rows at once is a stream the hardware prefetchers follow badly (the
 // tiles ran up to 2x slower than one row at a time from memory, as Int4ChunkAvx512 notes), so
 // each tile prefetches the next block of weight rows into L2 itself, in address order.
 constexpr int kTileRows = 4;
 constexpr int kTileWeightRows = 4;
 constexpr int64_t kCacheLine = 64;
-static_assert(kMaxRows <= 2 * kTileRows, "x rows must fit two tiles");
+static_assert(kMaxRows <= 4 * kTileRows, "x rows must fit four tiles");
 
 #ifdef GEMMA3N_X86
 // Prefetches into L2 the RW cache lines of the next block of RW weight rows (each row_bytes
@@ -178,22 +180,21 @@ inline void PrefetchNextBlock(const void* block, int64_t row_bytes, int64_t step
 }
 #endif  // GEMMA3N_X86
 
-// The x rows of the first tile, of M: all of them, or half (rounded up) when M needs two.
-constexpr int FirstTileRows(int m) { return m > kTileRows ? (m + 1) / 2 : m; }
+// The x rows of the first tile, of M: all of them; half (rounded up) when two tiles hold them;
+// else a whole tile, the rest going in the next ones.
+constexpr int FirstTileRows(int m) {
+  return m <= kTileRows ? m : m <= 2 * kTileRows ? (m + 1) / 2 : kTileRows;
+}
+
+template <typename F, int... Ms>
+void WithRowsIn(int64_t m, const F& kernel, std::integer_sequence<int, Ms...>) {
+  ((m == Ms + 1 ? (kernel.template operator()<Ms + 1>(), 0) : 0), ...);
+}
 
 // Calls kernel.template operator()<M>() for the runtime row count m (1..kMaxRows).
 template <typename F>
 void WithRows(int64_t m, const F& kernel) {
-  switch (m) {
-    case 1: kernel.template operator()<1>(); break;
-    case 2: kernel.template operator()<2>(); break;
-    case 3: kernel.template operator()<3>(); break;
-    case 4: kernel.template operator()<4>(); break;
-    case 5: kernel.template operator()<5>(); break;
-    case 6: kernel.template operator()<6>(); break;
-    case 7: kernel.template operator()<7>(); break;
-    case 8: kernel.template operator()<8>(); break;
-  }
+  WithRowsIn(m, kernel, std::make_integer_sequence<int, kMaxRows>{});
 }
 
 }  // namespace gemma3n_kernels

@@ -41,7 +41,7 @@ ffi::Error CheckShapes(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
     return ffi::Error::InvalidArgument("decode kernels take x [M, K], w [N, K] and give y [M, N]");
   if (xd[0] < 1 || xd[0] > kMaxRows)
-    return ffi::Error::InvalidArgument("decode kernels take 1 to 8 rows of x");
+    return ffi::Error::InvalidArgument("decode kernels take 1 to 16 rows of x");
   if (wd[1] * den != xd[1] * num || yd[0] != xd[0] || yd[1] != wd[0])
     return ffi::Error::InvalidArgument("decode kernel operand shapes do not match");
   return ffi::Error::Success();
@@ -105,7 +105,7 @@ ffi::Error GatheredBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
   if (xd.size() != 2 || idd.size() != 1 || wd.size() != 2 || yd.size() != 2 || xd[0] < 1 ||
       xd[0] > kMaxRows || wd[1] != xd[1] || yd[0] != xd[0] || yd[1] != idd[0] || wd[0] < 1 ||
       CountOf(count, idd[0]) < 0)
-    return ffi::Error::InvalidArgument("the gathered bf16 kernel takes x [M, K] (1 to 8 rows), "
+    return ffi::Error::InvalidArgument("the gathered bf16 kernel takes x [M, K] (1 to 16 rows), "
                                        "ids [C], a count and w [F, K], and gives y [M, C]");
   int64_t m = xd[0], k = xd[1], f = wd[0], c = idd[0], used = CountOf(count, c);
   std::vector<int32_t> rows = ClampedIds(ids.typed_data(), used, f);
@@ -123,7 +123,7 @@ ffi::Error RowsBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buf
   if (xd.size() != 2 || idd.size() != 1 || wd.size() != 2 || yd.size() != 2 || xd[0] < 1 ||
       xd[0] > kMaxRows || idd[0] != xd[1] || yd[0] != xd[0] || yd[1] != wd[1] || wd[0] < 1 ||
       CountOf(count, xd[1]) < 0)
-    return ffi::Error::InvalidArgument("the gathered-rows bf16 kernel takes x [M, C] (1 to 8 rows), "
+    return ffi::Error::InvalidArgument("the gathered-rows bf16 kernel takes x [M, C] (1 to 16 rows), "
                                        "ids [C], a count and w [F, D], and gives y [M, D]");
   int64_t m = xd[0], c = xd[1], f = wd[0], d = wd[1], used = CountOf(count, c);
   std::vector<int32_t> rows = ClampedIds(ids.typed_data(), used, f);
@@ -243,7 +243,7 @@ ffi::Error RowsInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffe
     return ffi::Error::InvalidArgument("the gathered-rows kernel takes x [M, C], ids [C], "
                                        "w [F, D] and gives y [M, D]");
   if (xd[0] < 1 || xd[0] > kMaxRows)
-    return ffi::Error::InvalidArgument("decode kernels take 1 to 8 rows of x");
+    return ffi::Error::InvalidArgument("decode kernels take 1 to 16 rows of x");
   if (idd[0] != xd[1] || yd[0] != xd[0] || yd[1] != wd[1] || wd[0] < 1)
     return ffi::Error::InvalidArgument("gathered-rows kernel operand shapes do not match");
   int64_t m = xd[0], c = xd[1], f = wd[0], d = wd[1];

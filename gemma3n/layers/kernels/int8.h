@@ -113,14 +113,14 @@ AVX512_TARGET void Int8TileAvx512(const int8_t* x, const int32_t* xsum, const in
   }
 }
 
-// All M rows of x against weight rows [r, r + RW): one or two tiles.
+// All M rows of x against weight rows [r, r + RW): one to four tiles.
 template <int M, int RW>
 AVX512_TARGET void Int8BlockAvx512(const int8_t* x, const int32_t* xsum, const int8_t* w,
                                    int32_t* y, int64_t k, int64_t n, int64_t r) {
   constexpr int kFirst = FirstTileRows(M);
   Int8TileAvx512<kFirst, RW>(x, xsum, w, y, k, n, r);
   if constexpr (M > kFirst)
-    Int8TileAvx512<M - kFirst, RW>(x + kFirst * k, xsum + kFirst, w, y + kFirst * n, k, n, r);
+    Int8BlockAvx512<M - kFirst, RW>(x + kFirst * k, xsum + kFirst, w, y + kFirst * n, k, n, r);
 }
 
 // M >= 2 rows of x (Int8RowAvx512 takes M = 1), weight rows [begin, end); xsum [M]:
