@@ -35,7 +35,8 @@ def test_quantize_by_hand():
 # The vector kernels read 4 groups (128 values) at a time: K of 1 to 7 groups covers a row that
 # is only a partial chunk, whole chunks, and whole chunks plus 1 or 3 groups.
 @pytest.mark.parametrize('rows,k,n', [(1, 32, 1), (3, 96, 17), (8, 2048, 37), (2, 160, 130),
-                                      (1, 224, 7), (4, 128, 5), (5, 2080, 3)])
+                                      (1, 224, 7), (4, 128, 5), (5, 2080, 3), (16, 96, 9),
+                                      (11, 2080, 5)])
 def test_kernel_equals_xla_within_summation_noise(monkeypatch, isa, rows, k, n):
     monkeypatch.setenv(decode_kernels.ENV, isa)
     rng = np.random.default_rng(0)
