@@ -275,6 +275,18 @@ ffi::Error RowsInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// The gathered bf16 kernels' operands: x, ids, the count, w; y float32.
+auto GatheredBf16Binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int32_t>("isa");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMatvecBf16, Bf16Impl,
@@ -285,25 +297,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMatvecBf16, Bf16Impl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("isa"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGatheredBf16, GatheredBf16Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("isa"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGatheredBf16, GatheredBf16Impl, GatheredBf16Binding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nRowsBf16, RowsBf16Impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("isa"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nRowsBf16, RowsBf16Impl, GatheredBf16Binding());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMatvecInt8, Int8Impl,
                               ffi::Ffi::Bind()
