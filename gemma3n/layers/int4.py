@@ -210,8 +210,10 @@ def _block_rows(n: int, k: int) -> int:
 
 def rows_dot(xq: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
     """int8 rows xq [M, K] times the int4 weight (q [N, K / 2], scale [N, K / 32]) -> [M, N]
-    float32, on the decode kernel for up to `decode_kernels.MAX_ROWS` rows on a CPU."""
-    if xq.shape[0] > decode_kernels.MAX_ROWS or not decode_kernels.enabled():
+    float32, on the decode kernel for up to `decode_kernels.MAX_ROWS` rows on a CPU (with the
+    stored float16 scales: a differentiated scale, in float32, stays on XLA)."""
+    if (xq.shape[0] > decode_kernels.MAX_ROWS or scale.dtype != jnp.float16
+            or not decode_kernels.enabled()):
         return _xla_rows_dot(xq, q, scale)
 
     def kernel(xq, q, scale):
