@@ -6,7 +6,7 @@ contributes exactly nothing: gelu(0) · up = 0. So for a few tokens (decode) the
 the gate, finds the kept units of each token, and reads only their rows of the up projection
 and of the down projection, which the serving layout stores rows first for that
 (`gemma3n.layout`: gate and up as the two leaves of a `StackedWeight`, the down projection
-[F, D]). Every leaf type gathers its own rows (`StoredWeight.rows`), so bf16, float32, int8
+[F, D]). Every leaf type can gather its own rows (`StoredWeight.rows`), so bf16, float32, int8
 and int4 all take this path, and each product is the dense one minus its zero terms: int8
 equals the dense computation bit for bit, the float formats and int4 up to float32 summation
 order.
