@@ -247,9 +247,7 @@ ffi::Error RowsInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffe
   if (idd[0] != xd[1] || yd[0] != xd[0] || yd[1] != wd[1] || wd[0] < 1)
     return ffi::Error::InvalidArgument("gathered-rows kernel operand shapes do not match");
   int64_t m = xd[0], c = xd[1], f = wd[0], d = wd[1];
-  // Out-of-range ids read the nearest row, as jnp.take(..., mode='clip') does.
-  std::vector<int32_t> rows(ids.typed_data(), ids.typed_data() + c);
-  for (int32_t& r : rows) r = static_cast<int32_t>(std::clamp<int64_t>(r, 0, f - 1));
+  std::vector<int32_t> rows = ClampedIds(ids.typed_data(), c, f);
   const int8_t* xp = x.typed_data();
   const int8_t* wp = w.typed_data();
   int32_t* yp = y->typed_data();
