@@ -109,8 +109,10 @@ def sdist(version: str | None) -> Path:
     SDIST_DIR.mkdir(parents=True, exist_ok=True)
     spec = f"{PACKAGE}=={version}" if version else PACKAGE
     # pip prepares the sdist's metadata, in an isolated environment with its build backend
-    # (scikit-build-core, from the index): a plain venv does not have it.
-    _run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+    # (scikit-build-core, from the index): a plain venv does not have it. Only the package
+    # itself from source: with `--no-binary :all:` pip compiled cmake from source for that
+    # environment too, over ten minutes here.
+    _run([sys.executable, "-m", "pip", "download", "--no-binary", PACKAGE, "--no-deps",
           "-d", SDIST_DIR, spec])
     found = sorted(SDIST_DIR.glob("llama_cpp_python-*.tar.gz"))
     if not found:
