@@ -7,6 +7,8 @@
   place, and reports it once in a line of its own instead of JAX's warning.
 - Every program is kept on disk, however quickly it compiled (JAX keeps only those over 1 s by
   default), so a warm run compiles nothing.
+- The engine's traced programs are kept beside them (`gemma3n.exported_programs`), so that a
+  warm run does not trace the model in Python either.
 - Inside `compile_notice(...)`, a compile that runs longer than NOTICE_AFTER_S is announced
   once: such a wait happens on the first run only.
 
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+
+from gemma3n.exported_programs import EXPORTED_SUBFOLDER, keep_exported_programs
 
 JAX_COMPILER_LOGGER = 'jax._src.compiler'
 CACHE_MISS_MESSAGE = 'PERSISTENT COMPILATION CACHE MISS'
@@ -120,6 +124,7 @@ def use_compilation_cache(folder: Path) -> None:
                        jax.config.jax_compilation_cache_dir, error)
         jax.config.update('jax_compilation_cache_dir', None)
         return
+    keep_exported_programs(Path(jax.config.jax_compilation_cache_dir) / EXPORTED_SUBFOLDER)
     if _watch is not None:
         return      # installed by an earlier call in this process
     compiler_logger = logging.getLogger(JAX_COMPILER_LOGGER)

@@ -34,6 +34,7 @@ import numpy as np
 from gemma3n import cache as kv_cache
 from gemma3n import multimodal, validation
 from gemma3n.embedder import holds_per_layer_table, per_layer_token_ids, split_per_layer_table
+from gemma3n.exported_programs import ExportedJit
 from gemma3n.layers import axes, special_ids
 from gemma3n.engine.prefill import DEFAULT_PREFILL_CHUNK, check_memory, expand_rows, plan_chunks
 from gemma3n.engine.sampling import SamplingMethod
@@ -78,19 +79,30 @@ class Engine:
             self.params, table = split_per_layer_table(params)
             self.host_table = np.asarray(table)
         self.cache_dtype = cache_dtype or model.dtype
-        self.num_traces = {'prefill': 0, 'step': 0}   # how often each function compiled
         # On a mesh (given, or the one the params are placed on) the same programs run with
         # the cache's and the batch's shardings pinned (gemma3n.sharding.constraints).
         self.on_mesh = MeshConstraints(mesh if mesh is not None else mesh_of(params),
                                        sharding_rules)
-        self._prefill = jax.jit(self._prefill_fn, donate_argnames=('cache', 'logits'))
-        self._prefill_slot = jax.jit(self._prefill_slot_fn, donate_argnames=('cache', 'logits'))
-        self._step = jax.jit(self._step_fn, donate_argnames=('cache',))
+        # The programs a run needs first are kept traced on disk (with a compilation cache).
+        context = repr((model, self.forbidden_tokens))
+        self._prefill = ExportedJit(self._prefill_fn, name='prefill', context=context,
+                                    donate_argnames=('cache', 'logits'))
+        self._prefill_slot = ExportedJit(self._prefill_slot_fn, name='prefill_slot',
+                                         context=context, donate_argnames=('cache', 'logits'))
+        self._step = ExportedJit(self._step_fn, name='step', context=context,
+                                 donate_argnames=('cache',))
         self._move_slot = jax.jit(self._move_slot_fn, donate_argnames=('cache',))
         self._encode_images = jax.jit(lambda params, images: model.apply(
             {'params': params}, images, method=model.encode_images))
         self._encode_audio = jax.jit(lambda params, audio: model.apply(
             {'params': params}, audio, method=model.encode_audio))
+
+    @property
+    def num_traces(self) -> dict[str, int]:
+        """How many programs each compiled function has needed (one per argument signature:
+        traced, or read from disk)."""
+        return {'prefill': self._prefill.programs + self._prefill_slot.programs,
+                'step': self._step.programs}
 
     # ---- checks ----------------------------------------------------------------------------
 
@@ -215,7 +227,6 @@ class Engine:
                     holds_last, sampling):
         """One prefill chunk; `logits` [B, V] keeps each sequence's from the chunk holding its
         last token (holds_last [B])."""
-        self.num_traces['prefill'] += 1
         out = self.model.apply({'params': params}, self._rows(tokens), cache=cache,
                                return_last_only=True, soft_tokens=soft_tokens,
                                per_layer_embeddings=per_layer_rows)
@@ -239,7 +250,6 @@ class Engine:
         over each buffer in place, `cache.write`; with R below the cache's rows, writing the
         rows back still widens each buffer to float32 around the update, as XLA's CPU backend
         does for any partial write of a bfloat16 array.)"""
-        self.num_traces['step'] += 1
         rows = tokens.shape[0]
         part = jax.tree.map(lambda x: x[:rows], cache)
         out = self.model.apply({'params': params}, self._rows(tokens[:, None]), cache=part,

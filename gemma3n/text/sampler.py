@@ -87,7 +87,11 @@ class Sampler:
         self.keep_default_stop_tokens = keep_default_stop_tokens
         self.cache_dtype = self.engine.cache_dtype
         self.prefill_chunk = self.engine.prefill_chunk
-        self.num_traces = self.engine.num_traces   # how often each compiled function traced
+
+    @property
+    def num_traces(self) -> dict[str, int]:
+        """The engine's programs so far (`Engine.num_traces`)."""
+        return self.engine.num_traces
 
     # ---- token level -----------------------------------------------------------------------
 
