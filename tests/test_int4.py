@@ -119,3 +119,19 @@ def test_int4_decoding_same_with_and_without_kernels(ref, monkeypatch):
 def test_int4_and_int8_are_exclusive(ref):
     with pytest.raises(ValueError, match='int8 or int4'):
         to_serving(*ref, quantize_int8=True, quantize_int4=True)
+
+
+def test_a_prefill_chunk_multiplies_in_bfloat16():
+    # More rows than the kernel takes: XLA, the dequantized values rounded to bfloat16 (and
+    # the last, ragged block of rows too).
+    rows = decode_kernels.MAX_ROWS + 1
+    rng = np.random.default_rng(2)
+    w4 = quantize_int4(jnp.asarray(rng.standard_normal((1000, 96)), jnp.float32), 1)
+    xq = jnp.asarray(rng.integers(-128, 128, (rows, 96)), jnp.int8)
+    got = np.asarray(jax.jit(int4.rows_dot)(xq, w4.q, w4.scale))
+    w = dequantize(w4.q, w4.scale).astype(jnp.bfloat16).astype(jnp.float32)
+    want = np.asarray(xq.astype(jnp.float32) @ w.T)
+    magnitude = np.asarray(jnp.abs(xq.astype(jnp.float32)) @ jnp.abs(w).T)
+    assert np.all(np.abs(got - want) <= 2 * 96 * F32_EPS * magnitude)
+    exact = np.asarray(xq.astype(jnp.float32) @ dequantize(w4.q, w4.scale).T)
+    assert np.abs(got - exact).max() > 0        # the rounding is there: bfloat16, not float32
