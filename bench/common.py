@@ -58,6 +58,8 @@ CONFIG_FILE = 'config.json'
 STAMP_FILE = 'bench_stamp.json'   # what the weights were generated from; regenerate on mismatch
 SAFETENSORS_ALIGN = 8             # the format pads the header so data starts 8-byte aligned
 BF16_BYTES = 2
+# JAX's (and so our sides') compilation cache folder; bench.run --compile-cache sets it.
+COMPILATION_CACHE_ENV = 'JAX_COMPILATION_CACHE_DIR'
 
 
 # ---- sizes ---------------------------------------------------------------------------------------
@@ -287,9 +289,11 @@ def machine_info() -> dict[str, Any]:
 
 # ---- processes and results -----------------------------------------------------------------------
 
-def run_python(args: Sequence[str]) -> None:
-    """Runs `python args...` from the repository root; raises if it fails."""
-    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT)
+def run_python(args: Sequence[str], env: dict[str, str] | None = None) -> None:
+    """Runs `python args...` from the repository root (with `env` added to the environment);
+    raises if it fails."""
+    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT,
+                            env=None if env is None else {**os.environ, **env})
     if result.returncode:
         raise RuntimeError(f'`python {" ".join(args)}` failed with exit status {result.returncode}.')
 
@@ -413,7 +417,9 @@ def side_main(description: str, build: Callable[..., tuple[GreedyRunner, dict[st
         runner, info = build(args.weights, args.size, *([args.variant] if variants else []))
     info.update(load_s=watch.seconds, rss_before_load_gb=rss_start / GB,
                 rss_after_load_gb=current_rss_bytes() / GB)
-    vocab = json.loads((args.weights / CONFIG_FILE).read_text())['vocab_size']
+    # The model's vocabulary, the same for every side (a converted checkpoint's config.json
+    # writes HF's larger `vocab_size`, which the bench's own checkpoint sets equal to it).
+    vocab = bench_config(args.size).num_embed
     result = measure_side(runner, vocab, args.decode_tokens, args.repeats)
     np.save(args.out.with_suffix('.logits.npy'), result.pop('first_logits'))
     result.update(info, peak_rss_gb=peak_rss_bytes() / GB, rss_end_gb=current_rss_bytes() / GB)

@@ -38,6 +38,11 @@ PROMPT_LENGTH = 128
 CACHE_LENGTH = 1024             # as bench.side_ours
 
 
+def converted_path(size: str, representation: str) -> Path:
+    """Where the bench checkpoint converted to `representation` is kept."""
+    return common.RESULTS_DIR / 'converted' / f'{size}-{representation}'
+
+
 def converted_folder(size: str, representation: str, weights: Path) -> Path:
     """The converted folder of the bench checkpoint in `representation`, written if missing."""
     import jax.numpy as jnp
@@ -46,7 +51,7 @@ def converted_folder(size: str, representation: str, weights: Path) -> Path:
     from gemma3n.converted import save_converted
     from gemma3n.transformer import Gemma3nTransformer
 
-    folder = common.RESULTS_DIR / 'converted' / f'{size}-{representation}'
+    folder = converted_path(size, representation)
     if folder.is_dir():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +129,8 @@ def main() -> None:
     parser.add_argument('--representations', default=','.join(REPRESENTATIONS),
                         help='comma-separated subset of ' + ', '.join(REPRESENTATIONS))
     parser.add_argument('--rounds', type=int, default=1, help='cold + warm pairs per case')
+    parser.add_argument('--convert-only', action='store_true',
+                        help='write the converted folders (if missing), measure nothing')
     parser.add_argument('--child', type=Path, help=argparse.SUPPRESS)
     parser.add_argument('--cache', type=Path, help=argparse.SUPPRESS)
     parser.add_argument('--out', type=Path, help=argparse.SUPPRESS)
@@ -137,6 +144,10 @@ def main() -> None:
         return
 
     weights = common.ensure_weights(args.size)
+    if args.convert_only:
+        for representation in chosen:
+            print(converted_folder(args.size, representation, weights))
+        return
     rows, runs = [], []
     for representation in chosen:
         sources = {'original': weights,

@@ -5,6 +5,9 @@
     python -m bench.run --size reduced --sides ours,ours-serving,ours-int8,hf
     python -m bench.run --size tiny --sides ours-serving,ours-int8,ours-int4,llamacpp-bf16,llamacpp-q8_0,llamacpp-q4_0
     python -m bench.run --size reduced --sides ours-int8,llamacpp-q8_0 --ours-weights bench/results/converted/reduced-int8
+    # issue 18's table: converted checkpoints, warm caches, every format beside llama.cpp's
+    python -m bench.run --size full --converted --compile-cache bench/results/jax-cache \
+        --sides ours-serving,ours-int8,ours-int4,llamacpp-bf16,llamacpp-q8_0,llamacpp-q4_0
 
 Each part runs in its own process, one after the other: the machine's bandwidth, each of our
 variants (see bench/side_ours.py), the transformers side, llama.cpp at each GGUF format (see
@@ -23,12 +26,14 @@ from typing import Any
 import numpy as np
 
 from bench import common
+from bench.load_speed import converted_path
 
 THEIRS = 'hf'
 SERVING, INT8, INT4 = 'ours-serving', 'ours-int8', 'ours-int4'
 # llama.cpp's formats and the variant of ours each is set against.
 LLAMACPP = {'llamacpp-bf16': SERVING, 'llamacpp-q8_0': INT8, 'llamacpp-q4_0': INT4}
 LLAMACPP_BF16 = 'llamacpp-bf16'
+CONVERTED = {SERVING: 'bf16', INT8: 'int8', INT4: 'int4'}   # --converted: side -> representation
 SIDES = {  # name -> python arguments
     'ours': ['-m', 'bench.side_ours', '--variant', 'plain'],
     SERVING: ['-m', 'bench.side_ours', '--variant', 'serving'],
@@ -148,6 +153,14 @@ def report(size: str, machine: dict[str, Any], bandwidth: dict[str, Any],
     return '\n'.join(lines)
 
 
+def converted(size: str, representation: str) -> Path:
+    """The bench checkpoint converted to `representation`, written first if missing (in its own
+    process, as the sides run in theirs)."""
+    common.run_python(['-m', 'bench.load_speed', '--size', size, '--representations',
+                       representation, '--convert-only'])
+    return converted_path(size, representation)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--size', choices=common.SIZES, default='reduced')
@@ -160,7 +173,17 @@ def main() -> None:
                              '`gemma3n convert` wrote from it (bench.load_speed writes them under '
                              'bench/results/converted/), in the representation of the one ours-* side run '
                              '(ours-int8: an --int8 folder)')
+    parser.add_argument('--converted', action='store_true',
+                        help='our serving, int8 and int4 sides each load the checkpoint converted to '
+                             'their representation (`gemma3n convert`; written under '
+                             'bench/results/converted/ first if missing)')
+    parser.add_argument('--compile-cache', type=Path, metavar='DIR',
+                        help='our sides keep compiled and traced programs in DIR, as `gemma3n` commands '
+                             'do, and each first runs once untimed: load and first token are then '
+                             'measured with a warm cache')
     args = parser.parse_args()
+    if args.converted and args.ours_weights:
+        raise SystemExit('--converted and --ours-weights both choose our checkpoints: give one.')
     sides = [s.strip() for s in args.sides.split(',') if s.strip()]
     unknown = sorted(set(sides) - SIDES.keys())
     if unknown or not sides:
@@ -178,11 +201,21 @@ def main() -> None:
     bandwidth = json.loads(paths['machine'].read_text())
     results = {}
     for side in sides:
+        checkpoint = weights
+        if args.ours_weights and side.startswith('ours'):
+            checkpoint = args.ours_weights
+        elif args.converted and side in CONVERTED:
+            checkpoint = converted(args.size, CONVERTED[side])
+        command = [*SIDES[side], '--size', args.size, '--weights', str(checkpoint)]
+        env = None
+        if args.compile_cache and side.startswith('ours'):
+            env = {common.COMPILATION_CACHE_ENV: str(args.compile_cache.resolve())}
+            print(f'warming the compilation cache for {side} ...', flush=True)
+            common.run_python([*command, '--out', str(paths[side]), '--decode-tokens', '2',
+                               '--repeats', '1'], env=env)
         print(f'running {side} ...', flush=True)
-        ours_weights = args.ours_weights if side.startswith('ours') and args.ours_weights else weights
-        common.run_python([*SIDES[side], '--size', args.size, '--weights', str(ours_weights),
-                           '--out', str(paths[side]), '--decode-tokens', str(args.decode_tokens),
-                           '--repeats', str(args.repeats)])
+        common.run_python([*command, '--out', str(paths[side]), '--decode-tokens',
+                           str(args.decode_tokens), '--repeats', str(args.repeats)], env=env)
         results[side] = json.loads(paths[side].read_text())
     machine['load_average_end'] = common.machine_info()['load_average']
     pairs = [(side, THEIRS) for side in results if side != THEIRS and THEIRS in results]

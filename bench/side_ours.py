@@ -13,6 +13,7 @@ Run by `bench.run`; by hand:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 import gemma3n
 from bench import common
 from gemma3n.checkpoints import load_params
+from gemma3n.compilation import use_compilation_cache
 from gemma3n.host_arrays import to_device
 from gemma3n.text.sampler import Sampler
 from gemma3n.transformer import Gemma3nTransformer
@@ -57,6 +59,9 @@ class OursRunner(common.GreedyRunner):
 
 
 def build(weights: Path, size: str, variant: str) -> tuple[common.GreedyRunner, dict[str, Any]]:
+    if os.environ.get(common.COMPILATION_CACHE_ENV):
+        # As `gemma3n` commands do: compiled and traced programs kept (bench.run --compile-cache).
+        use_compilation_cache(Path(os.environ[common.COMPILATION_CACHE_ENV]))
     model = Gemma3nTransformer(config=common.bench_config(size), text_only=True, dtype=jnp.bfloat16)
     if variant == 'plain':
         sampler = Sampler(model=model, params=load_to_device(weights, model), cache_length=CACHE_LENGTH,
