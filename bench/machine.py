@@ -6,7 +6,11 @@ Bandwidth is timed as the sum of a 1 GiB array (larger than any cache): numpy (o
 compiled JAX sum (XLA's thread pool, all cores), the median of a few runs each (on a shared
 virtual machine single runs are sometimes far off in either direction), and the way a decode
 step reads (one thread per core each streaming its own slice, as the decode kernels split a
-weight's rows), the best of several runs with their spread; the fastest is the machine's figure.
+weight's rows), the best of several runs with their spread; and, where our decode kernels are
+built, the bf16 kernel itself reading a 1 GiB weight for one row of activations (what a decode
+step does), best of several with the spread. That one is the machine's figure where the kernels
+are built: on this 2-core VM its spread over 14 runs was 27.9-30.9 GB/s while the threaded numpy
+sums gave 24.0-36.8 (2026-12-02); elsewhere, the fastest of the others.
 
 Run by `bench.run`; by hand:
     python -m bench.machine --size reduced --out machine.json
@@ -49,6 +53,29 @@ def threaded_read_bandwidth(host: np.ndarray, threads: int | None = None) -> dic
             'threaded_worst_gb_s': rates[-1], 'threads': threads}
 
 
+def kernel_read_bandwidth() -> dict[str, float]:
+    """GB/s of our bf16 decode kernel reading a 1 GiB weight (one row of activations, as a
+    decode step's products read their weights): best, median and worst of REPEATS runs; empty
+    when the kernels are not built here."""
+    from gemma3n.layers import decode_kernels
+    if decode_kernels.active_isa() is None:
+        return {}
+    k = 2048
+    w = jnp.ones((ARRAY_BYTES // common.BF16_BYTES // k, k), jnp.bfloat16)
+    x = jnp.ones((1, k), jnp.bfloat16)
+    product = jax.jit(lambda x, w: decode_kernels.call(
+        'bf16', jax.ShapeDtypeStruct((1, w.shape[0]), jnp.float32), x, w))
+    product(x, w).block_until_ready()
+    times = []
+    for _ in range(REPEATS):
+        with common.Stopwatch() as watch:
+            product(x, w).block_until_ready()
+        times.append(watch.seconds)
+    rates = sorted((ARRAY_BYTES / t / common.GB for t in times), reverse=True)
+    return {'kernel_gb_s': rates[0], 'kernel_median_gb_s': float(np.median(rates)),
+            'kernel_worst_gb_s': rates[-1], 'kernel_isa': decode_kernels.active_isa()}
+
+
 def read_bandwidth() -> dict[str, float]:
     """GB/s of a large-array sum: numpy float32 (1 thread), JAX bfloat16 (all threads) and
     numpy in one thread per core (`threaded_read_bandwidth`)."""
@@ -60,8 +87,10 @@ def read_bandwidth() -> dict[str, float]:
     total(device).block_until_ready()
     jax_s = common.median_of(lambda: total(device).block_until_ready(), REPEATS)
     numpy_gbs, jax_gbs = ARRAY_BYTES / numpy_s / common.GB, ARRAY_BYTES / jax_s / common.GB
-    return {'numpy_1thread_gb_s': numpy_gbs, 'jax_all_threads_gb_s': jax_gbs, **threaded,
-            'read_gb_s': max(numpy_gbs, jax_gbs, threaded['threaded_gb_s'])}
+    kernel = kernel_read_bandwidth()
+    return {'numpy_1thread_gb_s': numpy_gbs, 'jax_all_threads_gb_s': jax_gbs, **threaded, **kernel,
+            'read_gb_s': kernel.get('kernel_gb_s')
+                         or max(numpy_gbs, jax_gbs, threaded['threaded_gb_s'])}
 
 
 def decode_ceiling(size: str, read_gb_s: float) -> dict[str, object]:

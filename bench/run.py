@@ -129,7 +129,8 @@ def report(size: str, machine: dict[str, Any], bandwidth: dict[str, Any],
         common.format_table(header, rows),
         '',
         f'memory read bandwidth: {read:.1f} GB/s (numpy 1 thread {bandwidth["numpy_1thread_gb_s"]:.1f}, '
-        f'JAX all threads {bandwidth["jax_all_threads_gb_s"]:.1f})',
+        f'JAX all threads {bandwidth["jax_all_threads_gb_s"]:.1f}, numpy {bandwidth["threads"]} threads '
+        f'{_spread(bandwidth, "threaded")}, our bf16 kernel {_spread(bandwidth, "kernel")})',
         f'weights read per decoded token: {bandwidth["decode_weights_read"]["total"] / 1e9:.3f}B '
         f'({bandwidth["decode_bytes_per_token_bf16"] / common.GB:.2f} GB in bfloat16) -> ceiling '
         f'{bandwidth["ceiling_tok_s_bf16"]:.2f} tok/s bf16, {bandwidth["ceiling_tok_s_int8"]:.2f} int8',
@@ -151,6 +152,14 @@ def report(size: str, machine: dict[str, Any], bandwidth: dict[str, Any],
             f'greedy tokens equal for the first {check["decode_tokens_equal_prefix"]} of '
             f'{check["decode_tokens_compared"]}')
     return '\n'.join(lines)
+
+
+def _spread(bandwidth: dict[str, Any], name: str) -> str:
+    """'best (median, worst)' GB/s of one of bench.machine's repeated measurements."""
+    if f'{name}_gb_s' not in bandwidth:
+        return 'not measured'
+    return (f'{bandwidth[f"{name}_gb_s"]:.1f} (median {bandwidth[f"{name}_median_gb_s"]:.1f}, '
+            f'worst {bandwidth[f"{name}_worst_gb_s"]:.1f})')
 
 
 def converted(size: str, representation: str) -> Path:
