@@ -60,11 +60,6 @@ def keep_exported_programs(folder: Path | None) -> None:
     _folder = folder
 
 
-def exported_programs_folder() -> Path | None:
-    """Where traced programs are kept, or None."""
-    return _folder
-
-
 @functools.cache
 def source_digest() -> str:
     """sha256 over this package's source files (their paths and contents)."""
@@ -127,10 +122,10 @@ class ExportedJit:
         signature = (tree, tuple(_signature(leaf) for leaf in leaves))
         caller = self._callers.get(signature)
         if caller is None:
-            caller = self._callers[signature] = self._new_caller(args, leaves, tree, signature)
+            caller = self._callers[signature] = self._new_caller(args, tree, signature)
         return caller(*leaves)
 
-    def _new_caller(self, args: tuple, leaves: list, tree: Any, signature: tuple) -> Callable:
+    def _new_caller(self, args: tuple, tree: Any, signature: tuple) -> Callable:
         folder = _folder
         if folder is None or any(spread for _, spread in signature[1]):
             return lambda *leaves: self._jit(*jax.tree.unflatten(tree, leaves))
@@ -140,21 +135,21 @@ class ExportedJit:
         path = folder / f'{self._name}-{key[:40]}{FILE_SUFFIX}'
         exported = _read(path)
         if exported is None:
-            exported = self._export(leaves, tree)
+            exported = self._export([aval for aval, _ in signature[1]], tree)
             _write(path, exported)
         owners = [i for i, arg in enumerate(args) for _ in jax.tree.leaves(arg)]
         donate = tuple(i for i, owner in enumerate(owners) if owner in self._donated)
         return jax.jit(exported.call, donate_argnums=donate)
 
-    def _export(self, leaves: list, tree: Any) -> jax.export.Exported:
-        """`fn` traced and lowered for these leaves' types (flat in, its own tree out)."""
+    def _export(self, avals: list, tree: Any) -> jax.export.Exported:
+        """`fn` traced and lowered for leaves of these types (flat in, its own tree out)."""
         def flat(*flat_leaves):
             return self._fn(*jax.tree.unflatten(tree, flat_leaves))
 
         checks = [jax.export.DisabledSafetyCheck.custom_call(target)
                   for target in decode_kernels.TARGETS.values()]
-        shapes = [jax.ShapeDtypeStruct(jax.typeof(leaf).shape, jax.typeof(leaf).dtype,
-                                       weak_type=jax.typeof(leaf).weak_type) for leaf in leaves]
+        shapes = [jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+                  for aval in avals]
         return jax.export.export(jax.jit(flat), disabled_checks=checks)(*shapes)
 
 

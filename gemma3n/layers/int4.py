@@ -137,13 +137,21 @@ def quantize_int4_in_chunks(w: jax.Array, num_leading: int,
         order=order, serving_shape=tuple(w.shape))
 
 
+def _halves(q: jax.Array, scale: jax.Array, dtype: Any = jnp.float32
+            ) -> tuple[jax.Array, jax.Array]:
+    """Packed values [..., K / 2] and their scales [..., K / 32] -> the first and the second
+    half of every group, each [..., K / 32, 16]: each value times its scale (exact in float32),
+    in `dtype`."""
+    nibbles = q.reshape(q.shape[:-1] + (-1, _HALF))
+    step = scale[..., None].astype(jnp.float32)
+    return tuple(((values.astype(jnp.float32) - INT4_OFFSET) * step).astype(dtype)
+                 for values in (nibbles & _LOW_NIBBLE, nibbles >> 4))
+
+
 def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
     """Packed values [..., K / 2] and their scales [..., K / 32] -> float32 [..., K] (each
     value times its scale: exact in float32)."""
-    grouped = q.reshape(q.shape[:-1] + (-1, _HALF))
-    nibbles = jnp.concatenate([grouped & _LOW_NIBBLE, grouped >> 4], axis=-1)
-    values = nibbles.astype(jnp.float32) - INT4_OFFSET
-    return (values * scale[..., None].astype(jnp.float32)).reshape(q.shape[:-1] + (-1,))
+    return jnp.concatenate(_halves(q, scale), axis=-1).reshape(q.shape[:-1] + (-1,))
 
 
 def _xla_rows_dot(xq: jax.Array, q: jax.Array, scale: jax.Array,
@@ -163,14 +171,9 @@ def _xla_rows_dot(xq: jax.Array, q: jax.Array, scale: jax.Array,
     full = n // r * r
 
     def block(q, scale):                                  # [r, ...] -> [M, r]
-        nibbles = q.reshape(q.shape[0], groups, _HALF)
-        step = scale.astype(jnp.float32)[..., None]
-        y = 0
-        for half, values in enumerate((nibbles & _LOW_NIBBLE, nibbles >> 4)):
-            w = ((values.astype(jnp.float32) - INT4_OFFSET) * step).astype(dtype)
-            y = y + jnp.einsum('mgk,ngk->mn', x[:, :, half], w,
-                               preferred_element_type=jnp.float32)
-        return y
+        low, high = _halves(q, scale, dtype)
+        return sum(jnp.einsum('mgk,ngk->mn', x[:, :, half], w, preferred_element_type=jnp.float32)
+                   for half, w in enumerate((low, high)))
 
     y = jax.lax.map(lambda b: block(*b), (q[:full].reshape(n // r, r, -1),
                                           scale[:full].reshape(n // r, r, -1)))
