@@ -91,6 +91,16 @@ PATCHES = {  # file -> (anchor, replacement): each anchor must occur exactly onc
         "    i_altup_act(model.hparams.i_altup_act),\n"
         "    n_layer_sparsity(static_cast<const llama_model_gemma3n &>(model).n_layer_sparse) {\n",
     ),
+    # ggml's AMX backend (taken for Q8_0/Q4_0 where -march=native finds AMX, as on Sapphire
+    # Rapids and later Xeons) crashes llama-server in ggml_backend_amx_mul_mat as the model
+    # loads (ggml-org/llama.cpp#20824, closed unfixed): the build leaves AMX out, and ggml
+    # takes its AVX-512 paths (with its repacked Q4_0/Q8_0 layouts) there too. A CMake comment
+    # carries the mark.
+    "ggml/src/ggml-cpu/CMakeLists.txt": (
+        "                list(APPEND ARCH_FLAGS -march=native)\n",
+        f"                # {PATCH_MARK}: no AMX (llama.cpp#20824)\n"
+        "                list(APPEND ARCH_FLAGS -march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16)\n",
+    ),
 }
 
 
