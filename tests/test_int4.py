@@ -121,6 +121,21 @@ def test_int4_and_int8_are_exclusive(ref):
         to_serving(*ref, quantize_int8=True, quantize_int4=True)
 
 
+@pytest.mark.skipif(decode_kernels._library() is None, reason='decode kernels not built here')
+@pytest.mark.parametrize('isa', ['auto', 'avx2', 'scalar'])
+@pytest.mark.parametrize('n,k', [(1, 32), (37, 96), (5, 2080), (130, 160)])
+def test_the_kernel_dequantizes_to_the_same_bfloat16_values(monkeypatch, isa, n, k):
+    # A prefill chunk's weight blocks: bit for bit XLA's rounding of the exact float32 values
+    # (ties to even, signed zeros kept), in natural order.
+    monkeypatch.setenv(decode_kernels.ENV, isa)
+    rng = np.random.default_rng(3)
+    w4 = quantize_int4(jnp.asarray(rng.standard_normal((n, k)), jnp.float32), 1)
+    got = jax.jit(lambda q, s: decode_kernels.call(
+        'int4_to_bf16', jax.ShapeDtypeStruct((n, k), jnp.bfloat16), q, s))(w4.q, w4.scale)
+    want = dequantize(w4.q, w4.scale).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16), np.asarray(want).view(np.uint16))
+
+
 def test_a_prefill_chunk_multiplies_in_bfloat16():
     # More rows than the kernel takes: XLA, the dequantized values rounded to bfloat16 (and
     # the last, ragged block of rows too).
@@ -129,6 +144,9 @@ def test_a_prefill_chunk_multiplies_in_bfloat16():
     w4 = quantize_int4(jnp.asarray(rng.standard_normal((1000, 96)), jnp.float32), 1)
     xq = jnp.asarray(rng.integers(-128, 128, (rows, 96)), jnp.int8)
     got = np.asarray(jax.jit(int4.rows_dot)(xq, w4.q, w4.scale))
+    if decode_kernels.enabled():     # the blocks dequantized by the kernel, multiplied by XLA
+        lowered = jax.jit(int4.rows_dot).lower(xq, w4.q, w4.scale).as_text()
+        assert decode_kernels.TARGETS['int4_to_bf16'] in lowered
     w = dequantize(w4.q, w4.scale).astype(jnp.bfloat16).astype(jnp.float32)
     want = np.asarray(xq.astype(jnp.float32) @ w.T)
     magnitude = np.asarray(jnp.abs(xq.astype(jnp.float32)) @ jnp.abs(w).T)

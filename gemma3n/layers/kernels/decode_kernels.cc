@@ -7,6 +7,7 @@
 //   s8 x s8 -> s32       AVX-512 VNNI vpdpbusd  | AVX2 vpmaddwd | scalar    (exact)
 //   s8 x int4 -> f32     int4 in groups of kInt4Group along K, one f16 scale per group;
 //                        group sums exact in int32, then scaled and summed in float32.
+//   int4 -> bf16         the int4 weight dequantized, for XLA's product of a prefill chunk.
 //   s8 x gathered s8 rows -> s32   x [M, C] times rows ids[C] of a weight stored [F, D]
 //                        (not [N, K]: a sparse FFN's down projection), exact.
 //   bf16 gathered, both ways, for the units a step's tokens keep in a sparse FFN (ids[C], of
@@ -236,6 +237,29 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
+ffi::Error DequantInt4Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w,
+                               ffi::Buffer<ffi::F16> scale, ffi::ResultBuffer<ffi::BF16> out,
+                               int32_t isa) {
+  auto wd = w.dimensions(), sd = scale.dimensions(), od = out->dimensions();
+  if (wd.size() != 2 || sd.size() != 2 || od.size() != 2 || od[1] % kInt4Group != 0 ||
+      wd[0] != od[0] || sd[0] != od[0] || wd[1] * 2 != od[1] || sd[1] * kInt4Group != od[1])
+    return ffi::Error::InvalidArgument("int4 dequantization takes w [N, K / 2] and scales "
+                                       "[N, K / 32] (K a multiple of 32), and gives [N, K]");
+  int64_t n = od[0], k = od[1];
+  const uint8_t* wp = w.typed_data();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.typed_data());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out->typed_data());
+  Isa chosen = Choose(isa);
+  ParallelFor(pool, n, Grain(k * 2), [&](int64_t b, int64_t e) {
+#ifdef GEMMA3N_X86
+    if (chosen == kAvx512) return DequantInt4Avx512(wp, sp, op, k, b, e);
+    if (chosen == kAvx2) return DequantInt4Avx2(wp, sp, op, k, b, e);
+#endif
+    DequantInt4Scalar(wp, sp, op, k, b, e);
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error RowsInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> ids,
                         ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y, int32_t isa) {
   auto xd = x.dimensions(), idd = ids.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -314,6 +338,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMatvecInt4, Int4Impl,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nDequantizeInt4Bf16, DequantInt4Bf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Attr<int32_t>("isa"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nRowsInt8, RowsInt8Impl,
