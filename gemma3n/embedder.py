@@ -15,6 +15,8 @@ INV_SQRT2 = 2 ** -0.5   # token-derived and table per-layer inputs are averaged 
 # `embedder`), declared once: the loaders, the layouts and the sampler all refer to it.
 PER_LAYER_TABLE_PATH = 'embedder/per_layer_input_embedding'
 EMBEDDER_SCOPE, PER_LAYER_TABLE = PER_LAYER_TABLE_PATH.split('/')
+# The tied table: the input embedding and the output head.
+EMBEDDING_TABLE_PATH = f'{EMBEDDER_SCOPE}/input_embedding'
 # The tied table [V, D] read as the output head: V is its output axis, D its input axis. Stored
 # [out, in] already, so the serving layout keeps its order; int8 serving quantizes it per row,
 # which also serves the input side (`lookup`: a row's scale multiplies the gathered row).

@@ -280,6 +280,16 @@ class Gemma3nTransformer(nn.Module):
                 user_mask = None if user_mask is None else take_rows(user_mask, last)
         return streams, new_cache
 
+    def unembed(self, hidden: jax.Array) -> jax.Array:
+        """Final hidden states [..., L, D] -> float32 logits [..., L, V]: the tied unembedding
+        and the soft cap. Reads only `embedder/input_embedding`, so a training loss can apply it
+        to a chunk of tokens at a time (`gemma3n.training.loss.chunked_loss_sums`)."""
+        logits = self.embedder.decode(hidden).astype(jnp.float32)
+        if self.config.final_logit_softcap is not None:
+            cap = self.config.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
     def _head(self, streams: jax.Array, inputs: Inputs, last_only: bool
               ) -> tuple[jax.Array, jax.Array]:
         """streams [A, B, L, D] -> (float32 logits [*B, L, V], final hidden states [*B, L, D]).
@@ -289,10 +299,7 @@ class Gemma3nTransformer(nn.Module):
         input token (see `multimodal.expand_tokens`).
         """
         hidden = self.final_norm(self._fan_in(streams))
-        logits = self.embedder.decode(hidden).astype(jnp.float32)
-        if self.config.final_logit_softcap is not None:
-            cap = self.config.final_logit_softcap
-            logits = jnp.tanh(logits / cap) * cap
+        logits = self.unembed(hidden)
         if last_only:
             logits, hidden = logits[:, 0], hidden[:, 0]
         elif inputs.text_index is not None:

@@ -15,7 +15,8 @@ from gemma3n.text.chat_format import format_continuation, format_user_turn
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.training.data import Example, LossOn, tokenize_record
 from gemma3n.training.keys import get_by_path, model_inputs
-from gemma3n.training.loss import masked_loss_sum
+from gemma3n.training import loss
+from gemma3n.training.loss import chunked_loss_sums, masked_loss_sum
 from gemma3n.training.packing import Rows, TooLong
 from gemma3n.training.param_split import FullFineTuning
 from gemma3n.training.stream import BatchStream
@@ -116,6 +117,51 @@ def test_masked_loss_is_cross_entropy_of_the_counted_tokens():
     expected = -(log_probs[0, 0, 1] + log_probs[0, 2, 3] + log_probs[1, 2, 1])
     assert int(count) == 3
     np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
+
+
+def _softcapped_head(params, h):                 # h [R, C, D] -> logits [R, C, V]
+    return jnp.tanh(jnp.einsum('rcd,vd->rcv', h, params['table']) / 3.0) * 3.0
+
+
+@pytest.mark.parametrize('positions_per_chunk', [1, 3, 9, 20])
+def test_the_chunked_loss_and_its_gradients_are_the_unchunked_ones(monkeypatch, positions_per_chunk):
+    # 3 rows of 9 positions, vocabulary 7: chunks of 1, 3 (no padding), 9 (one chunk) and of 20
+    # positions; float32, so only the order of the sums differs (a few ulps of the totals).
+    rows, length, vocab, width = 3, 9, 7, 5
+    monkeypatch.setattr(loss, 'LOSS_CHUNK_BYTES', rows * vocab * 4 * positions_per_chunk)
+    keys = jax.random.split(jax.random.key(1), 4)
+    table = jax.random.normal(keys[0], (vocab, width))
+    hidden = jax.random.normal(keys[1], (rows, length, width))
+    targets = jax.random.randint(keys[2], (rows, length), 0, vocab)
+    mask = jax.random.uniform(keys[3], (rows, length)) > 0.3
+
+    def unchunked(table, hidden):
+        return masked_loss_sum(_softcapped_head({'table': table}, hidden), targets, mask)
+
+    def chunked(table, hidden):
+        return chunked_loss_sums(_softcapped_head, {'table': table}, hidden, targets, mask)
+
+    (total, count), (ref_total, ref_count) = chunked(table, hidden), unchunked(table, hidden)
+    assert int(count) == int(ref_count) == int(mask.sum())
+    np.testing.assert_allclose(float(total), float(ref_total), rtol=1e-6)
+    grads = jax.jit(jax.grad(lambda *a: chunked(*a)[0], (0, 1)))(table, hidden)
+    ref_grads = jax.grad(lambda *a: unchunked(*a)[0], (0, 1))(table, hidden)
+    for ours, ref in zip(grads, ref_grads):
+        np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(ref))))
+
+
+def test_a_frozen_unembedding_gets_no_gradient_product():
+    # Differentiated in the hidden states only (LoRA: the table is frozen), a chunk runs two
+    # products (the logits and the hidden states' gradient); with the table too, three.
+    table, hidden = jnp.ones((7, 5)), jnp.ones((2, 4, 5))
+    targets, mask = jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4), bool)
+
+    def products(argnums):
+        grad = jax.grad(lambda t, h: chunked_loss_sums(_softcapped_head, {'table': t}, h, targets,
+                                                       mask)[0], argnums)
+        return str(jax.make_jaxpr(grad)(table, hidden)).count('dot_general')
+
+    assert (products(1), products((0, 1))) == (2, 3)
 
 
 def test_model_inputs_follow_the_models_keys():

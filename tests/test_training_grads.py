@@ -17,6 +17,7 @@ import torch
 from gemma3n.checkpoints.hf_mapping import params_to_hf
 from gemma3n.layers.einsum import contract
 from gemma3n.transformer import Gemma3nTransformer
+from gemma3n.training import loss
 from gemma3n.training.data import Example
 from gemma3n.training.finetune import MODEL_KEYS
 from gemma3n.training.packing import Rows, TooLong
@@ -88,6 +89,8 @@ def hf_loss_and_grads(cfg, params, batch):
     return float(loss.detach()), grads
 
 
+LOSS_CHUNK_POSITIONS = 5
+
 @pytest.fixture(scope='module')
 def setup():
     """Config 0 (KV-shared and sparse layers), its weights, a packed batch, the model reading
@@ -96,8 +99,14 @@ def setup():
     cfg, params, batch, model = training_case(0, seed=0)
     split = FullFineTuning()
     trainable, frozen = split.split(params)
-    gradients = TrainSteps(model, split, optax.sgd(0.0)).gradients(
-        trainable, frozen, jax.tree.map(lambda x: x[None], batch), RNG)
+    rows, length = batch['input'].shape
+    # The loss in chunks of 5 positions (the last one padded): the unembedding's gradient is
+    # summed over chunks, the hidden states' put back together.
+    assert length % LOSS_CHUNK_POSITIONS
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loss, 'LOSS_CHUNK_BYTES', LOSS_CHUNK_POSITIONS * rows * cfg.num_embed * 4)
+        gradients = TrainSteps(model, split, optax.sgd(0.0)).gradients(
+            trainable, frozen, jax.tree.map(lambda x: x[None], batch), RNG)
     return cfg, params, batch, model, gradients
 
 

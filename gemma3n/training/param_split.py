@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 
 from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
+from gemma3n.embedder import EMBEDDING_TABLE_PATH, PER_LAYER_TABLE_PATH
 from gemma3n.layers import Int4Weight, QuantizedWeight
 from gemma3n.layers.weights import WeightInfo
 
 # Freeze patterns users reach for most: the two vocabulary-sized tables (E4B: 5.4 of its 7.8
 # billion weights), which a small data set cannot teach much.
-EMBEDDING_TABLES = ('embedder/input_embedding', 'embedder/per_layer_input_embedding')
+EMBEDDING_TABLES = (EMBEDDING_TABLE_PATH, PER_LAYER_TABLE_PATH)
 # Weight leaves holding rounded values: they can be frozen, never trained.
 QUANTIZED_LEAVES = (QuantizedWeight, Int4Weight)
 

@@ -32,17 +32,20 @@ import optax
 from jax.sharding import Mesh
 
 from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
+from gemma3n.embedder import EMBEDDING_TABLE_PATH
 from gemma3n.layers import axes
 from gemma3n.schema import model_schema
 from gemma3n.sharding import MeshConstraints, ShardingRules, shard_params
 from gemma3n.sharding.params import axis_names
 from gemma3n.training.keys import get_by_path, model_inputs
-from gemma3n.training.loss import masked_loss_sum
+from gemma3n.training.loss import chunked_loss_sums
 from gemma3n.training.param_split import ParamSplit, cast_floating
 
 # Where the loss finds its targets and mask in the context (the data pipeline's names).
 TARGET_KEY, LOSS_MASK_KEY = 'batch.target', 'batch.loss_mask'
 DROPOUT_RNG = 'dropout'
+# The one parameter the unembedding reads (the tied table).
+EMBEDDER, TABLE = EMBEDDING_TABLE_PATH.split('/')
 # XLA's CPU backend hands a reduction fused with its operands (the backward of a broadcast
 # product: AltUp's correction, the norms) to YNNPACK by default, where it runs 10-100x slower
 # than XLA's own loops ([4, 1, 128, 2048] summed over its first axis: 33 ms instead of 0.2 ms).
@@ -140,10 +143,16 @@ class TrainSteps:
         params = cast_floating(self.split.combine(trainable, frozen), self.model.dtype)
         context = {'batch': batch}
         rngs = None if rng is None else {DROPOUT_RNG: jax.random.wrap_key_data(rng)}
-        logits = self.model.apply({'params': params}, **model_inputs(self.model, context),
-                                  rngs=rngs).logits
-        return masked_loss_sum(logits, get_by_path(context, TARGET_KEY),
-                               get_by_path(context, LOSS_MASK_KEY))
+        # The logits, unused here, are left out of the compiled step; the loss unembeds the
+        # hidden states a chunk at a time.
+        hidden = self.model.apply({'params': params}, **model_inputs(self.model, context),
+                                  rngs=rngs, return_hidden_states=True).hidden_states
+        head = {EMBEDDER: {TABLE: params[EMBEDDER][TABLE]}}
+        return chunked_loss_sums(self._unembed, head, hidden, get_by_path(context, TARGET_KEY),
+                                 get_by_path(context, LOSS_MASK_KEY))
+
+    def _unembed(self, head: Any, hidden: jax.Array) -> jax.Array:
+        return self.model.apply({'params': head}, hidden, method='unembed')
 
     def _gradients(self, trainable: Any, frozen: Any, batch: dict[str, jax.Array],
                    rng: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
