@@ -74,7 +74,7 @@ def _scan_chunks(unembed: Unembed, head_params: Any, hidden: jax.Array, targets:
     """(total, count, gradient of total in hidden or None, in head_params or None), a chunk
     of positions at a time (`lax.scan`). The chunks cut the sequence axis, not the rows, so
     rows spread over devices stay where they are."""
-    *lead, length, d = hidden.shape
+    length, d = hidden.shape[-2:]
     rows = hidden.reshape(-1, length, d)                      # [R, L, D]
     vocab = jax.eval_shape(unembed, head_params,
                            jax.ShapeDtypeStruct((1, 1, d), hidden.dtype)).shape[-1]
@@ -94,7 +94,10 @@ def _scan_chunks(unembed: Unembed, head_params: Any, hidden: jax.Array, targets:
         return masked_loss_sum(unembed(params, h), t, m)
 
     argnums = tuple(i for i, wanted in ((0, grad_params), (1, grad_hidden)) if wanted)
-    zero_params = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), head_params)
+    # The head's gradient is carried only where it is wanted: a frozen table (E4B: 2 GiB in
+    # float32) gets no zero-filled accumulator.
+    zero_params = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), head_params)
+                   if grad_params else None)
 
     def body(carry, chunk):
         total, count, d_params = carry
