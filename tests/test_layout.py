@@ -8,6 +8,7 @@ import pytest
 from gemma3n import Gemma3n_E4B, Gemma3nTransformer, Sampler, load_params, save_params
 from gemma3n.checkpoints import open_per_layer_table
 from gemma3n.layers import QuantizedWeight, ServingWeight, contract, lookup, serving_order
+from gemma3n.layers.einsum import TOKENS_FIRST_ROWS
 from gemma3n import layout
 from gemma3n.embedder import split_per_layer_table
 from gemma3n.layers import int4, int8
@@ -185,7 +186,7 @@ CONTRACTIONS = [
 
 @pytest.mark.parametrize('eqn, shape, in_axes, out_axes', CONTRACTIONS,
                          ids=[c[0] for c in CONTRACTIONS])
-@pytest.mark.parametrize('rows', [1, 5], ids=['decode', 'prefill'])
+@pytest.mark.parametrize('rows', [1, 5, TOKENS_FIRST_ROWS], ids=['decode', 'prefill', 'batch'])
 def test_each_leaf_type_contracts_as_the_plain_einsum(eqn, shape, in_axes, out_axes, rows):
     rng = np.random.default_rng(3)
     w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -199,6 +200,11 @@ def test_each_leaf_type_contracts_as_the_plain_einsum(eqn, shape, in_axes, out_a
     # float32 throughout: only the summation order differs (~1e-6 on sums of 32-64 unit terms).
     np.testing.assert_allclose(contract(eqn, x, w), want, atol=1e-5, rtol=0)
     np.testing.assert_allclose(contract(eqn, x, relaid), want, atol=1e-5, rtol=0)
+    if rows > 1:
+        # A serving weight is the product's left operand for a few rows, x from
+        # TOKENS_FIRST_ROWS rows on (x's leading axes are [B=1, rows]).
+        lhs = product_lhs_shape(lambda x: contract(eqn, x, relaid), x)
+        assert (lhs[:2] == (1, rows)) == (rows >= TOKENS_FIRST_ROWS), lhs
     quantized = quantize(jnp.transpose(w, order), len(shape) - len(in_axes), order)
     assert quantized.shape == shape
     # int8 weights and activation rows each round by up to half a step of 1/127 of their row's
@@ -206,6 +212,19 @@ def test_each_leaf_type_contracts_as_the_plain_einsum(eqn, shape, in_axes, out_a
     # scale or axis gives errors of the size of the outputs.
     error = np.abs(np.asarray(contract(eqn, x, quantized)) - want).max()
     assert error < 0.03 * np.abs(want).max()
+
+
+def product_lhs_shape(fn, *args) -> tuple[int, ...]:
+    """The left operand's shape of the first matrix product in `fn`'s traced program."""
+    def products(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == 'dot_general':
+                yield eqn.invars[0].aval.shape
+            for param in eqn.params.values():
+                inner = getattr(param, 'jaxpr', param)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    yield from products(inner)
+    return next(products(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
 def dequantized(leaf):
