@@ -241,10 +241,15 @@ def peak_rss_since_reset_bytes() -> int:
     raise RuntimeError(f'no VmHWM in {STATUS_FILE}')
 
 
+RANDOM_BLOCK_ELEMENTS = 1 << 26    # leafwise_random_params: at most this many drawn at once
+
+
 def leafwise_random_params(model: Any, dtype: Any, scale: float) -> Any:
     """Random weights N(0, scale^2) of `model`'s tree in `dtype`, made leaf by leaf: one
     `model.init` program would hold every float32 weight and its temporaries at once (over
-    20 GB at the reduced size), which would then be the process's peak memory."""
+    20 GB at the reduced size), which would then be the process's peak memory. A large leaf is
+    drawn in blocks of rows into its final array: E4B's per-layer table, drawn whole, would
+    take 37 GB of float32 values and random bits."""
     import jax
     import jax.numpy as jnp
     tokens = jnp.ones((1, 1), jnp.int32)
@@ -252,9 +257,20 @@ def leafwise_random_params(model: Any, dtype: Any, scale: float) -> Any:
     leaves, tree = jax.tree_util.tree_flatten(shapes)
     normal = jax.jit(lambda key, shape: (scale * jax.random.normal(key, shape, jnp.float32)
                                          ).astype(dtype), static_argnums=1)
+
+    def leaf_values(key: Any, shape: tuple[int, ...]) -> Any:
+        row = math.prod(shape[1:])
+        if not shape or math.prod(shape) <= RANDOM_BLOCK_ELEMENTS or row > RANDOM_BLOCK_ELEMENTS:
+            return jax.block_until_ready(normal(key, shape))
+        block = RANDOM_BLOCK_ELEMENTS // row
+        values = np.empty(shape, jnp.dtype(dtype))
+        for start in range(0, shape[0], block):
+            rows = min(block, shape[0] - start)
+            values[start:start + rows] = normal(jax.random.fold_in(key, start), (rows, *shape[1:]))
+        return jnp.asarray(values)
+
     keys = jax.random.split(jax.random.key(0), len(leaves))
-    return tree.unflatten([jax.block_until_ready(normal(key, leaf.shape))
-                           for key, leaf in zip(keys, leaves)])
+    return tree.unflatten([leaf_values(key, leaf.shape) for key, leaf in zip(keys, leaves)])
 
 
 def current_rss_bytes() -> int:
