@@ -39,7 +39,8 @@ Initializer = Callable[..., jax.Array]
 Axes = int | Sequence[int]
 # (eqn over the stored arrays, x, the stored array) -> the product in the eqn's output order.
 Product = Callable[[str, jax.Array, jax.Array], jax.Array]
-# From this many rows of x on, a bfloat16 product writes x's axes first (`contract_stored`).
+# From this many rows of x on, a training step's products with a frozen serving weight write
+# x's axes first (`contract_stored`, `ServingWeight.tokens_first_rows`).
 TOKENS_FIRST_ROWS = 512
 
 
@@ -95,9 +96,13 @@ def rows_first(order: tuple[int, ...] | None) -> None:
 @flax.struct.dataclass
 class ServingWeight(StoredWeight):
     """A weight stored in serving order: `value` is the checkpoint-order weight transposed by
-    `order` (`gemma3n.layers.weights.serving_order`)."""
+    `order` (`gemma3n.layers.weights.serving_order`). `tokens_first_rows`: from this many rows
+    of x on, products write x's axes first (`contract_stored`); a LoRA step's frozen base sets
+    it, serving does not (in a program without a loop, XLA copies every weight for that at its
+    start: E4B's prefill at 512 tokens held 1.6 GB of temporaries instead of 0.16)."""
     value: jax.Array
     order: tuple[int, ...] = flax.struct.field(pytree_node=False)
+    tokens_first_rows: int | None = flax.struct.field(pytree_node=False, default=None)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -108,7 +113,7 @@ class ServingWeight(StoredWeight):
         return self.value.dtype
 
     def contract(self, eqn: str, x: jax.Array) -> jax.Array:
-        return contract_stored(eqn, x, self.value, self.order, dot, TOKENS_FIRST_ROWS)
+        return contract_stored(eqn, x, self.value, self.order, dot, self.tokens_first_rows)
 
     def take(self, ids: jax.Array, dtype: Any) -> jax.Array:
         rows_first(self.order)
@@ -272,9 +277,10 @@ def contract_stored(eqn: str, x: jax.Array, w: jax.Array, order: tuple[int, ...]
     # A weight stored [out..., in...] is best the left operand for a few rows of x: with the
     # output axes first XLA's CPU backend runs weight @ xᵀ on the weight as stored, where with
     # the token axes first it copies (transposes) the weight on every call. From a few hundred
-    # rows on (a prefill chunk, a training batch) that copy is paid off and x @ weightᵀ, which
+    # rows on (a training batch) that copy is paid off and x @ weightᵀ, which
     # writes [rows, out] as the next product reads it, runs faster (AMX Xeon, [512, 2048] by
-    # E4B's [16384, 2048] gate: 0.98 against 0.58 TFLOP/s; at 128 rows 1.06 against 1.25).
+    # E4B's [16384, 2048] gate: 0.98 against 0.58 TFLOP/s, int8 1.73 against 1.27 TOP/s; at
+    # 128 rows 1.06 against 1.25, int8 2.28 against 2.54).
     # A weight stored [in..., out...] keeps x first (x @ weight), the form the CPU matrix
     # kernels take for it.
     contracted = ''.join(a for a in w_spec if a not in out_spec)
@@ -296,7 +302,7 @@ def contract(eqn: str, x: jax.Array, w: jax.Array | StoredWeight) -> jax.Array:
     order and `w` is any params leaf: a plain array or a `StoredWeight`."""
     if isinstance(w, StoredWeight):
         return w.contract(eqn, x)
-    return contract_stored(eqn, x, w, None, dot, TOKENS_FIRST_ROWS)
+    return contract_stored(eqn, x, w, None, dot)
 
 
 def lookup(table: jax.Array | StoredWeight, ids: jax.Array, dtype: Any) -> jax.Array:

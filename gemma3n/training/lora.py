@@ -34,7 +34,8 @@ from gemma3n.checkpoints.peft_adapter import (LORA_TARGETS, Adapter, Slot, check
                                               target_slots)
 from gemma3n.config import TransformerConfig
 from gemma3n.layout import ServingConverter
-from gemma3n.layers import StoredWeight
+from gemma3n.layers import ServingWeight, StoredWeight
+from gemma3n.layers.einsum import TOKENS_FIRST_ROWS
 from gemma3n.layers.lora import LoRAWeight
 from gemma3n.layers.weights import WeightInfo
 from gemma3n.sharding.params import axis_names
@@ -157,7 +158,10 @@ class LoRA:
         frozen.clear()
         for path in convert.orders:
             if path in flat and not isinstance(flat[path], StoredWeight):
-                flat[path] = convert(path, flat.pop(path))
+                held = convert(path, flat.pop(path))
+                # A batch's products put x first (`ServingWeight.tokens_first_rows`).
+                flat[path] = (held.replace(tokens_first_rows=TOKENS_FIRST_ROWS)
+                              if isinstance(held, ServingWeight) else held)
         return unflatten_params(flat)
 
     def export(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
