@@ -277,15 +277,14 @@ def contract_stored(eqn: str, x: jax.Array, w: jax.Array, order: tuple[int, ...]
     # A weight stored [out..., in...] is best the left operand for a few rows of x: with the
     # output axes first XLA's CPU backend runs weight @ xᵀ on the weight as stored, where with
     # the token axes first it copies (transposes) the weight on every call. From a few hundred
-    # rows on (a training batch) that copy is paid off and x @ weightᵀ, which
-    # writes [rows, out] as the next product reads it, runs faster (AMX Xeon, [512, 2048] by
-    # E4B's [16384, 2048] gate: 0.98 against 0.58 TFLOP/s, int8 1.73 against 1.27 TOP/s; at
-    # 128 rows 1.06 against 1.25, int8 2.28 against 2.54).
+    # rows on (a training batch) that copy is paid off and x @ weightᵀ, which writes
+    # [rows, out] as the next product reads it, runs faster (AMX Xeon, [512, 2048] by E4B's
+    # [16384, 2048] gate: 0.98 against 0.58 TFLOP/s; at 128 rows 1.06 against 1.25).
     # A weight stored [in..., out...] keeps x first (x @ weight), the form the CPU matrix
     # kernels take for it.
     contracted = ''.join(a for a in w_spec if a not in out_spec)
-    rows = math.prod(x.shape[i] for i, a in enumerate(x_spec) if a not in w_spec)
-    if tokens_first_rows is not None and rows >= tokens_first_rows:
+    if tokens_first_rows is not None and tokens_first_rows <= math.prod(
+            x.shape[i] for i, a in enumerate(x_spec) if a not in w_spec):
         order_out = ''.join(a for a in x_spec if a in out_spec) + ''.join(
             a for a in w_spec if a in out_spec and a not in x_spec)
     elif w_spec.endswith(contracted):
