@@ -22,6 +22,7 @@ import numpy as np
 
 from bench import common, machine
 from gemma3n.layers import decode_kernels
+from gemma3n.layers.int8 import INT8_MAX
 
 # (name, N, K) of the products a decode step makes, at E4B widths: y [M, N] = x [M, K] · w[N, K]ᵀ.
 SHAPES = [('attention q / o', 2048, 2048), ('FFN gate + up', 32768, 2048),
@@ -34,15 +35,16 @@ BYTES_PER_VALUE = {'bf16': 2.0, 'int8': 1.0, 'int4': 0.5 + 2 / 32, 'int8_rows': 
 
 def _operands(kind: str, rows: int, n: int, k: int, rng: np.random.Generator) -> tuple:
     """The kernel's operands and its result type."""
-    def s8(shape):
-        return jnp.asarray(rng.integers(-128, 128, shape), jnp.int8)
+    def s8(shape, low=-128):
+        return jnp.asarray(rng.integers(low, 128, shape), jnp.int8)
     if kind == 'bf16':
         return (jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16),
                 jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16)), jnp.float32
     if kind == 'int8':
-        return (s8((rows, k)), s8((n, k))), jnp.int32
+        # x as the int8 representation quantizes activations: within +-127.
+        return (s8((rows, k), low=-INT8_MAX), s8((n, k))), jnp.int32
     scale = jnp.asarray(rng.standard_normal((n, k // 32)) * 0.01, jnp.float16)
-    return (s8((rows, k)), jnp.asarray(rng.integers(0, 256, (n, k // 2)), jnp.uint8),
+    return (s8((rows, k), low=-INT8_MAX), jnp.asarray(rng.integers(0, 256, (n, k // 2)), jnp.uint8),
             scale), jnp.float32
 
 

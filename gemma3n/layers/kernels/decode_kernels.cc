@@ -64,10 +64,12 @@ void Bf16Rows(ffi::ThreadPool& pool, const uint16_t* xp, const Rows& w, float* y
       });
       break;
     case kAvx2: {
-      std::vector<float> xf(m * k);
-      for (int64_t i = 0; i < m * k; ++i) xf[i] = Bf16ToF32(xp[i]);
+      std::vector<float> xs = SplitBf16X(xp, m, k);
       WithRows(m, [&]<int M>() {
-        ParallelFor(pool, rows, grain, [&](int64_t b, int64_t e) { Bf16Avx2<M>(xf.data(), w, yp, k, n, b, e); });
+        ParallelFor(pool, rows, grain, [&](int64_t b, int64_t e) {
+          if constexpr (M == 1) Bf16RowAvx2(xs.data(), w, yp, k, b, e);
+          else Bf16TiledAvx2<M>(xs.data(), w, yp, k, n, b, e);
+        });
       });
       break;
     }
@@ -189,6 +191,10 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
       }
       break;
     case kAvx2: {
+      if (m == 1 && WithoutInt8Min(xp, k)) {
+        ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) { Int8RowAvx2(xp, wp, yp, k, b, e); });
+        break;
+      }
       std::vector<int16_t> x16(xp, xp + m * k);
       WithRows(m, [&]<int M>() {
         ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) { Int8Avx2<M>(x16.data(), wp, yp, k, n, b, e); });

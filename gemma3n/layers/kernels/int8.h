@@ -50,6 +50,45 @@ AVX2_TARGET void Int8Avx2(const int16_t* x16, const int8_t* w, int32_t* y, int64
   }
 }
 
+// True if x [count] holds no -128: the condition of Int8RowAvx2.
+inline bool WithoutInt8Min(const int8_t* x, int64_t count) {
+  return std::find(x, x + count, int8_t{-128}) == x + count;
+}
+
+// One row of x, with no -128 in it (WithoutInt8Min), a single stream through the weight. Per
+// 32 weight bytes, vpmaddubsw multiplies |w| (unsigned) by x·sign(w) (signed) and adds the
+// products in pairs: |x| <= 127 and |w| <= 128, so a pair's sum is at most 2·127·128 = 32512
+// and never saturates int16; vpmaddwd by ones then widens the pairs to int32. Exact, in 5
+// instructions per 32 bytes, where widening the weight to int16 takes 8.
+AVX2_TARGET INLINE __m256i Int8SignedPairs(const int8_t* x, const int8_t* w, __m256i acc) {
+  __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+AVX2_TARGET inline void Int8RowAvx2(const int8_t* x, const int8_t* w, int32_t* y, int64_t k,
+                                    int64_t begin, int64_t end) {
+  constexpr int64_t kStep = 32;
+  for (int64_t r = begin; r < end; ++r) {
+    const int8_t* row = w + r * k;
+    // Two accumulators: two independent chains.
+    __m256i acc[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    int64_t j = 0;
+    for (; j + 2 * kStep <= k; j += 2 * kStep) {
+      acc[0] = Int8SignedPairs(x + j, row + j, acc[0]);
+      acc[1] = Int8SignedPairs(x + j + kStep, row + j + kStep, acc[1]);
+    }
+    if (j + kStep <= k) {
+      acc[0] = Int8SignedPairs(x + j, row + j, acc[0]);
+      j += kStep;
+    }
+    int32_t s = Hsum256i(_mm256_add_epi32(acc[0], acc[1]));
+    for (; j < k; ++j) s += int32_t{x[j]} * int32_t{row[j]};
+    y[r] = s;
+  }
+}
+
 // One row of x (a single stream through the weight, which the hardware prefetchers follow
 // best). xu: x + 128 as unsigned bytes [K] (vpdpbusd multiplies unsigned by signed bytes); the
 // weight row's own sum, times 128, is taken off again at the end.
