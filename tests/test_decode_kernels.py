@@ -22,9 +22,11 @@ F32_EPS = 2.0 ** -24        # float32 unit roundoff
 # count of the register tiles (M >= 2: one tile up to 4 rows, two of 2-4 rows up to 8, then a
 # tile of 4 and the rest split so again: 9 = 4 + 3 + 2, 16 = 4 + 4 + 4 + 4), N off their 4
 # weight rows; the 2049 shapes' weights are split across threads in chunks of rows that are
-# not whole tiles either (ParallelFor's grain: 65536 bytes of the weight).
+# not whole tiles either (ParallelFor's grain: 65536 bytes of the weight); one row of K past
+# kRowKernelMaxK (8192), which the AVX-512 bf16 kernel computes with the tile, not the row loop.
 SHAPES = [(1, 1, 1), (1, 2048, 96), (3, 77, 45), (8, 1000, 33), (2, 63, 130), (4, 129, 7),
-          (5, 64, 9), (6, 31, 5), (7, 2049, 37), (9, 95, 11), (13, 33, 6), (16, 2049, 21)]
+          (5, 64, 9), (6, 31, 5), (7, 2049, 37), (9, 95, 11), (13, 33, 6), (16, 2049, 21),
+          (1, 8243, 11)]
 
 
 pytestmark = pytest.mark.skipif(decode_kernels._library() is None,
@@ -108,9 +110,10 @@ def test_gathered_rows_equal_xla_exactly(isa, rows, c, f, d):
 
 # (rows, K or D, C, F, count): K and D off the vector widths and strips (32 bf16 columns
 # AVX-512, 16 AVX2), odd counts (rows go in pairs), none used, all used, and row blocks of 64
-# crossed (the down kernel walks its rows in blocks).
+# crossed (the down kernel walks its rows in blocks); one row of K past kRowKernelMaxK.
 GATHERED = [(1, 70, 40, 300, 33), (3, 2048, 300, 1000, 257), (8, 32, 64, 64, 64),
-            (5, 17, 10, 50, 0), (2, 129, 150, 200, 149), (8, 2049, 7, 9, 7), (16, 40, 90, 120, 77)]
+            (5, 17, 10, 50, 0), (2, 129, 150, 200, 149), (8, 2049, 7, 9, 7), (16, 40, 90, 120, 77),
+            (1, 8243, 13, 40, 11)]
 
 
 def _gathered_operands(rows, k, c, f, seed=4):

@@ -259,7 +259,12 @@ AVX512_TARGET void Bf16BlockAvx512(const uint16_t* x, const Rows& w, float* y, i
     Bf16BlockAvx512<M - kFirst, RW>(x + kFirst * k, w, y + kFirst * n, k, n, r);
 }
 
-// M >= 2 rows of x (Bf16RowAvx512 takes M = 1), weight rows [begin, end).
+// Above this many values (16 KB in bf16) a row of x is re-read from L2 for every weight row
+// (Zen 4's L1 holds 32 KB, which the weight streams through): one row of x then takes the tile
+// of kTileWeightRows weight rows, which loads x once for all of them.
+constexpr int64_t kRowKernelMaxK = 8192;
+
+// M rows of x (Bf16RowAvx512 takes M = 1 up to kRowKernelMaxK), weight rows [begin, end).
 template <int M, typename Rows>
 AVX512_TARGET void Bf16TiledAvx512(const uint16_t* x, const Rows& w, float* y, int64_t k,
                                    int64_t n, int64_t begin, int64_t end) {

@@ -3,8 +3,9 @@
 // custom calls (gemma3n/layers/decode_kernels.py). Each one streams the weight once, its rows
 // split across XLA's own CPU thread pool, with the widest instructions the CPU has, picked at
 // run time (or capped by the `isa` attribute, so tests reach every variant on one machine):
-//   bf16 x bf16 -> f32   AVX-512 BF16 vdpbf16ps | AVX2 FMA | scalar
-//   s8 x s8 -> s32       AVX-512 VNNI vpdpbusd  | AVX2 vpmaddwd | scalar    (exact)
+//   bf16 x bf16 -> f32   AVX-512 BF16 vdpbf16ps | AVX2 FMA on even/odd halves | scalar
+//   s8 x s8 -> s32       AVX-512 VNNI vpdpbusd  | AVX2 vpmaddubsw (one row, x without -128)
+//                        or vpmaddwd | scalar    (exact)
 //   s8 x int4 -> f32     int4 in groups of kInt4Group along K, one f16 scale per group;
 //                        group sums exact in int32, then scaled and summed in float32.
 //   int4 -> bf16         the int4 weight dequantized, for XLA's product of a prefill chunk.
@@ -58,7 +59,7 @@ void Bf16Rows(ffi::ThreadPool& pool, const uint16_t* xp, const Rows& w, float* y
     case kAvx512:
       WithRows(m, [&]<int M>() {
         ParallelFor(pool, rows, grain, [&](int64_t b, int64_t e) {
-          if constexpr (M == 1) Bf16RowAvx512(xp, w, yp, k, b, e);
+          if (M == 1 && k <= kRowKernelMaxK) Bf16RowAvx512(xp, w, yp, k, b, e);
           else Bf16TiledAvx512<M>(xp, w, yp, k, n, b, e);
         });
       });
