@@ -69,6 +69,10 @@ constexpr int64_t kBf16Half = kBf16Block / 2;
 // of the 16 registers. Two weight rows a tile with one accumulator a pair (14 registers) ran
 // slower: 25.6 ms against 18.5 for FFN gate + up at 8 rows, in one run on a Zen 3.
 constexpr int kTileWeightRowsAvx2 = 1;
+// One row of x past kRowKernelMaxK takes two weight rows a tile: 4 accumulators, 4 weight
+// halves and 2 of x (FFN down at one row: 16.3-16.6 GB/s a row at a time, 27.7-29.4 two rows
+// at a time, three rounds alternated on a Zen 4 running the AVX2 kernels; three rows: 28 GB/s).
+constexpr int kLongRowTileWeightRowsAvx2 = 2;
 
 // x [M, K] as float32 for the AVX2 kernels: each whole block of 16 values as its 8 even-indexed
 // values, then its 8 odd-indexed ones; the last K % 16 values in order.
@@ -178,13 +182,13 @@ AVX2_TARGET void Bf16BlockAvx2(const float* xs, const Rows& w, float* y, int64_t
     Bf16BlockAvx2<M - kFirst, RW>(xs + kFirst * k, w, y + kFirst * n, k, n, r);
 }
 
-// M >= 2 rows of split x (Bf16RowAvx2 takes M = 1), weight rows [begin, end).
-template <int M, typename Rows>
+// M rows of split x (Bf16RowAvx2 takes M = 1 up to kRowKernelMaxK), weight rows [begin, end),
+// RW at a time.
+template <int M, int RW, typename Rows>
 AVX2_TARGET void Bf16TiledAvx2(const float* xs, const Rows& w, float* y, int64_t k, int64_t n,
                                int64_t begin, int64_t end) {
   int64_t r = begin;
-  for (; r + kTileWeightRowsAvx2 <= end; r += kTileWeightRowsAvx2)
-    Bf16BlockAvx2<M, kTileWeightRowsAvx2>(xs, w, y, k, n, r);
+  for (; r + RW <= end; r += RW) Bf16BlockAvx2<M, RW>(xs, w, y, k, n, r);
   for (; r < end; ++r) Bf16BlockAvx2<M, 1>(xs, w, y, k, n, r);
 }
 
@@ -258,11 +262,6 @@ AVX512_TARGET void Bf16BlockAvx512(const uint16_t* x, const Rows& w, float* y, i
   if constexpr (M > kFirst)
     Bf16BlockAvx512<M - kFirst, RW>(x + kFirst * k, w, y + kFirst * n, k, n, r);
 }
-
-// Above this many values (16 KB in bf16) a row of x is re-read from L2 for every weight row
-// (Zen 4's L1 holds 32 KB, which the weight streams through): one row of x then takes the tile
-// of kTileWeightRows weight rows, which loads x once for all of them.
-constexpr int64_t kRowKernelMaxK = 8192;
 
 // M rows of x (Bf16RowAvx512 takes M = 1 up to kRowKernelMaxK), weight rows [begin, end).
 template <int M, typename Rows>

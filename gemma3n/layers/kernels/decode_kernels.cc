@@ -68,8 +68,10 @@ void Bf16Rows(ffi::ThreadPool& pool, const uint16_t* xp, const Rows& w, float* y
       std::vector<float> xs = SplitBf16X(xp, m, k);
       WithRows(m, [&]<int M>() {
         ParallelFor(pool, rows, grain, [&](int64_t b, int64_t e) {
-          if constexpr (M == 1) Bf16RowAvx2(xs.data(), w, yp, k, b, e);
-          else Bf16TiledAvx2<M>(xs.data(), w, yp, k, n, b, e);
+          if (M == 1 && k <= kRowKernelMaxK) Bf16RowAvx2(xs.data(), w, yp, k, b, e);
+          else if constexpr (M == 1)
+            Bf16TiledAvx2<1, kLongRowTileWeightRowsAvx2>(xs.data(), w, yp, k, n, b, e);
+          else Bf16TiledAvx2<M, kTileWeightRowsAvx2>(xs.data(), w, yp, k, n, b, e);
         });
       });
       break;
@@ -176,7 +178,7 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
   switch (Choose(isa)) {
 #ifdef GEMMA3N_X86
     case kAvx512:
-      if (m == 1) {
+      if (m == 1 && k <= kRowKernelMaxK) {
         std::vector<uint8_t> xu(k);
         for (int64_t i = 0; i < k; ++i) xu[i] = static_cast<uint8_t>(int32_t{xp[i]} + 128);
         ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) { Int8RowAvx512(xu.data(), wp, yp, k, b, e); });
@@ -184,16 +186,18 @@ ffi::Error Int8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
         std::vector<int32_t> xsum(m, 0);
         for (int64_t i = 0; i < m * k; ++i) xsum[i / k] += xp[i];
         WithRows(m, [&]<int M>() {
-          if constexpr (M > 1)
-            ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) {
-              Int8TiledAvx512<M>(xp, xsum.data(), wp, yp, k, n, b, e);
-            });
+          ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) {
+            Int8TiledAvx512<M>(xp, xsum.data(), wp, yp, k, n, b, e);
+          });
         });
       }
       break;
     case kAvx2: {
       if (m == 1 && WithoutInt8Min(xp, k)) {
-        ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) { Int8RowAvx2(xp, wp, yp, k, b, e); });
+        ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) {
+          if (k <= kRowKernelMaxK) Int8RowAvx2(xp, wp, yp, k, b, e);
+          else Int8RowsTileAvx2<kTileWeightRows>(xp, wp, yp, k, b, e);
+        });
         break;
       }
       std::vector<int16_t> x16(xp, xp + m * k);
@@ -231,7 +235,10 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
       bool wide = Choose(isa) == kAvx512;
       WithRows(m, [&]<int M>() {
         ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) {
-          if (wide) Int4Avx512<M>(op, b, e);
+          bool tile = M == 1 && k > kRowKernelMaxK;
+          if (wide && tile) Int4RowsTileAvx512<kTileWeightRows>(op, b, e);
+          else if (wide) Int4Avx512<M>(op, b, e);
+          else if (tile) Int4RowsTileAvx2<kTileWeightRows>(op, b, e);
           else Int4Avx2<M>(op, b, e);
         });
       });

@@ -98,35 +98,60 @@ struct Int4Tail {
 };
 
 #ifdef GEMMA3N_X86
-// One chunk of kInt4Chunk values (4 groups, 64 bytes) of an int4 row, in halves of two groups:
-// the low nibbles of a half's 32 bytes are elements 0-15 of its two groups, the high ones
-// elements 16-31, as bytes; xs holds x in that order (Int4Operands), so each int32 lane sums 8
-// products of one group. neg: minus the offset's share per lane; s: the 4 groups' scales.
+// A chunk of kInt4Chunk values (4 groups, 64 bytes) of an int4 row goes to AVX2 in halves of two
+// groups: the low nibbles of a half's 32 bytes are elements 0-15 of its two groups, the high
+// ones elements 16-31, as bytes; xs holds x in that order (Int4Operands), so each int32 lane
+// sums 8 products of one group. Half h's nibbles, and its two groups' scales over the lanes
+// (lanes 0-3 group 2h, lanes 4-7 group 2h + 1; s4: the chunk's 4 scales).
+struct Int4HalfAvx2 {
+  __m256i lo, hi;
+  __m256 scales;
+};
+
+AVX2_TARGET INLINE __m256 Int4ScalesAvx2(const uint16_t* s) {
+  return _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))));
+}
+
+AVX2_TARGET INLINE Int4HalfAvx2 UnpackInt4HalfAvx2(const uint8_t* bytes, __m256 s4, int h) {
+  const __m256i mask = _mm256_set1_epi8(0x0f);
+  __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 32 * h));
+  return {_mm256_and_si256(b, mask), _mm256_and_si256(_mm256_srli_epi16(b, 4), mask),
+          _mm256_permutevar8x32_ps(s4, _mm256_set_epi32(2 * h + 1, 2 * h + 1, 2 * h + 1,
+                                                        2 * h + 1, 2 * h, 2 * h, 2 * h, 2 * h))};
+}
+
+// acc + (a half · x's matching bytes x_lo, x_hi, starting each lane from neg) · scales.
+AVX2_TARGET INLINE __m256 Int4HalfFmaAvx2(const Int4HalfAvx2& w, __m256i x_lo, __m256i x_hi,
+                                          __m256i neg, __m256 acc) {
+  // Pair sums of at most 2 x 15 x 128 in magnitude, low plus high: no int16 saturation.
+  __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(w.lo, x_lo), _mm256_maddubs_epi16(w.hi, x_hi));
+  __m256i d = _mm256_add_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), neg);
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), w.scales, acc);
+}
+
+// x's bytes for half h of a chunk (xi: the chunk's in xs), and the lanes' neg.
+AVX2_TARGET INLINE void LoadInt4XAvx2(const int8_t* xi, const int32_t* neg, int h, __m256i& x_lo,
+                                      __m256i& x_hi, __m256i& neg_h) {
+  x_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi + 32 * h));
+  x_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi + 32 * h + kInt4Chunk / 2));
+  neg_h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(neg + 8 * h));
+}
+
+// One chunk of a weight row against M rows of x. neg: minus the offset's share per lane; s: the
+// 4 groups' scales.
 template <int M>
 AVX2_TARGET INLINE void Int4ChunkAvx2(const uint8_t* bytes, const uint16_t* s, const int8_t* xs,
                                       const int32_t* neg, int64_t xs_row, int64_t neg_row,
                                       __m256 (&acc)[M]) {
-  const __m256i mask = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-  __m256 s4 = _mm256_castps128_ps256(
-      _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s))));
+  __m256 s4 = Int4ScalesAvx2(s);
   UNROLL
   for (int h = 0; h < 2; ++h) {
-    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 32 * h));
-    __m256i lo = _mm256_and_si256(b, mask), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), mask);
-    // Lanes 0-3 group 2h, lanes 4-7 group 2h + 1.
-    __m256 sv = _mm256_permutevar8x32_ps(s4, _mm256_set_epi32(2 * h + 1, 2 * h + 1, 2 * h + 1,
-                                                              2 * h + 1, 2 * h, 2 * h, 2 * h, 2 * h));
+    Int4HalfAvx2 w = UnpackInt4HalfAvx2(bytes, s4, h);
     UNROLL
     for (int i = 0; i < M; ++i) {
-      const int8_t* xi = xs + i * xs_row + 32 * h;
-      // Pair sums of at most 2 x 15 x 128 in magnitude, low plus high: no int16 saturation.
-      __m256i pairs = _mm256_add_epi16(
-          _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xi))),
-          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(
-                                       reinterpret_cast<const __m256i*>(xi + kInt4Chunk / 2))));
-      __m256i d = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), _mm256_loadu_si256(
-          reinterpret_cast<const __m256i*>(neg + i * neg_row + 8 * h)));
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sv, acc[i]);
+      __m256i x_lo, x_hi, neg_h;
+      LoadInt4XAvx2(xs + i * xs_row, neg + i * neg_row, h, x_lo, x_hi, neg_h);
+      acc[i] = Int4HalfFmaAvx2(w, x_lo, x_hi, neg_h, acc[i]);
     }
   }
 }
@@ -151,28 +176,74 @@ AVX2_TARGET void Int4Avx2(const Int4Operands& op, int64_t begin, int64_t end) {
   }
 }
 
-// One chunk (see Int4ChunkAvx2) in one step: the 64 bytes' low nibbles are elements 0-15 of
-// the 4 groups, the high ones elements 16-31, so lane l of vpdpbusd sums products of group l / 4.
+// One row of x past kRowKernelMaxK, R weight rows at a time: each half-chunk of x is loaded
+// once for all R. The last rows of the range, fewer than R, take the row loop.
+template <int R>
+AVX2_TARGET void Int4RowsTileAvx2(const Int4Operands& op, int64_t begin, int64_t end) {
+  int64_t r = begin;
+  for (; r + R <= end; r += R) {
+    __m256 acc[R];
+    UNROLL
+    for (int j = 0; j < R; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < op.FullChunks(); ++c)
+      UNROLL
+      for (int h = 0; h < 2; ++h) {
+        __m256i x_lo, x_hi, neg;
+        LoadInt4XAvx2(op.XsAt(c), op.NegAt(c), h, x_lo, x_hi, neg);
+        UNROLL
+        for (int j = 0; j < R; ++j)
+          acc[j] = Int4HalfFmaAvx2(
+              UnpackInt4HalfAvx2(op.Bytes(r + j, c), Int4ScalesAvx2(op.Scales(r + j, c)), h),
+              x_lo, x_hi, neg, acc[j]);
+      }
+    UNROLL
+    for (int j = 0; j < R; ++j) {
+      __m256 one[1] = {acc[j]};
+      if (op.FullChunks() < op.chunks) {
+        Int4Tail tail(op, r + j);
+        Int4ChunkAvx2<1>(tail.bytes, tail.scales, op.XsAt(op.FullChunks()),
+                         op.NegAt(op.FullChunks()), op.xs_row, op.neg_row, one);
+      }
+      op.y[r + j] = Hsum256(one[0]);
+    }
+  }
+  if (r < end) Int4Avx2<1>(op, r, end);
+}
+
+// AVX-512 takes a chunk in one step: the 64 bytes' low nibbles are elements 0-15 of the 4
+// groups, the high ones elements 16-31, so lane l of vpdpbusd sums products of group l / 4.
 // (Reading 2 or 4 rows at once, to share the loads of x, ran ~1.3x faster on a weight in the
-// cache, but 2x slower streaming one from memory: rows 1 KB apart defeat the prefetchers.)
+// cache, but 2x slower streaming one from memory at K = 2048: see kRowKernelMaxK.)
+struct Int4ChunkBitsAvx512 {
+  __m512i lo, hi;
+  __m512 scales;
+};
+
+AVX512_TARGET INLINE Int4ChunkBitsAvx512 UnpackInt4ChunkAvx512(const uint8_t* bytes,
+                                                               const uint16_t* s) {
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  __m512i b = _mm512_loadu_si512(bytes);
+  return {_mm512_and_si512(b, mask), _mm512_and_si512(_mm512_srli_epi16(b, 4), mask),
+          _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
+              _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)))))};
+}
+
+// acc + (a chunk · x's bytes xi (a chunk of xs), starting each lane from neg) · scales.
+AVX512_TARGET INLINE __m512 Int4ChunkFmaAvx512(const Int4ChunkBitsAvx512& w, const int8_t* xi,
+                                               const int32_t* neg, __m512 acc) {
+  __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(neg), w.lo, _mm512_loadu_si512(xi));
+  d = _mm512_dpbusd_epi32(d, w.hi, _mm512_loadu_si512(xi + kInt4Chunk / 2));
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), w.scales, acc);
+}
+
 template <int M>
 AVX512_TARGET INLINE void Int4ChunkAvx512(const uint8_t* bytes, const uint16_t* s,
                                           const int8_t* xs, const int32_t* neg, int64_t xs_row,
                                           int64_t neg_row, __m512 (&acc)[M]) {
-  const __m512i mask = _mm512_set1_epi8(0x0f);
-  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  __m512i b = _mm512_loadu_si512(bytes);
-  __m512i lo = _mm512_and_si512(b, mask), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), mask);
-  __m512 sv = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(
-      _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)))));
+  Int4ChunkBitsAvx512 w = UnpackInt4ChunkAvx512(bytes, s);
   UNROLL
-  for (int i = 0; i < M; ++i) {
-    const int8_t* xi = xs + i * xs_row;
-    __m512i d = _mm512_loadu_si512(neg + i * neg_row);
-    d = _mm512_dpbusd_epi32(d, lo, _mm512_loadu_si512(xi));
-    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xi + kInt4Chunk / 2));
-    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sv, acc[i]);
-  }
+  for (int i = 0; i < M; ++i) acc[i] = Int4ChunkFmaAvx512(w, xs + i * xs_row, neg + i * neg_row, acc[i]);
 }
 
 template <int M>
@@ -193,6 +264,34 @@ AVX512_TARGET void Int4Avx512(const Int4Operands& op, int64_t begin, int64_t end
     UNROLL
     for (int i = 0; i < M; ++i) op.y[i * op.n + r] = _mm512_reduce_add_ps(acc[i]);
   }
+}
+
+// As Int4RowsTileAvx2: one row of x past kRowKernelMaxK, R weight rows at a time (x's loads
+// are the same for each, which the compiler keeps in registers).
+template <int R>
+AVX512_TARGET void Int4RowsTileAvx512(const Int4Operands& op, int64_t begin, int64_t end) {
+  int64_t r = begin;
+  for (; r + R <= end; r += R) {
+    __m512 acc[R];
+    UNROLL
+    for (int j = 0; j < R; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < op.FullChunks(); ++c)
+      UNROLL
+      for (int j = 0; j < R; ++j)
+        acc[j] = Int4ChunkFmaAvx512(UnpackInt4ChunkAvx512(op.Bytes(r + j, c), op.Scales(r + j, c)),
+                                    op.XsAt(c), op.NegAt(c), acc[j]);
+    UNROLL
+    for (int j = 0; j < R; ++j) {
+      __m512 one[1] = {acc[j]};
+      if (op.FullChunks() < op.chunks) {
+        Int4Tail tail(op, r + j);
+        Int4ChunkAvx512<1>(tail.bytes, tail.scales, op.XsAt(op.FullChunks()),
+                           op.NegAt(op.FullChunks()), op.xs_row, op.neg_row, one);
+      }
+      op.y[r + j] = _mm512_reduce_add_ps(one[0]);
+    }
+  }
+  if (r < end) Int4Avx512<1>(op, r, end);
 }
 #endif  // GEMMA3N_X86
 

@@ -89,6 +89,39 @@ AVX2_TARGET inline void Int8RowAvx2(const int8_t* x, const int8_t* w, int32_t* y
   }
 }
 
+// As Int8RowAvx2 (no -128 in x), for one row of x past kRowKernelMaxK: R weight rows at a time,
+// each load of x serving all R; the last rows of the range, fewer than R, take Int8RowAvx2.
+template <int R>
+AVX2_TARGET void Int8RowsTileAvx2(const int8_t* x, const int8_t* w, int32_t* y, int64_t k,
+                                  int64_t begin, int64_t end) {
+  constexpr int64_t kStep = 32;
+  const __m256i ones = _mm256_set1_epi16(1);
+  int64_t r = begin;
+  for (; r + R <= end; r += R) {
+    const int8_t* row = w + r * k;
+    __m256i acc[R];
+    UNROLL
+    for (int t = 0; t < R; ++t) acc[t] = _mm256_setzero_si256();
+    int64_t j = 0;
+    for (; j + kStep <= k; j += kStep) {
+      __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
+      UNROLL
+      for (int t = 0; t < R; ++t) {
+        __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + t * k + j));
+        __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv));
+        acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+    UNROLL
+    for (int t = 0; t < R; ++t) {
+      int32_t s = Hsum256i(acc[t]);
+      for (int64_t i = j; i < k; ++i) s += int32_t{x[i]} * int32_t{row[t * k + i]};
+      y[r + t] = s;
+    }
+  }
+  Int8RowAvx2(x, w, y, k, r, end);
+}
+
 // One row of x (a single stream through the weight, which the hardware prefetchers follow
 // best). xu: x + 128 as unsigned bytes [K] (vpdpbusd multiplies unsigned by signed bytes); the
 // weight row's own sum, times 128, is taken off again at the end.
@@ -162,8 +195,8 @@ AVX512_TARGET void Int8BlockAvx512(const int8_t* x, const int32_t* xsum, const i
     Int8BlockAvx512<M - kFirst, RW>(x + kFirst * k, xsum + kFirst, w, y + kFirst * n, k, n, r);
 }
 
-// M >= 2 rows of x (Int8RowAvx512 takes M = 1), weight rows [begin, end); xsum [M]:
-// the sums of x's rows.
+// M rows of x (Int8RowAvx512 takes M = 1 up to kRowKernelMaxK), weight rows [begin, end);
+// xsum [M]: the sums of x's rows.
 template <int M>
 AVX512_TARGET void Int8TiledAvx512(const int8_t* x, const int32_t* xsum, const int8_t* w,
                                    int32_t* y, int64_t k, int64_t n,
