@@ -119,3 +119,29 @@ def test_a_source_change_makes_new_programs(setup, folder, monkeypatch):
     monkeypatch.setattr(exported_programs, 'source_digest', lambda: 'another source')
     sample(model, params)
     assert stored(folder) == ['prefill'] * 2 + ['step'] * 2
+
+
+@pytest.mark.parametrize('kept', [False, True])
+def test_a_leaf_reused_or_replaced_keeps_its_own_program(tmp_path, kept):
+    # Signatures are reused for the very JAX arrays of the previous call (the weights of every
+    # step); a new array in the same place, or a NumPy array reshaped in place, is looked at
+    # anew. The donated argument is consumed each call, as the cache is.
+    keep_exported_programs(tmp_path if kept else None)
+    try:
+        fn = exported_programs.ExportedJit(lambda w, x: (w * x).sum(axis=-1), name='probe',
+                                           context='', donate_argnames=('x',))
+        w = jnp.arange(6.0).reshape(2, 3)
+        np.testing.assert_array_equal(fn(w, jnp.ones((2, 3))), [3.0, 12.0])
+        np.testing.assert_array_equal(fn(w, jnp.full((2, 3), 2.0, jnp.float32)), [6.0, 24.0])
+        assert fn.programs == 1
+        wider = jnp.arange(8.0).reshape(2, 4)
+        np.testing.assert_array_equal(fn(wider, jnp.ones((2, 4))), [6.0, 22.0])
+        assert fn.programs == 2
+        host = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+        np.testing.assert_array_equal(fn(host, jnp.ones((2, 3))), [3.0, 12.0])
+        host.shape = (3, 2)
+        np.testing.assert_array_equal(fn(host, jnp.ones((3, 2))), [1.0, 5.0, 9.0])
+        assert fn.programs == 3          # the (2, 3) host array took w's program
+        assert stored(tmp_path) == (['probe'] * 3 if kept else [])
+    finally:
+        keep_exported_programs(None)
