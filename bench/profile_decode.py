@@ -38,6 +38,7 @@ import numpy as np
 
 from bench import common
 from bench.side_ours import load_to_device
+from gemma3n.compiler_options import compiler_options
 from gemma3n.embedder import split_per_layer_table
 from gemma3n.layers import contract
 from gemma3n.layout import quantize, to_serving
@@ -61,12 +62,13 @@ WEIGHT_SEARCH_DEPTH = 2     # a dot reads a weight through at most a convert and
 # ---- the step as the Sampler runs it ------------------------------------------------------------
 
 def make_step(model: Gemma3nTransformer) -> Callable:
-    """The decode step: one token in, logits of it and the updated cache out (cache donated)."""
+    """The decode step: one token in, logits of it and the updated cache out (cache donated),
+    compiled as the engine compiles it."""
     def step(params, token, cache, per_layer=None):
         out = model.apply({'params': params}, token, cache=cache, return_last_only=True,
                           per_layer_embeddings=per_layer)
         return out.logits, out.cache
-    return jax.jit(step, donate_argnums=(2,))
+    return jax.jit(step, donate_argnums=(2,), compiler_options=compiler_options())
 
 
 def prefilled_cache(model: Gemma3nTransformer, params: Any, vocab: int) -> Any:

@@ -41,6 +41,7 @@ import jax
 import jaxlib
 import numpy as np
 
+from gemma3n.compiler_options import compiler_options
 from gemma3n.layers import decode_kernels
 
 # Inside JAX's cache folder: JAX's own entries are files '<key>-cache' at its top level only.
@@ -105,7 +106,8 @@ class ExportedJit:
         self._fn = fn
         self._name = name
         self._context = context
-        self._jit = jax.jit(fn, donate_argnames=tuple(donate_argnames))
+        self._jit = jax.jit(fn, donate_argnames=tuple(donate_argnames),
+                            compiler_options=compiler_options())
         parameters = list(inspect.signature(fn).parameters)
         self._donated = frozenset(parameters.index(name) for name in donate_argnames)
         self._callers: dict[tuple, Callable] = {}
@@ -151,7 +153,8 @@ class ExportedJit:
         donate = tuple(i for i, owner in enumerate(owners) if owner in self._donated)
         folder = _folder
         if folder is None or any(spread for _, spread in signature[1]):
-            return jax.jit(self._flat(tree), donate_argnums=donate)
+            return jax.jit(self._flat(tree), donate_argnums=donate,
+                           compiler_options=compiler_options())
         key = hashlib.sha256(repr((self._name, self._context, str(tree),
                                    [str(aval) for aval, _ in signature[1]],
                                    _environment())).encode()).hexdigest()
@@ -160,7 +163,7 @@ class ExportedJit:
         if exported is None:
             exported = self._export([aval for aval, _ in signature[1]], tree)
             _write(path, exported)
-        return jax.jit(exported.call, donate_argnums=donate)
+        return jax.jit(exported.call, donate_argnums=donate, compiler_options=compiler_options())
 
     def _flat(self, tree: Any) -> Callable:
         """`fn` taking the leaves of arguments of structure `tree` (its own tree out)."""

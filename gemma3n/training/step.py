@@ -32,6 +32,7 @@ import optax
 from jax.sharding import Mesh
 
 from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
+from gemma3n.compiler_options import compiler_options
 from gemma3n.embedder import EMBEDDING_TABLE_PATH
 from gemma3n.layers import axes
 from gemma3n.schema import model_schema
@@ -46,19 +47,6 @@ TARGET_KEY, LOSS_MASK_KEY = 'batch.target', 'batch.loss_mask'
 DROPOUT_RNG = 'dropout'
 # The one parameter the unembedding reads (the tied table).
 EMBEDDER, TABLE = EMBEDDING_TABLE_PATH.split('/')
-# XLA's CPU backend hands a reduction fused with its operands (the backward of a broadcast
-# product: AltUp's correction, the norms) to YNNPACK by default, where it runs 10-100x slower
-# than XLA's own loops ([4, 1, 128, 2048] summed over its first axis: 33 ms instead of 0.2 ms).
-# The steps send only the matrix products there: a LoRA step at E4B widths (5 layers, 1 x 512,
-# 2 CPUs) ran 6% faster and held 30% less temporary memory (1.47 -> 1.04 GB).
-CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
-
-
-def compiler_options() -> dict[str, str]:
-    """XLA options of the train and eval steps on the default backend."""
-    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else {}
-
-
 class TrainState(flax.struct.PyTreeNode):
     """step: int32 scalar; trainable: float32 tree; opt_state: the optimizer's; rng: uint32
     key data (a raw array, so checkpoints store it as numbers)."""

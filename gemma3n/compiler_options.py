@@ -1,0 +1,25 @@
+"""XLA options of the model's programs: the engine's prefill and decode steps
+(`gemma3n.exported_programs`) and the training steps (`gemma3n.training.step`).
+
+XLA's CPU backend hands some fusions to YNNPACK by default: reductions fused with their operands
+(a norm's sum of squares, an activation row's absolute maximum before an int8/int4 product, the
+backward of a broadcast product such as AltUp's correction) as well as matrix products. Small
+ones pay YNNPACK's call overhead, ~50 us each, where XLA's own loops take 2-3 us; large ones ran
+10-100x slower in a train step ([4, 1, 128, 2048] summed over its first axis: 33 ms against
+0.2 ms). Sending only the products there:
+- a LoRA step at E4B widths (5 layers, 1 x 512, 2 CPUs) ran 6% faster and held 30% less
+  temporary memory (1.47 -> 1.04 GB);
+- an E4B int4 decode step dropped its ~150 YNNPACK reductions (bench/README.md, "Decode with
+  only the products in YNNPACK").
+"""
+
+from __future__ import annotations
+
+import jax
+
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+
+
+def compiler_options() -> dict[str, str]:
+    """XLA options for a program compiled for the default backend (none off a CPU)."""
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else {}
