@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
@@ -39,6 +40,7 @@ MESHES = ('data=8', 'data=2,tensor=4', 'fsdp=4,tensor=2', 'tensor=8')
 TOLERANCE = 1e-5
 LAYERS = 3                     # the worker's config
 LOGITS_SIZE = 8 * 516          # the worker's batch x vocabulary
+MESHES_DONE = 'done'           # marks a finished run in the shared folder of xdist's workers
 
 E4B_EMBED = (axes.VOCAB, axes.EMBED), (262144, 2048)
 E4B_Q = (axes.Q_HEADS, axes.EMBED, axes.HEAD_DIM), (8, 2048, 256)
@@ -209,12 +211,9 @@ def _finish(process: subprocess.Popen, log: Path, timeout: int = WORKER_TIMEOUT_
     assert process.returncode == 0, log.read_text()[-3000:]
 
 
-@pytest.fixture(scope='module')
-def meshes(tmp_path_factory):
-    """The worker's report (tests/sharding_worker.py: every mesh against one device), its
-    folder, and the outputs of 2 processes x 2 devices: all three run at once (the processes
-    wait for each other, and the two cores of a small machine both compile)."""
-    folder = tmp_path_factory.mktemp('meshes')
+def _run_meshes(folder: Path) -> None:
+    """The worker's `meshes` run and 2 processes x 2 devices, all at once (the processes wait
+    for each other, and the two cores of a small machine both compile), into `folder`."""
     coordinator = f'127.0.0.1:{_free_port()}'
     runs = [(_worker(folder / 'meshes.log', 'meshes', str(folder)), folder / 'meshes.log',
              WORKER_TIMEOUT_S)]
@@ -230,6 +229,26 @@ def meshes(tmp_path_factory):
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture(scope='module')
+def meshes(tmp_path_factory, worker_id):
+    """The worker's report (tests/sharding_worker.py: every mesh against one device), its
+    folder, and the outputs of 2 processes x 2 devices. Made once per test run: under xdist the
+    first worker to need it runs it while the other waits on a lock in the run's shared folder
+    (each worker built it on its own before: ~190 s of 6 processes on 2 cores, twice)."""
+    if worker_id == 'master':
+        folder = tmp_path_factory.mktemp('meshes')
+        _run_meshes(folder)
+    else:
+        shared = tmp_path_factory.getbasetemp().parent     # this run's, one for all workers
+        folder = shared / 'meshes'
+        with FileLock(str(shared / 'meshes.lock')):
+            if not (folder / MESHES_DONE).exists():
+                # A worker whose run failed leaves no mark: the next one runs it again.
+                folder.mkdir(exist_ok=True)
+                _run_meshes(folder)
+                (folder / MESHES_DONE).touch()
     return json.loads((folder / 'report.json').read_text()), folder
 
 
