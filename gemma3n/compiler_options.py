@@ -5,8 +5,8 @@ XLA's CPU backend hands some fusions to YNNPACK by default: reductions fused wit
 (a norm's sum of squares, an activation row's absolute maximum before an int8/int4 product, the
 backward of a broadcast product such as AltUp's correction) as well as matrix products. Small
 ones pay YNNPACK's call overhead (~50 us each in a profiler trace, where XLA's own loops take
-2-3 us); large ones ran 10-100x slower in a train step ([4, 1, 128, 2048] summed over its first axis: 33 ms against
-0.2 ms). Sending only the products there:
+2-3 us); large ones ran 10-100x slower in a train step ([4, 1, 128, 2048] summed over its first
+axis: 33 ms against 0.2 ms). Sending only the products there:
 - a LoRA step at E4B widths (5 layers, 1 x 512, 2 CPUs) ran 6% faster and held 30% less
   temporary memory (1.47 -> 1.04 GB);
 - an E4B int4 decode step, whose ~150 small reductions now run in XLA's loops, took 1.5 ms less

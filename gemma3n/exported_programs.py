@@ -106,8 +106,9 @@ class ExportedJit:
         self._fn = fn
         self._name = name
         self._context = context
+        self._options = compiler_options()
         self._jit = jax.jit(fn, donate_argnames=tuple(donate_argnames),
-                            compiler_options=compiler_options())
+                            compiler_options=self._options)
         parameters = list(inspect.signature(fn).parameters)
         self._donated = frozenset(parameters.index(name) for name in donate_argnames)
         self._callers: dict[tuple, Callable] = {}
@@ -153,8 +154,7 @@ class ExportedJit:
         donate = tuple(i for i, owner in enumerate(owners) if owner in self._donated)
         folder = _folder
         if folder is None or any(spread for _, spread in signature[1]):
-            return jax.jit(self._flat(tree), donate_argnums=donate,
-                           compiler_options=compiler_options())
+            return jax.jit(self._flat(tree), donate_argnums=donate, compiler_options=self._options)
         key = hashlib.sha256(repr((self._name, self._context, str(tree),
                                    [str(aval) for aval, _ in signature[1]],
                                    _environment())).encode()).hexdigest()
@@ -163,7 +163,7 @@ class ExportedJit:
         if exported is None:
             exported = self._export([aval for aval, _ in signature[1]], tree)
             _write(path, exported)
-        return jax.jit(exported.call, donate_argnums=donate, compiler_options=compiler_options())
+        return jax.jit(exported.call, donate_argnums=donate, compiler_options=self._options)
 
     def _flat(self, tree: Any) -> Callable:
         """`fn` taking the leaves of arguments of structure `tree` (its own tree out)."""
