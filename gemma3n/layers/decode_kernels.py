@@ -14,9 +14,9 @@ units a decode step's tokens keep (`ids`, of which the first `count` are used),
 `gathered_dot(x, ids, count, w)` is x times those rows of the up projection and
 `gathered_sum(x, ids, count, w)` x times those rows of the down projection, read in place too.
 
-They apply on the CPU backend, with at most `MAX_ROWS` rows of x (decode; a prefill chunk keeps
-XLA's matrix kernels, which are faster there), and to a weight whose every axis is either
-contracted (last, in x's order) or an output axis x lacks. Under `jit` for another platform the
+They apply on the CPU backend, with at most `MAX_ROWS` rows of x (decode; a prefill chunk or a
+training batch takes the blocked kernel of `gemma3n.layers.gemm`, or XLA's products), and to a
+weight whose every axis is either contracted (last, in x's order) or an output axis x lacks. Under `jit` for another platform the
 XLA product is lowered instead (`jax.lax.platform_dependent`).
 
 The C++ source is compiled on first use (`gemma3n.layers.kernel_build`). `$GEMMA3N_KERNELS`
@@ -50,10 +50,11 @@ MAX_ROWS = 16
 TARGETS = {'bf16': 'gemma3n_matvec_bf16', 'int8': 'gemma3n_matvec_int8',
            'int4': 'gemma3n_matvec_int4', 'int8_rows': 'gemma3n_rows_int8',
            'bf16_gathered': 'gemma3n_gathered_bf16', 'bf16_rows': 'gemma3n_rows_bf16',
-           'int4_to_bf16': 'gemma3n_dequantize_int4_bf16'}
+           'int4_to_bf16': 'gemma3n_dequantize_int4_bf16', 'gemm_bf16': 'gemma3n_gemm_bf16'}
 _SYMBOLS = {'bf16': 'Gemma3nMatvecBf16', 'int8': 'Gemma3nMatvecInt8', 'int4': 'Gemma3nMatvecInt4',
             'int8_rows': 'Gemma3nRowsInt8', 'bf16_gathered': 'Gemma3nGatheredBf16',
-            'bf16_rows': 'Gemma3nRowsBf16', 'int4_to_bf16': 'Gemma3nDequantizeInt4Bf16'}
+            'bf16_rows': 'Gemma3nRowsBf16', 'int4_to_bf16': 'Gemma3nDequantizeInt4Bf16',
+            'gemm_bf16': 'Gemma3nGemmBf16'}
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gemma3n.layers import decode_kernels
+from gemma3n.layers import decode_kernels, gemm
 from gemma3n.layers.weights import batch_axes, declare
 
 Initializer = Callable[..., jax.Array]
@@ -165,8 +165,13 @@ def projection_param(module: nn.Module, name: str, shape: tuple[int, ...], axes:
 
 def dot(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     """jnp.einsum(eqn, x, w) accumulated in float32, returned in x's dtype (int8 operands: in
-    int32). A decode-sized product with a weight stored [out..., in...] runs on our own CPU
-    kernels (`gemma3n.layers.decode_kernels`), any other on XLA's (`_xla_dot`)."""
+    int32). On a CPU, a product with a weight stored [out..., in...] runs on our own kernels
+    where they apply: many rows in bfloat16 on `gemma3n.layers.gemm`, a decode step's few on
+    `gemma3n.layers.decode_kernels`; any other on XLA's (`_xla_dot`)."""
+    return gemm.dot(eqn, x, w, _few_rows_dot)
+
+
+def _few_rows_dot(eqn: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return decode_kernels.dot(eqn, x, w, _xla_dot)
 
 

@@ -8,6 +8,8 @@
 //                        or vpmaddwd | scalar    (exact)
 //   s8 x int4 -> f32     int4 in groups of kInt4Group along K, one f16 scale per group;
 //                        group sums exact in int32, then scaled and summed in float32.
+//   bf16 x bf16 -> f32   many rows (gemm_bf16.h): x [M, K] · w [N, K]ᵀ or, for its gradient,
+//                        g [M, N] · w [N, K]; AVX-512 BF16 only (elsewhere XLA's products)
 //   int4 -> bf16         the int4 weight dequantized, for XLA's product of a prefill chunk.
 //   s8 x gathered s8 rows -> s32   x [M, C] times rows ids[C] of a weight stored [F, D]
 //                        (not [N, K]: a sparse FFN's down projection), exact.
@@ -28,6 +30,7 @@
 
 #include "bf16.h"
 #include "common.h"
+#include "gemm_bf16.h"
 #include "int4.h"
 #include "int8.h"
 #include "rows.h"
@@ -311,6 +314,26 @@ ffi::Error RowsInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// y [M, N] = a [M, K] · w: w [N, K] transposed (layout kWeightRows) or w [K, N].
+ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> w,
+                        ffi::ResultBuffer<ffi::F32> y, int32_t layout) {
+  auto ad = a.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (ad.size() != 2 || wd.size() != 2 || yd.size() != 2 || (layout != kWeightRows && layout != kWeightColumns))
+    return ffi::Error::InvalidArgument("the bf16 product takes a [M, K], w [N, K] or [K, N], y [M, N]");
+  int64_t m = ad[0], k = ad[1], n = layout == kWeightRows ? wd[0] : wd[1];
+  if ((layout == kWeightRows ? wd[1] : wd[0]) != k || yd[0] != m || yd[1] != n)
+    return ffi::Error::InvalidArgument("bf16 product operand shapes do not match");
+#ifdef GEMMA3N_X86
+  if (BestIsa() == kAvx512) {
+    GemmAvx512(pool, reinterpret_cast<const uint16_t*>(a.typed_data()),
+               reinterpret_cast<const uint16_t*>(w.typed_data()), static_cast<WeightLayout>(layout),
+               y->typed_data(), m, k, n);
+    return ffi::Error::Success();
+  }
+#endif
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "the bf16 product kernel needs AVX-512 BF16");
+}
+
 // The gathered bf16 kernels' operands: x, ids, the count, w; y float32.
 auto GatheredBf16Binding() {
   return ffi::Ffi::Bind()
@@ -332,6 +355,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMatvecBf16, Bf16Impl,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGemmBf16, GemmBf16Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("layout"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGatheredBf16, GatheredBf16Impl, GatheredBf16Binding());
 

@@ -1,0 +1,242 @@
+// bf16 x bf16 -> f32 products of many rows (a prefill chunk, a training batch):
+//   y[M, N] = a[M, K] · w[N, K]ᵀ   (kWeightRows: the forward product with a serving weight)
+//   y[M, N] = a[M, K] · w[K, N]    (kWeightColumns: its gradient in x, dy · w)
+// on AVX-512 BF16 `vdpbf16ps`. XLA's CPU products (YNNPACK) run these shapes at ~300 GFLOP/s
+// on a 2-core Zen 4 where torch's run ~390: the difference is most of a LoRA step.
+//
+// The classic blocked scheme (Goto & van de Geijn): a block of w (kGemmKc contracted values x
+// up to kGemmNc columns) is packed into panels of kGemmNr columns, each k pair of a column one
+// 32-bit lane, as vdpbf16ps reads it; a block of a (kGemmMc rows) into panels of kGemmMr rows.
+// A register tile of kGemmMr x kGemmNr float32 sums (24 of the 32 registers) then takes one
+// broadcast of a's pair per row and three loads of w's panel per k pair: 24 vdpbf16ps to 11
+// loads. The w panel (36 KB) streams from L2 across the row panels of the a block.
+// Packing also pads: an odd K gets a zero pair half, the last panels zero rows and columns,
+// so the tile needs no edge cases but its masked stores.
+// Sums: float32, k in pairs in order within a block, blocks added in order; vdpbf16ps treats
+// denormal inputs as zero and flushes denormal results (float32 values below 1.2e-38).
+// A header of the one translation unit decode_kernels.cc.
+
+#ifndef GEMMA3N_KERNELS_GEMM_BF16_H_
+#define GEMMA3N_KERNELS_GEMM_BF16_H_
+
+#include "common.h"
+
+namespace gemma3n_kernels {
+
+// Tile and block sizes, picked on a Zen 4 (one thread, E4B's FFN and head shapes): 8 x 48
+// (24 accumulators, 3 panel loads and 8 broadcasts per k pair) ran ~5% faster than 12 x 32,
+// 14 x 32 or 6 x 64; a w block of 768 columns (576 KB) that stays in the 1 MB L2 ran faster
+// than 1536 or more.
+constexpr int kGemmMr = 8;
+constexpr int kGemmNr = 48;
+constexpr int64_t kGemmKc = 384;
+constexpr int64_t kGemmMc = 24 * kGemmMr;
+constexpr int64_t kGemmNc = 16 * kGemmNr;
+static_assert(kGemmNr % 16 == 0 && kGemmMr <= 16, "a tile is whole vectors wide, a panel 16 rows at most");
+static_assert(kGemmKc % 32 == 0, "blocks start on whole 16-pair transposes");
+// Columns a thread takes at least; fewer threads then split the rows instead (a narrow output,
+// e.g. dx of an attention projection, would repack all of a for every few columns).
+constexpr int64_t kGemmMinThreadColumns = 8 * kGemmNr;
+
+enum WeightLayout : int32_t { kWeightRows = 0, kWeightColumns = 1 };
+
+inline uint32_t PairOf(uint16_t lo, uint16_t hi) { return lo | (uint32_t{hi} << 16); }
+
+// Pair q of row `row` of a [rows, k] bf16 matrix (values 2q and 2q + 1), a value past k as 0.
+inline uint32_t PairAt(const uint16_t* x, int64_t k, int64_t row, int64_t q) {
+  int64_t c = 2 * q;
+  return PairOf(x[row * k + c], c + 1 < k ? x[row * k + c + 1] : 0);
+}
+
+#ifdef GEMMA3N_X86
+// r[i] <- lane i of each of r[0..16): a 16 x 16 transpose of 32-bit lanes in four rounds of
+// shuffles (8 of them per 16 lanes moved), where copying lane by lane took ~1.8 ns a lane.
+AVX512_TARGET inline void Transpose16(__m512i r[16]) {
+  __m512i t[16];
+  UNROLL
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  UNROLL
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // Each r[i] now holds, per 128-bit lane L, column (i % 4) of rows 4L..4L+3 of block i / 4.
+  UNROLL
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  UNROLL
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+  }
+}
+
+// out[q * stride + i] = pair q0 + q of row rows0 + i, for i < `rows` (<= 16) and q < 16, all
+// pairs whole: 16 rows of 16 pairs transposed at once (rows past `rows` are not read).
+AVX512_TARGET inline void PackPairs16(const uint16_t* x, int64_t k, int64_t row0, int rows,
+                                      int64_t q0, uint32_t* out, int64_t stride) {
+  __m512i r[16];
+  UNROLL
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_loadu_si512(x + (row0 + i) * k + 2 * q0) : _mm512_setzero_si512();
+  Transpose16(r);
+  __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
+  UNROLL
+  for (int q = 0; q < 16; ++q) _mm512_mask_storeu_epi32(out + q * stride, mask, r[q]);
+}
+
+// Rows [row0, row0 + rows) (rows <= width; the others of the panel 0) of a [.., k] bf16 matrix,
+// pairs [q0, q0 + pairs), as a panel [pairs][width]: out[q * width + i] = pair q0 + q of row
+// row0 + i. 16 x 16 blocks of whole pairs are transposed with AVX-512.
+AVX512_TARGET inline void PackPanel(const uint16_t* x, int64_t k, int64_t row0, int rows, int width,
+                      int64_t q0, int64_t pairs, uint32_t* out) {
+  if (rows < width) std::fill(out, out + pairs * width, 0u);
+  int64_t whole = std::clamp<int64_t>(k / 2 - q0, 0, pairs) / 16 * 16;
+  for (int i0 = 0; i0 < rows; i0 += 16)
+    for (int64_t q = 0; q < whole; q += 16)
+      PackPairs16(x, k, row0 + i0, std::min(16, rows - i0), q0 + q, out + q * width + i0, width);
+  for (int i = 0; i < rows; ++i)
+    for (int64_t q = whole; q < pairs; ++q) out[q * width + i] = PairAt(x, k, row0 + i, q0 + q);
+}
+
+// a's rows [m0, m0 + mc) (those past m: 0) and contracted values [k0, k0 + kc) as panels of
+// kGemmMr rows, each [kc / 2][kGemmMr] pairs (a value past k: 0).
+AVX512_TARGET inline void PackRowsPanel(const uint16_t* a, int64_t m, int64_t k, int64_t m0, int64_t mc,
+                          int64_t k0, int64_t kc, uint32_t* out) {
+  int64_t pairs = (kc + 1) / 2;
+  for (int64_t p0 = 0; p0 < mc; p0 += kGemmMr, out += pairs * kGemmMr) {
+    int rows = static_cast<int>(std::clamp<int64_t>(m - m0 - p0, 0, kGemmMr));
+    PackPanel(a, k, m0 + p0, rows, kGemmMr, k0 / 2, pairs, out);
+  }
+}
+
+// Columns [n0, n0 + nc) of the product's right operand, contracted values [k0, k0 + kc), as
+// panels of kGemmNr columns, each [kc / 2][kGemmNr] pairs; columns past n and values past k
+// are 0. kWeightRows: column j is w's row j ([N, K]); kWeightColumns: w is [K, N].
+AVX512_TARGET inline void PackColumnsPanel(const uint16_t* w, WeightLayout layout, int64_t n, int64_t k,
+                             int64_t n0, int64_t nc, int64_t k0, int64_t kc, uint32_t* out) {
+  int64_t pairs = (kc + 1) / 2;
+  for (int64_t p0 = 0; p0 < nc; p0 += kGemmNr, out += pairs * kGemmNr) {
+    int cols = static_cast<int>(std::clamp<int64_t>(n - n0 - p0, 0, kGemmNr));
+    if (layout == kWeightRows) {
+      PackPanel(w, k, n0 + p0, cols, kGemmNr, k0 / 2, pairs, out);
+      continue;
+    }
+    if (cols < kGemmNr) std::fill(out, out + pairs * kGemmNr, 0u);
+    for (int64_t q = 0; q < pairs; ++q) {
+      const uint16_t* lo = w + (k0 + 2 * q) * n + n0 + p0;
+      uint32_t* dst = out + q * kGemmNr;
+      if (k0 + 2 * q + 1 < k) {
+        const uint16_t* hi = lo + n;
+        for (int j = 0; j < cols; ++j) dst[j] = PairOf(lo[j], hi[j]);
+      } else {
+        for (int j = 0; j < cols; ++j) dst[j] = lo[j];
+      }
+    }
+  }
+}
+
+// y's tile of `rows` x `cols` (at most kGemmMr x kGemmNr, row stride ldy) = (or +=, when
+// `accumulate`) a panel · w panel over `pairs` k pairs.
+AVX512_TARGET inline void GemmTileAvx512(const uint32_t* a, const uint32_t* w, int64_t pairs,
+                                         float* y, int64_t ldy, int rows, int cols,
+                                         bool accumulate) {
+  constexpr int kVectors = kGemmNr / 16;
+  __m512 acc[kGemmMr][kVectors];
+  UNROLL
+  for (int i = 0; i < kGemmMr; ++i)
+    UNROLL
+    for (int v = 0; v < kVectors; ++v) acc[i][v] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < pairs; ++q, a += kGemmMr, w += kGemmNr) {
+    __m512bh wv[kVectors];
+    UNROLL
+    for (int v = 0; v < kVectors; ++v) wv[v] = (__m512bh)_mm512_loadu_si512(w + 16 * v);
+    UNROLL
+    for (int i = 0; i < kGemmMr; ++i) {
+      __m512bh ai = (__m512bh)_mm512_set1_epi32(static_cast<int>(a[i]));
+      UNROLL
+      for (int v = 0; v < kVectors; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], ai, wv[v]);
+    }
+  }
+  __mmask16 masks[kVectors];
+  UNROLL
+  for (int v = 0; v < kVectors; ++v) {
+    int left = std::clamp(cols - 16 * v, 0, 16);
+    masks[v] = static_cast<__mmask16>((1u << left) - 1);
+  }
+  UNROLL
+  for (int i = 0; i < kGemmMr; ++i) {
+    if (i >= rows) break;
+    float* out = y + i * ldy;
+    UNROLL
+    for (int v = 0; v < kVectors; ++v) {
+      __m512 sum = acc[i][v];
+      if (accumulate) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(masks[v], out + 16 * v));
+      _mm512_mask_storeu_ps(out + 16 * v, masks[v], sum);
+    }
+  }
+}
+
+// Columns [c0, c1) of y[M, N] = a[M, K] · (w as `layout`), rows [r0, r1), on this thread.
+AVX512_TARGET inline void GemmBlock(const uint16_t* a, const uint16_t* w, WeightLayout layout, float* y,
+                      int64_t m, int64_t k, int64_t n, int64_t r0, int64_t r1, int64_t c0,
+                      int64_t c1) {
+  int64_t kc_max = std::min(kGemmKc, k + (k & 1));
+  std::vector<uint32_t> wp(kGemmNc * kc_max / 2), ap(kGemmMc * kc_max / 2);
+  for (int64_t jc = c0; jc < c1; jc += kGemmNc) {
+    int64_t nc = std::min(kGemmNc, c1 - jc);
+    for (int64_t pc = 0; pc < k; pc += kGemmKc) {
+      int64_t kc = std::min(kGemmKc, k - pc), pairs = (kc + 1) / 2;
+      int64_t panels = (nc + kGemmNr - 1) / kGemmNr;
+      PackColumnsPanel(w, layout, n, k, jc, panels * kGemmNr, pc, kc, wp.data());
+      for (int64_t ic = r0; ic < r1; ic += kGemmMc) {
+        int64_t mc = std::min(kGemmMc, r1 - ic);
+        int64_t row_panels = (mc + kGemmMr - 1) / kGemmMr;
+        PackRowsPanel(a, std::min(m, r1), k, ic, row_panels * kGemmMr, pc, kc, ap.data());
+        for (int64_t jp = 0; jp < panels; ++jp) {
+          int cols = static_cast<int>(std::min<int64_t>(kGemmNr, jc + nc - (jc + jp * kGemmNr)));
+          for (int64_t ip = 0; ip < row_panels; ++ip) {
+            int rows = static_cast<int>(std::min<int64_t>(kGemmMr, mc - ip * kGemmMr));
+            GemmTileAvx512(ap.data() + ip * pairs * kGemmMr, wp.data() + jp * pairs * kGemmNr,
+                           pairs, y + (ic + ip * kGemmMr) * n + jc + jp * kGemmNr, n, rows,
+                           cols, pc > 0);
+          }
+        }
+      }
+    }
+  }
+}
+
+// The whole product on the thread pool: each thread a contiguous range of columns, or of rows
+// when the columns are too few to share.
+inline void GemmAvx512(ffi::ThreadPool& pool, const uint16_t* a, const uint16_t* w,
+                       WeightLayout layout, float* y, int64_t m, int64_t k, int64_t n) {
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (n >= threads * kGemmMinThreadColumns) {
+    int64_t panels = (n + kGemmNr - 1) / kGemmNr;
+    ParallelFor(pool, panels, (panels + threads - 1) / threads, [&](int64_t b, int64_t e) {
+      GemmBlock(a, w, layout, y, m, k, n, 0, m, b * kGemmNr, std::min(n, e * kGemmNr));
+    });
+  } else {
+    int64_t panels = (m + kGemmMr - 1) / kGemmMr;
+    ParallelFor(pool, panels, (panels + threads - 1) / threads, [&](int64_t b, int64_t e) {
+      GemmBlock(a, w, layout, y, m, k, n, b * kGemmMr, std::min(m, e * kGemmMr), 0, n);
+    });
+  }
+}
+#endif  // GEMMA3N_X86
+
+}  // namespace gemma3n_kernels
+
+#endif  // GEMMA3N_KERNELS_GEMM_BF16_H_

@@ -1,0 +1,156 @@
+"""Our many-row bf16 product kernel (gemma3n.layers.gemm) against exact float32 products and
+against XLA's: odd sizes in every blocking dimension, both weight layouts, its gradients, which
+products take it, and a LoRA step of a bfloat16 model with the kernel and without."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gemma3n.layers import decode_kernels, gemm
+from gemma3n.layers.einsum import _xla_dot, dot
+from gemma3n.transformer import Gemma3nTransformer
+from gemma3n.training.data import Example
+from gemma3n.training.finetune import MODEL_KEYS
+from gemma3n.training.lora import LoRA
+from gemma3n.training.packing import Rows, TooLong
+from gemma3n.training.step import TrainSteps
+from hf_oracle import random_params, small_configs
+
+F32_EPS = 2.0 ** -24        # float32 unit roundoff
+BF16_EPS = 2.0 ** -8        # bfloat16 unit roundoff (7 stored mantissa bits)
+# (M, K, N) off the kernel's blocks (gemm_bf16.h: tiles of 8 rows x 48 columns, blocks of 192
+# rows, 384 contracted values, 768 columns, 16-pair transposes while packing): K odd (a half
+# pair) and past one block, K under one transpose, M past one row block and not whole tiles, N
+# past one column block and not whole panels; N under 2 x 384 columns, so that the threads
+# split the rows instead (70 rows: neither half whole tiles).
+SHAPES = [(1, 1, 1), (13, 7, 33), (200, 771, 800), (70, 5, 100), (9, 1000, 1537),
+          (64, 32, 48), (33, 2048, 97)]
+
+pytestmark = pytest.mark.skipif(not gemm.enabled(),
+                                reason='the kernel needs AVX-512 BF16 and the kernels built')
+
+
+def _operands(m, k, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16),
+            jnp.asarray(rng.standard_normal((n, k)), jnp.bfloat16))
+
+
+def _exact_and_magnitude(x, w):
+    """x [M, K] · w [N, K]ᵀ in float64 (exact for these sizes), and Σ|x·w| per output."""
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    return x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
+
+
+def _summation_bound(k, magnitude):
+    """Float32 sums of K exact products in any order are within (K - 1)·eps·Σ|x·w| of the
+    exact sum (vdpbf16ps adds a pair's two products one after the other, each rounded)."""
+    return 2 * max(k - 1, 1) * F32_EPS * magnitude
+
+
+@pytest.mark.parametrize('m,k,n', SHAPES)
+@pytest.mark.parametrize('layout', [gemm.WEIGHT_ROWS, gemm.WEIGHT_COLUMNS])
+def test_kernel_equals_exact_products_within_summation_noise(m, k, n, layout):
+    x, w = _operands(m, k, n)
+    operand = w if layout == gemm.WEIGHT_ROWS else w.T
+    got = np.asarray(jax.jit(gemm.product, static_argnums=2)(x, operand, layout))
+    exact, magnitude = _exact_and_magnitude(x, w)
+    assert got.shape == (m, n)
+    assert np.all(np.abs(got - exact) <= _summation_bound(k, magnitude))
+
+
+# (eqn, x shape, w shape): serving order [out..., in...] and checkpoint order [in..., out...],
+# several contracted and output axes (the attention projections).
+FORMS = [('BTD,FD->BTF', (2, 40, 130), (333, 130)), ('BTD,DF->BTF', (3, 40, 130), (130, 97)),
+         ('BTNH,DNH->BTD', (1, 100, 4, 33), (50, 4, 33)),
+         ('BTD,KNHD->KBTNH', (1, 70, 64), (2, 3, 5, 64)),
+         ('BTNH,NHD->BTD', (1, 100, 4, 33), (4, 33, 50))]
+
+
+def _weighted_sum(product):
+    """A scalar of the product whose cotangent is not uniform: 1 + (index mod 7)."""
+    def f(x, w):
+        y = product(x, w).astype(jnp.float32)
+        return jnp.sum(y * (1 + jnp.arange(y.size).reshape(y.shape) % 7))
+    return f
+
+
+@pytest.mark.parametrize('eqn,x_shape,w_shape', FORMS)
+def test_products_and_gradients_equal_xla_within_rounding(eqn, x_shape, w_shape):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.bfloat16)
+    ours = jax.jit(jax.value_and_grad(_weighted_sum(lambda x, w: dot(eqn, x, w)), (0, 1)))
+    xla = jax.jit(jax.value_and_grad(_weighted_sum(lambda x, w: _xla_dot(eqn, x, w)), (0, 1)))
+    assert ours.lower(x, w).as_text().count(gemm.TARGET) == 2     # y = x·w and dx = dy·w
+    (value, grads), (want_value, want_grads) = ours(x, w), xla(x, w)
+    # Each side rounds float32 sums to bfloat16: the two may differ by one rounding of each
+    # (the float32 order differs far less), in the products and in the gradients.
+    assert abs(float(value) - float(want_value)) <= 4 * BF16_EPS * abs(float(want_value))
+    for got, want in zip(grads, want_grads):
+        got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+        assert np.all(np.abs(got - want) <= 2 * BF16_EPS * np.maximum(np.abs(got), np.abs(want)))
+
+
+def test_products_the_kernel_does_not_take(monkeypatch):
+    x, w = _operands(gemm.MIN_ROWS, 64, 96)
+
+    def calls(eqn, x, w):
+        return jax.jit(lambda x, w: dot(eqn, x, w)).lower(x, w).as_text().count(gemm.TARGET)
+
+    assert calls('md,fd->mf', x, w) == 1
+    assert calls('md,fd->mf', x[:-1], w) == 0                   # fewer rows than MIN_ROWS
+    assert calls('md,fd->mf', x.astype(jnp.float32), w.astype(jnp.float32)) == 0
+    assert calls('md,md->m', x, x) == 0                         # a batch axis
+    monkeypatch.setenv(decode_kernels.ENV, 'off')
+    assert calls('md,fd->mf', x, w) == 0
+    monkeypatch.setenv(decode_kernels.ENV, 'avx2')              # the kernel is AVX-512 only
+    assert calls('md,fd->mf', x, w) == 0
+
+
+def _long_batch(num_embed, length=96):
+    rng = np.random.default_rng(5)
+    examples = [Example(tokens=rng.integers(3, num_embed, size=n).astype(np.int32),
+                        loss_mask=rng.random(n) < 0.7) for n in (40, 33, 23)]
+    rows = Rows.from_examples(examples, length, pack=True, too_long=TooLong.TRUNCATE)
+    return jax.tree.map(lambda a: a[None], rows.batch(np.arange(rows.num_rows)))
+
+
+# A bfloat16 model's gradients move when any product rounds differently: one bf16 rounding in
+# an activation is carried and amplified by the later layers. Measured between the kernel and
+# XLA: the same loss to 7 digits, adapter gradients 6e-4 apart in L2, cosine 1.000000. A wrong
+# product (a transposed or shifted panel, a lost block) leaves nothing of that agreement.
+LOSS_RTOL, GRAD_L2_RTOL, GRAD_COSINE = 1e-3, 1e-2, 0.9999
+
+
+def test_lora_step_of_a_bf16_model_with_and_without_the_kernel(monkeypatch):
+    cfg = small_configs()[0]
+    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.bfloat16, **MODEL_KEYS)
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), random_params(cfg, seed=2))
+    split = LoRA(cfg, rank=4, alpha=8.0)
+    batch = _long_batch(cfg.num_embed)
+    key = jax.random.key_data(jax.random.key(0))
+    results, traced = [], []
+    kernel_call = gemm.product
+    monkeypatch.setattr(gemm, 'product', lambda *args: traced.append(1) or kernel_call(*args))
+    for switch in ('auto', 'off'):
+        monkeypatch.setenv(decode_kernels.ENV, switch)
+        traced.clear()
+        steps = TrainSteps(model, split, optax.sgd(0.0))
+        trainable, frozen = split.split(params)
+        trainable = jax.tree.map(lambda a: a + 0.05, trainable)    # B factors nonzero
+        trainable, frozen = steps.place(trainable, dict(frozen))
+        grads, loss, _ = steps.gradients(trainable, frozen, batch, key)
+        flat = np.concatenate([np.ravel(np.asarray(g, np.float64))
+                               for g in jax.tree.leaves(grads)])
+        results.append((float(loss), flat))
+        assert bool(traced) == (switch == 'auto')
+    (loss, ours), (want_loss, theirs) = results
+    error = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
+    cosine = ours @ theirs / np.linalg.norm(ours) / np.linalg.norm(theirs)
+    print(f'kernel vs XLA: loss {loss:.6f} vs {want_loss:.6f}, gradients {error:.2e} off (L2), '
+          f'cosine {cosine:.6f}')
+    assert abs(loss - want_loss) <= LOSS_RTOL * abs(want_loss)
+    assert error <= GRAD_L2_RTOL and cosine >= GRAD_COSINE
