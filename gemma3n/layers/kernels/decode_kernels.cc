@@ -314,26 +314,6 @@ ffi::Error RowsInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffe
   return ffi::Error::Success();
 }
 
-// y [M, N] = a [M, K] · w: w [N, K] transposed (layout kWeightRows) or w [K, N].
-ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> w,
-                        ffi::ResultBuffer<ffi::F32> y, int32_t layout) {
-  auto ad = a.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (ad.size() != 2 || wd.size() != 2 || yd.size() != 2 || (layout != kWeightRows && layout != kWeightColumns))
-    return ffi::Error::InvalidArgument("the bf16 product takes a [M, K], w [N, K] or [K, N], y [M, N]");
-  int64_t m = ad[0], k = ad[1], n = layout == kWeightRows ? wd[0] : wd[1];
-  if ((layout == kWeightRows ? wd[1] : wd[0]) != k || yd[0] != m || yd[1] != n)
-    return ffi::Error::InvalidArgument("bf16 product operand shapes do not match");
-#ifdef GEMMA3N_X86
-  if (BestIsa() == kAvx512) {
-    GemmAvx512(pool, reinterpret_cast<const uint16_t*>(a.typed_data()),
-               reinterpret_cast<const uint16_t*>(w.typed_data()), static_cast<WeightLayout>(layout),
-               y->typed_data(), m, k, n);
-    return ffi::Error::Success();
-  }
-#endif
-  return ffi::Error(ffi::ErrorCode::kUnimplemented, "the bf16 product kernel needs AVX-512 BF16");
-}
-
 // The gathered bf16 kernels' operands: x, ids, the count, w; y float32.
 auto GatheredBf16Binding() {
   return ffi::Ffi::Bind()
