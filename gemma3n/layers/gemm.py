@@ -58,8 +58,10 @@ def product(a: jax.Array, w: jax.Array, layout: int) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul(x: jax.Array, w: jax.Array, layout: int) -> jax.Array:
-    """x [M, K] · w (as `layout`) -> [M, N] bfloat16, summed in float32; both bfloat16."""
-    return product(x, w, layout).astype(jnp.bfloat16)
+    """x [M, K] · w (as `layout`) -> [M, N] float32; both bfloat16. The caller rounds it to
+    bfloat16: outside the custom call XLA fuses that conversion into whatever reads the
+    product (a LoRA update's addition) instead of a pass of its own over it."""
+    return product(x, w, layout)
 
 
 def _matmul_fwd(x, w, layout):
@@ -72,10 +74,11 @@ def _matmul_bwd(layout, residuals, g):
     x, w = residuals
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None
-    # The cotangent of a bfloat16 result holds bfloat16 values: nothing is lost taking it so.
+    # The result is rounded to bfloat16 (`dot`), so its cotangent holds bfloat16 values:
+    # nothing is lost taking it so.
     g = g.astype(jnp.bfloat16)
     dx = None if w is None else matmul(g, w, WEIGHT_COLUMNS if layout == WEIGHT_ROWS
-                                       else WEIGHT_ROWS)
+                                       else WEIGHT_ROWS).astype(jnp.bfloat16)
     dw = None
     if x is not None:
         eqn = 'mn,mk->nk' if layout == WEIGHT_ROWS else 'mn,mk->kn'
@@ -124,6 +127,6 @@ def dot(eqn: str, x: jax.Array, w: jax.Array,
         flat_w = w.reshape(-1, rows.shape[1])
     else:
         flat_w = w.reshape(rows.shape[1], -1)
-    y = matmul(rows, flat_w, layout)
+    y = matmul(rows, flat_w, layout).astype(jnp.bfloat16)
     shape = tuple(x.shape[x_spec.index(a)] for a in x_free) + out_shape
     return decode_kernels.from_rows(y, shape, x_free + w_out, out_spec)
