@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma3n.layers import decode_kernels, gemm
+from gemma3n.layers import decode_kernels
 from gemma3n.layers.einsum import StoredWeight, checkpoint_shape, rows_first
 from gemma3n.layers.int8 import by_row_chunks, quantize_rows
 
@@ -167,8 +167,7 @@ def _xla_rows_dot(xq: jax.Array, q: jax.Array, scale: jax.Array,
     float32, 90 ms in bfloat16 with 4x larger blocks; a plain bfloat16 product takes 65 ms).
     In bfloat16 on a CPU with the decode kernels built, our kernel dequantizes each block
     (`int4_to_bf16`, the same values in natural order): XLA's own dequantization took 4-5x
-    longer than the product on a CPU whose products use AMX; the product is then our many-row
-    kernel's where it applies (`gemma3n.layers.gemm`)."""
+    longer than the product on a CPU whose products use AMX."""
     m, n, groups = xq.shape[0], q.shape[0], scale.shape[1]
     x = xq.astype(dtype).reshape(m, groups, 2, _HALF)
     r = _block_rows(n, xq.shape[1], dtype)
@@ -183,8 +182,6 @@ def _xla_rows_dot(xq: jax.Array, q: jax.Array, scale: jax.Array,
         # The same bfloat16 values, dequantized by our kernel in natural order.
         w = decode_kernels.call('int4_to_bf16', jax.ShapeDtypeStruct(
             (q.shape[0], 2 * q.shape[1]), jnp.bfloat16), q, scale)
-        if m >= gemm.MIN_ROWS and gemm.enabled():
-            return gemm.product(x.reshape(m, -1), w, gemm.WEIGHT_ROWS)
         return jnp.einsum('mk,nk->mn', x.reshape(m, -1), w, preferred_element_type=jnp.float32)
 
     def block(q, scale):
