@@ -52,6 +52,12 @@ inline uint32_t PairAt(const uint16_t* x, int64_t k, int64_t row, int64_t q) {
 }
 
 #ifdef GEMMA3N_X86
+// The even and the odd 128-bit lanes of a, then of b.
+AVX512_TARGET inline void EvenOddLanes(__m512i a, __m512i b, __m512i& even, __m512i& odd) {
+  even = _mm512_shuffle_i32x4(a, b, 0x88);
+  odd = _mm512_shuffle_i32x4(a, b, 0xdd);
+}
+
 // r[i] <- lane i of each of r[0..16): a 16 x 16 transpose of 32-bit lanes in four rounds of
 // shuffles (8 of them per 16 lanes moved), where copying lane by lane took ~1.8 ns a lane.
 AVX512_TARGET inline void Transpose16(__m512i r[16]) {
@@ -71,17 +77,13 @@ AVX512_TARGET inline void Transpose16(__m512i r[16]) {
   // Each r[i] now holds, per 128-bit lane L, column (i % 4) of rows 4L..4L+3 of block i / 4.
   UNROLL
   for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+    EvenOddLanes(r[i], r[i + 4], t[i], t[i + 4]);
+    EvenOddLanes(r[i + 8], r[i + 12], t[i + 8], t[i + 12]);
   }
   UNROLL
   for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
-    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xdd);
+    EvenOddLanes(t[i], t[i + 8], r[i], r[i + 8]);
+    EvenOddLanes(t[i + 4], t[i + 12], r[i + 4], r[i + 12]);
   }
 }
 
