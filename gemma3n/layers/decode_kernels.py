@@ -16,8 +16,9 @@ units a decode step's tokens keep (`ids`, of which the first `count` are used),
 
 They apply on the CPU backend, with at most `MAX_ROWS` rows of x (decode; a prefill chunk or a
 training batch takes the blocked kernel of `gemma3n.layers.gemm`, or XLA's products), and to a
-weight whose every axis is either contracted (last, in x's order) or an output axis x lacks. Under `jit` for another platform the
-XLA product is lowered instead (`jax.lax.platform_dependent`).
+weight whose every axis is either contracted (last, in x's order) or an output axis x lacks.
+Under `jit` for another platform the XLA product is lowered instead
+(`jax.lax.platform_dependent`).
 
 The C++ source is compiled on first use (`gemma3n.layers.kernel_build`). `$GEMMA3N_KERNELS`
 chooses: unset or `auto` the best the CPU has, `avx2` or `scalar` at most that instruction set,
@@ -130,9 +131,9 @@ def _kind(x: jax.Array, w: jax.Array) -> str | None:
 
 
 def row_plan(x_spec: str, w_spec: str, out_spec: str, x_shape: tuple[int, ...],
-             rows_limit: int = MAX_ROWS) -> tuple[str, str, str] | None:
+             rows_limit: int = MAX_ROWS, min_rows: int = 1) -> tuple[str, str, str] | None:
     """(x's free axes, w's output axes, the contracted axes) when `x_spec,w_spec->out_spec` is
-    a product of at most `rows_limit` rows of x with a weight stored [out..., contracted...]
+    a product of `min_rows` to `rows_limit` rows of x with a weight stored [out..., contracted...]
     that has no batch axis; None otherwise."""
     contracted = ''.join(a for a in w_spec if a not in out_spec)
     w_out = w_spec[:len(w_spec) - len(contracted)]
@@ -142,7 +143,7 @@ def row_plan(x_spec: str, w_spec: str, out_spec: str, x_shape: tuple[int, ...],
             or sorted(out_spec) != sorted(x_free + w_out)):
         return None
     rows = math.prod(x_shape[x_spec.index(a)] for a in x_free)
-    return (x_free, w_out, contracted) if 1 <= rows <= rows_limit else None
+    return (x_free, w_out, contracted) if min_rows <= rows <= rows_limit else None
 
 
 def as_rows(x: jax.Array, x_spec: str, x_free: str, contracted: str) -> jax.Array:

@@ -25,6 +25,7 @@ rounded to bfloat16.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -101,12 +102,8 @@ def _plan(x_spec: str, w_spec: str, out_spec: str, x_shape: tuple[int, ...]
     else:
         return None
     plan = decode_kernels.row_plan(x_spec, w_out + contracted, out_spec, x_shape,
-                                   rows_limit=np.iinfo(np.int64).max)
-    if plan is None:
-        return None
-    x_free = plan[0]
-    rows = int(np.prod([x_shape[x_spec.index(a)] for a in x_free]))
-    return (x_free, w_out, contracted, layout) if rows >= MIN_ROWS else None
+                                   rows_limit=math.prod(x_shape), min_rows=MIN_ROWS)
+    return None if plan is None else (plan[0], w_out, contracted, layout)
 
 
 def dot(eqn: str, x: jax.Array, w: jax.Array,
