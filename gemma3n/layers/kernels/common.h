@@ -106,6 +106,14 @@ inline float Bf16ToF32(uint16_t v) {
   return f;
 }
 
+// bf16 of a float32, rounded to nearest, ties to even, as XLA converts (no NaN case: the
+// callers' values are finite).
+inline uint16_t F32ToBf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
 inline float F16ToF32(uint16_t h) {
   uint32_t sign = (h >> 15) & 1, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
   if (exp == 0x1f) {

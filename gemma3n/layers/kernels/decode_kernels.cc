@@ -17,6 +17,9 @@
 //                        which the first `count`): x [M, K] · rows ids of w [F, K] -> [M, C]
 //                        (the up projection; columns past count are 0), and x [M, C] times
 //                        rows ids of w [F, D] -> [M, D] (the down projection).
+//   bf16 masked rows, many tokens (masked_rows.h): each token's own kept units of a sparse FFN,
+//                        x [T, D] · w [F, D]ᵀ where mask [T, F] != 0, and h [T, F] · w [F, D]
+//                        over them; AVX-512 BF16 only.
 // int4 packing: group g of row n is kInt4Group / 2 bytes; byte j holds element j in its low
 // nibble and element j + kInt4Group / 2 in its high one, each stored as value + 8.
 //
@@ -33,6 +36,7 @@
 #include "gemm_bf16.h"
 #include "int4.h"
 #include "int8.h"
+#include "masked_rows.h"
 #include "rows.h"
 #include "rows_bf16.h"
 
@@ -326,6 +330,15 @@ auto GatheredBf16Binding() {
       .Attr<int32_t>("isa");
 }
 
+// The masked-rows kernels' operands: x (or h), w, the mask (the result is the caller's).
+auto MaskedRowsBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Arg<ffi::Buffer<ffi::BF16>>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMatvecBf16, Bf16Impl,
@@ -343,6 +356,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGemmBf16, GemmBf16Impl,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("layout"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMaskedRowsDot, MaskedRowsDotImpl,
+                              MaskedRowsBinding().Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMaskedRowsSum, MaskedRowsSumImpl,
+                              MaskedRowsBinding().Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGatheredBf16, GatheredBf16Impl, GatheredBf16Binding());
 

@@ -302,12 +302,6 @@ AVX512_TARGET void Int4RowsTileAvx512(const Int4Operands& op, int64_t begin, int
 // (nibble - 8) · scale (exact in float32) rounded to the nearest bf16, ties to even, as XLA
 // converts. The values are finite, so the rounding needs no NaN case.
 
-inline uint16_t F32ToBf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof(bits));
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
 inline void DequantInt4Scalar(const uint8_t* w, const uint16_t* scale, uint16_t* out, int64_t k,
                               int64_t begin, int64_t end) {
   for (int64_t r = begin; r < end; ++r)
