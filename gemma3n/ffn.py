@@ -58,11 +58,11 @@ class FeedForward(nn.Module):
         gating_eqn = f'BTD,{w_spec}->CBTF'
         linear = projection_param(self, 'linear', (f, d), (MLP, EMBED), 0, 1, self.dtype)
         if self.sparsity > 0.0 and sparse_rows.applies(gating, linear, x):
-            # Decode: the gate alone, then only the kept units' rows (gemma3n.sparse_rows).
-            gate = contract(f'BTD,{w_spec[1:]}->BTF', x, gating.parts[0])
-            return sparse_rows.sparse_ffn(x, gaussian_topk(gate, self.sparsity),
-                                          gating.parts[1], f'TD,{w_spec[1:]}->TF', linear,
-                                          self.sparsity)
+            # The gate alone, then only the kept units' rows (gemma3n.sparse_rows).
+            gate_w, up_w = sparse_rows.stacked_parts(gating)
+            gate = contract(f'BTD,{w_spec[1:]}->BTF', x, gate_w)
+            return sparse_rows.sparse_ffn(x, gaussian_topk(gate, self.sparsity), up_w,
+                                          f'TD,{w_spec[1:]}->TF', linear, self.sparsity)
         gate_up = contract(gating_eqn, x, gating)
         gate, up = gate_up[0], gate_up[1]                     # [B, L, F] each
         if self.sparsity > 0.0:

@@ -17,6 +17,11 @@ count the kernels take at run time (`decode_kernels.gathered_dot` and `gathered_
 nothing is copied and nothing depends on a capacity. A token's zero gate units contribute
 exactly nothing there too, so this is the dense product minus zero terms.
 
+Many tokens (a prefill chunk, a training batch) keep nearly every unit between them, but each
+keeps its own ~5%: bfloat16 weights on the AVX-512 kernels take only those, token by token,
+reading the weights once for all tokens (`masked_ffn`, `gemma3n.layers.masked_rows`), again the
+dense product minus zero terms, differentiable, under LoRA adapters too.
+
 Other formats gather copies of each token's rows, and shapes must be static: each token gathers
 `capacity(F, sparsity)` rows (twice the expected count), padded with row 0 whose activation
 is masked to 0; a step in which some token keeps more runs the dense product instead
@@ -35,7 +40,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma3n.layers import ServingWeight, StackedWeight, StoredWeight, contract, decode_kernels
+from gemma3n.layers import (ServingWeight, StackedWeight, StoredWeight, contract, decode_kernels,
+                            masked_rows)
+from gemma3n.layers.lora import LoRAWeight
 
 # Tokens per call up to which the FFN gathers each token's rows: past a few tokens the dense
 # product, which reads every row once for all of them, is cheaper. The union of kept units
@@ -50,15 +57,45 @@ def capacity(hidden_dim: int, sparsity: float) -> int:
     return min(hidden_dim, math.ceil(hidden_dim * (1.0 - sparsity) * CAPACITY_FACTOR))
 
 
+def stacked_parts(gating: object) -> tuple[StoredWeight, StoredWeight] | None:
+    """The gate and up leaves of `gating` when it holds them apart (the sparse rows layout's
+    `StackedWeight`, or a LoRA adapter over one); None otherwise."""
+    if isinstance(gating, StackedWeight):
+        return gating.parts
+    if isinstance(gating, LoRAWeight) and isinstance(gating.base, StackedWeight):
+        return gating.part(0), gating.part(1)
+    return None
+
+
 def applies(gating: object, linear: object, x: jax.Array) -> bool:
-    """Whether the FFN of x [..., D] with these weight leaves reads rows: a decode-sized call
-    with weights in the sparse rows layout (`gemma3n.layout`)."""
-    # A wrapper leaf (LoRA) has no `order`: it takes the dense products.
-    if not (isinstance(gating, StackedWeight) and isinstance(linear, StoredWeight)
-            and getattr(linear, 'order', None) == (0, 1)):
+    """Whether the FFN of x [..., D] with these weight leaves reads rows: weights in the sparse
+    rows layout (`gemma3n.layout`), and a decode-sized call or the masked-rows kernels."""
+    parts = stacked_parts(gating)
+    if parts is None:
         return False
-    union = read_in_place(x, gating.parts[1]) and read_in_place(x, linear)
-    return math.prod(x.shape[:-1]) <= (decode_kernels.MAX_ROWS if union else MAX_TOKENS)
+    tokens = math.prod(x.shape[:-1])
+    # A decode step's rows need the plain leaves; a LoRA adapter's only the masked kernels'.
+    if isinstance(gating, StackedWeight) and getattr(linear, 'order', None) == (0, 1):
+        union = read_in_place(x, parts[1]) and read_in_place(x, linear)
+        if tokens <= (decode_kernels.MAX_ROWS if union else MAX_TOKENS):
+            return True
+    return tokens > decode_kernels.MAX_ROWS and masked(x, parts[1], linear)
+
+
+def _rows_array(leaf: object) -> jax.Array | None:
+    """The array stored [F, D] under `leaf` (a `ServingWeight`, alone or as a LoRA base)."""
+    base = leaf.base if isinstance(leaf, LoRAWeight) else leaf
+    return base.value if isinstance(base, ServingWeight) and base.value.ndim == 2 else None
+
+
+def masked(x: jax.Array, up: StoredWeight, linear: StoredWeight) -> bool:
+    """Whether the masked-rows kernels take x's tokens with these leaves: up and down stored
+    [F, D], in the sparse rows layout, maybe under LoRA adapters."""
+    up_rows, down_rows = _rows_array(up), _rows_array(linear)
+    down = linear.base if isinstance(linear, LoRAWeight) else linear
+    return (up_rows is not None and down_rows is not None and down.order == (0, 1)
+            and up_rows.shape == down_rows.shape and masked_rows.applies(x, up_rows)
+            and masked_rows.applies(x, down_rows))
 
 
 def kept_units(top: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
@@ -91,6 +128,22 @@ def union_ffn(xt: jax.Array, top: jax.Array, up: jax.Array, linear: jax.Array) -
     return decode_kernels.gathered_sum(hidden, ids, count, linear).astype(xt.dtype)
 
 
+def masked_ffn(xt: jax.Array, top: jax.Array, up: StoredWeight, up_eqn: str,
+               linear: StoredWeight) -> jax.Array:
+    """The FFN output [T, D] of tokens xt [T, D] whose gates after the top-k are `top` [T, F],
+    each token reading only its kept units' rows of `up` and `linear` (both stored [F, D],
+    bfloat16; `masked`). A LoRA adapter's low-rank terms are added dense, as its `contract`
+    adds them (a rank-r product; a unit's up term counts only where gelu(top) is not 0)."""
+    kept_up = masked_rows.masked_dot(xt, _rows_array(up), top)
+    if isinstance(up, LoRAWeight):
+        kept_up = kept_up + up.update(up_eqn, xt)
+    hidden = nn.gelu(top, approximate=True) * kept_up
+    y = masked_rows.masked_sum(hidden, _rows_array(linear), top).astype(xt.dtype)
+    if isinstance(linear, LoRAWeight):
+        y = y + linear.update('TF,FD->TD', hidden)
+    return y
+
+
 def sparse_ffn(x: jax.Array, gate_top: jax.Array, up: StoredWeight, up_eqn: str,
                linear: StoredWeight, sparsity: float) -> jax.Array:
     """The FFN output [B, L, D] of x [B, L, D] whose gate after the top-k is `gate_top`
@@ -100,6 +153,8 @@ def sparse_ffn(x: jax.Array, gate_top: jax.Array, up: StoredWeight, up_eqn: str,
     *lead, d = x.shape
     f = gate_top.shape[-1]
     xt, top = x.reshape(-1, d), gate_top.reshape(-1, f)       # [T, D], [T, F]
+    if xt.shape[0] > decode_kernels.MAX_ROWS and masked(x, up, linear):
+        return masked_ffn(xt, top, up, up_eqn, linear).reshape(*lead, d)
     if read_in_place(x, up) and read_in_place(x, linear):
         return union_ffn(xt, top, up.value, linear.value).reshape(*lead, d)
     size = capacity(f, sparsity)

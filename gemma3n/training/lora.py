@@ -33,8 +33,8 @@ from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
 from gemma3n.checkpoints.peft_adapter import (LORA_TARGETS, Adapter, Slot, check_targets,
                                               target_slots)
 from gemma3n.config import TransformerConfig
-from gemma3n.layout import ServingConverter
-from gemma3n.layers import ServingWeight, StoredWeight
+from gemma3n.layout import ServingConverter, is_sparse_ffn_weight
+from gemma3n.layers import ServingWeight, StackedWeight, StoredWeight, masked_rows
 from gemma3n.layers.einsum import TOKENS_FIRST_ROWS
 from gemma3n.layers.lora import LoRAWeight
 from gemma3n.layers.weights import WeightInfo
@@ -149,20 +149,31 @@ class LoRA:
         emptied as its weights are converted, so memory holds one weight more, not a second
         base. Weights already stored otherwise (a tree loaded int8) are kept as they are.
 
-        The sparse layers' FFN weights keep the serving layout too, not decoding's rows-first
-        down projection (`sparse_rows`): a training step multiplies whole sequences.
+        The sparse layers' FFN weights are stored rows first, as decoding stores them
+        (`gemma3n.sparse_rows`), where the masked-rows kernels take a batch's tokens (bfloat16,
+        `masked_rows`): each token then reads only its kept units' rows. Elsewhere they keep
+        the serving layout, whose dense products are fastest there.
         """
         flat = flatten_params(frozen)
-        convert = ServingConverter(model, sparse_rows=False, quantize_int8=self.quantize == 'int8',
+        convert = ServingConverter(model, sparse_rows=self._masked_rows(flat),
+                                   quantize_int8=self.quantize == 'int8',
                                    quantize_int4=self.quantize == 'int4')
         frozen.clear()
         for path in convert.orders:
             if path in flat and not isinstance(flat[path], StoredWeight):
-                held = convert(path, flat.pop(path))
-                # A batch's products put x first (`ServingWeight.tokens_first_rows`).
-                flat[path] = (held.replace(tokens_first_rows=TOKENS_FIRST_ROWS)
-                              if isinstance(held, ServingWeight) else held)
+                flat[path] = _tokens_first(convert(path, flat.pop(path)))
         return unflatten_params(flat)
+
+    def _masked_rows(self, flat: dict[str, Any]) -> bool:
+        """Whether the masked-rows kernels will take the sparse layers' FFN (flat: the frozen
+        base, its FFN weights still plain arrays)."""
+        ffn = [leaf for path, leaf in flat.items() if is_sparse_ffn_weight(self.config, path)]
+        downs = [leaf for leaf in ffn if np.ndim(leaf) == 2]
+        return (self.quantize is None and bool(downs)
+                and all(isinstance(leaf, (np.ndarray, jax.Array)) and leaf.dtype == jnp.bfloat16
+                        for leaf in ffn)
+                and all(masked_rows.applies(jax.ShapeDtypeStruct((1, leaf.shape[1]), leaf.dtype),
+                                            leaf) for leaf in downs))
 
     def export(self, trainable: dict[str, Any], frozen: dict[str, Any]) -> dict[str, Any]:
         """The base with every adapter merged (`LoRAWeight.merge`)."""
@@ -175,6 +186,16 @@ class LoRA:
         flat = flatten_params(trainable)
         return {path: (np.asarray(flat[f'{path}/{A_NAME}']), np.asarray(flat[f'{path}/{B_NAME}']))
                 for path in self.slots()}
+
+
+def _tokens_first(held: Any) -> Any:
+    """A held frozen weight whose products with a batch put x's axes first
+    (`ServingWeight.tokens_first_rows`), a `StackedWeight`'s parts too."""
+    if isinstance(held, StackedWeight):
+        return held.replace(parts=tuple(_tokens_first(part) for part in held.parts))
+    if isinstance(held, ServingWeight):
+        return held.replace(tokens_first_rows=TOKENS_FIRST_ROWS)
+    return held
 
 
 def apply_adapter(adapter: Adapter, config: TransformerConfig, params: dict[str, Any], *,
