@@ -330,15 +330,6 @@ auto GatheredBf16Binding() {
       .Attr<int32_t>("isa");
 }
 
-// The masked-rows kernels' operands: x (or h), w, the mask (the result is the caller's).
-auto MaskedRowsBinding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::BF16>>()
-      .Arg<ffi::Buffer<ffi::BF16>>()
-      .Arg<ffi::Buffer<ffi::BF16>>();
-}
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMatvecBf16, Bf16Impl,

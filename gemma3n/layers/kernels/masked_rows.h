@@ -249,6 +249,15 @@ ffi::Error MaskedRowsImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& a,
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "the masked-rows kernels need AVX-512 BF16");
 }
 
+// The kernels' operands: x (or h), w, the mask (the result is each handler's own).
+inline auto MaskedRowsBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Arg<ffi::Buffer<ffi::BF16>>()
+      .Arg<ffi::Buffer<ffi::BF16>>();
+}
+
 inline ffi::Error MaskedRowsDotImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x,
                                     ffi::Buffer<ffi::BF16> w, ffi::Buffer<ffi::BF16> mask,
                                     ffi::ResultBuffer<ffi::BF16> y) {
