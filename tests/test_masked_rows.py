@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(not masked_rows.applies(jnp.zeros((1, 128), jnp.
                                 reason='the kernels need AVX-512 BF16 and the kernels built')
 
 # (tokens, units F, width D): one token; several blocks of 128 units and a last partial one;
-# more tokens than a thread's share; the widest row the sums keep in registers at once and more.
-SHAPES = [(1, 32, 128), (37, 416, 256), (300, 160, 128), (5, 64, 640)]
+# more tokens than a thread's share; the widest row the sums keep in registers at once and more;
+# more tokens than one pass takes.
+SHAPES = [(1, 32, 128), (37, 416, 256), (300, 160, 128), (5, 64, 640), (1100, 64, 128)]
 
 
 def _operands(t, f, d, density, seed=0):

@@ -28,6 +28,10 @@ namespace gemma3n_kernels {
 constexpr int64_t kMaskedBlock = 128;
 // Values a kernel step reads of a row: D must be a multiple of it.
 constexpr int64_t kMaskedLane = 32;
+// Tokens a pass takes (more go in several passes): the dot's x rows (2 MB at D = 2048) and the
+// sum's float32 y rows stay in cache while w's blocks pass. Measured at E4B's widths, 2048
+// tokens in one pass took 1.4x (dot) and 1.3x (sum) the time of 4 passes of 512.
+constexpr int64_t kMaskedTokens = 512;
 // Columns of y MaskedRowsSum keeps in registers at once (8 float32 vectors).
 constexpr int64_t kMaskedSumColumns = 128;
 
@@ -225,23 +229,30 @@ ffi::Error MaskedRowsImpl(ffi::ThreadPool& pool, ffi::Buffer<ffi::BF16>& a,
   if (BestIsa() == kAvx512) {
     const auto* ap = reinterpret_cast<const uint16_t*>(a.typed_data());
     const auto* wp = reinterpret_cast<const uint16_t*>(w.typed_data());
-    KeptUnits kept = FindKept(pool, reinterpret_cast<const uint16_t*>(mask.typed_data()), t, f);
-    if constexpr (sum) {
-      float* yp = y->typed_data();
-      std::fill(yp, yp + t * d, 0.0f);
-      // A thread's tokens each: w is streamed once per thread.
-      int64_t threads = std::max<int64_t>(1, pool.num_threads());
-      ParallelFor(pool, t, (t + threads - 1) / threads, [&](int64_t b, int64_t e) {
-        MaskedSumAvx512(kept, ap, wp, yp, f, d, b, e);
-      });
-    } else {
-      auto* yp = reinterpret_cast<uint16_t*>(y->typed_data());
-      ParallelFor(pool, t, Grain(f * 2), [&](int64_t b, int64_t e) {
-        std::fill(yp + b * f, yp + e * f, uint16_t{0});
-      });
-      ParallelFor(pool, kept.blocks, 1, [&](int64_t b, int64_t e) {
-        MaskedDotAvx512(kept, ap, wp, yp, t, f, d, b, e);
-      });
+    const auto* mp = reinterpret_cast<const uint16_t*>(mask.typed_data());
+    int64_t a_cols = sum ? f : d, y_cols = sum ? d : f;
+    // Passes of kMaskedTokens tokens, each walking all of w.
+    for (int64_t t0 = 0; t0 < t; t0 += kMaskedTokens) {
+      int64_t tn = std::min(kMaskedTokens, t - t0);
+      KeptUnits kept = FindKept(pool, mp + t0 * f, tn, f);
+      const uint16_t* at = ap + t0 * a_cols;
+      if constexpr (sum) {
+        float* yp = y->typed_data() + t0 * y_cols;
+        std::fill(yp, yp + tn * d, 0.0f);
+        // A thread's tokens each: w is streamed once per thread.
+        int64_t threads = std::max<int64_t>(1, pool.num_threads());
+        ParallelFor(pool, tn, (tn + threads - 1) / threads, [&](int64_t b, int64_t e) {
+          MaskedSumAvx512(kept, at, wp, yp, f, d, b, e);
+        });
+      } else {
+        auto* yp = reinterpret_cast<uint16_t*>(y->typed_data()) + t0 * y_cols;
+        ParallelFor(pool, tn, Grain(f * 2), [&](int64_t b, int64_t e) {
+          std::fill(yp + b * f, yp + e * f, uint16_t{0});
+        });
+        ParallelFor(pool, kept.blocks, 1, [&](int64_t b, int64_t e) {
+          MaskedDotAvx512(kept, at, wp, yp, tn, f, d, b, e);
+        });
+      }
     }
     return ffi::Error::Success();
   }
