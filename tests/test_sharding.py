@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from filelock import FileLock
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import save_file
 
@@ -40,7 +39,10 @@ MESHES = ('data=8', 'data=2,tensor=4', 'fsdp=4,tensor=2', 'tensor=8')
 TOLERANCE = 1e-5
 LAYERS = 3                     # the worker's config
 LOGITS_SIZE = 8 * 516          # the worker's batch x vocabulary
-MESHES_DONE = 'done'           # marks a finished run in the shared folder of xdist's workers
+
+# Under `--dist loadgroup` (pyproject.toml) the whole module runs on one worker: `meshes`,
+# 6 compiling processes, is made once.
+pytestmark = pytest.mark.xdist_group('sharding')
 
 E4B_EMBED = (axes.VOCAB, axes.EMBED), (262144, 2048)
 E4B_Q = (axes.Q_HEADS, axes.EMBED, axes.HEAD_DIM), (8, 2048, 256)
@@ -232,23 +234,13 @@ def _run_meshes(folder: Path) -> None:
 
 
 @pytest.fixture(scope='module')
-def meshes(tmp_path_factory, worker_id):
+def meshes(tmp_path_factory):
     """The worker's report (tests/sharding_worker.py: every mesh against one device), its
-    folder, and the outputs of 2 processes x 2 devices. Made once per test run: under xdist the
-    first worker to need it runs it while the other waits on a lock in the run's shared folder
-    (each worker built it on its own before: ~190 s of 6 processes on 2 cores, twice)."""
-    if worker_id == 'master':
-        folder = tmp_path_factory.mktemp('meshes')
-        _run_meshes(folder)
-    else:
-        shared = tmp_path_factory.getbasetemp().parent     # this run's, one for all workers
-        folder = shared / 'meshes'
-        with FileLock(str(shared / 'meshes.lock')):
-            if not (folder / MESHES_DONE).exists():
-                # A worker whose run failed leaves no mark: the next one runs it again.
-                folder.mkdir(exist_ok=True)
-                _run_meshes(folder)
-                (folder / MESHES_DONE).touch()
+    folder, and the outputs of 2 processes x 2 devices. The module is one xdist group
+    (`pytestmark`), so one worker makes it while the other runs other tests (waiting on a lock
+    for the first worker's run left it idle for ~120 s)."""
+    folder = tmp_path_factory.mktemp('meshes')
+    _run_meshes(folder)
     return json.loads((folder / 'report.json').read_text()), folder
 
 
