@@ -40,10 +40,6 @@ TOLERANCE = 1e-5
 LAYERS = 3                     # the worker's config
 LOGITS_SIZE = 8 * 516          # the worker's batch x vocabulary
 
-# Under `--dist loadgroup` (pyproject.toml) the whole module runs on one worker: `meshes`,
-# 6 compiling processes, is made once.
-pytestmark = pytest.mark.xdist_group('sharding')
-
 E4B_EMBED = (axes.VOCAB, axes.EMBED), (262144, 2048)
 E4B_Q = (axes.Q_HEADS, axes.EMBED, axes.HEAD_DIM), (8, 2048, 256)
 E4B_KV = (axes.KV, axes.KV_HEADS, axes.EMBED, axes.HEAD_DIM), (2, 2, 2048, 256)
@@ -236,9 +232,9 @@ def _run_meshes(folder: Path) -> None:
 @pytest.fixture(scope='module')
 def meshes(tmp_path_factory):
     """The worker's report (tests/sharding_worker.py: every mesh against one device), its
-    folder, and the outputs of 2 processes x 2 devices. The module is one xdist group
-    (`pytestmark`), so one worker makes it while the other runs other tests (waiting on a lock
-    for the first worker's run left it idle for ~120 s)."""
+    folder, and the outputs of 2 processes x 2 devices. pytest-xdist runs the module on one
+    worker (`--dist loadfile`, pyproject.toml), so it is made once while the other worker runs
+    other modules."""
     folder = tmp_path_factory.mktemp('meshes')
     _run_meshes(folder)
     return json.loads((folder / 'report.json').read_text()), folder
