@@ -17,7 +17,7 @@ import torch
 from gemma3n.checkpoints.hf_mapping import params_to_hf
 from gemma3n.layers.einsum import contract
 from gemma3n.transformer import Gemma3nTransformer
-from gemma3n.training import loss
+from gemma3n.training import loss, step
 from gemma3n.training.data import Example
 from gemma3n.training.finetune import MODEL_KEYS
 from gemma3n.training.packing import Rows, TooLong
@@ -145,6 +145,34 @@ def test_accumulated_rematerialised_gradients_equal_the_plain_ones(setup):
     assert int(batch['loss_mask'][0].sum()) != int(batch['loss_mask'][1].sum())
     for ours, reference in zip(jax.tree.leaves(accumulated), jax.tree.leaves(plain)):
         assert np.max(np.abs(ours - reference)) <= GRAD_RTOL * np.max(np.abs(reference))
+
+
+def test_a_micro_batch_in_passes_of_a_row_gives_the_plain_gradients(setup):
+    # One micro-batch of two rows in passes of at most SEQ_LEN tokens: one row a pass, whose
+    # sums add up as accumulated micro-batches do (the bound above). Rows or fields mixed up
+    # between passes change the loss's terms, and gradients by far more.
+    _, params, batch, model, plain = setup
+    split = FullFineTuning()
+    trainable, frozen = split.split(params)
+    steps = TrainSteps(model, split, optax.sgd(0.0), pass_tokens=SEQ_LEN)
+    in_passes = steps.gradients(trainable, frozen, jax.tree.map(lambda x: x[None], batch), RNG)
+    for ours, reference in zip(jax.tree.leaves(in_passes), jax.tree.leaves(plain)):
+        assert np.max(np.abs(ours - reference)) <= GRAD_RTOL * np.max(np.abs(reference))
+
+
+@pytest.mark.parametrize('rows, row_tokens, pass_tokens, rows_a_pass', [
+    (4, 512, 512, 1), (4, 512, 1024, 2), (4, 512, 100, 1), (6, 100, 250, 2), (6, 100, 600, 6),
+    (5, 100, 400, 1)])
+def test_row_passes_cut_each_micro_batch_into_the_fewest_passes(rows, row_tokens, pass_tokens,
+                                                                rows_a_pass):
+    k = 2
+    batch = {'input': np.arange(k * rows * 3).reshape(k, rows, 3),
+             'images': np.arange(k * rows * 4).reshape(k, rows, 2, 2)}
+    passes = step.row_passes(batch, row_tokens, pass_tokens)
+    for name, x in batch.items():
+        assert passes[name].shape == (k * rows // rows_a_pass, rows_a_pass) + x.shape[2:]
+        # Each pass holds consecutive rows of one micro-batch, in order.
+        np.testing.assert_array_equal(passes[name].reshape(x.shape), x)
 
 
 @pytest.mark.parametrize('eqn, x_shape, w_shape', [

@@ -7,6 +7,9 @@ keys name in the context `{'batch': micro_batch}` (`gemma3n.training.keys`), and
 masked token losses and their gradient; then divide by the whole batch's count of target
 tokens (exactly the gradient of the batch's mean loss), clip, and apply the optimizer.
 
+On one CPU device a micro-batch of more than `CPU_PASS_TOKENS` tokens runs in passes of whole
+rows (`row_passes`), added up like micro-batches: the same sums in another order.
+
 On a device mesh the same jitted functions run sharded (docs/architecture.md §14): `place` puts
 the trainable and frozen trees in the shardings the rules give their logical axes (the weight
 schema's; for adapters the split's own `trainable_schema`), and inside the step the batch rows
@@ -23,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.struct
@@ -47,6 +51,22 @@ TARGET_KEY, LOSS_MASK_KEY = 'batch.target', 'batch.loss_mask'
 DROPOUT_RNG = 'dropout'
 # The one parameter the unembedding reads (the tied table).
 EMBEDDER, TABLE = EMBEDDING_TABLE_PATH.split('/')
+# Tokens a pass of the model takes at most on one CPU device. A step's elementwise work
+# ([tokens, 16384] FFN activations and their gradients at E4B widths) runs from cache at a few
+# hundred tokens and from memory beyond: a LoRA step of 4 x 512 tokens at E4B widths took 65.9 s
+# in one pass and 48.7 s in 4 passes of a row (bench/README.md, "Passes of a row").
+CPU_PASS_TOKENS = 512
+
+
+def row_passes(batch: dict[str, jax.Array], row_tokens: int, pass_tokens: int
+               ) -> dict[str, jax.Array]:
+    """Fields [K, B, ...] -> [K·S, B/S, ...]: each micro-batch cut into S passes of whole,
+    consecutive rows, S the fewest (dividing B) whose passes hold at most `pass_tokens` tokens
+    of `row_tokens` a row (one row a pass where no S does)."""
+    rows = jax.tree.leaves(batch)[0].shape[1]
+    passes = next((s for s in range(1, rows + 1)
+                   if rows % s == 0 and rows // s * row_tokens <= pass_tokens), rows)
+    return jax.tree.map(lambda x: x.reshape((-1, rows // passes) + x.shape[2:]), batch)
 class TrainState(flax.struct.PyTreeNode):
     """step: int32 scalar; trainable: float32 tree; opt_state: the optimizer's; rng: uint32
     key data (a raw array, so checkpoints store it as numbers)."""
@@ -64,8 +84,14 @@ class TrainSteps:
     """
 
     def __init__(self, model: Any, split: ParamSplit, optimizer: optax.GradientTransformation,
-                 *, mesh: Mesh | None = None, rules: ShardingRules = ShardingRules()):
+                 *, mesh: Mesh | None = None, rules: ShardingRules = ShardingRules(),
+                 pass_tokens: int | None = None):
+        """pass_tokens: the most tokens a pass of the model takes (`row_passes`); None:
+        `CPU_PASS_TOKENS` on one CPU device, a whole micro-batch elsewhere (accelerators, and
+        meshes, whose rows are spread over the devices)."""
         self.model, self.split, self.optimizer = model, split, optimizer
+        one_cpu = mesh is None and jax.default_backend() == 'cpu'
+        self.pass_tokens = pass_tokens or (CPU_PASS_TOKENS if one_cpu else None)
         self.on_mesh = MeshConstraints(mesh, rules)
         self.schema = model_schema(model) if mesh is not None else None
         self.trainable_schema = None if mesh is None else split.trainable_schema(self.schema)
@@ -148,6 +174,9 @@ class TrainSteps:
         of K micro-batches (fields [K, B/K, ...]), accumulated one micro-batch at a time."""
         grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
         shardings = self._shardings(trainable)
+        if self.pass_tokens is not None:
+            row_tokens = math.prod(get_by_path({'batch': batch}, TARGET_KEY).shape[2:])
+            batch = row_passes(batch, row_tokens, self.pass_tokens)
 
         def accumulate(carry, micro):
             grads, loss, count = carry
