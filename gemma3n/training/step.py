@@ -54,7 +54,7 @@ EMBEDDER, TABLE = EMBEDDING_TABLE_PATH.split('/')
 # Tokens a pass of the model takes at most on one CPU device. A step's elementwise work
 # ([tokens, 16384] FFN activations and their gradients at E4B widths) runs from cache at a few
 # hundred tokens and from memory beyond: a LoRA step of 4 x 512 tokens at E4B widths took 65.9 s
-# in one pass and 48.7 s in 4 passes of a row (bench/README.md, "Passes of a row").
+# in one pass and 48.7 s in 4 passes of a row (bench/README.md, "A LoRA step in passes").
 CPU_PASS_TOKENS = 512
 
 
