@@ -52,9 +52,9 @@ DROPOUT_RNG = 'dropout'
 # The one parameter the unembedding reads (the tied table).
 EMBEDDER, TABLE = EMBEDDING_TABLE_PATH.split('/')
 # Tokens a pass of the model takes at most on one CPU device. A step's elementwise work
-# ([tokens, 16384] FFN activations and their gradients at E4B widths) runs from cache at a few
-# hundred tokens and from memory beyond: a LoRA step of 4 x 512 tokens at E4B widths took 65.9 s
-# in one pass and 48.7 s in 4 passes of a row (bench/README.md, "A LoRA step in passes").
+# ([tokens, 16384] FFN activations and their gradients at E4B widths) likely runs from cache at
+# a few hundred tokens and from memory beyond: a LoRA step of 4 x 512 tokens at E4B widths took
+# 65.9 s in one pass and 48.7 s in 4 passes of a row (bench/README.md, "A LoRA step in passes").
 CPU_PASS_TOKENS = 512
 
 
@@ -67,6 +67,8 @@ def row_passes(batch: dict[str, jax.Array], row_tokens: int, pass_tokens: int
     passes = next((s for s in range(1, rows + 1)
                    if rows % s == 0 and rows // s * row_tokens <= pass_tokens), rows)
     return jax.tree.map(lambda x: x.reshape((-1, rows // passes) + x.shape[2:]), batch)
+
+
 class TrainState(flax.struct.PyTreeNode):
     """step: int32 scalar; trainable: float32 tree; opt_state: the optimizer's; rng: uint32
     key data (a raw array, so checkpoints store it as numbers)."""
@@ -171,7 +173,8 @@ class TrainSteps:
     def _gradients(self, trainable: Any, frozen: Any, batch: dict[str, jax.Array],
                    rng: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
         """(gradient of the mean loss, the mean loss, the number of target tokens) of a batch
-        of K micro-batches (fields [K, B/K, ...]), accumulated one micro-batch at a time."""
+        of K micro-batches (fields [K, B/K, ...]), accumulated one micro-batch (or one pass of
+        its rows, `row_passes`) at a time."""
         grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
         shardings = self._shardings(trainable)
         if self.pass_tokens is not None:
