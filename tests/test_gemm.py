@@ -44,15 +44,44 @@ def _summation_bound(k, magnitude):
     return 2 * max(k - 1, 1) * F32_EPS * magnitude
 
 
+def _to_bf16(values):
+    """float64 -> float32 -> bfloat16, each to nearest: monotone, as each rounding is."""
+    return np.asarray(jnp.asarray(np.asarray(values, np.float32), jnp.bfloat16), np.float64)
+
+
+def _assert_rounded_sums(got, exact, bound):
+    """got is the bfloat16 rounding of a float32 sum within `bound` of `exact`: rounding is
+    monotone, so it lies between the roundings of the interval's ends."""
+    got = np.asarray(got, np.float64)
+    assert np.all(_to_bf16(exact - bound) <= got) and np.all(got <= _to_bf16(exact + bound))
+
+
 @pytest.mark.parametrize('m,k,n', SHAPES)
 @pytest.mark.parametrize('layout', [gemm.WEIGHT_ROWS, gemm.WEIGHT_COLUMNS])
-def test_kernel_equals_exact_products_within_summation_noise(m, k, n, layout):
+def test_kernel_equals_rounded_exact_products_within_summation_noise(m, k, n, layout):
     x, w = _operands(m, k, n)
     operand = w if layout == gemm.WEIGHT_ROWS else w.T
-    got = np.asarray(jax.jit(gemm.product, static_argnums=2)(x, operand, layout))
+    got = jax.jit(gemm.product, static_argnums=2)(x, operand, layout)
     exact, magnitude = _exact_and_magnitude(x, w)
-    assert got.shape == (m, n)
-    assert np.all(np.abs(got - exact) <= _summation_bound(k, magnitude))
+    assert got.shape == (m, n) and got.dtype == jnp.bfloat16
+    _assert_rounded_sums(got, exact, _summation_bound(k, magnitude))
+
+
+# (M, N, K) of weight gradients: a LoRA factor's (a rank of 4: computed transposed), a wide
+# weight's (computed directly), odd sizes and more rows than one block of k.
+GRADIENT_SHAPES = [(70, 4, 300), (70, 300, 4), (401, 97, 130), (33, 1, 1)]
+
+
+@pytest.mark.parametrize('m,n,k', GRADIENT_SHAPES)
+@pytest.mark.parametrize('layout', [gemm.WEIGHT_ROWS, gemm.WEIGHT_COLUMNS])
+def test_weight_gradient_equals_rounded_exact_products(m, n, k, layout):
+    g, x = _operands(m, n, k, seed=3)[0], _operands(m, k, 1, seed=4)[0]
+    got = jax.jit(gemm.weight_gradient, static_argnums=2)(g, x, layout)
+    exact, magnitude = _exact_and_magnitude(g.T, x.T)                       # gᵀ · x [N, K]
+    if layout == gemm.WEIGHT_COLUMNS:
+        exact, magnitude = exact.T, magnitude.T
+    assert got.shape == exact.shape and got.dtype == jnp.bfloat16
+    _assert_rounded_sums(got, exact, _summation_bound(m, magnitude))
 
 
 # (eqn, x shape, w shape): serving order [out..., in...] and checkpoint order [in..., out...],
@@ -78,7 +107,8 @@ def test_products_and_gradients_equal_xla_within_rounding(eqn, x_shape, w_shape)
     w = jnp.asarray(rng.standard_normal(w_shape), jnp.bfloat16)
     ours = jax.jit(jax.value_and_grad(_weighted_sum(lambda x, w: dot(eqn, x, w)), (0, 1)))
     xla = jax.jit(jax.value_and_grad(_weighted_sum(lambda x, w: _xla_dot(eqn, x, w)), (0, 1)))
-    assert ours.lower(x, w).as_text().count(gemm.TARGET) == 2     # y = x·w and dx = dy·w
+    # y = x·w, dx = dy·w and dw = dyᵀ·x
+    assert ours.lower(x, w).as_text().count(gemm.TARGET) == 3
     (value, grads), (want_value, want_grads) = ours(x, w), xla(x, w)
     # Each side rounds float32 sums to bfloat16: the two may differ by one rounding of each
     # (the float32 order differs far less), in the products and in the gradients.

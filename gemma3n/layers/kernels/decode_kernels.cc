@@ -8,8 +8,9 @@
 //                        or vpmaddwd | scalar    (exact)
 //   s8 x int4 -> f32     int4 in groups of kInt4Group along K, one f16 scale per group;
 //                        group sums exact in int32, then scaled and summed in float32.
-//   bf16 x bf16 -> f32   many rows (gemm_bf16.h): x [M, K] · w [N, K]ᵀ or, for its gradient,
-//                        g [M, N] · w [N, K]; AVX-512 BF16 only (elsewhere XLA's products)
+//   bf16 x bf16 -> bf16  many rows (gemm_bf16.h): x [M, K] · w [N, K]ᵀ or, for its gradients,
+//                        g [M, N] · w [N, K] and gᵀ · x; float32 sums rounded to bf16 once;
+//                        AVX-512 BF16 only (elsewhere XLA's products)
 //   int4 -> bf16         the int4 weight dequantized, for XLA's product of a prefill chunk.
 //   s8 x gathered s8 rows -> s32   x [M, C] times rows ids[C] of a weight stored [F, D]
 //                        (not [N, K]: a sparse FFN's down projection), exact.
@@ -345,7 +346,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGemmBf16, GemmBf16Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Attr<int32_t>("layout"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMaskedRowsDot, MaskedRowsDotImpl,

@@ -1,6 +1,6 @@
-// bf16 x bf16 -> f32 products of many rows (a prefill chunk, a training batch):
+// bf16 x bf16 -> bf16 products of many rows (a prefill chunk, a training batch):
 //   y[M, N] = a[M, K] · w[N, K]ᵀ   (kWeightRows: the forward product with a serving weight)
-//   y[M, N] = a[M, K] · w[K, N]    (kWeightColumns: its gradient in x, dy · w)
+//   y[M, N] = a[M, K] · w[K, N]    (kWeightColumns: its gradients, dy · w and dyᵀ · x)
 // on AVX-512 BF16 `vdpbf16ps`. XLA's CPU products (YNNPACK) run these shapes at ~300 GFLOP/s
 // on a 2-core Zen 4 where torch's run ~390: the difference is most of a LoRA step.
 //
@@ -14,8 +14,9 @@
 // ~175-205 a core.
 // Packing also pads: an odd K gets a zero pair half, the last panels zero rows and columns,
 // so the tile needs no edge cases but its masked stores.
-// Sums: float32, k in pairs in order within a block, blocks added in order; vdpbf16ps treats
-// denormal inputs as zero and flushes denormal results (float32 values below 1.2e-38).
+// Sums: float32, k in pairs in order within a block, blocks added in order, the total rounded to
+// bfloat16 once; vdpbf16ps treats denormal inputs as zero and flushes denormal results (float32
+// values below 1.2e-38).
 // A header of the one translation unit decode_kernels.cc.
 
 #ifndef GEMMA3N_KERNELS_GEMM_BF16_H_
@@ -140,24 +141,40 @@ AVX512_TARGET inline void PackColumnsPanel(const uint16_t* w, WeightLayout layou
       continue;
     }
     if (cols < kGemmNr) std::fill(out, out + pairs * kGemmNr, 0u);
+    // Rows 2q and 2q + 1 of w interleaved, 16 columns at a time (a row past k: zeros).
     for (int64_t q = 0; q < pairs; ++q) {
       const uint16_t* lo = w + (k0 + 2 * q) * n + n0 + p0;
-      uint32_t* dst = out + q * kGemmNr;
-      if (k0 + 2 * q + 1 < k) {
-        const uint16_t* hi = lo + n;
-        for (int j = 0; j < cols; ++j) dst[j] = PairOf(lo[j], hi[j]);
-      } else {
-        for (int j = 0; j < cols; ++j) dst[j] = lo[j];
+      bool whole = k0 + 2 * q + 1 < k;
+      for (int j = 0; j < cols; j += 16) {
+        __mmask16 mask = static_cast<__mmask16>(cols - j >= 16 ? 0xffff : (1u << (cols - j)) - 1);
+        __m512i even = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, lo + j));
+        __m512i odd = _mm512_cvtepu16_epi32(
+            _mm256_maskz_loadu_epi16(whole ? mask : 0, lo + n + j));
+        _mm512_mask_storeu_epi32(out + q * kGemmNr + j, mask,
+                                 _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
       }
     }
   }
 }
 
-// y's tile of `rows` x `cols` (at most kGemmMr x kGemmNr, row stride ldy) = (or +=, when
-// `accumulate`) a panel · w panel over `pairs` k pairs.
+// Where a tile's sums go. A product of more than one block of k keeps its sums in float32 in
+// `partial` (row stride ld_partial) until the last block, which adds its own to them and rounds
+// the total to bfloat16 into y (row stride ldy), as XLA rounds a bfloat16 product; y is nullptr
+// before the last block. Rounding here, not in XLA after the call: XLA's CPU conversion of
+// float32 to bfloat16 ran at ~2.3 ns a value (161 ms for a [256, 262144] chunk of logits) and
+// twice the bytes went through memory.
+struct TileOut {
+  float* partial;
+  int64_t ld_partial;
+  uint16_t* y;
+  int64_t ldy;
+  bool first;  // the product's first block of k: nothing in `partial` yet
+};
+
+// The `rows` x `cols` tile (at most kGemmMr x kGemmNr) of a panel · w panel over `pairs` k
+// pairs, to `out`.
 AVX512_TARGET inline void GemmTileAvx512(const uint32_t* a, const uint32_t* w, int64_t pairs,
-                                         float* y, int64_t ldy, int rows, int cols,
-                                         bool accumulate) {
+                                         const TileOut& out, int rows, int cols) {
   constexpr int kVectors = kGemmNr / 16;
   __m512 acc[kGemmMr][kVectors];
   UNROLL
@@ -184,27 +201,36 @@ AVX512_TARGET inline void GemmTileAvx512(const uint32_t* a, const uint32_t* w, i
   UNROLL
   for (int i = 0; i < kGemmMr; ++i) {
     if (i >= rows) break;
-    float* out = y + i * ldy;
+    float* partial = out.partial + i * out.ld_partial;
     UNROLL
     for (int v = 0; v < kVectors; ++v) {
       __m512 sum = acc[i][v];
-      if (accumulate) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(masks[v], out + 16 * v));
-      _mm512_mask_storeu_ps(out + 16 * v, masks[v], sum);
+      if (!out.first) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(masks[v], partial + 16 * v));
+      if (out.y == nullptr) {
+        _mm512_mask_storeu_ps(partial + 16 * v, masks[v], sum);
+      } else {
+        // vcvtneps2bf16: to nearest, ties to even (XLA's rounding; denormals flush to zero).
+        __m256i rounded = (__m256i)_mm512_cvtneps_pbh(sum);
+        _mm256_mask_storeu_epi16(out.y + i * out.ldy + 16 * v, masks[v], rounded);
+      }
     }
   }
 }
 
 // Columns [c0, c1) of y[M, N] = a[M, K] · (w as `layout`), rows [r0, r1), on this thread.
 AVX512_TARGET inline void GemmBlock(const uint16_t* a, const uint16_t* w, WeightLayout layout,
-                                    float* y, int64_t m, int64_t k, int64_t n, int64_t r0,
+                                    uint16_t* y, int64_t m, int64_t k, int64_t n, int64_t r0,
                                     int64_t r1, int64_t c0, int64_t c1) {
   int64_t kc_max = std::min(kGemmKc, k + (k & 1));
   std::vector<uint32_t> wp(kGemmNc * kc_max / 2), ap(kGemmMc * kc_max / 2);
+  // The float32 sums of a column block, every row of this thread, between blocks of k.
+  std::vector<float> partial(k > kGemmKc ? (r1 - r0) * kGemmNc : 0);
   for (int64_t jc = c0; jc < c1; jc += kGemmNc) {
     int64_t nc = std::min(kGemmNc, c1 - jc);
     for (int64_t pc = 0; pc < k; pc += kGemmKc) {
       int64_t kc = std::min(kGemmKc, k - pc), pairs = (kc + 1) / 2;
       int64_t panels = (nc + kGemmNr - 1) / kGemmNr;
+      bool last = pc + kGemmKc >= k;
       PackColumnsPanel(w, layout, n, k, jc, panels * kGemmNr, pc, kc, wp.data());
       for (int64_t ic = r0; ic < r1; ic += kGemmMc) {
         int64_t mc = std::min(kGemmMc, r1 - ic);
@@ -213,12 +239,16 @@ AVX512_TARGET inline void GemmBlock(const uint16_t* a, const uint16_t* w, Weight
         // One a panel (6 KB) stays in L1 while the block's w panels stream from L2: 3-8%
         // faster than the other way round (a w panel, 36 KB, does not fit L1).
         for (int64_t ip = 0; ip < row_panels; ++ip) {
+          int64_t row = ic + ip * kGemmMr;
           int rows = static_cast<int>(std::min<int64_t>(kGemmMr, mc - ip * kGemmMr));
           for (int64_t jp = 0; jp < panels; ++jp) {
+            int64_t col = jc + jp * kGemmNr;
             int cols = static_cast<int>(std::min<int64_t>(kGemmNr, nc - jp * kGemmNr));
+            TileOut out{partial.empty() ? nullptr
+                                        : partial.data() + (row - r0) * kGemmNc + (col - jc),
+                        kGemmNc, last ? y + row * n + col : nullptr, n, pc == 0};
             GemmTileAvx512(ap.data() + ip * pairs * kGemmMr, wp.data() + jp * pairs * kGemmNr,
-                           pairs, y + (ic + ip * kGemmMr) * n + jc + jp * kGemmNr, n, rows,
-                           cols, pc > 0);
+                           pairs, out, rows, cols);
           }
         }
       }
@@ -229,7 +259,7 @@ AVX512_TARGET inline void GemmBlock(const uint16_t* a, const uint16_t* w, Weight
 // The whole product on the thread pool: each thread a contiguous range of columns, or of rows
 // when the columns are too few to share.
 inline void GemmAvx512(ffi::ThreadPool& pool, const uint16_t* a, const uint16_t* w,
-                       WeightLayout layout, float* y, int64_t m, int64_t k, int64_t n) {
+                       WeightLayout layout, uint16_t* y, int64_t m, int64_t k, int64_t n) {
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (n >= threads * kGemmMinThreadColumns) {
     int64_t panels = (n + kGemmNr - 1) / kGemmNr;
@@ -246,9 +276,10 @@ inline void GemmAvx512(ffi::ThreadPool& pool, const uint16_t* a, const uint16_t*
 #endif  // GEMMA3N_X86
 
 // The FFI handler's body (bound in decode_kernels.cc):
-// y [M, N] = a [M, K] · w: w [N, K] transposed (layout kWeightRows) or w [K, N].
+// y [M, N] = a [M, K] · w, rounded to bfloat16: w [N, K] transposed (layout kWeightRows) or
+// w [K, N].
 inline ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
-                               ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::F32> y,
+                               ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::BF16> y,
                                int32_t layout) {
   auto ad = a.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (ad.size() != 2 || wd.size() != 2 || yd.size() != 2 ||
@@ -262,7 +293,8 @@ inline ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
   if (BestIsa() == kAvx512) {
     GemmAvx512(pool, reinterpret_cast<const uint16_t*>(a.typed_data()),
                reinterpret_cast<const uint16_t*>(w.typed_data()),
-               static_cast<WeightLayout>(layout), y->typed_data(), m, k, n);
+               static_cast<WeightLayout>(layout),
+               reinterpret_cast<uint16_t*>(y->typed_data()), m, k, n);
     return ffi::Error::Success();
   }
 #endif
