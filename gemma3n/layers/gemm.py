@@ -17,7 +17,7 @@ The decision is made when the function is traced (not with `jax.lax.platform_dep
 other branch's backward residuals, zeros the size of the weight, would be made too).
 
 The product is differentiable, its gradients the kernel again: in x dy · w, in w dyᵀ · x (at 512
-rows, E4B's shapes: 3-15x XLA's einsum for a LoRA factor, 1.5-2.9x for a whole weight); each
+rows, E4B's shapes: 3-15x XLA's einsum for a LoRA factor, 1.5-2.7x for a whole weight); each
 operand is kept for the backward only when the other one needs it. Sums are float32, as XLA's,
 in another order (the bound the tests state); the kernel rounds the result to bfloat16, as `dot`
 does.
