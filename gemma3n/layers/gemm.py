@@ -91,8 +91,8 @@ def _matmul_bwd(layout, residuals, g):
     x, w = residuals
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
         return None, None
-    # The result is rounded to bfloat16 (`dot`), so its cotangent holds bfloat16 values:
-    # nothing is lost taking it so.
+    # The kernel's result is bfloat16, so its cotangent holds bfloat16 values (a float32 one
+    # arrives where a caller upcast the product): nothing is lost taking it so.
     g = g.astype(jnp.bfloat16)
     dx = None if w is None else matmul(g, w, WEIGHT_COLUMNS if layout == WEIGHT_ROWS
                                        else WEIGHT_ROWS)
