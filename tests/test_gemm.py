@@ -15,7 +15,8 @@ from lora_kernel_check import check_lora_step_with_and_without_kernels
 F32_EPS = 2.0 ** -24        # float32 unit roundoff
 BF16_EPS = 2.0 ** -8        # bfloat16 unit roundoff (7 stored mantissa bits)
 # (M, K, N) off the kernel's blocks (gemm_bf16.h: tiles of 8 rows x 48 columns, blocks of 192
-# rows, 384 contracted values, 768 columns, 16-pair transposes while packing): K odd (a half
+# rows, 384 contracted values, 768 columns, 16-pair transposes while packing; up to 256 rows of
+# x and K even, w [N, K] takes gemm_few_rows.h): K odd (a half
 # pair) and past one block, K under one transpose, M past one row block and not whole tiles, N
 # past one column block and not whole panels; N under 2 x 384 columns, so that the threads
 # split the rows instead (70 rows: neither half whole tiles).
@@ -65,6 +66,24 @@ def test_kernel_equals_rounded_exact_products_within_summation_noise(m, k, n, la
     exact, magnitude = _exact_and_magnitude(x, w)
     assert got.shape == (m, n) and got.dtype == jnp.bfloat16
     _assert_rounded_sums(got, exact, _summation_bound(k, magnitude))
+
+
+# (M, K, N) of the few-rows path (w [N, K], M <= 256, K even; gemm_few_rows.h: panels of 64 rows
+# of x, tiles of 6 weight rows, blocks of 768 weight rows and 384 contracted values): one row, a
+# last panel of 1-3 vectors, K past one block and under one transpose, N not whole tiles and
+# past a block per thread, and N under 2 x 96 rows, where the threads split x's panels.
+FEW_ROWS_SHAPES = [(1, 2, 1), (17, 1000, 1601), (100, 770, 800), (256, 64, 1543), (130, 2, 50)]
+
+
+@pytest.mark.parametrize('m,k,n', FEW_ROWS_SHAPES)
+def test_few_rows_path_equals_the_many_row_path_bit_for_bit(m, k, n):
+    """Both paths sum the same pairs in the same order, block by block: x · w[N, K]ᵀ (few rows,
+    w read in place) and x · w[K, N] (the many-row kernel, w packed) give the same bits."""
+    x, w = _operands(m, k, n)
+    product = jax.jit(gemm.product, static_argnums=2)
+    in_place, packed = product(x, w, gemm.WEIGHT_ROWS), product(x, w.T, gemm.WEIGHT_COLUMNS)
+    np.testing.assert_array_equal(np.asarray(in_place).view(np.uint16),
+                                  np.asarray(packed).view(np.uint16))
 
 
 # (M, N, K) of weight gradients: a LoRA factor's (a rank of 4: computed transposed), a wide

@@ -1,7 +1,8 @@
 """Our own CPU kernel for bfloat16 products of many rows: a prefill chunk or a training batch
 times a projection weight (`kernels/gemm_bf16.h`, AVX-512 BF16). XLA's CPU products run these
 at ~300 GFLOP/s on a 2-core Zen 4 whose `vdpbf16ps` peak is ~450 (torch: ~400); the kernel
-packs blocks of both operands the way that instruction reads them and runs near the peak.
+packs blocks of both operands the way that instruction reads them and runs near the peak (up
+to 256 rows it reads a serving weight in place instead, `kernels/gemm_few_rows.h`).
 
 `dot(eqn, x, w, fallback)` takes the kernel when all of these hold, and calls `fallback`
 otherwise:

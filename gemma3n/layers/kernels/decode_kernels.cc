@@ -10,6 +10,7 @@
 //                        group sums exact in int32, then scaled and summed in float32.
 //   bf16 x bf16 -> bf16  many rows (gemm_bf16.h): x [M, K] · w [N, K]ᵀ or, for its gradients,
 //                        g [M, N] · w [N, K] and gᵀ · x; float32 sums rounded to bf16 once;
+//                        up to 256 rows, x · w [N, K]ᵀ reads w in place (gemm_few_rows.h);
 //                        AVX-512 BF16 only (elsewhere XLA's products)
 //   int4 -> bf16         the int4 weight dequantized, for XLA's product of a prefill chunk.
 //   s8 x gathered s8 rows -> s32   x [M, C] times rows ids[C] of a weight stored [F, D]
@@ -25,7 +26,8 @@
 // nibble and element j + kInt4Group / 2 in its high one, each stored as value + 8.
 //
 // The kernels live in headers by concept, all compiled here as one unit: common.h (ISA choice,
-// ParallelFor, conversions), bf16.h, int8.h, rows.h and rows_bf16.h (gathered rows), int4.h;
+// ParallelFor, conversions), bf16.h, int8.h, rows.h and rows_bf16.h (gathered rows), int4.h,
+// gemm_pack.h, gemm_few_rows.h and gemm_bf16.h (products of many rows), masked_rows.h;
 // this file checks the operands and holds the FFI handlers.
 
 #include <algorithm>

@@ -6,7 +6,8 @@
 //
 // The classic blocked scheme (Goto & van de Geijn): a block of w (kGemmKc contracted values x
 // up to kGemmNc columns) is packed into panels of kGemmNr columns, each k pair of a column one
-// 32-bit lane, as vdpbf16ps reads it; a block of a (kGemmMc rows) into panels of kGemmMr rows.
+// 32-bit lane, as vdpbf16ps reads it (gemm_pack.h); a block of a (kGemmMc rows) into panels of
+// kGemmMr rows.
 // A register tile of kGemmMr x kGemmNr float32 sums (24 of the 32 registers) then takes one
 // broadcast of a's pair per row and three loads of w's panel per k pair: 24 vdpbf16ps to 11
 // loads. With its operands in L1 the tile runs at the instruction's peak (~220 GFLOP/s a core
@@ -22,7 +23,8 @@
 #ifndef GEMMA3N_KERNELS_GEMM_BF16_H_
 #define GEMMA3N_KERNELS_GEMM_BF16_H_
 
-#include "common.h"
+#include "gemm_few_rows.h"
+#include "gemm_pack.h"
 
 namespace gemma3n_kernels {
 
@@ -32,90 +34,17 @@ namespace gemma3n_kernels {
 // than 1536 or more.
 constexpr int kGemmMr = 8;
 constexpr int kGemmNr = 48;
-constexpr int64_t kGemmKc = 384;
 constexpr int64_t kGemmMc = 24 * kGemmMr;
 constexpr int64_t kGemmNc = 16 * kGemmNr;
 static_assert(kGemmNr % 16 == 0 && kGemmMr <= 16,
               "a tile is whole vectors wide, a panel 16 rows at most");
-static_assert(kGemmKc % 32 == 0, "blocks start on whole 16-pair transposes");
 // Columns a thread takes at least; fewer threads then split the rows instead (a narrow output,
 // e.g. dx of an attention projection, would repack all of a for every few columns).
 constexpr int64_t kGemmMinThreadColumns = 8 * kGemmNr;
 
 enum WeightLayout : int32_t { kWeightRows = 0, kWeightColumns = 1 };
 
-inline uint32_t PairOf(uint16_t lo, uint16_t hi) { return lo | (uint32_t{hi} << 16); }
-
-// Pair q of row `row` of a [rows, k] bf16 matrix (values 2q and 2q + 1), a value past k as 0.
-inline uint32_t PairAt(const uint16_t* x, int64_t k, int64_t row, int64_t q) {
-  int64_t c = 2 * q;
-  return PairOf(x[row * k + c], c + 1 < k ? x[row * k + c + 1] : 0);
-}
-
 #ifdef GEMMA3N_X86
-// The even and the odd 128-bit lanes of a, then of b.
-AVX512_TARGET inline void EvenOddLanes(__m512i a, __m512i b, __m512i& even, __m512i& odd) {
-  even = _mm512_shuffle_i32x4(a, b, 0x88);
-  odd = _mm512_shuffle_i32x4(a, b, 0xdd);
-}
-
-// r[i] <- lane i of each of r[0..16): a 16 x 16 transpose of 32-bit lanes in four rounds of
-// shuffles (8 of them per 16 lanes moved), where copying lane by lane took ~1.8 ns a lane.
-AVX512_TARGET inline void Transpose16(__m512i r[16]) {
-  __m512i t[16];
-  UNROLL
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  UNROLL
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // Each r[i] now holds, per 128-bit lane L, column (i % 4) of rows 4L..4L+3 of block i / 4.
-  UNROLL
-  for (int i = 0; i < 4; ++i) {
-    EvenOddLanes(r[i], r[i + 4], t[i], t[i + 4]);
-    EvenOddLanes(r[i + 8], r[i + 12], t[i + 8], t[i + 12]);
-  }
-  UNROLL
-  for (int i = 0; i < 4; ++i) {
-    EvenOddLanes(t[i], t[i + 8], r[i], r[i + 8]);
-    EvenOddLanes(t[i + 4], t[i + 12], r[i + 4], r[i + 12]);
-  }
-}
-
-// out[q * stride + i] = pair q0 + q of row rows0 + i, for i < `rows` (<= 16) and q < 16, all
-// pairs whole: 16 rows of 16 pairs transposed at once (rows past `rows` are not read).
-AVX512_TARGET inline void PackPairs16(const uint16_t* x, int64_t k, int64_t row0, int rows,
-                                      int64_t q0, uint32_t* out, int64_t stride) {
-  __m512i r[16];
-  UNROLL
-  for (int i = 0; i < 16; ++i)
-    r[i] = i < rows ? _mm512_loadu_si512(x + (row0 + i) * k + 2 * q0) : _mm512_setzero_si512();
-  Transpose16(r);
-  __mmask16 mask = static_cast<__mmask16>((1u << rows) - 1);
-  UNROLL
-  for (int q = 0; q < 16; ++q) _mm512_mask_storeu_epi32(out + q * stride, mask, r[q]);
-}
-
-// Rows [row0, row0 + rows) (rows <= width; the others of the panel 0) of a [.., k] bf16 matrix,
-// pairs [q0, q0 + pairs), as a panel [pairs][width]: out[q * width + i] = pair q0 + q of row
-// row0 + i. 16 x 16 blocks of whole pairs are transposed with AVX-512.
-AVX512_TARGET inline void PackPanel(const uint16_t* x, int64_t k, int64_t row0, int rows, int width,
-                      int64_t q0, int64_t pairs, uint32_t* out) {
-  if (rows < width) std::fill(out, out + pairs * width, 0u);
-  int64_t whole = std::clamp<int64_t>(k / 2 - q0, 0, pairs) / 16 * 16;
-  for (int i0 = 0; i0 < rows; i0 += 16)
-    for (int64_t q = 0; q < whole; q += 16)
-      PackPairs16(x, k, row0 + i0, std::min(16, rows - i0), q0 + q, out + q * width + i0, width);
-  for (int i = 0; i < rows; ++i)
-    for (int64_t q = whole; q < pairs; ++q) out[q * width + i] = PairAt(x, k, row0 + i, q0 + q);
-}
-
 // a's rows [m0, m0 + mc) (those past m: 0) and contracted values [k0, k0 + kc) as panels of
 // kGemmMr rows, each [kc / 2][kGemmMr] pairs (a value past k: 0).
 AVX512_TARGET inline void PackRowsPanel(const uint16_t* a, int64_t m, int64_t k, int64_t m0,
@@ -277,7 +206,7 @@ inline void GemmAvx512(ffi::ThreadPool& pool, const uint16_t* a, const uint16_t*
 
 // The FFI handler's body (bound in decode_kernels.cc):
 // y [M, N] = a [M, K] · w, rounded to bfloat16: w [N, K] transposed (layout kWeightRows) or
-// w [K, N].
+// w [K, N]. A few rows times w [N, K] (K even) take gemm_few_rows.h, which reads w in place.
 inline ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
                                ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::BF16> y,
                                int32_t layout) {
@@ -291,10 +220,13 @@ inline ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
     return ffi::Error::InvalidArgument("bf16 product operand shapes do not match");
 #ifdef GEMMA3N_X86
   if (BestIsa() == kAvx512) {
-    GemmAvx512(pool, reinterpret_cast<const uint16_t*>(a.typed_data()),
-               reinterpret_cast<const uint16_t*>(w.typed_data()),
-               static_cast<WeightLayout>(layout),
-               reinterpret_cast<uint16_t*>(y->typed_data()), m, k, n);
+    auto ap = reinterpret_cast<const uint16_t*>(a.typed_data());
+    auto wp = reinterpret_cast<const uint16_t*>(w.typed_data());
+    auto yp = reinterpret_cast<uint16_t*>(y->typed_data());
+    if (layout == kWeightRows && m <= kFewRowsMaxM && k % 2 == 0)
+      GemmFewRowsAvx512(pool, ap, wp, yp, m, k, n);
+    else
+      GemmAvx512(pool, ap, wp, static_cast<WeightLayout>(layout), yp, m, k, n);
     return ffi::Error::Success();
   }
 #endif
