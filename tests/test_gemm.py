@@ -144,7 +144,11 @@ def test_products_the_kernel_does_not_take(monkeypatch):
         return jax.jit(lambda x, w: dot(eqn, x, w)).lower(x, w).as_text().count(gemm.TARGET)
 
     assert calls('md,fd->mf', x, w) == 1
-    assert calls('md,fd->mf', x[:-1], w) == 0                   # fewer rows than MIN_ROWS
+    assert calls('md,df->mf', x, w.T) == 1
+    assert calls('md,df->mf', x[:-1], w.T) == 0                 # fewer rows than MIN_ROWS
+    few = gemm.MIN_ROWS_IN_PLACE
+    assert calls('md,fd->mf', x[:few], w) == 1                  # a serving weight, read in place
+    assert calls('md,fd->mf', x[:few - 1], w) == 0              # the decode kernels' rows
     assert calls('md,fd->mf', x.astype(jnp.float32), w.astype(jnp.float32)) == 0
     assert calls('md,md->m', x, x) == 0                         # a batch axis
     monkeypatch.setenv(decode_kernels.ENV, 'off')

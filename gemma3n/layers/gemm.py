@@ -7,7 +7,8 @@ to 256 rows it reads a serving weight in place instead, `kernels/gemm_few_rows.h
 `dot(eqn, x, w, fallback)` takes the kernel when all of these hold, and calls `fallback`
 otherwise:
 
-- x and w are bfloat16, with at least `MIN_ROWS` rows of x (x's axes that w lacks);
+- x and w are bfloat16, with at least `MIN_ROWS` rows of x (x's axes that w lacks), or, with
+  w in the serving order, more rows than the decode kernels take (`MIN_ROWS_IN_PLACE`);
 - w has no batch axis and holds its contracted axes together, last ([out..., in...], the
   serving order) or first ([in..., out...], the checkpoint order);
 - the kernels are on (`$GEMMA3N_KERNELS`, `gemma3n.layers.decode_kernels`), the CPU has AVX-512
@@ -44,6 +45,11 @@ WEIGHT_ROWS, WEIGHT_COLUMNS = 0, 1
 # to 1.2x slower (at so few rows both are bound by reading the weight, which the kernel also
 # packs), at 128 rows 1.25-1.45x faster. Below it, the decode kernels or XLA's.
 MIN_ROWS = 48
+# A serving weight is read in place up to 256 rows (`kernels/gemm_few_rows.h`), and that beats
+# XLA's products from the first row count the decode kernels leave to them: at 17-40 rows
+# 1.4-2.1x on E4B's FFN and attention shapes (Zen 4, one process), where the decode kernels
+# are faster up to 16 rows.
+MIN_ROWS_IN_PLACE = decode_kernels.MAX_ROWS + 1
 
 
 def enabled() -> bool:
@@ -115,8 +121,9 @@ def _plan(x_spec: str, w_spec: str, out_spec: str, x_shape: tuple[int, ...]
         layout, w_out = WEIGHT_COLUMNS, w_spec[len(contracted):]
     else:
         return None
-    plan = decode_kernels.row_plan(x_spec, w_out + contracted, out_spec, x_shape,
-                                   rows_limit=math.prod(x_shape), min_rows=MIN_ROWS)
+    plan = decode_kernels.row_plan(
+        x_spec, w_out + contracted, out_spec, x_shape, rows_limit=math.prod(x_shape),
+        min_rows=MIN_ROWS_IN_PLACE if layout == WEIGHT_ROWS else MIN_ROWS)
     return None if plan is None else (plan[0], w_out, contracted, layout)
 
 
