@@ -16,10 +16,10 @@ F32_EPS = 2.0 ** -24        # float32 unit roundoff
 BF16_EPS = 2.0 ** -8        # bfloat16 unit roundoff (7 stored mantissa bits)
 # (M, K, N) off the kernel's blocks (gemm_bf16.h: tiles of 8 rows x 48 columns, blocks of 192
 # rows, 384 contracted values, 768 columns, 16-pair transposes while packing; up to 256 rows of
-# x and K even, w [N, K] takes gemm_few_rows.h): K odd (a half
-# pair) and past one block, K under one transpose, M past one row block and not whole tiles, N
-# past one column block and not whole panels; N under 2 x 384 columns, so that the threads
-# split the rows instead (70 rows: neither half whole tiles).
+# x and K even, w [N, K] takes gemm_few_rows.h): K odd (a half pair) and past one block, K under
+# one transpose, M past one row block and not whole tiles, N past one column block and not whole
+# panels; N under 2 x 384 columns, so that the threads split the rows instead (70 rows: neither
+# half whole tiles).
 SHAPES = [(1, 1, 1), (13, 7, 33), (200, 771, 800), (70, 5, 100), (9, 1000, 1537),
           (64, 32, 48), (33, 2048, 97)]
 

@@ -7,8 +7,9 @@
 // time, and a, small, is packed once into panels of kFewRowsWidth rows that the tile loads as
 // vectors (the last panel only the vectors its rows need, so at most 15 rows are padding).
 // Every output sums the same pairs in the same order, block by block of kGemmKc, as the
-// many-row kernel, so the two agree bit for bit. Against it, 2 threads on a Zen 4, E4B's FFN
-// shapes: 1.2-1.3x at 48-64 rows, 1.1x at 128, even at 256, 0.95x at 512 (hence the limit).
+// many-row kernel, so the two agree bit for bit. Against it, 2 threads on a Zen 4, E4B's
+// projections summed: 1.1-1.25x at 48-64 rows, 1.05-1.15x at 128, 1.0-1.08x at 256, slower at
+// 512 (hence the limit).
 // A header of the one translation unit decode_kernels.cc.
 
 #ifndef GEMMA3N_KERNELS_GEMM_FEW_ROWS_H_
