@@ -1,13 +1,14 @@
 """Our many-row bf16 product kernel (gemma3n.layers.gemm) against exact float32 products and
-against XLA's: odd sizes in every blocking dimension, both weight layouts, its gradients, which
-products take it, and a LoRA step of a bfloat16 model with the kernel and without."""
+against XLA's: odd sizes in every blocking dimension, both weight layouts, an int4 weight
+dequantized while packed, its gradients, which products take it, and a LoRA step of a bfloat16
+model with the kernel and without."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma3n.layers import decode_kernels, gemm
+from gemma3n.layers import decode_kernels, gemm, int4
 from gemma3n.layers.einsum import _xla_dot, dot
 from hf_oracle import small_configs
 from lora_kernel_check import check_lora_step_with_and_without_kernels
@@ -84,6 +85,52 @@ def test_few_rows_path_equals_the_many_row_path_bit_for_bit(m, k, n):
     in_place, packed = product(x, w, gemm.WEIGHT_ROWS), product(x, w.T, gemm.WEIGHT_COLUMNS)
     np.testing.assert_array_equal(np.asarray(in_place).view(np.uint16),
                                   np.asarray(packed).view(np.uint16))
+
+
+# (M, K, N) of int4 products (kernels/gemm_int4.h, K a multiple of 32): one group, K past one
+# block of 384 and not whole blocks, M past a row block (192) and not whole tiles, N not whole
+# panels (48) and past a column block (768); N under 2 x 384, where the threads split the rows.
+INT4_SHAPES = [(17, 32, 50), (200, 800, 800), (33, 2048, 97), (70, 416, 1601)]
+
+
+def _int4_operands(m, k, n):
+    rng = np.random.default_rng(5)
+    w4 = int4.quantize_int4(jnp.asarray(rng.standard_normal((n, k)), jnp.float32), 1)
+    xq = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
+    return xq, jnp.asarray(rng.uniform(0.5, 2.0, (m, 1)), jnp.float32), w4
+
+
+_scaled_rows_dot = jax.jit(int4.scaled_rows_dot, static_argnums=4)
+
+
+@pytest.mark.parametrize('m,k,n', INT4_SHAPES)
+def test_int4_product_is_the_bf16_product_of_its_dequantized_weight_bit_for_bit(m, k, n):
+    """Rows scaled by 1: the int4 kernel packs the bfloat16 values XLA's path multiplies
+    (`int4.dequantize` rounded to bfloat16) and sums them as the bf16 kernel does."""
+    xq, _, w4 = _int4_operands(m, k, n)
+    got = _scaled_rows_dot(xq, jnp.ones((m, 1), jnp.float32), w4.q, w4.scale, jnp.bfloat16)
+    w = int4.dequantize(w4.q, w4.scale).astype(jnp.bfloat16)
+    want = jax.jit(gemm.product, static_argnums=2)(xq.astype(jnp.bfloat16), w.T,
+                                                    gemm.WEIGHT_COLUMNS)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
+                                  np.asarray(want).view(np.uint16))
+
+
+@pytest.mark.parametrize('m,k,n', INT4_SHAPES)
+def test_int4_product_scales_each_row_then_rounds_once(m, k, n):
+    xq, x_scale, w4 = _int4_operands(m, k, n)
+    lowered = jax.jit(int4.scaled_rows_dot, static_argnums=4).lower(
+        xq, x_scale, w4.q, w4.scale, jnp.float32).as_text()
+    assert decode_kernels.TARGETS['gemm_int4'] in lowered
+    w = int4.dequantize(w4.q, w4.scale).astype(jnp.bfloat16)
+    exact, magnitude = _exact_and_magnitude(xq, w)
+    s = np.asarray(x_scale, np.float64)
+    # The float32 sum within the summation bound, then one float32 product with the row's scale.
+    bound = (_summation_bound(k, magnitude) + F32_EPS * (np.abs(exact) + magnitude)) * s
+    got = np.asarray(_scaled_rows_dot(xq, x_scale, w4.q, w4.scale, jnp.float32), np.float64)
+    assert np.all(np.abs(got - exact * s) <= bound)
+    _assert_rounded_sums(_scaled_rows_dot(xq, x_scale, w4.q, w4.scale, jnp.bfloat16),
+                         exact * s, bound)
 
 
 # (M, N, K) of weight gradients: a LoRA factor's (a rank of 4: computed transposed), a wide

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gemma3n import Gemma3nTransformer, Sampler
-from gemma3n.layers import Int4Weight, ServingWeight, decode_kernels, int4
+from gemma3n.layers import Int4Weight, ServingWeight, decode_kernels, gemm, int4
 from gemma3n.layers.int4 import dequantize, quantize_int4
 from gemma3n import layout
 from gemma3n.layout import serving_nbytes, to_serving
@@ -155,3 +155,26 @@ def test_a_prefill_chunk_multiplies_in_bfloat16():
     assert np.all(np.abs(got - want) <= 2 * 96 * F32_EPS * magnitude)
     exact = np.asarray(xq.astype(jnp.float32) @ dequantize(w4.q, w4.scale).T)
     assert np.abs(got - exact).max() > 0        # the rounding is there: bfloat16, not float32
+
+
+@pytest.mark.skipif(not gemm.enabled(), reason='the many-row kernel needs AVX-512 BF16')
+def test_a_prefill_chunk_takes_the_many_row_kernel(monkeypatch):
+    # A weight in checkpoint order [in, out] contracted for 40 rows of bfloat16 x: our many-row
+    # kernel, and XLA's path with the kernels capped at AVX2 (no many-row kernel), multiply the
+    # same bfloat16 values; each rounds a float32 sum, summed in another order, to bfloat16.
+    rng = np.random.default_rng(8)
+    w = jnp.asarray(rng.standard_normal((96, 130)), jnp.float32)
+    w4 = quantize_int4(w.T, 1, order=(1, 0))
+    x = jnp.asarray(rng.standard_normal((2, 20, 96)), jnp.bfloat16)
+
+    def forward():     # a new function each time: jit would reuse a trace of the same one
+        product = jax.jit(lambda x: w4.contract('BTD,DF->BTF', x))
+        return product(x), decode_kernels.TARGETS['gemm_int4'] in product.lower(x).as_text()
+
+    got, on_kernel = forward()
+    monkeypatch.setenv(decode_kernels.ENV, 'avx2')
+    want, on_kernel_capped = forward()
+    assert on_kernel and not on_kernel_capped
+    assert got.dtype == want.dtype == jnp.bfloat16 and got.shape == want.shape == (2, 20, 130)
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert np.all(np.abs(got - want) <= 2 ** -7 * np.abs(want))

@@ -12,7 +12,10 @@
 //                        g [M, N] · w [N, K] and gᵀ · x; float32 sums rounded to bf16 once;
 //                        up to 256 rows, x · w [N, K]ᵀ reads w in place (gemm_few_rows.h);
 //                        AVX-512 BF16 only (elsewhere XLA's products)
-//   int4 -> bf16         the int4 weight dequantized, for XLA's product of a prefill chunk.
+//   bf16 x int4 -> f32 or bf16   many rows (gemm_int4.h): the many-row kernel, dequantizing w
+//                        to bf16 while packing it, each row of y scaled; AVX-512 BF16 only
+//   int4 -> bf16         the int4 weight dequantized, for XLA's product of a prefill chunk
+//                        elsewhere.
 //   s8 x gathered s8 rows -> s32   x [M, C] times rows ids[C] of a weight stored [F, D]
 //                        (not [N, K]: a sparse FFN's down projection), exact.
 //   bf16 gathered, both ways, for the units a step's tokens keep in a sparse FFN (ids[C], of
@@ -27,7 +30,8 @@
 //
 // The kernels live in headers by concept, all compiled here as one unit: common.h (ISA choice,
 // ParallelFor, conversions), bf16.h, int8.h, rows.h and rows_bf16.h (gathered rows), int4.h,
-// gemm_pack.h, gemm_few_rows.h and gemm_bf16.h (products of many rows), masked_rows.h;
+// gemm_pack.h, gemm_few_rows.h, gemm_bf16.h and gemm_int4.h (products of many rows),
+// masked_rows.h;
 // this file checks the operands and holds the FFI handlers.
 
 #include <algorithm>
@@ -37,6 +41,7 @@
 #include "bf16.h"
 #include "common.h"
 #include "gemm_bf16.h"
+#include "gemm_int4.h"
 #include "int4.h"
 #include "int8.h"
 #include "masked_rows.h"
@@ -261,29 +266,6 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error DequantInt4Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w,
-                               ffi::Buffer<ffi::F16> scale, ffi::ResultBuffer<ffi::BF16> out,
-                               int32_t isa) {
-  auto wd = w.dimensions(), sd = scale.dimensions(), od = out->dimensions();
-  if (wd.size() != 2 || sd.size() != 2 || od.size() != 2 || od[1] % kInt4Group != 0 ||
-      wd[0] != od[0] || sd[0] != od[0] || wd[1] * 2 != od[1] || sd[1] * kInt4Group != od[1])
-    return ffi::Error::InvalidArgument("int4 dequantization takes w [N, K / 2] and scales "
-                                       "[N, K / 32] (K a multiple of 32), and gives [N, K]");
-  int64_t n = od[0], k = od[1];
-  const uint8_t* wp = w.typed_data();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.typed_data());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out->typed_data());
-  Isa chosen = Choose(isa);
-  ParallelFor(pool, n, Grain(k * 2), [&](int64_t b, int64_t e) {
-#ifdef GEMMA3N_X86
-    if (chosen == kAvx512) return DequantInt4Avx512(wp, sp, op, k, b, e);
-    if (chosen == kAvx2) return DequantInt4Avx2(wp, sp, op, k, b, e);
-#endif
-    DequantInt4Scalar(wp, sp, op, k, b, e);
-  });
-  return ffi::Error::Success();
-}
-
 ffi::Error RowsInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> ids,
                         ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y, int32_t isa) {
   auto xd = x.dimensions(), idd = ids.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -350,6 +332,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGemmBf16, GemmBf16Impl,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>()
                                   .Attr<int32_t>("layout"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGemmInt4, GemmInt4Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMaskedRowsDot, MaskedRowsDotImpl,
                               MaskedRowsBinding().Ret<ffi::Buffer<ffi::BF16>>());

@@ -23,6 +23,8 @@
 #ifndef GEMMA3N_KERNELS_GEMM_BF16_H_
 #define GEMMA3N_KERNELS_GEMM_BF16_H_
 
+#include <type_traits>
+
 #include "gemm_few_rows.h"
 #include "gemm_pack.h"
 
@@ -56,12 +58,21 @@ AVX512_TARGET inline void PackRowsPanel(const uint16_t* a, int64_t m, int64_t k,
   }
 }
 
+// The right operand of a bf16 product, w [N, K] (kWeightRows: column j is w's row j) or [K, N]
+// (kWeightColumns). The many-row kernel is a template over its right operand, which packs
+// itself (gemm_int4.h has another).
+struct Bf16Columns {
+  const uint16_t* w;
+  WeightLayout layout;
+  int64_t n, k;
+  AVX512_TARGET void Pack(int64_t n0, int64_t nc, int64_t k0, int64_t kc, uint32_t* out) const;
+};
+
 // Columns [n0, n0 + nc) of the product's right operand, contracted values [k0, k0 + kc), as
 // panels of kGemmNr columns, each [kc / 2][kGemmNr] pairs; columns past n and values past k
-// are 0. kWeightRows: column j is w's row j ([N, K]); kWeightColumns: w is [K, N].
-AVX512_TARGET inline void PackColumnsPanel(const uint16_t* w, WeightLayout layout, int64_t n,
-                                           int64_t k, int64_t n0, int64_t nc, int64_t k0,
-                                           int64_t kc, uint32_t* out) {
+// are 0.
+AVX512_TARGET inline void Bf16Columns::Pack(int64_t n0, int64_t nc, int64_t k0, int64_t kc,
+                                            uint32_t* out) const {
   int64_t pairs = (kc + 1) / 2;
   for (int64_t p0 = 0; p0 < nc; p0 += kGemmNr, out += pairs * kGemmNr) {
     int cols = static_cast<int>(std::clamp<int64_t>(n - n0 - p0, 0, kGemmNr));
@@ -87,23 +98,27 @@ AVX512_TARGET inline void PackColumnsPanel(const uint16_t* w, WeightLayout layou
 }
 
 // Where a tile's sums go. A product of more than one block of k keeps its sums in float32 in
-// `partial` (row stride ld_partial) until the last block, which adds its own to them and rounds
-// the total to bfloat16 into y (row stride ldy), as XLA rounds a bfloat16 product; y is nullptr
-// before the last block. Rounding here, not in XLA after the call: XLA's CPU conversion of
-// float32 to bfloat16 ran at ~2.3 ns a value (161 ms for a [256, 262144] chunk of logits) and
-// twice the bytes went through memory.
+// `partial` (row stride ld_partial) until the last block, which adds its own to them and stores
+// the total into y (row stride ldy), times its row's `row_scale` where given (one float32
+// product): as float32, or (Out = uint16_t) rounded to bfloat16, as XLA rounds a bfloat16
+// product; y is nullptr before the last block. Rounding here, not in XLA after the call: XLA's
+// CPU conversion of float32 to bfloat16 ran at ~2.3 ns a value (161 ms for a [256, 262144]
+// chunk of logits) and twice the bytes went through memory.
+template <typename Out>
 struct TileOut {
   float* partial;
   int64_t ld_partial;
-  uint16_t* y;
+  Out* y;
   int64_t ldy;
   bool first;  // the product's first block of k: nothing in `partial` yet
+  const float* row_scale;  // the tile's first row's scale, or nullptr
 };
 
 // The `rows` x `cols` tile (at most kGemmMr x kGemmNr) of a panel · w panel over `pairs` k
 // pairs, to `out`.
+template <typename Out>
 AVX512_TARGET inline void GemmTileAvx512(const uint32_t* a, const uint32_t* w, int64_t pairs,
-                                         const TileOut& out, int rows, int cols) {
+                                         const TileOut<Out>& out, int rows, int cols) {
   constexpr int kVectors = kGemmNr / 16;
   __m512 acc[kGemmMr][kVectors];
   UNROLL
@@ -135,8 +150,12 @@ AVX512_TARGET inline void GemmTileAvx512(const uint32_t* a, const uint32_t* w, i
     for (int v = 0; v < kVectors; ++v) {
       __m512 sum = acc[i][v];
       if (!out.first) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(masks[v], partial + 16 * v));
+      if (out.y != nullptr && out.row_scale != nullptr)
+        sum = _mm512_mul_ps(sum, _mm512_set1_ps(out.row_scale[i]));
       if (out.y == nullptr) {
         _mm512_mask_storeu_ps(partial + 16 * v, masks[v], sum);
+      } else if constexpr (std::is_same_v<Out, float>) {
+        _mm512_mask_storeu_ps(out.y + i * out.ldy + 16 * v, masks[v], sum);
       } else {
         // vcvtneps2bf16: to nearest, ties to even (XLA's rounding; denormals flush to zero).
         __m256i rounded = (__m256i)_mm512_cvtneps_pbh(sum);
@@ -146,10 +165,12 @@ AVX512_TARGET inline void GemmTileAvx512(const uint32_t* a, const uint32_t* w, i
   }
 }
 
-// Columns [c0, c1) of y[M, N] = a[M, K] · (w as `layout`), rows [r0, r1), on this thread.
-AVX512_TARGET inline void GemmBlock(const uint16_t* a, const uint16_t* w, WeightLayout layout,
-                                    uint16_t* y, int64_t m, int64_t k, int64_t n, int64_t r0,
-                                    int64_t r1, int64_t c0, int64_t c1) {
+// Columns [c0, c1) of y[M, N] = a[M, K] · w (an operand packing itself as Bf16Columns does),
+// each row times its row_scale[M] if given, rows [r0, r1), on this thread.
+template <typename Columns, typename Out>
+AVX512_TARGET inline void GemmBlock(const uint16_t* a, const Columns& w, Out* y,
+                                    const float* row_scale, int64_t m, int64_t k, int64_t n,
+                                    int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   int64_t kc_max = std::min(kGemmKc, k + (k & 1));
   std::vector<uint32_t> wp(kGemmNc * kc_max / 2), ap(kGemmMc * kc_max / 2);
   // The float32 sums of a column block, every row of this thread, between blocks of k.
@@ -160,7 +181,7 @@ AVX512_TARGET inline void GemmBlock(const uint16_t* a, const uint16_t* w, Weight
       int64_t kc = std::min(kGemmKc, k - pc), pairs = (kc + 1) / 2;
       int64_t panels = (nc + kGemmNr - 1) / kGemmNr;
       bool last = pc + kGemmKc >= k;
-      PackColumnsPanel(w, layout, n, k, jc, panels * kGemmNr, pc, kc, wp.data());
+      w.Pack(jc, panels * kGemmNr, pc, kc, wp.data());
       for (int64_t ic = r0; ic < r1; ic += kGemmMc) {
         int64_t mc = std::min(kGemmMc, r1 - ic);
         int64_t row_panels = (mc + kGemmMr - 1) / kGemmMr;
@@ -173,9 +194,10 @@ AVX512_TARGET inline void GemmBlock(const uint16_t* a, const uint16_t* w, Weight
           for (int64_t jp = 0; jp < panels; ++jp) {
             int64_t col = jc + jp * kGemmNr;
             int cols = static_cast<int>(std::min<int64_t>(kGemmNr, nc - jp * kGemmNr));
-            TileOut out{partial.empty() ? nullptr
-                                        : partial.data() + (row - r0) * kGemmNc + (col - jc),
-                        kGemmNc, last ? y + row * n + col : nullptr, n, pc == 0};
+            TileOut<Out> out{
+                partial.empty() ? nullptr : partial.data() + (row - r0) * kGemmNc + (col - jc),
+                kGemmNc, last ? y + row * n + col : nullptr, n, pc == 0,
+                row_scale == nullptr ? nullptr : row_scale + row};
             GemmTileAvx512(ap.data() + ip * pairs * kGemmMr, wp.data() + jp * pairs * kGemmNr,
                            pairs, out, rows, cols);
           }
@@ -187,18 +209,19 @@ AVX512_TARGET inline void GemmBlock(const uint16_t* a, const uint16_t* w, Weight
 
 // The whole product on the thread pool: each thread a contiguous range of columns, or of rows
 // when the columns are too few to share.
-inline void GemmAvx512(ffi::ThreadPool& pool, const uint16_t* a, const uint16_t* w,
-                       WeightLayout layout, uint16_t* y, int64_t m, int64_t k, int64_t n) {
+template <typename Columns, typename Out>
+void GemmAvx512(ffi::ThreadPool& pool, const uint16_t* a, const Columns& w, Out* y,
+                const float* row_scale, int64_t m, int64_t k, int64_t n) {
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (n >= threads * kGemmMinThreadColumns) {
     int64_t panels = (n + kGemmNr - 1) / kGemmNr;
     ParallelFor(pool, panels, (panels + threads - 1) / threads, [&](int64_t b, int64_t e) {
-      GemmBlock(a, w, layout, y, m, k, n, 0, m, b * kGemmNr, std::min(n, e * kGemmNr));
+      GemmBlock(a, w, y, row_scale, m, k, n, 0, m, b * kGemmNr, std::min(n, e * kGemmNr));
     });
   } else {
     int64_t panels = (m + kGemmMr - 1) / kGemmMr;
     ParallelFor(pool, panels, (panels + threads - 1) / threads, [&](int64_t b, int64_t e) {
-      GemmBlock(a, w, layout, y, m, k, n, b * kGemmMr, std::min(m, e * kGemmMr), 0, n);
+      GemmBlock(a, w, y, row_scale, m, k, n, b * kGemmMr, std::min(m, e * kGemmMr), 0, n);
     });
   }
 }
@@ -226,7 +249,8 @@ inline ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
     if (layout == kWeightRows && m <= kFewRowsMaxM && k % 2 == 0)
       GemmFewRowsAvx512(pool, ap, wp, yp, m, k, n);
     else
-      GemmAvx512(pool, ap, wp, static_cast<WeightLayout>(layout), yp, m, k, n);
+      GemmAvx512(pool, ap, Bf16Columns{wp, static_cast<WeightLayout>(layout), n, k}, yp, nullptr,
+                 m, k, n);
     return ffi::Error::Success();
   }
 #endif

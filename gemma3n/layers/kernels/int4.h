@@ -296,8 +296,10 @@ AVX512_TARGET void Int4RowsTileAvx512(const Int4Operands& op, int64_t begin, int
 #endif  // GEMMA3N_X86
 
 // ---------------------------------------------------------------------------------------------
-// Dequantization to bf16, for the XLA product of a prefill chunk (more rows of x than the
-// decode kernels take; XLA's own elementwise loops took 4-5x longer than the product there):
+// Dequantization to bf16: a block of rows at a time while the many-row kernel packs them
+// (gemm_int4.h), and for the XLA product of a prefill chunk where that kernel does not run
+// (more rows of x than the decode kernels take; XLA's own elementwise loops took 4-5x longer
+// than the product there):
 // rows [begin, end) of the weight as bf16 out [N, K] in natural order, each value
 // (nibble - 8) · scale (exact in float32) rounded to the nearest bf16, ties to even, as XLA
 // converts. The values are finite, so the rounding needs no NaN case.
@@ -341,28 +343,57 @@ AVX2_TARGET void DequantInt4Avx2(const uint8_t* w, const uint16_t* scale, uint16
     }
 }
 
-AVX512_TARGET void DequantInt4Avx512(const uint8_t* w, const uint16_t* scale, uint16_t* out,
-                                     int64_t k, int64_t begin, int64_t end) {
+// `groups` groups of one row (bytes, their scales) as bf16 values in natural order at `to`.
+AVX512_TARGET INLINE void DequantInt4RowAvx512(const uint8_t* bytes, const uint16_t* scale,
+                                               uint16_t* to, int64_t groups) {
   const __m128i mask = _mm_set1_epi8(0x0f);
   const __m512i offset = _mm512_set1_epi32(kInt4Offset);
+  for (int64_t g = 0; g < groups; ++g, bytes += kInt4Group / 2, to += kInt4Group) {
+    __m512 s = _mm512_set1_ps(F16ToF32(scale[g]));
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+    __m128i halves[2] = {_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask)};
+    UNROLL
+    for (int h = 0; h < 2; ++h) {
+      __m512 v = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(halves[h]), offset)), s);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 16 * h),
+                          (__m256i)_mm512_cvtneps_pbh(v));
+    }
+  }
+}
+
+AVX512_TARGET void DequantInt4Avx512(const uint8_t* w, const uint16_t* scale, uint16_t* out,
+                                     int64_t k, int64_t begin, int64_t end) {
   int64_t groups = k / kInt4Group;
   for (int64_t r = begin; r < end; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* bytes = w + r * (k / 2) + g * (kInt4Group / 2);
-      __m512 s = _mm512_set1_ps(F16ToF32(scale[r * groups + g]));
-      __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-      __m128i halves[2] = {_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask)};
-      uint16_t* to = out + r * k + g * kInt4Group;
-      UNROLL
-      for (int h = 0; h < 2; ++h) {
-        __m512 v = _mm512_mul_ps(
-            _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(halves[h]), offset)), s);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 16 * h),
-                            (__m256i)_mm512_cvtneps_pbh(v));
-      }
-    }
+    DequantInt4RowAvx512(w + r * (k / 2), scale + r * groups, out + r * k, groups);
 }
 #endif  // GEMMA3N_X86
+
+// The FFI handler's body (bound in decode_kernels.cc): w [N, K / 2] and scales [N, K / 32] as
+// bf16 out [N, K].
+inline ffi::Error DequantInt4Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w,
+                                      ffi::Buffer<ffi::F16> scale,
+                                      ffi::ResultBuffer<ffi::BF16> out, int32_t isa) {
+  auto wd = w.dimensions(), sd = scale.dimensions(), od = out->dimensions();
+  if (wd.size() != 2 || sd.size() != 2 || od.size() != 2 || od[1] % kInt4Group != 0 ||
+      wd[0] != od[0] || sd[0] != od[0] || wd[1] * 2 != od[1] || sd[1] * kInt4Group != od[1])
+    return ffi::Error::InvalidArgument("int4 dequantization takes w [N, K / 2] and scales "
+                                       "[N, K / 32] (K a multiple of 32), and gives [N, K]");
+  int64_t n = od[0], k = od[1];
+  const uint8_t* wp = w.typed_data();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.typed_data());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out->typed_data());
+  Isa chosen = Choose(isa);
+  ParallelFor(pool, n, Grain(k * 2), [&](int64_t b, int64_t e) {
+#ifdef GEMMA3N_X86
+    if (chosen == kAvx512) return DequantInt4Avx512(wp, sp, op, k, b, e);
+    if (chosen == kAvx2) return DequantInt4Avx2(wp, sp, op, k, b, e);
+#endif
+    DequantInt4Scalar(wp, sp, op, k, b, e);
+  });
+  return ffi::Error::Success();
+}
 
 }  // namespace gemma3n_kernels
 
