@@ -1,6 +1,6 @@
 """Our many-row bf16 product kernel (gemma3n.layers.gemm) against exact float32 products and
-against XLA's: odd sizes in every blocking dimension, both weight layouts, an int4 weight
-dequantized while packed, its gradients, which products take it, and a LoRA step of a bfloat16
+against XLA's: odd sizes in every blocking dimension, both weight layouts, int4 and int8
+weights converted while packed, its gradients, which products take it, and a LoRA step of a bfloat16
 model with the kernel and without."""
 
 import jax
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma3n.layers import decode_kernels, gemm, int4
+from gemma3n.layers import contract, decode_kernels, gemm, int4, int8
 from gemma3n.layers.einsum import _xla_dot, dot
 from hf_oracle import small_configs
 from lora_kernel_check import check_lora_step_with_and_without_kernels
@@ -87,7 +87,7 @@ def test_few_rows_path_equals_the_many_row_path_bit_for_bit(m, k, n):
                                   np.asarray(packed).view(np.uint16))
 
 
-# (M, K, N) of int4 products (kernels/gemm_int4.h, K a multiple of 32): one group, K past one
+# (M, K, N) of int4 products (kernels/gemm_quantized.h, K a multiple of 32): one group, K past one
 # block of 384 and not whole blocks, M past a row block (192) and not whole tiles, N not whole
 # panels (48) and past a column block (768); N under 2 x 384, where the threads split the rows.
 INT4_SHAPES = [(17, 32, 50), (200, 800, 800), (33, 2048, 97), (70, 416, 1601)]
@@ -131,6 +131,46 @@ def test_int4_product_scales_each_row_then_rounds_once(m, k, n):
     assert np.all(np.abs(got - exact * s) <= bound)
     _assert_rounded_sums(_scaled_rows_dot(xq, x_scale, w4.q, w4.scale, jnp.bfloat16),
                          exact * s, bound)
+
+
+# (eqn, x shape, w shape in checkpoint order, its serving order) of int8 products with more rows
+# than the decode kernels take (kernels/gemm_quantized.h): K odd and past one block of 384,
+# rows past a row block (192) and not whole tiles, N not whole panels (48) and past a column
+# block (768), N under 2 x 384 (the threads split the rows); two output axes (a scale [N, H]);
+# a weight stored [in, out] in the checkpoint, [out, in] in serving order.
+INT8_FORMS = [('BTD,FD->BTF', (1, 17, 33), (50, 33), (0, 1)),
+              ('BTD,FD->BTF', (2, 100, 801), (800, 801), (0, 1)),
+              ('BTD,DF->BTF', (1, 70, 417), (417, 1601), (1, 0)),
+              ('BTD,DNH->BTNH', (3, 11, 2048), (2048, 4, 24), (1, 2, 0))]
+
+
+@pytest.mark.parametrize('eqn,x_shape,w_shape,order', INT8_FORMS)
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+def test_int8_product_equals_xlas_int32_path_bit_for_bit(monkeypatch, eqn, x_shape, w_shape,
+                                                         order, dtype):
+    """Products of int8 values are integers below 2^14, so while every partial sum stays
+    below 2^24 (checked: Σ|xq|·|q| is), the kernel's float32 sums equal XLA's int32 ones; both
+    then multiply by the weight's and the row's scales in the same order and round once."""
+    rng = np.random.default_rng(9)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+    # One input axis, last in serving order: the others are the channels.
+    leaf = int8.quantize(jnp.transpose(w, order), len(w_shape) - 1, order)
+    x = jnp.asarray(rng.standard_normal(x_shape), dtype)
+
+    def product():     # a new function each time: jit would reuse a trace of the same one
+        f = jax.jit(lambda x: contract(eqn, x, leaf))
+        return f(x), decode_kernels.TARGETS['gemm_int8'] in f.lower(x).as_text()
+
+    got, on_kernel = product()
+    monkeypatch.setenv(decode_kernels.ENV, 'avx2')
+    want, on_kernel_capped = product()
+    assert on_kernel and not on_kernel_capped
+    assert got.dtype == want.dtype == dtype
+    k = x_shape[-1]
+    xq, _ = int8.quantize_rows(x.reshape(-1, k), (1,))
+    q = np.asarray(leaf.q, np.int64).reshape(-1, k)
+    assert (np.abs(np.asarray(xq, np.int64)) @ np.abs(q).T).max() < 2 ** 24
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 # (M, N, K) of weight gradients: a LoRA factor's (a rank of 4: computed transposed), a wide

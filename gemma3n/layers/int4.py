@@ -202,7 +202,7 @@ def _xla_rows_dot(xq: jax.Array, q: jax.Array, scale: jax.Array,
 def scaled_rows_dot(xq: jax.Array, x_scale: jax.Array, q: jax.Array, scale: jax.Array,
                     dtype: Any) -> jax.Array:
     """`rows_dot(xq, q, scale)` times each row's scale x_scale [M, 1], in `dtype`. A prefill
-    chunk takes our many-row kernel where `gemm.enabled()` (`kernels/gemm_int4.h`): the same
+    chunk takes our many-row kernel where `gemm.enabled()` (`kernels/gemm_quantized.h`): the same
     bfloat16 weight values as XLA's path (dequantized once per call, while the kernel packs
     the weight), float32 sums in another order, scaled and rounded once in the kernel. XLA's
     path (dequantized blocks, its product, then the scaling) took 1.3-1.9x as long at E4B's

@@ -12,8 +12,8 @@
 //                        g [M, N] · w [N, K] and gᵀ · x; float32 sums rounded to bf16 once;
 //                        up to 256 rows, x · w [N, K]ᵀ reads w in place (gemm_few_rows.h);
 //                        AVX-512 BF16 only (elsewhere XLA's products)
-//   bf16 x int4 -> f32 or bf16   many rows (gemm_int4.h): the many-row kernel, dequantizing w
-//                        to bf16 while packing it, each row of y scaled; AVX-512 BF16 only
+//   bf16 x int4 or int8 -> f32 or bf16   many rows (gemm_quantized.h): the many-row kernel,
+//                        converting w to bf16 while packing it, y scaled; AVX-512 BF16 only
 //   int4 -> bf16         the int4 weight dequantized, for XLA's product of a prefill chunk
 //                        elsewhere.
 //   s8 x gathered s8 rows -> s32   x [M, C] times rows ids[C] of a weight stored [F, D]
@@ -30,7 +30,7 @@
 //
 // The kernels live in headers by concept, all compiled here as one unit: common.h (ISA choice,
 // ParallelFor, conversions), bf16.h, int8.h, rows.h and rows_bf16.h (gathered rows), int4.h,
-// gemm_pack.h, gemm_few_rows.h, gemm_bf16.h and gemm_int4.h (products of many rows),
+// gemm_pack.h, gemm_few_rows.h, gemm_bf16.h and gemm_quantized.h (products of many rows),
 // masked_rows.h;
 // this file checks the operands and holds the FFI handlers.
 
@@ -41,7 +41,7 @@
 #include "bf16.h"
 #include "common.h"
 #include "gemm_bf16.h"
-#include "gemm_int4.h"
+#include "gemm_quantized.h"
 #include "int4.h"
 #include "int8.h"
 #include "masked_rows.h"
@@ -340,6 +340,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGemmInt4, GemmInt4Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGemmInt8, GemmInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMaskedRowsDot, MaskedRowsDotImpl,

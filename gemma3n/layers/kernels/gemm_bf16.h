@@ -60,7 +60,7 @@ AVX512_TARGET inline void PackRowsPanel(const uint16_t* a, int64_t m, int64_t k,
 
 // The right operand of a bf16 product, w [N, K] (kWeightRows: column j is w's row j) or [K, N]
 // (kWeightColumns). The many-row kernel is a template over its right operand, which packs
-// itself (gemm_int4.h has another).
+// itself (gemm_quantized.h has two more).
 struct Bf16Columns {
   const uint16_t* w;
   WeightLayout layout;
@@ -99,11 +99,17 @@ AVX512_TARGET inline void Bf16Columns::Pack(int64_t n0, int64_t nc, int64_t k0, 
 
 // Where a tile's sums go. A product of more than one block of k keeps its sums in float32 in
 // `partial` (row stride ld_partial) until the last block, which adds its own to them and stores
-// the total into y (row stride ldy), times its row's `row_scale` where given (one float32
-// product): as float32, or (Out = uint16_t) rounded to bfloat16, as XLA rounds a bfloat16
-// product; y is nullptr before the last block. Rounding here, not in XLA after the call: XLA's
+// the total into y (row stride ldy), times its column's scale, then its row's, where given (a
+// float32 product each): as float32, or (Out = uint16_t) rounded to bfloat16, as XLA rounds a
+// bfloat16 product; y is nullptr before the last block. Rounding here, not in XLA after the call: XLA's
 // CPU conversion of float32 to bfloat16 ran at ~2.3 ns a value (161 ms for a [256, 262144]
 // chunk of logits) and twice the bytes went through memory.
+// Scales of the product's rows [M] and columns [N], each nullptr when there are none.
+struct Scales {
+  const float* row = nullptr;
+  const float* col = nullptr;
+};
+
 template <typename Out>
 struct TileOut {
   float* partial;
@@ -111,7 +117,7 @@ struct TileOut {
   Out* y;
   int64_t ldy;
   bool first;  // the product's first block of k: nothing in `partial` yet
-  const float* row_scale;  // the tile's first row's scale, or nullptr
+  Scales scales;  // from the tile's first row and column
 };
 
 // The `rows` x `cols` tile (at most kGemmMr x kGemmNr) of a panel · w panel over `pairs` k
@@ -150,8 +156,10 @@ AVX512_TARGET inline void GemmTileAvx512(const uint32_t* a, const uint32_t* w, i
     for (int v = 0; v < kVectors; ++v) {
       __m512 sum = acc[i][v];
       if (!out.first) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(masks[v], partial + 16 * v));
-      if (out.y != nullptr && out.row_scale != nullptr)
-        sum = _mm512_mul_ps(sum, _mm512_set1_ps(out.row_scale[i]));
+      if (out.y != nullptr && out.scales.col != nullptr)
+        sum = _mm512_mul_ps(sum, _mm512_maskz_loadu_ps(masks[v], out.scales.col + 16 * v));
+      if (out.y != nullptr && out.scales.row != nullptr)
+        sum = _mm512_mul_ps(sum, _mm512_set1_ps(out.scales.row[i]));
       if (out.y == nullptr) {
         _mm512_mask_storeu_ps(partial + 16 * v, masks[v], sum);
       } else if constexpr (std::is_same_v<Out, float>) {
@@ -166,11 +174,11 @@ AVX512_TARGET inline void GemmTileAvx512(const uint32_t* a, const uint32_t* w, i
 }
 
 // Columns [c0, c1) of y[M, N] = a[M, K] · w (an operand packing itself as Bf16Columns does),
-// each row times its row_scale[M] if given, rows [r0, r1), on this thread.
+// scaled as TileOut says, rows [r0, r1), on this thread.
 template <typename Columns, typename Out>
-AVX512_TARGET inline void GemmBlock(const uint16_t* a, const Columns& w, Out* y,
-                                    const float* row_scale, int64_t m, int64_t k, int64_t n,
-                                    int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+AVX512_TARGET inline void GemmBlock(const uint16_t* a, const Columns& w, Out* y, Scales scales,
+                                    int64_t m, int64_t k, int64_t n, int64_t r0, int64_t r1,
+                                    int64_t c0, int64_t c1) {
   int64_t kc_max = std::min(kGemmKc, k + (k & 1));
   std::vector<uint32_t> wp(kGemmNc * kc_max / 2), ap(kGemmMc * kc_max / 2);
   // The float32 sums of a column block, every row of this thread, between blocks of k.
@@ -197,7 +205,8 @@ AVX512_TARGET inline void GemmBlock(const uint16_t* a, const Columns& w, Out* y,
             TileOut<Out> out{
                 partial.empty() ? nullptr : partial.data() + (row - r0) * kGemmNc + (col - jc),
                 kGemmNc, last ? y + row * n + col : nullptr, n, pc == 0,
-                row_scale == nullptr ? nullptr : row_scale + row};
+                Scales{scales.row == nullptr ? nullptr : scales.row + row,
+                       scales.col == nullptr ? nullptr : scales.col + col}};
             GemmTileAvx512(ap.data() + ip * pairs * kGemmMr, wp.data() + jp * pairs * kGemmNr,
                            pairs, out, rows, cols);
           }
@@ -211,17 +220,17 @@ AVX512_TARGET inline void GemmBlock(const uint16_t* a, const Columns& w, Out* y,
 // when the columns are too few to share.
 template <typename Columns, typename Out>
 void GemmAvx512(ffi::ThreadPool& pool, const uint16_t* a, const Columns& w, Out* y,
-                const float* row_scale, int64_t m, int64_t k, int64_t n) {
+                Scales scales, int64_t m, int64_t k, int64_t n) {
   int64_t threads = std::max<int64_t>(1, pool.num_threads());
   if (n >= threads * kGemmMinThreadColumns) {
     int64_t panels = (n + kGemmNr - 1) / kGemmNr;
     ParallelFor(pool, panels, (panels + threads - 1) / threads, [&](int64_t b, int64_t e) {
-      GemmBlock(a, w, y, row_scale, m, k, n, 0, m, b * kGemmNr, std::min(n, e * kGemmNr));
+      GemmBlock(a, w, y, scales, m, k, n, 0, m, b * kGemmNr, std::min(n, e * kGemmNr));
     });
   } else {
     int64_t panels = (m + kGemmMr - 1) / kGemmMr;
     ParallelFor(pool, panels, (panels + threads - 1) / threads, [&](int64_t b, int64_t e) {
-      GemmBlock(a, w, y, row_scale, m, k, n, b * kGemmMr, std::min(m, e * kGemmMr), 0, n);
+      GemmBlock(a, w, y, scales, m, k, n, b * kGemmMr, std::min(m, e * kGemmMr), 0, n);
     });
   }
 }
@@ -249,7 +258,7 @@ inline ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
     if (layout == kWeightRows && m <= kFewRowsMaxM && k % 2 == 0)
       GemmFewRowsAvx512(pool, ap, wp, yp, m, k, n);
     else
-      GemmAvx512(pool, ap, Bf16Columns{wp, static_cast<WeightLayout>(layout), n, k}, yp, nullptr,
+      GemmAvx512(pool, ap, Bf16Columns{wp, static_cast<WeightLayout>(layout), n, k}, yp, Scales{},
                  m, k, n);
     return ffi::Error::Success();
   }

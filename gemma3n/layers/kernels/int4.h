@@ -297,7 +297,7 @@ AVX512_TARGET void Int4RowsTileAvx512(const Int4Operands& op, int64_t begin, int
 
 // ---------------------------------------------------------------------------------------------
 // Dequantization to bf16: a block of rows at a time while the many-row kernel packs them
-// (gemm_int4.h), and for the XLA product of a prefill chunk where that kernel does not run
+// (gemm_quantized.h), and for the XLA product of a prefill chunk where that kernel does not run
 // (more rows of x than the decode kernels take; XLA's own elementwise loops took 4-5x longer
 // than the product there):
 // rows [begin, end) of the weight as bf16 out [N, K] in natural order, each value
