@@ -97,19 +97,19 @@ AVX512_TARGET inline void Bf16Columns::Pack(int64_t n0, int64_t nc, int64_t k0, 
   }
 }
 
-// Where a tile's sums go. A product of more than one block of k keeps its sums in float32 in
-// `partial` (row stride ld_partial) until the last block, which adds its own to them and stores
-// the total into y (row stride ldy), times its column's scale, then its row's, where given (a
-// float32 product each): as float32, or (Out = uint16_t) rounded to bfloat16, as XLA rounds a
-// bfloat16 product; y is nullptr before the last block. Rounding here, not in XLA after the call: XLA's
-// CPU conversion of float32 to bfloat16 ran at ~2.3 ns a value (161 ms for a [256, 262144]
-// chunk of logits) and twice the bytes went through memory.
 // Scales of the product's rows [M] and columns [N], each nullptr when there are none.
 struct Scales {
   const float* row = nullptr;
   const float* col = nullptr;
 };
 
+// Where a tile's sums go. A product of more than one block of k keeps its sums in float32 in
+// `partial` (row stride ld_partial) until the last block, which adds its own to them and stores
+// the total into y (row stride ldy), times its column's scale, then its row's, where given (a
+// float32 product each): as float32, or (Out = uint16_t) rounded to bfloat16, as XLA rounds a
+// bfloat16 product; y is nullptr before the last block. Rounding here, not in XLA after the
+// call: XLA's CPU conversion of float32 to bfloat16 ran at ~2.3 ns a value (161 ms for a
+// [256, 262144] chunk of logits) and twice the bytes went through memory.
 template <typename Out>
 struct TileOut {
   float* partial;
