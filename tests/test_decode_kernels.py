@@ -3,6 +3,7 @@ several rows, the fallback when they are off or cannot be built, and a decoding 
 
 import logging
 import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +186,18 @@ def test_off_switch_keeps_xla(monkeypatch):
     monkeypatch.setenv(decode_kernels.ENV, 'sse9')
     with pytest.raises(ValueError, match='GEMMA3N_KERNELS'):
         decode_kernels.requested_isa()
+
+
+def test_the_sources_compile_for_other_architectures():
+    # Elsewhere than x86 only the scalar kernels are compiled: every use of x86 code must sit
+    # behind GEMMA3N_X86, which GEMMA3N_PORTABLE turns off here.
+    compiler = shutil.which('c++')
+    if compiler is None:
+        pytest.skip('no C++ compiler here')
+    done = subprocess.run([compiler, '-std=c++20', '-fsyntax-only', '-DGEMMA3N_PORTABLE', '-I',
+                           jax.ffi.include_dir(), str(kernel_build.SOURCE)],
+                          capture_output=True, text=True, timeout=kernel_build.COMPILE_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_without_a_compiler_xla_does_the_work_and_says_so(monkeypatch, tmp_path, caplog):

@@ -37,6 +37,7 @@ AVX512_TARGET inline void PackConverted(int64_t n, int64_t n0, int64_t nc, int64
     PackPanel(rows, kc, 0, cols, kGemmNr, 0, pairs, out);
   }
 }
+#endif  // GEMMA3N_X86
 
 // The int4 weight q [N, K / 2], scale [N, K / 32] as the right operand of the many-row kernel
 // (K a multiple of kInt4Group, so every block of k is whole groups).
@@ -45,6 +46,7 @@ struct Int4Columns {
   const uint16_t* scale;
   int64_t n, k;
 
+#ifdef GEMMA3N_X86
   AVX512_TARGET void Pack(int64_t n0, int64_t nc, int64_t k0, int64_t kc, uint32_t* out) const {
     PackConverted(n, n0, nc, k0, kc, out, [this](int64_t row, int64_t k0, int64_t kc,
                                                  uint16_t* to) AVX512_TARGET {
@@ -52,6 +54,7 @@ struct Int4Columns {
                            scale + row * (k / kInt4Group) + k0 / kInt4Group, to, kc / kInt4Group);
     });
   }
+#endif
 };
 
 // The int8 weight q [N, K] as the right operand of the many-row kernel.
@@ -59,6 +62,7 @@ struct Int8Columns {
   const int8_t* q;
   int64_t n, k;
 
+#ifdef GEMMA3N_X86
   AVX512_TARGET void Pack(int64_t n0, int64_t nc, int64_t k0, int64_t kc, uint32_t* out) const {
     PackConverted(n, n0, nc, k0, kc, out, [this](int64_t row, int64_t k0, int64_t kc,
                                                  uint16_t* to) AVX512_TARGET {
@@ -70,8 +74,8 @@ struct Int8Columns {
       }
     });
   }
+#endif
 };
-#endif  // GEMMA3N_X86
 
 // y [M, N] (float32 or bfloat16) = a [M, K] · w, scaled as the header says; an error if y is
 // another type or the CPU lacks AVX-512 BF16.

@@ -43,11 +43,14 @@ constexpr int64_t StripColumn(int64_t t, int64_t l) {
   return 32 * (t / 2) + 8 * (l / 4) + 4 * (t % 2) + l % 4;
 }
 
+// Columns per strip of the AVX2 and the AVX-512 kernels below (on every CPU: the handler sizes
+// its work with them).
+constexpr int64_t kStrip2 = 16, kStrip512 = 64;
+
 #ifdef GEMMA3N_X86
 // Gathered rows, 16 columns per strip: two rows' int8 widened to int16, interleaved, and
 // multiplied by the pair (x[j], x[j + 1]) with vpmaddwd: each int32 lane sums two products.
 // Strips [begin, end) of kStrip2 columns.
-constexpr int64_t kStrip2 = 16;
 
 template <int M>
 AVX2_TARGET void RowsInt8Avx2(const int32_t* xp, const int32_t* ids, const int8_t* w, int32_t* y,
@@ -86,7 +89,6 @@ AVX2_TARGET void RowsInt8Avx2(const int32_t* xp, const int32_t* ids, const int8_
 
 // Gathered rows, 64 columns (one cache line of each row) per strip, as RowsInt8Avx2 with
 // vpdpwssd. Strips [begin, end) of kStrip512 columns.
-constexpr int64_t kStrip512 = 64;
 
 template <int M>
 AVX512_TARGET void RowsInt8Avx512(const int32_t* xp, const int32_t* ids, const int8_t* w,

@@ -32,6 +32,10 @@ inline void RowsBf16Scalar(const uint16_t* x, int64_t c_size, const GatheredRows
   }
 }
 
+// Columns per strip of the AVX2 and the AVX-512 kernels below (on every CPU: the handlers size
+// their work with them).
+constexpr int64_t kRowStrip2 = 16, kRowStrip512 = 32;
+
 #ifdef GEMMA3N_X86
 // Prefetches line `col` of the row kRowBlock after row c, if there is one.
 inline void PrefetchNextBlockRow(const GatheredRows& w, int64_t c, int64_t col) {
@@ -40,7 +44,6 @@ inline void PrefetchNextBlockRow(const GatheredRows& w, int64_t c, int64_t col) 
 }
 
 // Strips [begin, end) of kRowStrip2 columns; xf: x as float32 [M, C].
-constexpr int64_t kRowStrip2 = 16;
 
 template <int M>
 AVX2_TARGET void RowsBf16Avx2(const float* xf, int64_t c_size, const GatheredRows& w, float* y,
@@ -86,7 +89,6 @@ AVX2_TARGET void RowsBf16Avx2(const float* xf, int64_t c_size, const GatheredRow
 // Strips [begin, end) of kRowStrip512 columns. Two rows at a time: their bf16 values
 // interleaved 128 bits at a time (vpunpck[lh]wd, lanes as StripColumn says) times the pair
 // (x[c], x[c + 1]) with vdpbf16ps. xp: x as those pairs, [M, ceil(count / 2)] (XPairsBf16).
-constexpr int64_t kRowStrip512 = 32;
 
 template <int M>
 AVX512_TARGET void RowsBf16Avx512(const uint32_t* xp, const GatheredRows& w, float* y, int64_t d,
