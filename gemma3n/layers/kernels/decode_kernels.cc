@@ -30,8 +30,8 @@
 //
 // The kernels live in headers by concept, all compiled here as one unit: common.h (ISA choice,
 // ParallelFor, conversions), bf16.h, int8.h, rows.h and rows_bf16.h (gathered rows), int4.h,
-// gemm_pack.h, gemm_few_rows.h, gemm_bf16.h and gemm_quantized.h (products of many rows),
-// masked_rows.h;
+// int4_dequant.h, gemm_pack.h, gemm_few_rows.h, gemm_bf16.h and gemm_quantized.h (products of
+// many rows), masked_rows.h;
 // this file checks the operands and holds the FFI handlers.
 
 #include <algorithm>
@@ -42,7 +42,7 @@
 #include "common.h"
 #include "gemm_bf16.h"
 #include "gemm_quantized.h"
-#include "int4.h"
+#include "int4_dequant.h"
 #include "int8.h"
 #include "masked_rows.h"
 #include "rows.h"

@@ -17,7 +17,7 @@
 #define GEMMA3N_KERNELS_GEMM_QUANTIZED_H_
 
 #include "gemm_bf16.h"
-#include "int4.h"
+#include "int4_dequant.h"
 
 namespace gemma3n_kernels {
 
