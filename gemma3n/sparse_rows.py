@@ -162,12 +162,13 @@ def sparse_ffn(x: jax.Array, gate_top: jax.Array, up: StoredWeight, up_eqn: str,
     def rows() -> jax.Array:
         ids, valid = kept_units(top, size)
         out = []
-        # Token by token: the up product is then one row times gathered rows stored [C, D],
-        # which the decode kernels take (`gemma3n.layers.decode_kernels`); the down product
-        # (rows [C, D] = [in, out]) reads the kept rows in place where the format can
-        # (`StoredWeight.rows_contract`: int8), else XLA's x @ w of the gathered rows.
+        # Token by token: the up product is then one row times rows [C, D], which the decode
+        # kernels take (`gemma3n.layers.decode_kernels`), read in place where the format can
+        # (`StoredWeight.dot_rows`: int4), else gathered; the down product (rows [C, D] = [in,
+        # out]) reads the kept rows in place where the format can (`StoredWeight.rows_contract`:
+        # int8), else XLA's x @ w of the gathered rows.
         for t in range(xt.shape[0]):
-            kept_up = contract('D,CD->C', xt[t], up.rows(ids[t]))
+            kept_up = up.dot_rows(xt[t], ids[t])
             hidden = nn.gelu(top[t, ids[t]], approximate=True) * kept_up
             hidden = jnp.where(valid[t], hidden, jnp.zeros((), hidden.dtype))
             out.append(linear.rows_contract(hidden, ids[t]))

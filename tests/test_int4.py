@@ -53,6 +53,40 @@ def test_kernel_equals_xla_within_summation_noise(monkeypatch, isa, rows, k, n):
     assert np.all(np.abs(np.asarray(got - want)) <= 2 * k * F32_EPS * np.asarray(magnitude))
 
 
+@pytest.mark.skipif(decode_kernels._library() is None, reason='decode kernels not built here')
+@pytest.mark.parametrize('isa', ['auto', 'avx2', 'scalar'])
+# Kept rows in any order, repeated, and out of range (clipped, as jnp.take(mode='clip') does);
+# K of a partial chunk, whole chunks plus a group, and past the one-row kernel's 8192; C off
+# the 4-row tiles and, at K = 2048, past ParallelFor's grain (128 rows) so threads split them.
+@pytest.mark.parametrize('rows,k,f,c', [(1, 96, 40, 13), (3, 2080, 70, 45), (1, 2048, 600, 301),
+                                        (16, 160, 9, 20), (1, 8224, 11, 7)])
+def test_rows_read_in_place_equal_the_gathered_rows_bit_for_bit(monkeypatch, isa, rows, k, f, c):
+    monkeypatch.setenv(decode_kernels.ENV, isa)
+    rng = np.random.default_rng(1)
+    w4 = quantize_int4(jnp.asarray(rng.standard_normal((f, k)), jnp.float32), 1)
+    xq = jnp.asarray(rng.integers(-128, 128, (rows, k)), jnp.int8)
+    ids = jnp.asarray(np.concatenate([rng.integers(0, f, c - 3), [-1, f + 5, 0]]), jnp.int32)
+    in_place = jax.jit(lambda *a: int4.gathered_rows_dot(*a))    # traced anew for each isa
+    assert decode_kernels.TARGETS['int4_gathered'] in in_place.lower(xq, ids, w4.q,
+                                                                       w4.scale).as_text()
+    # The same kernel over copies of the rows: the same sums in the same order.
+    copies = jax.jit(lambda xq, ids, q, s: int4.rows_dot(
+        xq, jnp.take(q, ids, axis=0, mode='clip'), jnp.take(s, ids, axis=0, mode='clip')))
+    np.testing.assert_array_equal(in_place(xq, ids, w4.q, w4.scale),
+                                  copies(xq, ids, w4.q, w4.scale))
+
+
+def test_a_leaf_dots_its_rows_as_contract_does():
+    rng = np.random.default_rng(2)
+    w4 = quantize_int4(jnp.asarray(rng.standard_normal((50, 256)), jnp.float32), 1)
+    x = jnp.asarray(rng.standard_normal(256), jnp.bfloat16)
+    ids = jnp.asarray(rng.integers(0, 50, 17), jnp.int32)
+    got = jax.jit(w4.dot_rows)(x, ids)
+    want = jax.jit(lambda x, ids: w4.rows(ids).contract('D,CD->C', x))(x, ids)
+    assert got.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got, want)
+
+
 def test_xla_path_dequantizes_block_by_block(monkeypatch):
     # Blocks of 3 rows (of 37: a ragged last block), as the whole weight would give them.
     monkeypatch.setattr(int4, 'DEQUANTIZE_BLOCK_BYTES', 3 * 4 * 96)

@@ -55,7 +55,8 @@ class StoredWeight:
       *stored* axis, its checkpoint order being that stored order (sparse FFN rows, `gemma3n.
       sparse_rows`);
     - optionally `rows_contract(x, ids)`: x [C] times those rows [C, ...] of a weight stored
-      rows first, `contract` of `rows(ids)` unless a format reads them in place.
+      rows first, and `dot_rows(x, ids)`: x [D] times each of those rows [C, D]; `contract` of
+      `rows(ids)` unless a format reads them in place.
     """
 
     @property
@@ -74,6 +75,10 @@ class StoredWeight:
     def rows_contract(self, x: jax.Array, ids: jax.Array) -> jax.Array:
         """x [C] · rows `ids` [C] of this weight stored [F, D] -> [D]."""
         return contract('C,CD->D', x, self.rows(ids))
+
+    def dot_rows(self, x: jax.Array, ids: jax.Array) -> jax.Array:
+        """x [D] · each of the rows `ids` [C] of this weight stored [F, D] -> [C]."""
+        return contract('D,CD->C', x, self.rows(ids))
 
 
 def checkpoint_shape(stored_shape: Sequence[int], order: tuple[int, ...] | None

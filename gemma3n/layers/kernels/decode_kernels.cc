@@ -237,32 +237,10 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
   if (k % kInt4Group != 0 || sd.size() != 2 || sd[0] != n || sd[1] != k / kInt4Group)
     return ffi::Error::InvalidArgument("int4 decode kernel: K must be a multiple of 32 and the "
                                        "scales [N, K / 32]");
-  const int8_t* xp = x.typed_data();
-  const uint8_t* wp = w.typed_data();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.typed_data());
-  float* yp = y->typed_data();
-  int64_t grain = Grain(k / 2);
-  switch (Choose(isa)) {
-#ifdef GEMMA3N_X86
-    case kAvx512:
-    case kAvx2: {
-      const Int4Operands op(xp, m, wp, sp, yp, k, n);
-      bool wide = Choose(isa) == kAvx512;
-      WithRows(m, [&]<int M>() {
-        ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) {
-          bool tile = M == 1 && k > kRowKernelMaxK;
-          if (wide && tile) Int4RowsTileAvx512<kTileWeightRows>(op, b, e);
-          else if (wide) Int4Avx512<M>(op, b, e);
-          else if (tile) Int4RowsTileAvx2<kTileWeightRows>(op, b, e);
-          else Int4Avx2<M>(op, b, e);
-        });
-      });
-      break;
-    }
-#endif
-    default:
-      ParallelFor(pool, n, grain, [&](int64_t b, int64_t e) { Int4Scalar(xp, wp, sp, yp, m, k, n, b, e); });
-  }
+  const Int4Operands op(x.typed_data(), m, w.typed_data(),
+                        reinterpret_cast<const uint16_t*>(scale.typed_data()), y->typed_data(),
+                        k, n);
+  Int4Products(pool, op, m, isa);
   return ffi::Error::Success();
 }
 
@@ -373,6 +351,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMatvecInt4, Int4Impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGatheredInt4, GatheredInt4Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

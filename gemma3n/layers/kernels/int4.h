@@ -22,35 +22,17 @@ inline int Int4At(const uint8_t* row, int64_t j) {
   return (e < half ? (byte & 0xf) : (byte >> 4)) - kInt4Offset;
 }
 
-inline void Int4Scalar(const int8_t* x, const uint8_t* w, const uint16_t* scale, float* y,
-                       int64_t m, int64_t k, int64_t n, int64_t begin, int64_t end) {
-  int64_t groups = k / kInt4Group;
-  for (int64_t r = begin; r < end; ++r) {
-    const uint8_t* row = w + r * (k / 2);
-    for (int64_t i = 0; i < m; ++i) {
-      float acc = 0;
-      for (int64_t g = 0; g < groups; ++g) {
-        int32_t dot = 0;
-        for (int64_t e = 0; e < kInt4Group; ++e) {
-          int64_t j = g * kInt4Group + e;
-          dot += int32_t{x[i * k + j]} * Int4At(row, j);
-        }
-        acc += F16ToF32(scale[r * groups + g]) * static_cast<float>(dot);
-      }
-      y[i * n + r] = acc;
-    }
-  }
-}
-
-// The operands of the vector int4 kernels, with x rearranged once per call to match the
-// chunks' unpacked nibbles: per chunk and row of x, xs holds the 4 groups' elements 0-15 (64
-// bytes, the low nibbles' partners) then their elements 16-31; neg holds, per int32 lane of a
-// chunk, minus kInt4Offset times the sum of the 8 x values the lane multiplies (so starting a
-// lane's sum from it undoes the stored offset exactly). A last, partial chunk is zero-padded.
+// The operands of the int4 kernels, with x rearranged once per call to match the chunks'
+// unpacked nibbles: per chunk and row of x, xs holds the 4 groups' elements 0-15 (64 bytes, the
+// low nibbles' partners) then their elements 16-31; neg holds, per int32 lane of a chunk, minus
+// kInt4Offset times the sum of the 8 x values the lane multiplies (so starting a lane's sum from
+// it undoes the stored offset exactly). A last, partial chunk is zero-padded. Column r of y is
+// the weight's row r, or with `ids` (in range) its row ids[r]: the kept units' rows of a sparse
+// layer's up projection, read where they lie.
 struct Int4Operands {
   Int4Operands(const int8_t* x, int64_t m, const uint8_t* w, const uint16_t* scale, float* y,
-               int64_t k, int64_t n)
-      : w(w), scale(scale), y(y), k(k), n(n), groups(k / kInt4Group),
+               int64_t k, int64_t n, const int32_t* ids = nullptr)
+      : x(x), w(w), scale(scale), y(y), ids(ids), k(k), n(n), groups(k / kInt4Group),
         chunks((groups + kInt4ChunkGroups - 1) / kInt4ChunkGroups),
         xs_row(chunks * kInt4Chunk), neg_row(chunks * kInt4Lanes),
         xs(m * xs_row, 0), neg(m * neg_row, 0) {
@@ -69,18 +51,21 @@ struct Int4Operands {
   }
   int64_t FullChunks() const { return groups / kInt4ChunkGroups; }
   int64_t TailGroups() const { return groups - FullChunks() * kInt4ChunkGroups; }
+  int64_t Stored(int64_t r) const { return ids ? int64_t{ids[r]} : r; }
   const uint8_t* Bytes(int64_t r, int64_t c) const {
-    return w + r * (k / 2) + c * (kInt4Chunk / 2);
+    return w + Stored(r) * (k / 2) + c * (kInt4Chunk / 2);
   }
   const uint16_t* Scales(int64_t r, int64_t c) const {
-    return scale + r * groups + c * kInt4ChunkGroups;
+    return scale + Stored(r) * groups + c * kInt4ChunkGroups;
   }
   const int8_t* XsAt(int64_t c) const { return xs.data() + c * kInt4Chunk; }
   const int32_t* NegAt(int64_t c) const { return neg.data() + c * kInt4Lanes; }
 
+  const int8_t* x;
   const uint8_t* w;
   const uint16_t* scale;
   float* y;
+  const int32_t* ids;
   int64_t k, n, groups, chunks, xs_row, neg_row;
   std::vector<int8_t> xs;
   std::vector<int32_t> neg;
@@ -96,6 +81,25 @@ struct Int4Tail {
   uint8_t bytes[kInt4Chunk / 2] = {};
   uint16_t scales[kInt4ChunkGroups] = {};
 };
+
+inline void Int4Scalar(const Int4Operands& op, int64_t m, int64_t begin, int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* row = op.Bytes(r, 0);
+    const uint16_t* scale = op.Scales(r, 0);
+    for (int64_t i = 0; i < m; ++i) {
+      float acc = 0;
+      for (int64_t g = 0; g < op.groups; ++g) {
+        int32_t dot = 0;
+        for (int64_t e = 0; e < kInt4Group; ++e) {
+          int64_t j = g * kInt4Group + e;
+          dot += int32_t{op.x[i * op.k + j]} * Int4At(row, j);
+        }
+        acc += F16ToF32(scale[g]) * static_cast<float>(dot);
+      }
+      op.y[i * op.n + r] = acc;
+    }
+  }
+}
 
 #ifdef GEMMA3N_X86
 // A chunk of kInt4Chunk values (4 groups, 64 bytes) of an int4 row goes to AVX2 in halves of two
@@ -294,6 +298,53 @@ AVX512_TARGET void Int4RowsTileAvx512(const Int4Operands& op, int64_t begin, int
   if (r < end) Int4Avx512<1>(op, r, end);
 }
 #endif  // GEMMA3N_X86
+
+// y [M, N] = x [M, K] · the weight's rows (op.Stored), on the instruction set `isa` asks for.
+inline void Int4Products(ffi::ThreadPool& pool, const Int4Operands& op, int64_t m, int32_t isa) {
+  int64_t grain = Grain(op.k / 2);
+  Isa chosen = Choose(isa);
+#ifdef GEMMA3N_X86
+  if (chosen == kAvx512 || chosen == kAvx2) {
+    bool wide = chosen == kAvx512;
+    WithRows(m, [&]<int M>() {
+      ParallelFor(pool, op.n, grain, [&](int64_t b, int64_t e) {
+        bool tile = M == 1 && op.k > kRowKernelMaxK;
+        if (wide && tile) Int4RowsTileAvx512<kTileWeightRows>(op, b, e);
+        else if (wide) Int4Avx512<M>(op, b, e);
+        else if (tile) Int4RowsTileAvx2<kTileWeightRows>(op, b, e);
+        else Int4Avx2<M>(op, b, e);
+      });
+    });
+    return;
+  }
+#endif
+  ParallelFor(pool, op.n, grain, [&](int64_t b, int64_t e) { Int4Scalar(op, m, b, e); });
+}
+
+// The FFI handler's body (bound in decode_kernels.cc): y [M, C] = x [M, K] · rows ids [C]
+// (clipped into range) of the weight (w [F, K / 2], scales [F, K / 32]), read in place.
+inline ffi::Error GatheredInt4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
+                                   ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::U8> w,
+                                   ffi::Buffer<ffi::F16> scale, ffi::ResultBuffer<ffi::F32> y,
+                                   int32_t isa) {
+  auto xd = x.dimensions(), idd = ids.dimensions(), wd = w.dimensions();
+  auto sd = scale.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || idd.size() != 1 || wd.size() != 2 || sd.size() != 2 || yd.size() != 2 ||
+      xd[1] % kInt4Group != 0 || wd[1] * 2 != xd[1] || sd[0] != wd[0] ||
+      sd[1] * kInt4Group != xd[1] || yd[0] != xd[0] || yd[1] != idd[0] || wd[0] < 1)
+    return ffi::Error::InvalidArgument("the gathered int4 kernel takes x [M, K] (K a multiple "
+                                       "of 32), ids [C], w [F, K / 2] and scales [F, K / 32], "
+                                       "and gives y [M, C]");
+  if (xd[0] < 1 || xd[0] > kMaxRows)
+    return ffi::Error::InvalidArgument("decode kernels take 1 to 16 rows of x");
+  std::vector<int32_t> rows(ids.typed_data(), ids.typed_data() + idd[0]);
+  for (int32_t& r : rows) r = std::clamp<int32_t>(r, 0, static_cast<int32_t>(wd[0] - 1));
+  const Int4Operands op(x.typed_data(), xd[0], w.typed_data(),
+                        reinterpret_cast<const uint16_t*>(scale.typed_data()), y->typed_data(),
+                        xd[1], idd[0], rows.data());
+  Int4Products(pool, op, xd[0], isa);
+  return ffi::Error::Success();
+}
 }  // namespace gemma3n_kernels
 
 #endif  // GEMMA3N_KERNELS_INT4_H_
