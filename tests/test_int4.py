@@ -33,12 +33,14 @@ def test_quantize_by_hand():
 @pytest.mark.skipif(decode_kernels._library() is None, reason='decode kernels not built here')
 @pytest.mark.parametrize('isa', ['auto', 'avx2', 'scalar'])
 # The vector kernels read 4 groups (128 values) at a time: K of 1 to 7 groups covers a row that
-# is only a partial chunk, whole chunks, and whole chunks plus 1 or 3 groups. One row of K past
+# is only a partial chunk, whole chunks, and whole chunks plus 1 or 3 groups; AVX-512 converts
+# the scales of 4 chunks at once: K = 640 leaves one whole chunk after them. One row of K past
 # kInt4RowKernelMaxK (8192) takes 4 weight rows at a time: N off those 4, and in ranges of rows
 # that split across threads off them too (ParallelFor's grain: 65536 bytes of the weight).
 @pytest.mark.parametrize('rows,k,n', [(1, 32, 1), (3, 96, 17), (8, 2048, 37), (2, 160, 130),
                                       (1, 224, 7), (4, 128, 5), (5, 2080, 3), (16, 96, 9),
-                                      (11, 2080, 5), (1, 8224, 7), (1, 8352, 37)])
+                                      (11, 2080, 5), (1, 8224, 7), (1, 8352, 37),
+                                      (3, 640, 19)])
 def test_kernel_equals_xla_within_summation_noise(monkeypatch, isa, rows, k, n):
     monkeypatch.setenv(decode_kernels.ENV, isa)
     rng = np.random.default_rng(0)
