@@ -7,7 +7,8 @@
 //   s8 x s8 -> s32       AVX-512 VNNI vpdpbusd  | AVX2 vpmaddubsw (one row, x without -128)
 //                        or vpmaddwd | scalar    (exact)
 //   s8 x int4 -> f32     int4 in groups of kInt4Group along K, one f16 scale per group;
-//                        group sums exact in int32, then scaled and summed in float32.
+//                        group sums exact in int32, then scaled and summed in float32;
+//                        or rows ids[C] of w [F, K] read in place (a sparse FFN's kept units).
 //   bf16 x bf16 -> bf16  many rows (gemm_bf16.h): x [M, K] · w [N, K]ᵀ or, for its gradients,
 //                        g [M, N] · w [N, K] and gᵀ · x; float32 sums rounded to bf16 once;
 //                        up to 256 rows, x · w [N, K]ᵀ reads w in place (gemm_few_rows.h);
