@@ -51,7 +51,6 @@ constexpr int64_t kStrip2 = 16, kStrip512 = 64;
 // Gathered rows, 16 columns per strip: two rows' int8 widened to int16, interleaved, and
 // multiplied by the pair (x[j], x[j + 1]) with vpmaddwd: each int32 lane sums two products.
 // Strips [begin, end) of kStrip2 columns.
-
 template <int M>
 AVX2_TARGET void RowsInt8Avx2(const int32_t* xp, const int32_t* ids, const int8_t* w, int32_t* y,
                               int64_t c, int64_t d, int64_t begin, int64_t end) {
@@ -89,7 +88,6 @@ AVX2_TARGET void RowsInt8Avx2(const int32_t* xp, const int32_t* ids, const int8_
 
 // Gathered rows, 64 columns (one cache line of each row) per strip, as RowsInt8Avx2 with
 // vpdpwssd. Strips [begin, end) of kStrip512 columns.
-
 template <int M>
 AVX512_TARGET void RowsInt8Avx512(const int32_t* xp, const int32_t* ids, const int8_t* w,
                                   int32_t* y, int64_t c, int64_t d, int64_t begin, int64_t end) {

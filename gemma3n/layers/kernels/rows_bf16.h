@@ -44,7 +44,6 @@ inline void PrefetchNextBlockRow(const GatheredRows& w, int64_t c, int64_t col) 
 }
 
 // Strips [begin, end) of kRowStrip2 columns; xf: x as float32 [M, C].
-
 template <int M>
 AVX2_TARGET void RowsBf16Avx2(const float* xf, int64_t c_size, const GatheredRows& w, float* y,
                               int64_t d, int64_t begin, int64_t end) {
@@ -89,7 +88,6 @@ AVX2_TARGET void RowsBf16Avx2(const float* xf, int64_t c_size, const GatheredRow
 // Strips [begin, end) of kRowStrip512 columns. Two rows at a time: their bf16 values
 // interleaved 128 bits at a time (vpunpck[lh]wd, lanes as StripColumn says) times the pair
 // (x[c], x[c + 1]) with vdpbf16ps. xp: x as those pairs, [M, ceil(count / 2)] (XPairsBf16).
-
 template <int M>
 AVX512_TARGET void RowsBf16Avx512(const uint32_t* xp, const GatheredRows& w, float* y, int64_t d,
                                   int64_t begin, int64_t end) {
