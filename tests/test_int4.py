@@ -74,8 +74,14 @@ def test_rows_read_in_place_equal_the_gathered_rows_bit_for_bit(monkeypatch, isa
     # The same kernel over copies of the rows: the same sums in the same order.
     copies = jax.jit(lambda xq, ids, q, s: int4.rows_dot(
         xq, jnp.take(q, ids, axis=0, mode='clip'), jnp.take(s, ids, axis=0, mode='clip')))
-    np.testing.assert_array_equal(in_place(xq, ids, w4.q, w4.scale),
-                                  copies(xq, ids, w4.q, w4.scale))
+    got = in_place(xq, ids, w4.q, w4.scale)
+    np.testing.assert_array_equal(got, copies(xq, ids, w4.q, w4.scale))
+    # Independently: XLA's product with the dequantized rows, within float32 summation noise.
+    rows = dequantize(jnp.take(w4.q, ids, axis=0, mode='clip'),
+                      jnp.take(w4.scale, ids, axis=0, mode='clip'))
+    want = xq.astype(jnp.float32) @ rows.T
+    magnitude = jnp.abs(xq.astype(jnp.float32)) @ jnp.abs(rows).T
+    assert np.all(np.abs(np.asarray(got - want)) <= 2 * k * F32_EPS * np.asarray(magnitude))
 
 
 def test_a_leaf_dots_its_rows_as_contract_does():
