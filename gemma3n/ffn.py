@@ -8,6 +8,7 @@ import jax.scipy.stats
 from gemma3n import sparse_rows
 from gemma3n.layers import contract, projection_param
 from gemma3n.layers.axes import EMBED, GATE, MLP
+from gemma3n.layers.gated_gelu import gated_gelu, paired_gated_gelu
 
 
 def gaussian_topk(gate: jax.Array, sparsity: float) -> jax.Array:
@@ -63,9 +64,10 @@ class FeedForward(nn.Module):
             gate = contract(f'BTD,{w_spec[1:]}->BTF', x, gate_w)
             return sparse_rows.sparse_ffn(x, gaussian_topk(gate, self.sparsity), up_w,
                                           f'TD,{w_spec[1:]}->TF', linear, self.sparsity)
-        gate_up = contract(gating_eqn, x, gating)
-        gate, up = gate_up[0], gate_up[1]                     # [B, L, F] each
+        gate_up = contract(gating_eqn, x, gating)              # [2, B, L, F]
         if self.sparsity > 0.0:
-            gate = gaussian_topk(gate, self.sparsity)
-        hidden = nn.gelu(gate, approximate=True) * up
+            gate = gaussian_topk(gate_up[0], self.sparsity)
+            hidden = gated_gelu(gate, gate_up[1])
+        else:
+            hidden = paired_gated_gelu(gate_up)
         return contract('BTF,FD->BTD', hidden, linear)

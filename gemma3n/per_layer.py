@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from gemma3n.layers import Einsum, RMSNorm
 from gemma3n.layers.axes import EMBED, PER_LAYER
+from gemma3n.layers.gated_gelu import gated_gelu
 
 
 class PerLayerMapping(nn.Module):
@@ -25,7 +26,7 @@ class PerLayerMapping(nn.Module):
         """x: [B, L, D], per_layer_input: [B, L, P] -> [B, L, D]."""
         gate = Einsum((self.features, self.per_layer_dim), (EMBED, PER_LAYER), 0, 1,
                       dtype=self.dtype, name='per_layer_input_gate')('BTD,DP->BTP', x)
-        gated = nn.gelu(gate, approximate=True) * per_layer_input
+        gated = gated_gelu(gate, per_layer_input)
         out = Einsum((self.per_layer_dim, self.features), (PER_LAYER, EMBED), 0, 1,
                      dtype=self.dtype, name='per_layer_projection')('BTP,PD->BTD', gated)
         return RMSNorm(guard_precision=self.guard_precision, dtype=self.dtype, axis_name=EMBED,

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from gemma3n.layers import (ServingWeight, StackedWeight, StoredWeight, contract, decode_kernels,
                             masked_rows)
+from gemma3n.layers.gated_gelu import gated_gelu
 from gemma3n.layers.lora import LoRAWeight
 
 # Tokens per call up to which the FFN gathers each token's rows: past a few tokens the dense
@@ -124,7 +124,7 @@ def union_ffn(xt: jax.Array, top: jax.Array, up: jax.Array, linear: jax.Array) -
     ids = jnp.nonzero(kept, size=f, fill_value=0)[0]                   # [F], count of them used
     # Rounded to the activations' dtype where the dense path's products are.
     kept_up = decode_kernels.gathered_dot(xt, ids, count, up).astype(xt.dtype)   # [T, F]
-    hidden = nn.gelu(jnp.take(top, ids, axis=1), approximate=True) * kept_up
+    hidden = gated_gelu(jnp.take(top, ids, axis=1), kept_up)
     return decode_kernels.gathered_sum(hidden, ids, count, linear).astype(xt.dtype)
 
 
@@ -137,7 +137,7 @@ def masked_ffn(xt: jax.Array, top: jax.Array, up: StoredWeight, up_eqn: str,
     kept_up = masked_rows.masked_dot(xt, _rows_array(up), top)
     if isinstance(up, LoRAWeight):
         kept_up = kept_up + up.update(up_eqn, xt)
-    hidden = nn.gelu(top, approximate=True) * kept_up
+    hidden = gated_gelu(top, kept_up)
     y = masked_rows.masked_sum(hidden, _rows_array(linear), top).astype(xt.dtype)
     if isinstance(linear, LoRAWeight):
         y = y + linear.update('TF,FD->TD', hidden)
@@ -169,13 +169,13 @@ def sparse_ffn(x: jax.Array, gate_top: jax.Array, up: StoredWeight, up_eqn: str,
         # int8), else XLA's x @ w of the gathered rows.
         for t in range(xt.shape[0]):
             kept_up = up.dot_rows(xt[t], ids[t])
-            hidden = nn.gelu(top[t, ids[t]], approximate=True) * kept_up
+            hidden = gated_gelu(top[t, ids[t]], kept_up)
             hidden = jnp.where(valid[t], hidden, jnp.zeros((), hidden.dtype))
             out.append(linear.rows_contract(hidden, ids[t]))
         return jnp.stack(out)
 
     def dense() -> jax.Array:
-        hidden = nn.gelu(top, approximate=True) * contract(up_eqn, xt, up)
+        hidden = gated_gelu(top, contract(up_eqn, xt, up))
         return contract('TF,FD->TD', hidden, linear)
 
     most = jnp.max(jnp.sum(top != 0, axis=-1))
