@@ -74,9 +74,11 @@ class LoRAWeight(StoredWeight):
             c for c in w_spec[:self.stacked] if c not in x_spec) + r
         # Both products in x's dtype, accumulated in float32 (`dot`), as peft under autocast
         # computes them (a float32 update [..., out]: 9% more temporaries in a LoRA step).
+        # The scale multiplies the rank-r h, not the update: the backward pass then scales
+        # [..., r] cotangents instead of making a scaled copy of the [..., out] one.
         h = dot(f'{x_spec},{a_spec}->{h_spec}', x, self.a.astype(x.dtype))
-        update = dot(f'{h_spec},{b_spec}->{out_spec}', h, self.b.astype(x.dtype))
-        return (self.scale * update).astype(x.dtype)
+        h = (self.scale * h).astype(x.dtype)
+        return dot(f'{h_spec},{b_spec}->{out_spec}', h, self.b.astype(x.dtype)).astype(x.dtype)
 
     def part(self, index: int) -> LoRAWeight:
         """The adapted weight at `index` of the first stacked axis (gating_einsum's gate or up),
