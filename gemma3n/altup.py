@@ -14,6 +14,7 @@ from gemma3n.layers.axes import ALTUP, ALTUP_SOURCE, EMBED, MODALITIES
 # The reference fixes the router's number of modalities at 4, independent of the stream count.
 NUM_MODALITIES = 4
 RMS_FLOOR = 1e-12   # floor of a stream's RMS when rescaling it to stream 0's magnitude
+FEW_TOKENS = 16     # tokens up to which `predict` mixes the streams without a matrix product
 
 
 def match_rms(x: jax.Array, target: jax.Array) -> jax.Array:
@@ -71,8 +72,16 @@ class AltUp(nn.Module):
         """streams: [A, B, L, D] -> predictions [A, B, L, D]: s_i + Σ_j c_ij(s_0) · s_j."""
         coefs = jnp.einsum('BTM,MIJ->BTIJ', self.route(streams[0]),
                            self._clip(self.prediction_coefs))
-        mixed = jnp.einsum('BTIJ,JBTD->IBTD', coefs, streams.astype(jnp.float32))
-        return (streams.astype(jnp.float32) + mixed).astype(streams.dtype)
+        streams32 = streams.astype(jnp.float32)
+        if streams.shape[1] * streams.shape[2] <= FEW_TOKENS:
+            # A sum of A broadcast products, one XLA loop: as a product, XLA's CPU backend hands
+            # each layer's tiny [A, A] x [A, D] to YNNPACK at ~50 us a call (decode).
+            by_target = jnp.moveaxis(coefs, 2, 0)[..., None]                # [I, B, L, J, 1]
+            mixed = sum(by_target[..., j, :] * streams32[j] for j in range(self.num_inputs))
+        else:
+            # Over many tokens the product is faster than XLA's loops (a LoRA step at 512).
+            mixed = jnp.einsum('BTIJ,JBTD->IBTD', coefs, streams32)
+        return (streams32 + mixed).astype(streams.dtype)
 
     def correct(self, predictions: jax.Array, activated: jax.Array) -> jax.Array:
         """Moves every prediction by the innovation of the block output `activated` [B, L, D].

@@ -305,6 +305,23 @@ def test_altup_predict_correct_by_hand():
     np.testing.assert_allclose(corrected[1, 0, 0], pred[1, 0, 0] + (r2 * 2 + 1) * innovation, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize('tokens', [3, 40])     # mixed by broadcast sums / by a matrix product
+def test_altup_predict_mixes_the_streams_as_numpy_does(tokens):
+    altup = AltUp(features=8, num_inputs=4, coef_clip=0.5)
+    rng = np.random.default_rng(tokens)
+    streams = jnp.asarray(rng.normal(size=(4, 2, tokens, 8)), jnp.float32)
+    params = dict(altup.init(jax.random.key(0), streams, method=AltUp.predict)['params'])
+    params['prediction_coefs'] = jnp.asarray(rng.normal(size=(4, 4, 4)), jnp.float32)
+    route = np.asarray(altup.apply({'params': params}, streams[0],
+                                   method=lambda m, x: m.route(x)), np.float64)
+    coefs = np.einsum('btm,mij->btij', route,
+                      np.clip(np.asarray(params['prediction_coefs'], np.float64), -0.5, 0.5))
+    s = np.asarray(streams, np.float64)
+    expected = s + np.einsum('btij,jbtd->ibtd', coefs, s)
+    pred = np.asarray(altup.apply({'params': params}, streams, method=AltUp.predict))
+    np.testing.assert_allclose(pred, expected, rtol=1e-5, atol=1e-5)
+
 # ---- bad input -----------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')
