@@ -98,15 +98,6 @@ def masked(x: jax.Array, up: StoredWeight, linear: StoredWeight) -> bool:
             and masked_rows.applies(x, down_rows))
 
 
-def kept_units(top: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
-    """The units of each row of `top` [T, F] that are nonzero, as (ids [T, size], valid
-    [T, size]): ids in increasing order, padded with 0 where `valid` is False."""
-    mask = top != 0
-    ids = jax.vmap(lambda row: jnp.nonzero(row, size=size, fill_value=0)[0])(mask)
-    valid = jnp.arange(size) < jnp.sum(mask, axis=-1, keepdims=True)
-    return ids, valid
-
-
 def read_in_place(x: jax.Array, leaf: StoredWeight) -> bool:
     """Whether the decode kernels read rows of `leaf` (stored [F, D]) for x in place: both in
     bfloat16, the kernels on."""
@@ -118,10 +109,8 @@ def union_ffn(xt: jax.Array, top: jax.Array, up: jax.Array, linear: jax.Array) -
     """The FFN output [T, D] of tokens xt [T, D] (bfloat16) whose gates after the top-k are
     `top` [T, F], reading once, in place, the rows of `up` and `linear` (both stored [F, D])
     of the units some token keeps."""
-    f = top.shape[-1]
-    kept = jnp.any(top != 0, axis=0)                                   # [F]
-    count = jnp.sum(kept, dtype=jnp.int32)
-    ids = jnp.nonzero(kept, size=f, fill_value=0)[0]                   # [F], count of them used
+    ids, count = decode_kernels.kept_ids(top, top.shape[-1], any_row=True)
+    ids, count = ids[0], count[0]                                      # [F], count of them used
     # Rounded to the activations' dtype where the dense path's products are.
     kept_up = decode_kernels.gathered_dot(xt, ids, count, up).astype(xt.dtype)   # [T, F]
     hidden = gated_gelu(jnp.take(top, ids, axis=1), kept_up)
@@ -158,9 +147,11 @@ def sparse_ffn(x: jax.Array, gate_top: jax.Array, up: StoredWeight, up_eqn: str,
     if read_in_place(x, up) and read_in_place(x, linear):
         return union_ffn(xt, top, up.value, linear.value).reshape(*lead, d)
     size = capacity(f, sparsity)
+    # Each token's kept units, in increasing order, padded with 0 past its count.
+    ids, counts = decode_kernels.kept_ids(top, size)                   # [T, size], [T]
 
     def rows() -> jax.Array:
-        ids, valid = kept_units(top, size)
+        valid = jnp.arange(size) < counts[:, None]
         out = []
         # Token by token: the up product is then one row times rows [C, D], which the decode
         # kernels take (`gemma3n.layers.decode_kernels`), read in place where the format can
@@ -178,5 +169,4 @@ def sparse_ffn(x: jax.Array, gate_top: jax.Array, up: StoredWeight, up_eqn: str,
         hidden = gated_gelu(top, contract(up_eqn, xt, up))
         return contract('TF,FD->TD', hidden, linear)
 
-    most = jnp.max(jnp.sum(top != 0, axis=-1))
-    return jax.lax.cond(most <= size, rows, dense).reshape(*lead, d)
+    return jax.lax.cond(jnp.max(counts) <= size, rows, dense).reshape(*lead, d)

@@ -151,6 +151,36 @@ def test_gathered_bf16_sum_equals_xla_within_summation_noise(isa, rows, d, c, f,
     _within_summation_noise(kernel(x, ids, count, w), x[:, :count], rows_used, count)
 
 
+# (rows, F, size, any_row): F off the 32 values of an AVX-512 compare, a size smaller than
+# some rows' counts (truncated, as jnp.nonzero's), one row, the union of several.
+KEPT = [(1, 16384, 1639, False), (3, 1000, 60, False), (5, 45, 3, False), (4, 1031, 1031, True),
+        (1, 7, 7, True), (16, 96, 2, False)]
+
+
+@pytest.mark.parametrize('isa', ISAS, indirect=True)
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize('rows,f,size,any_row', KEPT)
+def test_kept_ids_are_numpys_nonzero(isa, dtype, rows, f, size, any_row):
+    rng = np.random.default_rng(5)
+    values = np.where(rng.random((rows, f)) < 0.06, rng.standard_normal((rows, f)), 0.0)
+    # Signed zeros are zeros; a NaN is nonzero (jnp's `!= 0`).
+    values[0, :3] = [-0.0, np.nan, 0.0]
+    top = jnp.asarray(values, dtype)
+    kernel = jax.jit(lambda t: decode_kernels.kept_ids(t, size, any_row))
+    assert decode_kernels.TARGETS['kept_ids'] in kernel.lower(top).as_text()
+    ids, counts = kernel(top)
+    kept = values != 0
+    if any_row:
+        kept = kept.any(axis=0, keepdims=True)
+    assert ids.shape == (len(kept), size) and counts.shape == (len(kept),)
+    for row, want in enumerate(kept):
+        want = np.flatnonzero(want)
+        assert counts[row] == len(want)
+        first = want[:size]
+        padded = np.concatenate([first, np.zeros(size - len(first), np.int32)])
+        np.testing.assert_array_equal(ids[row], padded)
+
+
 @pytest.mark.parametrize('eqn,x_shape,w_shape', [
     ('BTD,CFD->CBTF', (1, 1, 40), (2, 33, 40)),      # a gating weight: two outputs, batch 1
     ('BTZ,DZ->DBT', (2, 3, 70), (5, 70)),           # six rows

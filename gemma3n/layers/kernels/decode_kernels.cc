@@ -26,13 +26,15 @@
 //   bf16 masked rows, many tokens (masked_rows.h): each token's own kept units of a sparse FFN,
 //                        x [T, D] · w [F, D]ᵀ where mask [T, F] != 0, and h [T, F] · w [F, D]
 //                        over them; AVX-512 BF16 only.
+//   kept ids             the nonzero units of a sparse FFN's gate rows (or of any row), as
+//                        jnp.nonzero with a size gives them, and their counts (kept_ids.h).
 // int4 packing: group g of row n is kInt4Group / 2 bytes; byte j holds element j in its low
 // nibble and element j + kInt4Group / 2 in its high one, each stored as value + 8.
 //
 // The kernels live in headers by concept, all compiled here as one unit: common.h (ISA choice,
 // ParallelFor, conversions), bf16.h, int8.h, rows.h and rows_bf16.h (gathered rows), int4.h,
 // int4_dequant.h, gemm_pack.h, gemm_few_rows.h, gemm_bf16.h and gemm_quantized.h (products of
-// many rows), masked_rows.h;
+// many rows), masked_rows.h, kept_ids.h;
 // this file checks the operands and holds the FFI handlers.
 
 #include <algorithm>
@@ -45,6 +47,7 @@
 #include "gemm_quantized.h"
 #include "int4_dequant.h"
 #include "int8.h"
+#include "kept_ids.h"
 #include "masked_rows.h"
 #include "rows.h"
 #include "rows_bf16.h"
@@ -335,6 +338,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMaskedRowsDot, MaskedRowsDotImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nMaskedRowsSum, MaskedRowsSumImpl,
                               MaskedRowsBinding().Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nKeptIds, KeptIdsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<bool>("any_row")
+                                  .Attr<int32_t>("isa"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGatheredBf16, GatheredBf16Impl, GatheredBf16Binding());
 
