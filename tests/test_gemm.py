@@ -24,8 +24,14 @@ BF16_EPS = 2.0 ** -8        # bfloat16 unit roundoff (7 stored mantissa bits)
 SHAPES = [(1, 1, 1), (13, 7, 33), (200, 771, 800), (70, 5, 100), (9, 1000, 1537),
           (64, 32, 48), (33, 2048, 97)]
 
-pytestmark = pytest.mark.skipif(not gemm.enabled(),
+pytestmark = pytest.mark.skipif(not gemm.available(),
                                 reason='the kernel needs AVX-512 BF16 and the kernels built')
+
+
+@pytest.fixture(autouse=True)
+def kernel_by_name(monkeypatch):
+    # By name, so that a CPU with AMX (where 'auto' leaves these products to XLA) tests it too.
+    monkeypatch.setenv(decode_kernels.ENV, 'avx512')
 
 
 def _operands(m, k, n, seed=0):
@@ -242,6 +248,19 @@ def test_products_the_kernel_does_not_take(monkeypatch):
     assert calls('md,fd->mf', x, w) == 0
     monkeypatch.setenv(decode_kernels.ENV, 'avx2')              # the kernel is AVX-512 only
     assert calls('md,fd->mf', x, w) == 0
+
+
+@pytest.mark.parametrize('amx', [False, True])
+def test_with_amx_the_kernel_runs_only_when_asked_by_name(monkeypatch, amx):
+    # XLA's products use AMX tiles and ran 3-7x faster than the kernel there.
+    monkeypatch.setattr(decode_kernels, 'cpu_has_amx', lambda: amx)
+    assert gemm.enabled()                                       # avx512 by name
+    monkeypatch.setenv(decode_kernels.ENV, 'auto')
+    assert gemm.enabled() is not amx
+    assert gemm.available()
+    x, w = _operands(64, 32, 48)
+    lowered = jax.jit(lambda x, w: dot('md,fd->mf', x, w)).lower(x, w).as_text()
+    assert (gemm.TARGET in lowered) is not amx
 
 
 def test_lora_step_of_a_bf16_model_with_and_without_the_kernel(monkeypatch):

@@ -199,8 +199,9 @@ def test_a_prefill_chunk_multiplies_in_bfloat16():
     assert np.abs(got - exact).max() > 0        # the rounding is there: bfloat16, not float32
 
 
-@pytest.mark.skipif(not gemm.enabled(), reason='the many-row kernel needs AVX-512 BF16')
+@pytest.mark.skipif(not gemm.available(), reason='the many-row kernel needs AVX-512 BF16')
 def test_a_prefill_chunk_takes_the_many_row_kernel(monkeypatch):
+    monkeypatch.setenv(decode_kernels.ENV, 'avx512')       # by name: also on a CPU with AMX
     # A weight in checkpoint order [in, out] contracted for 40 rows of bfloat16 x: our many-row
     # kernel, and XLA's path with the kernels capped at AVX2 (no many-row kernel), multiply the
     # same bfloat16 values; each rounds a float32 sum, summed in another order, to bfloat16.

@@ -23,7 +23,8 @@ Under `jit` for another platform the XLA product is lowered instead
 
 The C++ source is compiled on first use (`gemma3n.layers.kernel_build`). `$GEMMA3N_KERNELS`
 chooses: unset or `auto` the best the CPU has, `avx2` or `scalar` at most that instruction set,
-`off` the XLA path. It is read when a function is traced, so a cached `jit` keeps its choice.
+`off` the XLA path; `avx512` by name also sends products of many rows to our kernel on a CPU with
+AMX, where `auto` leaves them to XLA (`gemma3n.layers.gemm.enabled`). It is read when a function is traced, so a cached `jit` keeps its choice.
 If the kernels cannot be built, one line says so and everything runs on the XLA path.
 """
 
@@ -99,6 +100,12 @@ def active_isa() -> str | None:
         return None
     best = _library().Gemma3nKernelIsa()
     return ISA_NAMES[best if requested == ISA_CODES['auto'] else min(requested, best)]
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX bfloat16 tiles (which XLA's own products use), as the kernels'
+    library reads it; False when the library is not built."""
+    return _library() is not None and bool(_library().Gemma3nCpuHasAmx())
 
 
 def call(kind: str, result: Any, *operands: jax.Array, **attributes: Any) -> Any:

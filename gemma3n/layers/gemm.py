@@ -13,7 +13,12 @@ otherwise:
   serving order) or first ([in..., out...], the checkpoint order);
 - the kernels are on (`$GEMMA3N_KERNELS`, `gemma3n.layers.decode_kernels`), the CPU has AVX-512
   BF16, and the process has one device: a custom call in a program partitioned over several
-  devices would be computed whole on each.
+  devices would be computed whole on each;
+- the CPU has no AMX, or `$GEMMA3N_KERNELS=avx512` asks for the kernel by name. XLA's products
+  use AMX tiles where the CPU has them, and there ran 3-7x faster than this kernel (a 2-core
+  Xeon with AMX, E4B's FFN shapes at 32-512 rows, bf16, int8 and int4 weights alike; the
+  kernel ~200 GFLOP/s, XLA's 1.0-1.5 TFLOP/s). The masked-rows kernels, which compute ~5% of a
+  sparse layer's FFN, still beat XLA's dense products there (`gemma3n.layers.masked_rows`).
 
 The decision is made when the function is traced (not with `jax.lax.platform_dependent`: its
 other branch's backward residuals, zeros the size of the weight, would be made too).
@@ -52,9 +57,19 @@ MIN_ROWS = 48
 MIN_ROWS_IN_PLACE = decode_kernels.MAX_ROWS + 1
 
 
-def enabled() -> bool:
-    """Whether traced products of many rows take the kernel (see the module docstring)."""
+def available() -> bool:
+    """Whether the kernels of many rows can run here: the kernels on and built, a CPU with
+    AVX-512 BF16, one device."""
     return decode_kernels.active_isa() == 'avx512' and jax.device_count() == 1
+
+
+def enabled() -> bool:
+    """Whether traced products of many rows take the kernel (see the module docstring): where
+    it is `available()`, except on a CPU with AMX unless `$GEMMA3N_KERNELS` names avx512."""
+    if not available():
+        return False
+    requested = decode_kernels.requested_isa()
+    return requested == decode_kernels.ISA_CODES['avx512'] or not decode_kernels.cpu_has_amx()
 
 
 def product(a: jax.Array, w: jax.Array, layout: int) -> jax.Array:

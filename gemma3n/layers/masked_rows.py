@@ -16,8 +16,11 @@ gradient in w is XLA's einsum of the masked operands, the operand kept for it on
 needs one. The mask gets no gradient (only its zeros count). Sums are float32 (bfloat16
 products exact), in another order than the dense product's.
 
-They apply (`applies`) where the dense products take our kernel (`gemm.enabled`: AVX-512 BF16,
-one device), with bfloat16 operands, D a multiple of `D_MULTIPLE` and F of `F_MULTIPLE`.
+They apply (`applies`) where our kernels of many rows can run (`gemm.available`: AVX-512 BF16,
+one device), with bfloat16 operands, D a multiple of `D_MULTIPLE` and F of `F_MULTIPLE`; also on
+a CPU with AMX, where the dense products go to XLA: there, at 512 tokens of E4B's sparse FFN
+(2 cores), `masked_dot` took 20.7 ms against XLA's dense product's 69.4, `masked_sum` 30.3
+against 36.9.
 
 Example:
     >>> up = masked_dot(x, w_up, top).astype(jnp.bfloat16)         # x [T, D], w_up [F, D]
@@ -39,12 +42,12 @@ def applies(x: jax.Array, w: jax.Array) -> bool:
     """Whether the kernels take activations x [..., D] with a weight w [F, D]."""
     return (x.dtype == w.dtype == jnp.bfloat16 and w.ndim == 2 and x.shape[-1] == w.shape[1]
             and w.shape[1] % D_MULTIPLE == 0 and w.shape[0] % F_MULTIPLE == 0
-            and gemm.enabled())
+            and gemm.available())
 
 
 def _kernel(kind: str, a: jax.Array, w: jax.Array, mask: jax.Array, columns: int,
             dtype: jnp.dtype) -> jax.Array:
-    if not gemm.enabled():          # which also registers the kernels
+    if not gemm.available():        # which also registers the kernels
         raise RuntimeError('the masked-rows kernels need AVX-512 BF16 and one device.')
     result = jax.ShapeDtypeStruct((a.shape[0], columns), dtype)
     return jax.ffi.ffi_call(decode_kernels.TARGETS[kind], result)(a, w, mask)

@@ -19,6 +19,7 @@
 // GEMMA3N_PORTABLE compiles only the scalar kernels, as on a CPU of another architecture (the
 // tests compile that way, so that it keeps building).
 #if (defined(__x86_64__) || defined(_M_X64)) && !defined(GEMMA3N_PORTABLE)
+#include <cpuid.h>
 #include <immintrin.h>
 #define GEMMA3N_X86 1
 #endif
@@ -51,6 +52,26 @@ inline Isa BestIsa() {
   return best;
 #else
   return kScalar;
+#endif
+}
+
+// Whether the CPU has AMX with bfloat16 tiles, enabled by the OS: XLA's own products use it
+// there (the Python side then leaves products of many rows to XLA, gemma3n/layers/gemm.py).
+inline bool HasAmxBf16() {
+#ifdef GEMMA3N_X86
+  constexpr unsigned kAmxBf16 = 1u << 22, kAmxTile = 1u << 24;        // CPUID.(7, 0):EDX
+  constexpr unsigned kOsxsave = 1u << 27;                             // CPUID.1:ECX
+  constexpr unsigned long long kTileState = (1ull << 17) | (1ull << 18);  // XCR0
+  constexpr unsigned kAmx = kAmxBf16 | kAmxTile;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || (d & kAmx) != kAmx) return false;
+  unsigned a1, b1, c1, d1;
+  if (!__get_cpuid(1, &a1, &b1, &c1, &d1) || !(c1 & kOsxsave)) return false;
+  unsigned lo, hi;
+  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return ((static_cast<unsigned long long>(hi) << 32 | lo) & kTileState) == kTileState;
+#else
+  return false;
 #endif
 }
 

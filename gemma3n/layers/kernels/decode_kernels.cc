@@ -26,8 +26,7 @@
 //   bf16 masked rows, many tokens (masked_rows.h): each token's own kept units of a sparse FFN,
 //                        x [T, D] · w [F, D]ᵀ where mask [T, F] != 0, and h [T, F] · w [F, D]
 //                        over them; AVX-512 BF16 only.
-//   kept ids             the nonzero units of a sparse FFN's gate rows (or of any row), as
-//                        jnp.nonzero with a size gives them, and their counts (kept_ids.h).
+//   kept ids             a sparse FFN's kept units: jnp.nonzero with a size (kept_ids.h).
 // int4 packing: group g of row n is kInt4Group / 2 bytes; byte j holds element j in its low
 // nibble and element j + kInt4Group / 2 in its high one, each stored as value + 8.
 //
@@ -397,3 +396,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nRowsInt8, RowsInt8Impl,
 
 // The instruction set the kernels use on this CPU (an Isa value), for the Python side to report.
 extern "C" int32_t Gemma3nKernelIsa() { return BestIsa(); }
+// 1 if the CPU has AMX bfloat16 tiles the OS enables (HasAmxBf16), else 0.
+extern "C" int32_t Gemma3nCpuHasAmx() { return HasAmxBf16() ? 1 : 0; }
