@@ -16,8 +16,9 @@ from gemma3n.layers.einsum import _xla_dot, contract
 from gemma3n.layout import to_serving
 from hf_oracle import random_params, small_configs
 
-# The variants this CPU can run ('auto' is the best it has: AVX-512 here).
-ISAS = ['auto', 'avx2', 'scalar']
+# The variants this CPU can run ('avx512' is capped at the best it has; named, rather than
+# 'auto', so that a CPU with AMX runs the kernels at every row count too: `max_rows`).
+ISAS = ['avx512', 'avx2', 'scalar']
 F32_EPS = 2.0 ** -24        # float32 unit roundoff
 # (rows, K, N): K and N off every vector width (32 bf16, 64 int8 per AVX-512 step); every row
 # count of the register tiles (M >= 2: one tile up to 4 rows, two of 2-4 rows up to 8, then a
@@ -194,6 +195,22 @@ def test_einsum_forms_go_through_the_kernels(eqn, x_shape, w_shape):
     assert decode_kernels.TARGETS['int8'] in lowered.as_text()
     got, want = _kernel_and_xla(eqn, x, w)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('amx', [False, True])
+def test_with_amx_bf16_and_int8_products_of_more_rows_stay_on_xla(monkeypatch, amx):
+    # XLA's products use AMX tiles there, faster from a few rows on (decode_kernels.AMX_MAX_ROWS).
+    monkeypatch.setattr(decode_kernels, 'cpu_has_amx', lambda: amx)
+    monkeypatch.setenv(decode_kernels.ENV, 'auto')
+    for dtype, kind in ((jnp.bfloat16, 'bf16'), (jnp.int8, 'int8')):
+        limit = decode_kernels.AMX_MAX_ROWS[kind] if amx else decode_kernels.MAX_ROWS
+        for rows in (limit, limit + 1):
+            x, w = _operands(rows, 64, 32, dtype)
+            lowered = jax.jit(lambda x, w: decode_kernels.dot('mk,nk->mn', x, w, _xla_dot)
+                              ).lower(x, w).as_text()
+            assert (decode_kernels.TARGETS[kind] in lowered) == (rows <= limit)
+    monkeypatch.setenv(decode_kernels.ENV, 'avx512')          # by name: every row count
+    assert decode_kernels.max_rows('bf16') == decode_kernels.MAX_ROWS
 
 
 def test_products_the_kernels_do_not_take_stay_on_xla():
