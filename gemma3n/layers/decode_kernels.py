@@ -24,8 +24,10 @@ Under `jit` for another platform the XLA product is lowered instead
 
 The C++ source is compiled on first use (`gemma3n.layers.kernel_build`). `$GEMMA3N_KERNELS`
 chooses: unset or `auto` the best the CPU has, `avx2` or `scalar` at most that instruction set,
-`off` the XLA path; `avx512` by name also sends products of many rows to our kernel on a CPU with
-AMX, where `auto` leaves them to XLA (`gemma3n.layers.gemm.enabled`). It is read when a function is traced, so a cached `jit` keeps its choice.
+`off` the XLA path; on a CPU with AMX, `avx512` by name also keeps our kernels for products
+that `auto` leaves to XLA there (many rows, `gemma3n.layers.gemm.enabled`; bf16 and int8 ones
+past a few rows, `max_rows`). It is read when a function is traced, so a cached `jit` keeps its
+choice.
 If the kernels cannot be built, one line says so and everything runs on the XLA path.
 """
 
