@@ -56,7 +56,8 @@ inline Isa BestIsa() {
 }
 
 // Whether the CPU has AMX with bfloat16 tiles, enabled by the OS: XLA's own products use it
-// there (the Python side then leaves products of many rows to XLA, gemma3n/layers/gemm.py).
+// there, so the Python side leaves it products of many rows (gemma3n/layers/gemm.py) and bf16
+// and int8 ones past a few rows (decode_kernels.max_rows).
 inline bool HasAmxBf16() {
 #ifdef GEMMA3N_X86
   constexpr unsigned kAmxBf16 = 1u << 22, kAmxTile = 1u << 24;        // CPUID.(7, 0):EDX
