@@ -114,7 +114,20 @@ def active_isa() -> str | None:
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX bfloat16 tiles (which XLA's own products use), as the kernels'
     library reads it; False when the library is not built."""
-    return _library() is not None and bool(_library().Gemma3nCpuHasAmx())
+    library = _library()
+    return library is not None and _reads_amx(library)
+
+
+@functools.cache
+def _reads_amx(library: ctypes.CDLL) -> bool:
+    # Once per library: every traced product asks.
+    return bool(library.Gemma3nCpuHasAmx())
+
+
+def defer_to_amx() -> bool:
+    """Whether products that XLA runs faster on AMX tiles go to XLA: the CPU has AMX and
+    `$GEMMA3N_KERNELS` does not name avx512."""
+    return requested_isa() != ISA_CODES['avx512'] and cpu_has_amx()
 
 
 def call(kind: str, result: Any, *operands: jax.Array, **attributes: Any) -> Any:
@@ -185,9 +198,7 @@ def from_rows(y: jax.Array, shape: tuple[int, ...], spec: str, out_spec: str) ->
 def max_rows(kind: str) -> int:
     """Rows of x the `kind` ('bf16', 'int8') product kernel takes: `MAX_ROWS`, or on a CPU with
     AMX `AMX_MAX_ROWS` unless `$GEMMA3N_KERNELS` names avx512."""
-    if requested_isa() == ISA_CODES['avx512'] or not cpu_has_amx():
-        return MAX_ROWS
-    return AMX_MAX_ROWS[kind]
+    return AMX_MAX_ROWS[kind] if defer_to_amx() else MAX_ROWS
 
 
 def enabled() -> bool:

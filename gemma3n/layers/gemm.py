@@ -66,10 +66,7 @@ def available() -> bool:
 def enabled() -> bool:
     """Whether traced products of many rows take the kernel (see the module docstring): where
     it is `available()`, except on a CPU with AMX unless `$GEMMA3N_KERNELS` names avx512."""
-    if not available():
-        return False
-    requested = decode_kernels.requested_isa()
-    return requested == decode_kernels.ISA_CODES['avx512'] or not decode_kernels.cpu_has_amx()
+    return available() and not decode_kernels.defer_to_amx()
 
 
 def product(a: jax.Array, w: jax.Array, layout: int) -> jax.Array:
