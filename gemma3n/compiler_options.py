@@ -19,7 +19,19 @@ import jax
 
 CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
 
+# A training step runs its micro-batches and its loss chunks in loops. XLA first rewrites each
+# product x @ wᵀ with a transposed copy of w (its canonical form), which a later pass folds
+# back into the product; inside a loop, loop-invariant code motion moves that copy out of the
+# loop first, so it is never folded: every frozen weight is transposed once per step and then
+# read by the slower form of the product. Measured on a LoRA step at E4B widths (10 layers,
+# 1 x 512, AMX Xeon, 2 CPUs): 7.5 -> 6.9 s; the unembedding's product ran at 1.04 TFLOP/s
+# instead of 0.56 after a 0.52 s copy of the table.
+CPU_TRAINING_OPTIONS = {'xla_disable_hlo_passes': 'while-loop-invariant-code-motion'}
 
-def compiler_options() -> dict[str, str]:
-    """XLA options for a program compiled for the default backend (none off a CPU)."""
-    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == 'cpu' else {}
+
+def compiler_options(*, training: bool = False) -> dict[str, str]:
+    """XLA options for a program compiled for the default backend (none off a CPU); `training`:
+    a training step's (its loops hold the frozen weights)."""
+    if jax.default_backend() != 'cpu':
+        return {}
+    return {**CPU_COMPILER_OPTIONS, **(CPU_TRAINING_OPTIONS if training else {})}

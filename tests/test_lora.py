@@ -16,15 +16,18 @@ import torch
 
 from gemma3n.checkpoints import peft_adapter
 from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
-from gemma3n.layers.einsum import ServingWeight, contract
+from gemma3n.layers.einsum import (HEAD_TOKENS_FIRST_ROWS, TOKENS_FIRST_ROWS, ServingWeight,
+                                    contract)
 from gemma3n import layout
 from gemma3n.layers.int8 import QuantizedWeight, quantize
 from gemma3n.layers.lora import LoRAWeight
 from gemma3n.layout import to_serving
+from gemma3n.training import loss as loss_module
 from gemma3n.training.keys import model_inputs
 from gemma3n.training.lora import B_NAME, LoRA
 from gemma3n.training.param_split import FullFineTuning
 from gemma3n.training.step import TrainSteps
+from gemma3n.transformer import Gemma3nTransformer
 from hf_oracle import make_hf_causal_lm, small_configs
 from test_layout import dequantized
 from test_training_grads import GRAD_RTOL, hf_loss, hf_masks, training_case
@@ -94,6 +97,9 @@ def test_adapter_gradients_equal_peft(setup):
     # As a run holds it: the base re-laid out [out, in] (placing consumes it, hence a copy).
     trainable, frozen = steps.place(nonzero_b(split, trainable, seed=1), dict(frozen))
     assert isinstance(frozen['layer_0']['attn']['q_einsum']['w'], ServingWeight)
+    # Products with a batch put the tokens first, the head's (a loss chunk's) from fewer rows.
+    assert frozen['layer_0']['attn']['q_einsum']['w'].tokens_first_rows == TOKENS_FIRST_ROWS
+    assert frozen['embedder']['input_embedding'].tokens_first_rows == HEAD_TOKENS_FIRST_ROWS
     grads, loss, _ = steps.gradients(trainable, frozen, jax.tree.map(lambda x: x[None], batch),
                                      jax.random.key_data(jax.random.key(0)))
     tensors = save_tensors(split, trainable, cfg)
@@ -306,3 +312,23 @@ def test_full_fine_tuning_refuses_quantized_weights():
         FullFineTuning().split(params)
     trainable, frozen = FullFineTuning(freeze=('mlp/w',)).split(params)
     assert isinstance(frozen['mlp']['w'], QuantizedWeight) and 'w' not in trainable['mlp']
+
+
+def test_a_lora_step_multiplies_the_frozen_table_as_stored(setup, monkeypatch):
+    # Two loss chunks of HEAD_TOKENS_FIRST_ROWS rows: the head's product runs in a loop. Left to
+    # loop-invariant code motion, XLA would hoist the table's canonical transposed copy out of
+    # the loop and multiply that (`gemma3n.compiler_options.CPU_TRAINING_OPTIONS`).
+    cfg, params, _, _ = setup
+    rows = HEAD_TOKENS_FIRST_ROWS
+    monkeypatch.setattr(loss_module, 'LOSS_CHUNK_BYTES', rows * cfg.num_embed * 4)
+    model = Gemma3nTransformer(config=cfg, text_only=True, dtype=jnp.bfloat16,
+                               tokens='batch.input')
+    split = LoRA(cfg, rank=RANK, alpha=ALPHA)
+    steps = TrainSteps(model, split, optax.sgd(0.0))
+    trainable, frozen = steps.place(*split.split(jax.tree.map(jnp.asarray, params)))
+    tokens = np.random.default_rng(0).integers(3, cfg.num_embed, (1, 1, 2 * rows + 1), np.int32)
+    batch = {'input': tokens[..., :-1], 'target': tokens[..., 1:],
+             'loss_mask': np.ones((1, 1, 2 * rows), bool)}
+    hlo = steps.train.lower(steps.init(trainable, seed=0), frozen, batch).compile().as_text()
+    heads = [line for line in hlo.splitlines() if ' dot(' in line and 'BTD,VD->BTV' in line]
+    assert heads and all('rhs_contracting_dims={1}' in line for line in heads), heads

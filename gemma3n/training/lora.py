@@ -33,9 +33,10 @@ from gemma3n.checkpoints.flat_params import flatten_params, unflatten_params
 from gemma3n.checkpoints.peft_adapter import (LORA_TARGETS, Adapter, Slot, check_targets,
                                               target_slots)
 from gemma3n.config import TransformerConfig
+from gemma3n.embedder import EMBEDDING_TABLE_PATH
 from gemma3n.layout import ServingConverter, is_sparse_ffn_weight
 from gemma3n.layers import ServingWeight, StackedWeight, StoredWeight, masked_rows
-from gemma3n.layers.einsum import TOKENS_FIRST_ROWS
+from gemma3n.layers.einsum import HEAD_TOKENS_FIRST_ROWS, TOKENS_FIRST_ROWS
 from gemma3n.layers.lora import LoRAWeight
 from gemma3n.layers.weights import WeightInfo
 from gemma3n.sharding.params import axis_names
@@ -152,7 +153,9 @@ class LoRA:
         The sparse layers' FFN weights are stored rows first, as decoding stores them
         (`gemma3n.sparse_rows`), where the masked-rows kernels take a batch's tokens (bfloat16,
         `masked_rows`): each token then reads only its kept units' rows. Elsewhere they keep
-        the serving layout, whose dense products are fastest there.
+        the serving layout, whose dense products are fastest there. Products with a batch's
+        tokens put them first (`TOKENS_FIRST_ROWS`), the tied unembedding's with a loss
+        chunk's from fewer rows (`HEAD_TOKENS_FIRST_ROWS`).
         """
         flat = flatten_params(frozen)
         convert = ServingConverter(model, sparse_rows=self._masked_rows(flat),
@@ -161,7 +164,8 @@ class LoRA:
         frozen.clear()
         for path in convert.orders:
             if path in flat and not isinstance(flat[path], StoredWeight):
-                flat[path] = _tokens_first(convert(path, flat.pop(path)))
+                rows = HEAD_TOKENS_FIRST_ROWS if path == EMBEDDING_TABLE_PATH else TOKENS_FIRST_ROWS
+                flat[path] = _tokens_first(convert(path, flat.pop(path)), rows)
         return unflatten_params(flat)
 
     def _masked_rows(self, flat: dict[str, Any]) -> bool:
@@ -188,13 +192,13 @@ class LoRA:
                 for path in self.slots()}
 
 
-def _tokens_first(held: Any) -> Any:
-    """A held frozen weight whose products with a batch put x's axes first
+def _tokens_first(held: Any, rows: int) -> Any:
+    """A held frozen weight whose products with `rows` rows of x or more put x's axes first
     (`ServingWeight.tokens_first_rows`), a `StackedWeight`'s parts too."""
     if isinstance(held, StackedWeight):
-        return held.replace(parts=tuple(_tokens_first(part) for part in held.parts))
+        return held.replace(parts=tuple(_tokens_first(part, rows) for part in held.parts))
     if isinstance(held, ServingWeight):
-        return held.replace(tokens_first_rows=TOKENS_FIRST_ROWS)
+        return held.replace(tokens_first_rows=rows)
     return held
 
 

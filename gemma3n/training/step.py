@@ -97,7 +97,7 @@ class TrainSteps:
         self.on_mesh = MeshConstraints(mesh, rules)
         self.schema = model_schema(model) if mesh is not None else None
         self.trainable_schema = None if mesh is None else split.trainable_schema(self.schema)
-        options = compiler_options()
+        options = compiler_options(training=True)
         self.train = jax.jit(self._train, donate_argnums=0, compiler_options=options)
         self.eval = jax.jit(self._loss_sums, compiler_options=options)
         self.gradients = jax.jit(self._gradients, compiler_options=options)
