@@ -251,16 +251,37 @@ def test_products_the_kernel_does_not_take(monkeypatch):
 
 
 @pytest.mark.parametrize('amx', [False, True])
-def test_with_amx_the_kernel_runs_only_when_asked_by_name(monkeypatch, amx):
-    # XLA's products use AMX tiles and ran 3-7x faster than the kernel there.
+def test_with_amx_the_kernel_takes_products_of_whole_tiles_on_them(monkeypatch, amx):
+    # On AMX (unless avx512 is named) the kernel multiplies on tiles, from two tiles of rows and
+    # K whole steps of 32; other products go to XLA's, which use AMX tiles too.
     monkeypatch.setattr(decode_kernels, 'cpu_has_amx', lambda: amx)
-    assert gemm.enabled()                                       # avx512 by name
+    assert gemm.enabled() and not gemm.on_amx()                 # avx512 by name
     monkeypatch.setenv(decode_kernels.ENV, 'auto')
-    assert gemm.enabled() is not amx
-    assert gemm.available()
-    x, w = _operands(64, 32, 48)
-    lowered = jax.jit(lambda x, w: dot('md,fd->mf', x, w)).lower(x, w).as_text()
-    assert (gemm.TARGET in lowered) is not amx
+    assert gemm.enabled() and gemm.on_amx() is amx
+
+    def lowered(m, k, n):
+        x, w = _operands(m, k, n)
+        return jax.jit(lambda x, w: dot('md,fd->mf', x, w)).lower(x, w).as_text()
+    assert gemm.TARGET in lowered(gemm.AMX_MIN_ROWS, 64, 48)
+    assert ('amx = 1' in lowered(gemm.AMX_MIN_ROWS, 64, 48)) is amx
+    assert (gemm.TARGET in lowered(gemm.AMX_MIN_ROWS - 1, 64, 48)) is not amx
+    assert (gemm.TARGET in lowered(gemm.AMX_MIN_ROWS, 48, 48)) is not amx
+
+
+# (M, K, N) on AMX tiles (kernels/gemm_amx.h: K whole steps of 32, blocks of 768 contracted
+# values and 384 columns, rows in groups of 32): the fewest rows, rows not whole groups, K past
+# one block and not whole blocks, N not whole tiles or panels and past a column block per
+# thread, and N under 2 x 384, where the threads split the rows.
+AMX_SHAPES = [(32, 32, 1), (33, 64, 17), (100, 1152, 800), (70, 2048, 1601), (200, 96, 100)]
+
+
+@pytest.mark.skipif(not decode_kernels.cpu_has_amx(), reason='the CPU has no AMX tiles')
+@pytest.mark.parametrize('m,k,n', AMX_SHAPES)
+@pytest.mark.parametrize('layout', [gemm.WEIGHT_ROWS, gemm.WEIGHT_COLUMNS])
+def test_amx_tiles_equal_rounded_exact_products_within_summation_noise(monkeypatch, m, k, n,
+                                                                         layout):
+    monkeypatch.setenv(decode_kernels.ENV, 'auto')
+    test_kernel_equals_rounded_exact_products_within_summation_noise(m, k, n, layout)
 
 
 def test_lora_step_of_a_bf16_model_with_and_without_the_kernel(monkeypatch):

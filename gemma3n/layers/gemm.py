@@ -1,8 +1,9 @@
 """Our own CPU kernel for bfloat16 products of many rows: a prefill chunk or a training batch
-times a projection weight (`kernels/gemm_bf16.h`, AVX-512 BF16). XLA's CPU products run these
-at ~300 GFLOP/s on a 2-core Zen 4 whose `vdpbf16ps` peak is ~450 (torch: ~400); the kernel
-packs blocks of both operands the way that instruction reads them and runs near the peak (up
-to 256 rows it reads a serving weight in place instead, `kernels/gemm_few_rows.h`).
+times a projection weight (`kernels/gemm_bf16.h`, AVX-512 BF16; on AMX tiles
+`kernels/gemm_amx.h`). XLA's CPU products run these at ~300 GFLOP/s on a 2-core Zen 4 whose
+`vdpbf16ps` peak is ~450 (torch: ~400); the kernel packs blocks of both operands the way that
+instruction reads them and runs near the peak (up to 256 rows it reads a serving weight in
+place instead, `kernels/gemm_few_rows.h`).
 
 `dot(eqn, x, w, fallback)` takes the kernel when all of these hold, and calls `fallback`
 otherwise:
@@ -14,11 +15,15 @@ otherwise:
 - the kernels are on (`$GEMMA3N_KERNELS`, `gemma3n.layers.decode_kernels`), the CPU has AVX-512
   BF16, and the process has one device: a custom call in a program partitioned over several
   devices would be computed whole on each;
-- the CPU has no AMX, or `$GEMMA3N_KERNELS=avx512` asks for the kernel by name. XLA's products
-  use AMX tiles where the CPU has them, and there ran 3-7x faster than this kernel (a 2-core
-  Xeon with AMX, E4B's FFN shapes at 32-512 rows, bf16, int8 and int4 weights alike; the
-  kernel ~200 GFLOP/s, XLA's 1.0-1.5 TFLOP/s). The masked-rows kernels, which compute ~5% of a
-  sparse layer's FFN, still beat XLA's dense products there (`gemma3n.layers.masked_rows`).
+- on a CPU with AMX (unless `$GEMMA3N_KERNELS=avx512` asks for the AVX-512 kernel by name):
+  at least `AMX_MIN_ROWS` rows and K a multiple of `AMX_K_MULTIPLE`. There the kernel
+  multiplies on AMX tiles (`kernels/gemm_amx.h`), since the AVX-512 one ran 3-7x slower than
+  XLA's products, which use the tiles (~200 GFLOP/s against 1.0-1.5 TFLOP/s). The tiles ran,
+  against XLA's, on a 2-core Xeon (TFLOP/s, E4B's shapes): 256 rows by the [262144, 2048]
+  unembedding 0.93 / 0.83 and its backward 0.94 / 0.46; 512 rows by the FFN gate and up
+  [32768, 2048] 1.13 / 0.99 (backward 1.07 / 1.00), by the down [2048, 16384] 1.47 / 1.21
+  (backward 1.19 / 0.70); by a [2048, 2048] attention weight 0.55 / 1.06 (too small for
+  the blocks). A LoRA step at E4B widths (10 layers, 1 x 512) took 5.5 s against 6.2.
 
 The decision is made when the function is traced (not with `jax.lax.platform_dependent`: its
 other branch's backward residuals, zeros the size of the weight, would be made too).
@@ -57,6 +62,13 @@ MIN_ROWS = 48
 MIN_ROWS_IN_PLACE = decode_kernels.MAX_ROWS + 1
 
 
+# On a CPU with AMX the kernel multiplies on AMX tiles (`kernels/gemm_amx.h`) from this many
+# rows on (two tiles of rows), K a multiple of AMX_K_MULTIPLE (a tile step); other products go
+# to XLA's, which use AMX tiles too.
+AMX_MIN_ROWS = 32
+AMX_K_MULTIPLE = 32
+
+
 def available() -> bool:
     """Whether the kernels of many rows can run here: the kernels on and built, a CPU with
     AVX-512 BF16, one device."""
@@ -64,9 +76,14 @@ def available() -> bool:
 
 
 def enabled() -> bool:
-    """Whether traced products of many rows take the kernel (see the module docstring): where
-    it is `available()`, except on a CPU with AMX unless `$GEMMA3N_KERNELS` names avx512."""
-    return available() and not decode_kernels.defer_to_amx()
+    """Whether traced products of many rows take the kernel (see the module docstring)."""
+    return available()
+
+
+def on_amx() -> bool:
+    """Whether the kernel multiplies on AMX tiles: the CPU has them and `$GEMMA3N_KERNELS`
+    does not name avx512 (which keeps the AVX-512 kernel, as the tests ask)."""
+    return decode_kernels.defer_to_amx()
 
 
 def product(a: jax.Array, w: jax.Array, layout: int) -> jax.Array:
@@ -74,7 +91,7 @@ def product(a: jax.Array, w: jax.Array, layout: int) -> jax.Array:
     bfloat16, on the kernel: only where `enabled()`."""
     n = w.shape[0] if layout == WEIGHT_ROWS else w.shape[1]
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((a.shape[0], n), jnp.bfloat16))(
-        a, w, layout=np.int32(layout))
+        a, w, layout=np.int32(layout), amx=np.int32(on_amx()))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -152,6 +169,8 @@ def dot(eqn: str, x: jax.Array, w: jax.Array,
         return fallback(eqn, x, w)
     x_free, w_out, contracted, layout = plan
     rows = decode_kernels.as_rows(x, x_spec, x_free, contracted)
+    if on_amx() and (rows.shape[0] < AMX_MIN_ROWS or rows.shape[1] % AMX_K_MULTIPLE):
+        return fallback(eqn, x, w)
     out_shape = tuple(w.shape[w_spec.index(a)] for a in w_out)
     if layout == WEIGHT_ROWS:
         flat_w = w.reshape(-1, rows.shape[1])
