@@ -258,6 +258,7 @@ def test_with_amx_the_kernel_takes_products_of_whole_tiles_on_them(monkeypatch, 
     assert gemm.enabled() and not gemm.on_amx()                 # avx512 by name
     monkeypatch.setenv(decode_kernels.ENV, 'auto')
     assert gemm.enabled() and gemm.on_amx() is amx
+    assert gemm.quantized_enabled() is not amx                  # int8, int4: XLA's on AMX
 
     def lowered(m, k, n):
         x, w = _operands(m, k, n)
