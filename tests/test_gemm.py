@@ -252,21 +252,24 @@ def test_products_the_kernel_does_not_take(monkeypatch):
 
 @pytest.mark.parametrize('amx', [False, True])
 def test_with_amx_the_kernel_takes_products_of_whole_tiles_on_them(monkeypatch, amx):
-    # On AMX (unless avx512 is named) the kernel multiplies on tiles, from two tiles of rows and
-    # K whole steps of 32; other products go to XLA's, which use AMX tiles too.
+    # On AMX (unless avx512 is named) the kernel multiplies on tiles, K whole steps of 32 and a
+    # weight [N, K] by a training batch's rows; other products go to XLA's, on AMX tiles too.
     monkeypatch.setattr(decode_kernels, 'cpu_has_amx', lambda: amx)
     assert gemm.enabled() and not gemm.on_amx()                 # avx512 by name
     monkeypatch.setenv(decode_kernels.ENV, 'auto')
     assert gemm.enabled() and gemm.on_amx() is amx
     assert gemm.quantized_enabled() is not amx                  # int8, int4: XLA's on AMX
 
-    def lowered(m, k, n):
+    def lowered(m, k, n, eqn='md,fd->mf'):
         x, w = _operands(m, k, n)
-        return jax.jit(lambda x, w: dot('md,fd->mf', x, w)).lower(x, w).as_text()
-    assert gemm.TARGET in lowered(gemm.AMX_MIN_ROWS, 64, 48)
-    assert ('amx = 1' in lowered(gemm.AMX_MIN_ROWS, 64, 48)) is amx
-    assert (gemm.TARGET in lowered(gemm.AMX_MIN_ROWS - 1, 64, 48)) is not amx
-    assert (gemm.TARGET in lowered(gemm.AMX_MIN_ROWS, 48, 48)) is not amx
+        w = w if eqn == 'md,fd->mf' else w.T
+        return jax.jit(lambda x, w: dot(eqn, x, w)).lower(x, w).as_text()
+    rows = gemm.AMX_MIN_ROWS_TRANSPOSED
+    assert gemm.TARGET in lowered(rows, 64, 48)
+    assert ('amx = 1' in lowered(rows, 64, 48)) is amx
+    assert ('amx = 1' in lowered(gemm.MIN_ROWS, 64, 48, 'md,df->mf')) is amx
+    assert (gemm.TARGET in lowered(rows - 1, 64, 48)) is not amx
+    assert (gemm.TARGET in lowered(rows, 48, 48)) is not amx
 
 
 # (M, K, N) on AMX tiles (kernels/gemm_amx.h: K whole steps of 32, blocks of 768 contracted

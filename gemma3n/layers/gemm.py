@@ -16,14 +16,15 @@ otherwise:
   BF16, and the process has one device: a custom call in a program partitioned over several
   devices would be computed whole on each;
 - on a CPU with AMX (unless `$GEMMA3N_KERNELS=avx512` asks for the AVX-512 kernel by name):
-  at least `AMX_MIN_ROWS` rows and K a multiple of `AMX_K_MULTIPLE`. There the kernel
-  multiplies on AMX tiles (`kernels/gemm_amx.h`), since the AVX-512 one ran 3-7x slower than
-  XLA's products, which use the tiles (~200 GFLOP/s against 1.0-1.5 TFLOP/s). The tiles ran,
-  against XLA's, on a 2-core Xeon (TFLOP/s, E4B's shapes): 256 rows by the [262144, 2048]
-  unembedding 0.93 / 0.83 and its backward 0.94 / 0.46; 512 rows by the FFN gate and up
-  [32768, 2048] 1.13 / 0.99 (backward 1.07 / 1.00), by the down [2048, 16384] 1.47 / 1.21
-  (backward 1.19 / 0.70); by a [2048, 2048] attention weight 0.55 / 1.06 (too small for
-  the blocks). A LoRA step at E4B widths (10 layers, 1 x 512) took 5.5 s against 6.2.
+  K a multiple of `AMX_K_MULTIPLE`, and with w [N, K] `AMX_MIN_ROWS_TRANSPOSED` rows. There
+  the kernel multiplies on AMX tiles (`kernels/gemm_amx.h`), since the AVX-512 one ran 3-7x
+  slower than XLA's products, which use the tiles (~200 GFLOP/s against 1.0-1.5 TFLOP/s).
+  The tiles ran, against XLA's, on a 2-core Xeon (TFLOP/s, E4B's shapes): 256 rows by the
+  [262144, 2048] unembedding 0.95 / 0.85 and its backward 1.10 / 0.50; 512 rows by the FFN
+  gate and up [32768, 2048] 0.99 / 1.00 (backward 1.05 / 1.02), by the down [2048, 16384]
+  1.32 / 1.25 (backward 1.16 / 0.76), by a [2048, 2048] attention weight 1.39 / 1.60
+  (backward 1.13 / 0.96). A LoRA step at E4B widths (10 layers, 1 x 512) took 5.2-5.3 s
+  against 6.2-6.3 on XLA's products.
 
 The decision is made when the function is traced (not with `jax.lax.platform_dependent`: its
 other branch's backward residuals, zeros the size of the weight, would be made too).
@@ -62,11 +63,15 @@ MIN_ROWS = 48
 MIN_ROWS_IN_PLACE = decode_kernels.MAX_ROWS + 1
 
 
-# On a CPU with AMX the kernel multiplies on AMX tiles (`kernels/gemm_amx.h`) from this many
-# rows on (two tiles of rows), K a multiple of AMX_K_MULTIPLE (a tile step); other products go
-# to XLA's, which use AMX tiles too.
-AMX_MIN_ROWS = 32
+# On a CPU with AMX the kernel multiplies on AMX tiles (`kernels/gemm_amx.h`), K a multiple of
+# AMX_K_MULTIPLE (a tile step); other products go to XLA's, which use AMX tiles too.
 AMX_K_MULTIPLE = 32
+# A weight stored [N, K] is packed for the tiles by 16 x 16 transposes, which at a prefill
+# chunk's rows cost about as much as the product: at 128 rows the tiles ran E4B's FFN gate and
+# down [N, K] at 0.83-0.91 TFLOP/s against XLA's 1.03-1.22, at 512 rows 0.99-1.47 against
+# 1.00-1.25. So products with such a weight take the tiles from this many rows on (a training
+# batch; the loss's 256-row chunks by the unembedding, 0.95 against 0.85).
+AMX_MIN_ROWS_TRANSPOSED = 256
 
 
 def available() -> bool:
@@ -176,7 +181,8 @@ def dot(eqn: str, x: jax.Array, w: jax.Array,
         return fallback(eqn, x, w)
     x_free, w_out, contracted, layout = plan
     rows = decode_kernels.as_rows(x, x_spec, x_free, contracted)
-    if on_amx() and (rows.shape[0] < AMX_MIN_ROWS or rows.shape[1] % AMX_K_MULTIPLE):
+    if on_amx() and (rows.shape[1] % AMX_K_MULTIPLE or layout == WEIGHT_ROWS
+                     and rows.shape[0] < AMX_MIN_ROWS_TRANSPOSED):
         return fallback(eqn, x, w)
     out_shape = tuple(w.shape[w_spec.index(a)] for a in w_out)
     if layout == WEIGHT_ROWS:

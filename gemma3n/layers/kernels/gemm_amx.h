@@ -25,7 +25,7 @@
 namespace gemma3n_kernels {
 
 constexpr int kAmxTile = 16;                    // rows of a tile; pairs of a right tile
-constexpr int64_t kAmxKc = 768;                 // contracted values a block (24 steps of 32)
+constexpr int64_t kAmxKc = 384;                 // contracted values a block (12 steps of 32)
 constexpr int64_t kAmxNc = 8 * kGemmNr;         // columns a block: 24 right tiles
 constexpr int64_t kAmxMinRows = 32;             // two left tiles
 static_assert(kAmxKc % 32 == 0 && kAmxNc % (2 * kAmxTile) == 0 && kGemmNr % kAmxTile == 0,
