@@ -2,14 +2,13 @@
 //   y[M, N] = a[M, K] · w, w [N, K] transposed or [K, N], as gemm_bf16.h computes them.
 // A header of the one translation unit decode_kernels.cc.
 //
-// The blocks are gemm_bf16.h's: a block of w (kAmxKc contracted values x kAmxNc columns) is
-// packed by Bf16Columns::Pack into panels of kGemmNr columns, pairs of contracted values as
-// 32-bit lanes, which is the layout `tdpbf16ps` reads its right operand in: a tile of 16 pairs x
-// 16 columns is a 64-byte slice of 16 consecutive panel rows. The rows of a are copied per block
-// into a zero-padded [rows, kAmxKc] buffer, whose 16 x 32 slices are the left tiles. Each step
-// then loads two left and two right tiles and accumulates four 16 x 16 float32 tiles, the whole
-// register file (8 tiles); the sums of a block of columns, every row, wait in a float32 buffer
-// between blocks of k.
+// A block of w (kAmxKc contracted values x kAmxNc columns) is packed by gemm_bf16.h's
+// Bf16Columns::Pack into panels of kGemmNr columns, pairs of contracted values as 32-bit lanes,
+// which is the layout `tdpbf16ps` reads its right operand in: a tile of 16 pairs x 16 columns is
+// a 64-byte slice of 16 consecutive panel rows. The left tiles, 16 rows x 32 values, are read
+// from a in place. Each step loads two left and two right tiles and accumulates four 16 x 16
+// float32 tiles, the whole register file (8 tiles); the sums of a block of kAmxMc rows wait in
+// a float32 buffer between blocks of k.
 //
 // Measured on a 2-core Xeon with AMX against XLA's products (which use AMX too, through
 // YNNPACK): see gemma3n/layers/gemm.py.
@@ -27,8 +26,11 @@ namespace gemma3n_kernels {
 constexpr int kAmxTile = 16;                    // rows of a tile; pairs of a right tile
 constexpr int64_t kAmxKc = 384;                 // contracted values a block (12 steps of 32)
 constexpr int64_t kAmxNc = 8 * kGemmNr;         // columns a block: 24 right tiles
+// Rows a block: its float32 sums (768 KB) and the packed w block (288 KB) fit L2 (2 MB).
+constexpr int64_t kAmxMc = 512;
 constexpr int64_t kAmxMinRows = 32;             // two left tiles
-static_assert(kAmxKc % 32 == 0 && kAmxNc % (2 * kAmxTile) == 0 && kGemmNr % kAmxTile == 0,
+static_assert(kAmxKc % 32 == 0 && kAmxNc % (2 * kAmxTile) == 0 && kGemmNr % kAmxTile == 0 &&
+                  kAmxMc % (2 * kAmxTile) == 0,
               "blocks of whole tiles");
 
 // Whether this process may use the tile registers: Linux hands them out on request only
@@ -105,33 +107,36 @@ AMX_TARGET inline void GemmBlockAmx(const uint16_t* a, const Bf16Columns& w, uin
   for (int64_t i = whole; i < rows; ++i)
     std::memcpy(tail.data() + (i - whole) * k, a + (r0 + i) * k, k * 2);
   std::vector<uint32_t> wp(kAmxNc * kAmxKc / 2);
-  std::vector<float> sums(padded * kAmxNc);
+  std::vector<float> sums(std::min(padded, kAmxMc) * kAmxNc);
   for (int64_t jc = c0; jc < c1; jc += kAmxNc) {
     const int64_t nc = std::min(kAmxNc, c1 - jc);
     const int64_t panels = (nc + kGemmNr - 1) / kGemmNr, tiles = (nc + kAmxTile - 1) / kAmxTile;
-    for (int64_t pc = 0; pc < k; pc += kAmxKc) {
-      const int64_t kc = std::min(kAmxKc, k - pc), pairs = kc / 2;
-      w.Pack(jc, panels * kGemmNr, pc, kc, wp.data());
-      // A right tile t: panel t / 3, its columns (t % 3) * 16 on.
-      auto right = [&](int64_t t) {
-        return wp.data() + (t / kPanelTiles) * pairs * kGemmNr + (t % kPanelTiles) * kAmxTile;
-      };
-      // Two left tiles stay in L1 while the block's right tiles stream from L2.
-      for (int64_t i = 0; i < padded; i += kGroup) {
-        const uint16_t* left = i < whole ? a + (r0 + i) * k + pc : tail.data() + pc;
-        for (int64_t t = 0; t < tiles; t += 2)
-          AmxQuad(left, k, right(t), right(t + 1), kc / 32,
-                  sums.data() + i * kAmxNc + t * kAmxTile, kAmxNc, pc == 0);
+    for (int64_t ic = 0; ic < padded; ic += kAmxMc) {
+      const int64_t mc = std::min(kAmxMc, padded - ic);
+      for (int64_t pc = 0; pc < k; pc += kAmxKc) {
+        const int64_t kc = std::min(kAmxKc, k - pc), pairs = kc / 2;
+        w.Pack(jc, panels * kGemmNr, pc, kc, wp.data());
+        // A right tile t: panel t / 3, its columns (t % 3) * 16 on.
+        auto right = [&](int64_t t) {
+          return wp.data() + (t / kPanelTiles) * pairs * kGemmNr + (t % kPanelTiles) * kAmxTile;
+        };
+        // Two left tiles stay in L1 while the block's right tiles stream from L2.
+        for (int64_t i = 0; i < mc; i += kGroup) {
+          const uint16_t* left = ic + i < whole ? a + (r0 + ic + i) * k + pc : tail.data() + pc;
+          for (int64_t t = 0; t < tiles; t += 2)
+            AmxQuad(left, k, right(t), right(t + 1), kc / 32,
+                    sums.data() + i * kAmxNc + t * kAmxTile, kAmxNc, pc == 0);
+        }
       }
+      // Rounded to bfloat16 (vcvtneps2bf16: to nearest, ties to even, as XLA converts).
+      for (int64_t i = 0; i < std::min(mc, rows - ic); ++i)
+        for (int64_t j = 0; j < nc; j += 16) {
+          __mmask16 mask = static_cast<__mmask16>(nc - j >= 16 ? 0xffff : (1u << (nc - j)) - 1);
+          __m512 sum = _mm512_loadu_ps(sums.data() + i * kAmxNc + j);
+          _mm256_mask_storeu_epi16(y + (r0 + ic + i) * n + jc + j, mask,
+                                   (__m256i)_mm512_cvtneps_pbh(sum));
+        }
     }
-    // Rounded to bfloat16 (vcvtneps2bf16: to nearest, ties to even, as XLA converts).
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < nc; j += 16) {
-        __mmask16 mask = static_cast<__mmask16>(nc - j >= 16 ? 0xffff : (1u << (nc - j)) - 1);
-        __m512 sum = _mm512_loadu_ps(sums.data() + i * kAmxNc + j);
-        _mm256_mask_storeu_epi16(y + (r0 + i) * n + jc + j, mask,
-                                 (__m256i)_mm512_cvtneps_pbh(sum));
-      }
   }
   _tile_release();
 }
