@@ -35,8 +35,13 @@ static_assert(kAmxKc % 32 == 0 && kAmxNc % (2 * kAmxTile) == 0 && kGemmNr % kAmx
 
 // Whether this process may use the tile registers: Linux hands them out on request only
 // (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), once per process.
+// A compiler without the AMX intrinsics (GCC before 11, clang before 12) builds the rest.
+#if defined(GEMMA3N_X86) && (__has_include(<amxtileintrin.h>) || __has_include(<amxintrin.h>))
+#define GEMMA3N_AMX 1
+#endif
+
 inline bool AmxUsable() {
-#if defined(GEMMA3N_X86) && defined(__linux__)
+#if defined(GEMMA3N_AMX) && defined(__linux__)
   static const bool usable = [] {
     constexpr int kReqXcompPerm = 0x1023, kXtileData = 18;
     return HasAmxBf16() && syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
@@ -47,7 +52,7 @@ inline bool AmxUsable() {
 #endif
 }
 
-#ifdef GEMMA3N_X86
+#ifdef GEMMA3N_AMX
 #define AMX_TARGET \
   __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 
@@ -158,7 +163,7 @@ inline void GemmAmx(ffi::ThreadPool& pool, const uint16_t* a, const Bf16Columns&
     });
   }
 }
-#endif  // GEMMA3N_X86
+#endif  // GEMMA3N_AMX
 
 // The FFI handler's body (bound in decode_kernels.cc):
 // y [M, N] = a [M, K] · w, rounded to bfloat16: w [N, K] transposed (layout kWeightRows) or
@@ -182,9 +187,13 @@ inline ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
     auto wp = reinterpret_cast<const uint16_t*>(w.typed_data());
     auto yp = reinterpret_cast<uint16_t*>(y->typed_data());
     Bf16Columns columns{wp, static_cast<WeightLayout>(layout), n, k};
-    if (amx && m >= kAmxMinRows && k % 32 == 0 && AmxUsable())
+#ifdef GEMMA3N_AMX
+    if (amx && m >= kAmxMinRows && k % 32 == 0 && AmxUsable()) {
       GemmAmx(pool, ap, columns, yp, m, k, n);
-    else if (layout == kWeightRows && m <= kFewRowsMaxM && k % 2 == 0)
+      return ffi::Error::Success();
+    }
+#endif
+    if (layout == kWeightRows && m <= kFewRowsMaxM && k % 2 == 0)
       GemmFewRowsAvx512(pool, ap, wp, yp, m, k, n);
     else
       GemmAvx512(pool, ap, columns, yp, Scales{}, m, k, n);
