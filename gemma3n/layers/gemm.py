@@ -168,6 +168,10 @@ def _plan(x_spec: str, w_spec: str, out_spec: str, x_shape: tuple[int, ...]
     return None if plan is None else (plan[0], w_out, contracted, layout)
 
 
+def _size(x: jax.Array, x_spec: str, axes: str) -> int:
+    return math.prod(x.shape[x_spec.index(a)] for a in axes)
+
+
 def dot(eqn: str, x: jax.Array, w: jax.Array,
         fallback: Callable[[str, jax.Array, jax.Array], jax.Array]) -> jax.Array:
     """jnp.einsum(eqn, x, w) summed in float32 and returned in bfloat16, on the kernel where
@@ -180,10 +184,10 @@ def dot(eqn: str, x: jax.Array, w: jax.Array,
     if plan is None or not enabled():
         return fallback(eqn, x, w)
     x_free, w_out, contracted, layout = plan
-    rows = decode_kernels.as_rows(x, x_spec, x_free, contracted)
-    if on_amx() and (rows.shape[1] % AMX_K_MULTIPLE or layout == WEIGHT_ROWS
-                     and rows.shape[0] < AMX_MIN_ROWS_TRANSPOSED):
+    if on_amx() and (_size(x, x_spec, contracted) % AMX_K_MULTIPLE or layout == WEIGHT_ROWS
+                     and _size(x, x_spec, x_free) < AMX_MIN_ROWS_TRANSPOSED):
         return fallback(eqn, x, w)
+    rows = decode_kernels.as_rows(x, x_spec, x_free, contracted)
     out_shape = tuple(w.shape[w_spec.index(a)] for a in w_out)
     if layout == WEIGHT_ROWS:
         flat_w = w.reshape(-1, rows.shape[1])

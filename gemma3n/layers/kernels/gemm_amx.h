@@ -33,13 +33,13 @@ static_assert(kAmxKc % 32 == 0 && kAmxNc % (2 * kAmxTile) == 0 && kGemmNr % kAmx
                   kAmxMc % (2 * kAmxTile) == 0,
               "blocks of whole tiles");
 
-// Whether this process may use the tile registers: Linux hands them out on request only
-// (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), once per process.
 // A compiler without the AMX intrinsics (GCC before 11, clang before 12) builds the rest.
 #if defined(GEMMA3N_X86) && (__has_include(<amxtileintrin.h>) || __has_include(<amxintrin.h>))
 #define GEMMA3N_AMX 1
 #endif
 
+// Whether this process may use the tile registers: Linux hands them out on request only
+// (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), once per process.
 inline bool AmxUsable() {
 #if defined(GEMMA3N_AMX) && defined(__linux__)
   static const bool usable = [] {
@@ -167,9 +167,9 @@ inline void GemmAmx(ffi::ThreadPool& pool, const uint16_t* a, const Bf16Columns&
 
 // The FFI handler's body (bound in decode_kernels.cc):
 // y [M, N] = a [M, K] · w, rounded to bfloat16: w [N, K] transposed (layout kWeightRows) or
-// w [K, N]. Asked to (`amx`) on a CPU with AMX, K a multiple of 32, from kAmxMinRows rows on
-// the AMX tiles;
-// else a few rows times w [N, K] (K even) take gemm_few_rows.h, which reads w in place.
+// w [K, N]. Asked to (`amx`), on a CPU with AMX, from kAmxMinRows rows and K a multiple of 32
+// it runs on the AMX tiles; else a few rows times w [N, K] (K even) take gemm_few_rows.h,
+// which reads w in place.
 inline ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
                                ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::BF16> y,
                                int32_t layout, int32_t amx) {
