@@ -258,7 +258,7 @@ def test_with_amx_the_kernel_takes_products_of_whole_tiles_on_them(monkeypatch, 
     assert gemm.enabled() and not gemm.on_amx()                 # avx512 by name
     monkeypatch.setenv(decode_kernels.ENV, 'auto')
     assert gemm.enabled() and gemm.on_amx() is amx
-    assert gemm.quantized_enabled() is not amx                  # int8, int4: XLA's on AMX
+    assert gemm.int8_enabled() is not amx                       # int8: XLA's on AMX
 
     def lowered(m, k, n, eqn='md,fd->mf'):
         x, w = _operands(m, k, n)
@@ -270,6 +270,11 @@ def test_with_amx_the_kernel_takes_products_of_whole_tiles_on_them(monkeypatch, 
     assert ('amx = 1' in lowered(gemm.MIN_ROWS, 64, 48, 'md,df->mf')) is amx
     assert (gemm.TARGET in lowered(rows - 1, 64, 48)) is not amx
     assert (gemm.TARGET in lowered(rows, 48, 48)) is not amx
+    xq, x_scale, w4 = _int4_operands(decode_kernels.MAX_ROWS + 1, 64, 48)   # int4: any rows
+    int4_lowered = jax.jit(lambda *a: int4.scaled_rows_dot(*a, jnp.bfloat16)).lower(
+        xq, x_scale, w4.q, w4.scale).as_text()              # a new function: a new trace
+    assert decode_kernels.TARGETS['gemm_int4'] in int4_lowered
+    assert ('amx = 1' in int4_lowered) is amx
 
 
 # (M, K, N) on AMX tiles (kernels/gemm_amx.h: K whole steps of 32, blocks of 384 contracted
@@ -287,6 +292,25 @@ def test_amx_tiles_equal_rounded_exact_products_within_summation_noise(monkeypat
                                                                          layout):
     monkeypatch.setenv(decode_kernels.ENV, 'auto')
     test_kernel_equals_rounded_exact_products_within_summation_noise(m, k, n, layout)
+
+
+# (M, K, N) of int4 products on AMX tiles (kernels/gemm_amx_rows.h: w's rows 32 at a time, a's
+# rows in blocks of 128, K in blocks of 2048): rows under one group of 32, rows past a block and
+# not whole groups, K past a block (sums kept between blocks), N not whole groups, and N of one
+# group, so that one thread has none.
+AMX_INT4_SHAPES = [(17, 32, 50), (200, 800, 800), (33, 4160, 97), (300, 2048, 32)]
+
+
+@pytest.mark.skipif(not decode_kernels.cpu_has_amx(), reason='the CPU has no AMX tiles')
+@pytest.mark.parametrize('m,k,n', AMX_INT4_SHAPES)
+def test_int4_on_amx_tiles_is_the_bf16_product_of_its_dequantized_weight(monkeypatch, m, k, n):
+    monkeypatch.setenv(decode_kernels.ENV, 'auto')
+    jax.clear_caches()              # traces of the same shapes made for the AVX-512 kernel
+    xq, x_scale, w4 = _int4_operands(m, k, n)
+    assert 'amx = 1' in _scaled_rows_dot.lower(xq, x_scale, w4.q, w4.scale,
+                                               jnp.bfloat16).as_text()
+    test_int4_product_is_the_bf16_product_of_its_dequantized_weight_bit_for_bit(m, k, n)
+    test_int4_product_scales_each_row_then_rounds_once(m, k, n)
 
 
 def test_lora_step_of_a_bf16_model_with_and_without_the_kernel(monkeypatch):

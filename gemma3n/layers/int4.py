@@ -209,20 +209,26 @@ def _xla_rows_dot(xq: jax.Array, q: jax.Array, scale: jax.Array,
 def scaled_rows_dot(xq: jax.Array, x_scale: jax.Array, q: jax.Array, scale: jax.Array,
                     dtype: Any) -> jax.Array:
     """`rows_dot(xq, q, scale)` times each row's scale x_scale [M, 1], in `dtype`. A prefill
-    chunk takes our many-row kernel where `gemm.quantized_enabled()`
-    (`kernels/gemm_quantized.h`): the same bfloat16 weight values as XLA's path (dequantized
-    once per call, while the kernel packs the weight), float32 sums in another order, scaled
-    and rounded once in the kernel. XLA's path (dequantized blocks, its product, then the
-    scaling) took 1.3-1.9x as long at E4B's FFN shapes and 128-512 rows (Zen 4, one
-    process)."""
+    chunk takes our many-row kernel where `gemm.enabled()` (`kernels/gemm_quantized.h`): the
+    same bfloat16 weight values as XLA's path (dequantized once per call, while the kernel packs
+    the weight), float32 sums in another order, scaled and rounded once in the kernel. XLA's
+    path (dequantized blocks, its product, then the scaling) took 1.3-1.9x as long at E4B's FFN
+    shapes and 128-512 rows (Zen 4, one process).
+
+    On a CPU with AMX (`gemm.on_amx()`) the kernel multiplies on the tiles, the weight's rows
+    dequantized block by block as their left operand (`kernels/gemm_amx_rows.h`); XLA's path
+    took, ms, alternated in one process on a 2-core Xeon (128 / 512 rows): FFN gate and up
+    [32768, 2048] 30.6 / 96.4 against 19.7 / 77.7, down [2048, 16384] 16.5 / 42.3 against 9.5 /
+    39.2, attention [2048, 2048] 2.8 / 5.1 against 1.4 / 4.7."""
     # The kernel multiplies the values rounded to bfloat16: it stands for XLA's path only when
     # that path does too (`PREFILL_DTYPE`, which a test may set to float32).
     if (xq.shape[0] > decode_kernels.MAX_ROWS and scale.dtype == jnp.float16
             and PREFILL_DTYPE == jnp.bfloat16
-            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float32) and gemm.quantized_enabled()):
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float32) and gemm.enabled()):
         result = jax.ShapeDtypeStruct((xq.shape[0], q.shape[0]), dtype)
         return jax.ffi.ffi_call(decode_kernels.TARGETS['gemm_int4'], result)(
-            xq.astype(jnp.bfloat16), x_scale.astype(jnp.float32), q, scale)
+            xq.astype(jnp.bfloat16), x_scale.astype(jnp.float32), q, scale,
+            amx=np.int32(gemm.on_amx()))
     return (rows_dot(xq, q, scale) * x_scale).astype(dtype)
 
 

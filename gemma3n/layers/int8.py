@@ -114,7 +114,7 @@ def _int8_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array,
 def _many_rows_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array | None:
     """`_int8_dot` of a prefill chunk on our many-row kernel (`kernels/gemm_quantized.h`): more
     rows of x than the decode kernels take, w stored [out..., in...] with a scale per output,
-    x in bfloat16 or float32, where `gemm.quantized_enabled()`; None otherwise. The kernel sums
+    x in bfloat16 or float32, where `gemm.int8_enabled()`; None otherwise. The kernel sums
     the same integer products in float32 (equal to XLA's int32 sums while they stay below 2^24) and
     scales them as `_int8_dot` does, in one pass: XLA's int8 product and its two scalings took
     1.2-1.5x as long at E4B's FFN shapes and 128-512 rows (Zen 4, one process)."""
@@ -123,7 +123,7 @@ def _many_rows_dot(eqn: str, x: jax.Array, q: jax.Array, scale: jax.Array) -> ja
     plan = decode_kernels.row_plan(x_spec, w_spec, out_spec, x.shape, rows_limit=x.size,
                                    min_rows=decode_kernels.MAX_ROWS + 1)
     if (plan is None or x.dtype not in (jnp.bfloat16, jnp.float32)
-            or scale.ndim != len(plan[1]) or not gemm.quantized_enabled()):
+            or scale.ndim != len(plan[1]) or not gemm.int8_enabled()):
         return None
     x_free, w_out, contracted = plan
     rows = decode_kernels.as_rows(x, x_spec, x_free, contracted)

@@ -12,9 +12,9 @@
 //   bf16 x bf16 -> bf16  many rows (gemm_bf16.h): x [M, K] · w [N, K]ᵀ or, for its gradients,
 //                        g [M, N] · w [N, K] and gᵀ · x; float32 sums rounded to bf16 once;
 //                        up to 256 rows, x · w [N, K]ᵀ reads w in place (gemm_few_rows.h);
-//                        AVX-512 BF16 only (elsewhere XLA's products); AMX tiles (gemm_amx.h)
-//   bf16 x int4 or int8 -> f32 or bf16   many rows (gemm_quantized.h): the many-row kernel,
-//                        converting w to bf16 while packing it, y scaled; AVX-512 BF16 only
+//   bf16 x int4 or int8 -> f32 or bf16   many rows, w converted to bf16 (gemm_quantized.h);
+//                        both AVX-512 BF16 only (else XLA's products), or AMX tiles
+//                        (gemm_amx.h; w [N, K] gemm_amx_rows.h), chosen in gemm_handlers.h
 //   int4 -> bf16         the int4 weight dequantized, for XLA's product of a prefill chunk
 //                        elsewhere.
 //   s8 x gathered s8 rows -> s32   x [M, C] times rows ids[C] of a weight stored [F, D]
@@ -32,8 +32,8 @@
 //
 // The kernels live in headers by concept, all compiled here as one unit: common.h (ISA choice,
 // ParallelFor, conversions), bf16.h, int8.h, rows.h and rows_bf16.h (gathered rows), int4.h,
-// int4_dequant.h, gemm_pack.h, gemm_few_rows.h, gemm_bf16.h, gemm_amx.h and gemm_quantized.h
-// (products of many rows), masked_rows.h, kept_ids.h; this file holds the FFI handlers.
+// int4_dequant.h, gemm_*.h (products of many rows), masked_rows.h, kept_ids.h; this file holds
+// the FFI handlers.
 
 #include <algorithm>
 #include <cstdint>
@@ -41,8 +41,7 @@
 
 #include "bf16.h"
 #include "common.h"
-#include "gemm_amx.h"
-#include "gemm_quantized.h"
+#include "gemm_handlers.h"
 #include "int4_dequant.h"
 #include "int8.h"
 #include "kept_ids.h"
@@ -321,7 +320,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGemmInt4, GemmInt4Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::Buffer<ffi::F16>>()
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("amx"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nGemmInt8, GemmInt8Impl,
                               ffi::Ffi::Bind()

@@ -53,8 +53,9 @@ inline bool AmxUsable() {
 }
 
 #ifdef GEMMA3N_AMX
-#define AMX_TARGET \
-  __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#define AMX_TARGET                                                                            \
+  __attribute__((target(                                                                     \
+      "amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16,avx512vnni,avx2,fma,f16c")))
 
 // ldtilecfg's 64-byte operand: palette 1, every tile 16 rows of 64 bytes.
 struct alignas(64) AmxConfig {
@@ -164,45 +165,6 @@ inline void GemmAmx(ffi::ThreadPool& pool, const uint16_t* a, const Bf16Columns&
   }
 }
 #endif  // GEMMA3N_AMX
-
-// The FFI handler's body (bound in decode_kernels.cc):
-// y [M, N] = a [M, K] · w, rounded to bfloat16: w [N, K] transposed (layout kWeightRows) or
-// w [K, N]. Asked to (`amx`), on a CPU with AMX, from kAmxMinRows rows and K a multiple of 32
-// it runs on the AMX tiles; else a few rows times w [N, K] (K even) take gemm_few_rows.h,
-// which reads w in place.
-inline ffi::Error GemmBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
-                               ffi::Buffer<ffi::BF16> w, ffi::ResultBuffer<ffi::BF16> y,
-                               int32_t layout, int32_t amx) {
-  auto ad = a.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (ad.size() != 2 || wd.size() != 2 || yd.size() != 2 ||
-      (layout != kWeightRows && layout != kWeightColumns))
-    return ffi::Error::InvalidArgument(
-        "the bf16 product takes a [M, K], w [N, K] or [K, N], y [M, N]");
-  int64_t m = ad[0], k = ad[1], n = layout == kWeightRows ? wd[0] : wd[1];
-  if ((layout == kWeightRows ? wd[1] : wd[0]) != k || yd[0] != m || yd[1] != n)
-    return ffi::Error::InvalidArgument("bf16 product operand shapes do not match");
-#ifdef GEMMA3N_X86
-  if (BestIsa() == kAvx512) {
-    auto ap = reinterpret_cast<const uint16_t*>(a.typed_data());
-    auto wp = reinterpret_cast<const uint16_t*>(w.typed_data());
-    auto yp = reinterpret_cast<uint16_t*>(y->typed_data());
-    Bf16Columns columns{wp, static_cast<WeightLayout>(layout), n, k};
-#ifdef GEMMA3N_AMX
-    if (amx && m >= kAmxMinRows && k % 32 == 0 && AmxUsable()) {
-      GemmAmx(pool, ap, columns, yp, m, k, n);
-      return ffi::Error::Success();
-    }
-#endif
-    if (layout == kWeightRows && m <= kFewRowsMaxM && k % 2 == 0)
-      GemmFewRowsAvx512(pool, ap, wp, yp, m, k, n);
-    else
-      GemmAvx512(pool, ap, columns, yp, Scales{}, m, k, n);
-    return ffi::Error::Success();
-  }
-#endif
-  return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                    "the bf16 product kernel needs AVX-512 BF16");
-}
 
 }  // namespace gemma3n_kernels
 

@@ -77,66 +77,6 @@ struct Int8Columns {
 #endif
 };
 
-// y [M, N] (float32 or bfloat16) = a [M, K] · w, scaled as the header says; an error if y is
-// another type or the CPU lacks AVX-512 BF16.
-template <typename Columns>
-ffi::Error ScaledGemm(ffi::ThreadPool& pool, const ffi::Buffer<ffi::BF16>& a, const Columns& w,
-                      const float* row_scale, const float* col_scale,
-                      ffi::Result<ffi::AnyBuffer>& y) {
-  auto type = y->element_type();
-  if (type != ffi::DataType::F32 && type != ffi::DataType::BF16)
-    return ffi::Error::InvalidArgument("the quantized products give float32 or bfloat16");
-#ifdef GEMMA3N_X86
-  if (BestIsa() == kAvx512) {
-    int64_t m = a.dimensions()[0], k = a.dimensions()[1];
-    auto ap = reinterpret_cast<const uint16_t*>(a.typed_data());
-    if (type == ffi::DataType::F32)
-      GemmAvx512(pool, ap, w, y->typed_data<float>(), Scales{row_scale, col_scale}, m, k,
-                 w.n);
-    else
-      GemmAvx512(pool, ap, w, y->reinterpret_data<uint16_t>(), Scales{row_scale, col_scale},
-                 m, k, w.n);
-    return ffi::Error::Success();
-  }
-#endif
-  return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                    "the quantized product kernels need AVX-512 BF16");
-}
-
-// The FFI handlers' bodies (bound in decode_kernels.cc). int4: a [M, K] bf16, row scales
-// [M, 1], q [N, K / 2], scales [N, K / 32].
-inline ffi::Error GemmInt4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
-                               ffi::Buffer<ffi::F32> row_scale, ffi::Buffer<ffi::U8> q,
-                               ffi::Buffer<ffi::F16> scale, ffi::Result<ffi::AnyBuffer> y) {
-  auto ad = a.dimensions(), rd = row_scale.dimensions(), qd = q.dimensions(),
-       sd = scale.dimensions(), yd = y->dimensions();
-  if (ad.size() != 2 || rd.size() != 2 || qd.size() != 2 || sd.size() != 2 || yd.size() != 2 ||
-      ad[1] % kInt4Group != 0 || qd[1] * 2 != ad[1] || sd[1] * kInt4Group != ad[1] ||
-      sd[0] != qd[0] || rd[0] != ad[0] || rd[1] != 1 || yd[0] != ad[0] || yd[1] != qd[0])
-    return ffi::Error::InvalidArgument(
-        "the int4 product takes a [M, K], row scales [M, 1], q [N, K / 2] and scales [N, K / 32] "
-        "(K a multiple of 32), and gives y [M, N]");
-  Int4Columns w{q.typed_data(), reinterpret_cast<const uint16_t*>(scale.typed_data()), qd[0],
-                ad[1]};
-  return ScaledGemm(pool, a, w, row_scale.typed_data(), nullptr, y);
-}
-
-// int8: a [M, K] bf16, row scales [M, 1], q [N, K], column scales [N].
-inline ffi::Error GemmInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a,
-                               ffi::Buffer<ffi::F32> row_scale, ffi::Buffer<ffi::S8> q,
-                               ffi::Buffer<ffi::F32> col_scale, ffi::Result<ffi::AnyBuffer> y) {
-  auto ad = a.dimensions(), rd = row_scale.dimensions(), qd = q.dimensions(),
-       cd = col_scale.dimensions(), yd = y->dimensions();
-  if (ad.size() != 2 || rd.size() != 2 || qd.size() != 2 || cd.size() != 1 || yd.size() != 2 ||
-      qd[1] != ad[1] || cd[0] != qd[0] || rd[0] != ad[0] || rd[1] != 1 || yd[0] != ad[0] ||
-      yd[1] != qd[0])
-    return ffi::Error::InvalidArgument(
-        "the int8 product takes a [M, K], row scales [M, 1], q [N, K] and scales [N], and "
-        "gives y [M, N]");
-  Int8Columns w{q.typed_data(), qd[0], ad[1]};
-  return ScaledGemm(pool, a, w, row_scale.typed_data(), col_scale.typed_data(), y);
-}
-
 }  // namespace gemma3n_kernels
 
 #endif  // GEMMA3N_KERNELS_GEMM_QUANTIZED_H_
