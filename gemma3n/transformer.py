@@ -280,15 +280,17 @@ class Gemma3nTransformer(nn.Module):
                 user_mask = None if user_mask is None else take_rows(user_mask, last)
         return streams, new_cache
 
-    def unembed(self, hidden: jax.Array) -> jax.Array:
+    def unembed(self, hidden: jax.Array, upcast: bool = True) -> jax.Array:
         """Final hidden states [..., L, D] -> float32 logits [..., L, V]: the tied unembedding
         and the soft cap. Reads only `embedder/input_embedding`, so a training loss can apply it
-        to a chunk of tokens at a time (`gemma3n.training.loss.chunked_loss_sums`)."""
-        logits = self.embedder.decode(hidden).astype(jnp.float32)
-        if self.config.final_logit_softcap is not None:
-            cap = self.config.final_logit_softcap
-            logits = jnp.tanh(logits / cap) * cap
-        return logits
+        to a chunk of tokens at a time (`gemma3n.training.loss.chunked_loss_sums`). With
+        `upcast=False` and no soft cap, the logits as the product gives them (bfloat16 in a
+        bfloat16 model), which the loss's kernel reads without a float32 copy."""
+        logits = self.embedder.decode(hidden)
+        if self.config.final_logit_softcap is None:
+            return logits.astype(jnp.float32) if upcast else logits
+        cap = self.config.final_logit_softcap
+        return jnp.tanh(logits.astype(jnp.float32) / cap) * cap
 
     def _head(self, streams: jax.Array, inputs: Inputs, last_only: bool
               ) -> tuple[jax.Array, jax.Array]:

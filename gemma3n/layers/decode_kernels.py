@@ -65,14 +65,16 @@ TARGETS = {'bf16': 'gemma3n_matvec_bf16', 'int8': 'gemma3n_matvec_int8',
            'int4_to_bf16': 'gemma3n_dequantize_int4_bf16', 'gemm_bf16': 'gemma3n_gemm_bf16',
            'gemm_int4': 'gemma3n_gemm_int4', 'gemm_int8': 'gemma3n_gemm_int8',
            'masked_dot': 'gemma3n_masked_rows_dot', 'masked_sum': 'gemma3n_masked_rows_sum',
-           'int4_gathered': 'gemma3n_gathered_int4', 'kept_ids': 'gemma3n_kept_ids'}
+           'int4_gathered': 'gemma3n_gathered_int4', 'kept_ids': 'gemma3n_kept_ids',
+           'cross_entropy': 'gemma3n_cross_entropy'}
 _SYMBOLS = {'bf16': 'Gemma3nMatvecBf16', 'int8': 'Gemma3nMatvecInt8', 'int4': 'Gemma3nMatvecInt4',
             'int8_rows': 'Gemma3nRowsInt8', 'bf16_gathered': 'Gemma3nGatheredBf16',
             'bf16_rows': 'Gemma3nRowsBf16', 'int4_to_bf16': 'Gemma3nDequantizeInt4Bf16',
             'gemm_bf16': 'Gemma3nGemmBf16', 'gemm_int4': 'Gemma3nGemmInt4',
             'gemm_int8': 'Gemma3nGemmInt8',
             'masked_dot': 'Gemma3nMaskedRowsDot', 'masked_sum': 'Gemma3nMaskedRowsSum',
-            'int4_gathered': 'Gemma3nGatheredInt4', 'kept_ids': 'Gemma3nKeptIds'}
+            'int4_gathered': 'Gemma3nGatheredInt4', 'kept_ids': 'Gemma3nKeptIds',
+            'cross_entropy': 'Gemma3nCrossEntropy'}
 
 logger = logging.getLogger(__name__)
 

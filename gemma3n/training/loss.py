@@ -17,6 +17,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from gemma3n.layers import cross_entropy
+
 # Float32 logits held at a time by `chunked_loss_sums` (about three arrays this size live at
 # once: the logits, their softmax and the gradient). 256 MB is 256 rows of E4B's vocabulary:
 # the head's products run faster with more rows (its backward [rows, 262144] x [262144, 2048]:
@@ -24,26 +26,21 @@ import jax.numpy as jnp
 LOSS_CHUNK_BYTES = 1 << 28
 
 
-def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """logits [B, L, V], targets int [B, L] -> per-token cross-entropy [B, L] in float32.
-
-    logits[b, t] predicts targets[b, t] (the data pipeline shifts the targets by one).
-    """
-    logits = logits.astype(jnp.float32)
-    log_norm = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_norm - target_logit
-
-
 def masked_loss_sum(logits: jax.Array, targets: jax.Array,
                     loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sum of the masked token losses, number of masked tokens), both float32 scalars.
+    """(sum of the masked token losses, number of masked tokens), both float32 scalars, from
+    logits [..., V] (bfloat16 logits take our cross-entropy kernel where it runs:
+    `gemma3n.layers.cross_entropy`) and targets and loss_mask [...]. logits[..., t] predicts
+    targets[..., t] (the data pipeline shifts the targets by one).
 
     Sums, not a mean: micro-batches of an accumulated step add up exactly, and the step
     divides once by the whole batch's count.
     """
     mask = loss_mask.astype(jnp.float32)
-    return jnp.sum(token_losses(logits, targets) * mask), jnp.sum(mask)
+    vocab = logits.shape[-1]
+    total = cross_entropy.masked_sum(logits.reshape(-1, vocab), targets.reshape(-1),
+                                     mask.reshape(-1))
+    return total, jnp.sum(mask)
 
 
 Unembed = Callable[[Any, jax.Array], jax.Array]
@@ -54,7 +51,7 @@ def chunked_loss_sums(unembed: Unembed, head_params: Any, hidden: jax.Array, tar
     """`masked_loss_sum(unembed(head_params, hidden), targets, loss_mask)`, a chunk of tokens
     at a time.
 
-    unembed(head_params, h [R, C, D]) -> float32 logits [R, C, V]; hidden [*B, L, D]; targets
+    unembed(head_params, h [R, C, D]) -> logits [R, C, V]; hidden [*B, L, D]; targets
     and loss_mask [*B, L]. Differentiable in hidden and head_params. The forward pass computes
     each chunk's gradient right after its loss (the loss is a sum, so a chunk's gradient is its
     own), keeps only the gradient of the hidden states (and of the head's parameters, where

@@ -168,7 +168,7 @@ class TrainSteps:
                                  get_by_path(context, LOSS_MASK_KEY))
 
     def _unembed(self, head: Any, hidden: jax.Array) -> jax.Array:
-        return self.model.apply({'params': head}, hidden, method='unembed')
+        return self.model.apply({'params': head}, hidden, method='unembed', upcast=False)
 
     def _gradients(self, trainable: Any, frozen: Any, batch: dict[str, jax.Array],
                    rng: jax.Array) -> tuple[Any, jax.Array, jax.Array]:

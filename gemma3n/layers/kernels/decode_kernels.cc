@@ -27,6 +27,8 @@
 //                        x [T, D] · w [F, D]ᵀ where mask [T, F] != 0, and h [T, F] · w [F, D]
 //                        over them; AVX-512 BF16 only.
 //   kept ids             a sparse FFN's kept units: jnp.nonzero with a size (kept_ids.h).
+//   cross-entropy        a training loss's chunk of logits: each row's loss and its gradient
+//                        (cross_entropy.h); AVX-512 only.
 // int4 packing: group g of row n is kInt4Group / 2 bytes; byte j holds element j in its low
 // nibble and element j + kInt4Group / 2 in its high one, each stored as value + 8.
 //
@@ -41,6 +43,7 @@
 
 #include "bf16.h"
 #include "common.h"
+#include "cross_entropy.h"
 #include "gemm_handlers.h"
 #include "int4_dequant.h"
 #include "int8.h"
@@ -105,13 +108,6 @@ ffi::Error Bf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<
   int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = w.dimensions()[0];
   Bf16Rows(pool, x.typed_data(), DenseRows{w.typed_data(), k}, y->typed_data(), m, k, n, n, isa);
   return ffi::Error::Success();
-}
-
-// The first `count` ids, each clamped into [0, f) (jnp.take(..., mode='clip') reads so too).
-std::vector<int32_t> ClampedIds(const int32_t* ids, int64_t count, int64_t f) {
-  std::vector<int32_t> rows(ids, ids + count);
-  for (int32_t& r : rows) r = static_cast<int32_t>(std::clamp<int64_t>(r, 0, f - 1));
-  return rows;
 }
 
 // `count`'s one value, clamped into [0, c]; -1 if the buffer does not hold one value.
@@ -245,43 +241,6 @@ ffi::Error Int4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ff
   return ffi::Error::Success();
 }
 
-ffi::Error RowsInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S32> ids,
-                        ffi::Buffer<ffi::S8> w, ffi::ResultBuffer<ffi::S32> y, int32_t isa) {
-  auto xd = x.dimensions(), idd = ids.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || idd.size() != 1 || wd.size() != 2 || yd.size() != 2)
-    return ffi::Error::InvalidArgument("the gathered-rows kernel takes x [M, C], ids [C], "
-                                       "w [F, D] and gives y [M, D]");
-  if (xd[0] < 1 || xd[0] > kMaxRows)
-    return ffi::Error::InvalidArgument("decode kernels take 1 to 16 rows of x");
-  if (idd[0] != xd[1] || yd[0] != xd[0] || yd[1] != wd[1] || wd[0] < 1)
-    return ffi::Error::InvalidArgument("gathered-rows kernel operand shapes do not match");
-  int64_t m = xd[0], c = xd[1], f = wd[0], d = wd[1];
-  std::vector<int32_t> rows = ClampedIds(ids.typed_data(), c, f);
-  const int8_t* xp = x.typed_data();
-  const int8_t* wp = w.typed_data();
-  int32_t* yp = y->typed_data();
-  Isa chosen = Choose(isa);
-  int64_t strip = chosen == kAvx512 ? kStrip512 : kStrip2;
-  int64_t strips = chosen == kScalar ? 0 : d / strip;
-#ifdef GEMMA3N_X86
-  if (strips > 0) {
-    std::vector<int32_t> pairs = XPairs(xp, m, c);
-    WithRows(m, [&]<int M>() {
-      ParallelFor(pool, strips, Grain(c * strip), [&](int64_t b, int64_t e) {
-        if (chosen == kAvx512) RowsInt8Avx512<M>(pairs.data(), rows.data(), wp, yp, c, d, b, e);
-        else RowsInt8Avx2<M>(pairs.data(), rows.data(), wp, yp, c, d, b, e);
-      });
-    });
-  }
-#endif
-  // The columns past the last whole strip (all of them on the scalar path).
-  int64_t done = strips * strip;
-  ParallelFor(pool, d - done, Grain(c), [&](int64_t b, int64_t e) {
-    RowsInt8Scalar(xp, rows.data(), wp, yp, m, c, d, done + b, done + e);
-  });
-  return ffi::Error::Success();
-}
-
 // The gathered bf16 kernels' operands: x, ids, the count, w; y float32.
 auto GatheredBf16Binding() {
   return ffi::Ffi::Bind()
@@ -395,6 +354,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nRowsInt8, RowsInt8Impl,
                                   .Attr<int32_t>("isa"));
 
 // The instruction set the kernels use on this CPU (an Isa value), for the Python side to report.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Gemma3nCrossEntropy, CrossEntropyImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());
+
 extern "C" int32_t Gemma3nKernelIsa() { return BestIsa(); }
 // 1 if the CPU has AMX bfloat16 tiles the OS enables (HasAmxBf16), else 0.
 extern "C" int32_t Gemma3nCpuHasAmx() { return HasAmxBf16() ? 1 : 0; }

@@ -131,6 +131,52 @@ AVX512_TARGET void RowsInt8Avx512(const int32_t* xp, const int32_t* ids, const i
 }
 #endif  // GEMMA3N_X86
 
+// The first `count` ids, each clamped into [0, f) (jnp.take(..., mode='clip') reads so too).
+inline std::vector<int32_t> ClampedIds(const int32_t* ids, int64_t count, int64_t f) {
+  std::vector<int32_t> rows(ids, ids + count);
+  for (int32_t& r : rows) r = static_cast<int32_t>(std::clamp<int64_t>(r, 0, f - 1));
+  return rows;
+}
+
+// The FFI handler's body (bound in decode_kernels.cc): x [M, C] times rows ids [C] of w [F, D].
+inline ffi::Error RowsInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x,
+                               ffi::Buffer<ffi::S32> ids, ffi::Buffer<ffi::S8> w,
+                               ffi::ResultBuffer<ffi::S32> y, int32_t isa) {
+  auto xd = x.dimensions(), idd = ids.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || idd.size() != 1 || wd.size() != 2 || yd.size() != 2)
+    return ffi::Error::InvalidArgument("the gathered-rows kernel takes x [M, C], ids [C], "
+                                       "w [F, D] and gives y [M, D]");
+  if (xd[0] < 1 || xd[0] > kMaxRows)
+    return ffi::Error::InvalidArgument("decode kernels take 1 to 16 rows of x");
+  if (idd[0] != xd[1] || yd[0] != xd[0] || yd[1] != wd[1] || wd[0] < 1)
+    return ffi::Error::InvalidArgument("gathered-rows kernel operand shapes do not match");
+  int64_t m = xd[0], c = xd[1], f = wd[0], d = wd[1];
+  std::vector<int32_t> rows = ClampedIds(ids.typed_data(), c, f);
+  const int8_t* xp = x.typed_data();
+  const int8_t* wp = w.typed_data();
+  int32_t* yp = y->typed_data();
+  Isa chosen = Choose(isa);
+  int64_t strip = chosen == kAvx512 ? kStrip512 : kStrip2;
+  int64_t strips = chosen == kScalar ? 0 : d / strip;
+#ifdef GEMMA3N_X86
+  if (strips > 0) {
+    std::vector<int32_t> pairs = XPairs(xp, m, c);
+    WithRows(m, [&]<int M>() {
+      ParallelFor(pool, strips, Grain(c * strip), [&](int64_t b, int64_t e) {
+        if (chosen == kAvx512) RowsInt8Avx512<M>(pairs.data(), rows.data(), wp, yp, c, d, b, e);
+        else RowsInt8Avx2<M>(pairs.data(), rows.data(), wp, yp, c, d, b, e);
+      });
+    });
+  }
+#endif
+  // The columns past the last whole strip (all of them on the scalar path).
+  int64_t done = strips * strip;
+  ParallelFor(pool, d - done, Grain(c), [&](int64_t b, int64_t e) {
+    RowsInt8Scalar(xp, rows.data(), wp, yp, m, c, d, done + b, done + e);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace gemma3n_kernels
 
 #endif  // GEMMA3N_KERNELS_ROWS_H_
