@@ -65,6 +65,14 @@ def test_kernel_losses_and_gradients_equal_float64_within_rounding(rows, vocab):
     assert np.all(got[np.asarray(weights) == 0] == 0)          # a masked row: no gradient
 
 
+def test_a_nan_logit_makes_its_row_nan_as_on_xla():
+    logits, targets, weights = _chunk(3, 100)
+    logits = logits.at[0, 7].set(jnp.nan)
+    losses, grad = jax.jit(cross_entropy._kernel)(logits, targets, weights)
+    assert np.isnan(float(losses[0])) and np.all(np.isnan(np.asarray(grad[0], np.float32)))
+    assert np.all(np.isfinite(np.asarray(losses[1:]))) and np.all(np.isfinite(grad[1:]))
+
+
 def test_masked_sum_and_its_gradient_take_the_kernel_and_equal_xla():
     logits, targets, weights = _chunk(5, 3001, seed=1)
     lowered = jax.jit(jax.grad(cross_entropy.masked_sum)).lower(logits, targets, weights)

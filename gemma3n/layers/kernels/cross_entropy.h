@@ -24,9 +24,10 @@ namespace gemma3n_kernels {
 // with |r| <= ln 2 / 2 (ln 2 in two parts, so r is exact), e^r by its degree-7 Taylor-like
 // minimax polynomial (Cephes' expf coefficients), then scaled by 2^n. Below -87.3 (e^x under
 // float32's smallest normal) it gives e^-87.3, which a softmax's sum or bf16 gradient rounds
-// away as XLA's zero does.
+// away as XLA's zero does. A NaN stays NaN (vmaxps returns its second operand then), so a NaN
+// logit makes its row's loss and gradient NaN, as on XLA.
 AVX512_TARGET INLINE __m512 ExpNonPositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
