@@ -64,36 +64,42 @@ struct alignas(64) AmxConfig {
   uint8_t rows[16] = {};
 };
 
-// Four 16 x 16 float32 tiles of sums (rows r, r + 16; columns of right tiles t0 and t1) over a
-// block of `steps` x 32 contracted values: tiles 0-3 the sums, 4-5 a, 6-7 w. `left` is the
-// block's a rows (row stride `lda` bf16), `tile0`/`tile1` the right tiles' first pairs in the
-// packed panels (row stride kGemmNr pairs), `sums` the float32 buffer (row stride ldc).
+// Four 16 x 16 float32 tiles of sums (rows r, r + 16 of the left operand; columns of right
+// tiles t0 and t1) over a block of `steps` x 32 contracted values: tiles 0-3 the sums, 4-5 the
+// left tiles, 6-7 the right ones. `left` is the block's left rows (row stride `lda` bf16),
+// `tile0`/`tile1` the right tiles' first pairs in packed panels of `right_ld` pairs a row, the
+// sums start from `from` (nullptr: zero) and go to `to` (row stride ldc floats, both);
+// before_step(s) runs before step s (gemm_amx_rows.h prefetches there). Shared by both AMX
+// kernels.
+template <typename BeforeStep>
 AMX_TARGET inline void AmxQuad(const uint16_t* left, int64_t lda, const uint32_t* tile0,
-                               const uint32_t* tile1, int64_t steps, float* sums, int64_t ldc,
-                               bool first) {
-  const int64_t a_stride = lda * 2, c_stride = ldc * 4, w_stride = kGemmNr * 4;
-  if (first) {
+                               const uint32_t* tile1, int64_t right_ld, int64_t steps,
+                               const float* from, float* to, int64_t ldc,
+                               const BeforeStep& before_step) {
+  const int64_t a_stride = lda * 2, c_stride = ldc * 4, w_stride = right_ld * 4;
+  if (from == nullptr) {
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
   } else {
-    _tile_loadd(0, sums, c_stride);
-    _tile_loadd(1, sums + kAmxTile, c_stride);
-    _tile_loadd(2, sums + kAmxTile * ldc, c_stride);
-    _tile_loadd(3, sums + kAmxTile * ldc + kAmxTile, c_stride);
+    _tile_loadd(0, from, c_stride);
+    _tile_loadd(1, from + kAmxTile, c_stride);
+    _tile_loadd(2, from + kAmxTile * ldc, c_stride);
+    _tile_loadd(3, from + kAmxTile * ldc + kAmxTile, c_stride);
   }
   for (int64_t s = 0; s < steps; ++s) {
+    before_step(s);
     _tile_loadd(4, left + 32 * s, a_stride);
     _tile_loadd(5, left + kAmxTile * lda + 32 * s, a_stride);
-    _tile_loadd(6, tile0 + kAmxTile * kGemmNr * s, w_stride);
-    _tile_loadd(7, tile1 + kAmxTile * kGemmNr * s, w_stride);
+    _tile_loadd(6, tile0 + kAmxTile * right_ld * s, w_stride);
+    _tile_loadd(7, tile1 + kAmxTile * right_ld * s, w_stride);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
   }
-  _tile_stored(0, sums, c_stride);
-  _tile_stored(1, sums + kAmxTile, c_stride);
-  _tile_stored(2, sums + kAmxTile * ldc, c_stride);
-  _tile_stored(3, sums + kAmxTile * ldc + kAmxTile, c_stride);
+  _tile_stored(0, to, c_stride);
+  _tile_stored(1, to + kAmxTile, c_stride);
+  _tile_stored(2, to + kAmxTile * ldc, c_stride);
+  _tile_stored(3, to + kAmxTile * ldc + kAmxTile, c_stride);
 }
 
 // Columns [c0, c1) of y[M, N] = a[M, K] · w, rows [r0, r1), on this thread; K a multiple of 32.
@@ -129,9 +135,11 @@ AMX_TARGET inline void GemmBlockAmx(const uint16_t* a, const Bf16Columns& w, uin
         // Two left tiles stay in L1 while the block's right tiles stream from L2.
         for (int64_t i = 0; i < mc; i += kGroup) {
           const uint16_t* left = ic + i < whole ? a + (r0 + ic + i) * k + pc : tail.data() + pc;
-          for (int64_t t = 0; t < tiles; t += 2)
-            AmxQuad(left, k, right(t), right(t + 1), kc / 32,
-                    sums.data() + i * kAmxNc + t * kAmxTile, kAmxNc, pc == 0);
+          for (int64_t t = 0; t < tiles; t += 2) {
+            float* block_sums = sums.data() + i * kAmxNc + t * kAmxTile;
+            AmxQuad(left, k, right(t), right(t + 1), kGemmNr, kc / 32,
+                    pc == 0 ? nullptr : block_sums, block_sums, kAmxNc, [](int64_t) {});
+          }
         }
       }
       // Rounded to bfloat16 (vcvtneps2bf16: to nearest, ties to even, as XLA converts).

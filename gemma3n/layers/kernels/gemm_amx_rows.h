@@ -119,7 +119,6 @@ AMX_TARGET void GemmRowsBlockAmx(const uint16_t* a, const Int4Columns& w, Out* y
   std::vector<uint16_t> rows(kRowsAmxGroup * ld);
   std::vector<float> partial(k > kc_max ? groups * (mc_max / kRowsAmxGroup) * kQuad : 0);
   alignas(64) float sums[kQuad];
-  const int64_t sum_stride = kRowsAmxGroup * 4, w_stride = ld * 2;
   for (int64_t ic = 0; ic < m; ic += kRowsAmxMc) {
     const int64_t mc = std::min(kRowsAmxMc, m - ic);
     const int64_t padded = (mc + kRowsAmxGroup - 1) / kRowsAmxGroup * kRowsAmxGroup;
@@ -136,33 +135,13 @@ AMX_TARGET void GemmRowsBlockAmx(const uint16_t* a, const Int4Columns& w, Out* y
           float* keep = partial.empty() ? nullptr
                                         : partial.data() + (g * (mc_max / kRowsAmxGroup) +
                                                             i / kRowsAmxGroup) * kQuad;
-          if (first) {
-            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-          } else {
-            _tile_loadd(0, keep, sum_stride);
-            _tile_loadd(1, keep + kAmxTile, sum_stride);
-            _tile_loadd(2, keep + kAmxTile * kRowsAmxGroup, sum_stride);
-            _tile_loadd(3, keep + kAmxTile * kRowsAmxGroup + kAmxTile, sum_stride);
-          }
-          const uint32_t* right = packed.data() + i * pairs;
           // While the first 32 rows of a meet this group, the next group's rows come to L2.
           const bool fetch = i == 0 && g + 1 < groups;
-          for (int64_t s = 0; s < kc / 32; ++s) {
-            if (fetch) PrefetchRows(w, n0 + kRowsAmxGroup, pc, kc, s, kc / 32);
-            _tile_loadd(4, rows.data() + 32 * s, w_stride);
-            _tile_loadd(5, rows.data() + kAmxTile * ld + 32 * s, w_stride);
-            _tile_loadd(6, right + s * kAmxTile * kAmxTile, 64);
-            _tile_loadd(7, right + kAmxTile * pairs + s * kAmxTile * kAmxTile, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-          }
-          float* to = last ? sums : keep;
-          _tile_stored(0, to, sum_stride);
-          _tile_stored(1, to + kAmxTile, sum_stride);
-          _tile_stored(2, to + kAmxTile * kRowsAmxGroup, sum_stride);
-          _tile_stored(3, to + kAmxTile * kRowsAmxGroup + kAmxTile, sum_stride);
+          const uint32_t* right = packed.data() + i * pairs;
+          AmxQuad(rows.data(), ld, right, right + kAmxTile * pairs, kAmxTile, kc / 32,
+                  first ? nullptr : keep, last ? sums : keep, kRowsAmxGroup, [&](int64_t s) {
+                    if (fetch) PrefetchRows(w, n0 + kRowsAmxGroup, pc, kc, s, kc / 32);
+                  });
           if (last)
             StoreTransposed(sums, y, n, ic + i, mc - i, n0, std::min(n_end, n) - n0, scales);
         }
