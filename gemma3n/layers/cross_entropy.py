@@ -18,8 +18,6 @@ each row three times while it stays in L2 and writes the bfloat16 gradient once.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
