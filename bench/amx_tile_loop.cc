@@ -3,7 +3,7 @@
 // tiles (16 rows x 32 bf16) and two right tiles (16 pairs x 16 columns) loaded per four
 // `tdpbf16ps`, one thread. Linux only, a CPU with AMX-BF16, GCC 11+ or clang 12+:
 //
-//   g++ -O2 -o /tmp/amx_tile_loop bench/amx_tile_loop.cc && /tmp/amx_tile_loop
+//   g++ -O2 -o bench/results/amx_tile_loop bench/amx_tile_loop.cc && bench/results/amx_tile_loop
 //
 // Prints ns per tdpbf16ps and TFLOP/s a core for: the products alone (no loads); all operands
 // in L1 (48 KB); the right tiles streamed from L2 (twelve 24 KB blocks in turn); and the same
