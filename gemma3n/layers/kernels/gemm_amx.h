@@ -64,6 +64,13 @@ struct alignas(64) AmxConfig {
   uint8_t rows[16] = {};
 };
 
+// Both kernels' tile configuration: eight tiles of 16 rows x 64 bytes, for this thread.
+AMX_TARGET inline void LoadTileConfig() {
+  AmxConfig config;
+  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = kAmxTile;
+  _tile_loadconfig(&config);
+}
+
 // Four 16 x 16 float32 tiles of sums (rows r, r + 16 of the left operand; columns of right
 // tiles t0 and t1) over a block of `steps` x 32 contracted values: tiles 0-3 the sums, 4-5 the
 // left tiles, 6-7 the right ones. `left` is the block's left rows (row stride `lda` bf16),
@@ -109,9 +116,7 @@ AMX_TARGET inline void AmxQuad(const uint16_t* left, int64_t lda, const uint32_t
 AMX_TARGET inline void GemmBlockAmx(const uint16_t* a, const Bf16Columns& w, uint16_t* y,
                                     int64_t k, int64_t n, int64_t r0, int64_t r1, int64_t c0,
                                     int64_t c1) {
-  AmxConfig config;
-  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = kAmxTile;
-  _tile_loadconfig(&config);
+  LoadTileConfig();
   constexpr int64_t kGroup = 2 * kAmxTile, kPanelTiles = kGemmNr / kAmxTile;
   const int64_t rows = r1 - r0, whole = rows / kGroup * kGroup;
   const int64_t padded = (rows + kGroup - 1) / kGroup * kGroup;

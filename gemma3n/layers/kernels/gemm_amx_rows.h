@@ -51,9 +51,8 @@ inline void PrefetchPart(const void* p, int64_t bytes, int64_t part, int64_t par
 inline void PrefetchRows(const Int4Columns& w, int64_t n0, int64_t k0, int64_t kc, int64_t part,
                          int64_t parts) {
   for (int64_t i = 0; i < std::min(kRowsAmxGroup, w.n - n0); ++i) {
-    PrefetchPart(w.q + (n0 + i) * (w.k / 2) + k0 / 2, kc / 2, part, parts);
-    PrefetchPart(w.scale + (n0 + i) * (w.k / kInt4Group) + k0 / kInt4Group,
-                 kc / kInt4Group * 2, part, parts);
+    PrefetchPart(w.Values(n0 + i, k0), kc / 2, part, parts);
+    PrefetchPart(w.GroupScales(n0 + i, k0), kc / kInt4Group * 2, part, parts);
   }
 }
 
@@ -63,9 +62,7 @@ AMX_TARGET inline void DequantRows(const Int4Columns& w, int64_t n0, int64_t k0,
                                  uint16_t* to, int64_t ld) {
   for (int64_t i = 0; i < kRowsAmxGroup; ++i) {
     if (n0 + i < w.n)
-      DequantInt4RowAvx512(w.q + (n0 + i) * (w.k / 2) + k0 / 2,
-                           w.scale + (n0 + i) * (w.k / kInt4Group) + k0 / kInt4Group,
-                           to + i * ld, kc / kInt4Group);
+      w.DequantRow(n0 + i, k0, kc, to + i * ld);
     else
       std::fill(to + i * ld, to + i * ld + kc, uint16_t{0});
   }
@@ -107,9 +104,7 @@ AMX_TARGET inline void StoreTransposed(const float* sums, Out* y, int64_t ldy, i
 template <typename Out>
 AMX_TARGET void GemmRowsBlockAmx(const uint16_t* a, const Int4Columns& w, Out* y, Scales scales,
                                  int64_t m, int64_t k, int64_t n_begin, int64_t n_end) {
-  AmxConfig config;
-  for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = kAmxTile;
-  _tile_loadconfig(&config);
+  LoadTileConfig();
   const int64_t n = w.n, kc_max = std::min(k, kRowsAmxKc), ld = kc_max + kRowsAmxPad;
   const int64_t mc_max = std::min(kRowsAmxMc, (m + kRowsAmxGroup - 1) / kRowsAmxGroup *
                                                   kRowsAmxGroup);

@@ -46,12 +46,22 @@ struct Int4Columns {
   const uint16_t* scale;
   int64_t n, k;
 
+  // Row `row`'s packed values and its scales from contracted value k0 (a whole group) on.
+  const uint8_t* Values(int64_t row, int64_t k0) const { return q + row * (k / 2) + k0 / 2; }
+  const uint16_t* GroupScales(int64_t row, int64_t k0) const {
+    return scale + row * (k / kInt4Group) + k0 / kInt4Group;
+  }
+
 #ifdef GEMMA3N_X86
+  // Values [k0, k0 + kc) of row `row` as bf16 at `to`.
+  AVX512_TARGET void DequantRow(int64_t row, int64_t k0, int64_t kc, uint16_t* to) const {
+    DequantInt4RowAvx512(Values(row, k0), GroupScales(row, k0), to, kc / kInt4Group);
+  }
+
   AVX512_TARGET void Pack(int64_t n0, int64_t nc, int64_t k0, int64_t kc, uint32_t* out) const {
     PackConverted(n, n0, nc, k0, kc, out, [this](int64_t row, int64_t k0, int64_t kc,
                                                  uint16_t* to) AVX512_TARGET {
-      DequantInt4RowAvx512(q + row * (k / 2) + k0 / 2,
-                           scale + row * (k / kInt4Group) + k0 / kInt4Group, to, kc / kInt4Group);
+      DequantRow(row, k0, kc, to);
     });
   }
 #endif
