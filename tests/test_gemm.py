@@ -253,7 +253,8 @@ def test_products_the_kernel_does_not_take(monkeypatch):
 @pytest.mark.parametrize('amx', [False, True])
 def test_with_amx_the_kernel_takes_products_of_whole_tiles_on_them(monkeypatch, amx):
     # On AMX (unless avx512 is named) the kernel multiplies on tiles, K whole steps of 32 and a
-    # weight [N, K] by a training batch's rows; other products go to XLA's, on AMX tiles too.
+    # weight [N, K] by a training batch's rows; other products go to XLA's, on AMX tiles too,
+    # but for those contracting fewer than 32 values (a LoRA rank), which the kernel keeps.
     monkeypatch.setattr(decode_kernels, 'cpu_has_amx', lambda: amx)
     assert gemm.enabled() and not gemm.on_amx()                 # avx512 by name
     monkeypatch.setenv(decode_kernels.ENV, 'auto')
@@ -270,6 +271,7 @@ def test_with_amx_the_kernel_takes_products_of_whole_tiles_on_them(monkeypatch, 
     assert ('amx = 1' in lowered(gemm.MIN_ROWS, 64, 48, 'md,df->mf')) is amx
     assert (gemm.TARGET in lowered(rows - 1, 64, 48)) is not amx
     assert (gemm.TARGET in lowered(rows, 48, 48)) is not amx
+    assert gemm.TARGET in lowered(gemm.MIN_ROWS, 16, 48, 'md,df->mf')
     xq, x_scale, w4 = _int4_operands(decode_kernels.MAX_ROWS + 1, 64, 48)   # int4: any rows
     int4_lowered = jax.jit(lambda *a: int4.scaled_rows_dot(*a, jnp.bfloat16)).lower(
         xq, x_scale, w4.q, w4.scale).as_text()              # a new function: a new trace
@@ -278,10 +280,10 @@ def test_with_amx_the_kernel_takes_products_of_whole_tiles_on_them(monkeypatch, 
 
 
 # (M, K, N) on AMX tiles (kernels/gemm_amx.h: K whole steps of 32, blocks of 384 contracted
-# values, 384 columns and 512 rows, rows in groups of 32): the fewest rows, rows not whole
-# groups, K past one block and not whole blocks, N not whole tiles or panels and past a column
+# values, 384 columns and 512 rows, rows in groups of 32): the fewest rows (one tile, padded to
+# a group), rows not whole groups, K past one block and not whole blocks, N not whole tiles or panels and past a column
 # block per thread, rows past a block, and N under 2 x 384, where the threads split the rows.
-AMX_SHAPES = [(32, 32, 1), (33, 64, 17), (100, 1152, 800), (70, 2048, 1601), (600, 64, 800),
+AMX_SHAPES = [(16, 32, 1), (33, 64, 17), (100, 1152, 800), (70, 2048, 1601), (600, 64, 800),
               (200, 96, 100)]
 
 

@@ -15,16 +15,17 @@ otherwise:
 - the kernels are on (`$GEMMA3N_KERNELS`, `gemma3n.layers.decode_kernels`), the CPU has AVX-512
   BF16, and the process has one device: a custom call in a program partitioned over several
   devices would be computed whole on each;
-- on a CPU with AMX (unless `$GEMMA3N_KERNELS=avx512` asks for the AVX-512 kernel by name):
-  K a multiple of `AMX_K_MULTIPLE`, and with w [N, K] `AMX_MIN_ROWS_TRANSPOSED` rows. There
-  the kernel multiplies on AMX tiles (`kernels/gemm_amx.h`), since the AVX-512 one ran 3-7x
-  slower than XLA's products, which use the tiles (~200 GFLOP/s against 1.0-1.5 TFLOP/s).
-  The tiles ran, against XLA's, on a 2-core Xeon (TFLOP/s, E4B's shapes): 256 rows by the
-  [262144, 2048] unembedding 0.95 / 0.85 and its backward 1.10 / 0.50; 512 rows by the FFN
-  gate and up [32768, 2048] 0.99 / 1.00 (backward 1.05 / 1.02), by the down [2048, 16384]
-  1.32 / 1.25 (backward 1.16 / 0.76), by a [2048, 2048] attention weight 1.39 / 1.60
-  (backward 1.13 / 0.96). A LoRA step at E4B widths (10 layers, 1 x 512) took 5.2-5.3 s
-  against 6.2-6.3 on XLA's products.
+- on a CPU with AMX (unless `$GEMMA3N_KERNELS=avx512` asks for the AVX-512 kernel by name): K a
+  multiple of `AMX_K_MULTIPLE` or below it, and with w [N, K] `AMX_MIN_ROWS_TRANSPOSED` rows.
+  There the kernel multiplies on AMX tiles (`kernels/gemm_amx.h`), since the AVX-512 one ran
+  3-7x slower than XLA's products, which use the tiles (~200 GFLOP/s against 1.0-1.5 TFLOP/s); a
+  product contracting fewer values (a LoRA factor's rank) takes the AVX-512 one, which beats
+  XLA's there. The tiles ran, against XLA's, on a 2-core Xeon (TFLOP/s, E4B's shapes): 256 rows
+  by the [262144, 2048] unembedding 0.95 / 0.85 and its backward 1.10 / 0.50; 512 rows by the
+  FFN gate and up [32768, 2048] 0.99 / 1.00 (backward 1.05 / 1.02), by the down [2048, 16384]
+  1.32 / 1.25 (backward 1.16 / 0.76), by a [2048, 2048] attention weight 1.39 / 1.60 (backward
+  1.13 / 0.96). A LoRA step at E4B widths (10 layers, 1 x 512) took 5.2-5.3 s against 6.2-6.3 on
+  XLA's products.
 
 The decision is made when the function is traced (not with `jax.lax.platform_dependent`: its
 other branch's backward residuals, zeros the size of the weight, would be made too).
@@ -64,7 +65,10 @@ MIN_ROWS_IN_PLACE = decode_kernels.MAX_ROWS + 1
 
 
 # On a CPU with AMX the kernel multiplies on AMX tiles (`kernels/gemm_amx.h`), K a multiple of
-# AMX_K_MULTIPLE (a tile step); other products go to XLA's, which use AMX tiles too.
+# AMX_K_MULTIPLE (a tile step). Other products go to XLA's, which use AMX tiles too, except
+# those contracting fewer values than a step (by a LoRA factor's rank), which the AVX-512 kernel
+# takes: bound by writing their result, they ran 3-7x faster there than on XLA's ([512, 16] by
+# [16, 16384]: 1.9 against 12.4 ms; by [16, 2048]: 0.33 against 0.63).
 AMX_K_MULTIPLE = 32
 # A weight stored [N, K] is packed for the tiles by 16 x 16 transposes, which at a prefill
 # chunk's rows cost about as much as the product: at 128 rows the tiles ran E4B's FFN gate and
@@ -185,7 +189,8 @@ def dot(eqn: str, x: jax.Array, w: jax.Array,
     if plan is None or not enabled():
         return fallback(eqn, x, w)
     x_free, w_out, contracted, layout = plan
-    if on_amx() and (_size(x, x_spec, contracted) % AMX_K_MULTIPLE or layout == WEIGHT_ROWS
+    k = _size(x, x_spec, contracted)
+    if on_amx() and (k % AMX_K_MULTIPLE and k > AMX_K_MULTIPLE or layout == WEIGHT_ROWS
                      and _size(x, x_spec, x_free) < AMX_MIN_ROWS_TRANSPOSED):
         return fallback(eqn, x, w)
     rows = decode_kernels.as_rows(x, x_spec, x_free, contracted)

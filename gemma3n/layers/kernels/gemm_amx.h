@@ -28,7 +28,9 @@ constexpr int64_t kAmxKc = 384;                 // contracted values a block (12
 constexpr int64_t kAmxNc = 8 * kGemmNr;         // columns a block: 24 right tiles
 // Rows a block: its float32 sums (768 KB) and the packed w block (288 KB) fit L2 (2 MB).
 constexpr int64_t kAmxMc = 512;
-constexpr int64_t kAmxMinRows = 32;             // two left tiles
+// One left tile: padded to two, 16 rows (a rank-16 LoRA factor's weight gradient, [16, 512] by
+// [512, 16384]) still ran 1.6x faster than on the AVX-512 kernel.
+constexpr int64_t kAmxMinRows = 16;
 static_assert(kAmxKc % 32 == 0 && kAmxNc % (2 * kAmxTile) == 0 && kGemmNr % kAmxTile == 0 &&
                   kAmxMc % (2 * kAmxTile) == 0,
               "blocks of whole tiles");
