@@ -42,6 +42,7 @@ import jaxlib
 import numpy as np
 
 from gemma3n.compiler_options import compiler_options
+from gemma3n.freed_memory import return_freed_memory
 from gemma3n.layers import decode_kernels
 
 # Inside JAX's cache folder: JAX's own entries are files '<key>-cache' at its top level only.
@@ -126,9 +127,12 @@ class ExportedJit:
         leaves, tree = jax.tree.flatten(args)
         signature = (tree, self._leaf_signatures(leaves))
         caller = self._callers.get(signature)
-        if caller is None:
-            caller = self._callers[signature] = self._new_caller(args, tree, signature)
-        return caller(*leaves)
+        if caller is not None:
+            return caller(*leaves)
+        caller = self._callers[signature] = self._new_caller(args, tree, signature)
+        result = caller(*leaves)            # compiled (or read back) here, then dispatched
+        return_freed_memory()               # what compiling freed, resident otherwise
+        return result
 
     def _leaf_signatures(self, leaves: list) -> tuple:
         """Each leaf's `_signature`, reused for a JAX array that is the very object the previous
