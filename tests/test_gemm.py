@@ -281,8 +281,9 @@ def test_with_amx_the_kernel_takes_products_of_whole_tiles_on_them(monkeypatch, 
 
 # (M, K, N) on AMX tiles (kernels/gemm_amx.h: K whole steps of 32, blocks of 384 contracted
 # values, 384 columns and 512 rows, rows in groups of 32): the fewest rows (one tile, padded to
-# a group), rows not whole groups, K past one block and not whole blocks, N not whole tiles or panels and past a column
-# block per thread, rows past a block, and N under 2 x 384, where the threads split the rows.
+# a group), rows not whole groups, K past one block and not whole blocks, N not whole tiles or
+# panels and past a column block per thread, rows past a block, and N under 2 x 384, where the
+# threads split the rows.
 AMX_SHAPES = [(16, 32, 1), (33, 64, 17), (100, 1152, 800), (70, 2048, 1601), (600, 64, 800),
               (200, 96, 100)]
 

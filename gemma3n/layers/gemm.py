@@ -67,7 +67,7 @@ MIN_ROWS_IN_PLACE = decode_kernels.MAX_ROWS + 1
 # On a CPU with AMX the kernel multiplies on AMX tiles (`kernels/gemm_amx.h`), K a multiple of
 # AMX_K_MULTIPLE (a tile step). Other products go to XLA's, which use AMX tiles too, except
 # those contracting fewer values than a step (by a LoRA factor's rank), which the AVX-512 kernel
-# takes: bound by writing their result, they ran 3-7x faster there than on XLA's ([512, 16] by
+# takes: bound by writing their result, they ran 2-7x faster there than on XLA's ([512, 16] by
 # [16, 16384]: 1.9 against 12.4 ms; by [16, 2048]: 0.33 against 0.63).
 AMX_K_MULTIPLE = 32
 # A weight stored [N, K] is packed for the tiles by 16 x 16 transposes, which at a prefill
