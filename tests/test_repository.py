@@ -27,7 +27,7 @@ LAYERS = (
     ('the model', ('config', 'attention', 'ffn', 'sparse_rows', 'altup', 'laurel', 'per_layer', 'block',
                    'embedder', 'multimodal', 'multimodal_embedder', 'model_inputs', 'transformer', 'cache',
                    'models', 'schema', 'memory', 'validation', 'host_arrays', 'compilation', 'compiler_options',
-                   'exported_programs',
+                   'exported_programs', 'freed_memory',
                    'vision', 'audio', 'towers', 'towers_config')),
     ('checkpoints', ('checkpoints', 'layout')),
     ('the generation engine', ('engine',)),
