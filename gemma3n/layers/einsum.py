@@ -144,12 +144,21 @@ class StackedWeight(StoredWeight):
         return (len(self.parts),) + tuple(self.parts[0].shape)
 
     def contract(self, eqn: str, x: jax.Array) -> jax.Array:
-        inputs, out_spec = eqn.split('->')
-        x_spec, w_spec = inputs.split(',')
-        stacked = w_spec[0]
-        part_eqn = f'{x_spec},{w_spec[1:]}->{out_spec.replace(stacked, "")}'
-        return jnp.stack([contract(part_eqn, x, part) for part in self.parts],
-                         axis=out_spec.index(stacked))
+        return contract_parts(eqn, x, len(self.parts),
+                              lambda i, part_eqn: contract(part_eqn, x, self.parts[i]))
+
+
+def contract_parts(eqn: str, x: jax.Array, count: int,
+                   contract_part: Callable[[int, str], jax.Array]) -> jax.Array:
+    """jnp.einsum(eqn, x, w) of a weight w whose first axis holds `count` independent parts:
+    `contract_part(i, part_eqn)` contracts x with part i by eqn without that axis, and the results
+    are stacked where eqn's output puts it."""
+    inputs, out_spec = eqn.split('->')
+    x_spec, w_spec = inputs.split(',')
+    stacked = w_spec[0]
+    part_eqn = f'{x_spec},{w_spec[1:]}->{out_spec.replace(stacked, "")}'
+    return jnp.stack([contract_part(i, part_eqn) for i in range(count)],
+                     axis=out_spec.index(stacked))
 
 
 def _axes(axes: Axes) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gemma3n.layers.einsum import StackedWeight, StoredWeight, contract, dot
+from gemma3n.layers.einsum import StackedWeight, StoredWeight, contract, contract_parts, dot
 
 
 def _fresh_letter(used: str) -> str:
@@ -71,18 +71,14 @@ class LoRAWeight(StoredWeight):
         CPU products, whose backward over [2, 512, 16384] copied the cotangent and ran at
         0.1 TFLOP/s (a 1 x 512 LoRA step at E4B widths: ~40 ms a layer against ~8).
         """
+        if self.stacked:
+            return contract_parts(eqn, x, self.a.shape[0],
+                                  lambda i, part_eqn: self._factors_part(i).update(part_eqn, x))
         inputs, out_spec = eqn.split('->')
         x_spec, w_spec = inputs.split(',')
-        if self.stacked:
-            stacked = w_spec[0]
-            part_eqn = f'{x_spec},{w_spec[1:]}->{out_spec.replace(stacked, "")}'
-            return jnp.stack([self._factors_part(i).update(part_eqn, x)
-                              for i in range(self.a.shape[0])], axis=out_spec.index(stacked))
         a_spec, b_spec, r = self.factor_specs(w_spec)
-        read = set(a_spec) - set(w_spec[:self.stacked])
-        # x·a keeps x's free axes, the stacked axes and the rank: [x free..., stacked..., r].
-        h_spec = ''.join(c for c in x_spec if c not in read) + ''.join(
-            c for c in w_spec[:self.stacked] if c not in x_spec) + r
+        # x·a keeps x's free axes and the rank: [x free..., r].
+        h_spec = ''.join(c for c in x_spec if c not in a_spec) + r
         # Both products in x's dtype, accumulated in float32 (`dot`), as peft under autocast
         # computes them (a float32 update [..., out]: 9% more temporaries in a LoRA step).
         # The scale multiplies the rank-r h, not the update: the backward pass then scales
