@@ -19,7 +19,7 @@ import argparse
 
 import numpy as np
 
-from bench import common
+from bench import common, process_memory
 
 CLIP_SECONDS = 30
 TONES_HZ = (440.0, 1250.0)
@@ -99,7 +99,7 @@ def main() -> None:
         soft_tokens=list(ours.shape), encoder_max_abs_diff=float(difference.max()),
         encoder_mean_abs_diff=float(difference.mean()), soft_token_max_abs=float(np.abs(theirs).max()),
         encoder_max_rel_diff=float(difference.max() / np.abs(theirs).max()),
-        peak_rss_gb=common.peak_rss_bytes() / common.GB, machine=info,
+        peak_rss_gb=process_memory.peak_rss_bytes() / common.GB, machine=info,
         threads={'torch': torch.get_num_threads()})
     rows = [
         ['log-mel features s (30 s clip)', results['features_ours_s'], results['features_hf_s']],

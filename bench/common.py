@@ -8,7 +8,7 @@ Example:
     >>> weights = ensure_weights('reduced')            # writes bench/results/weights/reduced once
     >>> with Stopwatch() as watch:
     ...     run_something()
-    >>> print(watch.seconds, peak_rss_bytes() / GB)
+    >>> print(watch.seconds)
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import resource
 import struct
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench import process_memory
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / 'bench' / 'results'        # git-ignored
@@ -217,30 +218,6 @@ def median_of(fn: Callable[[], Any], repeats: int) -> float:
     return float(np.median(_timings(fn, repeats)))
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-STATUS_FILE = Path('/proc/self/status')
-CLEAR_REFS_FILE = Path('/proc/self/clear_refs')
-RESET_PEAK = '5'            # clear_refs: reset the peak resident set size (VmHWM)
-
-
-def reset_peak_rss() -> None:
-    """Starts a new peak resident memory measurement (`peak_rss_since_reset_bytes`), so that
-    a phase (a training step) is measured without the peaks of the setup before it."""
-    CLEAR_REFS_FILE.write_text(RESET_PEAK)
-
-
-def peak_rss_since_reset_bytes() -> int:
-    """Peak resident memory since the last `reset_peak_rss` (Linux's VmHWM)."""
-    for line in STATUS_FILE.read_text().splitlines():
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f'no VmHWM in {STATUS_FILE}')
-
-
 RANDOM_BLOCK_ELEMENTS = 1 << 26    # leafwise_random_params: at most this many drawn at once
 
 
@@ -273,17 +250,6 @@ def leafwise_random_params(model: Any, dtype: Any, scale: float) -> Any:
     return tree.unflatten([leaf_values(key, leaf.shape) for key, leaf in zip(keys, leaves)])
 
 
-def current_rss_bytes() -> int:
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-
-
-def memory_available_bytes() -> int:
-    with open('/proc/meminfo') as f:
-        fields = dict(line.split(':', 1) for line in f)
-    return int(fields['MemAvailable'].split()[0]) * 1024
-
-
 def machine_info() -> dict[str, Any]:
     """What ran the benchmark, and how busy the machine was when it started."""
     flags = ''
@@ -295,7 +261,7 @@ def machine_info() -> dict[str, Any]:
     return {
         'cpus': os.cpu_count(),
         'load_average': os.getloadavg(),
-        'memory_available_gb': memory_available_bytes() / GB,
+        'memory_available_gb': process_memory.memory_available_bytes() / GB,
         'platform': platform.platform(),
         'avx512': ' avx512f ' in flags,
         'avx512_bf16': ' avx512_bf16 ' in flags,
@@ -428,15 +394,17 @@ def side_main(description: str, build: Callable[..., tuple[GreedyRunner, dict[st
         parser.add_argument('--variant', choices=variants, default=variants[0])
     args = parser.parse_args()
 
-    rss_start = current_rss_bytes()
+    rss_start = process_memory.current_rss_bytes()
     with Stopwatch() as watch:
         runner, info = build(args.weights, args.size, *([args.variant] if variants else []))
     info.update(load_s=watch.seconds, rss_before_load_gb=rss_start / GB,
-                rss_after_load_gb=current_rss_bytes() / GB)
+                rss_after_load_gb=process_memory.current_rss_bytes() / GB)
     # The model's vocabulary, the same for every side (a converted checkpoint's config.json
     # writes HF's larger `vocab_size`, which the bench's own checkpoint sets equal to it).
     vocab = bench_config(args.size).num_embed
     result = measure_side(runner, vocab, args.decode_tokens, args.repeats)
     np.save(args.out.with_suffix('.logits.npy'), result.pop('first_logits'))
-    result.update(info, peak_rss_gb=peak_rss_bytes() / GB, rss_end_gb=current_rss_bytes() / GB)
+    status = process_memory.status_bytes()
+    result.update(info, peak_rss_gb=process_memory.peak_rss_bytes() / GB, rss_end_gb=status['VmRSS'] / GB,
+                  rss_private_end_gb=status['RssAnon'] / GB, rss_file_end_gb=status['RssFile'] / GB)
     write_json(result, args.out)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import common
+from bench import common, process_memory
 
 REPRESENTATIONS = {'bf16': None, 'int8': 'int8', 'int4': 'int4'}
 PROMPT_LENGTH = 128
@@ -94,14 +94,14 @@ def child(checkpoint: Path, size: str, quantize: str | None, cache: Path) -> dic
     logging.getLogger(JAX_COMPILER_LOGGER).filters.insert(0, misses)
     notices = []
     model = Gemma3nTransformer(config=common.bench_config(size), text_only=True, dtype=jnp.bfloat16)
-    result: dict[str, Any] = {'rss_before_load_gb': common.current_rss_bytes() / common.GB}
+    result: dict[str, Any] = {'rss_before_load_gb': process_memory.current_rss_bytes() / common.GB}
     with compile_notice(notices.append, 'compiling'):
         with common.Stopwatch() as watch:
             loaded = gemma3n.load(checkpoint, model=model, quantize=quantize, tokenizer=False,
                                   progress=False)
         result['load_s'] = watch.seconds
         result['load_misses'] = list(misses.names)
-        result['rss_after_load_gb'] = common.current_rss_bytes() / common.GB
+        result['rss_after_load_gb'] = process_memory.current_rss_bytes() / common.GB
         sampler = loaded.sampler(cache_length=CACHE_LENGTH, cache_dtype=jnp.bfloat16)
         prompt = common.prompt_tokens(PROMPT_LENGTH, model.config.num_embed)
         with common.Stopwatch() as watch:
@@ -110,7 +110,7 @@ def child(checkpoint: Path, size: str, quantize: str | None, cache: Path) -> dic
         result['ttft_s'] = watch.seconds
     result['first_token_misses'] = misses.names[len(result['load_misses']):]
     result['compile_notice_shown'] = bool(notices)
-    result['peak_rss_gb'] = common.peak_rss_since_reset_bytes() / common.GB     # VmHWM: this process's own (ru_maxrss keeps the parent's across exec)
+    result['peak_rss_gb'] = process_memory.peak_rss_since_reset_bytes() / common.GB     # VmHWM: this process's own (ru_maxrss keeps the parent's across exec)
     return result
 
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import common
+from bench import common, process_memory
 from gemma3n import memory
 from gemma3n.models import demo_config
 from gemma3n.text import special_tokens
@@ -48,8 +48,8 @@ def main() -> None:
     parser.add_argument('--chunk', type=int, default=DEFAULT_PREFILL_CHUNK)
     args = parser.parse_args()
     model, params = build(args.size)
-    print(f'weights made: resident {common.current_rss_bytes() / common.GB:.2f} GB, peak so far '
-          f'{common.peak_rss_since_reset_bytes() / common.GB:.2f} GB', flush=True)
+    print(f'weights made: resident {process_memory.current_rss_bytes() / common.GB:.2f} GB, peak so far '
+          f'{process_memory.peak_rss_since_reset_bytes() / common.GB:.2f} GB', flush=True)
     dtype = DTYPES[args.size]
     weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     cache = memory.cache_bytes(model.config, 1, dtype, args.length)
@@ -61,15 +61,15 @@ def main() -> None:
     for length in (SHORT_PROMPT, args.length - NEW_TOKENS):
         prompt = [special_tokens.BOS] + rng.integers(3, model.config.num_embed,
                                                      length - 1).tolist()
-        common.reset_peak_rss()
-        base = common.peak_rss_since_reset_bytes()
+        process_memory.reset_peak_rss()
+        base = process_memory.peak_rss_since_reset_bytes()
         start = time.perf_counter()
         out = sampler.sample_tokens([prompt], NEW_TOKENS)
         jax.block_until_ready(out.state.cache)
         seconds = time.perf_counter() - start
         rows.append([length, -(-length // args.chunk), round(seconds, 1), base / common.GB,
-                     common.peak_rss_since_reset_bytes() / common.GB,
-                     (common.peak_rss_since_reset_bytes() - base) / common.GB])
+                     process_memory.peak_rss_since_reset_bytes() / common.GB,
+                     (process_memory.peak_rss_since_reset_bytes() - base) / common.GB])
     print(f'{args.size}: weights {weights / common.GB:.3f} GB ({dtype.__name__}), cache of '
           f'{args.length} positions {cache / common.GB:.3f} GB, estimated chunk activations '
           f'{estimate / common.GB:.3f} GB (chunk {args.chunk}); compiled prefill programs: '

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from bench import common
+from bench import common, page_cache
+from bench.llamacpp_gguf import ensure_gguf
 from bench.load_speed import converted_path
 
 THEIRS = 'hf'
@@ -33,6 +34,7 @@ SERVING, INT8, INT4 = 'ours-serving', 'ours-int8', 'ours-int4'
 # llama.cpp's formats and the variant of ours each is set against.
 LLAMACPP = {'llamacpp-bf16': SERVING, 'llamacpp-q8_0': INT8, 'llamacpp-q4_0': INT4}
 LLAMACPP_BF16 = 'llamacpp-bf16'
+LLAMACPP_FORMAT = {side: side.split('-')[1] for side in LLAMACPP}
 CONVERTED = {SERVING: 'bf16', INT8: 'int8', INT4: 'int4'}   # --converted: side -> representation
 SIDES = {  # name -> python arguments
     'ours': ['-m', 'bench.side_ours', '--variant', 'plain'],
@@ -40,7 +42,7 @@ SIDES = {  # name -> python arguments
     INT8: ['-m', 'bench.side_ours', '--variant', 'int8'],
     INT4: ['-m', 'bench.side_ours', '--variant', 'int4'],
     THEIRS: ['-m', 'bench.side_hf'],
-    **{side: ['-m', 'bench.side_llamacpp', '--format', side.split('-')[1]] for side in LLAMACPP},
+    **{side: ['-m', 'bench.side_llamacpp', '--format', fmt] for side, fmt in LLAMACPP_FORMAT.items()},
 }
 DEFAULT_SIDES = 'ours,ours-serving,hf'
 # The full size holds the model plus its largest tensor (the per-layer table) while loading.
@@ -56,6 +58,8 @@ ROWS = (  # (label, key, higher is better)
     ('first decode step s (compile incl.)', 'decode_first_step_s', False),
     ('peak resident memory GB', 'peak_rss_gb', False),
     ('resident memory after load GB', 'rss_after_load_gb', False),
+    ('at the end: private memory GB', 'rss_private_end_gb', False),
+    ('at the end: mapped files\' pages GB', 'rss_file_end_gb', False),
 )
 
 
@@ -135,6 +139,12 @@ def report(size: str, machine: dict[str, Any], bandwidth: dict[str, Any],
         f'({bandwidth["decode_bytes_per_token_bf16"] / common.GB:.2f} GB in bfloat16) -> ceiling '
         f'{bandwidth["ceiling_tok_s_bf16"]:.2f} tok/s bf16, {bandwidth["ceiling_tok_s_int8"]:.2f} int8',
     ]
+    settled = {side: result['page_cache'] for side, result in results.items() if result.get('page_cache')}
+    lines.append('page cache: ' + (
+        'before each side its model files were read in, the others dropped (bench/page_cache.py): '
+        + ', '.join(f'{results[side]["name"]} {cache["read_in_gb"]:.1f} GB read in {cache["read_in_s"]:.0f} s'
+                    for side, cache in settled.items())
+        if settled else 'as the sides before each left it (--page-cache as-found)'))
     for side in results:
         share = results[side]['decode_tok_s'] / bandwidth['ceiling_tok_s_bf16']
         lines.append(f'  {results[side]["name"]} decodes at {100 * share:.0f}% of the bfloat16 ceiling')
@@ -190,6 +200,10 @@ def main() -> None:
                         help='our sides keep compiled and traced programs in DIR, as `gemma3n` commands '
                              'do, and each first runs once untimed: load and first token are then '
                              'measured with a warm cache')
+    parser.add_argument('--page-cache', choices=('settled', 'as-found'), default='settled',
+                        help='settled (default): before each side, its model files are read into the '
+                             'page cache and the other sides\' dropped (bench/page_cache.py); as-found: '
+                             'left as the sides before it leave them')
     args = parser.parse_args()
     if args.converted and args.ours_weights:
         raise SystemExit('--converted and --ours-weights both choose our checkpoints: give one.')
@@ -222,10 +236,13 @@ def main() -> None:
             print(f'warming the compilation cache for {side} ...', flush=True)
             common.run_python([*command, '--out', str(paths[side]), '--decode-tokens', '2',
                                '--repeats', '1'], env=env)
+        own = [ensure_gguf(args.size, (LLAMACPP_FORMAT[side],))[LLAMACPP_FORMAT[side]]
+               if side in LLAMACPP else checkpoint]
+        cache = page_cache.settle(own) if args.page_cache == 'settled' else None
         print(f'running {side} ...', flush=True)
         common.run_python([*command, '--out', str(paths[side]), '--decode-tokens',
                            str(args.decode_tokens), '--repeats', str(args.repeats)], env=env)
-        results[side] = json.loads(paths[side].read_text())
+        results[side] = {**json.loads(paths[side].read_text()), 'page_cache': cache}
     machine['load_average_end'] = common.machine_info()['load_average']
     pairs = [(side, THEIRS) for side in results if side != THEIRS and THEIRS in results]
     for quantized in (INT8, INT4):

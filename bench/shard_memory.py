@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench import common
+from bench import common, process_memory
 
 FORMAT_METADATA = {'format': 'gemma3n-params', 'format_version': '1'}    # gemma3n.checkpoints.native
 DEVICES = 4
@@ -68,14 +68,14 @@ def child(args: argparse.Namespace) -> None:
     if args.processes > 1:
         sharding.initialize(sharding.ProcessGroup(args.coordinator, args.processes, args.process_id))
     mesh = sharding.make_mesh(args.mesh) if args.devices else None
-    before = common.current_rss_bytes()
+    before = process_memory.current_rss_bytes()
     with common.Stopwatch() as watch:
         _, params = layout.load_serving(args.checkpoint, bench_model(args.layers), progress=False,
                                         skip_per_layer_table=True, mesh=mesh)
         jax.block_until_ready(params)
     local = sum(shard.data.nbytes for leaf in jax.tree_util.tree_leaves(params)
                 for shard in leaf.addressable_shards)
-    print(json.dumps({'peak_rss_gb': common.peak_rss_bytes() / common.GB,
+    print(json.dumps({'peak_rss_gb': process_memory.peak_rss_bytes() / common.GB,
                       'rss_before_gb': before / common.GB, 'local_weights_gb': local / common.GB,
                       'load_s': watch.seconds}), flush=True)
     if args.processes > 1:

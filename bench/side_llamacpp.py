@@ -14,7 +14,7 @@ process serving the same weights:
   (the server's softmax of the raw logits, the top `FIRST_LOGPROBS` ids) to check that both sides
   compute the same model;
 - peak resident memory: the server's VmHWM at the end (mapped GGUF pages count, as they do in
-  ours); llama-bench's own peak is in the JSON.
+  ours), and its private and mapped-file pages then; llama-bench's own peak is in the JSON.
 Every program runs with one thread per CPU, as ours does.
 
 Run by `bench.run` (`--sides llamacpp-bf16,...`); by hand:
@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, process_memory
 from bench.llamacpp_build import BIN, SOURCE, SOURCE_STAMP
 from bench.llamacpp_gguf import FORMATS, ensure_gguf
 
@@ -83,13 +83,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _memory_gb(pid: int) -> dict[str, float]:
-    """VmRSS and VmHWM (peak) of a live process."""
-    with open(f'/proc/{pid}/status') as f:
-        fields = dict(line.split(':', 1) for line in f)
-    return {key: int(fields[key].split()[0]) * 1024 / common.GB for key in ('VmRSS', 'VmHWM')}
-
-
 class Server:
     """A `llama-server` child process on loopback; `start()` returns once it serves."""
 
@@ -132,7 +125,9 @@ class Server:
             return json.loads(response.read())
 
     def memory_gb(self) -> dict[str, float]:
-        return _memory_gb(self.process.pid)
+        """`process_memory.STATUS_FIELDS` of the server, in GB."""
+        status = process_memory.status_bytes(self.process.pid)
+        return {key: value / common.GB for key, value in status.items()}
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -181,7 +176,9 @@ def server_measurements(model: Path, vocab: int, decode_tokens: int) -> dict[str
         run = greedy(server, prompts[short], decode_tokens + 2)
         result['decode_tokens'] = run['tokens']
         result['server_timings'] = run['timings']
-        result['peak_rss_gb'] = server.memory_gb()['VmHWM']
+        memory = server.memory_gb()
+        result.update(peak_rss_gb=memory['VmHWM'], rss_private_end_gb=memory['RssAnon'],
+                      rss_file_end_gb=memory['RssFile'])
     return result
 
 

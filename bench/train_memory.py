@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from bench import common
+from bench import common, process_memory
 
 GIB = 1 << 30
 BUDGET_GIB = 24           # the question asked: a 24 GiB machine (or accelerator)
@@ -126,7 +126,7 @@ def main() -> None:
     compiled = steps.train.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - start
     counts = step_memory(compiled)
-    host = common.current_rss_bytes()
+    host = process_memory.current_rss_bytes()
     total = counts['peak'] + host
     parts = {'frozen base': abstract_bytes(frozen), 'train state (adapters, Adam moments)':
              abstract_bytes(state), 'batch': abstract_bytes(batch)}

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import common
+from bench import common, process_memory
 
 E4B_VOCAB = 262144
 PATTERN = 5                 # LLLLG: KV sharing starts at a multiple of it (HF's rule = ours)
@@ -92,7 +92,7 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
     del params
     state = steps.init(trainable, seed=0)
     del trainable
-    common.reset_peak_rss()
+    process_memory.reset_peak_rss()
     times, losses, compiled = [], [], None
     for tokens in rows(args):
         batch = {'input': tokens[None, :, :-1], 'target': tokens[None, :, 1:],
@@ -105,7 +105,7 @@ def side_ours(args: argparse.Namespace) -> dict[str, Any]:
         times.append(time.perf_counter() - start)
     return {'name': 'ours (JAX)', 'jax': jax.__version__, 'times_s': times, 'losses': losses,
             'xla_bytes': step_memory(compiled),
-            'train_peak_rss_gb': common.peak_rss_since_reset_bytes() / common.GB}
+            'train_peak_rss_gb': process_memory.peak_rss_since_reset_bytes() / common.GB}
 
 
 def side_hf(args: argparse.Namespace) -> dict[str, Any]:
@@ -132,7 +132,7 @@ def side_hf(args: argparse.Namespace) -> dict[str, Any]:
             r=args.lora_rank, lora_alpha=2 * args.lora_rank, target_modules=list(LORA_TARGETS)))
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=LEARNING_RATE, weight_decay=0.0)
-    common.reset_peak_rss()
+    process_memory.reset_peak_rss()
     times, losses = [], []
     for tokens in rows(args):
         tokens = torch.from_numpy(tokens).long()
@@ -150,7 +150,7 @@ def side_hf(args: argparse.Namespace) -> dict[str, Any]:
     return {'name': 'transformers (torch, sdpa)', 'torch': torch.__version__,
             'transformers': transformers.__version__, 'torch_threads': torch.get_num_threads(),
             'times_s': times, 'losses': losses,
-            'train_peak_rss_gb': common.peak_rss_since_reset_bytes() / common.GB}
+            'train_peak_rss_gb': process_memory.peak_rss_since_reset_bytes() / common.GB}
 
 
 SIDES = {'ours': side_ours, 'hf': side_hf}
@@ -190,7 +190,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.side:
         result = SIDES[args.side](args)
-        result['peak_rss_gb'] = common.peak_rss_bytes() / common.GB
+        result['peak_rss_gb'] = process_memory.peak_rss_bytes() / common.GB
         Path(args.out).write_text(json.dumps(result))
         return
 
