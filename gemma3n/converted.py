@@ -50,7 +50,7 @@ from gemma3n.load_error import LoadError
 from gemma3n.loaded_model import LoadedModel
 from gemma3n.schema import model_schema
 from gemma3n.transformer import Gemma3nTransformer
-from gemma3n.validation import check_finite
+from gemma3n.validation import check_all_finite
 
 # The metadata naming the representation: the model's dtype and the quantization.
 DTYPE_KEY, QUANTIZE_KEY = 'dtype', 'quantize'
@@ -198,12 +198,11 @@ def load_converted(checkpoint: Checkpoint, model: Gemma3nTransformer, quantize: 
                 if key in arrays for problem in [_mismatch(key, arrays[key], abstract)] if problem]
     _refuse(str(checkpoint.path), sorted(keys - arrays.keys()), sorted(arrays.keys() - keys),
             problems)
+    check_all_finite({f'Tensor {key} of {checkpoint.path}': arrays[key]
+                      for entries in wanted.values() for key, _ in entries})
     params = {}
     for path, entries in wanted.items():
-        leaves = []
-        for key, _ in entries:
-            check_finite(f'Tensor {key} of {checkpoint.path}', arrays[key])
-            leaves.append(to_device(arrays[key]))
+        leaves = [to_device(arrays[key]) for key, _ in entries]
         params[path] = jax.tree_util.tree_unflatten(
             jax.tree_util.tree_structure(expected[path]), leaves)
     return unflatten_params(params)

@@ -23,7 +23,7 @@ from gemma3n.text import special_tokens
 from gemma3n.text.sampler import Sampler
 from gemma3n.text.tokenizer import Tokenizer, default_tokenizer_path
 from gemma3n.transformer import Gemma3nTransformer
-from gemma3n.validation import check_finite
+from gemma3n.validation import check_all_finite, check_finite
 from cli_runner import cli_env, run_cli, without_compile_notices
 from hf_oracle import random_params, small_configs
 
@@ -64,6 +64,18 @@ def test_check_finite_finds_every_nan_and_inf(dtype):
                 with pytest.raises(ValueError, match=f'holds 1 non-finite value\\(s\\).*as {np.dtype(dtype).name}'):
                     check_finite('y', view)
     check_finite('ints', np.arange(10))            # integers are always finite
+
+
+def test_check_all_finite_names_the_first_bad_array_in_order():
+    arrays = {f'a{i}': np.ones((300, 1000), np.float32) for i in range(8)}
+    check_all_finite(arrays)
+    arrays['a3'][7, 9], arrays['a6'][0, 0] = np.inf, np.nan     # checked at once, a3 named
+    for _ in range(5):
+        with pytest.raises(ValueError, match=r'^a3 holds 1 non-finite value.*index \(7, 9\)'):
+            check_all_finite(arrays)
+    del arrays['a3']
+    with pytest.raises(ValueError, match='^a6 holds'):
+        check_all_finite(arrays)
 
 
 # ---- every checkpoint format -----------------------------------------------------------------
