@@ -6,9 +6,10 @@ depend on which files the kernel's page cache holds when it starts. Left to chan
 whatever the sides before it read:
 - llama.cpp maps its GGUF with `MAP_POPULATE`: every page of the file the cache holds (or can
   take) counts in its resident memory. With our checkpoints filling the cache, the kernel
-  reclaimed parts of its mapping, and the same Q8_0 run peaked anywhere from 5.62 to 7.69 GB on
-  one day; with its GGUF read in first it peaked at 7.29 GB after load every time
-  (`llama-bench`, a separate process started after the server, always reported 7.59).
+  reclaimed parts of its mapping, and the same Q8_0 server peaked anywhere from 5.62 to 7.69 GB
+  on one day (`llama-bench`, a separate process started after the server, reported 7.59 every
+  time). With its GGUF read in first, the server held the whole file after load and peaked at
+  7.70 GB in each run.
 - A file not in the cache is read from disk (~0.7 GB/s here) during the timed load: our sides
   read theirs in an untimed warm-up run (`--compile-cache`), llama.cpp's did not.
 
