@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from bench.llamacpp_gguf import GGUF_DIR
 
 MODEL_SUFFIXES = ('.safetensors', '.gguf')
-MODEL_FOLDERS = (common.WEIGHTS_DIR, common.RESULTS_DIR / 'converted', common.RESULTS_DIR / 'llamacpp')
+MODEL_FOLDERS = (common.WEIGHTS_DIR, common.RESULTS_DIR / 'converted', GGUF_DIR)
 READ_CHUNK_BYTES = 64 << 20
 
 

@@ -7,7 +7,6 @@ caches), and the pages of mapped files, which the kernel may drop and read again
 
 from __future__ import annotations
 
-import os
 import resource
 from pathlib import Path
 
@@ -45,8 +44,7 @@ def peak_rss_since_reset_bytes() -> int:
 
 
 def current_rss_bytes() -> int:
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    return status_bytes()['VmRSS']
 
 
 def memory_available_bytes() -> int:
